@@ -1,0 +1,31 @@
+"""retrolm: retrieval-enhanced transformers (RETRO) and long-context model families.
+
+Importing ``retrolm`` never imports faiss or transformers: retrieval lives in
+``retrolm.retrieval`` and is loaded only when used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it (imported lazily so `import retrolm` stays light)
+_LAZY = {
+    "RETRO": "retrolm.models.retro",
+    "RetroConfig": "retrolm.models.retro",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'retrolm' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + list(_LAZY))
+
+
+__all__ = list(_LAZY) + ["__version__"]
