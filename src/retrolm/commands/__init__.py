@@ -1,0 +1,1 @@
+"""CLI sub-commands other than ``db`` (which lives with the retrieval code)."""
