@@ -1,0 +1,52 @@
+"""Next-token sampling shared by every model family.
+
+One sampler with unambiguous names: ``top_k`` is a number of tokens kept, ``top_p`` is the
+probability mass kept (nucleus sampling), ``temperature`` 0 means greedy decoding.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def filter_logits(logits: Tensor, top_k: int | None = None, top_p: float | None = None) -> Tensor:
+    """Mask (to -inf) every logit outside the top-k tokens and outside the top-p mass.
+
+    logits: (..., V). The most likely token always survives.
+    """
+    if top_k is not None:
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        k = min(int(top_k), logits.shape[-1])
+        kth = logits.topk(k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p is the probability mass kept and must be in (0, 1], got {top_p}")
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.float().softmax(dim=-1)
+        # mass strictly before each token; keep a token while that mass is below top_p
+        before = probs.cumsum(dim=-1) - probs
+        drop_sorted = before >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_next(
+    logits: Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Pick the next token from logits (b, V) -> (b,) int64. temperature 0 is greedy."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = filter_logits(logits.float() / temperature, top_k=top_k, top_p=top_p)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -1,0 +1,38 @@
+import pytest
+import torch
+
+from retrolm.sampling import filter_logits, sample_next
+
+
+def test_greedy_is_argmax():
+    logits = torch.randn(4, 50)
+    assert torch.equal(sample_next(logits, temperature=0), logits.argmax(-1))
+
+
+def test_top_k_keeps_exactly_k():
+    logits = torch.randn(3, 20)
+    out = filter_logits(logits, top_k=5)
+    assert (out.isfinite().sum(-1) == 5).all()
+    assert torch.equal(out.argmax(-1), logits.argmax(-1))
+
+
+def test_top_p_is_mass_kept():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    out = filter_logits(probs.log(), top_p=0.75)
+    # 0.5 < 0.75, 0.5+0.3 >= 0.75 -> the first two are kept, the rest dropped
+    assert out.isfinite().tolist() == [[True, True, False, False]]
+    assert filter_logits(probs.log(), top_p=0.1).isfinite().sum() == 1
+
+
+def test_sampling_respects_filter():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.zeros(1, 10)
+    logits[0, 3] = 5.0
+    draws = {int(sample_next(logits, top_k=1, generator=g)) for _ in range(20)}
+    assert draws == {3}
+
+
+@pytest.mark.parametrize("kw,match", [({"top_k": 0}, "top_k"), ({"top_p": 1.5}, "top_p")])
+def test_bad_arguments(kw, match):
+    with pytest.raises(ValueError, match=match):
+        filter_logits(torch.randn(1, 5), **kw)
