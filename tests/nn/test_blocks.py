@@ -22,7 +22,9 @@ def test_rotary_scores_depend_only_on_relative_position():
     def score(pq, pk):
         cq, sq = rot(torch.tensor([pq]))
         ck, sk = rot(torch.tensor([pk]))
-        return (apply_rotary(q, cq.double(), sq.double()) * apply_rotary(k, ck.double(), sk.double())).sum()
+        return (
+            apply_rotary(q, cq.double(), sq.double()) * apply_rotary(k, ck.double(), sk.double())
+        ).sum()
 
     torch.testing.assert_close(score(5, 2), score(105, 102))
     assert not torch.allclose(score(5, 2), score(5, 4))

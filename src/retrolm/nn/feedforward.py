@@ -28,7 +28,9 @@ class FeedForward(nn.Module):
     ) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {activation!r}; choose one of {list(ACTIVATIONS)}")
+            raise ValueError(
+                f"unknown activation {activation!r}; choose one of {list(ACTIVATIONS)}"
+            )
         if chunks < 1:
             raise ValueError(f"chunks must be >= 1, got {chunks}")
         hidden = hidden_dim or max(1, int(dim * mult))

@@ -92,7 +92,9 @@ class MultiHeadAttention(nn.Module):
             k = torch.cat((self.mem_k.expand(b, -1, -1, -1).to(k.dtype), k), dim=-2)
             v = torch.cat((self.mem_v.expand(b, -1, -1, -1).to(v.dtype), v), dim=-2)
             if mask is not None:
-                mem = torch.ones(*mask.shape[:-1], self.num_mem_kv, dtype=torch.bool, device=mask.device)
+                mem = torch.ones(
+                    *mask.shape[:-1], self.num_mem_kv, dtype=torch.bool, device=mask.device
+                )
                 mask = torch.cat((mem, mask), dim=-1)
         p = self.dropout if self.training else 0.0
         out = attend(q, k, v, mask, causal=causal, dropout_p=p)

@@ -17,8 +17,15 @@ from retrolm.nn.norms import make_norm
 
 
 class Residual(nn.Module):
-    def __init__(self, dim: int, fn: nn.Module, norm: str = "rms", *, post_norm: bool = False,
-                 alpha: float = 1.0) -> None:
+    def __init__(
+        self,
+        dim: int,
+        fn: nn.Module,
+        norm: str = "rms",
+        *,
+        post_norm: bool = False,
+        alpha: float = 1.0,
+    ) -> None:
         super().__init__()
         self.fn = fn
         self.norm = make_norm(norm, dim)
@@ -37,7 +44,9 @@ class DeepNetConstants:
     beta: float
 
 
-def deepnet_constants(enc_layers: int, dec_layers: int) -> tuple[DeepNetConstants, DeepNetConstants]:
+def deepnet_constants(
+    enc_layers: int, dec_layers: int
+) -> tuple[DeepNetConstants, DeepNetConstants]:
     """(encoder, decoder) constants. With no encoder, the decoder-only rule
     alpha = (2M)^(1/4), beta = (8M)^(-1/4); with both, the encoder-decoder rule
     enc alpha = 0.81 (N^4 M)^(1/16), beta = 0.87 (N^4 M)^(-1/16); dec alpha = (3M)^(1/4),
@@ -54,7 +63,12 @@ def deepnet_init_(module: nn.Module, beta: float) -> None:
     """Xavier-normal init, gain ``beta`` for value/output projections and FFN, 1 for q/k."""
     for m in module.modules():
         if isinstance(m, MultiHeadAttention):
-            for lin, gain in ((m.q_proj, 1.0), (m.k_proj, 1.0), (m.v_proj, beta), (m.out_proj, beta)):
+            for lin, gain in (
+                (m.q_proj, 1.0),
+                (m.k_proj, 1.0),
+                (m.v_proj, beta),
+                (m.out_proj, beta),
+            ):
                 nn.init.xavier_normal_(lin.weight, gain=gain)
         elif isinstance(m, FeedForward):
             for lin in (m.up_proj, m.down_proj):
