@@ -243,6 +243,8 @@ class RETRO(nn.Module):
         self._init_weights()
         if c.tie_embeddings:
             self.to_logits.weight = self.token_emb.weight
+        if c.share_embeddings:
+            self.encoder.token_emb.weight = self.token_emb.weight
         if c.use_deepnet:
             deepnet_init_(self.layers, dec_dn.beta)
             deepnet_init_(self.encoder.layers, enc_dn.beta)
@@ -279,8 +281,9 @@ class RETRO(nn.Module):
         if not return_loss:
             return self.to_logits(hidden)
         # fused projection + cross-entropy: the (b, n, vocab) logits are never all stored
-        return linear_cross_entropy(hidden, self.to_logits.weight, labels,
-                                    ignore_index=self.config.pad_id)
+        return linear_cross_entropy(
+            hidden, self.to_logits.weight, labels, ignore_index=self.config.pad_id
+        )
 
     def init_cache(self, batch_size: int) -> RetroCache:
         """A fresh cache for incremental decoding (``forward(..., cache=cache)``)."""
