@@ -6,7 +6,8 @@ Chunk tokens are decoded back to text and re-tokenized by the encoder.
 
 Special tokens: ``<pad>`` = id 0 and ``<eos>`` = id 1 (end of document). Byte-level
 pre-tokenization maps every byte to a visible symbol, so ``decode(encode(t)) == t``
-for any string ``t`` (no normalizer, no prefix space, no unknown token).
+for any string ``t`` (no normalizer, no prefix space, no unknown token; the literal
+text "<eos>" in a document is encoded as text, never as the special id).
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ class LMTokenizer:
             )
         tokenizer.no_padding()
         tokenizer.no_truncation()
+        # text that happens to contain "<eos>" is text: never turn it into the special id
+        tokenizer.encode_special_tokens = True
         self._tok = tokenizer
         self._json = tokenizer.to_str(pretty=False)
 
