@@ -53,6 +53,14 @@ def make_tiny_encoder(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_faiss_thread():
+    """faiss's OpenMP threads spin; on 2 shared cores that makes training 10-25x slower."""
+    import faiss
+
+    faiss.omp_set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def corpus_dir(tmp_path_factory) -> Path:
     return write_corpus(tmp_path_factory.mktemp("corpus"))
