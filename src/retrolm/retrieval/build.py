@@ -137,6 +137,42 @@ def open_array(db_dir: Path, info: dict, mode: str = "r") -> np.ndarray:
     return np.memmap(Path(db_dir) / info["file"], dtype=info["dtype"], mode=mode, shape=shape)
 
 
+class RowFile:
+    """A raw row-major array file, read and written by row ranges with plain file I/O.
+
+    Unlike a memmap, rows that were read or written do not stay mapped into the
+    process, so the build's resident memory stays flat however large the file grows.
+    """
+
+    def __init__(self, db_dir: Path, info: dict, writable: bool = False):
+        self.path = Path(db_dir) / info["file"]
+        self.dtype, self.shape = np.dtype(info["dtype"]), tuple(info["shape"])
+        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        self._f = open(self.path, "r+b" if writable else "rb")
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: slice | np.ndarray) -> np.ndarray:
+        if not isinstance(rows, slice):  # a list of row ids (e.g. an index training sample)
+            rows = np.asarray(rows, dtype=np.int64)
+            return np.stack([self[int(r) : int(r) + 1][0] for r in rows]) if len(rows) else \
+                np.zeros((0, *self.shape[1:]), dtype=self.dtype)
+        start, stop, step = rows.indices(len(self))
+        assert step == 1, "RowFile reads contiguous row ranges"
+        self._f.seek(start * self.row_bytes)
+        data = self._f.read(max(0, stop - start) * self.row_bytes)
+        return np.frombuffer(data, dtype=self.dtype).reshape(-1, *self.shape[1:])
+
+    def write(self, start: int, rows: np.ndarray) -> None:
+        self._f.seek(start * self.row_bytes)
+        self._f.write(np.ascontiguousarray(rows, dtype=self.dtype).tobytes())
+        self._f.flush()  # in the page cache: survives the process being killed
+
+    def close(self) -> None:
+        self._f.close()
+
+
 class _Blocks:
     """Done-markers for fixed-size row blocks of one stage (``.progress/<stage>/<i>.done``)."""
 
@@ -205,6 +241,8 @@ def build_database(text_dir: str | os.PathLike, db_dir: str | os.PathLike,
             continue
         t0 = time.perf_counter()
         fn(db_dir, manifest, config, paths=paths, encoder=encoder)
+        if name == "embed":
+            encoder = None  # the index stages do not need the model's memory
         manifest["stages_done"].append(name)
         write_manifest(db_dir, manifest)
         log.info("stage %s done in %.1fs", name, time.perf_counter() - t0)
@@ -324,22 +362,22 @@ def embed_blocks(job: dict, encoder: FrozenEncoder | None = None) -> None:
                                 max_length=state["max_length"])
     tok = LMTokenizer.from_file(db_dir / manifest["tokenizer"]["file"])
     chunks = open_array(db_dir, manifest["arrays"]["chunks"])
-    emb = open_array(db_dir, manifest["arrays"]["embeddings"], mode="r+")
+    emb = RowFile(db_dir, manifest["arrays"]["embeddings"], writable=True)  # (N, d)
     blocks = _Blocks(db_dir, "embed", len(chunks), job["block_size"])
     todo = blocks.todo(job["blocks"])
     for i in tqdm(todo, desc=f"embed (worker {job['worker']})", unit="block",
                   position=job["worker"]):
         s, e = blocks.rows(i)
         texts = tok.decode_batch(chunks[s:e, :-1])  # the chunk's m tokens, pads dropped
-        emb[s:e] = encoder.embed(texts, job["batch_size"])  # (B, d)
-        emb.flush()
+        emb.write(s, encoder.embed(texts, job["batch_size"]))  # (B, d)
         blocks.mark(i)
+    emb.close()
 
 
 def _stage_index(db_dir, manifest, config, **_):
     from retrolm.retrieval.index import build_index, save_index
 
-    emb = open_array(db_dir, manifest["arrays"]["embeddings"])
+    emb = RowFile(db_dir, manifest["arrays"]["embeddings"])  # (N, d), read in blocks
     spec = choose_index(len(emb), emb.shape[1], config.index, parse_size(config.memory_budget))
     log.info("index: %s (%s) over %d vectors", spec.kind, spec.factory, len(emb))
     index = build_index(spec, emb)
@@ -353,8 +391,9 @@ def _stage_neighbours(db_dir, manifest, config, **_):
 
     n, k = manifest["num_chunks"], config.num_columns
     spec = IndexSpec(**{f.name: manifest["index"][f.name] for f in fields(IndexSpec)})
-    emb = open_array(db_dir, manifest["arrays"]["embeddings"])
-    searcher = Searcher(load_index(db_dir / INDEX_FILE, spec), spec, emb)
+    emb = RowFile(db_dir, manifest["arrays"]["embeddings"])  # (N, d), queries read in blocks
+    rerank = None if spec.exact else open_array(db_dir, manifest["arrays"]["embeddings"])
+    searcher = Searcher(load_index(db_dir / INDEX_FILE, spec), spec, rerank)
     doc_ids = np.array(open_array(db_dir, manifest["arrays"]["doc_ids"]))  # (N,) in RAM
     manifest["arrays"].update(
         neighbours=array_info(NEIGHBOURS_FILE, np.int32, (n, k)),
@@ -364,15 +403,19 @@ def _stage_neighbours(db_dir, manifest, config, **_):
                     num_neighbour_columns=k)
     _preallocate(db_dir / NEIGHBOURS_FILE, n * k * 4)
     _preallocate(db_dir / NEIGHBOUR_DISTS_FILE, n * k * 4)
-    ids_out = open_array(db_dir, manifest["arrays"]["neighbours"], mode="r+")
-    d_out = open_array(db_dir, manifest["arrays"]["neighbour_dists"], mode="r+")
+    ids_out = RowFile(db_dir, manifest["arrays"]["neighbours"], writable=True)  # (N, K)
+    d_out = RowFile(db_dir, manifest["arrays"]["neighbour_dists"], writable=True)  # (N, K)
     blocks = _Blocks(db_dir, "neighbours", n, config.block_size)
-    missing = 0
     for i in tqdm(blocks.todo(), desc="neighbours", unit="block"):
         s, e = blocks.rows(i)
-        ids_out[s:e], d_out[s:e] = neighbours_block(searcher, emb, doc_ids, s, e, k)
-        ids_out.flush()
-        d_out.flush()
+        ids, dists = neighbours_block(searcher, emb, doc_ids, s, e, k)
+        ids_out.write(s, ids)
+        d_out.write(s, dists)
         blocks.mark(i)
-    missing = int((np.asarray(ids_out[:, : config.neighbours]) < 0).sum()) if n else 0
+    for f in (ids_out, d_out, emb):
+        f.close()
+    table = RowFile(db_dir, manifest["arrays"]["neighbours"])  # count over all blocks
+    missing = sum(int((table[s : s + 65536][:, : config.neighbours] < 0).sum())
+                  for s in range(0, n, 65536))
+    table.close()
     manifest["report"]["neighbours"] = {"missing_in_first_k": missing}
