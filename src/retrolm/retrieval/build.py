@@ -245,11 +245,20 @@ def build_database(text_dir: str | os.PathLike, db_dir: str | os.PathLike,
             encoder = None  # the index stages do not need the model's memory
         manifest["stages_done"].append(name)
         write_manifest(db_dir, manifest)
-        log.info("stage %s done in %.1fs", name, time.perf_counter() - t0)
+        log.info("stage %s done in %.1fs (peak RSS %.0f MB)", name, time.perf_counter() - t0,
+                 _peak_rss_mb())
     manifest["complete"] = True
     write_manifest(db_dir, manifest)
     shutil.rmtree(db_dir / PROGRESS_DIR, ignore_errors=True)
     return manifest
+
+
+def _peak_rss_mb() -> float:
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return float("nan")
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _check_resumable(db_dir: Path, manifest: dict, config: BuildConfig, text_dir: Path) -> None:
