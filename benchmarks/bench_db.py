@@ -143,9 +143,9 @@ def main() -> None:
     for name in ("1x", "10x"):
         r = results[name]
         r["chunks_per_s"] = r["num_chunks"] / r["seconds"]
-        print(f"{name:4s} {r['mb']:6.2f} MB  {r['num_chunks']:7d} chunks  build {r['seconds']:7.1f}s"
-              f"  {r['chunks_per_s']:6.1f} chunks/s  peak RSS {r['maxrss_mb']:7.0f} MB"
-              f"  ({r['dtype']}, {r['index']})")
+        print(f"{name:4s} {r['mb']:6.2f} MB  {r['num_chunks']:7d} chunks  "
+              f"build {r['seconds']:7.1f}s  {r['chunks_per_s']:6.1f} chunks/s  "
+              f"peak RSS {r['maxrss_mb']:7.0f} MB  ({r['dtype']}, {r['index']})")
     print(f"bare encoder forward: {results['bare_before']['chunks_per_s']:.1f} (before) / "
           f"{results['bare_after']['chunks_per_s']:.1f} (after) chunks/s, "
           f"{results['bare_after']['dtype']}; encoder-only process peak RSS "

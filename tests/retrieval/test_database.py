@@ -142,7 +142,8 @@ def test_bad_build_inputs(tmp_path, corpus_dir, tiny_config, built_db):
     with pytest.raises(FileNotFoundError, match="tokenizer file .*nope.json.* does not exist"):
         build_database(corpus_dir, tmp_path / "a", replace(tiny_config, tokenizer="nope.json"))
     with pytest.raises(FileNotFoundError, match="encoder folder .*no_model.* has no config.json"):
-        build_database(corpus_dir, tmp_path / "b", replace(tiny_config, encoder=str(tmp_path / "no_model")))
+        no_model = replace(tiny_config, encoder=str(tmp_path / "no_model"))
+        build_database(corpus_dir, tmp_path / "b", no_model)
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="DB_DIR .* is not empty and holds no retrieval database"):

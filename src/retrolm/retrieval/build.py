@@ -155,9 +155,10 @@ class RowFile:
 
     def __getitem__(self, rows: slice | np.ndarray) -> np.ndarray:
         if not isinstance(rows, slice):  # a list of row ids (e.g. an index training sample)
-            rows = np.asarray(rows, dtype=np.int64)
-            return np.stack([self[int(r) : int(r) + 1][0] for r in rows]) if len(rows) else \
-                np.zeros((0, *self.shape[1:]), dtype=self.dtype)
+            out = np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
+            for j, r in enumerate(np.asarray(rows, dtype=np.int64)):
+                out[j] = self[int(r) : int(r) + 1][0]
+            return out
         start, stop, step = rows.indices(len(self))
         assert step == 1, "RowFile reads contiguous row ranges"
         self._f.seek(start * self.row_bytes)
@@ -191,8 +192,10 @@ class _Blocks:
     def mark(self, i: int) -> None:
         (self.dir / f"{i:08d}.done").touch()
 
-    def todo(self, blocks: range | None = None) -> list[int]:
-        return [i for i in (blocks or range(self.count)) if not self.done(i)]
+    def todo(self, blocks: list[int] | range | None = None) -> list[int]:
+        """Unfinished blocks among ``blocks`` (default: all)."""
+        blocks = range(self.count) if blocks is None else blocks
+        return [i for i in blocks if not self.done(i)]
 
 
 def _preallocate(path: Path, nbytes: int) -> None:

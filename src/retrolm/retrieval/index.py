@@ -89,7 +89,8 @@ def choose_index(n: int, d: int, kind: str = "auto", memory_budget: int = 4 << 3
         return IndexSpec("autofaiss", "autofaiss")
     # ivfpq: the most code bytes per vector that fit the budget (ids cost 8 more)
     # at least 4 dims per sub-quantizer (finer splits cost training time and gain little)
-    fits = [b for b in PQ_BYTES if d % b == 0 and b <= d // 4 and n * (b + 8) <= 0.8 * memory_budget]
+    fits = [b for b in PQ_BYTES
+            if d % b == 0 and b <= d // 4 and n * (b + 8) <= 0.8 * memory_budget]
     if not fits:
         raise ValueError(
             f"memory budget {memory_budget} bytes is too small for {n} vectors of {d} dims "
