@@ -92,3 +92,14 @@ def test_parse_size_and_errors():
         choose_index(10, 8, "annoy")
     with pytest.raises(ValueError, match="raise --memory-budget"):
         choose_index(10**9, 384, "ivfpq", memory_budget=1 << 20)
+
+
+def test_autofaiss_is_optional():
+    import importlib.util
+
+    from retrolm.retrieval.index import IndexSpec
+
+    if importlib.util.find_spec("autofaiss"):
+        pytest.skip("autofaiss installed")
+    with pytest.raises(ValueError, match=r"pip install 'retrolm\[autofaiss\]'"):
+        build_index(IndexSpec("autofaiss", "autofaiss"), clustered(10))

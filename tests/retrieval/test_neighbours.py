@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from retrolm.retrieval.index import Searcher, build_index, choose_index
@@ -78,6 +79,15 @@ def test_retrieved_tokens_neighbour_plus_continuation(db):
     # the precomputed table feeds the model directly: (N, k) -> (N, k, 2m)
     t, m_ = db.retrieved_tokens(torch.from_numpy(np.array(db.neighbours[:4, :2])))
     assert t.shape == (4, 2, 2 * m) and m_.all()
+
+
+def test_bad_ids_and_shapes(db):
+    with pytest.raises(ValueError, match=r"neighbour ids must be in \[-1, "):
+        db.retrieved_tokens(np.array([[db.num_chunks]]))
+    with pytest.raises(ValueError, match=r"chunk_token_ids must be \(Q, 16\)"):
+        db.search_tokens(np.zeros((2, 17), dtype=np.int64), 2)
+    with pytest.raises(ValueError, match="search takes a list of texts"):
+        db.search("one text", 2)
 
 
 def test_search_finds_a_chunk_from_its_own_text(db):

@@ -390,9 +390,10 @@ def _stage_index(db_dir, manifest, config, **_):
     from retrolm.retrieval.index import build_index, save_index
 
     emb = RowFile(db_dir, manifest["arrays"]["embeddings"])  # (N, d), read in blocks
-    spec = choose_index(len(emb), emb.shape[1], config.index, parse_size(config.memory_budget))
+    budget = parse_size(config.memory_budget)
+    spec = choose_index(len(emb), emb.shape[1], config.index, budget)
     log.info("index: %s (%s) over %d vectors", spec.kind, spec.factory, len(emb))
-    index = build_index(spec, emb)
+    index = build_index(spec, emb, memory_budget=budget)
     with atomic_path(db_dir / INDEX_FILE) as tmp:
         save_index(index, tmp)
     manifest["index"] = dict(spec.to_json(), file=INDEX_FILE)

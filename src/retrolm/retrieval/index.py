@@ -110,11 +110,12 @@ def _train_size(n: int, lists: int) -> int:
     return min(n, max(100 * lists, 30_000), 1_000_000)
 
 
-def build_index(spec: IndexSpec, embeddings: np.ndarray, block_size: int = 65536):
+def build_index(spec: IndexSpec, embeddings: np.ndarray, block_size: int = 65536,
+                memory_budget: int = 4 << 30):
     """Train (on evenly spaced rows, deterministic) and add every vector ``(N, d)`` in blocks."""
     n, d = embeddings.shape
     if spec.kind == "autofaiss":
-        return _build_autofaiss(embeddings)
+        return _build_autofaiss(embeddings[0:n], memory_budget)
     index = faiss.index_factory(d, spec.factory, faiss.METRIC_L2)
     if spec.train_size:
         rows = np.linspace(0, n - 1, spec.train_size).astype(np.int64)
@@ -126,7 +127,8 @@ def build_index(spec: IndexSpec, embeddings: np.ndarray, block_size: int = 65536
     return index
 
 
-def _build_autofaiss(embeddings: np.ndarray):
+def _build_autofaiss(embeddings: np.ndarray, memory_budget: int):
+    """autofaiss picks and tunes the index under the budget (untested here: optional extra)."""
     try:
         from autofaiss import build_index as af_build
     except ImportError:
@@ -135,7 +137,8 @@ def _build_autofaiss(embeddings: np.ndarray):
         ) from None
     index, _ = af_build(
         embeddings=np.asarray(embeddings, dtype=np.float32), save_on_disk=False,
-        metric_type="l2", max_index_memory_usage="4G", current_memory_available="8G",
+        metric_type="l2", max_index_memory_usage=f"{max(1, memory_budget >> 20)}M",
+        current_memory_available=f"{max(1, 2 * memory_budget >> 20)}M",
     )
     return index
 
