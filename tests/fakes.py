@@ -108,8 +108,15 @@ class ByteTokenizer:
 
 
 class FakeDatabase:
-    def __init__(self, docs: list[list[int]], chunk_size: int = 4, num_candidates: int = 6,
-                 seq_chunks: int = 8, doc_names: list[str] | None = None, root: Path | None = None):
+    def __init__(
+        self,
+        docs: list[list[int]],
+        chunk_size: int = 4,
+        num_candidates: int = 6,
+        seq_chunks: int = 8,
+        doc_names: list[str] | None = None,
+        root: Path | None = None,
+    ):
         m = self.chunk_size = chunk_size
         self.tokenizer = ByteTokenizer()
         rows, doc_ids = [], []
@@ -174,6 +181,10 @@ def register_tiny() -> None:
     from retrolm.models.registry import FAMILIES, ModelFamily, retro_loss
 
     FAMILIES["tiny"] = ModelFamily(
-        name="tiny", config_cls=TinyConfig, model_cls=TinyRetro, uses_retrieval=True,
-        loss=retro_loss, default_preset="tiny",
+        name="tiny",
+        config_cls=TinyConfig,
+        model_cls=TinyRetro,
+        uses_retrieval=True,
+        loss=retro_loss,
+        default_preset="tiny",
     )

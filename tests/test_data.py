@@ -77,9 +77,14 @@ def test_seed_memmap_example_runs_and_never_grows_files(tmp_path):
     _save_memmap("./train.seq.dat", np.int32(np.random.randint(0, 128, size=(NUM_SEQS,))))
     sizes = {p: os.path.getsize(p) for p in os.listdir(".")}
     train_ds = RETRODataset(
-        num_sequences=NUM_SEQS, num_chunks=NUM_CHUNKS, num_neighbors=NUM_NEIGHBORS,
-        chunk_size=CHUNK_SIZE, seq_len=2048, chunk_memmap_path="./train.chunks.dat",
-        chunk_nn_memmap_path="./train.chunks.knn.dat", seq_memmap_path="./train.seq.dat",
+        num_sequences=NUM_SEQS,
+        num_chunks=NUM_CHUNKS,
+        num_neighbors=NUM_NEIGHBORS,
+        chunk_size=CHUNK_SIZE,
+        seq_len=2048,
+        chunk_memmap_path="./train.chunks.dat",
+        chunk_nn_memmap_path="./train.chunks.knn.dat",
+        seq_memmap_path="./train.seq.dat",
     )
     train_dl = iter(DataLoader(train_ds, batch_size=2))
     seq, retrieved = next(train_dl)
@@ -98,6 +103,13 @@ def test_seed_memmap_too_small(tmp_path):
     _save_memmap(tmp_path / "k.dat", np.zeros((10, 2), dtype=np.int32))
     _save_memmap(tmp_path / "s.dat", np.zeros((3,), dtype=np.int32))
     with pytest.raises(ValueError, match="c.dat holds 2600 bytes"):
-        RETRODataset(num_sequences=3, num_chunks=20, num_neighbors=2, chunk_size=64, seq_len=128,
-                     chunk_memmap_path=p, chunk_nn_memmap_path=tmp_path / "k.dat",
-                     seq_memmap_path=tmp_path / "s.dat")
+        RETRODataset(
+            num_sequences=3,
+            num_chunks=20,
+            num_neighbors=2,
+            chunk_size=64,
+            seq_len=128,
+            chunk_memmap_path=p,
+            chunk_nn_memmap_path=tmp_path / "k.dat",
+            seq_memmap_path=tmp_path / "s.dat",
+        )
