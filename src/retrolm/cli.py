@@ -29,11 +29,11 @@ COMMANDS: dict[str, str] = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="retrolm",
-        description="Retrieval-enhanced language models: build a database, train, evaluate, generate.",
+        description="Retrieval-enhanced language models: build a database, train, evaluate.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, module in COMMANDS.items():
+    for module in COMMANDS.values():
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as e:  # a command whose module is not part of this build

@@ -23,7 +23,9 @@ def filter_logits(logits: Tensor, top_k: int | None = None, top_p: float | None 
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None:
         if not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p is the probability mass kept and must be in (0, 1], got {top_p}")
+            raise ValueError(
+                f"top_p is the probability mass kept and must be in (0, 1], got {top_p}"
+            )
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.float().softmax(dim=-1)
         # mass strictly before each token; keep a token while that mass is below top_p

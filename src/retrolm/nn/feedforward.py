@@ -1,0 +1,56 @@
+"""Position-wise feed-forward: plain MLP or GLU (Shazeer 2020), any activation.
+
+``mult < 1`` gives a reduction FFN; ``hidden_dim`` overrides the width; ``chunks > 1``
+processes the sequence in pieces to bound activation memory (same result).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
+
+
+class FeedForward(nn.Module):
+    def __init__(
+        self,
+        dim: int,
+        mult: float = 4.0,
+        *,
+        glu: bool = False,
+        activation: str = "gelu",
+        dropout: float = 0.0,
+        hidden_dim: int | None = None,
+        chunks: int = 1,
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(
+                f"unknown activation {activation!r}; choose one of {list(ACTIVATIONS)}"
+            )
+        if chunks < 1:
+            raise ValueError(f"chunks must be >= 1, got {chunks}")
+        hidden = hidden_dim or max(1, int(dim * mult))
+        self.glu = glu
+        self.act = ACTIVATIONS[activation]
+        self.chunks = chunks
+        self.up_proj = nn.Linear(dim, hidden * (2 if glu else 1), bias=bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def _ff(self, x: Tensor) -> Tensor:
+        h = self.up_proj(x)
+        if self.glu:
+            h, gate = h.chunk(2, dim=-1)
+            h = h * self.act(gate)
+        else:
+            h = self.act(h)
+        return self.down_proj(self.dropout(h))
+
+    def forward(self, x: Tensor) -> Tensor:  # (b, n, dim) -> (b, n, dim)
+        if self.chunks == 1 or x.shape[-2] <= 1:
+            return self._ff(x)
+        return torch.cat([self._ff(c) for c in x.chunk(self.chunks, dim=-2)], dim=-2)

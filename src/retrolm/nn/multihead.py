@@ -1,0 +1,101 @@
+"""Multi-head attention module (self or cross), on the shared attention core.
+
+One set of projection names for every family: ``q_proj``, ``k_proj``, ``v_proj``,
+``out_proj``. Rotary is passed in as precomputed ``(cos, sin)`` for queries and keys
+separately, so callers choose the geometry (causal LM positions, RETRO's chunk-relative
+positions, a cache offset). Shapes: b batch, i queries, j keys, h heads, g kv heads, d head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from retrolm.nn.attention import attend
+from retrolm.nn.kv_cache import KVCache
+from retrolm.nn.masks import causal_mask, combine, key_padding_mask
+from retrolm.nn.rotary import apply_rotary
+
+Rotary = tuple[Tensor, Tensor]
+
+
+class MultiHeadAttention(nn.Module):
+    def __init__(
+        self,
+        dim: int,
+        heads: int = 8,
+        dim_head: int = 64,
+        *,
+        context_dim: int | None = None,
+        kv_heads: int | None = None,
+        dropout: float = 0.0,
+        causal: bool = False,
+        bias: bool = False,
+        num_mem_kv: int = 0,
+        interleaved_rotary: bool = False,
+    ) -> None:
+        super().__init__()
+        kv_heads = kv_heads or heads
+        if heads % kv_heads:
+            raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
+        self.heads, self.kv_heads, self.dim_head = heads, kv_heads, dim_head
+        self.causal = causal
+        self.dropout = dropout
+        self.interleaved_rotary = interleaved_rotary
+        context_dim = context_dim or dim
+        self.q_proj = nn.Linear(dim, heads * dim_head, bias=bias)
+        self.k_proj = nn.Linear(context_dim, kv_heads * dim_head, bias=bias)
+        self.v_proj = nn.Linear(context_dim, kv_heads * dim_head, bias=bias)
+        self.out_proj = nn.Linear(heads * dim_head, dim, bias=bias)
+        # learned key/values every query may attend (memory / null key-values)
+        self.num_mem_kv = num_mem_kv
+        if num_mem_kv:
+            self.mem_k = nn.Parameter(torch.randn(kv_heads, num_mem_kv, dim_head) * 0.02)
+            self.mem_v = nn.Parameter(torch.randn(kv_heads, num_mem_kv, dim_head) * 0.02)
+
+    def project_kv(self, context: Tensor, k_rotary: Rotary | None = None) -> tuple[Tensor, Tensor]:
+        """(b, j, context_dim) -> k, v each (b, g, j, d); rotary applied to k."""
+        k = rearrange(self.k_proj(context), "b j (g d) -> b g j d", g=self.kv_heads)
+        v = rearrange(self.v_proj(context), "b j (g d) -> b g j d", g=self.kv_heads)
+        if k_rotary is not None:
+            k = apply_rotary(k, *k_rotary, interleaved=self.interleaved_rotary)
+        return k, v
+
+    def forward(
+        self,
+        x: Tensor,  # (b, i, dim)
+        context: Tensor | None = None,  # (b, j, context_dim); None = self-attention
+        *,
+        mask: Tensor | None = None,  # (b, j) key padding or bool broadcastable to (b, h, i, j)
+        kv: tuple[Tensor, Tensor] | None = None,  # precomputed (k, v), e.g. encoded neighbours
+        cache: KVCache | None = None,
+        q_rotary: Rotary | None = None,
+        k_rotary: Rotary | None = None,
+    ) -> Tensor:  # (b, i, dim)
+        q = rearrange(self.q_proj(x), "b i (h d) -> b h i d", h=self.heads)
+        if q_rotary is not None:
+            q = apply_rotary(q, *q_rotary, interleaved=self.interleaved_rotary)
+        if kv is None:
+            kv = self.project_kv(x if context is None else context, k_rotary)
+        k, v = kv
+        if cache is not None:
+            k, v = cache.update(k, v)
+        if mask is not None and mask.dim() == 2:
+            mask = key_padding_mask(mask)
+        causal = self.causal
+        if causal and (self.num_mem_kv or mask is not None):
+            mask = combine(mask, causal_mask(q.shape[-2], k.shape[-2], device=q.device))
+            causal = False
+        if self.num_mem_kv:
+            b = q.shape[0]
+            k = torch.cat((self.mem_k.expand(b, -1, -1, -1).to(k.dtype), k), dim=-2)
+            v = torch.cat((self.mem_v.expand(b, -1, -1, -1).to(v.dtype), v), dim=-2)
+            if mask is not None:
+                mem = torch.ones(
+                    *mask.shape[:-1], self.num_mem_kv, dtype=torch.bool, device=mask.device
+                )
+                mask = torch.cat((mem, mask), dim=-1)
+        p = self.dropout if self.training else 0.0
+        out = attend(q, k, v, mask, causal=causal, dropout_p=p)
+        return self.out_proj(rearrange(out, "b h i d -> b i (h d)"))

@@ -1,0 +1,53 @@
+"""Rotary position embeddings (RoFormer, arXiv 2104.09864), computed in fp32.
+
+Relative positions come from rotating queries and keys by their *absolute* positions, so any
+offset (a KV cache, RETRO's chunk-relative geometry) is just a different ``positions`` tensor.
+``dim`` may be smaller than the head dimension: only the first ``dim`` channels rotate
+(partial rotary). Layout ``half`` pairs channel c with c + dim/2; ``interleaved`` pairs
+2c with 2c+1.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, dim: int, base: float = 10000.0, interleaved: bool = False) -> None:
+        super().__init__()
+        if dim <= 0 or dim % 2:
+            raise ValueError(f"rotary dim must be a positive even number, got {dim}")
+        self.dim = dim
+        self.interleaved = interleaved
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """positions (..., n) int or float -> (cos, sin), each (..., n, dim) float32."""
+        freqs = positions.to(torch.float32)[..., None] * self.inv_freq.float()  # (..., n, dim/2)
+        if self.interleaved:
+            freqs = freqs.repeat_interleave(2, dim=-1)
+        else:
+            freqs = torch.cat((freqs, freqs), dim=-1)
+        return freqs.cos(), freqs.sin()
+
+
+def _rotate(x: Tensor, interleaved: bool) -> Tensor:
+    if interleaved:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.stack((-x2, x1), dim=-1).flatten(-2)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = False) -> Tensor:
+    """Rotate the first ``cos.shape[-1]`` channels of x (…, n, d); math in fp32.
+
+    cos/sin (n, r) or broadcastable to x's leading dims, e.g. (b, 1, n, r).
+    """
+    r = cos.shape[-1]
+    x_rot, x_pass = x[..., :r], x[..., r:]
+    xf = x_rot.float()
+    out = xf * cos + _rotate(xf, interleaved) * sin
+    return torch.cat((out.to(x.dtype), x_pass), dim=-1)

@@ -1,0 +1,34 @@
+"""Token shift: mix features from earlier positions by shifting channel groups in time.
+
+The channels are split into ``len(shifts)`` groups; group i at position t takes the value of
+position ``t - shifts[i]`` (zeros where that is outside the sequence). Positive shifts look
+into the past; a causal model may only use shifts >= 0.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def token_shift(x: Tensor, shifts: tuple[int, ...], mask: Tensor | None = None) -> Tensor:
+    """x (b, n, d); mask (b, n) bool zeroes padded positions before they are shifted."""
+    if mask is not None:
+        x = x.masked_fill(~mask[..., None], 0.0)
+    n = x.shape[-2]
+    sizes = [x.shape[-1] // len(shifts)] * len(shifts)
+    sizes[-1] += x.shape[-1] - sum(sizes)
+    out = []
+    for part, s in zip(x.split(sizes, dim=-1), shifts):
+        if s > 0:
+            part = F.pad(part, (0, 0, s, 0))[..., :n, :]
+        elif s < 0:
+            part = F.pad(part, (0, 0, 0, -s))[..., -s:, :]
+        out.append(part)
+    return torch.cat(out, dim=-1)
+
+
+def check_causal_shifts(shifts: tuple[int, ...]) -> None:
+    if any(s < 0 for s in shifts):
+        raise ValueError(f"a causal model cannot shift tokens from the future: shifts={shifts}")

@@ -1,0 +1,106 @@
+import pytest
+import torch
+
+from retrolm.nn import (
+    KVCache,
+    MultiHeadAttention,
+    attend,
+    attention_backend,
+    causal_mask,
+    local_attend,
+    reference_attend,
+    sliding_window_mask,
+)
+
+D = torch.float64
+
+
+def rand(*shape):
+    return torch.randn(*shape, dtype=D)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("gqa", [1, 2])
+def test_sdpa_equals_reference_float64(causal, gqa):
+    torch.manual_seed(0)
+    q, k, v = rand(2, 4, 5, 8), rand(2, 4 // gqa, 7, 8), rand(2, 4 // gqa, 7, 8)
+    mask = torch.rand(2, 1, 5, 7) > 0.3
+    for m in (None, mask):
+        out = attend(q, k, v, m, causal=causal)
+        ref = reference_attend(q, k, v, m, causal=causal)
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_fully_masked_rows_give_zeros_not_nan():
+    q, k, v = rand(1, 2, 3, 4), rand(1, 2, 5, 4), rand(1, 2, 5, 4)
+    mask = torch.ones(1, 1, 3, 5, dtype=torch.bool)
+    mask[..., 1, :] = False
+    for fn in (attend, reference_attend):
+        out = fn(q, k, v, mask)
+        assert out.isfinite().all()
+        assert (out[:, :, 1] == 0).all()
+        assert (out[:, :, 0].abs() > 0).any()
+
+
+def test_causal_aligns_queries_with_last_keys():
+    m = causal_mask(2, 5)
+    assert m.tolist() == [[True, True, True, True, False], [True] * 5]
+
+
+def test_backend_switch_routes_to_reference():
+    q, k, v = rand(1, 1, 3, 4), rand(1, 1, 3, 4), rand(1, 1, 3, 4)
+    with attention_backend("reference"):
+        a = attend(q, k, v, causal=True)
+    torch.testing.assert_close(a, reference_attend(q, k, v, causal=True))
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        with attention_backend("flash9"):
+            pass
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("n,window", [(13, 4), (16, 4), (5, 8), (9, 1)])
+def test_local_attention_equals_masked_reference(causal, n, window):
+    torch.manual_seed(1)
+    q, k, v = rand(2, 2, n, 4), rand(2, 2, n, 4), rand(2, 2, n, 4)
+    keep = torch.rand(2, n) > 0.2
+    keep[:, 0] = True
+    out = local_attend(q, k, v, window, causal=causal, key_mask=keep)
+    mask = sliding_window_mask(n, n, window, causal=causal) & keep[:, None, None, :]
+    ref = reference_attend(q, k, v, mask)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_multihead_cached_equals_full():
+    torch.manual_seed(2)
+    from retrolm.nn import RotaryEmbedding
+
+    attn = MultiHeadAttention(16, heads=4, dim_head=8, causal=True, num_mem_kv=2).double().eval()
+    rot = RotaryEmbedding(8)
+    x = rand(2, 9, 16)
+    full = attn(x, q_rotary=rot(torch.arange(9)), k_rotary=rot(torch.arange(9)))
+    cache, outs = KVCache(), []
+    for s, e in [(0, 4), (4, 5), (5, 9)]:
+        r = rot(torch.arange(s, e))
+        outs.append(attn(x[:, s:e], cache=cache, q_rotary=r, k_rotary=r))
+    torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-10, atol=1e-10)
+
+
+def test_multihead_causal_prefix_independent_of_future():
+    torch.manual_seed(3)
+    attn = MultiHeadAttention(8, heads=2, dim_head=4, causal=True).double()
+    x = rand(1, 6, 8)
+    y = x.clone()
+    y[:, 4:] += 1.0
+    a, b = attn(x), attn(y)
+    torch.testing.assert_close(a[:, :4], b[:, :4])
+    assert not torch.allclose(a[:, 4:], b[:, 4:])
+
+
+def test_kv_cache_keep_last_and_growth():
+    c = KVCache()
+    for t in range(40):
+        k, v = c.update(torch.full((1, 1, 1, 2), float(t)), torch.zeros(1, 1, 1, 2))
+    assert k.shape[-2] == 40 and k[0, 0, :, 0].tolist() == list(range(40))
+    c.keep_last(5)
+    k, _ = c.update(torch.full((1, 1, 1, 2), 40.0), torch.zeros(1, 1, 1, 2))
+    assert k[0, 0, :, 0].tolist() == [35, 36, 37, 38, 39, 40]

@@ -1,0 +1,101 @@
+import pytest
+import torch
+
+from retrolm.nn import (
+    FeedForward,
+    MultiHeadAttention,
+    Residual,
+    RotaryEmbedding,
+    apply_rotary,
+    deepnet_constants,
+    deepnet_init_,
+    make_norm,
+    token_shift,
+)
+from retrolm.nn.token_shift import check_causal_shifts
+
+
+def test_rotary_scores_depend_only_on_relative_position():
+    rot = RotaryEmbedding(8)
+    q, k = torch.randn(1, 8, dtype=torch.float64), torch.randn(1, 8, dtype=torch.float64)
+
+    def score(pq, pk):
+        cq, sq = rot(torch.tensor([pq]))
+        ck, sk = rot(torch.tensor([pk]))
+        return (
+            apply_rotary(q, cq.double(), sq.double()) * apply_rotary(k, ck.double(), sk.double())
+        ).sum()
+
+    torch.testing.assert_close(score(5, 2), score(105, 102))
+    assert not torch.allclose(score(5, 2), score(5, 4))
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_partial_rotary_leaves_other_channels(interleaved):
+    rot = RotaryEmbedding(4, interleaved=interleaved)
+    x = torch.randn(3, 10)
+    cos, sin = rot(torch.arange(3))
+    y = apply_rotary(x, cos, sin, interleaved=interleaved)
+    assert torch.equal(y[:, 4:], x[:, 4:])
+    torch.testing.assert_close(y[0], x[0])  # position 0 is the identity
+    torch.testing.assert_close(y[:, :4].norm(dim=-1), x[:, :4].norm(dim=-1))  # a rotation
+
+
+def test_rotary_bad_dim():
+    with pytest.raises(ValueError, match="even"):
+        RotaryEmbedding(5)
+
+
+@pytest.mark.parametrize("kind", ["rms", "layer", "scale"])
+def test_norms_are_scale_invariant(kind):
+    norm = make_norm(kind, 16)
+    x = torch.randn(2, 3, 16)
+    torch.testing.assert_close(norm(x), norm(x * 7.0), rtol=1e-4, atol=1e-4)
+
+
+def test_unknown_norm():
+    with pytest.raises(ValueError, match="unknown norm 'batch'"):
+        make_norm("batch", 4)
+
+
+def test_feedforward_chunks_and_glu():
+    torch.manual_seed(0)
+    ff = FeedForward(8, mult=2, glu=True, activation="silu", chunks=3)
+    x = torch.randn(2, 7, 8)
+    out = ff(x)
+    ff.chunks = 1
+    torch.testing.assert_close(out, ff(x))
+    assert ff.up_proj.out_features == 32  # GLU doubles the up projection
+    assert FeedForward(8, mult=0.25).up_proj.out_features == 2  # reduction FFN
+
+
+def test_token_shift():
+    x = torch.arange(1, 7, dtype=torch.float32).view(1, 3, 2)  # channels [a, b]
+    y = token_shift(x, (0, 1))
+    assert y[0, :, 0].tolist() == [1, 3, 5]  # unshifted
+    assert y[0, :, 1].tolist() == [0, 2, 4]  # one step from the past
+    with pytest.raises(ValueError, match="future"):
+        check_causal_shifts((0, -1))
+
+
+def test_residual_pre_and_post_norm():
+    torch.manual_seed(0)
+    fn = torch.nn.Linear(4, 4)
+    x = torch.randn(2, 4)
+    pre = Residual(4, fn, "layer")
+    torch.testing.assert_close(pre(x), x + fn(pre.norm(x)))
+    post = Residual(4, fn, "layer", post_norm=True, alpha=2.0)
+    torch.testing.assert_close(post(x), post.norm(2.0 * x + fn(x)))
+
+
+def test_deepnet_constants_and_init():
+    enc, dec = deepnet_constants(0, 12)
+    assert dec.alpha == pytest.approx(24**0.25) and dec.beta == pytest.approx(96**-0.25)
+    enc, dec = deepnet_constants(2, 6)
+    assert enc.alpha == pytest.approx(0.81 * (16 * 6) ** (1 / 16))
+    assert dec.beta == pytest.approx(72**-0.25)
+    torch.manual_seed(0)
+    m = torch.nn.ModuleList([MultiHeadAttention(64, 4, 16), FeedForward(64)])
+    deepnet_init_(m, beta=0.1)
+    big, small = m[0].q_proj.weight.std(), m[0].v_proj.weight.std()
+    assert small < big * 0.2
