@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from fakes import FakeDatabase, random_docs
 from retrolm.data import RETRODataset, select_neighbours
+from tests.fakes import FakeDatabase, random_docs
 
 
 def test_filter_never_lets_a_document_of_the_sequence_through():

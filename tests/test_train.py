@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from fakes import FakeDatabase, TinyRetro, random_docs, register_tiny
 from retrolm.checkpoint import load_model, resolve_checkpoint
 from retrolm.errors import IncompatibleError
 from retrolm.models.registry import get_family
 from retrolm.train import TrainConfig, lr_at, param_groups, train
+from tests.fakes import FakeDatabase, TinyRetro, random_docs, register_tiny
 
 HERE = Path(__file__).parent
 ENV = {**os.environ, "PYTHONPATH": str(HERE.parent / "src")}

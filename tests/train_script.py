@@ -10,11 +10,11 @@ import signal
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent.parent))
 
-from fakes import FakeDatabase, random_docs, register_tiny  # noqa: E402
 from retrolm.models.registry import FAMILIES, retro_loss  # noqa: E402
 from retrolm.train import TrainConfig, train  # noqa: E402
+from tests.fakes import FakeDatabase, random_docs, register_tiny  # noqa: E402
 
 logging.basicConfig(level=logging.INFO)
 register_tiny()
