@@ -180,7 +180,7 @@ def evaluate(
 
     all_scores, overlaps = [], []
     try:
-        for path, text in tqdm(docs, desc="evaluate", unit="doc", disable=None):
+        for _path, text in tqdm(docs, desc="evaluate", unit="doc", disable=None):
             ids = tok.encode(text) + [tok.eos_id]
             if cfg.max_tokens:
                 ids = ids[: cfg.max_tokens]
@@ -272,7 +272,7 @@ def _score_document(
                 l = n // m
                 r = torch.zeros(len(group), l, ret.shape[1], 2 * m, dtype=torch.long)
                 rm = torch.zeros(len(group), l, ret.shape[1], dtype=torch.bool)
-                for j, (w, end, _) in enumerate(group):
+                for j, (w, _end, _) in enumerate(group):
                     c0, c1 = w // m, min(w // m + l, ret.shape[0])
                     r[j, : c1 - c0], rm[j, : c1 - c0] = ret[c0:c1], mask[c0:c1]
                 logits = model(inp[:, :-1], r.to(device), neighbour_mask=rm.to(device))
