@@ -186,3 +186,20 @@ def load_model(
     model = fam.build(cfg)
     load_weights(model, ckpt)
     return model.to(map_location).eval(), meta
+
+
+def open_run_database(meta: dict[str, Any], where: Path, override: str | os.PathLike | None = None):
+    """The retrieval database a run was trained with (or ``override``), checked compatible."""
+    from retrolm.retrieval import RetrievalDatabase
+
+    saved = meta.get("database") or {}
+    path = override or saved.get("path")
+    if path is None:
+        raise ValueError(f"{where} records no database; pass --db DB_DIR")
+    if not Path(path).exists():
+        raise FileNotFoundError(
+            f"database {path} (recorded in {where}) does not exist; pass --db DB_DIR"
+        )
+    db = RetrievalDatabase.open(path)
+    check_database(saved, db, where)
+    return db
