@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from retrolm import RETRO, RetroConfig
-from retrolm.generate import describe_sources, generate
+from retrolm.generation import describe_sources, generate
 from tests.fakes import FakeDatabase, TinyRetro, random_docs
 
 

@@ -194,18 +194,19 @@ def autocast(precision: str, device: torch.device):
     return nullcontext()
 
 
-def choose_precision(model: nn.Module, batch: Batch, loss_fn, device: torch.device) -> str:
-    """Time one forward+backward in fp32 and in bf16 autocast on a copy; keep the faster.
+def time_precisions(
+    model: nn.Module, batch: Batch, loss_fn, device: torch.device, repeats: int = 2
+) -> dict[str, float]:
+    """Best seconds per forward+backward in fp32 and in bf16 autocast, on a copy of the model.
 
-    Machines of the same kind differ (DESIGN.md): bf16 is 3x faster on some CPUs and
-    30% slower on others, so nothing is assumed. RNG state is left untouched.
+    The first call of each warms up kernels. RNG state is left untouched.
     """
     rng = torch.get_rng_state()
     probe = copy.deepcopy(model)
     times = {}
     for prec in ("fp32", "bf16"):
         best = math.inf
-        for _ in range(2):  # the first call warms up kernels
+        for _ in range(repeats):
             t0 = time.perf_counter()
             with autocast(prec, device):
                 loss = loss_fn(probe, batch)
@@ -216,6 +217,16 @@ def choose_precision(model: nn.Module, batch: Batch, loss_fn, device: torch.devi
             probe.zero_grad(set_to_none=True)
         times[prec] = best
     torch.set_rng_state(rng)
+    return times
+
+
+def choose_precision(model: nn.Module, batch: Batch, loss_fn, device: torch.device) -> str:
+    """Keep the faster of fp32 and bf16 autocast, timed on this machine.
+
+    Machines of the same kind differ (DESIGN.md): bf16 is 3x faster on some CPUs and
+    30% slower on others, so nothing is assumed.
+    """
+    times = time_precisions(model, batch, loss_fn, device)
     choice = min(times, key=times.get)
     log.info(
         "precision auto: fp32 %.3fs, bf16 %.3fs per step -> %s",

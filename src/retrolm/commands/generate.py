@@ -22,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from retrolm.checkpoint import load_model, open_run_database, resolve_checkpoint
-    from retrolm.generate import describe_sources, generate
+    from retrolm.generation import describe_sources, generate
 
     model, meta = load_model(args.run)
     db = open_run_database(meta, resolve_checkpoint(args.run), args.db)
