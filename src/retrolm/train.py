@@ -648,6 +648,15 @@ def train(
                     "elapsed_s": f"{time.perf_counter() - t_start:.2f}",
                 }
             )
+            if step % max(1, cfg.steps // 10) == 0 and is_main:  # for logs without a tty
+                log.info(
+                    "step %d/%d loss %.4f%s, %.0f tokens/s",
+                    step,
+                    cfg.steps,
+                    total,
+                    "" if val is None else f" val {val:.4f}",
+                    tps,
+                )
             bar.update(1)
             bar.set_postfix(loss=f"{total:.3f}", **({"val": f"{val:.3f}"} if val else {}))
             if step % cfg.save_every == 0 or step == cfg.steps:
