@@ -220,3 +220,19 @@ def test_ddp_two_cpu_processes_equal_one_process_accumulating(tmp_path):
     b, _ = load_model(tmp_path / "one")
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.allclose(p, q, atol=1e-4)
+
+
+def test_stop_after_then_continue_equals_one_run(tmp_path):
+    train(db(), tmp_path / "full", small_cfg(steps=6, eval_every=0), family="tiny")
+    part = train(
+        db(), tmp_path / "cut", small_cfg(steps=6, eval_every=0, stop_after=4), family="tiny"
+    )
+    assert part.step == 4
+    train(db(), tmp_path / "cut", small_cfg(steps=6, eval_every=0), family="tiny")
+    assert losses(tmp_path / "cut") == losses(tmp_path / "full")
+
+
+def test_time_limit_stops_with_a_checkpoint(tmp_path):
+    res = train(db(), tmp_path, small_cfg(steps=50, eval_every=0, max_minutes=1e-6), family="tiny")
+    assert res.step == 1
+    assert torch.load(tmp_path / "checkpoint/train_state.pt", weights_only=True)["step"] == 1

@@ -166,7 +166,7 @@ def make_plan(
         steps = max(20, min(steps, 3000))
     # evaluation: 3 scored passes (RETRO on, RETRO off, baseline), stride n/2 -> 2x tokens
     fwd_s_per_token = step_s / 3 / (batch_size * DEMO_MODEL["max_seq_len"])
-    eval_tokens = 0.08 * budget_s / (6 * fwd_s_per_token + 1 / (rate * 64))
+    eval_tokens = 0.10 * budget_s / (6 * fwd_s_per_token + 1 / (rate * 64))
     eval_max = int(max(1024, min(eval_tokens / len(HELD_OUT), 40_000)))
     return DemoPlan(budget_s, rate, step_s, precision, books, chars, steps, batch_size, eval_max)
 
@@ -223,9 +223,14 @@ def run_demo(
     db = RetrievalDatabase.open(db_dir)
     lap("database", t0)
 
+    # RETRO first, against a deadline (machines slow down mid-run); the baseline then
+    # trains exactly as many steps with the same schedule, so the comparison is fair
     runs = {"retro": work / "runs" / "retro", "baseline": work / "runs" / "baseline"}
+    budget = plan.budget_s
+    retro_steps = None
     for name, run_dir in runs.items():
         t0 = time.perf_counter()
+        left = budget - (time.perf_counter() - t_start)
         cfg = TrainConfig(
             steps=plan.steps,
             batch_size=plan.batch_size,
@@ -237,16 +242,27 @@ def run_demo(
             precision=plan.precision,
             retrieval=name == "retro",
             seed=0,
+            stop_after=retro_steps,
+            max_minutes=max(0.5, 0.5 * left / 60) if name == "retro" else None,
         )
-        train(db, run_dir, cfg, family="retro", model_config=dict(DEMO_MODEL))
+        res = train(db, run_dir, cfg, family="retro", model_config=dict(DEMO_MODEL))
+        if name == "retro":
+            retro_steps = res.step
         lap(f"train_{name}", t0)
 
     t0 = time.perf_counter()
     eval_path = work / "eval.json"
-    ecfg = EvalConfig(num_neighbours=2, max_tokens=plan.eval_max_tokens)
     if eval_path.is_file():
         results = json.loads(eval_path.read_text())
     else:
+        # size the held-out text to the time left, from the rates seen in training
+        left = max(60.0, budget - (time.perf_counter() - t_start) - 30)
+        retro_tok_s = _median_rate(runs["retro"])
+        # per scored token: stride n/2 doubles it; forward ~1/3 of a train step; 3 passes
+        # (RETRO on ~1.6x, off, baseline); plus the held-out chunk searches
+        per_token = 2 * 3.6 / (3 * retro_tok_s) + 1 / (64 * plan.embed_chunks_per_s)
+        max_tokens = int(min(plan.eval_max_tokens, max(512, 0.8 * left / per_token / 2)))
+        ecfg = EvalConfig(num_neighbours=2, max_tokens=max_tokens)
         retro, _ = load_model(runs["retro"])
         base, _ = load_model(runs["baseline"])
         r = evaluate(retro, held_dir, db, config=ecfg)
@@ -257,6 +273,8 @@ def run_demo(
             "retro_retrieval_off": r.modes["no_retrieval"],
             "baseline_no_retrieval": b.modes["no_retrieval"],
             "leakage": r.leakage,
+            "max_tokens_per_book": max_tokens,
+            "steps": retro_steps,
         }
         eval_path.write_text(json.dumps(results, indent=2))
     lap("evaluate", t0)
@@ -288,6 +306,15 @@ def run_demo(
     return report
 
 
+def _median_rate(run_dir: Path) -> float:
+    import csv
+    import statistics
+
+    with open(run_dir / "metrics.csv") as f:
+        rates = [float(r["tokens_per_s"]) for r in csv.DictReader(f)]
+    return statistics.median(rates) if rates else 100.0
+
+
 def format_report(rep: dict[str, Any]) -> str:
     p, r = rep["plan"], rep["results"]
     lines = [
@@ -295,8 +322,9 @@ def format_report(rep: dict[str, Any]) -> str:
         f"{p['train_step_s']:.2f} s/step ({p['precision']})",
         f"plan for a {p['budget_s'] / 60:.0f}-minute budget: database from {len(p['books'])} "
         f"books ({p['train_chars'] / 1e6:.2f} MB, {rep['database']['chunks']} chunks), "
-        f"{p['steps']} steps x {p['batch_size']} x {DEMO_MODEL['max_seq_len']} tokens per model, "
-        f"held out {', '.join(HELD_OUT)} (up to {p['eval_max_tokens']} tokens each)",
+        f"{r.get('steps', p['steps'])} steps (planned {p['steps']}) x {p['batch_size']} x "
+        f"{DEMO_MODEL['max_seq_len']} tokens per model, held out {', '.join(HELD_OUT)} "
+        f"({r.get('max_tokens_per_book', p['eval_max_tokens'])} tokens each)",
         "",
         f"{'held-out books':32s} {'bits/byte':>9s} {'token ppl':>10s}",
     ]

@@ -94,6 +94,10 @@ class TrainConfig:
     """Batches prepared ahead by a background thread (0: load inline)."""
     plot: bool = True
     """Write loss.png (needs matplotlib)."""
+    stop_after: int | None = None
+    """Stop (with a checkpoint) at this step, keeping the schedule of ``steps``."""
+    max_minutes: float | None = None
+    """Stop (with a checkpoint) after this much wall time in this process; rerun to go on."""
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # JSON gives a list
@@ -112,6 +116,8 @@ class TrainConfig:
             "val_sequences": self.val_sequences >= 0,
             "prefetch": self.prefetch >= 0,
             "seq_len": self.seq_len is None or self.seq_len >= 1,
+            "stop_after": self.stop_after is None or self.stop_after >= 1,
+            "max_minutes": self.max_minutes is None or self.max_minutes > 0,
         }
         for name, ok in checks.items():
             if not ok:
@@ -138,6 +144,8 @@ class TrainConfig:
 # fields that may change between a run and its resumption
 RESUMABLE_CHANGES = {
     "steps",
+    "stop_after",
+    "max_minutes",
     "eval_every",
     "save_every",
     "eval_batches",
@@ -524,7 +532,8 @@ def train(
         step, position, precision = int(state["step"]), int(state["position"]), state["precision"]
         torch.set_rng_state(state["rng_cpu"])
         log.info("resuming %s at step %d", run_dir, step)
-    if step >= cfg.steps:
+    last = min(cfg.steps, cfg.stop_after or cfg.steps)
+    if step >= last:
         log.info("%s already trained for %d steps", run_dir, step)
         return TrainResult(run_dir, step, None, None, None, precision)
 
@@ -600,7 +609,8 @@ def train(
     )
     pending = first
     try:
-        while step < cfg.steps:
+        deadline = t_start + 60 * cfg.max_minutes if cfg.max_minutes else math.inf
+        while step < last:
             t0 = time.perf_counter()
             lr = lr_at(step, cfg)
             for g in opt.param_groups:
@@ -659,7 +669,15 @@ def train(
                 )
             bar.update(1)
             bar.set_postfix(loss=f"{total:.3f}", **({"val": f"{val:.3f}"} if val else {}))
-            if step % cfg.save_every == 0 or step == cfg.steps:
+            out_of_time = time.perf_counter() > deadline
+            if world > 1:  # all ranks stop together
+                flag = torch.tensor([int(out_of_time)], device=device)
+                torch.distributed.broadcast(flag, 0)
+                out_of_time = bool(flag.item())
+            if out_of_time:
+                log.info("time limit of %.1f min reached at step %d", cfg.max_minutes, step)
+                last = step
+            if step % cfg.save_every == 0 or step == last:
                 save()
                 if cfg.plot and is_main:
                     metrics.plot(run_dir / "loss.png")
