@@ -111,7 +111,7 @@ def run_child(code: str, *args: str) -> dict:
     if proc.returncode:
         sys.exit(proc.stderr[-3000:])
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
+    return json.loads(line[len("RESULT ") :])
 
 
 def corpus_bytes(path: Path) -> int:
@@ -143,17 +143,25 @@ def main() -> None:
     for name in ("1x", "10x"):
         r = results[name]
         r["chunks_per_s"] = r["num_chunks"] / r["seconds"]
-        print(f"{name:4s} {r['mb']:6.2f} MB  {r['num_chunks']:7d} chunks  "
-              f"build {r['seconds']:7.1f}s  {r['chunks_per_s']:6.1f} chunks/s  "
-              f"peak RSS {r['maxrss_mb']:7.0f} MB  ({r['dtype']}, {r['index']})")
-    print(f"bare encoder forward: {results['bare_before']['chunks_per_s']:.1f} (before) / "
-          f"{results['bare_after']['chunks_per_s']:.1f} (after) chunks/s, "
-          f"{results['bare_after']['dtype']}; encoder-only process peak RSS "
-          f"{results['bare_after']['maxrss_mb']:.0f} MB")
-    print(f"end-to-end / bare forward (10x): {results['10x']['chunks_per_s'] / bare:.2f}  "
-          "(target >= 0.80)")
-    print(f"peak RSS 10x / 1x: {results['10x']['maxrss_mb'] / results['1x']['maxrss_mb']:.2f}  "
-          "(target < 1.20)")
+        print(
+            f"{name:4s} {r['mb']:6.2f} MB  {r['num_chunks']:7d} chunks  "
+            f"build {r['seconds']:7.1f}s  {r['chunks_per_s']:6.1f} chunks/s  "
+            f"peak RSS {r['maxrss_mb']:7.0f} MB  ({r['dtype']}, {r['index']})"
+        )
+    print(
+        f"bare encoder forward: {results['bare_before']['chunks_per_s']:.1f} (before) / "
+        f"{results['bare_after']['chunks_per_s']:.1f} (after) chunks/s, "
+        f"{results['bare_after']['dtype']}; encoder-only process peak RSS "
+        f"{results['bare_after']['maxrss_mb']:.0f} MB"
+    )
+    print(
+        f"end-to-end / bare forward (10x): {results['10x']['chunks_per_s'] / bare:.2f}  "
+        "(target >= 0.80)"
+    )
+    print(
+        f"peak RSS 10x / 1x: {results['10x']['maxrss_mb'] / results['1x']['maxrss_mb']:.2f}  "
+        "(target < 1.20)"
+    )
     print("JSON", json.dumps(results))
 
 

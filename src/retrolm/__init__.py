@@ -15,6 +15,9 @@ __version__ = "0.1.0"
 _LAZY = {
     "RETRO": "retrolm.models.retro",
     "RetroConfig": "retrolm.models.retro",
+    "RETRODataset": "retrolm.data",
+    "TrainingWrapper": "retrolm.training",
+    "generate": "retrolm.generation",
 }
 
 

@@ -24,7 +24,7 @@ def test_document_chunker_layout(n):
     assert len(rows) == -(-len(stream) // m)  # ceil: no empty row
     flat = rows[:, :m].ravel()
     assert flat[: len(stream)].tolist() == stream  # tokens in order
-    assert (flat[len(stream):] == PAD_ID).all()  # right padding of the last row only
+    assert (flat[len(stream) :] == PAD_ID).all()  # right padding of the last row only
     assert rows[:-1, m].tolist() == rows[1:, 0].tolist()  # next token = next row's first
     assert rows[-1, m] == PAD_ID  # nothing follows the document
 

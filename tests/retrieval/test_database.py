@@ -42,8 +42,9 @@ build_database(sys.argv[1], sys.argv[2], BuildConfig(**json.loads(sys.argv[3])))
 
 
 def files(db: Path) -> dict[str, bytes]:
-    return {p.relative_to(db).as_posix(): p.read_bytes() for p in sorted(db.rglob("*"))
-            if p.is_file()}
+    return {
+        p.relative_to(db).as_posix(): p.read_bytes() for p in sorted(db.rglob("*")) if p.is_file()
+    }
 
 
 def stage_started(db: Path, stage: str) -> bool:
@@ -57,7 +58,9 @@ def kill_during(script, corpus, db, config, stage, timeout=120.0) -> None:
     env = dict(os.environ, PYTHONPATH=SRC)
     proc = subprocess.Popen(
         [sys.executable, str(script), str(corpus), str(db), json.dumps(asdict(config)), "0.3"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     t0 = time.time()
     while not stage_started(db, stage):
@@ -72,8 +75,9 @@ def kill_during(script, corpus, db, config, stage, timeout=120.0) -> None:
 @pytest.mark.parametrize(
     "stages", [["embed"], pytest.param(["chunk", "embed", "neighbours"], marks=pytest.mark.slow)]
 )
-def test_resume_after_sigkill_gives_identical_files(tmp_path, corpus_dir, tiny_config, built_db,
-                                                    stages):
+def test_resume_after_sigkill_gives_identical_files(
+    tmp_path, corpus_dir, tiny_config, built_db, stages
+):
     script = tmp_path / "slow_build.py"
     script.write_text(SLOW_BUILD)
     db = tmp_path / "db"
@@ -97,21 +101,25 @@ def test_two_embed_workers_equal_one(tmp_path, corpus_dir, tiny_config, db):
 
 
 def test_opening_rules(built_db, other_encoder, tiny_encoder, tmp_path):
-    db = RetrievalDatabase.open(built_db, encoder=str(tiny_encoder), chunk_size=16,
-                                tokenizer=built_db / "tokenizer.json")
+    db = RetrievalDatabase.open(
+        built_db, encoder=str(tiny_encoder), chunk_size=16, tokenizer=built_db / "tokenizer.json"
+    )
     assert db.num_chunks == len(db.chunks) == len(db.doc_ids) == len(db.neighbours)
     with pytest.raises(ValueError, match="read-only"):
         db.chunks[0, 0] = 5
     with pytest.raises(IncompatibleError, match="chunk size 16, but chunk size 64 was requested"):
         RetrievalDatabase.open(built_db, chunk_size=64)
-    with pytest.raises(IncompatibleError,
-                       match=f"built with encoder {tiny_encoder.name} .*but encoder "
-                             f"{other_encoder.name} "):
+    with pytest.raises(
+        IncompatibleError,
+        match=f"built with encoder {tiny_encoder.name} .*but encoder {other_encoder.name} ",
+    ):
         RetrievalDatabase.open(built_db, encoder=str(other_encoder))
     other_tok = LMTokenizer.train([module_text("json")], vocab_size=500)
-    with pytest.raises(IncompatibleError,
-                       match=f"built with LM tokenizer {db.tokenizer.hash[:12]} .*"
-                             f"but tokenizer {other_tok.hash[:12]} "):
+    with pytest.raises(
+        IncompatibleError,
+        match=f"built with LM tokenizer {db.tokenizer.hash[:12]} .*"
+        f"but tokenizer {other_tok.hash[:12]} ",
+    ):
         RetrievalDatabase.open(built_db, tokenizer=other_tok)
     with pytest.raises(FileNotFoundError, match="is not a retrieval database"):
         RetrievalDatabase.open(tmp_path)
@@ -122,17 +130,20 @@ def test_opening_rules(built_db, other_encoder, tiny_encoder, tmp_path):
         assert "\n" not in str(e)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(seq_len=100, chunk_size=64), "seq_len=100 is not a multiple of chunk_size=64"),
-    (dict(pooling="max"), "pooling='max' is not one of"),
-    (dict(index="annoy"), "index='annoy' is not one of"),
-    (dict(memory_budget="lots"), "memory budget 'lots' is not a size"),
-    (dict(neighbours=0), "neighbours=0 must be a positive integer"),
-    (dict(extra_neighbours=-1), "extra_neighbours=-1 must be >= 0"),
-    (dict(vocab_size=10), "vocab_size=10 is too small"),
-    (dict(embed_dtype="int8"), "embed_dtype='int8' is not one of"),
-    (dict(workers=0), "workers=0 must be a positive integer"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(seq_len=100, chunk_size=64), "seq_len=100 is not a multiple of chunk_size=64"),
+        (dict(pooling="max"), "pooling='max' is not one of"),
+        (dict(index="annoy"), "index='annoy' is not one of"),
+        (dict(memory_budget="lots"), "memory budget 'lots' is not a size"),
+        (dict(neighbours=0), "neighbours=0 must be a positive integer"),
+        (dict(extra_neighbours=-1), "extra_neighbours=-1 must be >= 0"),
+        (dict(vocab_size=10), "vocab_size=10 is too small"),
+        (dict(embed_dtype="int8"), "embed_dtype='int8' is not one of"),
+        (dict(workers=0), "workers=0 must be a positive integer"),
+    ],
+)
 def test_config_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
         BuildConfig(**kwargs)
@@ -157,9 +168,26 @@ def test_cli_build_info_query_and_one_line_errors(tmp_path, corpus_dir, tiny_enc
     from retrolm.cli import main
 
     db = str(tmp_path / "db")
-    args = ["db", "build", str(corpus_dir), db, "--encoder", str(tiny_encoder), "--chunk-size",
-            "16", "--seq-len", "64", "--vocab-size", "800", "--embed-dtype", "fp32",
-            "--index", "ivf", "--glob", "docs/*.txt"]
+    args = [
+        "db",
+        "build",
+        str(corpus_dir),
+        db,
+        "--encoder",
+        str(tiny_encoder),
+        "--chunk-size",
+        "16",
+        "--seq-len",
+        "64",
+        "--vocab-size",
+        "800",
+        "--embed-dtype",
+        "fp32",
+        "--index",
+        "ivf",
+        "--glob",
+        "docs/*.txt",
+    ]
     assert main(args) == 0
     assert main(["db", "info", db]) == 0
     out = capsys.readouterr().out
@@ -180,8 +208,12 @@ def test_real_minilm_encoder(tmp_path):
 
     enc = FrozenEncoder(dtype="fp32")
     assert enc.identity["sha256"].startswith("53aa51172d142c89") and enc.dim == 384
-    texts = ["A man is eating food.", "A man is eating a piece of bread.",
-             "The new movie is awful.", "   \n\t"]
+    texts = [
+        "A man is eating food.",
+        "A man is eating a piece of bread.",
+        "The new movie is awful.",
+        "   \n\t",
+    ]
     x = enc.embed(texts, batch_size=2)
     assert x.shape == (4, 384) and x.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1, atol=1e-5)

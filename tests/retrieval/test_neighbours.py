@@ -103,7 +103,8 @@ def test_search_tokens_excludes_documents(db):
     q = np.asarray(db.chunks[[10, 200], :-1])
     ids, _ = db.search_tokens(torch.from_numpy(q.astype(np.int64)), 4)
     assert ids[0, 0] == 10 or np.isclose(
-        ((db.embeddings[ids[0, 0]] - db.embeddings[10]) ** 2).sum(), 0, atol=1e-6)
+        ((db.embeddings[ids[0, 0]] - db.embeddings[10]) ** 2).sum(), 0, atol=1e-6
+    )
     own = [int(db.doc_ids[10]), int(db.doc_ids[200])]
     ex_ids, _ = db.search_tokens(q, 4, exclude_doc_ids=[[own[0]], [own[1], 0]])
     assert (ex_ids >= 0).all()

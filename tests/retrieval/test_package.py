@@ -11,10 +11,17 @@ HEAVY = ("faiss", "transformers", "tokenizers")
 
 
 def test_import_retrolm_stays_light():
-    code = ("import sys, retrolm, retrolm.cli, retrolm.utils, retrolm.errors; "
-            f"print([m for m in sys.modules if m.split('.')[0] in {HEAVY!r}])")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env={"PYTHONPATH": str(SRC)}, check=True).stdout
+    code = (
+        "import sys, retrolm, retrolm.cli, retrolm.utils, retrolm.errors; "
+        f"print([m for m in sys.modules if m.split('.')[0] in {HEAVY!r}])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(SRC)},
+        check=True,
+    ).stdout
     assert out.strip() == "[]"
 
 

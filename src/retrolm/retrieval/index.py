@@ -89,8 +89,9 @@ def choose_index(n: int, d: int, kind: str = "auto", memory_budget: int = 4 << 3
         return IndexSpec("autofaiss", "autofaiss")
     # ivfpq: the most code bytes per vector that fit the budget (ids cost 8 more)
     # at least 4 dims per sub-quantizer (finer splits cost training time and gain little)
-    fits = [b for b in PQ_BYTES
-            if d % b == 0 and b <= d // 4 and n * (b + 8) <= 0.8 * memory_budget]
+    fits = [
+        b for b in PQ_BYTES if d % b == 0 and b <= d // 4 and n * (b + 8) <= 0.8 * memory_budget
+    ]
     if not fits:
         raise ValueError(
             f"memory budget {memory_budget} bytes is too small for {n} vectors of {d} dims "
@@ -101,7 +102,9 @@ def choose_index(n: int, d: int, kind: str = "auto", memory_budget: int = 4 << 3
     opq = f"OPQ{m}," if n >= OPQ_MIN_N else ""  # the rotation pays off (and trains) at scale
     # "np": no polysemous training (we never use polysemous search; it is most of PQ training)
     return IndexSpec(
-        "ivfpq", f"{opq}IVF{nlist},PQ{m}x{nbits}np", nprobe=nprobe,
+        "ivfpq",
+        f"{opq}IVF{nlist},PQ{m}x{nbits}np",
+        nprobe=nprobe,
         train_size=_train_size(n, max(nlist, 1 << nbits)),
     )
 
@@ -110,8 +113,9 @@ def _train_size(n: int, lists: int) -> int:
     return min(n, max(100 * lists, 30_000), 1_000_000)
 
 
-def build_index(spec: IndexSpec, embeddings: np.ndarray, block_size: int = 65536,
-                memory_budget: int = 4 << 30):
+def build_index(
+    spec: IndexSpec, embeddings: np.ndarray, block_size: int = 65536, memory_budget: int = 4 << 30
+):
     """Train (on evenly spaced rows, deterministic) and add every vector ``(N, d)`` in blocks."""
     n, d = embeddings.shape
     if spec.kind == "autofaiss":
@@ -136,8 +140,10 @@ def _build_autofaiss(embeddings: np.ndarray, memory_budget: int):
             "index kind 'autofaiss' needs the optional extra: pip install 'retrolm[autofaiss]'"
         ) from None
     index, _ = af_build(
-        embeddings=np.asarray(embeddings, dtype=np.float32), save_on_disk=False,
-        metric_type="l2", max_index_memory_usage=f"{max(1, memory_budget >> 20)}M",
+        embeddings=np.asarray(embeddings, dtype=np.float32),
+        save_on_disk=False,
+        metric_type="l2",
+        max_index_memory_usage=f"{max(1, memory_budget >> 20)}M",
         current_memory_available=f"{max(1, 2 * memory_budget >> 20)}M",
     )
     return index

@@ -1,0 +1,165 @@
+"""Generation speed: retrolm.generate vs RETRO-pytorch 0.3.9, side by side in one run.
+
+Config (issue 2/4): decoder 256 x 6, encoder 256 x 2, CCA layers (3, 6), heads 4, dim_head 64,
+vocabulary 28996, chunk 64, k = 2 neighbours, max_seq_len 512; batch 1, a 448-token prompt,
+64 new tokens, sampling from the top 10% of the vocabulary at temperature 1; 2 threads.
+
+Both sides retrieve at every chunk boundary through a stub that returns random neighbour
+tokens (no faiss, no BERT), so the numbers are model cost only:
+- anchor: RETRO-pytorch's own TrainingWrapper.generate (reruns the whole prefix and
+  re-encodes every neighbour set for each token; it has no KV cache);
+- ours:   retrolm.generate (KV cache; each chunk's neighbours encoded once).
+Every (side, dtype) runs in a fresh process, sides interleaved round after round; each side
+gets its faster dtype; the ratio uses medians from this run.
+
+    python benchmarks/bench_generate.py              # 2 rounds
+    python benchmarks/bench_generate.py --rounds 1
+Needs: pip install --no-deps retro-pytorch==0.3.9 (autofaiss is stubbed if absent).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+VOCAB, PROMPT, NEW, L, K = 28996, 448, 64, 512, 2
+MODEL = dict(
+    chunk_size=64,
+    enc_dim=256,
+    enc_depth=2,
+    dec_dim=256,
+    dec_depth=6,
+    dec_cross_attn_layers=(3, 6),
+    heads=4,
+    dim_head=64,
+)
+
+
+def anchor_generate(prompt, dtype: str) -> int:
+    import types
+
+    import torch
+
+    if "autofaiss" not in sys.modules:  # retro_pytorch imports it at import time only
+        stub = types.ModuleType("autofaiss")
+        stub.build_index = None
+        sys.modules["autofaiss"] = stub
+    from retro_pytorch import RETRO
+    from retro_pytorch import training as T
+
+    model = RETRO(max_seq_len=L, num_tokens=VOCAB, **MODEL).eval()
+    g = torch.Generator().manual_seed(1)
+
+    def fetch(chunks):  # (b*n, 64) -> (b*n, k, 128), like knn_chunks_from_seq_chunks
+        return torch.randint(1, VOCAB, (chunks.shape[0], K, 128), generator=g)
+
+    w = T.TrainingWrapper.__new__(T.TrainingWrapper)
+    torch.nn.Module.__init__(w)
+    w.retro, w.chunk_size, w.fetch_knn_chunks_fn = model, 64, fetch
+
+    def run(max_len):
+        w.max_seq_len = max_len
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            return w.generate(start=prompt, filter_thres=0.9, temperature=1.0)
+
+    run(PROMPT + 2)  # warm-up
+    t0 = time.perf_counter()
+    out = run(PROMPT + NEW)
+    return out.shape[-1] - PROMPT, time.perf_counter() - t0
+
+
+class StubRetriever:
+    num_neighbours = K
+
+    def __init__(self):
+        import torch
+
+        self.g = torch.Generator().manual_seed(1)
+
+    def search_tokens(self, chunks, k):
+        import numpy as np
+
+        return np.zeros((len(chunks), k), dtype=np.int64), np.zeros((len(chunks), k))
+
+    def retrieved_tokens(self, ids):
+        import torch
+
+        toks = torch.randint(1, VOCAB, (*ids.shape, 128), generator=self.g)
+        return toks, torch.ones(ids.shape, dtype=torch.bool)
+
+
+def ours_generate(prompt, dtype: str):
+    import torch
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+    from retrolm import RETRO, generate
+
+    model = RETRO(max_seq_len=L, num_tokens=VOCAB, **MODEL).eval()
+    top_k = int(0.1 * VOCAB)
+
+    def run(n):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            return generate(model, prompt, n, StubRetriever(), temperature=1.0, top_k=top_k, seed=0)
+
+    run(2)  # warm-up
+    t0 = time.perf_counter()
+    out = run(NEW)
+    return out.new_ids.shape[1], time.perf_counter() - t0
+
+
+def child(side: str, dtype: str) -> dict:
+    import torch
+
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    prompt = torch.randint(1, VOCAB, (1, PROMPT))
+    new, secs = (anchor_generate if side == "anchor" else ours_generate)(prompt, dtype)
+    return dict(
+        side=side, dtype=dtype, new_tokens=new, seconds=round(secs, 3), tok_s=round(new / secs, 2)
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--child", nargs=2, metavar=("SIDE", "DTYPE"))
+    a = ap.parse_args()
+    if a.child:
+        print("RESULT " + json.dumps(child(*a.child)), flush=True)
+        return
+    runs: dict[tuple[str, str], list[float]] = {}
+    for r in range(a.rounds):
+        for side in ("anchor", "ours"):
+            for dtype in ("fp32", "bf16"):
+                p = subprocess.run(
+                    [sys.executable, __file__, "--child", side, dtype],
+                    capture_output=True,
+                    text=True,
+                )
+                line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+                if not line:
+                    sys.exit(f"{side} {dtype} failed:\n{p.stderr[-3000:]}")
+                res = json.loads(line[0][7:])
+                runs.setdefault((side, dtype), []).append(res["tok_s"])
+                print(
+                    f"round {r + 1}: {side:6s} {dtype}: {res['new_tokens']} tokens in "
+                    f"{res['seconds']:.2f}s = {res['tok_s']:.2f} tok/s",
+                    flush=True,
+                )
+    best = {}
+    for side in ("anchor", "ours"):
+        med = {d: statistics.median(runs[(side, d)]) for d in ("fp32", "bf16")}
+        d = max(med, key=med.get)
+        best[side] = (med[d], d)
+        print(f"{side}: best dtype {d}, median {med[d]:.2f} tok/s")
+    ratio = best["ours"][0] / best["anchor"][0]
+    print(f"generation tokens/s, retrolm / RETRO-pytorch 0.3.9: {ratio:.1f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""Training throughput: the full ``retrolm.train`` loop vs the bare train step.
+
+The bare step is forward + backward + clip + AdamW on one batch already in memory. The
+full loop adds everything ``retrolm train`` does: reading sequences and neighbours from
+a real retrieval database (memmaps, document filtering, retrieved tokens) on a prefetch
+thread, the schedule, metrics.csv, progress bar, and a checkpoint inside the timed window.
+Both use the same model, batch shape and dtype (fp32), 2 threads, interleaved rounds in
+fresh processes; the ratio uses medians from this run.
+
+Config: RETRO dec 256 x 6, enc 256 x 2, CCA (3, 6), heads 4, dim_head 64, chunk 64, k = 2,
+sequence 512, batch 4. The database: 12 KJV books (data/kjv.tar.xz) embedded by a tiny
+random BERT (the data path's cost does not depend on the encoder's quality).
+
+    python benchmarks/bench_train_loop.py [--rounds 2] [--steps 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT))
+MODEL = dict(
+    max_seq_len=512,
+    dec_dim=256,
+    dec_depth=6,
+    dec_cross_attn_layers=(3, 6),
+    enc_dim=256,
+    enc_depth=2,
+    heads=4,
+    dim_head=64,
+)
+BATCH, WARMUP = 4, 2
+
+
+def make_db(work: Path) -> Path:
+    from tests.retrieval.conftest import make_tiny_encoder
+
+    from retrolm.retrieval import BuildConfig, build_database
+
+    db = work / "db"
+    if (db / "manifest.json").is_file():
+        return db
+    with tarfile.open(ROOT / "data" / "kjv.tar.xz") as tar:
+        tar.extractall(work, filter="data")
+    text = work / "text"
+    text.mkdir(exist_ok=True)
+    for p in sorted((work / "kjv").glob("*.txt"))[:12]:
+        (text / p.name).write_text(p.read_text())
+    enc = make_tiny_encoder(work / "enc")
+    build_database(
+        text,
+        db,
+        BuildConfig(
+            encoder=str(enc), chunk_size=64, seq_len=512, vocab_size=4096, embed_dtype="fp32"
+        ),
+    )
+    return db
+
+
+def bare(db_dir: Path, steps: int) -> float:
+    import torch
+
+    from retrolm.data import RETRODataset
+    from retrolm.models.registry import get_family
+    from retrolm.retrieval import RetrievalDatabase
+    from retrolm.train import TrainConfig, _model_config, collate, param_groups
+
+    db = RetrievalDatabase.open(db_dir)
+    fam = get_family("retro")
+    torch.manual_seed(0)
+    model = fam.build(_model_config(fam, db, dict(MODEL), None)).train()
+    ds = RETRODataset(db, seq_len=512, num_neighbours=2)
+    batch = collate([ds[i] for i in range(BATCH)], True)
+    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4)
+    cfg = TrainConfig()
+    times = []
+    for i in range(WARMUP + steps):
+        t0 = time.perf_counter()
+        loss = fam.loss(model, batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        float(loss)
+        if i >= WARMUP:
+            times.append(time.perf_counter() - t0)
+    return BATCH * 512 / statistics.median(times)
+
+
+def loop(db_dir: Path, steps: int) -> float:
+    from retrolm.train import TrainConfig, train
+
+    with tempfile.TemporaryDirectory() as run:
+        cfg = TrainConfig(
+            steps=WARMUP + steps,
+            batch_size=BATCH,
+            seq_len=512,
+            precision="fp32",
+            eval_every=0,
+            save_every=WARMUP + steps // 2,
+            plot=True,
+            seed=0,
+        )
+        train(db_dir, run, cfg, model_config=dict(MODEL))
+        with open(Path(run) / "metrics.csv") as f:
+            rows = list(csv.DictReader(f))
+    # wall time between the end of the warm-up and the end of the last step: data loading,
+    # logging and the checkpoint written inside the window all count
+    elapsed = float(rows[-1]["elapsed_s"]) - float(rows[WARMUP - 1]["elapsed_s"])
+    return BATCH * 512 * steps / elapsed
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "retrolm-bench-loop"))
+    ap.add_argument("--child", choices=["bare", "loop"])
+    a = ap.parse_args()
+    work = Path(a.work)
+    if a.child:
+        import torch
+
+        torch.set_num_threads(2)
+        fn = bare if a.child == "bare" else loop
+        print("RESULT " + json.dumps({"tok_s": fn(work / "db", a.steps)}), flush=True)
+        return
+    work.mkdir(parents=True, exist_ok=True)
+    make_db(work)
+    res: dict[str, list[float]] = {"bare": [], "loop": []}
+    for r in range(a.rounds):
+        for side in ("bare", "loop"):
+            p = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    side,
+                    "--steps",
+                    str(a.steps),
+                    "--work",
+                    str(work),
+                ],
+                capture_output=True,
+                text=True,
+            )
+            line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+            if not line:
+                sys.exit(f"{side} failed:\n{p.stderr[-3000:]}")
+            tok_s = json.loads(line[0][7:])["tok_s"]
+            res[side].append(tok_s)
+            print(f"round {r + 1}: {side}: {tok_s:.1f} tokens/s", flush=True)
+    b, lp = statistics.median(res["bare"]), statistics.median(res["loop"])
+    print(f"full loop / bare step: {lp / b:.3f} ({100 * (1 - lp / b):.1f}% slower)")
+
+
+if __name__ == "__main__":
+    main()
