@@ -5,7 +5,8 @@ One set of projection names for every family: ``q_proj``, ``k_proj``, ``v_proj``
 separately, so callers choose the geometry (causal LM positions, RETRO's chunk-relative
 positions, a cache offset). ``window`` makes it exact sliding-window attention (each query
 sees itself and its ``window - 1`` predecessors): O(n · window) blocks without a cache, a
-banded mask over the cached keys with one, and the cache keeps only what later queries need. Shapes: b batch, i queries, j keys, h heads, g kv heads, d head dim.
+banded mask over the cached keys with one, and the cache keeps only what later queries need.
+Shapes: b batch, i queries, j keys, h heads, g kv heads, d head dim.
 """
 
 from __future__ import annotations
