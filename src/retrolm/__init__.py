@@ -15,6 +15,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "RETRO": "retrolm.models.retro",
     "RetroConfig": "retrolm.models.retro",
+    "HierarchicalTransformer": "retrolm.models.hierarchical",
+    "HierarchicalConfig": "retrolm.models.hierarchical_config",
 }
 
 
