@@ -93,6 +93,8 @@ class HierarchicalConfig:
         else:
             self.hierarchies = (self.hierarchies,)
         hs = self.hierarchies
+        if not all(is_power_of_two(h) for h in hs) or len(set(hs)) != len(hs):
+            raise ValueError(f"hierarchies must be unique powers of 2, got {hs}")
         for name in _PER_HIERARCHY:
             value = getattr(self, name)
             if isinstance(value, list | tuple):
@@ -112,8 +114,6 @@ class HierarchicalConfig:
         for name in ("num_tokens", "depth", "seq_len"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
-        if not all(is_power_of_two(h) for h in hs) or len(set(hs)) != len(hs):
-            raise ValueError(f"hierarchies must be unique powers of 2, got {hs}")
         for name in ("dim", "dim_head", "heads"):
             if any(not isinstance(v, int) or v < 1 for v in getattr(self, name)):
                 raise ValueError(f"{name} must be positive ints, got {getattr(self, name)}")
