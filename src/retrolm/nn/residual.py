@@ -37,6 +37,10 @@ class Residual(nn.Module):
             return self.norm(x * self.alpha + self.fn(x, *args, **kwargs))
         return x + self.fn(self.norm(x), *args, **kwargs)
 
+    def zero_update(self, x: Tensor) -> Tensor:
+        """The block's output when its sub-layer contributes nothing (f(x) = 0)."""
+        return self.norm(x * self.alpha) if self.post_norm else x
+
 
 @dataclass(frozen=True)
 class DeepNetConstants:
