@@ -6,6 +6,7 @@ hierarchies (1, 2, 8), windows (32, 64, None), batch 1, each library's default l
 
   train : forward + backward + AdamW at L = 1024 and 4096, fp32 and bf16 autocast per side
           (a side's better dtype is the faster one that runs); tokens/s and peak RSS.
+          gen also tries bf16 weights (``bf16w``).
   gen   : 992-token prompt, 32 new tokens, batch 1, whole generate call timed (prefill
           included); the reference's own loop (full recompute per token) vs retrolm's cache.
 
@@ -70,6 +71,8 @@ def child(side: str, mode: str, length: int, dtype: str) -> dict:
 
     torch.set_num_threads(THREADS)
     model = build(side, length)
+    if dtype == "bf16w":  # bf16 weights (generation only): half the bytes read per token
+        model = model.to(torch.bfloat16)
     x = torch.randint(1, 256, (1, length + 1))
     amp = dict(device_type="cpu", dtype=torch.bfloat16, enabled=dtype == "bf16")
     times, foreign = [], []
@@ -160,6 +163,7 @@ def main() -> None:
     ap.add_argument("--lengths", default="1024,4096")
     ap.add_argument("--modes", default="train,gen")
     ap.add_argument("--dtypes", default="fp32,bf16")
+    ap.add_argument("--gen-dtypes", default="fp32,bf16,bf16w")
     ap.add_argument("--timeout", type=int, default=400)
     ap.add_argument("--out", default=os.path.join(HERE, "results", "hier.jsonl"))
     a = ap.parse_args()
@@ -173,7 +177,7 @@ def main() -> None:
         if "train" in modes:
             plan += [("train", length, d) for d in a.dtypes.split(",")]
     if "gen" in modes:
-        plan += [("gen", PROMPT + NEW, d) for d in a.dtypes.split(",")]
+        plan += [("gen", PROMPT + NEW, d) for d in a.gen_dtypes.split(",")]
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     results = []
     for mode, length, dtype in plan:

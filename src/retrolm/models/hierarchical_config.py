@@ -163,6 +163,16 @@ class HierarchicalConfig:
         return self.hierarchies.index(self.predict_hierarchy)
 
     @property
+    def max_seq_len(self) -> int:
+        """``seq_len`` under the name the trainer, evaluation and generation read."""
+        return self.seq_len
+
+    @property
+    def chunk_size(self) -> int:
+        """No chunk structure (RETRO's retrieval chunks): any window length works."""
+        return 1
+
+    @property
     def num_hierarchies(self) -> int:
         return len(self.hierarchies)
 
