@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from tests.models.test_hierarchical import one_thread  # noqa: F401 (autouse fixture)
 
 from retrolm import HierarchicalConfig, HierarchicalTransformer
 from retrolm.models.hierarchical_config import PRESETS
@@ -14,14 +15,6 @@ BASE = dict(
     num_tokens=V, dim=16, depth=2, dim_head=8, heads=2, seq_len=SEQ,
     hierarchies=(1, 2, 8), window_sizes=(4, 6, None),
 )  # fmt: skip
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def run(seed=0, **overrides):
