@@ -387,7 +387,11 @@ class HierarchicalTransformer(nn.Module):
         eos_token: int | None = None,
         generator: torch.Generator | None = None,
     ) -> Tensor:  # (b, seq_len) new tokens
-        """Sample ``seq_len`` new tokens with the KV cache (temperature 0 = greedy)."""
+        """Sample ``seq_len`` new tokens with the KV cache (temperature 0 = greedy).
+
+        The prompt may hold at most ``config.seq_len`` tokens; generation may run past it
+        (rotary positions keep counting, windows keep sliding), unlike the seed, which
+        re-reads only the last ``seq_len`` tokens at every step."""
         return AutoregressiveWrapper(self, ignore_index=self.config.ignore_index).generate(
             prompt,
             seq_len,

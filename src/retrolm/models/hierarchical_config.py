@@ -85,7 +85,8 @@ class HierarchicalConfig:
     use_flash_attn: bool = True
     """True: attention through ``F.scaled_dot_product_attention`` (flash / memory-efficient
     kernels where the device has them, the fused CPU kernel otherwise). False: the plain
-    einsum reference path (slower, for debugging or comparison)."""
+    einsum reference path (slower, for debugging or comparison). The seed defaults to False;
+    both compute the same attention, so the fast path is the default here."""
 
     def __post_init__(self) -> None:
         if isinstance(self.hierarchies, list | tuple):
