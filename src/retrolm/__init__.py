@@ -15,6 +15,11 @@ __version__ = "0.1.0"
 _LAZY = {
     "RETRO": "retrolm.models.retro",
     "RetroConfig": "retrolm.models.retro",
+    "RoutingConfig": "retrolm.models.routing_config",
+    "RoutingTransformer": "retrolm.models.routing",
+    "RoutingTransformerLM": "retrolm.models.routing",
+    "RoutingTransformerEncDec": "retrolm.models.routing_encdec",
+    "AutoregressiveWrapper": "retrolm.wrapper",
 }
 
 
