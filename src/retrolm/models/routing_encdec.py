@@ -41,8 +41,11 @@ class RoutingTransformerEncDec(nn.Module):
         dec.pop("_register_kmeans_update", None)
         dec.pop("register_kmeans_update", None)
         self.encoder = RoutingTransformerLM(
-            dim=dim, return_embeddings=True, causal=enc.pop("causal", False),
-            register_kmeans_update=enc_auto, **enc
+            dim=dim,
+            return_embeddings=True,
+            causal=enc.pop("causal", False),
+            register_kmeans_update=enc_auto,
+            **enc,
         )
         self.decoder = RoutingTransformerLM(
             dim=dim, causal=True, receives_context=True, register_kmeans_update=False, **dec

@@ -27,7 +27,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from retrolm.nn.distributed import all_reduce_sum_, broadcast_
-from retrolm.nn.reversible import is_recomputing
+from retrolm.nn.reversible import in_reversible_forward, is_recomputing
 
 
 class SphericalKMeans(nn.Module):
@@ -59,7 +59,7 @@ class SphericalKMeans(nn.Module):
     def assign(self, x: Tensor) -> Tensor:
         """x (b, h, n, d) -> nearest centroid (b, h, n) int64 (cosine similarity)."""
         xn = F.normalize(x.float(), dim=-1)
-        return torch.einsum("bhnd,hkd->bhnk", xn, self.means).argmax(dim=-1)
+        return torch.einsum("bhnd,hkd->bhnk", xn, self.means.float()).argmax(dim=-1)
 
     def route(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Assign ``x`` (b, h, n, d); mask (b, n) True = real token.
@@ -71,15 +71,17 @@ class SphericalKMeans(nn.Module):
         if self.training and not bool(self.initted) and not is_recomputing():
             self.init_(x, mask)
         xn = F.normalize(x.float(), dim=-1)
-        buckets = torch.einsum("bhnd,hkd->bhnk", xn.detach(), self.means).argmax(dim=-1)
-        centroid = self.means[torch.arange(self.num_heads, device=x.device)[:, None], buckets]
+        means = self.means.float()  # fp32 even inside a model cast to another dtype
+        buckets = torch.einsum("bhnd,hkd->bhnk", xn.detach(), means).argmax(dim=-1)
+        centroid = means[torch.arange(self.num_heads, device=x.device)[:, None], buckets]
         err = (xn - centroid).pow(2).mean(-1)  # (b, h, n)
         if mask is not None:
             w = mask[:, None, :].to(err.dtype).expand_as(err)
             loss = (err * w).sum() / w.sum().clamp(min=1.0)
         else:
             loss = err.mean()
-        if self.training and torch.is_grad_enabled() and not is_recomputing():
+        grad_pass = torch.is_grad_enabled() or in_reversible_forward()
+        if self.training and grad_pass and not is_recomputing():
             self._accumulate(xn.detach(), buckets, mask)
         return buckets, loss
 
@@ -112,6 +114,7 @@ class SphericalKMeans(nn.Module):
             return
         sums, counts = self._pending
         self._pending = None
+        sums, counts = sums.to(self.ema_sum.dtype), counts.to(self.ema_count.dtype)
         all_reduce_sum_(sums, counts)
         d = self.decay
         ema_sum = self.ema_sum * d + sums * (1 - d)
@@ -145,15 +148,18 @@ class SphericalKMeans(nn.Module):
             pick = cand[torch.randint(0, cand.numel(), (h, self.num_clusters))]
         means = torch.gather(flat, 1, pick[..., None].expand(-1, -1, d))  # (h, k, d)
         broadcast_(means)
+        sums, counts = means.clone(), torch.ones_like(self.ema_count)
         for _ in range(self.init_iters):
             buckets = torch.einsum("bhnd,hkd->bhnk", xn, means).argmax(dim=-1)
-            sums, _ = self._batch_stats(xn, buckets, mask)
-            all_reduce_sum_(sums)
+            sums, counts = self._batch_stats(xn, buckets, mask)
+            all_reduce_sum_(sums, counts)
             norm = sums.norm(dim=-1, keepdim=True)
             means = torch.where(norm > self.eps, sums / norm.clamp(min=self.eps), means)
+        # the EMA starts from the initial clusters' statistics (an empty cluster: its centroid)
+        empty = counts[..., None] <= 0
         self.means = means.contiguous()
-        self.ema_sum = means.clone()
-        self.ema_count = torch.ones_like(self.ema_count)
+        self.ema_sum = torch.where(empty, means, sums)
+        self.ema_count = counts.clamp(min=1.0)
         self.initted.fill_(True)
 
 

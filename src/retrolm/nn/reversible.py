@@ -31,6 +31,17 @@ _RECOMPUTING: contextvars.ContextVar[bool] = contextvars.ContextVar(
 Branch = Callable[..., tuple[Tensor, Tensor]]  # (x, **kwargs) -> (out, aux scalar)
 
 
+_FORWARD: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "retrolm_reversible_forward", default=False
+)
+
+
+def in_reversible_forward() -> bool:
+    """True inside a reversible stack's forward, which runs without autograd although it
+    is a training forward (side effects such as k-means statistics must still happen)."""
+    return _FORWARD.get()
+
+
 def is_recomputing() -> bool:
     """True inside a reversible stack's backward recomputation."""
     return _RECOMPUTING.get()
@@ -69,6 +80,13 @@ def _call(fn: Branch, x: Tensor, kwargs: dict) -> tuple[Tensor, Tensor]:
     return out, aux.reshape(()).to(torch.float32)
 
 
+def _backward(outputs, grads) -> None:
+    """autograd.backward over the outputs that have a graph (a constant aux has none)."""
+    pairs = [(o, g) for o, g in zip(outputs, grads) if o.requires_grad]
+    if pairs:
+        torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+
+
 class _ReversibleFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, context: Tensor | None, blocks, kwargs):  # type: ignore[override]
@@ -78,6 +96,7 @@ class _ReversibleFunction(torch.autograd.Function):
             kw["context"] = context
         aux = x.new_zeros((), dtype=torch.float32)
         states = []
+        token = _FORWARD.set(True)
         with torch.no_grad():
             for f, g in blocks:
                 sf = _RngState(x.device)
@@ -88,6 +107,7 @@ class _ReversibleFunction(torch.autograd.Function):
                 x2 = x2 + gx
                 aux = aux + af + ag
                 states.append((sf, sg))
+        _FORWARD.reset(token)
         y = torch.cat((x1, x2), dim=-1)
         ctx.blocks, ctx.kwargs, ctx.states = blocks, kwargs, states
         ctx.has_context = context is not None
@@ -111,7 +131,7 @@ class _ReversibleFunction(torch.autograd.Function):
                 with torch.enable_grad(), sg.restored():
                     y1 = y1.detach().requires_grad_(True)
                     gy1, ag = _call(g, y1, kw)
-                    torch.autograd.backward((gy1, ag), (dy2, daux))
+                    _backward((gy1, ag), (dy2, daux))
                 with torch.no_grad():
                     x2 = y2 - gy1
                     dy1 = dy1 + y1.grad
@@ -119,7 +139,7 @@ class _ReversibleFunction(torch.autograd.Function):
                 with torch.enable_grad(), sf.restored():
                     x2 = x2.detach().requires_grad_(True)
                     fx2, af = _call(f, x2, kw)
-                    torch.autograd.backward((fx2, af), (dy1, daux))
+                    _backward((fx2, af), (dy1, daux))
                 with torch.no_grad():
                     y1 = y1 - fx2
                     dy2 = dy2 + x2.grad
