@@ -88,7 +88,7 @@ def fingerprint(**kw):
     return shapes, graph, chunks, out.detach(), aux.detach(), centroids
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _base(extra: tuple):
     return fingerprint(**dict(extra))
 
