@@ -72,9 +72,10 @@ class SphericalKMeans(nn.Module):
             self.init_(x, mask)
         xn = F.normalize(x.float(), dim=-1)
         means = self.means.float()  # fp32 even inside a model cast to another dtype
-        buckets = torch.einsum("bhnd,hkd->bhnk", xn.detach(), means).argmax(dim=-1)
-        centroid = means[torch.arange(self.num_heads, device=x.device)[:, None], buckets]
-        err = (xn - centroid).pow(2).mean(-1)  # (b, h, n)
+        sims = torch.einsum("bhnd,hkd->bhnk", xn, means)
+        best, buckets = sims.max(dim=-1)  # (b, h, n)
+        # both are unit vectors: ||x - c||^2 = 2 - 2 x.c, so no centroid gather is needed
+        err = (2.0 - 2.0 * best) / self.dim  # (b, h, n), mean over the d dims
         if mask is not None:
             w = mask[:, None, :].to(err.dtype).expand_as(err)
             loss = (err * w).sum() / w.sum().clamp(min=1.0)
@@ -88,17 +89,11 @@ class SphericalKMeans(nn.Module):
     # --- statistics -------------------------------------------------------------------
     def _batch_stats(self, xn: Tensor, buckets: Tensor, mask: Tensor | None):
         """Per-cluster sums (h, k, d) and counts (h, k) of unit vectors, real tokens only."""
-        h, k = self.num_heads, self.num_clusters
-        w = torch.ones_like(buckets, dtype=torch.float32)
+        onehot = F.one_hot(buckets, self.num_clusters).to(xn.dtype)  # (b, h, n, k)
         if mask is not None:
-            w = w * mask[:, None, :].float()
-        idx = rearrange(buckets, "b h n -> h (b n)")
-        vals = rearrange(xn * w[..., None], "b h n d -> h (b n) d")
-        sums = xn.new_zeros(h, k, self.dim).scatter_add_(
-            1, idx[..., None].expand(-1, -1, self.dim), vals
-        )
-        counts = xn.new_zeros(h, k).scatter_add_(1, idx, rearrange(w, "b h n -> h (b n)"))
-        return sums, counts
+            onehot = onehot * mask[:, None, :, None].to(xn.dtype)
+        sums = torch.einsum("bhnk,bhnd->hkd", onehot, xn)
+        return sums, onehot.sum(dim=(0, 2))
 
     def _accumulate(self, xn: Tensor, buckets: Tensor, mask: Tensor | None) -> None:
         sums, counts = self._batch_stats(xn, buckets, mask)
