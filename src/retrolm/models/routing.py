@@ -43,6 +43,7 @@ from retrolm.nn.reversible import reversible
 from retrolm.nn.rotary import RotaryEmbedding, apply_rotary
 from retrolm.nn.sorted_window import dense_window_mask, sorted_window_attend
 from retrolm.nn.token_shift import TokenShift
+from retrolm.wrapper import AutoregressiveWrapper
 
 log = logging.getLogger(__name__)
 Rotary = tuple[Tensor, Tensor]
@@ -50,9 +51,11 @@ Rotary = tuple[Tensor, Tensor]
 __all__ = [
     "RoutingAttention",
     "RoutingConfig",
+    "RoutingLanguageModel",
     "RoutingTransformer",
     "RoutingTransformerLM",
     "pkm_param_groups",
+    "register_routing",
 ]
 
 
@@ -624,3 +627,33 @@ class RoutingTransformerLM(nn.Module):
             return h, aux
         logits = self.to_logits(h) if self.to_logits is not None else h @ self.token_emb.weight.t()
         return logits, aux
+
+
+class RoutingLanguageModel(AutoregressiveWrapper):
+    """What ``retrolm train --model routing`` builds: the LM inside the shared wrapper, from a
+    config (the model registry's contract: ``cls(config=cfg)``, ``model(seq,
+    return_loss=True)``, ``model.config``)."""
+
+    def __init__(self, config: RoutingConfig) -> None:
+        super().__init__(RoutingTransformerLM(config=config))
+        self.config = config
+
+
+def register_routing() -> bool:
+    """Register the family with ``retrolm.models.registry`` when that module exists (it
+    lands with the trainer); returns whether it did. Idempotent."""
+    try:
+        from retrolm.models.registry import FAMILIES, ModelFamily, register_family
+    except ImportError:
+        return False
+    if "routing" not in FAMILIES:
+        register_family(
+            ModelFamily(
+                name="routing",
+                config_cls="retrolm.models.routing_config:RoutingConfig",
+                model_cls="retrolm.models.routing:RoutingLanguageModel",
+                uses_retrieval=False,
+                default_preset="routing-tiny",
+            )
+        )
+    return True
