@@ -65,6 +65,10 @@ class Residual(nn.Module):
             return (x + out[0], *out[1:])
         return x + out
 
+    def zero_update(self, x: Tensor) -> Tensor:
+        """The block's output when its sub-layer contributes nothing (f(x) = 0)."""
+        return self.norm(x * self.alpha) if self.post_norm else x
+
 
 @dataclass(frozen=True)
 class DeepNetConstants:

@@ -1,0 +1,50 @@
+"""``retrolm eval RUN --text DIR [--db DB]``: bits/byte with and without retrieval."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="bits/byte on held-out text, with vs without retrieval, and the leakage curve",
+    )
+    p.add_argument("run", help="run directory (or its checkpoint/)")
+    p.add_argument("--text", required=True, help="folder of held-out documents")
+    p.add_argument("--db", help="retrieval database (default: the one the run was trained on)")
+    p.add_argument("--no-retrieval", action="store_true", help="only score without retrieval")
+    p.add_argument("--seq-len", type=int, help="window length (default max_seq_len)")
+    p.add_argument("--stride", type=int, help="window stride (default half the window)")
+    p.add_argument("--neighbours", type=int, default=2, help="neighbours the model reads")
+    p.add_argument("--max-tokens", type=int, help="score at most this many tokens per document")
+    p.add_argument("--glob", default="**/*.txt", help="which files are documents")
+    p.add_argument("--out", help="report folder (default RUN/eval)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from retrolm.checkpoint import load_model, open_run_database, resolve_checkpoint
+    from retrolm.evaluate import EvalConfig, evaluate, read_documents, save_report
+
+    read_documents(args.text, args.glob)  # a bad folder fails before the model loads
+    model, meta = load_model(args.run)
+    ckpt = resolve_checkpoint(args.run)
+    db = open_run_database(meta, ckpt, args.db)
+    cfg = EvalConfig(
+        seq_len=args.seq_len,
+        stride=args.stride,
+        num_neighbours=args.neighbours,
+        max_tokens=args.max_tokens,
+        glob=args.glob,
+    )
+    res = evaluate(
+        model, args.text, None if args.no_retrieval else db, tokenizer=db.tokenizer, config=cfg
+    )
+    out = Path(args.out) if args.out else ckpt.parent / "eval"
+    paths = save_report(res, out)
+    print(f"{res.documents} documents, {res.chunks} chunks from {args.text}")
+    print(res.table())
+    print("report: " + ", ".join(str(p) for p in paths))
+    return 0

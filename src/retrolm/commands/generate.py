@@ -1,0 +1,49 @@
+"""``retrolm generate RUN --prompt "..."``: sample, retrieving at every chunk boundary."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="continue a prompt, retrieving as it writes")
+    p.add_argument("run", help="run directory (or its checkpoint/)")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, help="keep this many most likely tokens")
+    p.add_argument("--top-p", type=float, default=0.9, help="keep this much probability mass")
+    p.add_argument("--seed", type=int, help="seed for reproducible sampling")
+    p.add_argument("--neighbours", type=int, default=2, help="neighbours per chunk")
+    p.add_argument("--db", help="retrieval database (default: the run's)")
+    p.add_argument("--no-retrieval", action="store_true", help="generate without neighbours")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from retrolm.checkpoint import load_model, open_run_database, resolve_checkpoint
+    from retrolm.generate import describe_sources, generate
+
+    model, meta = load_model(args.run)
+    db = open_run_database(meta, resolve_checkpoint(args.run), args.db)
+    tok = db.tokenizer
+    ids = tok.encode(args.prompt)
+    res = generate(
+        model,
+        ids,
+        args.max_new_tokens,
+        None if args.no_retrieval else db,
+        num_neighbours=args.neighbours,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        eos_id=tok.eos_id,
+        seed=args.seed,
+    )
+    print(args.prompt + tok.decode(res.new_ids[0].tolist()))
+    sources = describe_sources(db, res) if not args.no_retrieval else []
+    if sources:
+        print("\nretrieved while writing (chunk: file, text):")
+        for s in sources:
+            print(f"  [{s['chunk']}.{s['rank']}] {s['file']}: {s['snippet']}")
+    return 0

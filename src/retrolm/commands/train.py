@@ -1,0 +1,90 @@
+"""``retrolm train --db DB --out RUN [--config FILE] [--no-retrieval]``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+# command-line flag -> TrainConfig field (flags override the config file)
+FLAGS = {
+    "steps": int,
+    "batch_size": int,
+    "grad_accum": int,
+    "seq_len": int,
+    "lr": float,
+    "warmup_steps": int,
+    "precision": str,
+    "seed": int,
+    "eval_every": int,
+    "save_every": int,
+    "num_neighbours": int,
+}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a model on a retrieval database (resumes an interrupted run)",
+        description="Train RETRO (or another family) on the sequences of a retrieval database. "
+        "Rerunning the same command after an interruption resumes from the last checkpoint.",
+    )
+    p.add_argument("--db", required=True, help="retrieval database directory")
+    p.add_argument("--out", required=True, help="run directory (checkpoint, metrics, loss.png)")
+    p.add_argument(
+        "--config",
+        help='JSON file: {"model": "retro", "preset": "retro-small", '
+        '"model_config": {...}, "train": {...}}',
+    )
+    p.add_argument("--model", help="model family (default retro, or the config file's)")
+    p.add_argument("--preset", help="named model config, e.g. retro-small")
+    p.add_argument(
+        "--no-retrieval",
+        action="store_true",
+        help="train the same decoder without neighbours (the baseline)",
+    )
+    for name, typ in FLAGS.items():
+        p.add_argument("--" + name.replace("_", "-"), type=typ, dest=name, default=None)
+    p.set_defaults(func=run)
+
+
+def read_config_file(path: str | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"config file {p} does not exist")
+    try:
+        cfg = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"config file {p} is not valid JSON ({e})") from None
+    allowed = {"model", "preset", "model_config", "train"}
+    if not isinstance(cfg, dict) or set(cfg) - allowed:
+        raise ValueError(f"config file {p}: top-level keys must be among {sorted(allowed)}")
+    return cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    from retrolm.train import TrainConfig, train
+
+    file_cfg = read_config_file(args.config)
+    values = dict(file_cfg.get("train", {}))
+    for name in FLAGS:
+        if getattr(args, name) is not None:
+            values[name] = getattr(args, name)
+    if args.no_retrieval:
+        values["retrieval"] = False
+    cfg = TrainConfig.from_dict(values)
+    res = train(
+        args.db,
+        args.out,
+        cfg,
+        family=args.model or file_cfg.get("model", "retro"),
+        model_config=file_cfg.get("model_config"),
+        preset=args.preset or file_cfg.get("preset"),
+    )
+    loss = "n/a" if res.loss is None else f"{res.loss:.4f}"
+    val = "" if res.val_loss is None else f", validation loss {res.val_loss:.4f}"
+    print(f"{res.run_dir}: step {res.step}, loss {loss}{val} ({res.precision})")
+    return 0

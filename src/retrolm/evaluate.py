@@ -1,0 +1,317 @@
+"""Held-out evaluation: bits per byte with and without retrieval, and the leakage curve.
+
+Protocol (paper §4.1, §2.6; research A.13). Notation: m chunk size, n window length, s
+stride (both multiples of m), k neighbours fed to the model, K neighbours for the
+leakage analysis (paper: 10).
+
+- Each held-out document is tokenized (with its <eos>) and chunked from its start,
+  so every window starts at a chunk boundary; windows of n tokens slide by s and
+  score only tokens no earlier window scored (the first window scores all).
+- Every chunk's neighbours come from the database's search (held-out text never
+  enters the database). The model reads k of them; retrieval OFF is the same model
+  with ``retrieved=None``.
+- Leakage: for chunk C, s(C) = longest common token substring between C and any of
+  its K retrieved values (neighbour + continuation), r(C) = s(C) / |C|;
+  bpb(alpha) = sum of NLL over chunks with r <= alpha / (ln 2 * their bytes).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+ALPHAS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
+
+
+@dataclass
+class EvalConfig:
+    """How held-out text is scored."""
+
+    seq_len: int | None = None
+    """n: window length in tokens (multiple of the chunk size); default the model's max."""
+    stride: int | None = None
+    """s: window step (multiple of the chunk size); default n/2 as in the paper."""
+    num_neighbours: int = 2
+    """k: neighbours per chunk the model reads."""
+    leakage_neighbours: int = 10
+    """K: neighbours per chunk searched for the overlap analysis (paper: 10)."""
+    alphas: tuple[float, ...] = ALPHAS
+    """Overlap thresholds of the leakage curve."""
+    batch_size: int = 4
+    """Windows per forward pass."""
+    max_tokens: int | None = None
+    """Score at most this many tokens per document (None: all)."""
+    glob: str = "**/*.txt"
+    """Which files of the held-out folder are documents."""
+
+    def __post_init__(self) -> None:
+        self.alphas = tuple(float(a) for a in self.alphas)
+        if self.num_neighbours < 1 or self.leakage_neighbours < 1 or self.batch_size < 1:
+            raise ValueError("num_neighbours, leakage_neighbours and batch_size must be >= 1")
+        if self.max_tokens is not None and self.max_tokens < 2:
+            raise ValueError(f"max_tokens must be >= 2, got {self.max_tokens}")
+
+
+@dataclass
+class EvalResult:
+    modes: dict[str, dict[str, float]]
+    """"retrieval"/"no_retrieval" -> bits_per_byte, perplexity, nll_per_token, tokens, bytes."""
+    leakage: list[dict[str, float]] = field(default_factory=list)
+    """Per alpha: fraction of chunks kept and bits/byte of each mode on them."""
+    documents: int = 0
+    chunks: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def table(self) -> str:
+        lines = [f"{'':14s} {'bits/byte':>10s} {'token ppl':>10s} {'tokens':>9s}"]
+        for mode, r in self.modes.items():
+            lines.append(
+                f"{mode:14s} {r['bits_per_byte']:10.4f} {r['perplexity']:10.2f} "
+                f"{int(r['tokens']):9d}"
+            )
+        if len(self.modes) == 2:
+            a, b = self.modes["retrieval"], self.modes["no_retrieval"]
+            gain = 1 - a["bits_per_byte"] / b["bits_per_byte"]
+            lines.append(f"retrieval lowers bits/byte by {100 * gain:.1f}%")
+        if self.leakage:
+            lines.append("")
+            lines.append(
+                "leakage: bits/byte on chunks whose overlap with their neighbours r <= alpha"
+            )
+            head = f"{'alpha':>6s} {'chunks':>7s}" + "".join(f" {m:>13s}" for m in self.modes)
+            lines.append(head)
+            for row in self.leakage:
+                vals = "".join(f" {row.get(m, float('nan')):13.4f}" for m in self.modes)
+                lines.append(f"{row['alpha']:6.3f} {row['fraction']:7.1%}{vals}")
+        return "\n".join(lines)
+
+
+def read_documents(text_dir: str | os.PathLike, glob: str) -> list[tuple[Path, str]]:
+    root = Path(text_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"held-out folder {root} does not exist; pass --text DIR")
+    docs = [
+        (p, p.read_text(encoding="utf-8", errors="replace"))
+        for p in sorted(root.glob(glob))
+        if p.is_file()
+    ]
+    docs = [(p, t) for p, t in docs if t.strip()]
+    if not docs:
+        raise ValueError(
+            f"held-out folder {root} has no non-empty file matching {glob!r}; "
+            "put .txt documents in it (or pass another --glob)"
+        )
+    return docs
+
+
+def longest_common_run(a: np.ndarray, b: np.ndarray, block: int = 128) -> np.ndarray:
+    """Longest common contiguous run of tokens between a[i] and any of b[i, j].
+
+    a: (C, m) with padding marked -1; b: (C, K, r) with padding marked -2 (so pads never
+    match). Returns (C,) int: the paper's s(C).
+    """
+    out = np.zeros(len(a), dtype=np.int64)
+    for s in range(0, len(a), block):
+        aa, bb = a[s : s + block], b[s : s + block]
+        eq = aa[:, None, :, None] == bb[:, :, None, :]  # (c, K, m, r)
+        run = np.zeros(eq.shape[:2] + (eq.shape[3] + 1,), dtype=np.int32)
+        best = np.zeros(len(aa), dtype=np.int64)
+        for i in range(eq.shape[2]):  # run[j+1] = length of the match ending at (i, j)
+            run[:, :, 1:] = (run[:, :, :-1] + 1) * eq[:, :, i, :]
+            best = np.maximum(best, run.max(axis=(1, 2)))
+        out[s : s + block] = best
+    return out
+
+
+class _DocumentScores:
+    """Per-chunk NLL sums of one document for each mode."""
+
+    def __init__(self, ids: list[int], m: int, modes: list[str]):
+        self.ids = np.asarray(ids, dtype=np.int64)
+        self.num_chunks = math.ceil(len(ids) / m)
+        self.nll = {mode: np.zeros(self.num_chunks) for mode in modes}
+        self.count = np.zeros(self.num_chunks, dtype=np.int64)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    text_dir: str | os.PathLike,
+    db: Any = None,
+    *,
+    tokenizer: Any = None,
+    config: EvalConfig | None = None,
+) -> EvalResult:
+    """Score the documents of ``text_dir``; with ``db`` also with retrieval and leakage."""
+    cfg = config or EvalConfig()
+    tok = tokenizer or getattr(db, "tokenizer", None)
+    if tok is None:
+        raise ValueError("evaluate needs the LM tokenizer: pass db= or tokenizer=")
+    mcfg = model.config
+    m, pad = int(mcfg.chunk_size), int(getattr(mcfg, "pad_id", tok.pad_id))
+    n = int(cfg.seq_len or mcfg.max_seq_len) // m * m
+    stride = int(cfg.stride or max(m, n // 2)) // m * m
+    if n < m or stride < m or stride > n or n > mcfg.max_seq_len:
+        raise ValueError(
+            f"window {cfg.seq_len} / stride {cfg.stride} must be multiples of the "
+            f"chunk size {m}, stride <= window <= max_seq_len {mcfg.max_seq_len}"
+        )
+    docs = read_documents(text_dir, cfg.glob)
+    modes = ["retrieval", "no_retrieval"] if db is not None else ["no_retrieval"]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    k, big_k = cfg.num_neighbours, max(cfg.num_neighbours, cfg.leakage_neighbours)
+    from tqdm.auto import tqdm
+
+    all_scores, overlaps = [], []
+    try:
+        for _path, text in tqdm(docs, desc="evaluate", unit="doc", disable=None):
+            ids = tok.encode(text) + [tok.eos_id]
+            if cfg.max_tokens:
+                ids = ids[: cfg.max_tokens]
+            sc = _DocumentScores(ids, m, modes)
+            chunk_rows = np.full((sc.num_chunks, m), pad, dtype=np.int64)
+            chunk_rows.reshape(-1)[: len(ids)] = sc.ids
+            ret = mask = None
+            if db is not None:
+                nbr, _ = db.search_tokens(chunk_rows, big_k)
+                ret, mask = db.retrieved_tokens(nbr[:, :k])  # (C, k, 2m), (C, k)
+                values, vmask = db.retrieved_tokens(nbr)  # (C, K, 2m) for the overlap
+                a = np.where(chunk_rows == pad, -1, chunk_rows)
+                bvals = np.where(values.numpy() == pad, -2, values.numpy())
+                bvals[~vmask.numpy()] = -2
+                real = np.maximum((a >= 0).sum(1), 1)
+                overlaps.append(longest_common_run(a, bvals) / real)
+            _score_document(model, sc, ret, mask, n, stride, m, pad, cfg.batch_size, device)
+            all_scores.append(sc)
+    finally:
+        model.train(was_training)
+
+    # bytes per chunk: the text of the tokens that chunk scored
+    nll = {mode: [] for mode in modes}
+    bytes_, count = [], []
+    for sc in all_scores:
+        for c in range(sc.num_chunks):
+            lo = max(c * m, 1)  # token 0 has no context and is never scored
+            bytes_.append(len(tok.decode(sc.ids[lo : (c + 1) * m].tolist()).encode("utf-8")))
+            count.append(sc.count[c])
+            for mode in modes:
+                nll[mode].append(sc.nll[mode][c])
+    bytes_arr, count_arr = np.asarray(bytes_, dtype=np.float64), np.asarray(count)
+    results = {}
+    for mode in modes:
+        tot = float(np.sum(nll[mode]))
+        ntok = int(count_arr.sum())
+        results[mode] = {
+            "bits_per_byte": tot / math.log(2) / max(bytes_arr.sum(), 1.0),
+            "perplexity": math.exp(tot / max(ntok, 1)),
+            "nll_per_token": tot / max(ntok, 1),
+            "tokens": ntok,
+            "bytes": int(bytes_arr.sum()),
+        }
+    leakage = []
+    if overlaps:
+        r = np.concatenate(overlaps)
+        for alpha in cfg.alphas:
+            keep = r <= alpha + 1e-9
+            row = {"alpha": alpha, "fraction": float(keep.mean())}
+            for mode in modes:
+                b = bytes_arr[keep].sum()
+                row[mode] = (
+                    float(np.asarray(nll[mode])[keep].sum() / math.log(2) / b)
+                    if b
+                    else float("nan")
+                )
+            leakage.append(row)
+    return EvalResult(results, leakage, len(docs), len(bytes_))
+
+
+def _score_document(
+    model,
+    sc: _DocumentScores,
+    ret,
+    mask,
+    n: int,
+    stride: int,
+    m: int,
+    pad: int,
+    batch_size: int,
+    device,
+) -> None:
+    """Slide windows over one document; add each newly scored target's NLL to its chunk."""
+    ids = sc.ids
+    windows, done, w = [], 1, 0  # done: index of the first target not yet scored
+    while done < len(ids):
+        end = min(w + n + 1, len(ids))  # the window's tokens ids[w:end]
+        windows.append((w, end, done))
+        done = end
+        w += stride
+    for i in range(0, len(windows), batch_size):
+        group = windows[i : i + batch_size]
+        inp = torch.full((len(group), n + 1), pad, dtype=torch.long)
+        for j, (w, end, _) in enumerate(group):
+            inp[j, : end - w] = torch.from_numpy(ids[w:end])
+        inp = inp.to(device)
+        for mode in sc.nll:
+            if mode == "retrieval":
+                l = n // m
+                r = torch.zeros(len(group), l, ret.shape[1], 2 * m, dtype=torch.long)
+                rm = torch.zeros(len(group), l, ret.shape[1], dtype=torch.bool)
+                for j, (w, _end, _) in enumerate(group):
+                    c0, c1 = w // m, min(w // m + l, ret.shape[0])
+                    r[j, : c1 - c0], rm[j, : c1 - c0] = ret[c0:c1], mask[c0:c1]
+                logits = model(inp[:, :-1], r.to(device), neighbour_mask=rm.to(device))
+            else:
+                logits = model(inp[:, :-1])
+            logp = F.log_softmax(logits.float(), dim=-1)
+            tgt_nll = -logp.gather(-1, inp[:, 1:, None]).squeeze(-1).cpu().numpy()  # (g, n)
+            for j, (w, end, first) in enumerate(group):
+                t = np.arange(first, end)  # absolute target indices scored by this window
+                np.add.at(sc.nll[mode], t // m, tgt_nll[j, t - w - 1])
+                if mode == next(iter(sc.nll)):
+                    np.add.at(sc.count, t // m, 1)
+
+
+def save_report(result: EvalResult, out_dir: str | os.PathLike, name: str = "eval") -> list[Path]:
+    """Write ``name.json`` and, with matplotlib, ``name_leakage.png``; returns the paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{name}.json"]
+    paths[0].write_text(json.dumps(result.to_dict(), indent=2))
+    if result.leakage:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return paths
+        fig, ax = plt.subplots(figsize=(6, 4))
+        alphas = [r["alpha"] for r in result.leakage]
+        for mode in result.modes:
+            ax.plot(alphas, [r[mode] for r in result.leakage], "o-", label=mode.replace("_", " "))
+        ax.set_xlabel("max overlap r = s/m with retrieved neighbours (alpha)")
+        ax.set_ylabel("bits per byte")
+        ax.set_title("held-out bits/byte on chunks with overlap <= alpha")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        paths.append(out / f"{name}_leakage.png")
+        fig.savefig(paths[-1], dpi=100)
+        plt.close(fig)
+    return paths

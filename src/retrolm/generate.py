@@ -1,0 +1,193 @@
+"""Sampling from RETRO while retrieving at every chunk boundary (paper §2.4, research A.12).
+
+Notation: b batch, L prompt length, m chunk size, k neighbours, u chunk index.
+
+Timing: once the sequence, including the token about to be fed, has length (u+1)*m,
+chunk u is complete; its neighbours are retrieved (with the database's own search,
+i.e. the same embedding recipe as the keys) *before* that token is fed, because the
+token at position u*m + m-1 is the first to read them. A prompt first retrieves for
+all of its complete chunks. The model's KV cache encodes each chunk's neighbours once.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from retrolm.sampling import sample_next
+
+log = logging.getLogger(__name__)
+
+
+class Retriever(Protocol):
+    """What generation needs from a retrieval database (``RetrievalDatabase`` has it)."""
+
+    def search_tokens(self, chunk_ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def retrieved_tokens(self, ids: np.ndarray) -> tuple[Tensor, Tensor]: ...
+
+
+@dataclass
+class Retrieval:
+    """The neighbours fetched for chunk ``chunk`` of every batch row."""
+
+    chunk: int
+    """u: index of the completed chunk (tokens u*m ... u*m+m-1)."""
+    ids: np.ndarray
+    """(b, k) database chunk ids, -1 = none."""
+
+
+@dataclass
+class GenerationResult:
+    ids: Tensor
+    """(b, L + generated) the prompt followed by the new tokens (pad after an EOS)."""
+    prompt_len: int
+    """L: tokens of the prompt."""
+    retrievals: list[Retrieval] = field(default_factory=list)
+    """One entry per completed chunk, in order."""
+
+    @property
+    def new_ids(self) -> Tensor:
+        return self.ids[:, self.prompt_len :]
+
+
+def _as_batch(prompt_ids: Any) -> Tensor:
+    t = torch.as_tensor(prompt_ids, dtype=torch.long)
+    if t.dim() == 1:
+        t = t[None]
+    if t.dim() != 2 or t.shape[1] == 0:
+        raise ValueError(
+            f"prompt_ids must be a non-empty (length,) or (batch, length), got "
+            f"shape {tuple(t.shape)}; start from at least one token (e.g. <eos>)"
+        )
+    return t
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    prompt_ids: Any,
+    max_new_tokens: int,
+    retriever: Retriever | None = None,
+    *,
+    num_neighbours: int | None = None,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | None = None,
+    pad_id: int | None = None,
+    seed: int | None = None,
+    use_cache: bool = True,
+) -> GenerationResult:
+    """Continue ``prompt_ids`` by up to ``max_new_tokens`` tokens.
+
+    ``retriever``: a database (``search_tokens`` + ``retrieved_tokens``); None samples
+    without retrieval (RETRO[OFF]). Stops when every row has produced ``eos_id`` or the
+    sequence reaches the model's ``max_seq_len``. ``seed`` makes sampling reproducible;
+    ``temperature`` 0 is greedy. ``use_cache=False`` reruns the whole prefix at each step
+    (the reference the cached path is tested against).
+    """
+    cfg = model.config
+    m, max_len = int(cfg.chunk_size), int(cfg.max_seq_len)
+    pad_id = int(getattr(cfg, "pad_id", 0) if pad_id is None else pad_id)
+    device = next(model.parameters()).device
+    seq = _as_batch(prompt_ids).to(device)
+    b, prompt_len = seq.shape
+    if prompt_len > max_len:
+        raise ValueError(
+            f"the prompt has {prompt_len} tokens but the model's max_seq_len is {max_len}; "
+            f"shorten the prompt (e.g. keep its last {max_len - 1} tokens)"
+        )
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if prompt_len + max_new_tokens > max_len:
+        log.warning(
+            "stopping at max_seq_len %d (%d new tokens instead of %d)",
+            max_len,
+            max_len - prompt_len,
+            max_new_tokens,
+        )
+        max_new_tokens = max_len - prompt_len
+    k = num_neighbours or getattr(retriever, "num_neighbours", None) or 2
+    gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    was_training = model.training
+    model.eval()
+
+    retrievals: list[Retrieval] = []
+    ret_tokens = torch.zeros(b, 0, k, 2 * m, dtype=torch.long, device=device)
+    ret_mask = torch.zeros(b, 0, k, dtype=torch.bool, device=device)
+
+    def retrieve_complete_chunks() -> None:
+        nonlocal ret_tokens, ret_mask
+        for u in range(ret_tokens.shape[1], seq.shape[1] // m):
+            chunk = seq[:, u * m : (u + 1) * m].cpu().numpy()
+            ids, _ = retriever.search_tokens(chunk, k)
+            toks, mask = retriever.retrieved_tokens(ids)
+            ret_tokens = torch.cat([ret_tokens, toks.to(device)[:, None]], 1)
+            ret_mask = torch.cat([ret_mask, mask.to(device)[:, None]], 1)
+            retrievals.append(Retrieval(u, np.asarray(ids)))
+
+    def forward(tokens: Tensor, cache: Any) -> Tensor:
+        if retriever is None:
+            return model(tokens, None, cache=cache) if cache is not None else model(tokens)
+        kw = {"neighbour_mask": ret_mask}
+        if cache is not None:
+            kw["cache"] = cache
+        return model(tokens, ret_tokens, **kw)
+
+    cache = model.init_cache(b) if use_cache and hasattr(model, "init_cache") else None
+    if retriever is not None:
+        retrieve_complete_chunks()
+    logits = forward(seq, cache)[:, -1]
+    finished = torch.zeros(b, dtype=torch.bool, device=device)
+    try:
+        for _ in range(max_new_tokens):
+            nxt = sample_next(
+                logits.float(), temperature=temperature, top_k=top_k, top_p=top_p, generator=gen
+            )
+            nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
+            seq = torch.cat([seq, nxt[:, None]], 1)
+            if eos_id is not None:
+                finished |= nxt == eos_id
+            if bool(finished.all()) or seq.shape[1] >= max_len:
+                break
+            # the new token may complete a chunk: its neighbours come before feeding it
+            if retriever is not None:
+                retrieve_complete_chunks()
+            logits = forward(nxt[:, None] if cache is not None else seq, cache)[:, -1]
+        if retriever is not None:
+            retrieve_complete_chunks()  # report the chunk the last token completed too
+    finally:
+        model.train(was_training)
+    return GenerationResult(seq, prompt_len, retrievals)
+
+
+def describe_sources(
+    db: Any, result: GenerationResult, row: int = 0, snippet_chars: int = 120
+) -> list[dict[str, Any]]:
+    """For printing: per retrieval of batch row ``row``, the source file and a text snippet."""
+    m = int(db.chunk_size)
+    out = []
+    for r in result.retrievals:
+        for rank, cid in enumerate(r.ids[row].tolist()):
+            if cid < 0:
+                continue
+            text = db.tokenizer.decode(np.asarray(db.chunks[cid, :m]).tolist())
+            text = " ".join(text.split())
+            if len(text) > snippet_chars:
+                text = text[: snippet_chars - 1] + "…"
+            out.append(
+                {
+                    "chunk": r.chunk,
+                    "rank": rank,
+                    "chunk_id": int(cid),
+                    "file": str(db.doc_path(int(db.doc_ids[cid]))),
+                    "snippet": text,
+                }
+            )
+    return out

@@ -1,0 +1,390 @@
+"""RETRO: a decoder that reads retrieved neighbours through chunked cross-attention.
+
+Borgeaud et al. 2022, "Improving language models by retrieving from trillions of tokens".
+
+Notation: b batch, n sequence length, m chunk size, l = n // m complete chunks,
+k neighbours per chunk, r = 2m retrieved tokens per neighbour (chunk + continuation),
+d decoder width, e encoder width.
+
+Decoder layer p (Algorithm 1 of the paper):
+    H <- ATTN(H)
+    if p == min(P): E <- ENCODER(RET, H)       # neighbours conditioned on their chunk's states
+    if p in P:      H <- CCA(H, E)             # chunked cross-attention
+    H <- FFW(H)
+
+Chunked cross-attention (paper §2.4): position ``u*m + m-1 … u*m + 2m-2`` attends E_u, the
+encoded neighbours of chunk u; positions ``0 … m-2`` attend nothing (zero update); the last
+chunk's neighbours serve the tail of a sequence that is not a multiple of m. This is causal:
+E_u depends on chunk u's tokens only, and its first reader, position u*m + m-1, has seen them.
+Relative positions (paper App. B.1.2): queries sit at ``m-1+j``, neighbour tokens at ``t``; the
+query table is offset exactly once (RETRO-pytorch offsets it twice, its bug B1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from torch import Tensor, nn
+
+from retrolm.models.retro_config import RetroConfig
+from retrolm.nn.attention import attend
+from retrolm.nn.feedforward import FeedForward
+from retrolm.nn.kv_cache import KVCache
+from retrolm.nn.multihead import MultiHeadAttention
+from retrolm.nn.norms import make_norm
+from retrolm.nn.residual import Residual, deepnet_constants, deepnet_init_
+from retrolm.nn.rotary import RotaryEmbedding, apply_rotary
+
+
+class ChunkedCrossAttention(nn.Module):
+    """CCA: queries of chunk u's attending window read the k·r encoded neighbour tokens E_u."""
+
+    def __init__(self, config: RetroConfig) -> None:
+        super().__init__()
+        c = config
+        self.m = c.chunk_size
+        self.attn = MultiHeadAttention(
+            c.dec_dim, c.heads, c.dim_head, context_dim=c.enc_dim, dropout=c.dec_attn_dropout
+        )
+
+    def project(self, enc: Tensor, k_rotary) -> tuple[Tensor, Tensor]:
+        """Encoded neighbours (b, L, k, r, e) -> keys/values (b, L, h, k*r, dh), rotated."""
+        b, L, k, r, _ = enc.shape
+        kk, vv = self.attn.project_kv(rearrange(enc, "b L k r e -> (b L k) r e"), k_rotary)
+        kk = rearrange(kk, "(b L k) h r d -> b L h (k r) d", b=b, L=L)
+        vv = rearrange(vv, "(b L k) h r d -> b L h (k r) d", b=b, L=L)
+        return kk, vv
+
+    def forward(
+        self,
+        h: Tensor,  # (b, t, d) normalised hidden states of positions start … start+t-1
+        start: int,
+        kv: tuple[Tensor, Tensor] | None,  # each (b, L, h, k*r, dh) for chunks 0 … L-1
+        kv_mask: Tensor | None,  # (b, L, k*r) True = real neighbour token
+        q_rotary,  # (cos, sin) for query positions m-1 … 2m-2, shape (m, rot)
+    ) -> Tensor:  # (b, t, d); zero where a position attends no chunk
+        m, (b, t, _) = self.m, h.shape
+        pos = start + torch.arange(t, device=h.device)
+        chunk = torch.div(pos + 1, m, rounding_mode="floor") - 1  # u(p); -1 = attends nothing
+        first = int((chunk < 0).sum())  # positions before m-1 come first (chunk is monotonic)
+        out = h.new_zeros(b, t, self.attn.out_proj.out_features)
+        if first == t:
+            return out
+        u0, u1 = int(chunk[first]), int(chunk[-1])
+        if kv is None or u1 >= kv[0].shape[1]:
+            raise ValueError(
+                f"position {int(pos[-1])} needs the neighbours of chunk {u1}, but only "
+                f"{0 if kv is None else kv[0].shape[1]} chunks were encoded"
+            )
+        nc = u1 - u0 + 1
+        lead = int(pos[first] - (m - 1)) % m  # slot of the first query inside its window
+        q_in = F.pad(h[:, first:], (0, 0, lead, nc * m - lead - (t - first)))  # (b, nc*m, d)
+        q_in = rearrange(q_in, "b (c j) d -> (b c) j d", j=m)
+        kk, vv = (rearrange(x[:, u0 : u1 + 1], "b c h s d -> (b c) h s d") for x in kv)
+        mask = rearrange(kv_mask[:, u0 : u1 + 1], "b c s -> (b c) 1 1 s")
+        attn = self.attn
+        q = rearrange(attn.q_proj(q_in), "B j (h d) -> B h j d", h=attn.heads)
+        q = apply_rotary(q, *q_rotary)
+        p = attn.dropout if self.training else 0.0
+        o = attend(q, kk, vv, mask, dropout_p=p)  # rows of a chunk without neighbours -> 0
+        o = attn.out_proj(rearrange(o, "B h j d -> B j (h d)"))
+        o = rearrange(o, "(b c) j d -> b (c j) d", b=b)[:, lead : lead + t - first]
+        out[:, first:] = o
+        return out
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, config: RetroConfig, cross: bool, alpha: float) -> None:
+        super().__init__()
+        c, post = config, config.use_deepnet
+        self.self_attn = Residual(
+            c.enc_dim,
+            MultiHeadAttention(c.enc_dim, c.heads, c.dim_head, dropout=c.enc_attn_dropout),
+            c.norm,
+            post_norm=post,
+            alpha=alpha,
+        )
+        self.cross_attn = (
+            Residual(
+                c.enc_dim,
+                MultiHeadAttention(
+                    c.enc_dim,
+                    c.heads,
+                    c.dim_head,
+                    context_dim=c.dec_dim,
+                    dropout=c.enc_attn_dropout,
+                ),
+                c.norm,
+                post_norm=post,
+                alpha=alpha,
+            )
+            if cross
+            else None
+        )
+        self.ff = Residual(
+            c.enc_dim,
+            FeedForward(c.enc_dim, c.ff_mult, glu=c.ff_glu, dropout=c.enc_ff_dropout),
+            c.norm,
+            post_norm=post,
+            alpha=alpha,
+        )
+
+
+class RetroEncoder(nn.Module):
+    """Bidirectional encoder over each retrieved neighbour, conditioned on its chunk.
+
+    Cross-attention positions (paper App. B.1.2): neighbour token i' against data token i
+    at relative distance i' - i, i.e. neighbour tokens at 0 … r-1, chunk tokens at 0 … m-1.
+    """
+
+    def __init__(self, config: RetroConfig, alpha: float) -> None:
+        super().__init__()
+        c = config
+        self.config = c
+        self.token_emb = nn.Embedding(c.num_tokens, c.enc_dim)
+        self.context_norm = make_norm(c.norm, c.dec_dim)
+        self.layers = nn.ModuleList(
+            EncoderLayer(c, cross=(i + 1) in c.enc_cross_attn_layers, alpha=alpha)
+            for i in range(c.enc_depth)
+        )
+        self.final_norm = nn.Identity() if c.use_deepnet else make_norm(c.norm, c.enc_dim)
+
+    def forward(
+        self,
+        retrieved: Tensor,  # (b, L, k, r) token ids
+        token_mask: Tensor,  # (b, L, k, r) True = real token of a present neighbour
+        chunk_states: Tensor,  # (b, L, m, d) decoder states of each chunk (layer min(P))
+        rotary: RotaryEmbedding,
+    ) -> Tensor:  # (b, L, k, r, e)
+        b, L, k, r = retrieved.shape
+        m = chunk_states.shape[2]
+        x = self.token_emb(rearrange(retrieved, "b L k r -> (b L k) r"))
+        keep = rearrange(token_mask, "b L k r -> (b L k) r")
+        ctx = repeat(self.context_norm(chunk_states), "b L m d -> (b L k) m d", k=k)
+        pos_r = rotary(torch.arange(r, device=x.device))
+        pos_m = rotary(torch.arange(m, device=x.device))
+        for layer in self.layers:
+            x = layer.self_attn(x, mask=keep, q_rotary=pos_r, k_rotary=pos_r)
+            if layer.cross_attn is not None:
+                x = layer.cross_attn(x, ctx, q_rotary=pos_r, k_rotary=pos_m)
+            x = layer.ff(x)
+        return rearrange(self.final_norm(x), "(b L k) r e -> b L k r e", b=b, L=L)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: RetroConfig, cca: bool, alpha: float) -> None:
+        super().__init__()
+        c, post = config, config.use_deepnet
+        self.self_attn = Residual(
+            c.dec_dim,
+            MultiHeadAttention(
+                c.dec_dim, c.heads, c.dim_head, dropout=c.dec_attn_dropout, causal=True
+            ),
+            c.norm,
+            post_norm=post,
+            alpha=alpha,
+        )
+        self.cca = (
+            Residual(c.dec_dim, ChunkedCrossAttention(c), c.norm, post_norm=post, alpha=alpha)
+            if cca
+            else None
+        )
+        self.ff = Residual(
+            c.dec_dim,
+            FeedForward(c.dec_dim, c.ff_mult, glu=c.ff_glu, dropout=c.dec_ff_dropout),
+            c.norm,
+            post_norm=post,
+            alpha=alpha,
+        )
+
+
+@dataclass
+class RetroCache:
+    """Everything incremental decoding keeps per sequence batch."""
+
+    self_attn: list[KVCache]
+    length: int = 0
+    chunk_states: Tensor | None = None  # (b, positions since the first unencoded chunk, d)
+    encoded_chunks: int = 0
+    cca_kv: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)  # layer -> (b, L, …)
+    cca_mask: Tensor | None = None  # (b, L, k*r)
+
+
+class RETRO(nn.Module):
+    """The RETRO language model. Accepts the seed API's keyword arguments or a ``config``."""
+
+    def __init__(self, config: RetroConfig | None = None, **kwargs) -> None:
+        super().__init__()
+        if config is None:
+            config = RetroConfig(**kwargs)
+        elif kwargs:
+            raise ValueError(
+                f"pass either a config or keyword arguments, not both: {sorted(kwargs)}"
+            )
+        self.config = c = config
+        self.max_seq_len = c.max_seq_len
+        self.cca_layers = c.dec_cross_attn_layers
+        enc_dn, dec_dn = deepnet_constants(c.enc_depth, c.dec_depth)
+        dec_alpha = dec_dn.alpha if c.use_deepnet else 1.0
+        enc_alpha = enc_dn.alpha if c.use_deepnet else 1.0
+        self.token_emb = nn.Embedding(c.num_tokens, c.dec_dim)
+        self.rotary = RotaryEmbedding(c.head_rotary_dim)
+        self.encoder = RetroEncoder(c, enc_alpha)
+        self.layers = nn.ModuleList(
+            DecoderLayer(c, cca=(i + 1) in c.dec_cross_attn_layers, alpha=dec_alpha)
+            for i in range(c.dec_depth)
+        )
+        self.final_norm = nn.Identity() if c.use_deepnet else make_norm(c.norm, c.dec_dim)
+        self.to_logits = nn.Linear(c.dec_dim, c.num_tokens, bias=False)
+        self._init_weights()
+        if c.tie_embeddings:
+            self.to_logits.weight = self.token_emb.weight
+        if c.use_deepnet:
+            deepnet_init_(self.layers, dec_dn.beta)
+            deepnet_init_(self.encoder.layers, enc_dn.beta)
+
+    def _init_weights(self) -> None:
+        for mod in self.modules():
+            if isinstance(mod, nn.Linear):
+                nn.init.normal_(mod.weight, std=0.02)
+                if mod.bias is not None:
+                    nn.init.zeros_(mod.bias)
+            elif isinstance(mod, nn.Embedding):
+                nn.init.normal_(mod.weight, std=0.02)
+
+    # ------------------------------------------------------------------ public API
+    def forward(
+        self,
+        seq: Tensor,  # (b, n+1) with return_loss, else (b, n)
+        retrieved: Tensor | None = None,  # (b, l, k, 2m) or None = no retrieval
+        *,
+        neighbour_mask: Tensor | None = None,  # (b, l, k) bool, True = present
+        return_loss: bool = False,
+        cache: RetroCache | None = None,
+    ) -> Tensor:
+        if retrieved is not None and retrieved.dim() == 3:  # (b, l, 2m): one neighbour per chunk
+            retrieved = retrieved[:, :, None]
+            if neighbour_mask is not None and neighbour_mask.dim() == 2:
+                neighbour_mask = neighbour_mask[:, :, None]
+        if return_loss:
+            if cache is not None:
+                raise ValueError("return_loss cannot be combined with a generation cache")
+            seq, labels = seq[:, :-1], seq[:, 1:]
+        self._check_inputs(seq, retrieved, neighbour_mask, cache)
+        logits = self._decode(seq, retrieved, neighbour_mask, cache)
+        if not return_loss:
+            return logits
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()  # the loss is always accumulated in at least fp32
+        return F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=self.config.pad_id)
+
+    def init_cache(self, batch_size: int) -> RetroCache:
+        """A fresh cache for incremental decoding (``forward(..., cache=cache)``)."""
+        del batch_size  # buffers are allocated on first use, with the input's shape
+        return RetroCache(self_attn=[KVCache() for _ in self.layers])
+
+    # ------------------------------------------------------------------ internals
+    def _check_inputs(self, seq, retrieved, neighbour_mask, cache) -> None:
+        c = self.config
+        if seq.dim() != 2:
+            raise ValueError(f"seq must be (batch, length) token ids, got shape {tuple(seq.shape)}")
+        start = cache.length if cache is not None else 0
+        end = start + seq.shape[1]
+        if end > c.max_seq_len:
+            raise ValueError(f"sequence length {end} exceeds max_seq_len ({c.max_seq_len})")
+        if retrieved is None:
+            if neighbour_mask is not None:
+                raise ValueError("neighbour_mask given without retrieved neighbours")
+            return
+        need = end // c.chunk_size
+        b = seq.shape[0]
+        expected = f"(batch={b}, chunks>={need}, neighbours, {c.retrieved_len})"
+        if (
+            retrieved.dim() != 4
+            or retrieved.shape[0] != b
+            or retrieved.shape[1] < need
+            or retrieved.shape[3] != c.retrieved_len
+        ):
+            raise ValueError(f"retrieved must have shape {expected}, got {tuple(retrieved.shape)}")
+        if neighbour_mask is not None and neighbour_mask.shape != retrieved.shape[:3]:
+            raise ValueError(
+                f"neighbour_mask must have shape {tuple(retrieved.shape[:3])} "
+                f"(batch, chunks, neighbours), got {tuple(neighbour_mask.shape)}"
+            )
+
+    def _decode(self, seq, retrieved, neighbour_mask, cache: RetroCache | None) -> Tensor:
+        c = self.config
+        start = cache.length if cache is not None else 0
+        t = seq.shape[1]
+        pos = self.rotary(torch.arange(start, start + t, device=seq.device))
+        q_cca = self.rotary(torch.arange(c.chunk_size - 1, 2 * c.chunk_size - 1, device=seq.device))
+        k_cca = self.rotary(torch.arange(c.retrieved_len, device=seq.device))
+        x = self.token_emb(seq)
+        enc_kv: tuple[Tensor, Tensor] | None = None  # encoded neighbours + mask for this call
+        for i, layer in enumerate(self.layers):
+            layer_no = i + 1
+            kv_cache = cache.self_attn[i] if cache is not None else None
+            x = layer.self_attn(x, cache=kv_cache, q_rotary=pos, k_rotary=pos)
+            if layer_no == self.cca_layers[0] and retrieved is not None:
+                enc_kv = self._encode(x, retrieved, neighbour_mask, start, cache)
+            if layer.cca is not None:
+                if retrieved is None:
+                    x = layer.cca.zero_update(x)
+                else:
+                    kv, mask = self._cca_kv(layer_no, layer, enc_kv, cache, k_cca)
+                    x = layer.cca(x, start, kv, mask, q_cca)
+            x = layer.ff(x)
+        if cache is not None:
+            cache.length += t
+        return self.to_logits(self.final_norm(x))
+
+    def _encode(self, h, retrieved, neighbour_mask, start, cache):
+        """Encode the neighbours of every chunk completed so far that is not yet encoded.
+
+        h: (b, t, d) states after the first CCA layer's self-attention. Returns
+        (encoded (b, L, k, r, e), token mask (b, L, k*r)) for the new chunks.
+        """
+        m = self.config.chunk_size
+        if cache is not None:  # states[:, 0] is the first position of chunk `first`
+            states = h if cache.chunk_states is None else torch.cat((cache.chunk_states, h), 1)
+            first = cache.encoded_chunks
+        else:
+            states, first = h, 0
+        done = (start + h.shape[1]) // m  # complete chunks so far
+        new = done - first
+        if cache is not None:  # keep only the states of the unfinished chunk
+            cache.chunk_states = states[:, new * m :]
+            cache.encoded_chunks = done
+        if new <= 0:
+            return None
+        chunk_states = rearrange(states[:, : new * m], "b (L m) d -> b L m d", m=m)
+        ret = retrieved[:, first:done]
+        token_mask = ret != self.config.pad_id
+        if neighbour_mask is not None:
+            token_mask = token_mask & neighbour_mask[:, first:done, :, None]
+        enc = self.encoder(ret, token_mask, chunk_states, self.rotary)
+        return enc, rearrange(token_mask, "b L k r -> b L (k r)")
+
+    def _cca_kv(self, layer_no, layer, enc_kv, cache, k_rotary):
+        """Keys/values of all encoded chunks for this CCA layer (projected once per chunk)."""
+        new_kv = new_mask = None
+        if enc_kv is not None:
+            enc, new_mask = enc_kv
+            new_kv = layer.cca.fn.project(enc, k_rotary)
+        if cache is None:
+            return new_kv, new_mask
+        if new_kv is not None:
+            if layer_no in cache.cca_kv:
+                old_k, old_v = cache.cca_kv[layer_no]
+                new_kv = (torch.cat((old_k, new_kv[0]), 1), torch.cat((old_v, new_kv[1]), 1))
+            cache.cca_kv[layer_no] = new_kv
+            if layer_no == self.cca_layers[0]:
+                cache.cca_mask = (
+                    new_mask if cache.cca_mask is None else torch.cat((cache.cca_mask, new_mask), 1)
+                )
+        if layer_no not in cache.cca_kv:  # no chunk complete yet: no position attends
+            return None, None
+        return cache.cca_kv[layer_no], cache.cca_mask

@@ -1,0 +1,378 @@
+"""Building a retrieval database: tokenizer → chunk → embed → index → neighbours.
+
+Every stage is resumable. Chunking records its position after each block of files;
+embedding and neighbour search write fixed-size row blocks into preallocated files
+and mark each finished block with a file under ``.progress/``; the index is written
+atomically once built. A rerun after a kill (even SIGKILL) skips what is finished,
+redoes the unfinished block, and ends with files byte-identical to an uninterrupted
+build. ``manifest.json`` is rewritten atomically after every stage and says
+``"complete": true`` only after the last one, so an unfinished database never opens.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing as mp
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from retrolm.errors import IncompatibleError
+from retrolm.retrieval import chunking
+from retrolm.retrieval.encoder import DTYPES, POOLINGS, FrozenEncoder
+from retrolm.retrieval.index import INDEX_KINDS, IndexSpec, Searcher, choose_index, parse_size
+from retrolm.retrieval.neighbours import neighbours_block
+from retrolm.retrieval.tokenizer import MIN_VOCAB, LMTokenizer
+from retrolm.utils import atomic_path
+
+log = logging.getLogger(__name__)
+
+FORMAT = "retrolm-retrieval-db"
+FORMAT_VERSION = 1
+MANIFEST, TOKENIZER_FILE, INDEX_FILE = "manifest.json", "tokenizer.json", "index.faiss"
+EMBEDDINGS_FILE, NEIGHBOURS_FILE, NEIGHBOUR_DISTS_FILE = (
+    "embeddings.bin", "neighbours.bin", "neighbour_dists.bin",
+)
+PROGRESS_DIR = ".progress"
+STAGES = ("tokenizer", "chunk", "embed", "index", "neighbours")
+
+
+@dataclass
+class BuildConfig:
+    """How to build a retrieval database (each field is also a ``retrolm db build`` option)."""
+
+    glob: str = "**/*.txt"
+    """Which files under TEXT_DIR are documents (pathlib glob, relative to TEXT_DIR)."""
+    chunk_size: int = 64
+    """m: LM tokens per chunk (the paper uses 64)."""
+    seq_len: int = 2048
+    """n: training sequence length in tokens; a multiple of chunk_size (sets seq_starts)."""
+    encoder: str | None = None
+    """Frozen encoder folder (BERT family); None = the bundled all-MiniLM-L6-v2."""
+    pooling: str = "mean"
+    """Encoder pooling: mean over the attention mask, or cls; L2-normalised either way."""
+    encoder_max_length: int = 128
+    """Encoder WordPieces per chunk text, [CLS]/[SEP] included; longer texts are truncated."""
+    embed_dtype: str = "auto"
+    """Encoder weights dtype: auto (time fp32 vs bf16, keep the faster), fp32 or bf16."""
+    batch_size: int = 64
+    """Chunk texts per encoder forward pass."""
+    neighbours: int = 2
+    """k: neighbours the model retrieves per chunk."""
+    extra_neighbours: int = 6
+    """Spare neighbour columns stored so the dataset can filter sequence documents further."""
+    tokenizer: str | None = None
+    """A tokenizer.json for the LM (with <pad>=0, <eos>=1); None = train one on the corpus."""
+    vocab_size: int = 16384
+    """Vocabulary size when training the LM tokenizer."""
+    index: str = "auto"
+    """faiss index kind: auto, flat, ivf, hnsw, ivfpq or autofaiss (optional extra)."""
+    memory_budget: str = "4G"
+    """Memory the index may use (e.g. 512M, 4G); auto picks exact search when it fits."""
+    workers: int = 1
+    """Processes for the embed stage (each takes a range of blocks)."""
+    block_size: int = 4096
+    """Chunks per resumable block in the embed and neighbour stages."""
+
+    def __post_init__(self):
+        for name in ("chunk_size", "seq_len", "encoder_max_length", "batch_size", "neighbours",
+                     "workers", "block_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a positive integer")
+        if self.extra_neighbours < 0:
+            raise ValueError(f"extra_neighbours={self.extra_neighbours} must be >= 0")
+        if self.seq_len % self.chunk_size:
+            raise ValueError(
+                f"seq_len={self.seq_len} is not a multiple of chunk_size={self.chunk_size}: "
+                f"use e.g. --seq-len {max(1, self.seq_len // self.chunk_size) * self.chunk_size}"
+            )
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling={self.pooling!r} is not one of {POOLINGS}")
+        if self.embed_dtype not in DTYPES:
+            raise ValueError(f"embed_dtype={self.embed_dtype!r} is not one of {DTYPES}")
+        if self.index not in INDEX_KINDS:
+            raise ValueError(f"index={self.index!r} is not one of {INDEX_KINDS}")
+        if self.vocab_size < MIN_VOCAB:
+            raise ValueError(f"vocab_size={self.vocab_size} is too small: use at least {MIN_VOCAB}")
+        parse_size(self.memory_budget)
+
+    @property
+    def num_columns(self) -> int:
+        """K: stored neighbour columns."""
+        return self.neighbours + self.extra_neighbours
+
+    def output_settings(self) -> dict:
+        """The settings the files depend on (all but ``workers``); a resume must match them."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "workers"}
+
+
+# ---- manifest -----------------------------------------------------------------------------
+def read_manifest(db_dir: Path) -> dict | None:
+    path = Path(db_dir) / MANIFEST
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def write_manifest(db_dir: Path, manifest: dict) -> None:
+    with atomic_path(Path(db_dir) / MANIFEST) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True), encoding="utf-8")
+
+
+def array_info(file: str, dtype: np.dtype | str, shape: tuple) -> dict:
+    return {"file": file, "dtype": np.dtype(dtype).name, "shape": list(shape)}
+
+
+def open_array(db_dir: Path, info: dict, mode: str = "r") -> np.ndarray:
+    """A raw array file as a memmap (read-only by default); empty arrays are plain arrays."""
+    shape = tuple(info["shape"])
+    if 0 in shape:
+        return np.zeros(shape, dtype=info["dtype"])
+    return np.memmap(Path(db_dir) / info["file"], dtype=info["dtype"], mode=mode, shape=shape)
+
+
+class _Blocks:
+    """Done-markers for fixed-size row blocks of one stage (``.progress/<stage>/<i>.done``)."""
+
+    def __init__(self, db_dir: Path, stage: str, n: int, block_size: int):
+        self.dir = Path(db_dir) / PROGRESS_DIR / stage
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.n, self.size = n, block_size
+        self.count = -(-n // block_size)
+
+    def rows(self, i: int) -> tuple[int, int]:
+        return i * self.size, min(self.n, (i + 1) * self.size)
+
+    def done(self, i: int) -> bool:
+        return (self.dir / f"{i:08d}.done").exists()
+
+    def mark(self, i: int) -> None:
+        (self.dir / f"{i:08d}.done").touch()
+
+    def todo(self, blocks: range | None = None) -> list[int]:
+        return [i for i in (blocks or range(self.count)) if not self.done(i)]
+
+
+def _preallocate(path: Path, nbytes: int) -> None:
+    """Create (or keep) a file of exactly ``nbytes``; unfinished blocks are rewritten later."""
+    with open(path, "ab") as f:
+        if f.tell() != nbytes:
+            f.truncate(nbytes)
+
+
+# ---- the build ----------------------------------------------------------------------------
+def build_database(text_dir: str | os.PathLike, db_dir: str | os.PathLike,
+                   config: BuildConfig | None = None) -> dict:
+    """Build (or resume) the database of ``text_dir`` in ``db_dir``; returns the manifest."""
+    config = config or BuildConfig()
+    text_dir, db_dir = Path(text_dir).resolve(), Path(db_dir)
+    paths = chunking.list_documents(text_dir, config.glob)  # fails early on a bad folder/glob
+    if config.tokenizer and not Path(config.tokenizer).is_file():
+        raise FileNotFoundError(f"tokenizer file {config.tokenizer!r} does not exist")
+    manifest = read_manifest(db_dir)
+    if manifest is not None:
+        _check_resumable(db_dir, manifest, config, text_dir)
+        if manifest["complete"]:
+            log.info("database %s is already complete", db_dir)
+            return manifest
+    else:
+        if db_dir.exists() and any(db_dir.iterdir()):
+            raise ValueError(
+                f"DB_DIR {str(db_dir)!r} is not empty and holds no retrieval database: "
+                "pick a new or empty folder"
+            )
+        db_dir.mkdir(parents=True, exist_ok=True)
+        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "complete": False,
+                    "stages_done": [], "config": config.output_settings(),
+                    "text_dir": str(text_dir), "report": {}}
+        write_manifest(db_dir, manifest)
+
+    if "embed" not in manifest["stages_done"]:  # fail before the long stages on a bad encoder
+        encoder = FrozenEncoder(config.encoder, pooling=config.pooling, dtype=config.embed_dtype,
+                                max_length=config.encoder_max_length)
+    else:
+        encoder = None
+    stages = {"tokenizer": _stage_tokenizer, "chunk": _stage_chunk, "embed": _stage_embed,
+              "index": _stage_index, "neighbours": _stage_neighbours}
+    for name, fn in stages.items():
+        if name in manifest["stages_done"]:
+            continue
+        t0 = time.perf_counter()
+        fn(db_dir, manifest, config, paths=paths, encoder=encoder)
+        manifest["stages_done"].append(name)
+        write_manifest(db_dir, manifest)
+        log.info("stage %s done in %.1fs", name, time.perf_counter() - t0)
+    manifest["complete"] = True
+    write_manifest(db_dir, manifest)
+    shutil.rmtree(db_dir / PROGRESS_DIR, ignore_errors=True)
+    return manifest
+
+
+def _check_resumable(db_dir: Path, manifest: dict, config: BuildConfig, text_dir: Path) -> None:
+    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        raise IncompatibleError(
+            f"{str(db_dir)!r} holds format {manifest.get('format')} "
+            f"v{manifest.get('format_version')}, not {FORMAT} v{FORMAT_VERSION}: "
+            "build into a new DB_DIR"
+        )
+    want = config.output_settings()
+    diff = [f"{k}: {manifest['config'].get(k)!r} vs {want[k]!r}" for k in want
+            if manifest["config"].get(k) != want[k]]
+    if manifest["text_dir"] != str(text_dir):
+        diff.append(f"text_dir: {manifest['text_dir']!r} vs {str(text_dir)!r}")
+    if diff:
+        raise IncompatibleError(
+            f"DB_DIR {str(db_dir)!r} holds a build with other settings ({'; '.join(diff)}): "
+            "rerun with the same settings to resume, or use a new DB_DIR"
+        )
+
+
+def _stage_tokenizer(db_dir, manifest, config, *, paths, **_):
+    if config.tokenizer:
+        tok = LMTokenizer.from_file(config.tokenizer)
+    else:
+        log.info("training a %d-token byte-level BPE on %d files", config.vocab_size, len(paths))
+        tok = LMTokenizer.train(chunking.iter_texts(paths), config.vocab_size)
+    with atomic_path(db_dir / TOKENIZER_FILE) as tmp:
+        tok.save(tmp)
+    manifest["tokenizer"] = {"file": TOKENIZER_FILE, "vocab_size": tok.vocab_size,
+                             "hash": tok.hash, "pad_id": tok.pad_id, "eos_id": tok.eos_id}
+
+
+def _stage_chunk(db_dir, manifest, config, *, paths, **_):
+    tok = LMTokenizer.from_file(db_dir / TOKENIZER_FILE)
+    m = config.chunk_size
+    rep = chunking.chunk_corpus(paths, Path(manifest["text_dir"]), db_dir, tok, m,
+                                config.seq_len, db_dir / PROGRESS_DIR / "chunk.json")
+    n = rep.chunks
+    n_seq = max(0, (n - config.seq_len // m) // (config.seq_len // m) + 1)
+    manifest.update(chunk_size=m, seq_len=config.seq_len, num_chunks=n,
+                    num_documents=rep.documents, num_sequences=n_seq)
+    manifest.setdefault("arrays", {}).update(
+        chunks=array_info(chunking.CHUNKS_FILE, chunking.token_dtype(tok.vocab_size), (n, m + 1)),
+        doc_ids=array_info(chunking.DOC_IDS_FILE, np.int32, (n,)),
+        seq_starts=array_info(chunking.SEQ_STARTS_FILE, np.int64, (n_seq,)),
+    )
+    manifest["documents_file"] = chunking.DOCS_FILE
+    manifest["report"]["chunk"] = asdict(rep)
+    log.info("chunked %d documents into %d chunks (%d skipped, %d with invalid UTF-8 replaced)",
+             rep.documents, n, rep.skipped_empty + rep.skipped_binary, rep.invalid_utf8_replaced)
+
+
+def _stage_embed(db_dir, manifest, config, *, encoder: FrozenEncoder, **_):
+    n, d = manifest["num_chunks"], encoder.dim
+    chunks = open_array(db_dir, manifest["arrays"]["chunks"])
+    tok = LMTokenizer.from_file(db_dir / TOKENIZER_FILE)
+    state = manifest.setdefault("encoder", {})
+    if "dtype" not in state:  # resolve 'auto' once; a resumed build replays the choice
+        sample = tok.decode_batch(chunks[: config.batch_size, :-1])
+        dtype = encoder.resolve_dtype(sample, config.batch_size)
+        state.update(encoder.identity, path=str(encoder.path.resolve()), pooling=config.pooling,
+                     max_length=config.encoder_max_length, dtype=dtype)
+        manifest["arrays"]["embeddings"] = array_info(EMBEDDINGS_FILE, np.float32, (n, d))
+        write_manifest(db_dir, manifest)
+    _preallocate(db_dir / EMBEDDINGS_FILE, n * d * 4)
+    blocks = _Blocks(db_dir, "embed", n, config.block_size)
+    jobs = [
+        dict(db_dir=str(db_dir), manifest=manifest, batch_size=config.batch_size,
+             blocks=[b for b in range(w * blocks.count // config.workers,
+                                      (w + 1) * blocks.count // config.workers)],
+             block_size=config.block_size, threads=0, worker=w)
+        for w in range(config.workers)
+    ]
+    t0, todo = time.perf_counter(), len(blocks.todo())
+    if config.workers == 1:
+        encoder.set_dtype(state["dtype"])
+        embed_blocks(jobs[0], encoder=encoder)
+    else:
+        import torch
+
+        threads = max(1, torch.get_num_threads() // config.workers)
+        ctx = mp.get_context("spawn")
+        procs = [ctx.Process(target=embed_blocks, args=(dict(j, threads=threads),)) for j in jobs]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+        bad = [p.exitcode for p in procs if p.exitcode != 0]
+        if bad:
+            raise RuntimeError(f"embed workers failed (exit codes {bad}); rerun to resume")
+    if blocks.todo():
+        raise RuntimeError(f"embed blocks {blocks.todo()[:5]} unfinished; rerun to resume")
+    dt = time.perf_counter() - t0
+    if todo:
+        log.info("embedded %d blocks in %.1fs (%.0f chunks/s, %s)", todo, dt,
+                 min(n, todo * config.block_size) / max(dt, 1e-9), state["dtype"])
+
+
+def embed_blocks(job: dict, encoder: FrozenEncoder | None = None) -> None:
+    """Embed the unfinished blocks in ``job['blocks']`` (runs in a worker process too)."""
+    db_dir, manifest = Path(job["db_dir"]), job["manifest"]
+    state = manifest["encoder"]
+    if job["threads"]:
+        import torch
+
+        torch.set_num_threads(job["threads"])
+    if encoder is None:
+        encoder = FrozenEncoder(state["path"], pooling=state["pooling"], dtype=state["dtype"],
+                                max_length=state["max_length"])
+    tok = LMTokenizer.from_file(db_dir / manifest["tokenizer"]["file"])
+    chunks = open_array(db_dir, manifest["arrays"]["chunks"])
+    emb = open_array(db_dir, manifest["arrays"]["embeddings"], mode="r+")
+    blocks = _Blocks(db_dir, "embed", len(chunks), job["block_size"])
+    todo = blocks.todo(job["blocks"])
+    for i in tqdm(todo, desc=f"embed (worker {job['worker']})", unit="block",
+                  position=job["worker"]):
+        s, e = blocks.rows(i)
+        texts = tok.decode_batch(chunks[s:e, :-1])  # the chunk's m tokens, pads dropped
+        emb[s:e] = encoder.embed(texts, job["batch_size"])  # (B, d)
+        emb.flush()
+        blocks.mark(i)
+
+
+def _stage_index(db_dir, manifest, config, **_):
+    from retrolm.retrieval.index import build_index, save_index
+
+    emb = open_array(db_dir, manifest["arrays"]["embeddings"])
+    spec = choose_index(len(emb), emb.shape[1], config.index, parse_size(config.memory_budget))
+    log.info("index: %s (%s) over %d vectors", spec.kind, spec.factory, len(emb))
+    index = build_index(spec, emb)
+    with atomic_path(db_dir / INDEX_FILE) as tmp:
+        save_index(index, tmp)
+    manifest["index"] = dict(spec.to_json(), file=INDEX_FILE)
+
+
+def _stage_neighbours(db_dir, manifest, config, **_):
+    from retrolm.retrieval.index import load_index
+
+    n, k = manifest["num_chunks"], config.num_columns
+    spec = IndexSpec(**{f.name: manifest["index"][f.name] for f in fields(IndexSpec)})
+    emb = open_array(db_dir, manifest["arrays"]["embeddings"])
+    searcher = Searcher(load_index(db_dir / INDEX_FILE, spec), spec, emb)
+    doc_ids = np.array(open_array(db_dir, manifest["arrays"]["doc_ids"]))  # (N,) in RAM
+    manifest["arrays"].update(
+        neighbours=array_info(NEIGHBOURS_FILE, np.int32, (n, k)),
+        neighbour_dists=array_info(NEIGHBOUR_DISTS_FILE, np.float32, (n, k)),
+    )
+    manifest.update(neighbours=config.neighbours, extra_neighbours=config.extra_neighbours,
+                    num_neighbour_columns=k)
+    _preallocate(db_dir / NEIGHBOURS_FILE, n * k * 4)
+    _preallocate(db_dir / NEIGHBOUR_DISTS_FILE, n * k * 4)
+    ids_out = open_array(db_dir, manifest["arrays"]["neighbours"], mode="r+")
+    d_out = open_array(db_dir, manifest["arrays"]["neighbour_dists"], mode="r+")
+    blocks = _Blocks(db_dir, "neighbours", n, config.block_size)
+    missing = 0
+    for i in tqdm(blocks.todo(), desc="neighbours", unit="block"):
+        s, e = blocks.rows(i)
+        ids_out[s:e], d_out[s:e] = neighbours_block(searcher, emb, doc_ids, s, e, k)
+        ids_out.flush()
+        d_out.flush()
+        blocks.mark(i)
+    missing = int((np.asarray(ids_out[:, : config.neighbours]) < 0).sum()) if n else 0
+    manifest["report"]["neighbours"] = {"missing_in_first_k": missing}

@@ -1,0 +1,126 @@
+"""``retrolm db build | info | query``: the retrieval database from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import inspect
+import json
+from dataclasses import MISSING, fields
+from pathlib import Path
+
+from retrolm.retrieval.build import BuildConfig
+
+
+def _field_docs() -> dict[str, str]:
+    """BuildConfig's per-field docstrings (the string literal under each field)."""
+    from retrolm.retrieval import build
+
+    tree = ast.parse(inspect.getsource(build))
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "BuildConfig")
+    docs, last = {}, None
+    for node in cls.body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            last = node.target.id
+        elif last and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+            docs[last], last = str(node.value.value), None
+    return docs
+
+
+def register(subparsers) -> None:
+    db = subparsers.add_parser("db", help="build, inspect and query a retrieval database")
+    sub = db.add_subparsers(dest="db_command", metavar="DB_COMMAND", required=True)
+
+    b = sub.add_parser("build", help="text folder -> chunks -> embeddings -> index -> neighbours",
+                       description="Build (or resume) a retrieval database; rerun to resume.")
+    b.add_argument("text_dir", metavar="TEXT_DIR")
+    b.add_argument("db_dir", metavar="DB_DIR")
+    docs = _field_docs()
+    for f in fields(BuildConfig):
+        default = f.default if f.default is not MISSING else None
+        typ = int if f.type in ("int", int) else str
+        b.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=typ, default=default,
+                       help=f"{docs.get(f.name, '')} (default: {default})")
+    b.set_defaults(func=run_build)
+
+    i = sub.add_parser("info", help="print a database's manifest and file sizes")
+    i.add_argument("db_dir", metavar="DB")
+    i.add_argument("--json", action="store_true", help="the raw manifest")
+    i.set_defaults(func=run_info)
+
+    q = sub.add_parser("query", help="nearest chunks of a text, with source file and distance")
+    q.add_argument("db_dir", metavar="DB")
+    q.add_argument("text")
+    q.add_argument("-k", type=int, default=5, help="results (default: 5)")
+    q.set_defaults(func=run_query)
+
+
+def run_build(args: argparse.Namespace) -> int:
+    from retrolm.retrieval.build import build_database
+
+    config = BuildConfig(**{f.name: getattr(args, f.name) for f in fields(BuildConfig)})
+    m = build_database(args.text_dir, args.db_dir, config)
+    print(f"database {args.db_dir}: {m['num_chunks']} chunks from {m['num_documents']} documents, "
+          f"index {m['index']['kind']}, K={m['num_neighbour_columns']}")
+    return 0
+
+
+def run_info(args: argparse.Namespace) -> int:
+    from retrolm.retrieval.build import read_manifest
+
+    root = Path(args.db_dir)
+    m = read_manifest(root)
+    if m is None:
+        raise FileNotFoundError(f"{args.db_dir!r} is not a retrieval database (no manifest.json)")
+    if args.json:
+        print(json.dumps(m, indent=1, sort_keys=True))
+        return 0
+    status = "complete" if m.get("complete") else f"INCOMPLETE ({', '.join(m['stages_done'])})"
+    print(f"database   {root} ({status}, format v{m['format_version']})")
+    print(f"text       {m['text_dir']} (glob {m['config']['glob']!r})")
+    if "num_chunks" in m:
+        print(f"chunks     {m['num_chunks']} x {m['chunk_size']} tokens from "
+              f"{m['num_documents']} documents; {m['num_sequences']} sequences of {m['seq_len']}")
+    if "tokenizer" in m:
+        t = m["tokenizer"]
+        print(f"tokenizer  byte-level BPE, vocab {t['vocab_size']}, sha256 {t['hash'][:16]}")
+    if "encoder" in m:
+        e = m["encoder"]
+        print(f"encoder    {e['name']} ({e['dim']}-d, {e['pooling']}, {e['dtype']}, "
+              f"max_length {e['max_length']}), sha256 {e['sha256'][:16]}")
+    if "index" in m:
+        print(f"index      {m['index']['kind']} ({m['index']['factory']})")
+    if "neighbours" in m:
+        print(f"neighbours {m['neighbours']} + {m['extra_neighbours']} extra columns")
+    rep = m.get("report", {}).get("chunk")
+    if rep:
+        print(f"report     {rep['files']} files: {rep['documents']} documents, "
+              f"{rep['skipped_empty']} empty and {rep['skipped_binary']} binary skipped, "
+              f"{rep['invalid_utf8_replaced']} with invalid UTF-8 replaced")
+    total = 0
+    for name, a in sorted(m.get("arrays", {}).items()):
+        size = (root / a["file"]).stat().st_size if (root / a["file"]).exists() else 0
+        total += size
+        print(f"  {name:16s} {a['dtype']:8s} {str(tuple(a['shape'])):18s} {size / 2**20:10.1f} MiB")
+    if "index" in m and (root / m["index"]["file"]).exists():
+        size = (root / m["index"]["file"]).stat().st_size
+        total += size
+        print(f"  {'index':16s} {'faiss':8s} {'':18s} {size / 2**20:10.1f} MiB")
+    print(f"  {'total':16s} {'':8s} {'':18s} {total / 2**20:10.1f} MiB")
+    return 0
+
+
+def run_query(args: argparse.Namespace) -> int:
+    from retrolm.retrieval.database import RetrievalDatabase
+
+    if args.k < 1:
+        raise ValueError(f"-k {args.k} must be at least 1")
+    db = RetrievalDatabase.open(args.db_dir)
+    ids, dists = db.search([args.text], args.k)
+    for rank, (i, d) in enumerate(zip(ids[0], dists[0]), 1):
+        if i < 0:
+            break
+        text = db.tokenizer.decode(db.chunks[i, :-1])
+        snippet = " ".join(text.split())[:160]
+        print(f"{rank}. chunk {i}  dist {d:.4f}  {db.doc_path(db.doc_ids[i])}\n   {snippet}")
+    return 0

@@ -1,0 +1,206 @@
+"""The faiss index over chunk keys, chosen by database size and memory budget.
+
+Keys are unit-norm, distances squared L2 (paper §2.3; on unit vectors this orders
+neighbours exactly like cosine). Kinds:
+
+- ``flat``: exact (``IndexFlatL2``), N·d·4 bytes; ``auto`` uses it up to FLAT_MAX_N.
+- ``ivf``: ``IVF{nlist},Flat``; nlist ≈ 4·√N but never more lists than the data can
+  train (at least 39 points per list, the faiss k-means floor); ``nprobe`` ≈ nlist/8.
+- ``hnsw``: ``HNSW32`` graph (efSearch 128); fast queries, more memory than ivf.
+  Multi-threaded insertion is not bit-reproducible across runs.
+- ``ivfpq``: ``OPQ{M},IVF{nlist},PQ{M}`` with M code bytes per vector picked to fit the
+  memory budget; what ``auto`` picks when the vectors do not fit the budget.
+- ``autofaiss``: delegate the choice to autofaiss (optional extra ``retrolm[autofaiss]``).
+
+Approximate kinds over-fetch candidates and re-rank them with exact distances read
+from the stored embeddings, so their top-k order is exact among what they find.
+Shapes: Q queries, d dims, k results.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+INDEX_KINDS = ("auto", "flat", "ivf", "hnsw", "ivfpq", "autofaiss")
+MIN_POINTS_PER_LIST = 39  # faiss k-means warns (and trains badly) below this
+FLAT_MAX_N = 262_144  # auto: exact search up to this many chunks (all-pairs cost grows as N²)
+PQ_BYTES = (8, 16, 32, 48, 64, 96, 128, 192)
+
+
+def parse_size(text: str | int) -> int:
+    """'4G', '512M', '1.5g', '123' -> bytes."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]?)[bB]?\s*", str(text))
+    if not m:
+        raise ValueError(f"memory budget {text!r} is not a size: use e.g. 512M, 4G or 1T")
+    scale = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]
+    return int(float(m.group(1)) * scale)
+
+
+@dataclass
+class IndexSpec:
+    """What to build: a faiss factory string and its search parameters."""
+
+    kind: str
+    factory: str
+    nprobe: int = 0  # ivf/ivfpq lists searched per query
+    ef_search: int = 0  # hnsw beam width
+    train_size: int = 0  # vectors sampled (evenly spaced) to train; 0 = no training
+    exact: bool = False  # True: faiss distances are already exact
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def choose_index(n: int, d: int, kind: str = "auto", memory_budget: int = 4 << 30) -> IndexSpec:
+    """The index for N vectors of d dims under a memory budget (bytes)."""
+    if kind not in INDEX_KINDS:
+        raise ValueError(f"index kind {kind!r} is not one of {INDEX_KINDS}")
+    flat_bytes = n * d * 4
+    if kind == "auto":
+        if n <= FLAT_MAX_N and flat_bytes <= memory_budget:
+            kind = "flat"
+        elif flat_bytes * 1.1 <= memory_budget:
+            kind = "ivf"
+        else:
+            kind = "ivfpq"
+    nlist = max(1, min(int(4 * math.sqrt(n)), n // MIN_POINTS_PER_LIST))
+    nprobe = min(nlist, max(8, nlist // 8))
+    if kind == "flat":
+        return IndexSpec("flat", "Flat", exact=True)
+    if kind == "ivf":
+        return IndexSpec("ivf", f"IVF{nlist},Flat", nprobe=nprobe, train_size=_train_size(n, nlist))
+    if kind == "hnsw":
+        return IndexSpec("hnsw", "HNSW32", ef_search=128)
+    if kind == "autofaiss":
+        return IndexSpec("autofaiss", "autofaiss")
+    # ivfpq: the most code bytes per vector that fit the budget (ids cost 8 more)
+    fits = [b for b in PQ_BYTES if d % b == 0 and b <= d and n * (b + 8) <= 0.8 * memory_budget]
+    if not fits:
+        raise ValueError(
+            f"memory budget {memory_budget} bytes is too small for {n} vectors of {d} dims "
+            f"even as IVF-PQ: raise --memory-budget to at least {n * (8 + 8) * 2} bytes"
+        )
+    m = max(fits)
+    nbits = max(1, min(8, int(math.log2(max(2, n // MIN_POINTS_PER_LIST)))))  # small-N PQ
+    return IndexSpec(
+        "ivfpq", f"OPQ{m},IVF{nlist},PQ{m}x{nbits}", nprobe=nprobe,
+        train_size=_train_size(n, max(nlist, 1 << nbits)),
+    )
+
+
+def _train_size(n: int, lists: int) -> int:
+    return min(n, max(100 * lists, 30_000), 1_000_000)
+
+
+def build_index(spec: IndexSpec, embeddings: np.ndarray, block_size: int = 65536):
+    """Train (on evenly spaced rows, deterministic) and add every vector ``(N, d)`` in blocks."""
+    n, d = embeddings.shape
+    if spec.kind == "autofaiss":
+        return _build_autofaiss(embeddings)
+    index = faiss.index_factory(d, spec.factory, faiss.METRIC_L2)
+    if spec.train_size:
+        rows = np.linspace(0, n - 1, spec.train_size).astype(np.int64)
+        sample = np.ascontiguousarray(embeddings[np.unique(rows)], dtype=np.float32)
+        log.info("training %s on %d of %d vectors", spec.factory, len(sample), n)
+        index.train(sample)
+    for s in tqdm(range(0, n, block_size), desc="index add", unit="block"):
+        index.add(np.ascontiguousarray(embeddings[s : s + block_size], dtype=np.float32))
+    return index
+
+
+def _build_autofaiss(embeddings: np.ndarray):
+    try:
+        from autofaiss import build_index as af_build
+    except ImportError:
+        raise ValueError(
+            "index kind 'autofaiss' needs the optional extra: pip install 'retrolm[autofaiss]'"
+        ) from None
+    index, _ = af_build(
+        embeddings=np.asarray(embeddings, dtype=np.float32), save_on_disk=False,
+        metric_type="l2", max_index_memory_usage="4G", current_memory_available="8G",
+    )
+    return index
+
+
+def configure(index, spec: IndexSpec) -> None:
+    """Apply the spec's search-time parameters to a built or loaded index."""
+    if spec.nprobe:
+        faiss.extract_index_ivf(index).nprobe = spec.nprobe
+    if spec.ef_search:
+        faiss.downcast_index(index).hnsw.efSearch = spec.ef_search
+
+
+def save_index(index, path: Path) -> None:
+    faiss.write_index(index, str(path))
+
+
+def load_index(path: Path, spec: IndexSpec):
+    index = faiss.read_index(str(path))
+    configure(index, spec)
+    return index
+
+
+class Searcher:
+    """k-NN over the index, with exact re-ranking for approximate kinds.
+
+    Args:
+        index: a faiss index holding the N database keys (ids 0..N-1).
+        spec: how it was built (search parameters, exactness).
+        embeddings: the stored keys ``(N, d)`` used to re-rank approximate candidates.
+    """
+
+    def __init__(self, index, spec: IndexSpec, embeddings: np.ndarray | None = None):
+        self.index, self.spec, self.embeddings = index, spec, embeddings
+        configure(index, spec)
+        self.exact = spec.exact or embeddings is None
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    def search(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Nearest ``k`` keys of queries ``x (Q, d)``: ids int64 ``(Q, k)`` (−1 = none) and
+        squared L2 distances float32 ``(Q, k)`` (inf where −1), sorted by (distance, id)."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        k_eff = min(k, self.ntotal)
+        if self.exact:
+            dists, ids = self.index.search(x, k_eff) if k_eff else _empty(len(x), 0)
+        else:
+            fetch = min(self.ntotal, max(4 * k_eff, k_eff + 16))
+            ids, _ = self.index.search(x, fetch)
+            dists = self._exact_dists(x, ids)
+        dists = np.where(ids < 0, np.inf, dists).astype(np.float32)
+        order = np.lexsort((ids, dists), axis=-1)[:, :k_eff]  # by distance, then id
+        ids = np.take_along_axis(ids, order, -1)
+        dists = np.take_along_axis(dists, order, -1)
+        if k_eff < k:  # fewer keys than asked: pad, never wrap
+            pad_i, pad_d = _empty(len(x), k - k_eff)
+            ids, dists = np.concatenate([ids, pad_i], 1), np.concatenate([dists, pad_d], 1)
+        return ids.astype(np.int64), dists.astype(np.float32)
+
+    def _exact_dists(self, x: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        out = np.full(ids.shape, np.inf, dtype=np.float32)
+        valid = ids >= 0
+        flat = ids[valid]
+        order = np.argsort(flat, kind="stable")  # sorted reads from the memmap
+        vecs = np.empty((len(flat), x.shape[1]), dtype=np.float32)
+        vecs[order] = self.embeddings[flat[order]]
+        q = np.repeat(np.arange(len(x)), valid.sum(1))
+        out[valid] = ((vecs - x[q]) ** 2).sum(-1)
+        return out
+
+
+def _empty(q: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.full((q, k), -1, dtype=np.int64), np.full((q, k), np.inf, dtype=np.float32)

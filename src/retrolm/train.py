@@ -1,0 +1,650 @@
+"""The training loop: AdamW, warmup + cosine, clipping, accumulation, bf16, DDP, resume.
+
+Resuming is exact: the data order is a pure function of (seed, epoch), dropout is
+re-seeded from (seed, step, rank) at every step, and the checkpoint holds the
+optimizer state, the step and the autocast choice. A run killed at any moment and
+rerun with the same command reaches the same loss at the same step as a run that
+was never interrupted.
+
+Distributed: launched by ``torchrun``, every rank reads its slice of each global
+batch and DDP averages gradients; rank 0 alone writes checkpoints and metrics.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import logging
+import math
+import os
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from retrolm.checkpoint import (
+    CHECKPOINT_DIR,
+    check_database,
+    database_identity,
+    load_train_state,
+    load_weights,
+    read_config,
+    save_checkpoint,
+)
+from retrolm.data import RETRODataset
+from retrolm.errors import IncompatibleError
+from retrolm.models.registry import Batch, config_to_dict, get_family
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping settings of one run (``train`` section of --config)."""
+
+    steps: int = 1000
+    """Optimizer steps in total (a resumed run continues up to this number)."""
+    batch_size: int = 8
+    """Sequences per optimizer step, over all processes and accumulation steps."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    seq_len: int | None = None
+    """Training sequence length in tokens (multiple of the chunk size); default max_seq_len."""
+    num_neighbours: int = 2
+    """Neighbours per chunk fed to the model (the paper trains with 2)."""
+    retrieval: bool = True
+    """False trains the same decoder without neighbours (the baseline, RETRO[OFF])."""
+    lr: float = 3e-4
+    """Peak learning rate after warmup."""
+    min_lr_ratio: float = 0.1
+    """The cosine schedule ends at lr * min_lr_ratio (paper: 0.1)."""
+    warmup_steps: int = 100
+    """Linear warmup from 0 to lr over this many steps."""
+    weight_decay: float = 0.1
+    """AdamW decay for weight matrices; norms, biases and embeddings get none."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 disables)."""
+    precision: str = "auto"
+    """fp32, bf16 (autocast) or auto (time one step each way, keep the faster)."""
+    eval_every: int = 100
+    """Validation loss every this many steps (0 disables)."""
+    eval_batches: int = 4
+    """Batches of held-back sequences per validation."""
+    val_sequences: int = 16
+    """Database sequences held back from training for the validation loss."""
+    save_every: int = 100
+    """Checkpoint every this many steps (and at the end)."""
+    seed: int = 0
+    """Seed for initialisation, data order and dropout."""
+    num_threads: int | None = None
+    """torch intra-op threads on CPU (None: torch's default)."""
+    prefetch: int = 2
+    """Batches prepared ahead by a background thread (0: load inline)."""
+    plot: bool = True
+    """Write loss.png (needs matplotlib)."""
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)  # JSON gives a list
+        checks = {
+            "steps": self.steps >= 1,
+            "batch_size": self.batch_size >= 1,
+            "grad_accum": self.grad_accum >= 1,
+            "num_neighbours": self.num_neighbours >= 0,
+            "lr": self.lr > 0,
+            "min_lr_ratio": 0 <= self.min_lr_ratio <= 1,
+            "warmup_steps": self.warmup_steps >= 0,
+            "weight_decay": self.weight_decay >= 0,
+            "grad_clip": self.grad_clip >= 0,
+            "eval_every": self.eval_every >= 0,
+            "save_every": self.save_every >= 1,
+            "val_sequences": self.val_sequences >= 0,
+            "prefetch": self.prefetch >= 0,
+            "seq_len": self.seq_len is None or self.seq_len >= 1,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} is out of range")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(
+                f"batch_size {self.batch_size} must be divisible by grad_accum {self.grad_accum}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown train settings {unknown}; valid: {sorted(names)}")
+        return cls(**d)
+
+
+# fields that may change between a run and its resumption
+RESUMABLE_CHANGES = {
+    "steps",
+    "eval_every",
+    "save_every",
+    "eval_batches",
+    "num_threads",
+    "prefetch",
+    "plot",
+}
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    loss: float | None
+    val_loss: float | None
+    tokens_per_s: float | None
+    precision: str
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- optimisation pieces
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay weight matrices only: no decay for norms, biases and embeddings."""
+    decay, no_decay, seen = [], [], set()
+    for module in model.modules():
+        is_norm = "norm" in type(module).__name__.lower()
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            skip = is_norm or isinstance(module, nn.Embedding) or p.ndim < 2 or "bias" in name
+            (no_decay if skip else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to cfg.lr, then cosine down to cfg.lr * cfg.min_lr_ratio at cfg.steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def autocast(precision: str, device: torch.device):
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def choose_precision(model: nn.Module, batch: Batch, loss_fn, device: torch.device) -> str:
+    """Time one forward+backward in fp32 and in bf16 autocast on a copy; keep the faster.
+
+    Machines of the same kind differ (DESIGN.md): bf16 is 3x faster on some CPUs and
+    30% slower on others, so nothing is assumed. RNG state is left untouched.
+    """
+    rng = torch.get_rng_state()
+    probe = copy.deepcopy(model)
+    times = {}
+    for prec in ("fp32", "bf16"):
+        best = math.inf
+        for _ in range(2):  # the first call warms up kernels
+            t0 = time.perf_counter()
+            with autocast(prec, device):
+                loss = loss_fn(probe, batch)
+            loss.backward()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t0)
+            probe.zero_grad(set_to_none=True)
+        times[prec] = best
+    torch.set_rng_state(rng)
+    choice = min(times, key=times.get)
+    log.info(
+        "precision auto: fp32 %.3fs, bf16 %.3fs per step -> %s",
+        times["fp32"],
+        times["bf16"],
+        choice,
+    )
+    return choice
+
+
+# ---------------------------------------------------------------- data order
+
+
+def collate(items: list[tuple[Tensor, ...]], use_retrieval: bool) -> Batch:
+    seq = torch.stack([it[0] for it in items])
+    if not use_retrieval:
+        return Batch(seq)
+    return Batch(seq, torch.stack([it[1] for it in items]), torch.stack([it[2] for it in items]))
+
+
+class BatchOrder:
+    """Global batches of dataset indices; a pure function of (seed, epoch, position).
+
+    ``position`` counts micro-batches handed out; each rank takes its own slice of every
+    global micro-batch, so all ranks agree on the position.
+    """
+
+    def __init__(
+        self, indices: list[int], micro_batch: int, seed: int, rank: int = 0, world: int = 1
+    ):
+        self.indices = indices
+        self.global_micro = micro_batch * world
+        if len(indices) < self.global_micro:
+            raise ValueError(
+                f"the database has {len(indices)} training sequences, fewer than one batch "
+                f"({self.global_micro}); lower batch_size or seq_len, or use more text"
+            )
+        self.per_epoch = len(indices) // self.global_micro
+        self.seed, self.rank, self.micro = seed, rank, micro_batch
+        self._perm_epoch, self._perm = -1, None
+
+    def batch(self, position: int) -> list[int]:
+        epoch, i = divmod(position, self.per_epoch)
+        if epoch != self._perm_epoch:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._perm = torch.randperm(len(self.indices), generator=g).tolist()
+            self._perm_epoch = epoch
+        start = i * self.global_micro + self.rank * self.micro
+        return [self.indices[j] for j in self._perm[start : start + self.micro]]
+
+
+def batches(
+    ds: RETRODataset, order: BatchOrder, start: int, use_retrieval: bool, prefetch: int
+) -> Iterator[Batch]:
+    """Batches from ``start`` on; a background thread keeps ``prefetch`` ready."""
+
+    def make(pos: int) -> Batch:
+        return collate([ds[i] for i in order.batch(pos)], use_retrieval)
+
+    if prefetch == 0:
+        pos = start
+        while True:
+            yield make(pos)
+            pos += 1
+    q: queue.Queue = queue.Queue(maxsize=prefetch)
+    stop = threading.Event()
+
+    def work() -> None:
+        pos = start
+        while not stop.is_set():
+            try:
+                item = make(pos)
+            except Exception as e:  # surface loader errors in the training thread
+                item = e
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            pos += 1
+
+    thread = threading.Thread(target=work, daemon=True, name="retrolm-batches")
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if isinstance(item, Exception):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
+# ---------------------------------------------------------------- metrics
+
+
+class Metrics:
+    """metrics.csv (+ TensorBoard if installed) on rank 0; rows past ``resume_step`` dropped."""
+
+    COLUMNS = ["step", "loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s"]
+
+    def __init__(self, run_dir: Path, resume_step: int, enabled: bool):
+        self.enabled = enabled
+        self.path = run_dir / "metrics.csv"
+        self.rows: list[dict[str, Any]] = []
+        self.tb = None
+        if not enabled:
+            return
+        if self.path.exists():
+            with open(self.path, newline="") as f:
+                self.rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+        with open(self.path, "w", newline="") as f:
+            w = csv.DictWriter(f, self.COLUMNS)
+            w.writeheader()
+            w.writerows(self.rows)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1)
+        except Exception:  # tensorboard is optional
+            self.tb = None
+
+    def add(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.rows.append(row)
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, self.COLUMNS).writerow(row)
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step" and v not in (None, ""):
+                    self.tb.add_scalar(k, float(v), int(row["step"]))
+
+    def plot(self, path: Path) -> None:
+        if not self.enabled or not self.rows:
+            return
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return
+        steps = [int(r["step"]) for r in self.rows]
+        loss = [float(r["loss"]) for r in self.rows]
+        val = [(int(r["step"]), float(r["val_loss"])) for r in self.rows if r.get("val_loss")]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(steps, loss, lw=0.8, alpha=0.7, label="train loss")
+        if val:
+            ax.plot(*zip(*val), "o-", label="validation loss")
+        ax.set_xlabel("step")
+        ax.set_ylabel("cross-entropy (nats/token)")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def _dist_info() -> tuple[int, int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    return world, rank, local
+
+
+def _model_config(family, db, values: dict[str, Any] | None, preset: str | None):
+    """The family's config with vocabulary, pad id and chunk size taken from the database."""
+    values = dict(values or {})
+    names = {f.name for f in dataclasses.fields(family.config_class())}
+    tok = getattr(db, "tokenizer", None)
+    if "chunk_size" in names:
+        if values.get("chunk_size") not in (None, db.chunk_size):
+            raise IncompatibleError(
+                f"model chunk_size {values['chunk_size']} differs from the database's "
+                f"{db.chunk_size}; drop it from the config or rebuild the database"
+            )
+        values["chunk_size"] = int(db.chunk_size)
+    if tok is not None:
+        if "num_tokens" in names:
+            values.setdefault("num_tokens", int(tok.vocab_size))
+            if values["num_tokens"] < tok.vocab_size:
+                raise IncompatibleError(
+                    f"model num_tokens {values['num_tokens']} is smaller than the database "
+                    f"tokenizer's vocabulary {tok.vocab_size}; raise num_tokens"
+                )
+        if "pad_id" in names:
+            values["pad_id"] = int(tok.pad_id)
+    return family.make_config(values, preset)
+
+
+def train(
+    db: Any,
+    run_dir: str | os.PathLike,
+    config: TrainConfig | None = None,
+    *,
+    family: str = "retro",
+    model_config: dict[str, Any] | None = None,
+    preset: str | None = None,
+    device: str | torch.device | None = None,
+) -> TrainResult:
+    """Train (or resume) a model on the sequences of retrieval database ``db``.
+
+    ``db``: a RetrievalDatabase or its directory. ``run_dir`` gets ``checkpoint/``,
+    ``metrics.csv`` and ``loss.png``; if it already holds a checkpoint of the same
+    settings, training resumes from it.
+    """
+    cfg = config or TrainConfig()
+    run_dir = Path(run_dir)
+    if isinstance(db, (str, os.PathLike)):
+        from retrolm.retrieval import RetrievalDatabase
+
+        db = RetrievalDatabase.open(db)
+    fam = get_family(family)
+    use_retrieval = fam.uses_retrieval and cfg.retrieval
+    world, rank, local_rank = _dist_info()
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+    if device is None:
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+
+    # ---- resume or start
+    ckpt = run_dir / CHECKPOINT_DIR
+    resume = (ckpt / "config.json").is_file()
+    db_id = database_identity(db)
+    if resume:
+        meta = read_config(ckpt)
+        if meta["family"] != family:
+            raise IncompatibleError(
+                f"{run_dir} holds a {meta['family']!r} run, not {family!r}; "
+                f"use --model {meta['family']} or another --out"
+            )
+        check_database(meta.get("database"), db, run_dir, exact=True)
+        saved = TrainConfig.from_dict(meta["train_config"])
+        for f in dataclasses.fields(TrainConfig):
+            a, b = getattr(saved, f.name), getattr(cfg, f.name)
+            if (
+                f.name not in RESUMABLE_CHANGES
+                and a != b
+                and not (f.name == "precision" and cfg.precision == "auto")
+            ):
+                raise IncompatibleError(
+                    f"{run_dir} was trained with {f.name}={a!r}, now {b!r}; rerun with the "
+                    f"same settings to resume, or use another --out"
+                )
+        model_cfg = fam.make_config(meta["model_config"])
+    else:
+        model_cfg = _model_config(fam, db, model_config, preset)
+
+    torch.manual_seed(cfg.seed)
+    model = fam.build(model_cfg).to(device)
+    m = int(db.chunk_size)
+    seq_len = cfg.seq_len or getattr(model_cfg, "max_seq_len", None)
+    if seq_len is None:
+        raise ValueError("set train seq_len: the model config has no max_seq_len")
+    seq_len = (int(seq_len) // m) * m
+    if getattr(model_cfg, "max_seq_len", seq_len) < seq_len:
+        raise ValueError(
+            f"seq_len {seq_len} exceeds the model's max_seq_len {model_cfg.max_seq_len}"
+        )
+    ds = RETRODataset(
+        db, seq_len=seq_len, num_neighbours=cfg.num_neighbours if use_retrieval else 0
+    )
+    n_val = min(cfg.val_sequences, len(ds) // 10) if cfg.eval_every else 0
+    train_idx = list(range(len(ds) - n_val))
+    val_idx = list(range(len(ds) - n_val, len(ds)))
+    micro = cfg.batch_size // (cfg.grad_accum * world)
+    if micro < 1 or cfg.batch_size % (cfg.grad_accum * world):
+        raise ValueError(
+            f"batch_size {cfg.batch_size} must be divisible by grad_accum ({cfg.grad_accum}) "
+            f"x processes ({world})"
+        )
+    order = BatchOrder(train_idx, micro, cfg.seed, rank, world)
+
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+    step, position, precision = 0, 0, cfg.precision
+    if resume:
+        load_weights(model, ckpt)
+        state = load_train_state(ckpt)
+        opt.load_state_dict(state["optimizer"])
+        step, position, precision = int(state["step"]), int(state["position"]), state["precision"]
+        torch.set_rng_state(state["rng_cpu"])
+        log.info("resuming %s at step %d", run_dir, step)
+    if step >= cfg.steps:
+        log.info("%s already trained for %d steps", run_dir, step)
+        return TrainResult(run_dir, step, None, None, None, precision)
+
+    def loss_fn(mod: nn.Module, b: Batch) -> Tensor:
+        return fam.loss(mod, b.to(device))
+
+    data = batches(ds, order, position, use_retrieval, cfg.prefetch)
+    first = next(data)
+    if precision == "auto":
+        precision = choose_precision(model, first, loss_fn, device)
+        if world > 1:  # every rank must use the same choice: take rank 0's
+            flag = torch.tensor([precision == "bf16"], dtype=torch.int64, device=device)
+            torch.distributed.broadcast(flag, 0)
+            precision = "bf16" if flag.item() else "fp32"
+    ddp_model = model
+    if world > 1:
+        ddp_model = nn.parallel.DistributedDataParallel(
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            # without retrieval the encoder and cross-attention receive no gradient
+            find_unused_parameters=fam.uses_retrieval and not use_retrieval,
+        )
+
+    meta = {
+        "family": family,
+        "model_config": config_to_dict(model_cfg),
+        "train_config": cfg.to_dict(),
+        "database": db_id,
+        "seq_len": seq_len,
+    }
+    is_main = rank == 0
+    run_dir.mkdir(parents=True, exist_ok=True)
+    metrics = Metrics(run_dir, step, enabled=is_main)
+
+    def save() -> None:
+        if is_main:
+            state = {
+                "optimizer": opt.state_dict(),
+                "step": step,
+                "position": position,
+                "precision": precision,
+                "rng_cpu": torch.get_rng_state(),
+            }
+            save_checkpoint(run_dir, model, {**meta, "step": step}, state)
+        if world > 1:
+            torch.distributed.barrier()
+
+    def validate() -> float | None:
+        if not val_idx:
+            return None
+        model.eval()
+        losses = []
+        with torch.no_grad(), autocast(precision, device):
+            for i in range(0, min(len(val_idx), cfg.eval_batches * micro), micro):
+                b = collate([ds[j] for j in val_idx[i : i + micro]], use_retrieval)
+                losses.append(float(loss_fn(model, b)))
+        model.train()
+        return sum(losses) / len(losses)
+
+    from tqdm.auto import tqdm
+
+    model.train()
+    tokens_per_step = cfg.batch_size * seq_len
+    t_start = time.perf_counter()
+    last_loss = last_val = tps = None
+    bar = tqdm(
+        total=cfg.steps,
+        initial=step,
+        desc="train",
+        unit="step",
+        disable=None if is_main else True,
+        dynamic_ncols=True,
+    )
+    pending = first
+    try:
+        while step < cfg.steps:
+            t0 = time.perf_counter()
+            lr = lr_at(step, cfg)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            # dropout depends only on (seed, step, rank): resuming replays it exactly
+            torch.manual_seed(cfg.seed * 1_000_003 + step * 1_009 + rank)
+            total = 0.0
+            for micro_i in range(cfg.grad_accum):
+                b = pending if pending is not None else next(data)
+                pending = None
+                position += 1
+                sync = micro_i == cfg.grad_accum - 1 or world == 1
+                ctx = nullcontext() if sync else ddp_model.no_sync()
+                with ctx:
+                    with autocast(precision, device):
+                        loss = loss_fn(ddp_model, b) / cfg.grad_accum
+                    loss.backward()
+                total += float(loss.detach())
+            if world > 1:  # log the loss of the whole batch, not rank 0's share
+                t = torch.tensor([total], dtype=torch.float64, device=device)
+                torch.distributed.all_reduce(t)
+                total = float(t) / world
+            gnorm = (
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                if cfg.grad_clip > 0
+                else None
+            )
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            dt = time.perf_counter() - t0
+            tps = tokens_per_step / dt
+            last_loss = total
+            val = validate() if cfg.eval_every and step % cfg.eval_every == 0 else None
+            if val is not None:
+                last_val = val
+            metrics.add(
+                {
+                    "step": step,
+                    "loss": f"{total:.6f}",
+                    "val_loss": "" if val is None else f"{val:.6f}",
+                    "lr": f"{lr:.3e}",
+                    "grad_norm": "" if gnorm is None else f"{float(gnorm):.4f}",
+                    "tokens_per_s": f"{tps:.1f}",
+                    "elapsed_s": f"{time.perf_counter() - t_start:.2f}",
+                }
+            )
+            bar.update(1)
+            bar.set_postfix(loss=f"{total:.3f}", **({"val": f"{val:.3f}"} if val else {}))
+            if step % cfg.save_every == 0 or step == cfg.steps:
+                save()
+                if cfg.plot and is_main:
+                    metrics.plot(run_dir / "loss.png")
+    finally:
+        bar.close()
+        metrics.close()
+        data.close()
+    return TrainResult(run_dir, step, last_loss, last_val, tps, precision, metrics.rows)

@@ -1,0 +1,82 @@
+import pytest
+import torch
+
+from retrolm import RETRO, RetroConfig
+from retrolm.generate import describe_sources, generate
+from tests.fakes import FakeDatabase, TinyRetro, random_docs
+
+
+def tiny_retro(seed=0):
+    torch.manual_seed(seed)
+    return RETRO(config=RetroConfig.from_name("retro-tiny")).eval()
+
+
+def fake_db():
+    return FakeDatabase(random_docs(10, 40, seed=2), chunk_size=4, num_candidates=4)
+
+
+@pytest.mark.parametrize("make", [tiny_retro, lambda: TinyRetro().eval()])
+@pytest.mark.parametrize("prompt_len", [1, 4, 7])
+def test_cached_greedy_equals_full_forward(make, prompt_len):
+    model, db = make(), fake_db()
+    prompt = torch.randint(2, 40, (2, prompt_len), generator=torch.Generator().manual_seed(1))
+    kw = dict(retriever=db, temperature=0, num_neighbours=2)
+    cached = generate(model, prompt, 20, **kw)
+    full = generate(model, prompt, 20, use_cache=False, **kw)
+    assert torch.equal(cached.ids, full.ids)
+    assert cached.ids.shape == (2, prompt_len + 20)
+    # every completed chunk retrieved once, in order, prompt chunks included
+    assert [r.chunk for r in cached.retrievals] == list(range((prompt_len + 20) // 4))
+
+
+def test_full_forward_oracle_by_hand():
+    """The reference loop written out: retrieval for every complete chunk, full forward."""
+    model, db = tiny_retro(), fake_db()
+    seq = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    for _ in range(10):
+        n_chunks = seq.shape[1] // 4
+        chunks = seq[:, : n_chunks * 4].reshape(n_chunks, 4).numpy()
+        ids, _ = db.search_tokens(chunks, 2)
+        toks, mask = db.retrieved_tokens(ids)
+        logits = model(seq, toks[None], neighbour_mask=mask[None])
+        seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], 1)
+    out = generate(model, [5, 6, 7, 8, 9, 10], 10, db, temperature=0, num_neighbours=2)
+    assert torch.equal(out.ids, seq)
+
+
+def test_retrieval_changes_the_continuation():
+    model, db = tiny_retro(), fake_db()
+    with_r = generate(model, list(range(2, 14)), 16, db, temperature=0)
+    without = generate(model, list(range(2, 14)), 16, None, temperature=0)
+    assert not torch.equal(with_r.ids, without.ids)
+    assert without.retrievals == []
+
+
+def test_sampling_is_seeded_and_stops_at_eos():
+    model, db = tiny_retro(), fake_db()
+    a = generate(model, [3, 4], 12, db, temperature=1.0, top_k=20, seed=7)
+    b = generate(model, [3, 4], 12, db, temperature=1.0, top_k=20, seed=7)
+    assert torch.equal(a.ids, b.ids)
+    eos = int(a.ids[0, 2])  # declare the first sampled token the EOS: stops right there
+    c = generate(model, [3, 4], 12, db, temperature=1.0, top_k=20, seed=7, eos_id=eos)
+    assert c.ids.tolist() == [[3, 4, eos]]
+
+
+def test_stops_at_max_seq_len_and_rejects_long_prompts():
+    model = tiny_retro()
+    out = generate(model, [3] * 30, 10, fake_db(), temperature=0)
+    assert out.ids.shape[1] == 32  # retro-tiny max_seq_len
+    with pytest.raises(
+        ValueError, match="the prompt has 33 tokens but the model's max_seq_len is 32"
+    ):
+        generate(model, [3] * 33, 1)
+    with pytest.raises(ValueError, match="non-empty"):
+        generate(model, [], 1)
+
+
+def test_sources_name_file_and_snippet():
+    model, db = tiny_retro(), fake_db()
+    out = generate(model, list(range(2, 10)), 4, db, temperature=0)
+    src = describe_sources(db, out)
+    assert src and all(s["file"].startswith("/fake/doc") for s in src)
+    assert {s["chunk"] for s in src} == {0, 1, 2}

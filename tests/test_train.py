@@ -1,0 +1,222 @@
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from retrolm.checkpoint import load_model, resolve_checkpoint
+from retrolm.errors import IncompatibleError
+from retrolm.models.registry import get_family
+from retrolm.train import TrainConfig, lr_at, param_groups, train
+from tests.fakes import FakeDatabase, TinyRetro, random_docs, register_tiny
+
+HERE = Path(__file__).parent
+ENV = {**os.environ, "PYTHONPATH": str(HERE.parent / "src")}
+register_tiny()
+
+
+def small_cfg(**kw):
+    base = dict(
+        steps=6,
+        batch_size=4,
+        seq_len=16,
+        warmup_steps=2,
+        lr=3e-3,
+        save_every=3,
+        eval_every=3,
+        eval_batches=1,
+        val_sequences=4,
+        precision="fp32",
+        plot=False,
+    )
+    return TrainConfig(**{**base, **kw})
+
+
+def db():
+    return FakeDatabase(random_docs(40, 60, seed=3), chunk_size=4, seq_chunks=2)
+
+
+def losses(run):
+    with open(Path(run) / "metrics.csv") as f:
+        return [(r["step"], r["loss"], r["val_loss"]) for r in csv.DictReader(f)]
+
+
+def test_training_lowers_loss_and_writes_a_checkpoint(tmp_path):
+    res = train(db(), tmp_path, small_cfg(steps=30, eval_every=10, plot=True), family="tiny")
+    rows = losses(tmp_path)
+    assert len(rows) == 30 and res.step == 30
+    assert float(rows[-1][1]) < float(rows[0][1]) - 0.5
+    assert (tmp_path / "loss.png").stat().st_size > 1000
+    ckpt = resolve_checkpoint(tmp_path)
+    assert {p.name for p in ckpt.iterdir()} == {
+        "model.safetensors",
+        "config.json",
+        "train_state.pt",
+    }
+    model, meta = load_model(tmp_path)
+    assert meta["family"] == "tiny" and meta["step"] == 30 and meta["database"]["chunk_size"] == 4
+    # the weights are the trained ones: the loss on a batch matches what training reached
+    state = torch.load(ckpt / "train_state.pt", weights_only=True)
+    assert state["step"] == 30 and state["precision"] == "fp32"
+
+
+def test_no_retrieval_trains_the_same_decoder_without_neighbours(tmp_path, monkeypatch):
+    seen = []
+    orig = TinyRetro.forward
+
+    def spy(self, seq, retrieved=None, **kw):
+        seen.append(retrieved is None)
+        return orig(self, seq, retrieved, **kw)
+
+    monkeypatch.setattr(TinyRetro, "forward", spy)
+    train(db(), tmp_path / "a", small_cfg(steps=2, retrieval=False, eval_every=0), family="tiny")
+    assert seen and all(seen)
+    seen.clear()
+    train(db(), tmp_path / "b", small_cfg(steps=2, eval_every=0), family="tiny")
+    assert seen and not any(seen)
+
+
+def test_grad_accumulation_sees_the_same_batch(tmp_path):
+    train(db(), tmp_path / "a", small_cfg(steps=1, eval_every=0), family="tiny")
+    train(db(), tmp_path / "b", small_cfg(steps=1, eval_every=0, grad_accum=2), family="tiny")
+    # same sequences, split in two micro-batches: the mean of the halves' token means is
+    # the batch loss up to how pad labels split between the halves
+    la, lb = float(losses(tmp_path / "a")[0][1]), float(losses(tmp_path / "b")[0][1])
+    assert la == pytest.approx(lb, rel=0.02)
+
+
+def test_weight_decay_groups_and_schedule():
+    model = TinyRetro()
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)] for p in decay["params"]} == {
+        "qkv.weight",
+        "ret.weight",
+        "ff.0.weight",
+        "ff.2.weight",
+        "out.weight",
+    }
+    assert "tok.weight" in {names[id(p)] for p in no_decay["params"]}
+    cfg = TrainConfig(steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(100, cfg) == pytest.approx(0.1) and lr_at(55, cfg) == pytest.approx(0.55)
+
+
+def test_resume_after_sigkill_equals_uninterrupted(tmp_path):
+    script = str(HERE / "train_script.py")
+    full = subprocess.run(
+        [sys.executable, script, str(tmp_path / "full"), "8"],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert full.returncode == 0, full.stderr
+    # killed during step 7 (after the step-6 checkpoint), in the middle of a step
+    killed = subprocess.run(
+        [sys.executable, script, str(tmp_path / "cut"), "8", "8"],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert killed.returncode == -9
+    assert torch.load(tmp_path / "cut/checkpoint/train_state.pt", weights_only=True)["step"] == 6
+    again = subprocess.run(
+        [sys.executable, script, str(tmp_path / "cut"), "8"],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert again.returncode == 0, again.stderr
+    assert "resuming" in again.stderr
+    assert losses(tmp_path / "cut") == losses(tmp_path / "full")
+    assert len(losses(tmp_path / "full")) == 8
+    a, _ = load_model(tmp_path / "full")
+    b, _ = load_model(tmp_path / "cut")
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_resume_refuses_other_settings_and_families(tmp_path):
+    train(db(), tmp_path, small_cfg(steps=3, eval_every=0), family="tiny")
+    with pytest.raises(IncompatibleError, match="trained with lr=0.003, now 0.01"):
+        train(db(), tmp_path, small_cfg(steps=6, lr=1e-2), family="tiny")
+    with pytest.raises(IncompatibleError, match="holds a 'tiny' run, not 'retro'"):
+        train(db(), tmp_path, small_cfg(steps=6), family="retro")
+    other = FakeDatabase(random_docs(40, 60, seed=4), chunk_size=4, seq_chunks=2)
+    with pytest.raises(IncompatibleError, match="num_chunks"):
+        train(other, tmp_path, small_cfg(steps=6), family="tiny")
+    # longer training of the same run is allowed and continues from step 3
+    assert train(db(), tmp_path, small_cfg(steps=4, eval_every=0), family="tiny").step == 4
+
+
+def test_corrupt_and_missing_checkpoints(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist; train one"):
+        load_model(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="no checkpoint in"):
+        load_model(tmp_path)
+    train(db(), tmp_path, small_cfg(steps=1, eval_every=0), family="tiny")
+    w = tmp_path / "checkpoint/model.safetensors"
+    w.write_bytes(w.read_bytes()[:100])
+    with pytest.raises(IncompatibleError, match="model.safetensors cannot be loaded"):
+        load_model(tmp_path)
+    (tmp_path / "checkpoint/config.json").write_text("{not json")
+    with pytest.raises(IncompatibleError, match="config.json is corrupt"):
+        load_model(tmp_path)
+
+
+def test_load_refuses_another_family(tmp_path):
+    train(db(), tmp_path, small_cfg(steps=1, eval_every=0), family="tiny")
+    with pytest.raises(IncompatibleError, match="holds a 'tiny' model, not 'retro'"):
+        load_model(tmp_path, family="retro")
+
+
+def test_unknown_family_and_bad_config():
+    with pytest.raises(ValueError, match="unknown model family 'nope'"):
+        get_family("nope")
+    with pytest.raises(ValueError, match="grad_accum 3"):
+        TrainConfig(batch_size=8, grad_accum=3)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        TrainConfig(precision="fp16")
+
+
+def test_ddp_two_cpu_processes_equal_one_process_accumulating(tmp_path):
+    script = str(HERE / "train_script.py")
+    env = {**ENV, "TRAIN_DROPOUT": "0.0"}
+    ddp = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            script,
+            str(tmp_path / "ddp"),
+            "5",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    one = subprocess.run(
+        [sys.executable, script, str(tmp_path / "one"), "5"],
+        env={**env, "TRAIN_ACCUM": "2"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert one.returncode == 0, one.stderr
+    # each rank holds half of every batch, as each accumulation step does
+    for (s1, l1, _), (s2, l2, _) in zip(losses(tmp_path / "ddp"), losses(tmp_path / "one")):
+        assert s1 == s2 and float(l1) == pytest.approx(float(l2), abs=1e-4)
+    a, _ = load_model(tmp_path / "ddp")
+    b, _ = load_model(tmp_path / "one")
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(p, q, atol=1e-4)
