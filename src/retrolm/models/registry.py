@@ -144,3 +144,13 @@ register_family(
         default_preset="retro-tiny",
     )
 )
+
+register_family(
+    ModelFamily(
+        name="routing",
+        config_cls="retrolm.models.routing_config:RoutingConfig",
+        model_cls="retrolm.models.routing:RoutingLanguageModel",
+        uses_retrieval=False,
+        default_preset="routing-tiny",
+    )
+)

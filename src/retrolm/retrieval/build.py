@@ -37,7 +37,9 @@ FORMAT = "retrolm-retrieval-db"
 FORMAT_VERSION = 1
 MANIFEST, TOKENIZER_FILE, INDEX_FILE = "manifest.json", "tokenizer.json", "index.faiss"
 EMBEDDINGS_FILE, NEIGHBOURS_FILE, NEIGHBOUR_DISTS_FILE = (
-    "embeddings.bin", "neighbours.bin", "neighbour_dists.bin",
+    "embeddings.bin",
+    "neighbours.bin",
+    "neighbour_dists.bin",
 )
 PROGRESS_DIR = ".progress"
 STAGES = ("tokenizer", "chunk", "embed", "index", "neighbours")
@@ -81,8 +83,15 @@ class BuildConfig:
     """Chunks per resumable block in the embed and neighbour stages."""
 
     def __post_init__(self):
-        for name in ("chunk_size", "seq_len", "encoder_max_length", "batch_size", "neighbours",
-                     "workers", "block_size"):
+        for name in (
+            "chunk_size",
+            "seq_len",
+            "encoder_max_length",
+            "batch_size",
+            "neighbours",
+            "workers",
+            "block_size",
+        ):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a positive integer")
         if self.extra_neighbours < 0:
@@ -167,8 +176,9 @@ def _preallocate(path: Path, nbytes: int) -> None:
 
 
 # ---- the build ----------------------------------------------------------------------------
-def build_database(text_dir: str | os.PathLike, db_dir: str | os.PathLike,
-                   config: BuildConfig | None = None) -> dict:
+def build_database(
+    text_dir: str | os.PathLike, db_dir: str | os.PathLike, config: BuildConfig | None = None
+) -> dict:
     """Build (or resume) the database of ``text_dir`` in ``db_dir``; returns the manifest."""
     config = config or BuildConfig()
     text_dir, db_dir = Path(text_dir).resolve(), Path(db_dir)
@@ -188,18 +198,33 @@ def build_database(text_dir: str | os.PathLike, db_dir: str | os.PathLike,
                 "pick a new or empty folder"
             )
         db_dir.mkdir(parents=True, exist_ok=True)
-        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "complete": False,
-                    "stages_done": [], "config": config.output_settings(),
-                    "text_dir": str(text_dir), "report": {}}
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "complete": False,
+            "stages_done": [],
+            "config": config.output_settings(),
+            "text_dir": str(text_dir),
+            "report": {},
+        }
         write_manifest(db_dir, manifest)
 
     if "embed" not in manifest["stages_done"]:  # fail before the long stages on a bad encoder
-        encoder = FrozenEncoder(config.encoder, pooling=config.pooling, dtype=config.embed_dtype,
-                                max_length=config.encoder_max_length)
+        encoder = FrozenEncoder(
+            config.encoder,
+            pooling=config.pooling,
+            dtype=config.embed_dtype,
+            max_length=config.encoder_max_length,
+        )
     else:
         encoder = None
-    stages = {"tokenizer": _stage_tokenizer, "chunk": _stage_chunk, "embed": _stage_embed,
-              "index": _stage_index, "neighbours": _stage_neighbours}
+    stages = {
+        "tokenizer": _stage_tokenizer,
+        "chunk": _stage_chunk,
+        "embed": _stage_embed,
+        "index": _stage_index,
+        "neighbours": _stage_neighbours,
+    }
     for name, fn in stages.items():
         if name in manifest["stages_done"]:
             continue
@@ -222,8 +247,11 @@ def _check_resumable(db_dir: Path, manifest: dict, config: BuildConfig, text_dir
             "build into a new DB_DIR"
         )
     want = config.output_settings()
-    diff = [f"{k}: {manifest['config'].get(k)!r} vs {want[k]!r}" for k in want
-            if manifest["config"].get(k) != want[k]]
+    diff = [
+        f"{k}: {manifest['config'].get(k)!r} vs {want[k]!r}"
+        for k in want
+        if manifest["config"].get(k) != want[k]
+    ]
     if manifest["text_dir"] != str(text_dir):
         diff.append(f"text_dir: {manifest['text_dir']!r} vs {str(text_dir)!r}")
     if diff:
@@ -241,19 +269,36 @@ def _stage_tokenizer(db_dir, manifest, config, *, paths, **_):
         tok = LMTokenizer.train(chunking.iter_texts(paths), config.vocab_size)
     with atomic_path(db_dir / TOKENIZER_FILE) as tmp:
         tok.save(tmp)
-    manifest["tokenizer"] = {"file": TOKENIZER_FILE, "vocab_size": tok.vocab_size,
-                             "hash": tok.hash, "pad_id": tok.pad_id, "eos_id": tok.eos_id}
+    manifest["tokenizer"] = {
+        "file": TOKENIZER_FILE,
+        "vocab_size": tok.vocab_size,
+        "hash": tok.hash,
+        "pad_id": tok.pad_id,
+        "eos_id": tok.eos_id,
+    }
 
 
 def _stage_chunk(db_dir, manifest, config, *, paths, **_):
     tok = LMTokenizer.from_file(db_dir / TOKENIZER_FILE)
     m = config.chunk_size
-    rep = chunking.chunk_corpus(paths, Path(manifest["text_dir"]), db_dir, tok, m,
-                                config.seq_len, db_dir / PROGRESS_DIR / "chunk.json")
+    rep = chunking.chunk_corpus(
+        paths,
+        Path(manifest["text_dir"]),
+        db_dir,
+        tok,
+        m,
+        config.seq_len,
+        db_dir / PROGRESS_DIR / "chunk.json",
+    )
     n = rep.chunks
     n_seq = max(0, (n - config.seq_len // m) // (config.seq_len // m) + 1)
-    manifest.update(chunk_size=m, seq_len=config.seq_len, num_chunks=n,
-                    num_documents=rep.documents, num_sequences=n_seq)
+    manifest.update(
+        chunk_size=m,
+        seq_len=config.seq_len,
+        num_chunks=n,
+        num_documents=rep.documents,
+        num_sequences=n_seq,
+    )
     manifest.setdefault("arrays", {}).update(
         chunks=array_info(chunking.CHUNKS_FILE, chunking.token_dtype(tok.vocab_size), (n, m + 1)),
         doc_ids=array_info(chunking.DOC_IDS_FILE, np.int32, (n,)),
@@ -261,8 +306,13 @@ def _stage_chunk(db_dir, manifest, config, *, paths, **_):
     )
     manifest["documents_file"] = chunking.DOCS_FILE
     manifest["report"]["chunk"] = asdict(rep)
-    log.info("chunked %d documents into %d chunks (%d skipped, %d with invalid UTF-8 replaced)",
-             rep.documents, n, rep.skipped_empty + rep.skipped_binary, rep.invalid_utf8_replaced)
+    log.info(
+        "chunked %d documents into %d chunks (%d skipped, %d with invalid UTF-8 replaced)",
+        rep.documents,
+        n,
+        rep.skipped_empty + rep.skipped_binary,
+        rep.invalid_utf8_replaced,
+    )
 
 
 def _stage_embed(db_dir, manifest, config, *, encoder: FrozenEncoder, **_):
@@ -273,17 +323,32 @@ def _stage_embed(db_dir, manifest, config, *, encoder: FrozenEncoder, **_):
     if "dtype" not in state:  # resolve 'auto' once; a resumed build replays the choice
         sample = tok.decode_batch(chunks[: config.batch_size, :-1])
         dtype = encoder.resolve_dtype(sample, config.batch_size)
-        state.update(encoder.identity, path=str(encoder.path.resolve()), pooling=config.pooling,
-                     max_length=config.encoder_max_length, dtype=dtype)
+        state.update(
+            encoder.identity,
+            path=str(encoder.path.resolve()),
+            pooling=config.pooling,
+            max_length=config.encoder_max_length,
+            dtype=dtype,
+        )
         manifest["arrays"]["embeddings"] = array_info(EMBEDDINGS_FILE, np.float32, (n, d))
         write_manifest(db_dir, manifest)
     _preallocate(db_dir / EMBEDDINGS_FILE, n * d * 4)
     blocks = _Blocks(db_dir, "embed", n, config.block_size)
     jobs = [
-        dict(db_dir=str(db_dir), manifest=manifest, batch_size=config.batch_size,
-             blocks=[b for b in range(w * blocks.count // config.workers,
-                                      (w + 1) * blocks.count // config.workers)],
-             block_size=config.block_size, threads=0, worker=w)
+        dict(
+            db_dir=str(db_dir),
+            manifest=manifest,
+            batch_size=config.batch_size,
+            blocks=[
+                b
+                for b in range(
+                    w * blocks.count // config.workers, (w + 1) * blocks.count // config.workers
+                )
+            ],
+            block_size=config.block_size,
+            threads=0,
+            worker=w,
+        )
         for w in range(config.workers)
     ]
     t0, todo = time.perf_counter(), len(blocks.todo())
@@ -307,8 +372,13 @@ def _stage_embed(db_dir, manifest, config, *, encoder: FrozenEncoder, **_):
         raise RuntimeError(f"embed blocks {blocks.todo()[:5]} unfinished; rerun to resume")
     dt = time.perf_counter() - t0
     if todo:
-        log.info("embedded %d blocks in %.1fs (%.0f chunks/s, %s)", todo, dt,
-                 min(n, todo * config.block_size) / max(dt, 1e-9), state["dtype"])
+        log.info(
+            "embedded %d blocks in %.1fs (%.0f chunks/s, %s)",
+            todo,
+            dt,
+            min(n, todo * config.block_size) / max(dt, 1e-9),
+            state["dtype"],
+        )
 
 
 def embed_blocks(job: dict, encoder: FrozenEncoder | None = None) -> None:
@@ -320,15 +390,20 @@ def embed_blocks(job: dict, encoder: FrozenEncoder | None = None) -> None:
 
         torch.set_num_threads(job["threads"])
     if encoder is None:
-        encoder = FrozenEncoder(state["path"], pooling=state["pooling"], dtype=state["dtype"],
-                                max_length=state["max_length"])
+        encoder = FrozenEncoder(
+            state["path"],
+            pooling=state["pooling"],
+            dtype=state["dtype"],
+            max_length=state["max_length"],
+        )
     tok = LMTokenizer.from_file(db_dir / manifest["tokenizer"]["file"])
     chunks = open_array(db_dir, manifest["arrays"]["chunks"])
     emb = open_array(db_dir, manifest["arrays"]["embeddings"], mode="r+")
     blocks = _Blocks(db_dir, "embed", len(chunks), job["block_size"])
     todo = blocks.todo(job["blocks"])
-    for i in tqdm(todo, desc=f"embed (worker {job['worker']})", unit="block",
-                  position=job["worker"]):
+    for i in tqdm(
+        todo, desc=f"embed (worker {job['worker']})", unit="block", position=job["worker"]
+    ):
         s, e = blocks.rows(i)
         texts = tok.decode_batch(chunks[s:e, :-1])  # the chunk's m tokens, pads dropped
         emb[s:e] = encoder.embed(texts, job["batch_size"])  # (B, d)
@@ -360,8 +435,11 @@ def _stage_neighbours(db_dir, manifest, config, **_):
         neighbours=array_info(NEIGHBOURS_FILE, np.int32, (n, k)),
         neighbour_dists=array_info(NEIGHBOUR_DISTS_FILE, np.float32, (n, k)),
     )
-    manifest.update(neighbours=config.neighbours, extra_neighbours=config.extra_neighbours,
-                    num_neighbour_columns=k)
+    manifest.update(
+        neighbours=config.neighbours,
+        extra_neighbours=config.extra_neighbours,
+        num_neighbour_columns=k,
+    )
     _preallocate(db_dir / NEIGHBOURS_FILE, n * k * 4)
     _preallocate(db_dir / NEIGHBOUR_DISTS_FILE, n * k * 4)
     ids_out = open_array(db_dir, manifest["arrays"]["neighbours"], mode="r+")

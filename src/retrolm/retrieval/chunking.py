@@ -44,7 +44,10 @@ BLOCK_BYTES = 8 << 20  # a resumable chunking block: files until this many bytes
 SNIFF_BYTES = 8 << 10  # a NUL byte in the first 8 KiB marks a binary file
 
 CHUNKS_FILE, DOC_IDS_FILE, DOCS_FILE, SEQ_STARTS_FILE = (
-    "chunks.bin", "doc_ids.bin", "documents.jsonl", "seq_starts.bin",
+    "chunks.bin",
+    "doc_ids.bin",
+    "documents.jsonl",
+    "seq_starts.bin",
 )
 
 
@@ -263,8 +266,14 @@ def _chunk_file(path, root, tokenizer, m, dtype, handles, rep: ChunkReport) -> i
         write(chunker.feed(ids))
     write(chunker.end())
     rep.tokens += 1
-    meta = {"path": rel, "bytes": doc.size, "chars": chars, "first_chunk": first,
-            "num_chunks": rep.chunks - first, "invalid_utf8": doc.invalid_utf8}
+    meta = {
+        "path": rel,
+        "bytes": doc.size,
+        "chars": chars,
+        "first_chunk": first,
+        "num_chunks": rep.chunks - first,
+        "invalid_utf8": doc.invalid_utf8,
+    }
     handles[DOCS_FILE].write((json.dumps(meta) + "\n").encode())
     rep.documents += 1
     rep.bytes += doc.size

@@ -31,16 +31,24 @@ def register(subparsers) -> None:
     db = subparsers.add_parser("db", help="build, inspect and query a retrieval database")
     sub = db.add_subparsers(dest="db_command", metavar="DB_COMMAND", required=True)
 
-    b = sub.add_parser("build", help="text folder -> chunks -> embeddings -> index -> neighbours",
-                       description="Build (or resume) a retrieval database; rerun to resume.")
+    b = sub.add_parser(
+        "build",
+        help="text folder -> chunks -> embeddings -> index -> neighbours",
+        description="Build (or resume) a retrieval database; rerun to resume.",
+    )
     b.add_argument("text_dir", metavar="TEXT_DIR")
     b.add_argument("db_dir", metavar="DB_DIR")
     docs = _field_docs()
     for f in fields(BuildConfig):
         default = f.default if f.default is not MISSING else None
         typ = int if f.type in ("int", int) else str
-        b.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=typ, default=default,
-                       help=f"{docs.get(f.name, '')} (default: {default})")
+        b.add_argument(
+            f"--{f.name.replace('_', '-')}",
+            dest=f.name,
+            type=typ,
+            default=default,
+            help=f"{docs.get(f.name, '')} (default: {default})",
+        )
     b.set_defaults(func=run_build)
 
     i = sub.add_parser("info", help="print a database's manifest and file sizes")
@@ -60,8 +68,10 @@ def run_build(args: argparse.Namespace) -> int:
 
     config = BuildConfig(**{f.name: getattr(args, f.name) for f in fields(BuildConfig)})
     m = build_database(args.text_dir, args.db_dir, config)
-    print(f"database {args.db_dir}: {m['num_chunks']} chunks from {m['num_documents']} documents, "
-          f"index {m['index']['kind']}, K={m['num_neighbour_columns']}")
+    print(
+        f"database {args.db_dir}: {m['num_chunks']} chunks from {m['num_documents']} documents, "
+        f"index {m['index']['kind']}, K={m['num_neighbour_columns']}"
+    )
     return 0
 
 
@@ -79,24 +89,30 @@ def run_info(args: argparse.Namespace) -> int:
     print(f"database   {root} ({status}, format v{m['format_version']})")
     print(f"text       {m['text_dir']} (glob {m['config']['glob']!r})")
     if "num_chunks" in m:
-        print(f"chunks     {m['num_chunks']} x {m['chunk_size']} tokens from "
-              f"{m['num_documents']} documents; {m['num_sequences']} sequences of {m['seq_len']}")
+        print(
+            f"chunks     {m['num_chunks']} x {m['chunk_size']} tokens from "
+            f"{m['num_documents']} documents; {m['num_sequences']} sequences of {m['seq_len']}"
+        )
     if "tokenizer" in m:
         t = m["tokenizer"]
         print(f"tokenizer  byte-level BPE, vocab {t['vocab_size']}, sha256 {t['hash'][:16]}")
     if "encoder" in m:
         e = m["encoder"]
-        print(f"encoder    {e['name']} ({e['dim']}-d, {e['pooling']}, {e['dtype']}, "
-              f"max_length {e['max_length']}), sha256 {e['sha256'][:16]}")
+        print(
+            f"encoder    {e['name']} ({e['dim']}-d, {e['pooling']}, {e['dtype']}, "
+            f"max_length {e['max_length']}), sha256 {e['sha256'][:16]}"
+        )
     if "index" in m:
         print(f"index      {m['index']['kind']} ({m['index']['factory']})")
     if "neighbours" in m:
         print(f"neighbours {m['neighbours']} + {m['extra_neighbours']} extra columns")
     rep = m.get("report", {}).get("chunk")
     if rep:
-        print(f"report     {rep['files']} files: {rep['documents']} documents, "
-              f"{rep['skipped_empty']} empty and {rep['skipped_binary']} binary skipped, "
-              f"{rep['invalid_utf8_replaced']} with invalid UTF-8 replaced")
+        print(
+            f"report     {rep['files']} files: {rep['documents']} documents, "
+            f"{rep['skipped_empty']} empty and {rep['skipped_binary']} binary skipped, "
+            f"{rep['invalid_utf8_replaced']} with invalid UTF-8 replaced"
+        )
     total = 0
     for name, a in sorted(m.get("arrays", {}).items()):
         size = (root / a["file"]).stat().st_size if (root / a["file"]).exists() else 0

@@ -44,8 +44,13 @@ __all__ = ["RetrievalDatabase", "BuildConfig", "build_database"]
 class RetrievalDatabase:
     """A complete database directory; open with ``RetrievalDatabase.open(path)``."""
 
-    def __init__(self, path: Path, manifest: dict, encoder: FrozenEncoder | None = None,
-                 tokenizer: LMTokenizer | None = None):
+    def __init__(
+        self,
+        path: Path,
+        manifest: dict,
+        encoder: FrozenEncoder | None = None,
+        tokenizer: LMTokenizer | None = None,
+    ):
         self.path, self.manifest = path, manifest
         arrays = manifest["arrays"]
         self.chunks = open_array(path, arrays["chunks"])  # (N, m+1), read-only
@@ -136,8 +141,9 @@ class RetrievalDatabase:
         """The build's encoder with the build's recipe (loaded on first use)."""
         st = self.manifest["encoder"]
         if self._encoder is None:
-            self._encoder = FrozenEncoder(st["path"], pooling=st["pooling"], dtype=st["dtype"],
-                                          max_length=st["max_length"])
+            self._encoder = FrozenEncoder(
+                st["path"], pooling=st["pooling"], dtype=st["dtype"], max_length=st["max_length"]
+            )
         elif self._encoder.dtype != st["dtype"]:
             self._encoder.set_dtype(st["dtype"])
         return self._encoder
@@ -170,8 +176,9 @@ class RetrievalDatabase:
         (a ``(Q, E)`` array padded with −1, or a list of lists).
         Returns ids int64 ``(Q, k)`` (−1 = none) and squared L2 distances float32 ``(Q, k)``.
         """
-        toks = np.asarray(chunk_token_ids.cpu() if torch.is_tensor(chunk_token_ids)
-                          else chunk_token_ids)
+        toks = np.asarray(
+            chunk_token_ids.cpu() if torch.is_tensor(chunk_token_ids) else chunk_token_ids
+        )
         if toks.ndim != 2:
             raise ValueError(f"chunk_token_ids must be (Q, m), got shape {toks.shape}")
         x = self.embed(self.tokenizer.decode_batch(toks))
@@ -193,8 +200,9 @@ class RetrievalDatabase:
         Each row is the neighbour chunk then its continuation (the next chunk when it
         belongs to the same document, else padding). Id −1 gives an all-pad row, mask False.
         """
-        ids = np.asarray(neighbour_ids.cpu() if torch.is_tensor(neighbour_ids) else neighbour_ids,
-                         dtype=np.int64)
+        ids = np.asarray(
+            neighbour_ids.cpu() if torch.is_tensor(neighbour_ids) else neighbour_ids, dtype=np.int64
+        )
         n, m = self.num_chunks, self.chunk_size
         if ids.size and (ids.max() >= n or ids.min() < -1):
             raise ValueError(
@@ -213,8 +221,10 @@ class RetrievalDatabase:
         return tokens, torch.from_numpy(valid)
 
     def __repr__(self) -> str:
-        return (f"RetrievalDatabase({str(self.path)!r}, chunks={self.num_chunks}, "
-                f"m={self.chunk_size}, K={self.neighbours.shape[1]})")
+        return (
+            f"RetrievalDatabase({str(self.path)!r}, chunks={self.num_chunks}, "
+            f"m={self.chunk_size}, K={self.neighbours.shape[1]})"
+        )
 
 
 def _pad_rows(rows, q: int) -> np.ndarray:

@@ -144,7 +144,10 @@ class FrozenEncoder:
         self._model = bf16 if self.dtype == "bf16" else self._model_fp32
         log.info(
             "embed dtype auto: fp32 %.3fs, bf16 %.3fs per batch of %d -> %s",
-            times["fp32"], times["bf16"], len(batch), self.dtype,
+            times["fp32"],
+            times["bf16"],
+            len(batch),
+            self.dtype,
         )
         return self.dtype
 

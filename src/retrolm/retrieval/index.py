@@ -95,7 +95,9 @@ def choose_index(n: int, d: int, kind: str = "auto", memory_budget: int = 4 << 3
     m = max(fits)
     nbits = max(1, min(8, int(math.log2(max(2, n // MIN_POINTS_PER_LIST)))))  # small-N PQ
     return IndexSpec(
-        "ivfpq", f"OPQ{m},IVF{nlist},PQ{m}x{nbits}", nprobe=nprobe,
+        "ivfpq",
+        f"OPQ{m},IVF{nlist},PQ{m}x{nbits}",
+        nprobe=nprobe,
         train_size=_train_size(n, max(nlist, 1 << nbits)),
     )
 
@@ -128,8 +130,11 @@ def _build_autofaiss(embeddings: np.ndarray):
             "index kind 'autofaiss' needs the optional extra: pip install 'retrolm[autofaiss]'"
         ) from None
     index, _ = af_build(
-        embeddings=np.asarray(embeddings, dtype=np.float32), save_on_disk=False,
-        metric_type="l2", max_index_memory_usage="4G", current_memory_available="8G",
+        embeddings=np.asarray(embeddings, dtype=np.float32),
+        save_on_disk=False,
+        metric_type="l2",
+        max_index_memory_usage="4G",
+        current_memory_available="8G",
     )
     return index
 
