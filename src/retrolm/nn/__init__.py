@@ -3,24 +3,20 @@
 from retrolm.nn.attention import attend, attention_backend, reference_attend
 from retrolm.nn.feedforward import FeedForward
 
-# blocks added for the Routing Transformer (issue 6); usable by every family
-from retrolm.nn.kmeans import SphericalKMeans, update_kmeans  # noqa: E402
+from retrolm.nn.kmeans import SphericalKMeans, update_kmeans
 from retrolm.nn.kv_cache import KVCache
-from retrolm.nn.layer_drop import layer_drop_keep  # noqa: E402
+from retrolm.nn.layer_drop import layer_drop_keep
 from retrolm.nn.local_attention import local_attend
 from retrolm.nn.masks import causal_mask, combine, key_padding_mask, sliding_window_mask
-from retrolm.nn.moe import MixtureOfExperts  # noqa: E402
+from retrolm.nn.moe import MixtureOfExperts
 from retrolm.nn.multihead import MultiHeadAttention
 from retrolm.nn.norms import LayerNorm, RMSNorm, ScaleNorm, make_norm
-from retrolm.nn.pkm import ProductKeyMemory, pkm_param_groups  # noqa: E402
+from retrolm.nn.pkm import ProductKeyMemory, pkm_param_groups
 from retrolm.nn.residual import Residual, deepnet_constants, deepnet_init_
-from retrolm.nn.reversible import ReversibleSequence, is_recomputing, reversible  # noqa: E402
+from retrolm.nn.reversible import ReversibleSequence, is_recomputing, reversible
 from retrolm.nn.rotary import RotaryEmbedding, apply_rotary
-from retrolm.nn.sorted_window import dense_window_mask, sorted_window_attend  # noqa: E402
-from retrolm.nn.token_shift import (
-    TokenShift,  # noqa: E402
-    token_shift,
-)
+from retrolm.nn.sorted_window import dense_window_mask, sorted_window_attend
+from retrolm.nn.token_shift import TokenShift, token_shift
 
 __all__ = [
     "FeedForward",
