@@ -2,7 +2,6 @@
 
 from retrolm.nn.attention import attend, attention_backend, reference_attend
 from retrolm.nn.feedforward import FeedForward
-
 from retrolm.nn.kmeans import SphericalKMeans, update_kmeans
 from retrolm.nn.kv_cache import KVCache
 from retrolm.nn.layer_drop import layer_drop_keep
