@@ -20,6 +20,11 @@ _LAZY = {
     "generate": "retrolm.generation",
     "HierarchicalTransformer": "retrolm.models.hierarchical",
     "HierarchicalConfig": "retrolm.models.hierarchical_config",
+    "RoutingConfig": "retrolm.models.routing_config",
+    "RoutingTransformer": "retrolm.models.routing",
+    "RoutingTransformerLM": "retrolm.models.routing",
+    "RoutingTransformerEncDec": "retrolm.models.routing_encdec",
+    "AutoregressiveWrapper": "retrolm.wrapper",
 }
 
 

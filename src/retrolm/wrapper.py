@@ -51,8 +51,7 @@ class AutoregressiveWrapper(nn.Module):
             # train on a random prefix length so the model also sees short sequences
             n = int(torch.randint(1, inp.shape[1] + 1, (1,)))
             inp, labels = inp[:, :n], labels[:, :n]
-            mask = mask[:, :n] if mask is not None else None
-        if mask is not None:
+        if mask is not None:  # mask covers x: (b, n + 1)
             kwargs["input_mask"] = mask[:, : inp.shape[1]]
             labels = labels.masked_fill(~mask[:, 1 : inp.shape[1] + 1], self.ignore_index)
         logits, aux = split_output(self.net(inp, **kwargs))
@@ -60,6 +59,13 @@ class AutoregressiveWrapper(nn.Module):
             logits.transpose(1, 2).float(), labels, ignore_index=self.ignore_index
         )
         return loss + aux.sum() if aux is not None else loss
+
+    def update_kmeans(self) -> None:
+        """Apply pending k-means centroid updates of the wrapped network (families with
+        online clustering, e.g. the Routing Transformer with its automatic update off)."""
+        fn = getattr(self.net, "update_kmeans", None)
+        if fn is not None:
+            fn()
 
     @torch.no_grad()
     def generate(

@@ -170,3 +170,13 @@ register_family(
         default_preset="hier-tiny",
     )
 )
+
+register_family(
+    ModelFamily(
+        name="routing",
+        config_cls="retrolm.models.routing_config:RoutingConfig",
+        model_cls="retrolm.models.routing:RoutingLanguageModel",
+        uses_retrieval=False,
+        default_preset="routing-tiny",
+    )
+)

@@ -2,15 +2,21 @@
 
 from retrolm.nn.attention import attend, attention_backend, reference_attend
 from retrolm.nn.feedforward import FeedForward
+from retrolm.nn.kmeans import SphericalKMeans, update_kmeans
 from retrolm.nn.kv_cache import KVCache
+from retrolm.nn.layer_drop import layer_drop_keep
 from retrolm.nn.local_attention import local_attend
 from retrolm.nn.masks import causal_mask, combine, key_padding_mask, sliding_window_mask
+from retrolm.nn.moe import MixtureOfExperts
 from retrolm.nn.multihead import MultiHeadAttention
 from retrolm.nn.norms import LayerNorm, RMSNorm, ScaleNorm, make_norm
+from retrolm.nn.pkm import ProductKeyMemory, pkm_param_groups
 from retrolm.nn.resample import CausalDownsample, repeat_upsample
 from retrolm.nn.residual import Residual, deepnet_constants, deepnet_init_
+from retrolm.nn.reversible import ReversibleSequence, is_recomputing, reversible
 from retrolm.nn.rotary import RotaryEmbedding, apply_rotary
-from retrolm.nn.token_shift import token_shift, token_shift_cached
+from retrolm.nn.sorted_window import dense_window_mask, sorted_window_attend
+from retrolm.nn.token_shift import TokenShift, token_shift, token_shift_cached
 
 __all__ = [
     "CausalDownsample",
@@ -37,4 +43,16 @@ __all__ = [
     "sliding_window_mask",
     "token_shift",
     "token_shift_cached",
+    "MixtureOfExperts",
+    "ProductKeyMemory",
+    "ReversibleSequence",
+    "SphericalKMeans",
+    "TokenShift",
+    "dense_window_mask",
+    "is_recomputing",
+    "layer_drop_keep",
+    "pkm_param_groups",
+    "reversible",
+    "sorted_window_attend",
+    "update_kmeans",
 ]

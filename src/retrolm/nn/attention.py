@@ -40,6 +40,12 @@ def attention_backend(name: str) -> Iterator[None]:
         _BACKEND.reset(token)
 
 
+def current_backend() -> str:
+    """The backend ``attend`` uses here ("sdpa" or "reference"); blocks built on ``attend``
+    (e.g. sorted-window attention) use it to pick their own dense oracle path."""
+    return _BACKEND.get()
+
+
 def _expand_kv(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     h, g = q.shape[1], k.shape[1]
     if h == g:

@@ -3,12 +3,19 @@
 Pre-norm:        x + f(norm(x))
 DeepNet (post):  norm(alpha * x + f(x)), with the sub-layers' value/output/FFN weights
                  initialised Xavier-normal with gain beta (``deepnet_init_``).
+ReZero:          x + g * f(x), no norm, one learned scalar g initialised to 0
+                 (Bachlechner et al. 2020, arXiv 2003.04887): every layer starts as identity.
+
+A sub-layer may return ``(out, aux)`` (an auxiliary loss, e.g. routing's commitment loss);
+the residual then returns ``(x + out, aux)``. ``branch`` gives the sub-layer's contribution
+alone (what a reversible stack adds to the other stream).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from retrolm.nn.feedforward import FeedForward
@@ -25,17 +32,38 @@ class Residual(nn.Module):
         *,
         post_norm: bool = False,
         alpha: float = 1.0,
+        rezero: bool = False,
     ) -> None:
         super().__init__()
+        if rezero and post_norm:
+            raise ValueError("rezero replaces the norm; it cannot be combined with post_norm")
         self.fn = fn
-        self.norm = make_norm(norm, dim)
+        self.norm = nn.Identity() if rezero else make_norm(norm, dim)
         self.post_norm = post_norm
         self.alpha = alpha
+        self.rezero = rezero
+        if rezero:
+            self.rezero_g = nn.Parameter(torch.zeros(1))
 
-    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+    def branch(self, x: Tensor, *args, **kwargs):
+        """f(norm(x)) (pre-norm) or g * f(x) (ReZero); a tuple (out, aux) passes through."""
+        out = self.fn(self.norm(x), *args, **kwargs)
+        if self.rezero:
+            if isinstance(out, tuple):
+                return (out[0] * self.rezero_g, *out[1:])
+            return out * self.rezero_g
+        return out
+
+    def forward(self, x: Tensor, *args, **kwargs):
         if self.post_norm:
-            return self.norm(x * self.alpha + self.fn(x, *args, **kwargs))
-        return x + self.fn(self.norm(x), *args, **kwargs)
+            out = self.fn(x, *args, **kwargs)
+            if isinstance(out, tuple):
+                return (self.norm(x * self.alpha + out[0]), *out[1:])
+            return self.norm(x * self.alpha + out)
+        out = self.branch(x, *args, **kwargs)
+        if isinstance(out, tuple):
+            return (x + out[0], *out[1:])
+        return x + out
 
     def zero_update(self, x: Tensor) -> Tensor:
         """The block's output when its sub-layer contributes nothing (f(x) = 0)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def token_shift(x: Tensor, shifts: tuple[int, ...], mask: Tensor | None = None) -> Tensor:
@@ -52,3 +52,36 @@ def token_shift_cached(
 def check_causal_shifts(shifts: tuple[int, ...]) -> None:
     if any(s < 0 for s in shifts):
         raise ValueError(f"a causal model cannot shift tokens from the future: shifts={shifts}")
+
+
+class TokenShift(nn.Module):
+    """Apply ``token_shift`` to the input of ``fn``. The padding mask comes as ``shift_mask``
+    (consumed here, so padded positions never leak into real ones through the shift); all
+    other arguments go to ``fn``. ``causal=True`` refuses shifts from the future."""
+
+    def __init__(self, fn: nn.Module, shifts: tuple[int, ...], causal: bool = True) -> None:
+        super().__init__()
+        if causal:
+            check_causal_shifts(shifts)
+        self.fn, self.shifts = fn, tuple(shifts)
+
+    def forward(
+        self,
+        x: Tensor,
+        *args,
+        shift_mask: Tensor | None = None,
+        shift_state: dict | None = None,
+        **kwargs,
+    ):
+        """``shift_state`` (a dict kept by the caller) makes incremental decoding exact: the
+        last inputs of the previous call are prepended, so the first new position shifts
+        in its true predecessor rather than zeros."""
+        if shift_state is None:
+            return self.fn(token_shift(x, self.shifts, shift_mask), *args, **kwargs)
+        back = max(max(self.shifts), 0)
+        prev = shift_state.get("prev")
+        full = x if prev is None else torch.cat((prev, x), dim=-2)
+        if back:
+            shift_state["prev"] = full[:, -back:]
+        start = 0 if prev is None else prev.shape[-2]
+        return self.fn(token_shift(full, self.shifts)[:, start:], *args, **kwargs)

@@ -1,0 +1,223 @@
+"""Side-by-side benchmark: retrolm's Routing Transformer vs routing-transformer 1.6.1.
+
+Config of shared/bench/bench_routing.py: num_tokens 256, dim 256, depth 4, heads 4 of which
+2 local, window 128, batch 1, causal. Every (config, side, dtype, mode) runs in a fresh
+subprocess, so ``ru_maxrss`` is that run's own peak RSS. Each side gets its better dtype
+(fp32 or bf16 autocast, the faster of the two measured here). Speed is measured with both
+sides in one process, steps interleaved, so that load from other processes on the shared
+machine hits both alike; the ratio is the median of per-round ratios. Peak RSS
+(``ru_maxrss``) comes from a fresh subprocess per (side, length, dtype).
+
+    PYTHONPATH=src python benchmarks/bench_routing.py            # everything (~10-15 min)
+    PYTHONPATH=src python benchmarks/bench_routing.py --quick    # fewer steps, smoke check
+
+Needs ``pip install --no-deps routing-transformer==1.6.1 local-attention==1.11.2
+product_key_memory==0.3.0 mixture-of-experts==0.2.3 CoLT5-attention==0.11.2`` for the
+reference side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+V, DIM, DEPTH, HEADS, LOCAL, WINDOW = 256, 256, 4, 4, 2, 128
+THREADS = 2
+
+
+def build(side: str, L: int):
+    import torch
+
+    kw = dict(
+        num_tokens=V,
+        dim=DIM,
+        heads=HEADS,
+        depth=DEPTH,
+        max_seq_len=L,
+        causal=True,
+        window_size=WINDOW,
+        n_local_attn_heads=LOCAL,
+    )
+    if side == "ours":
+        from retrolm import AutoregressiveWrapper, RoutingTransformerLM
+    else:
+        from routing_transformer import AutoregressiveWrapper, RoutingTransformerLM
+    torch.manual_seed(0)
+    return AutoregressiveWrapper(RoutingTransformerLM(**kw))
+
+
+def _train_step(model, opt, x, bf16):
+    import torch
+
+    opt.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss = model(x, return_loss=True)
+    loss.backward()
+    opt.step()
+
+
+def _gen(side, model, x, L, n_new):
+    kw = dict(top_k=26) if side == "ours" else {}  # ref default: top-k keeping 10% of V
+    return model.generate(x[:, : L - 32], n_new, **kw)
+
+
+def child_speed(mode: str, L: int, dt_ours: str, dt_ref: str, steps: int) -> dict:
+    """Both sides in one process, steps interleaved (ours, ref, ours, ref, ...), so load from
+    other processes on this shared machine hits both alike; ratio = median of per-round ratios."""
+    import torch
+
+    torch.set_num_threads(THREADS)
+    x = torch.randint(1, V, (1, L + 1))
+    models = {s: build(s, L) for s in ("ours", "ref")}
+    dts = dict(ours=dt_ours, ref=dt_ref)
+    times: dict[str, list[float]] = dict(ours=[], ref=[])
+    if mode == "train":
+        opts = {s: torch.optim.AdamW(m.parameters(), lr=1e-4) for s, m in models.items()}
+        for m in models.values():
+            m.train()
+        for s in models:  # warm-up
+            for _ in range(2):
+                _train_step(models[s], opts[s], x, dts[s] == "bf16")
+        for _ in range(steps):
+            for s in models:
+                t0 = time.perf_counter()
+                _train_step(models[s], opts[s], x, dts[s] == "bf16")
+                times[s].append(time.perf_counter() - t0)
+        work = L
+    else:
+        models["ours"].net.init_kmeans(x[:, :L])  # centroids as after training
+        for m in models.values():
+            m.eval()
+        for s in models:
+            _gen(s, models[s], x, L, 4)  # warm-up
+        for _ in range(steps):
+            for s in models:
+                t0 = time.perf_counter()
+                _gen(s, models[s], x, L, 32)
+                times[s].append(time.perf_counter() - t0)
+        work = 32
+    ratios = [r / o for o, r in zip(times["ours"], times["ref"])]
+    return dict(
+        mode=mode,
+        L=L,
+        dtype=dts,
+        ours_s=[round(t, 3) for t in times["ours"]],
+        ref_s=[round(t, 3) for t in times["ref"]],
+        ours_tokens_per_s=round(work / statistics.median(times["ours"]), 2),
+        ref_tokens_per_s=round(work / statistics.median(times["ref"]), 2),
+        speedup=round(statistics.median(ratios), 2),
+    )
+
+
+def child_rss(side: str, L: int, dtype: str) -> dict:
+    """Peak RSS of training, one side alone in a fresh process (warm-up + 2 steps)."""
+    import torch
+
+    torch.set_num_threads(THREADS)
+    model = build(side, L)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randint(1, V, (1, L + 1))
+    for _ in range(3):
+        _train_step(model, opt, x, dtype == "bf16")
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return dict(side=side, L=L, dtype=dtype, peak_rss_mb=round(rss, 1))
+
+
+def child_len(L: int, dtype: str, steps: int) -> dict:
+    """Ours alone: training tokens/s at one length (for the 8192 vs 1024 linearity ratio),
+    the two lengths interleaved in one process for the same reason as above."""
+    import torch
+
+    torch.set_num_threads(THREADS)
+    Ls = (1024, L)
+    models = {n: build("ours", n) for n in Ls}
+    xs = {n: torch.randint(1, V, (1, n + 1)) for n in Ls}
+    opts = {n: torch.optim.AdamW(m.parameters(), lr=1e-4) for n, m in models.items()}
+    times: dict[int, list[float]] = {n: [] for n in Ls}
+    for n in Ls:
+        for _ in range(2):
+            _train_step(models[n], opts[n], xs[n], dtype == "bf16")
+    for _ in range(steps):
+        for n in Ls:
+            t0 = time.perf_counter()
+            _train_step(models[n], opts[n], xs[n], dtype == "bf16")
+            times[n].append((time.perf_counter() - t0) / n)  # seconds per token
+    ratios = [a / b for a, b in zip(times[1024], times[L])]
+    return dict(
+        mode="length",
+        dtype=dtype,
+        tokens_per_s={n: round(1 / statistics.median(t), 1) for n, t in times.items()},
+        ratio_L_over_1024=round(statistics.median(ratios), 2),
+    )
+
+
+def run(args: list[str], timeout=900) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", *args]
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    for line in p.stdout.splitlines():
+        if line.startswith("RESULT "):
+            r = json.loads(line[7:])
+            r["load"] = open("/proc/loadavg").read().split()[0]
+            r["wall_s"] = round(time.perf_counter() - t0, 1)
+            print(json.dumps(r), flush=True)
+            return r
+    raise RuntimeError(f"{cmd} failed:\n{p.stderr[-3000:]}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--child", nargs="+")
+    ap.add_argument("--quick", action="store_true")
+    # each side's better dtype on this machine kind: see benchmarks/RESULTS.md (fp32 for ours;
+    # bf16 autocast for the reference, measured at L=4096)
+    ap.add_argument("--dtype-ours", default="fp32", choices=("fp32", "bf16"))
+    ap.add_argument("--dtype-ref", default="bf16", choices=("fp32", "bf16"))
+    ap.add_argument(
+        "--out", default=os.path.join(os.path.dirname(__file__), "results_routing.jsonl")
+    )
+    a = ap.parse_args()
+    if a.child:
+        kind, *rest = a.child
+        if kind == "speed":
+            res = child_speed(rest[0], int(rest[1]), rest[2], rest[3], int(rest[4]))
+        elif kind == "rss":
+            res = child_rss(rest[0], int(rest[1]), rest[2])
+        else:
+            res = child_len(int(rest[0]), rest[1], int(rest[2]))
+        print("RESULT " + json.dumps(res), flush=True)
+        return
+    steps = 2 if a.quick else 4
+    dt = dict(ours=a.dtype_ours, ref=a.dtype_ref)
+    rows = []
+    summary: dict = dict(dtype=dt)
+
+    def keep(r):
+        rows.append(r)
+        with open(a.out, "a") as f:
+            f.write(json.dumps(r) + "\n")
+        return r
+
+    summary["gen_speedup"] = keep(run(["speed", "gen", "1024", "fp32", "fp32", "2"]))["speedup"]
+    for L in (4096, 8192):
+        r = keep(run(["speed", "train", str(L), dt["ours"], dt["ref"], str(steps)]))
+        summary[f"train_speedup_L{L}"] = r["speedup"]
+        rss = {s: keep(run(["rss", s, str(L), dt[s]]))["peak_rss_mb"] for s in ("ours", "ref")}
+        summary[f"train_peak_rss_mb_L{L}"] = rss
+        if L == 4096:
+            r = keep(run(["len", "8192", dt["ours"], str(steps)]))
+            summary["ours_tokps_L8192_over_L1024"] = r["ratio_L_over_1024"]
+    print("SUMMARY " + json.dumps(summary), flush=True)
+    with open(a.out, "a") as f:
+        f.write(json.dumps(dict(summary=summary, time=time.strftime("%Y-%m-%d %H:%M"))) + "\n")
+
+
+if __name__ == "__main__":
+    main()

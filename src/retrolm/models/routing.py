@@ -1,0 +1,659 @@
+"""Routing Transformer (Roy, Saffar, Vaswani, Grangier: "Efficient Content-Based Sparse
+Attention with Routing Transformers", TACL 2021, arXiv 2003.05997).
+
+The idea: some heads attend only among tokens whose queries/keys fall in the same k-means
+cluster (content-based sparsity), the others attend a local window. Centroids are learned by
+online spherical k-means (``nn.kmeans``), not by gradient.
+
+retrolm's causal routing is strict (research/attention-anchors.md §1.6): every token is
+routed on its own to its nearest centroid, and a query attends the ``window_size`` latest
+keys of its cluster at positions <= its own (``nn.sorted_window``), so no future token can
+change which keys it sees. The reference's balanced top-k routing (each centroid takes its
+``window_size`` most similar tokens of the whole sequence) is ``routing="balanced"``; with
+``causal=True`` it needs ``allow_future_leak=True`` because it leaks.
+
+Notation: b batch, n positions, h heads (hl local + hr routed), d head dim, k clusters,
+w window, m memory key/values.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from retrolm.models.routing_config import RoutingConfig
+from retrolm.nn.attention import attend
+from retrolm.nn.feedforward import FeedForward
+from retrolm.nn.kmeans import SphericalKMeans, update_after_backward, update_kmeans
+from retrolm.nn.kv_cache import KVCache
+from retrolm.nn.layer_drop import layer_drop_keep
+from retrolm.nn.local_attention import local_attend
+from retrolm.nn.masks import sliding_window_mask
+from retrolm.nn.moe import MixtureOfExperts
+from retrolm.nn.norms import LayerNorm
+from retrolm.nn.pkm import ProductKeyMemory, pkm_param_groups
+from retrolm.nn.residual import Residual
+from retrolm.nn.reversible import reversible
+from retrolm.nn.rotary import RotaryEmbedding, apply_rotary
+from retrolm.nn.sorted_window import dense_window_mask, sorted_window_attend
+from retrolm.nn.token_shift import TokenShift
+from retrolm.wrapper import AutoregressiveWrapper
+
+log = logging.getLogger(__name__)
+Rotary = tuple[Tensor, Tensor]
+
+__all__ = [
+    "RoutingAttention",
+    "RoutingConfig",
+    "RoutingLanguageModel",
+    "RoutingTransformer",
+    "RoutingTransformerLM",
+    "pkm_param_groups",
+    "register_routing",
+]
+
+
+class _LayerCache:
+    """Incremental-decoding state of one self-attention layer."""
+
+    def __init__(self) -> None:
+        self.local = KVCache()  # last (local window - 1) keys of the local heads
+        self.routed = KVCache()  # every key of the routed heads (any may be in a window)
+        self.groups: Tensor | None = None  # (b, hr, L) cluster of each cached key
+        self.ranks: Tensor | None = None  # (b, hr, L) same-cluster keys before it
+        self.counts: Tensor | None = None  # (b, hr, k) cached keys per cluster
+        self.shift: dict = {}  # token-shift state per sub-layer
+
+
+class RoutingCache:
+    """What ``RoutingTransformerLM.init_cache`` returns: one ``_LayerCache`` per layer."""
+
+    def __init__(self, depth: int) -> None:
+        self.layers = [_LayerCache() for _ in range(depth)]
+        self.length = 0
+
+
+def _ranks_in_group(groups: Tensor) -> Tensor:
+    """(b, h, n) cluster ids -> number of earlier positions in the same cluster (O(n log n))."""
+    n = groups.shape[-1]
+    pos = torch.arange(n, device=groups.device)
+    order = (groups * n + pos).argsort(dim=-1)
+    sg = groups.gather(-1, order)
+    first = torch.searchsorted(sg.contiguous(), sg.contiguous(), right=False)
+    return torch.empty_like(groups).scatter_(-1, order, pos.expand_as(sg) - first)
+
+
+class RoutingAttention(nn.Module):
+    """Local heads (exact sliding window) + routed heads (k-means clusters) in one layer.
+
+    ``cross=True``: routed cross-attention onto a context (encoder output). Each decoder
+    query and each context key is routed on its own; a query attends the context keys of its
+    cluster plus the memory key/values (decoder-causal by construction).
+    """
+
+    def __init__(self, cfg: RoutingConfig, local_heads: int, cross: bool = False) -> None:
+        super().__init__()
+        d, h = cfg.head_dim, cfg.heads
+        hl = 0 if cross else local_heads
+        hr = h - hl
+        self.heads, self.local_heads, self.routed_heads, self.dim_head = h, hl, hr, d
+        self.cross, self.causal = cross, cfg.causal and not cross
+        self.mode = cfg.routing_mode
+        self.shared_qk = cfg.is_shared_qk and not cross
+        self.window, self.local_window = cfg.window_size, cfg.local_window
+        self.commitment = cfg.commitment_factor
+        self.dropout = cfg.attn_dropout
+        hk = hl + (0 if self.shared_qk else hr)  # heads with their own key projection
+        self.q_proj = nn.Linear(cfg.dim, h * d, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, hk * d, bias=False) if hk else None
+        self.v_proj = nn.Linear(cfg.dim, h * d, bias=False)
+        self.out_proj = nn.Linear(h * d, cfg.dim, bias=False)
+        self.out_dropout = nn.Dropout(cfg.attn_layer_dropout)
+        self.kmeans = None
+        self.num_mem_kv = 0
+        if hr:
+            self.kmeans = SphericalKMeans(hr, cfg.num_clusters, d, decay=cfg.kmeans_ema_decay)
+            # a query that may find no key of its cluster needs something to attend
+            needs_mem = cross or not self.shared_qk or self.mode == "balanced"
+            self.num_mem_kv = max(cfg.num_mem_kv, 1 if needs_mem else 0)
+            if self.num_mem_kv:
+                self.mem_k = nn.Parameter(torch.randn(hr, self.num_mem_kv, d) * 0.02)
+                self.mem_v = nn.Parameter(torch.randn(hr, self.num_mem_kv, d) * 0.02)
+
+    def _mem(self):
+        return (self.mem_k, self.mem_v) if self.num_mem_kv else None
+
+    def forward(
+        self,
+        x: Tensor,  # (b, n, dim)
+        *,
+        input_mask: Tensor | None = None,  # (b, n) True = real token
+        rotary: Rotary | None = None,  # (n, d) cos, sin at the positions of x
+        context: Tensor | None = None,  # (b, m, dim) for cross-attention
+        context_mask: Tensor | None = None,  # (b, m)
+        cache: _LayerCache | None = None,
+    ) -> tuple[Tensor, Tensor]:  # (b, n, dim), aux scalar
+        hl, hr = self.local_heads, self.routed_heads
+        q = rearrange(self.q_proj(x), "b n (h d) -> b h n d", h=self.heads)
+        src = context if self.cross else x
+        v = rearrange(self.v_proj(src), "b n (h d) -> b h n d", h=self.heads)
+        k = None
+        if self.k_proj is not None:
+            k = rearrange(
+                self.k_proj(src),
+                "b n (h d) -> b h n d",
+                h=self.k_proj.out_features // self.dim_head,
+            )
+        outs, aux = [], x.new_zeros((), dtype=torch.float32)
+        if hl:
+            outs.append(self._local(q[:, :hl], k[:, :hl], v[:, :hl], input_mask, rotary, cache))
+        if hr:
+            qr, vr = q[:, hl:], v[:, hl:]
+            kr = None if self.shared_qk else k[:, hl:]
+            if self.cross:
+                out, commit = self._cross(qr, kr, vr, input_mask, context_mask)
+            else:
+                out, commit = self._routed(qr, kr, vr, input_mask, rotary, cache)
+            outs.append(out)
+            aux = aux + commit * self.commitment
+        out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
+        return self.out_dropout(self.out_proj(rearrange(out, "b h n d -> b n (h d)"))), aux
+
+    # --- local heads -----------------------------------------------------------------------
+    def _local(self, q, k, v, mask, rotary, cache):
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        p = self.dropout if self.training else 0.0
+        if cache is None or cache.local.length == 0:
+            out = local_attend(
+                q, k, v, self.local_window, causal=self.causal, key_mask=mask, dropout_p=p
+            )
+        else:
+            k, v = cache.local.update(k, v)
+            m = sliding_window_mask(q.shape[-2], k.shape[-2], self.local_window, device=q.device)
+            out = attend(q, k, v, m)
+        if cache is not None:
+            if cache.local.length == 0:
+                cache.local.update(k, v)
+            cache.local.keep_last(self.local_window - 1)
+        return out
+
+    # --- routed self-attention -------------------------------------------------------------
+    def _route(self, qr, kr, mask):
+        """Cluster ids of queries and keys (-1 for padding) and the commitment loss."""
+        n = qr.shape[-2]
+        if kr is None:
+            groups, commit = self.kmeans.route(qr, mask)
+            kgroups = None
+        else:  # one k-means over queries and keys (as in the paper)
+            m2 = torch.cat((mask, mask), dim=-1) if mask is not None else None
+            both, commit = self.kmeans.route(torch.cat((qr, kr), dim=-2), m2)
+            groups, kgroups = both[..., :n], both[..., n:]
+        if mask is not None:
+            pad = ~mask[:, None, :]
+            groups = groups.masked_fill(pad, -1)
+            kgroups = kgroups.masked_fill(pad, -1) if kgroups is not None else None
+        return groups, kgroups, commit
+
+    def _routed(self, qr, kr, vr, mask, rotary, cache):
+        groups, kgroups, commit = self._route(qr, kr, mask)
+        if rotary is not None:
+            qr = apply_rotary(qr, *rotary)
+            kr = apply_rotary(kr, *rotary) if kr is not None else None
+        # shared q/k: keys are the l2-normalised queries (Reformer's shared-QK attention)
+        keys = F.normalize(qr, dim=-1) if kr is None else kr
+        p = self.dropout if self.training else 0.0
+        if self.mode == "balanced":
+            return self._balanced(qr, keys, vr, groups, kgroups, mask), commit
+        if cache is not None and cache.routed.length > 0:
+            return self._routed_step(
+                qr, keys, vr, groups if kgroups is None else kgroups, groups, cache
+            ), commit
+        out = sorted_window_attend(
+            qr,
+            keys,
+            vr,
+            groups,
+            self.window,
+            k_group=kgroups,
+            causal=self.causal,
+            mem_kv=self._mem(),
+            exclude_self=self.shared_qk,
+            dropout_p=p,
+        )
+        if cache is not None:  # prefill: keep every key with its cluster and rank
+            kg = groups if kgroups is None else kgroups
+            cache.routed.update(keys, vr)
+            cache.groups, cache.ranks = kg, _ranks_in_group(kg)
+            k = self.kmeans.num_clusters
+            cache.counts = torch.zeros(*kg.shape[:2], k, dtype=torch.long, device=kg.device)
+            cache.counts.scatter_add_(-1, kg.clamp(min=0), (kg >= 0).long())
+        return out, commit
+
+    def _routed_step(self, q, k_new, v_new, kg_new, qg, cache: _LayerCache):
+        """Decode t new tokens against the cache with the same windows as a full forward."""
+        t = q.shape[-2]
+        L = cache.routed.length
+        same_new = (kg_new[..., :, None] == kg_new[..., None, :]) & torch.ones(
+            t, t, dtype=torch.bool, device=q.device
+        ).tril(-1)
+        rank_new = cache.counts.gather(-1, kg_new.clamp(min=0)) + same_new.sum(-1)
+        cache.counts.scatter_add_(-1, kg_new.clamp(min=0), (kg_new >= 0).long())
+        cache.groups = torch.cat((cache.groups, kg_new), dim=-1)
+        cache.ranks = torch.cat((cache.ranks, rank_new), dim=-1)
+        k, v = cache.routed.update(k_new, v_new)
+        mask = dense_window_mask(qg, cache.groups, self.window, causal=True, k_rank=cache.ranks)
+        if self.shared_qk:
+            pos = torch.arange(L + t, device=q.device)
+            is_self = pos[None, :] == pos[L:, None]
+            others = mask & ~is_self
+            if self.num_mem_kv == 0:
+                others = others | (is_self & mask & ~others.any(-1, keepdim=True))
+            mask = others
+        if self.num_mem_kv:
+            b = q.shape[0]
+            k = torch.cat((self.mem_k.to(k.dtype).expand(b, -1, -1, -1), k), dim=-2)
+            v = torch.cat((self.mem_v.to(v.dtype).expand(b, -1, -1, -1), v), dim=-2)
+            mask = torch.cat((mask.new_ones(*mask.shape[:-1], self.num_mem_kv), mask), dim=-1)
+        return attend(q, k, v, mask)
+
+    def _balanced(self, q, k, v, groups, kgroups, mask):
+        """The reference's routing: each centroid takes its w most similar tokens of the whole
+        sequence (queries and keys separately unless shared); outputs of a token routed to
+        several clusters are averaged; a token routed to none attends the memory only.
+        NOT causal: future tokens change the top-w sets (research §1.1)."""
+        b, h, n, d = q.shape
+        w = min(self.window, n)
+        means = self.kmeans.means.to(q.dtype)
+
+        def top(x):  # (b, h, n, d) -> indices (b, h, k, w)
+            sim = torch.einsum("bhnd,hkd->bhkn", F.normalize(x, dim=-1), means)
+            if mask is not None:
+                sim = sim.masked_fill(~mask[:, None, None, :], float("-inf"))
+            return sim.topk(w, dim=-1).indices
+
+        qi = top(q)
+        ki = qi if self.shared_qk else top(k)
+
+        def gather(x, idx):
+            flat = rearrange(idx, "b h k w -> b h (k w)")[..., None].expand(-1, -1, -1, x.shape[-1])
+            return rearrange(x.gather(2, flat), "b h (k w) d -> b h k w d", w=w)
+
+        qc, kc, vc = gather(q, qi), gather(k, ki), gather(v, ki)
+        allowed = torch.ones(*qi.shape, w, dtype=torch.bool, device=q.device)
+        if self.causal:
+            allowed &= qi[..., :, None] >= ki[..., None, :]
+        if mask is not None:
+            km = mask[:, None, :].expand(b, h, n).gather(2, rearrange(ki, "b h k w -> b h (k w)"))
+            allowed &= rearrange(km, "b h (k w) -> b h k w", w=w)[..., None, :]
+        if self.shared_qk and self.num_mem_kv:
+            allowed &= qi[..., :, None] != ki[..., None, :]
+        mk, mv = self._mem()
+        kk = torch.cat(
+            (mk[None, :, None].expand(b, -1, qi.shape[2], -1, -1).to(kc.dtype), kc), dim=-2
+        )
+        vv = torch.cat(
+            (mv[None, :, None].expand(b, -1, qi.shape[2], -1, -1).to(vc.dtype), vc), dim=-2
+        )
+        allowed = torch.cat(
+            (allowed.new_ones(*allowed.shape[:-1], self.num_mem_kv), allowed), dim=-1
+        )
+        p = self.dropout if self.training else 0.0
+        oc = attend(
+            rearrange(qc, "b h k w d -> (b k) h w d"),
+            rearrange(kk, "b h k j d -> (b k) h j d"),
+            rearrange(vv, "b h k j d -> (b k) h j d"),
+            rearrange(allowed, "b h k w j -> (b k) h w j"),
+            dropout_p=p,
+        )
+        oc = rearrange(oc, "(b k) h w d -> b h (k w) d", b=b)
+        flat = rearrange(qi, "b h k w -> b h (k w)")
+        total = q.new_zeros(b, h, n, d).scatter_add(2, flat[..., None].expand(-1, -1, -1, d), oc)
+        count = q.new_zeros(b, h, n).scatter_add(2, flat, torch.ones_like(flat, dtype=q.dtype))
+        mem_only = attend(
+            q,
+            mk[None].expand(b, -1, -1, -1).to(q.dtype),
+            mv[None].expand(b, -1, -1, -1).to(q.dtype),
+        )
+        return torch.where(count[..., None] > 0, total / count.clamp(min=1)[..., None], mem_only)
+
+    # --- routed cross-attention ------------------------------------------------------------
+    def _cross(self, q, k, v, mask, context_mask):
+        """q (b, h, n, d) decoder queries; k, v (b, h, m, d) context keys/values."""
+        n = q.shape[-2]
+        cm = context_mask
+        qm = mask if mask is not None else None
+        both_mask = None
+        if qm is not None or cm is not None:
+            qm = (
+                qm
+                if qm is not None
+                else torch.ones(q.shape[0], n, dtype=torch.bool, device=q.device)
+            )
+            cm = (
+                cm
+                if cm is not None
+                else torch.ones(k.shape[0], k.shape[-2], dtype=torch.bool, device=q.device)
+            )
+            both_mask = torch.cat((qm, cm), dim=-1)
+        groups, commit = self.kmeans.route(torch.cat((q, k), dim=-2), both_mask)
+        qg, kg = groups[..., :n], groups[..., n:]
+        allowed = qg[..., :, None] == kg[..., None, :]  # (b, h, n, m)
+        if cm is not None:
+            allowed &= cm[:, None, None, :]
+        mk, mv = self._mem()
+        b = q.shape[0]
+        k = torch.cat((mk.to(k.dtype).expand(b, -1, -1, -1), k), dim=-2)
+        v = torch.cat((mv.to(v.dtype).expand(b, -1, -1, -1), v), dim=-2)
+        allowed = torch.cat(
+            (allowed.new_ones(*allowed.shape[:-1], self.num_mem_kv), allowed), dim=-1
+        )
+        p = self.dropout if self.training else 0.0
+        return attend(q, k, v, allowed, dropout_p=p), commit
+
+
+# ---------------------------------------------------------------------------------------
+# the stack
+# ---------------------------------------------------------------------------------------
+class _Sublayer(nn.Module):
+    """One residual sub-layer (attention, cross-attention or feed-forward slot) that always
+    returns ``(x, aux)``; ``branch=True`` returns the branch alone (for reversible stacks)."""
+
+    def __init__(self, cfg: RoutingConfig, fn: nn.Module, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.shift = cfg.shift_tokens
+        if cfg.shift_tokens:
+            shifts = (0, 1) if cfg.causal else (1, 0, -1)
+            fn = TokenShift(fn, shifts, causal=cfg.causal)
+        norm = "scale" if cfg.use_scale_norm else "layer"
+        self.residual = Residual(cfg.dim, fn, norm, rezero=cfg.use_rezero)
+
+    def forward(
+        self,
+        x,
+        *,
+        mask=None,
+        rotary=None,
+        cache=None,
+        context=None,
+        context_mask=None,
+        branch=False,
+        key="",
+    ):
+        kw: dict = {}
+        if self.kind == "attn":
+            kw = dict(input_mask=mask, rotary=rotary, cache=cache)
+        elif self.kind == "cross":
+            kw = dict(input_mask=mask, context=context, context_mask=context_mask)
+        elif self.kind == "moe":
+            kw = dict(mask=mask)
+        if self.shift:
+            kw["shift_mask"] = mask
+            if cache is not None:
+                kw["shift_state"] = cache.shift.setdefault(key, {})
+        out = self.residual.branch(x, **kw) if branch else self.residual(x, **kw)
+        if isinstance(out, tuple):
+            return out
+        return out, x.new_zeros((), dtype=torch.float32)
+
+
+def _ff_slot(cfg: RoutingConfig, layer: int) -> tuple[nn.Module, str]:
+    if layer in cfg.moe_layers:
+        return MixtureOfExperts(
+            cfg.dim,
+            cfg.moe_num_experts,
+            loss_coef=cfg.moe_loss_coef,
+            mult=cfg.ff_mult,
+            glu=cfg.ff_glu,
+            dropout=cfg.ff_dropout,
+        ), "moe"
+    if layer in cfg.pkm_layers:
+        return ProductKeyMemory(cfg.dim, cfg.pkm_num_keys), "ff"
+    return FeedForward(
+        cfg.dim,
+        cfg.ff_mult,
+        glu=cfg.ff_glu,
+        activation=cfg.ff_activation,
+        dropout=cfg.ff_dropout,
+        chunks=cfg.ff_chunks,
+    ), "ff"
+
+
+class RoutingTransformer(nn.Module):
+    """The layer stack over embeddings: ``(x (b, n, dim), input_mask) -> (x, aux_loss)``.
+
+    Seed keywords (``RoutingTransformer(dim, depth, max_seq_len, heads, window_size, ...)``)
+    or ``RoutingTransformer(config=RoutingConfig(...))``.
+    """
+
+    def __init__(
+        self,
+        dim: int | None = None,
+        depth: int | None = None,
+        max_seq_len: int | None = None,
+        *,
+        config: RoutingConfig | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__()
+        if config is None:
+            given = {
+                k: v
+                for k, v in dict(dim=dim, depth=depth, max_seq_len=max_seq_len).items()
+                if v is not None
+            }
+            config = _config_from_kwargs(
+                {"num_tokens": None, "register_kmeans_update": False, **given, **kwargs}
+            )
+        self.config = cfg = config
+        self.max_seq_len = cfg.max_seq_len
+        self.rotary = RotaryEmbedding(cfg.head_dim, base=cfg.rotary_base)
+        locs = cfg.local_heads_per_layer()
+        layers = []
+        for i in range(cfg.depth):
+            if cfg.weight_tie and i > 0:
+                layers.append(layers[0])
+                continue
+            ff, kind = _ff_slot(cfg, i + 1)
+            subs = [
+                _Sublayer(cfg, RoutingAttention(cfg, locs[i]), "attn"),
+                _Sublayer(cfg, ff, kind),
+            ]
+            if cfg.receives_context:
+                ff2, kind2 = _ff_slot(cfg, i + 1)
+                subs += [
+                    _Sublayer(cfg, RoutingAttention(cfg, 0, cross=True), "cross"),
+                    _Sublayer(cfg, ff2, kind2),
+                ]
+            layers.append(nn.ModuleList(subs))
+        self.layers = nn.ModuleList(layers)
+        self._kmeans_hook = cfg.register_kmeans_update
+        self._kmeans_scope: weakref.ref | None = None
+        self._recompute = True  # False: plain autograd through the reversible equations (tests)
+
+    # k-means bookkeeping -------------------------------------------------------------------
+    def update_kmeans(self) -> None:
+        """Apply the pending centroid updates (call after backward when the automatic update
+        is off, ``register_kmeans_update=False``)."""
+        update_kmeans(self)
+
+    def register_kmeans_update(self) -> None:
+        self._kmeans_hook = True
+
+    def cancel_kmeans_update(self) -> None:
+        self._kmeans_hook = False
+
+    def _hook_scope(self) -> nn.Module:
+        return (self._kmeans_scope() if self._kmeans_scope is not None else None) or self
+
+    def forward(
+        self,
+        x: Tensor,  # (b, n, dim)
+        input_mask: Tensor | None = None,  # (b, n) bool
+        context: Tensor | None = None,
+        context_mask: Tensor | None = None,
+        cache: RoutingCache | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        cfg = self.config
+        if cfg.receives_context and context is None:
+            raise ValueError("this transformer receives_context: pass context=(b, m, dim)")
+        n = x.shape[1]
+        start = cache.length if cache is not None else 0
+        if start + n > cfg.max_seq_len:
+            raise ValueError(f"sequence length {start + n} exceeds max_seq_len={cfg.max_seq_len}")
+        if self.training and self._kmeans_hook:
+            x = update_after_backward(x, self._hook_scope())
+        rotary = self.rotary(torch.arange(start, start + n, device=x.device))
+        kw = dict(mask=input_mask, rotary=rotary, context=context, context_mask=context_mask)
+        keep = layer_drop_keep(cfg.depth, cfg.layer_dropout, self.training)
+        aux = x.new_zeros((), dtype=torch.float32)
+        if cfg.reversible and cache is None:
+            pairs = [
+                (subs[j], subs[j + 1])
+                for i, subs in enumerate(self.layers)
+                if keep[i]
+                for j in range(0, len(subs), 2)
+            ]
+            branches = [(partial(f, branch=True), partial(g, branch=True)) for f, g in pairs]
+            ctx = kw.pop("context")
+            x, aux = reversible(x, branches, ctx, recompute=self._recompute, **kw)
+        else:
+            for i, subs in enumerate(self.layers):
+                if not keep[i]:
+                    continue
+                lc = cache.layers[i] if cache is not None else None
+                for j, sub in enumerate(subs):
+                    x, a = sub(x, cache=lc, key=str(j), **kw)
+                    aux = aux + a
+        if cache is not None:
+            cache.length += n
+        return x, aux
+
+
+def _config_from_kwargs(kwargs: dict) -> RoutingConfig:
+    """Seed keyword names -> RoutingConfig (``_register_kmeans_update`` is the seed's name)."""
+    kw = dict(kwargs)
+    if "_register_kmeans_update" in kw:
+        kw["register_kmeans_update"] = kw.pop("_register_kmeans_update")
+    for dead in ("rel_pos_emb", "use_absolute_pos_emb"):
+        if kw.pop(dead, None):
+            log.warning(
+                "%s is not an option of retrolm's routing transformer (rotary is always on)", dead
+            )
+    return RoutingConfig.from_dict(kw)
+
+
+class RoutingTransformerLM(nn.Module):
+    """Token embedding -> ``RoutingTransformer`` -> logits. ``model(x, input_mask=mask)``
+    returns ``(logits (b, n, num_tokens), aux_loss scalar)``; ``aux_loss`` (commitment + MoE)
+    must be added to the LM loss (``AutoregressiveWrapper`` does)."""
+
+    def __init__(
+        self,
+        num_tokens: int | None = None,
+        dim: int | None = None,
+        depth: int | None = None,
+        max_seq_len: int | None = None,
+        *,
+        config: RoutingConfig | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__()
+        if config is None:
+            given = dict(num_tokens=num_tokens, dim=dim, depth=depth, max_seq_len=max_seq_len)
+            config = _config_from_kwargs(
+                {**{k: v for k, v in given.items() if v is not None}, **kwargs}
+            )
+        if config.num_tokens is None:
+            raise ValueError("RoutingTransformerLM needs num_tokens")
+        self.config = cfg = config
+        self.max_seq_len = cfg.max_seq_len
+        emb_dim = cfg.emb_dim or cfg.dim
+        self.token_emb = nn.Embedding(cfg.num_tokens, emb_dim)
+        nn.init.normal_(self.token_emb.weight, std=0.02)
+        # ALBERT-style factorised embedding when emb_dim != dim
+        self.proj_in = nn.Linear(emb_dim, cfg.dim) if emb_dim != cfg.dim else nn.Identity()
+        self.proj_out = nn.Linear(cfg.dim, emb_dim) if emb_dim != cfg.dim else nn.Identity()
+        self.transformer = RoutingTransformer(config=cfg)
+        self.norm = LayerNorm(emb_dim)
+        self.to_logits = None
+        if not cfg.tie_embedding and not cfg.return_embeddings:
+            self.to_logits = nn.Linear(emb_dim, cfg.num_tokens)
+
+    def update_kmeans(self) -> None:
+        update_kmeans(self)
+
+    def register_kmeans_update(self) -> None:
+        self.transformer.register_kmeans_update()
+
+    def cancel_kmeans_update(self) -> None:
+        self.transformer.cancel_kmeans_update()
+
+    @torch.no_grad()
+    def init_kmeans(self, x: Tensor, input_mask: Tensor | None = None) -> None:
+        """Explicit centroid initialisation from a batch of tokens (b, n)."""
+        was = self.training
+        self.train()
+        self(x, input_mask=input_mask)
+        self.train(was)
+
+    def init_cache(self, batch_size: int) -> RoutingCache | None:
+        """KV cache for incremental decoding (sorted causal routing only; otherwise None,
+        and generation recomputes the prefix)."""
+        cfg = self.config
+        if not cfg.causal or cfg.routing_mode != "sorted":
+            return None
+        return RoutingCache(cfg.depth)
+
+    def forward(
+        self,
+        x: Tensor,  # (b, n) int
+        input_mask: Tensor | None = None,
+        context: Tensor | None = None,
+        context_mask: Tensor | None = None,
+        cache: RoutingCache | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        h = self.proj_in(self.token_emb(x))
+        h, aux = self.transformer(h, input_mask, context, context_mask, cache)
+        h = self.norm(self.proj_out(h))
+        if self.config.return_embeddings:
+            return h, aux
+        logits = self.to_logits(h) if self.to_logits is not None else h @ self.token_emb.weight.t()
+        return logits, aux
+
+
+class RoutingLanguageModel(AutoregressiveWrapper):
+    """What ``retrolm train --model routing`` builds: the LM inside the shared wrapper, from a
+    config (the model registry's contract: ``cls(config=cfg)``, ``model(seq,
+    return_loss=True)``, ``model.config``)."""
+
+    def __init__(self, config: RoutingConfig) -> None:
+        super().__init__(RoutingTransformerLM(config=config))
+        self.config = config
+
+
+def register_routing() -> bool:
+    """Register the family with ``retrolm.models.registry`` when that module exists (it
+    lands with the trainer); returns whether it did. Idempotent."""
+    try:
+        from retrolm.models.registry import FAMILIES, ModelFamily, register_family
+    except ImportError:
+        return False
+    if "routing" not in FAMILIES:
+        register_family(
+            ModelFamily(
+                name="routing",
+                config_cls="retrolm.models.routing_config:RoutingConfig",
+                model_cls="retrolm.models.routing:RoutingLanguageModel",
+                uses_retrieval=False,
+                default_preset="routing-tiny",
+            )
+        )
+    return True

@@ -1,0 +1,214 @@
+"""Sorted-window attention: attention restricted to groups (clusters), over a sliding window
+in the order (group, position). The strictly causal form of Routing Transformer attention.
+
+Every token carries a group id (its k-means cluster; -1 = padding, which no real query ever
+sees). A query at position p in group c may attend the keys of group c with the ``window``
+latest positions <= p (causal), or the ``window - 1`` nearest of its group on each side
+(non-causal), plus optional learned memory key/values that every query sees. Which keys a
+query sees is thereby decided by the past alone; the balanced top-k routing of the reference
+implementation ranks all positions against each centroid and so lets future tokens choose a
+query's keys (research/attention-anchors.md §1.1, §1.6).
+
+Three implementations of one definition:
+
+* shared groups (queries and keys are the same tokens in the same groups, e.g. shared q/k):
+  stable-sort by (group, position), cut the sorted sequence into blocks of ``window`` and let
+  each block attend itself and the previous block (and the next one when non-causal) with a
+  same-group mask: O(n * window) time and memory, like exact local attention.
+* separate key groups: keys sorted by (group, position); each query finds the end of its
+  window with ``searchsorted`` and gathers ``window`` keys (chunked, recomputed in backward).
+* ``dense_window_mask``: the (i, j) mask built from the definition: the oracle under
+  ``attention_backend("reference")`` and the mask used for incremental (cached) decoding.
+
+Notation: b batch, h heads, n positions, i queries, j keys, w window, d head dim, m memory kv.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from retrolm.nn.attention import attend, current_backend
+
+MemKV = tuple[Tensor, Tensor]  # (h, m, d) keys and values
+
+
+def dense_window_mask(
+    q_group: Tensor,  # (b, h, i) int, -1 = padding
+    k_group: Tensor,  # (b, h, j) int, -1 = padding; keys ordered by position
+    window: int,
+    *,
+    causal: bool = True,
+    q_pos: Tensor | None = None,  # (i,) positions; default: the last i of the j keys
+    k_pos: Tensor | None = None,  # (j,)
+    k_rank: Tensor | None = None,  # (b, h, j) same-group keys before each key (cached)
+) -> Tensor:  # (b, h, i, j) bool, True = may attend
+    i, j = q_group.shape[-1], k_group.shape[-1]
+    dev = q_group.device
+    k_pos = torch.arange(j, device=dev) if k_pos is None else k_pos
+    q_pos = torch.arange(j - i, j, device=dev) if q_pos is None else q_pos
+    same = (q_group[..., :, None] == k_group[..., None, :]) & (q_group >= 0)[..., None]
+    if k_rank is None:
+        kk = k_group[..., :, None] == k_group[..., None, :]  # (b, h, j, j)
+        k_rank = (kk & torch.ones(j, j, dtype=torch.bool, device=dev).tril(-1)).sum(-1)
+    before = k_pos[None, :] <= q_pos[:, None]  # (i, j)
+    end = (same & before).sum(-1, keepdim=True)  # (b, h, i, 1) window end, in group ranks
+    rank = k_rank[..., None, :]
+    mask = same & (rank >= end - window)
+    return mask & (before if causal else rank < end + window - 1)
+
+
+def _exclude_self(mask: Tensor, is_self: Tensor, has_mem: bool) -> Tensor:
+    """Shared q/k (Reformer, Kitaev et al. 2020): a token attends itself only when nothing
+    else is allowed (q.q would dominate every other score)."""
+    others = mask & ~is_self
+    if has_mem:
+        return others
+    return others | (is_self & mask & ~others.any(-1, keepdim=True))
+
+
+def _attend_with_mem(q, k, v, mask, mem: MemKV | None, dropout_p: float) -> Tensor:
+    """q (B, h, i, d), k/v (B, h, j, d), mask (B, h, i, j); memory kv prepended, always visible."""
+    if mem is not None:
+        mk, mv = mem
+        B = q.shape[0]
+        k = torch.cat((mk.to(k.dtype).expand(B, -1, -1, -1), k), dim=-2)
+        v = torch.cat((mv.to(v.dtype).expand(B, -1, -1, -1), v), dim=-2)
+        ones = mask.new_ones(*mask.shape[:-1], mk.shape[-2])
+        mask = torch.cat((ones, mask), dim=-1)
+    return attend(q, k, v, mask, dropout_p=dropout_p)
+
+
+def _blocks(x: Tensor, w: int, look_forward: bool, fill) -> Tensor:
+    """(..., nb*w, *) along dim 2 -> (..., nb, (2|3)*w, *): previous, own (and next) block."""
+    blk = x.unflatten(2, (-1, w))  # (b, h, nb, w, ...)
+    pad_spec = [0, 0] * (blk.dim() - 3)
+    prev = F.pad(blk, [*pad_spec, 1, 0], value=fill)[:, :, :-1]
+    parts = [prev, blk]
+    if look_forward:
+        parts.append(F.pad(blk, [*pad_spec, 0, 1], value=fill)[:, :, 1:])
+    return torch.cat(parts, dim=3)
+
+
+def _sort_key(group: Tensor, n: int) -> Tensor:
+    pos = torch.arange(n, device=group.device)
+    big = int(group.max()) + 1 if group.numel() else 0
+    return torch.where(group < 0, big, group) * n + pos  # padding sorts last
+
+
+def sorted_window_attend(
+    q: Tensor,  # (b, h, n, d)
+    k: Tensor,  # (b, h, n, d)
+    v: Tensor,  # (b, h, n, dv)
+    group: Tensor,  # (b, h, n) int: group of each query (and of each key unless k_group)
+    window: int,
+    *,
+    k_group: Tensor | None = None,  # (b, h, n) keys' own groups (unshared q/k routing)
+    causal: bool = True,
+    mem_kv: MemKV | None = None,
+    exclude_self: bool = False,
+    dropout_p: float = 0.0,
+) -> Tensor:  # (b, h, n, dv)
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    if exclude_self and k_group is not None:
+        raise ValueError("exclude_self needs shared groups (queries and keys are one token)")
+    if current_backend() == "reference":
+        return _dense(q, k, v, group, window, k_group, causal, mem_kv, exclude_self, dropout_p)
+    if k_group is None:
+        return _blocked(q, k, v, group, window, causal, mem_kv, exclude_self, dropout_p)
+    return _gathered(q, k, v, group, k_group, window, causal, mem_kv, dropout_p)
+
+
+def _dense(q, k, v, group, window, k_group, causal, mem_kv, exclude_self, dropout_p):
+    n = q.shape[-2]
+    mask = dense_window_mask(group, group if k_group is None else k_group, window, causal=causal)
+    if exclude_self:
+        mask = _exclude_self(
+            mask, torch.eye(n, dtype=torch.bool, device=q.device), mem_kv is not None
+        )
+    return _attend_with_mem(q, k, v, mask, mem_kv, dropout_p)
+
+
+def _blocked(q, k, v, group, w, causal, mem_kv, exclude_self, dropout_p):
+    b, h, n, d = q.shape
+    order = _sort_key(group, n).argsort(dim=-1)  # (b, h, n)
+    idx = order[..., None]
+    qs, ks, vs = (t.gather(2, idx.expand(-1, -1, -1, t.shape[-1])) for t in (q, k, v))
+    gs = group.gather(2, order)
+    pad = (-n) % w
+    if pad:
+        qs, ks, vs = (F.pad(t, (0, 0, 0, pad)) for t in (qs, ks, vs))
+        gs = F.pad(gs, (0, pad), value=-2)
+    look_forward = not causal
+    kb, vb = _blocks(ks, w, look_forward, 0.0), _blocks(vs, w, look_forward, 0.0)
+    gk = _blocks(gs, w, look_forward, -2)  # (b, h, nb, kw)
+    gq = gs.unflatten(2, (-1, w))  # (b, h, nb, w)
+    # distance in sorted order between a query and each key of its (2|3)w candidates
+    dist = torch.arange(w, device=q.device)[:, None] - (
+        torch.arange(kb.shape[3], device=q.device) - w
+    )
+    allowed = ((dist >= 0) & (dist < w)) if causal else (dist.abs() < w)  # (w, kw)
+    mask = (gq[..., :, None] == gk[..., None, :]) & (gq >= 0)[..., None] & allowed
+    if exclude_self:
+        mask = _exclude_self(mask, dist == 0, mem_kv is not None)
+    out = _attend_with_mem(
+        rearrange(qs, "b h (nb w) d -> (b nb) h w d", w=w),
+        rearrange(kb, "b h nb kw d -> (b nb) h kw d"),
+        rearrange(vb, "b h nb kw d -> (b nb) h kw d"),
+        rearrange(mask, "b h nb w kw -> (b nb) h w kw"),
+        mem_kv,
+        dropout_p,
+    )
+    out = rearrange(out, "(b nb) h w d -> b h (nb w) d", b=b)[:, :, :n]
+    return out.new_zeros(out.shape).scatter(2, idx.expand(-1, -1, -1, out.shape[-1]), out)
+
+
+def _gathered(q, k, v, q_group, k_group, w, causal, mem_kv, dropout_p, chunk_elems=1 << 21):
+    b, h, n, d = q.shape
+    korder = _sort_key(k_group, n).argsort(dim=-1)
+    kidx = korder[..., None]
+    ks, vs = (t.gather(2, kidx.expand(-1, -1, -1, t.shape[-1])) for t in (k, v))
+    skey = _sort_key(k_group, n).gather(2, korder)  # ascending
+    sg = k_group.gather(2, korder)
+    # (group, position) of each query; keys before it in sorted order end its window
+    qkey = torch.where(q_group < 0, -1, q_group) * n + torch.arange(n, device=q.device)
+    end = torch.searchsorted(skey.contiguous(), qkey.contiguous(), right=True)  # (b, h, n)
+    span = w if causal else 2 * w - 1
+    cand = end[..., None] - w + torch.arange(span, device=q.device)  # (b, h, n, span)
+    valid = (cand >= 0) & (cand < n)
+    cand = cand.clamp(0, n - 1)
+    valid &= (
+        sg.gather(2, rearrange(cand, "b h n s -> b h (n s)")).view_as(cand) == q_group[..., None]
+    )
+    valid &= (q_group >= 0)[..., None]
+    if causal:
+        valid &= cand < end[..., None]
+
+    def run(qc, cc, vc):  # one chunk of queries: (b, h, c, d), (b, h, c, span), mask
+        c = qc.shape[2]
+        flat = rearrange(cc, "b h c s -> b h (c s)")[..., None]
+        kc = ks.gather(2, flat.expand(-1, -1, -1, d)).view(b, h, c, span, d)
+        vv = vs.gather(2, flat.expand(-1, -1, -1, vs.shape[-1])).view(b, h, c, span, -1)
+        out = _attend_with_mem(
+            rearrange(qc, "b h c d -> (b c) h 1 d"),
+            rearrange(kc, "b h c s d -> (b c) h s d"),
+            rearrange(vv, "b h c s d -> (b c) h s d"),
+            rearrange(vc, "b h c s -> (b c) h 1 s"),
+            mem_kv,
+            dropout_p,
+        )
+        return rearrange(out, "(b c) h 1 d -> b h c d", b=b)
+
+    step = max(1, chunk_elems // max(1, b * h * span * d))
+    outs = []
+    for s in range(0, n, step):
+        args = (q[:, :, s : s + step], cand[:, :, s : s + step], valid[:, :, s : s + step])
+        if torch.is_grad_enabled() and dropout_p == 0.0:
+            outs.append(checkpoint(run, *args, use_reentrant=False))
+        else:
+            outs.append(run(*args))
+    return torch.cat(outs, dim=2)

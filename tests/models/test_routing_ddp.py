@@ -1,0 +1,63 @@
+"""Under 2-process gloo DDP the k-means statistics are all-reduced: both ranks, trained on
+different data, keep identical centroids (and they did move)."""
+
+import os
+import socket
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    from retrolm import AutoregressiveWrapper, RoutingTransformerLM
+    from retrolm.nn.kmeans import kmeans_modules
+
+    torch.manual_seed(0)  # same weights on both ranks
+    lm = RoutingTransformerLM(
+        num_tokens=31,
+        dim=32,
+        depth=2,
+        heads=4,
+        dim_head=8,
+        max_seq_len=32,
+        window_size=4,
+        causal=True,
+        n_local_attn_heads=2,
+    )
+    model = torch.nn.parallel.DistributedDataParallel(AutoregressiveWrapper(lm))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    torch.manual_seed(100 + rank)  # different data on each rank
+    first = None
+    for step in range(3):
+        opt.zero_grad()
+        model(torch.randint(0, 31, (2, 25)), return_loss=True).backward()
+        opt.step()
+        if step == 0:
+            first = [km.means.clone() for km in kmeans_modules(lm)]
+    means = torch.cat([km.means.flatten() for km in kmeans_modules(lm)])
+    moved = any(not torch.equal(a, km.means) for a, km in zip(first, kmeans_modules(lm)))
+    torch.save({"means": means, "moved": moved}, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
+def test_two_process_gloo_ddp_keeps_identical_centroids():
+    with tempfile.TemporaryDirectory() as d:
+        mp.start_processes(
+            _worker, args=(2, _free_port(), d), nprocs=2, join=True, start_method="spawn"
+        )
+        r0, r1 = (torch.load(os.path.join(d, f"rank{r}.pt")) for r in range(2))
+    assert r0["moved"] and r1["moved"]
+    torch.testing.assert_close(r0["means"], r1["means"], rtol=0, atol=0)
