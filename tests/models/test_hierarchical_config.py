@@ -1,6 +1,7 @@
 """Hierarchical Transformer config: every option has an effect or is rejected, validation
 messages, presets, and the seed README's snippets at reduced sizes."""
 
+import dataclasses
 import json
 
 import pytest
@@ -63,7 +64,7 @@ def test_every_option_has_an_effect(option, value):
 def test_options_tested_elsewhere_exist():
     # detach_ar_target (gradients), use_flash_attn (attention path), seq_len (length and
     # window checks) are tested in test_hierarchical.py and below
-    fields = set(HierarchicalConfig.__dataclass_fields__)
+    fields = {f.name for f in dataclasses.fields(HierarchicalConfig)}
     covered = {o for o, _ in CHANGES} | {"detach_ar_target", "use_flash_attn", "seq_len"}
     assert fields == covered, fields ^ covered
 
@@ -110,7 +111,7 @@ def test_presets_and_dict_round_trip():
     tiny = HierarchicalTransformer(config=HierarchicalConfig.from_name("hier-tiny"))
     assert tiny(torch.zeros(1, 10, dtype=torch.long)).shape == (1, 10, 256)
     assert HierarchicalConfig.from_name("hier-tiny", depth=1).depth == 1
-    with pytest.raises(ValueError, match="unknown preset 'nope'"):
+    with pytest.raises(ValueError, match="unknown hierarchical preset 'nope'"):
         HierarchicalConfig.from_name("nope")
     with pytest.raises(ValueError, match=r"unknown HierarchicalConfig fields \['bogus'\]"):
         HierarchicalConfig.from_dict({"bogus": 1})

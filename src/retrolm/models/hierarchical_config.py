@@ -7,11 +7,11 @@ raising ``ValueError`` with the offending value and the rule it breaks.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
+from retrolm.config import ConfigBase
 from retrolm.utils import is_power_of_two
 
 PerHierarchy = Any  # a scalar, or a tuple with one value per hierarchy
@@ -42,7 +42,10 @@ _PER_HIERARCHY = ("dim", "dim_head", "heads", "ff_mult", "window_sizes", "hierar
 
 
 @dataclass
-class HierarchicalConfig:
+class HierarchicalConfig(ConfigBase):
+    family: ClassVar[str] = "hierarchical"
+    presets: ClassVar[dict[str, dict[str, Any]]] = PRESETS
+
     num_tokens: int = 256
     """Vocabulary size."""
     dim: PerHierarchy = 256
@@ -176,20 +179,3 @@ class HierarchicalConfig:
     @property
     def num_hierarchies(self) -> int:
         return len(self.hierarchies)
-
-    @classmethod
-    def from_name(cls, name: str, **overrides: Any) -> HierarchicalConfig:
-        if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-        return cls(**{**PRESETS[name], **overrides})
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> HierarchicalConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown HierarchicalConfig fields {unknown}")
-        return cls(**d)

@@ -8,9 +8,10 @@ layers. Layer indices are 1-based, as in the paper and the seed API.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
+from retrolm.config import ConfigBase
 from retrolm.nn.norms import NORMS
 
 
@@ -22,7 +23,9 @@ def paper_cca_layers(dec_depth: int) -> tuple[int, ...]:
 
 
 @dataclass
-class RetroConfig:
+class RetroConfig(ConfigBase):
+    family: ClassVar[str] = "RETRO"
+
     # vocabulary and geometry
     num_tokens: int = 28996
     """Vocabulary size of the LM tokenizer (28996 = the seed's BERT-cased default)."""
@@ -134,30 +137,6 @@ class RetroConfig:
     def head_rotary_dim(self) -> int:
         return self.rotary_dim if self.rotary_dim is not None else self.dim_head
 
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["dec_cross_attn_layers"] = list(self.dec_cross_attn_layers)
-        d["enc_cross_attn_layers"] = list(self.enc_cross_attn_layers)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> RetroConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown RetroConfig fields {sorted(unknown)}")
-        d = dict(d)
-        for k in ("dec_cross_attn_layers", "enc_cross_attn_layers"):
-            if d.get(k) is not None:
-                d[k] = tuple(d[k])
-        return cls(**d)
-
-    @classmethod
-    def from_name(cls, name: str, **overrides: Any) -> RetroConfig:
-        if name not in PRESETS:
-            raise ValueError(f"unknown RETRO preset {name!r}; choose one of {sorted(PRESETS)}")
-        return cls(**{**PRESETS[name], **overrides})
-
 
 def _layers(name: str, layers, depth: int, allow_empty: bool = False) -> tuple[int, ...]:
     layers = tuple(int(x) for x in layers)
@@ -226,3 +205,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         dim_head=64,
     ),
 }
+
+
+RetroConfig.presets = PRESETS

@@ -7,15 +7,19 @@ docstring of each field is its CLI help.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
+
+from retrolm.config import ConfigBase
 
 ROUTING_MODES = ("auto", "sorted", "balanced")
 
 
 @dataclass
-class RoutingConfig:
+class RoutingConfig(ConfigBase):
+    family: ClassVar[str] = "routing"
+    transient_fields: ClassVar[tuple[str, ...]] = ("extra",)
+
     dim: int = 256
     """Width of the residual stream."""
     depth: int = 4
@@ -201,30 +205,6 @@ class RoutingConfig:
         return self.local_attn_window_size or self.window_size
 
     # --- (de)serialisation and presets ---------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d.pop("extra")
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> RoutingConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown RoutingConfig fields {unknown}; valid: {sorted(names)}")
-        d = dict(d)
-        for k in ("pkm_layers", "moe_layers"):
-            if k in d:
-                d[k] = tuple(d[k])
-        if isinstance(d.get("n_local_attn_heads"), list):
-            d["n_local_attn_heads"] = tuple(d["n_local_attn_heads"])
-        return cls(**d)
-
-    @classmethod
-    def from_name(cls, name: str, **overrides: Any) -> RoutingConfig:
-        if name not in PRESETS:
-            raise ValueError(f"unknown routing preset {name!r}; choose one of {sorted(PRESETS)}")
-        return cls.from_dict({**PRESETS[name], **overrides})
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -263,3 +243,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         causal=True,
     ),
 }
+
+
+RoutingConfig.presets = PRESETS
