@@ -4,12 +4,13 @@ Config (issue 2): decoder 256 x 6, encoder 256 x 2, CCA layers (3, 6), heads 4, 
 vocabulary 28996, chunk 64, k = 2 neighbours; L=512 batch 4 and L=2048 batch 1; 2 threads.
 One train step = forward + backward + AdamW step on random tokens.
 
-Every (config, side, dtype) runs in a fresh process so that peak RSS (ru_maxrss) is its own,
-and the sides run interleaved, round after round, so that a noisy machine slows them alike.
-Ratios (ours / anchor) are computed from medians measured in the same run.
+Speed: both libraries in one process, one training step each in turn (anchor fp32, anchor
+bf16, ours fp32, ours bf16), so that load from other processes on a shared machine slows
+them alike; ratios are medians of per-round ratios. Peak RSS: every (config, side, dtype)
+in a fresh process (ru_maxrss is that run's own).
 
-    python benchmarks/bench_retro_train.py                # full run
-    python benchmarks/bench_retro_train.py --rounds 1 --steps 3   # quicker
+    python benchmarks/bench_retro_train.py                # both configs, 5 rounds
+    python benchmarks/bench_retro_train.py --steps 3 --configs L512_b4   # quicker
 Needs: pip install --no-deps retro-pytorch==0.3.9 (faiss-cpu installed; autofaiss is stubbed).
 """
 
@@ -97,6 +98,66 @@ def child(side: str, cfg: str, dtype: str, warmup: int, steps: int) -> dict:
     )
 
 
+def interleaved_speed(cfg: str, warmup: int, rounds: int) -> dict:
+    """Both sides in one process, one step each in turn, so outside load hits them alike.
+
+    Returns per-(side, dtype) median step times and the median of per-round ratios.
+    """
+    import torch
+
+    torch.set_num_threads(2)
+    L, B = CONFIGS[cfg]
+    g = torch.Generator().manual_seed(0)
+    seq = torch.randint(1, VOCAB, (B, L + 1), generator=g)
+    ret = torch.randint(1, VOCAB, (B, L // 64, 2, 128), generator=g)
+    runners = {}
+    for side in ("anchor", "ours"):
+        torch.manual_seed(0)
+        model = build(side, L).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        for dtype in ("fp32", "bf16"):
+
+            def step(model=model, opt=opt, dtype=dtype) -> None:
+                opt.zero_grad(set_to_none=True)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+                    loss = model(seq, ret, return_loss=True)
+                loss.backward()
+                opt.step()
+
+            runners[(side, dtype)] = step
+    for run in runners.values():
+        for _ in range(warmup):
+            run()
+    times: dict = {k: [] for k in runners}
+    for _ in range(rounds):
+        for key, run in runners.items():
+            t0 = time.perf_counter()
+            run()
+            times[key].append(time.perf_counter() - t0)
+    med = {f"{s}-{d}": statistics.median(t) for (s, d), t in times.items()}
+    anchor_best = [min(a, b) for a, b in zip(times[("anchor", "fp32")], times[("anchor", "bf16")])]
+    ratios = {
+        f"ours-{d} / anchor-best": statistics.median(
+            a / o for a, o in zip(anchor_best, times[("ours", d)])
+        )
+        for d in ("fp32", "bf16")
+    }
+    ratios["ours-bf16 / anchor-fp32"] = statistics.median(
+        a / o for a, o in zip(times[("anchor", "fp32")], times[("ours", "bf16")])
+    )
+    ratios["ours-fp32 / anchor-fp32"] = statistics.median(
+        a / o for a, o in zip(times[("anchor", "fp32")], times[("ours", "fp32")])
+    )
+    return dict(
+        config=cfg,
+        tokens_per_step=B * L,
+        median_step_s=med,
+        tok_s={k: B * L / v for k, v in med.items()},
+        speed_ratios=ratios,
+        rounds=rounds,
+    )
+
+
 def loss_parity(steps: int = 30) -> dict:
     """Train the same model from the same init on the same batches in fp32 and bf16 autocast."""
     import torch
@@ -143,9 +204,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--child", nargs=3, metavar=("SIDE", "CONFIG", "DTYPE"))
     ap.add_argument("--parity", action="store_true")
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--speed", metavar="CONFIG", help="interleaved speed run for one config")
+    ap.add_argument("--rounds", type=int, default=1, help="(child runs only)")
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=5, help="measured steps / interleaved rounds")
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--json", help="append raw results to this file")
     a = ap.parse_args()
@@ -154,6 +216,9 @@ def main() -> None:
         return
     if a.parity:
         print(json.dumps(loss_parity()))
+        return
+    if a.speed:
+        print(json.dumps(interleaved_speed(a.speed, a.warmup, a.rounds)))
         return
     runs = [("anchor", "fp32"), ("ours", "fp32"), ("ours", "bf16"), ("anchor", "bf16")]
     results: dict[tuple, list[dict]] = {}

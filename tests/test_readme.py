@@ -25,3 +25,13 @@ def test_readme_retro_example_runs():
     exec(compile(block, str(README), "exec"), scope)
     assert scope["logits"].shape == (2, 256, 20000)
     assert scope["loss"].isfinite()
+
+
+def test_readme_family_example_runs():
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    block = next(b for b in blocks if "RoutingTransformerLM(" in b)
+    scope: dict = {}
+    exec(compile(block, str(README), "exec"), scope)
+    assert scope["logits"].shape == (1, 256, 256)
+    assert scope["sample"].shape == (1, 16)
+    assert scope["loss"].isfinite()
