@@ -19,19 +19,39 @@ def folder(tmp_path_factory):
 
 def make(root, enc, retro):
     return TrainingWrapper(
-        retro=retro, knn=2, chunk_size=16, documents_path=root / "text_folder", glob="**/*.txt",
-        chunks_memmap_path=root / "train.chunks.dat", seqs_memmap_path=root / "train.seq.dat",
-        doc_ids_memmap_path=root / "train.doc_ids.dat", max_chunks=1_000_000, max_seqs=100_000,
-        knn_extra_neighbors=100, max_index_memory_usage="100m", current_memory_available="1G",
-        encoder=enc, vocab_size=600,
+        retro=retro,
+        knn=2,
+        chunk_size=16,
+        documents_path=root / "text_folder",
+        glob="**/*.txt",
+        chunks_memmap_path=root / "train.chunks.dat",
+        seqs_memmap_path=root / "train.seq.dat",
+        doc_ids_memmap_path=root / "train.doc_ids.dat",
+        max_chunks=1_000_000,
+        max_seqs=100_000,
+        knn_extra_neighbors=100,
+        max_index_memory_usage="100m",
+        current_memory_available="1G",
+        encoder=enc,
+        vocab_size=600,
     )
 
 
 def test_seed_training_wrapper_example(folder, monkeypatch):
     root, enc = folder
     torch.manual_seed(0)
-    retro = RETRO(num_tokens=1000, chunk_size=16, max_seq_len=64, enc_dim=32, enc_depth=1,
-                  dec_dim=32, dec_depth=2, dec_cross_attn_layers=(2,), heads=2, dim_head=16)
+    retro = RETRO(
+        num_tokens=1000,
+        chunk_size=16,
+        max_seq_len=64,
+        enc_dim=32,
+        enc_depth=1,
+        dec_dim=32,
+        dec_depth=2,
+        dec_cross_attn_layers=(2,),
+        heads=2,
+        dim_head=16,
+    )
     wrapper = make(root, enc, retro)
     train_dl = iter(wrapper.get_dataloader(batch_size=2, shuffle=True))
     optim = wrapper.get_optimizer(lr=3e-4, wd=0.01)
@@ -58,8 +78,18 @@ def test_seed_training_wrapper_example(folder, monkeypatch):
 
 def test_wrapper_rejects_mismatched_chunk_size(folder):
     root, enc = folder
-    retro = RETRO(num_tokens=1000, chunk_size=8, max_seq_len=64, enc_dim=32, enc_depth=1,
-                  dec_dim=32, dec_depth=2, dec_cross_attn_layers=(2,), heads=2, dim_head=16)
+    retro = RETRO(
+        num_tokens=1000,
+        chunk_size=8,
+        max_seq_len=64,
+        enc_dim=32,
+        enc_depth=1,
+        dec_dim=32,
+        dec_depth=2,
+        dec_cross_attn_layers=(2,),
+        heads=2,
+        dim_head=16,
+    )
     with pytest.raises(ValueError, match="chunk_size 16 differs from the model's chunk_size 8"):
         make(root, enc, retro)
 

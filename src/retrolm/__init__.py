@@ -18,6 +18,8 @@ _LAZY = {
     "RETRODataset": "retrolm.data",
     "TrainingWrapper": "retrolm.training",
     "generate": "retrolm.generation",
+    "HierarchicalTransformer": "retrolm.models.hierarchical",
+    "HierarchicalConfig": "retrolm.models.hierarchical_config",
 }
 
 

@@ -29,7 +29,9 @@ COMMANDS: dict[str, str] = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="retrolm",
-        description="Retrieval-enhanced language models: build a database, train, evaluate.",
+        description=(
+            "Retrieval-enhanced language models: build a database, train, evaluate, generate."
+        ),
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

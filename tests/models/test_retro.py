@@ -195,6 +195,7 @@ def test_wrong_shapes_name_expected_and_given():
         (dict(rotary_dim=15), "rotary_dim"),
         (dict(dec_attn_dropout=1.5), "dec_attn_dropout"),
         (dict(pad_id=999), "pad_id"),
+        (dict(share_embeddings=True, enc_dim=64), "share_embeddings needs enc_dim == dec_dim"),
     ],
 )
 def test_config_validation(kw, match):
@@ -234,6 +235,7 @@ OPTIONS = {
     "ff_glu": True,
     "rotary_dim": 8,
     "tie_embeddings": True,
+    "share_embeddings": True,
 }
 
 

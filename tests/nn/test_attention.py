@@ -70,6 +70,14 @@ def test_local_attention_equals_masked_reference(causal, n, window):
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("b", [1, 3])
+def test_local_attention_without_key_mask_any_batch(b):
+    q, k, v = rand(b, 2, 10, 4), rand(b, 2, 10, 4), rand(b, 2, 10, 4)
+    out = local_attend(q, k, v, 3)
+    ref = reference_attend(q, k, v, sliding_window_mask(10, 10, 3))
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+
+
 def test_multihead_cached_equals_full():
     torch.manual_seed(2)
     from retrolm.nn import RotaryEmbedding

@@ -99,3 +99,22 @@ def test_deepnet_constants_and_init():
     deepnet_init_(m, beta=0.1)
     big, small = m[0].q_proj.weight.std(), m[0].v_proj.weight.std()
     assert small < big * 0.2
+
+
+def test_rmsnorm_custom_backward_equals_autograd_float64():
+    from retrolm.nn import RMSNorm
+
+    torch.manual_seed(0)
+    norm = RMSNorm(6).double()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(3, 4, 6, dtype=torch.float64, requires_grad=True)
+    y = norm(x)
+    ref = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight
+    torch.testing.assert_close(y, ref)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, norm.weight), g)
+    exp = torch.autograd.grad(ref, (x, norm.weight), g)
+    for a, b in zip(got, exp):
+        torch.testing.assert_close(a, b)
+    assert torch.autograd.gradcheck(lambda t: norm(t), (x[:1, :2],))

@@ -9,11 +9,31 @@ from pathlib import Path
 import pytest
 
 # Real prose and code comments, written by people: the docstrings of stdlib modules.
-CORPUS_MODULES = ["json", "csv", "textwrap", "string", "fractions", "heapq", "bisect",
-                  "shlex", "difflib", "calendar", "statistics", "contextlib"]
+CORPUS_MODULES = [
+    "json",
+    "csv",
+    "textwrap",
+    "string",
+    "fractions",
+    "heapq",
+    "bisect",
+    "shlex",
+    "difflib",
+    "calendar",
+    "statistics",
+    "contextlib",
+]
 
-TINY_DB = dict(chunk_size=16, seq_len=64, vocab_size=1000, embed_dtype="fp32",
-               neighbours=2, extra_neighbours=3, block_size=128, batch_size=32)
+TINY_DB = dict(
+    chunk_size=16,
+    seq_len=64,
+    vocab_size=1000,
+    embed_dtype="fp32",
+    neighbours=2,
+    extra_neighbours=3,
+    block_size=128,
+    batch_size=32,
+)
 
 
 def module_text(name: str) -> str:
@@ -46,11 +66,25 @@ def make_tiny_encoder(folder: Path, seed: int = 0) -> Path:
     from retrolm.retrieval.encoder import default_encoder_path
 
     torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
-                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=512)
+    cfg = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+    )
     BertModel(cfg).eval().save_pretrained(folder)
     shutil.copy(default_encoder_path() / "tokenizer.json", folder / "tokenizer.json")
     return folder
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_faiss_thread():
+    """faiss's OpenMP threads spin; on 2 shared cores that makes training 10-25x slower."""
+    import faiss
+
+    faiss.omp_set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

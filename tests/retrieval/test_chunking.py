@@ -24,7 +24,7 @@ def test_document_chunker_layout(n):
     assert len(rows) == -(-len(stream) // m)  # ceil: no empty row
     flat = rows[:, :m].ravel()
     assert flat[: len(stream)].tolist() == stream  # tokens in order
-    assert (flat[len(stream):] == PAD_ID).all()  # right padding of the last row only
+    assert (flat[len(stream) :] == PAD_ID).all()  # right padding of the last row only
     assert rows[:-1, m].tolist() == rows[1:, 0].tolist()  # next token = next row's first
     assert rows[-1, m] == PAD_ID  # nothing follows the document
 
@@ -94,7 +94,8 @@ def test_folder_and_glob_errors(tmp_path, tiny_config):
     with pytest.raises(FileNotFoundError, match="text folder .*missing.* does not exist"):
         build_database(tmp_path / "missing", tmp_path / "db", tiny_config)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match=r"no file in text folder .*empty.* matches glob '\*\*/\*\.txt'"):
+    no_match = r"no file in text folder .*empty.* matches glob '\*\*/\*\.txt'"
+    with pytest.raises(ValueError, match=no_match):
         build_database(tmp_path / "empty", tmp_path / "db", tiny_config)
     (tmp_path / "empty" / "x.md").write_text("hello")
     with pytest.raises(ValueError, match=r"matches glob '\*\.rst'"):
@@ -112,5 +113,6 @@ def test_tokenizer_file_is_used(tmp_path, corpus_dir, tiny_config):
     src = tmp_path / "one"
     src.mkdir()
     (src / "x.txt").write_text(module_text("heapq"))
-    m = build_database(src, tmp_path / "db", replace(tiny_config, tokenizer=str(tmp_path / "tok.json")))
+    config = replace(tiny_config, tokenizer=str(tmp_path / "tok.json"))
+    m = build_database(src, tmp_path / "db", config)
     assert m["tokenizer"]["hash"] == tok.hash and m["tokenizer"]["vocab_size"] == 400

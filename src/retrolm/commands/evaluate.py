@@ -27,6 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from retrolm.checkpoint import load_model, open_run_database, resolve_checkpoint
     from retrolm.evaluate import EvalConfig, evaluate, read_documents, save_report
+    from retrolm.models.registry import uses_retrieval
 
     read_documents(args.text, args.glob)  # a bad folder fails before the model loads
     model, meta = load_model(args.run)
@@ -39,9 +40,8 @@ def run(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens,
         glob=args.glob,
     )
-    res = evaluate(
-        model, args.text, None if args.no_retrieval else db, tokenizer=db.tokenizer, config=cfg
-    )
+    retrieve = not args.no_retrieval and uses_retrieval(meta)
+    res = evaluate(model, args.text, db if retrieve else None, tokenizer=db.tokenizer, config=cfg)
     out = Path(args.out) if args.out else ckpt.parent / "eval"
     paths = save_report(res, out)
     print(f"{res.documents} documents, {res.chunks} chunks from {args.text}")

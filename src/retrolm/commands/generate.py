@@ -23,16 +23,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from retrolm.checkpoint import load_model, open_run_database, resolve_checkpoint
     from retrolm.generation import describe_sources, generate
+    from retrolm.models.registry import uses_retrieval
 
     model, meta = load_model(args.run)
     db = open_run_database(meta, resolve_checkpoint(args.run), args.db)
     tok = db.tokenizer
     ids = tok.encode(args.prompt)
+    retrieve = not args.no_retrieval and uses_retrieval(meta)
     res = generate(
         model,
         ids,
         args.max_new_tokens,
-        None if args.no_retrieval else db,
+        db if retrieve else None,
         num_neighbours=args.neighbours,
         temperature=args.temperature,
         top_k=args.top_k,
@@ -41,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     print(args.prompt + tok.decode(res.new_ids[0].tolist()))
-    sources = describe_sources(db, res) if not args.no_retrieval else []
+    sources = describe_sources(db, res) if retrieve else []
     if sources:
         print("\nretrieved while writing (chunk: file, text):")
         for s in sources:

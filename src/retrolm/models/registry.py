@@ -61,6 +61,15 @@ def _load(path: str | type) -> Any:
     return getattr(importlib.import_module(module), attr)
 
 
+def _load_loss(path: str) -> Callable[[nn.Module, Batch], Tensor]:
+    """A loss named by import path, imported on its first call (keeps the registry light)."""
+
+    def loss(model: nn.Module, batch: Batch) -> Tensor:
+        return _load(path)(model, batch)
+
+    return loss
+
+
 @dataclass(frozen=True)
 class ModelFamily:
     """How to build and train one model family."""
@@ -125,6 +134,12 @@ def register_family(family: ModelFamily, *, replace: bool = False) -> None:
     FAMILIES[family.name] = family
 
 
+def uses_retrieval(meta: dict[str, Any]) -> bool:
+    """Whether a run (its checkpoint metadata) belongs to a family that reads neighbours;
+    the others only use the run's database for its tokenizer."""
+    return get_family(meta.get("family", "retro")).uses_retrieval
+
+
 def get_family(name: str) -> ModelFamily:
     try:
         return FAMILIES[name]
@@ -142,5 +157,16 @@ register_family(
         uses_retrieval=True,
         loss=retro_loss,
         default_preset="retro-tiny",
+    )
+)
+
+register_family(
+    ModelFamily(
+        name="hierarchical",
+        config_cls="retrolm.models.hierarchical_config:HierarchicalConfig",
+        model_cls="retrolm.models.hierarchical:HierarchicalTransformer",
+        uses_retrieval=False,
+        loss=_load_loss("retrolm.models.hierarchical:hierarchical_loss"),
+        default_preset="hier-tiny",
     )
 )

@@ -33,6 +33,7 @@ from retrolm.models.retro_config import RetroConfig
 from retrolm.nn.attention import attend
 from retrolm.nn.feedforward import FeedForward
 from retrolm.nn.kv_cache import KVCache
+from retrolm.nn.losses import linear_cross_entropy
 from retrolm.nn.multihead import MultiHeadAttention
 from retrolm.nn.norms import make_norm
 from retrolm.nn.residual import Residual, deepnet_constants, deepnet_init_
@@ -242,6 +243,8 @@ class RETRO(nn.Module):
         self._init_weights()
         if c.tie_embeddings:
             self.to_logits.weight = self.token_emb.weight
+        if c.share_embeddings:
+            self.encoder.token_emb.weight = self.token_emb.weight
         if c.use_deepnet:
             deepnet_init_(self.layers, dec_dn.beta)
             deepnet_init_(self.encoder.layers, enc_dn.beta)
@@ -274,12 +277,13 @@ class RETRO(nn.Module):
                 raise ValueError("return_loss cannot be combined with a generation cache")
             seq, labels = seq[:, :-1], seq[:, 1:]
         self._check_inputs(seq, retrieved, neighbour_mask, cache)
-        logits = self._decode(seq, retrieved, neighbour_mask, cache)
+        hidden = self._decode(seq, retrieved, neighbour_mask, cache)  # (b, n, d)
         if not return_loss:
-            return logits
-        if logits.dtype in (torch.float16, torch.bfloat16):
-            logits = logits.float()  # the loss is always accumulated in at least fp32
-        return F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=self.config.pad_id)
+            return self.to_logits(hidden)
+        # fused projection + cross-entropy: the (b, n, vocab) logits are never all stored
+        return linear_cross_entropy(
+            hidden, self.to_logits.weight, labels, ignore_index=self.config.pad_id
+        )
 
     def init_cache(self, batch_size: int) -> RetroCache:
         """A fresh cache for incremental decoding (``forward(..., cache=cache)``)."""
@@ -339,7 +343,7 @@ class RETRO(nn.Module):
             x = layer.ff(x)
         if cache is not None:
             cache.length += t
-        return self.to_logits(self.final_norm(x))
+        return self.final_norm(x)
 
     def _encode(self, h, retrieved, neighbour_mask, start, cache):
         """Encode the neighbours of every chunk completed so far that is not yet encoded.

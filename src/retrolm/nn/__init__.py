@@ -7,11 +7,13 @@ from retrolm.nn.local_attention import local_attend
 from retrolm.nn.masks import causal_mask, combine, key_padding_mask, sliding_window_mask
 from retrolm.nn.multihead import MultiHeadAttention
 from retrolm.nn.norms import LayerNorm, RMSNorm, ScaleNorm, make_norm
+from retrolm.nn.resample import CausalDownsample, repeat_upsample
 from retrolm.nn.residual import Residual, deepnet_constants, deepnet_init_
 from retrolm.nn.rotary import RotaryEmbedding, apply_rotary
-from retrolm.nn.token_shift import token_shift
+from retrolm.nn.token_shift import token_shift, token_shift_cached
 
 __all__ = [
+    "CausalDownsample",
     "FeedForward",
     "KVCache",
     "LayerNorm",
@@ -31,6 +33,8 @@ __all__ = [
     "local_attend",
     "make_norm",
     "reference_attend",
+    "repeat_upsample",
     "sliding_window_mask",
     "token_shift",
+    "token_shift_cached",
 ]

@@ -1,7 +1,8 @@
 """Position-wise feed-forward: plain MLP or GLU (Shazeer 2020), any activation.
 
 ``mult < 1`` gives a reduction FFN; ``hidden_dim`` overrides the width; ``chunks > 1``
-processes the sequence in pieces to bound activation memory (same result).
+processes the sequence in pieces to bound activation memory (same result); ``dim_out``
+sets a different output width (default: ``dim``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class FeedForward(nn.Module):
         hidden_dim: int | None = None,
         chunks: int = 1,
         bias: bool = True,
+        dim_out: int | None = None,
     ) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
@@ -38,7 +40,7 @@ class FeedForward(nn.Module):
         self.act = ACTIVATIONS[activation]
         self.chunks = chunks
         self.up_proj = nn.Linear(dim, hidden * (2 if glu else 1), bias=bias)
-        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+        self.down_proj = nn.Linear(hidden, dim_out or dim, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
     def _ff(self, x: Tensor) -> Tensor:
@@ -50,7 +52,7 @@ class FeedForward(nn.Module):
             h = self.act(h)
         return self.down_proj(self.dropout(h))
 
-    def forward(self, x: Tensor) -> Tensor:  # (b, n, dim) -> (b, n, dim)
+    def forward(self, x: Tensor) -> Tensor:  # (b, n, dim) -> (b, n, dim_out)
         if self.chunks == 1 or x.shape[-2] <= 1:
             return self._ff(x)
         return torch.cat([self._ff(c) for c in x.chunk(self.chunks, dim=-2)], dim=-2)

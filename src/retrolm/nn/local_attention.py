@@ -69,9 +69,9 @@ def local_attend(
         km = F.pad(key_mask, (0, pad), value=False)[:, None, :, None].expand(b, 1, total, 1)
         km = _blocks_with_neighbours(km.float(), w, not causal)[:, 0, :, :, 0].bool()
         mask = mask & km[:, :, None, :]  # (b, nb, w, kw)
+    if mask.shape[0] != b:  # no key mask: the same band for every batch row
+        mask = mask.expand(b, -1, -1, -1)
     mask = rearrange(mask, "b nb w kw -> (b nb) 1 w kw")
-    if mask.shape[0] == 1:
-        mask = mask.expand(nb, -1, -1, -1).repeat(b, 1, 1, 1)
     out = attend(
         rearrange(qb, "b h nb w d -> (b nb) h w d"),
         rearrange(kb, "b h nb kw d -> (b nb) h kw d"),

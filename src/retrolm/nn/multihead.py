@@ -3,7 +3,10 @@
 One set of projection names for every family: ``q_proj``, ``k_proj``, ``v_proj``,
 ``out_proj``. Rotary is passed in as precomputed ``(cos, sin)`` for queries and keys
 separately, so callers choose the geometry (causal LM positions, RETRO's chunk-relative
-positions, a cache offset). Shapes: b batch, i queries, j keys, h heads, g kv heads, d head dim.
+positions, a cache offset). ``window`` makes it exact sliding-window attention (each query
+sees itself and its ``window - 1`` predecessors): O(n · window) blocks without a cache, a
+banded mask over the cached keys with one, and the cache keeps only what later queries need.
+Shapes: b batch, i queries, j keys, h heads, g kv heads, d head dim.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from torch import Tensor, nn
 
 from retrolm.nn.attention import attend
 from retrolm.nn.kv_cache import KVCache
-from retrolm.nn.masks import causal_mask, combine, key_padding_mask
+from retrolm.nn.local_attention import local_attend
+from retrolm.nn.masks import causal_mask, combine, key_padding_mask, sliding_window_mask
 from retrolm.nn.rotary import apply_rotary
 
 Rotary = tuple[Tensor, Tensor]
@@ -34,11 +38,18 @@ class MultiHeadAttention(nn.Module):
         bias: bool = False,
         num_mem_kv: int = 0,
         interleaved_rotary: bool = False,
+        window: int | None = None,
     ) -> None:
         super().__init__()
         kv_heads = kv_heads or heads
         if heads % kv_heads:
             raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
+        if window is not None and (window < 1 or num_mem_kv or context_dim is not None):
+            raise ValueError(
+                f"window must be >= 1 and is for self-attention without memory key/values; "
+                f"got window={window}, num_mem_kv={num_mem_kv}, context_dim={context_dim}"
+            )
+        self.window = window
         self.heads, self.kv_heads, self.dim_head = heads, kv_heads, dim_head
         self.causal = causal
         self.dropout = dropout
@@ -81,6 +92,12 @@ class MultiHeadAttention(nn.Module):
         k, v = kv
         if cache is not None:
             k, v = cache.update(k, v)
+        p = self.dropout if self.training else 0.0
+        if self.window is not None:
+            out = self._windowed(q, k, v, mask, p)
+            if cache is not None:
+                cache.keep_last(self.window - 1)  # all that later queries can still see
+            return self.out_proj(rearrange(out, "b h i d -> b i (h d)"))
         if mask is not None and mask.dim() == 2:
             mask = key_padding_mask(mask)
         causal = self.causal
@@ -96,6 +113,18 @@ class MultiHeadAttention(nn.Module):
                     *mask.shape[:-1], self.num_mem_kv, dtype=torch.bool, device=mask.device
                 )
                 mask = torch.cat((mem, mask), dim=-1)
-        p = self.dropout if self.training else 0.0
         out = attend(q, k, v, mask, causal=causal, dropout_p=p)
         return self.out_proj(rearrange(out, "b h i d -> b i (h d)"))
+
+    def _windowed(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, p: float) -> Tensor:
+        """Sliding-window attention; mask may only be a (b, j) key padding mask."""
+        if mask is not None and mask.dim() != 2:
+            raise ValueError("windowed attention takes only a (b, j) key padding mask")
+        i, j = q.shape[-2], k.shape[-2]
+        if i == j:  # no cached past: exact O(n · window) blocks
+            return local_attend(
+                q, k, v, self.window, causal=self.causal, key_mask=mask, dropout_p=p
+            )
+        band = sliding_window_mask(i, j, self.window, causal=self.causal, device=q.device)
+        km = key_padding_mask(mask) if mask is not None else None
+        return attend(q, k, v, combine(band, km), dropout_p=p)

@@ -9,6 +9,31 @@ from torch import Tensor, nn
 NORMS = ("rms", "layer", "scale")
 
 
+class _RMSNormFn(torch.autograd.Function):
+    """RMSNorm that saves only its input and the per-row 1/rms for backward (autograd's
+    composite version keeps three full-size fp32 intermediates per call)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        xf = x.to(acc)
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
+        ctx.save_for_backward(x, weight, rstd)
+        return (xf * rstd).to(x.dtype) * weight.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        acc = rstd.dtype
+        xhat = x.to(acc) * rstd  # (..., d)
+        g = grad.to(acc)
+        gw = (g * xhat).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+        gx_hat = g * weight.to(acc)
+        # d/dx of x * rstd: rstd * (gx_hat - xhat * mean(gx_hat * xhat))
+        gx = rstd * (gx_hat - xhat * (gx_hat * xhat).mean(-1, keepdim=True))
+        return gx.to(x.dtype), gw, None
+
+
 class RMSNorm(nn.Module):
     """x / rms(x) * g (Zhang & Sennrich 2019); statistics in fp32."""
 
@@ -18,9 +43,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return xf.to(x.dtype) * self.weight.to(x.dtype)
+        if torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                return _RMSNormFn.apply(x, self.weight, self.eps)
+        return _RMSNormFn.apply(x, self.weight, self.eps)
 
 
 class ScaleNorm(nn.Module):

@@ -29,6 +29,26 @@ def token_shift(x: Tensor, shifts: tuple[int, ...], mask: Tensor | None = None) 
     return torch.cat(out, dim=-1)
 
 
+def token_shift_cached(
+    x: Tensor, shifts: tuple[int, ...], past: Tensor | None = None
+) -> tuple[Tensor, Tensor | None]:
+    """Token shift of new positions given the positions before them (incremental decoding).
+
+    x (b, t, d) new positions; past (b, S, d) the S = max(shifts) positions just before them,
+    or None at the start of the sequence (zeros, as ``token_shift`` pads). Returns the shifted
+    new positions (b, t, d), equal to the matching rows of ``token_shift`` over the whole
+    sequence, and the S positions to pass as ``past`` next time (None when S == 0).
+    """
+    check_causal_shifts(shifts)
+    s = max(shifts)
+    if s == 0:
+        return token_shift(x, shifts), None
+    if past is None:
+        past = x.new_zeros(x.shape[0], s, x.shape[-1])
+    full = torch.cat((past, x), dim=-2)  # (b, S + t, d)
+    return token_shift(full, shifts)[..., s:, :], full[..., -s:, :]
+
+
 def check_causal_shifts(shifts: tuple[int, ...]) -> None:
     if any(s < 0 for s in shifts):
         raise ValueError(f"a causal model cannot shift tokens from the future: shifts={shifts}")

@@ -146,6 +146,43 @@ def open_array(db_dir: Path, info: dict, mode: str = "r") -> np.ndarray:
     return np.memmap(Path(db_dir) / info["file"], dtype=info["dtype"], mode=mode, shape=shape)
 
 
+class RowFile:
+    """A raw row-major array file, read and written by row ranges with plain file I/O.
+
+    Unlike a memmap, rows that were read or written do not stay mapped into the
+    process, so the build's resident memory stays flat however large the file grows.
+    """
+
+    def __init__(self, db_dir: Path, info: dict, writable: bool = False):
+        self.path = Path(db_dir) / info["file"]
+        self.dtype, self.shape = np.dtype(info["dtype"]), tuple(info["shape"])
+        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        self._f = open(self.path, "r+b" if writable else "rb")
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: slice | np.ndarray) -> np.ndarray:
+        if not isinstance(rows, slice):  # a list of row ids (e.g. an index training sample)
+            out = np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
+            for j, r in enumerate(np.asarray(rows, dtype=np.int64)):
+                out[j] = self[int(r) : int(r) + 1][0]
+            return out
+        start, stop, step = rows.indices(len(self))
+        assert step == 1, "RowFile reads contiguous row ranges"
+        self._f.seek(start * self.row_bytes)
+        data = self._f.read(max(0, stop - start) * self.row_bytes)
+        return np.frombuffer(data, dtype=self.dtype).reshape(-1, *self.shape[1:])
+
+    def write(self, start: int, rows: np.ndarray) -> None:
+        self._f.seek(start * self.row_bytes)
+        self._f.write(np.ascontiguousarray(rows, dtype=self.dtype).tobytes())
+        self._f.flush()  # in the page cache: survives the process being killed
+
+    def close(self) -> None:
+        self._f.close()
+
+
 class _Blocks:
     """Done-markers for fixed-size row blocks of one stage (``.progress/<stage>/<i>.done``)."""
 
@@ -164,8 +201,10 @@ class _Blocks:
     def mark(self, i: int) -> None:
         (self.dir / f"{i:08d}.done").touch()
 
-    def todo(self, blocks: range | None = None) -> list[int]:
-        return [i for i in (blocks or range(self.count)) if not self.done(i)]
+    def todo(self, blocks: list[int] | range | None = None) -> list[int]:
+        """Unfinished blocks among ``blocks`` (default: all)."""
+        blocks = range(self.count) if blocks is None else blocks
+        return [i for i in blocks if not self.done(i)]
 
 
 def _preallocate(path: Path, nbytes: int) -> None:
@@ -230,13 +269,28 @@ def build_database(
             continue
         t0 = time.perf_counter()
         fn(db_dir, manifest, config, paths=paths, encoder=encoder)
+        if name == "embed":
+            encoder = None  # the index stages do not need the model's memory
         manifest["stages_done"].append(name)
         write_manifest(db_dir, manifest)
-        log.info("stage %s done in %.1fs", name, time.perf_counter() - t0)
+        log.info(
+            "stage %s done in %.1fs (peak RSS %.0f MB)",
+            name,
+            time.perf_counter() - t0,
+            _peak_rss_mb(),
+        )
     manifest["complete"] = True
     write_manifest(db_dir, manifest)
     shutil.rmtree(db_dir / PROGRESS_DIR, ignore_errors=True)
     return manifest
+
+
+def _peak_rss_mb() -> float:
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return float("nan")
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _check_resumable(db_dir: Path, manifest: dict, config: BuildConfig, text_dir: Path) -> None:
@@ -398,7 +452,7 @@ def embed_blocks(job: dict, encoder: FrozenEncoder | None = None) -> None:
         )
     tok = LMTokenizer.from_file(db_dir / manifest["tokenizer"]["file"])
     chunks = open_array(db_dir, manifest["arrays"]["chunks"])
-    emb = open_array(db_dir, manifest["arrays"]["embeddings"], mode="r+")
+    emb = RowFile(db_dir, manifest["arrays"]["embeddings"], writable=True)  # (N, d)
     blocks = _Blocks(db_dir, "embed", len(chunks), job["block_size"])
     todo = blocks.todo(job["blocks"])
     for i in tqdm(
@@ -406,18 +460,19 @@ def embed_blocks(job: dict, encoder: FrozenEncoder | None = None) -> None:
     ):
         s, e = blocks.rows(i)
         texts = tok.decode_batch(chunks[s:e, :-1])  # the chunk's m tokens, pads dropped
-        emb[s:e] = encoder.embed(texts, job["batch_size"])  # (B, d)
-        emb.flush()
+        emb.write(s, encoder.embed(texts, job["batch_size"]))  # (B, d)
         blocks.mark(i)
+    emb.close()
 
 
 def _stage_index(db_dir, manifest, config, **_):
     from retrolm.retrieval.index import build_index, save_index
 
-    emb = open_array(db_dir, manifest["arrays"]["embeddings"])
-    spec = choose_index(len(emb), emb.shape[1], config.index, parse_size(config.memory_budget))
+    emb = RowFile(db_dir, manifest["arrays"]["embeddings"])  # (N, d), read in blocks
+    budget = parse_size(config.memory_budget)
+    spec = choose_index(len(emb), emb.shape[1], config.index, budget)
     log.info("index: %s (%s) over %d vectors", spec.kind, spec.factory, len(emb))
-    index = build_index(spec, emb)
+    index = build_index(spec, emb, memory_budget=budget)
     with atomic_path(db_dir / INDEX_FILE) as tmp:
         save_index(index, tmp)
     manifest["index"] = dict(spec.to_json(), file=INDEX_FILE)
@@ -428,8 +483,9 @@ def _stage_neighbours(db_dir, manifest, config, **_):
 
     n, k = manifest["num_chunks"], config.num_columns
     spec = IndexSpec(**{f.name: manifest["index"][f.name] for f in fields(IndexSpec)})
-    emb = open_array(db_dir, manifest["arrays"]["embeddings"])
-    searcher = Searcher(load_index(db_dir / INDEX_FILE, spec), spec, emb)
+    emb = RowFile(db_dir, manifest["arrays"]["embeddings"])  # (N, d), queries read in blocks
+    rerank = None if spec.exact else open_array(db_dir, manifest["arrays"]["embeddings"])
+    searcher = Searcher(load_index(db_dir / INDEX_FILE, spec), spec, rerank)
     doc_ids = np.array(open_array(db_dir, manifest["arrays"]["doc_ids"]))  # (N,) in RAM
     manifest["arrays"].update(
         neighbours=array_info(NEIGHBOURS_FILE, np.int32, (n, k)),
@@ -442,15 +498,20 @@ def _stage_neighbours(db_dir, manifest, config, **_):
     )
     _preallocate(db_dir / NEIGHBOURS_FILE, n * k * 4)
     _preallocate(db_dir / NEIGHBOUR_DISTS_FILE, n * k * 4)
-    ids_out = open_array(db_dir, manifest["arrays"]["neighbours"], mode="r+")
-    d_out = open_array(db_dir, manifest["arrays"]["neighbour_dists"], mode="r+")
+    ids_out = RowFile(db_dir, manifest["arrays"]["neighbours"], writable=True)  # (N, K)
+    d_out = RowFile(db_dir, manifest["arrays"]["neighbour_dists"], writable=True)  # (N, K)
     blocks = _Blocks(db_dir, "neighbours", n, config.block_size)
-    missing = 0
     for i in tqdm(blocks.todo(), desc="neighbours", unit="block"):
         s, e = blocks.rows(i)
-        ids_out[s:e], d_out[s:e] = neighbours_block(searcher, emb, doc_ids, s, e, k)
-        ids_out.flush()
-        d_out.flush()
+        ids, dists = neighbours_block(searcher, emb, doc_ids, s, e, k)
+        ids_out.write(s, ids)
+        d_out.write(s, dists)
         blocks.mark(i)
-    missing = int((np.asarray(ids_out[:, : config.neighbours]) < 0).sum()) if n else 0
+    for f in (ids_out, d_out, emb):
+        f.close()
+    table = RowFile(db_dir, manifest["arrays"]["neighbours"])  # count over all blocks
+    missing = sum(
+        int((table[s : s + 65536][:, : config.neighbours] < 0).sum()) for s in range(0, n, 65536)
+    )
+    table.close()
     manifest["report"]["neighbours"] = {"missing_in_first_k": missing}

@@ -15,8 +15,8 @@ Notation: m = chunk size, N = number of chunks, l = seq_len / m chunks per seque
   a sequence may span documents, so the dataset must filter neighbours from every
   document it touches).
 
-Bad input policy (counted in the build report, never a crash): empty files (no text
-after decoding) and binary files (a NUL byte in their first 8 KiB) are skipped;
+Bad input policy (counted in the build report, never a crash): empty files (no bytes,
+or only whitespace) and binary files (a NUL byte in their first 8 KiB) are skipped;
 invalid UTF-8 is decoded with U+FFFD replacement. Files larger than ``PIECE_BYTES``
 are read and tokenized in pieces cut after a newline, so memory stays constant.
 """
@@ -98,9 +98,8 @@ def read_document(path: Path) -> Document | str:
         head = f.read(SNIFF_BYTES)
     if b"\x00" in head:
         return "binary"
-    if not head.strip():
-        if size <= SNIFF_BYTES:
-            return "empty"
+    if size <= SNIFF_BYTES and not head.strip():
+        return "empty"
     doc = Document(path, size, iter(()))
     doc.pieces = _pieces(path, doc)
     return doc

@@ -179,8 +179,10 @@ class RetrievalDatabase:
         toks = np.asarray(
             chunk_token_ids.cpu() if torch.is_tensor(chunk_token_ids) else chunk_token_ids
         )
-        if toks.ndim != 2:
-            raise ValueError(f"chunk_token_ids must be (Q, m), got shape {toks.shape}")
+        if toks.ndim != 2 or toks.shape[1] != self.chunk_size:
+            raise ValueError(
+                f"chunk_token_ids must be (Q, {self.chunk_size}) LM tokens, got shape {toks.shape}"
+            )
         x = self.embed(self.tokenizer.decode_batch(toks))
         if exclude_doc_ids is None:
             return self.searcher.search(x, k)

@@ -32,6 +32,7 @@ POOLINGS = ("mean", "cls")
 DTYPES = ("auto", "fp32", "bf16")
 _TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+WIDTH_STEP = 32  # batches are padded to a multiple of this many WordPieces
 
 
 def default_encoder_path() -> Path:
@@ -171,7 +172,9 @@ class FrozenEncoder:
         return self._forward_encodings(model, self._tok.encode_batch(list(texts)))
 
     def _forward_encodings(self, model: torch.nn.Module, encs: list) -> np.ndarray:
-        width = max(len(e.ids) for e in encs)
+        # pad to a multiple of WIDTH_STEP: few distinct shapes, so the CPU kernels' per-shape
+        # caches (oneDNN primitives, allocator) stay small instead of growing per batch
+        width = -(-max(len(e.ids) for e in encs) // WIDTH_STEP) * WIDTH_STEP
         ids = torch.zeros((len(encs), width), dtype=torch.long)  # (n, t)
         mask = torch.zeros((len(encs), width), dtype=torch.long)  # (n, t)
         for i, e in enumerate(encs):

@@ -8,8 +8,9 @@ neighbours exactly like cosine). Kinds:
   train (at least 39 points per list, the faiss k-means floor); ``nprobe`` ≈ nlist/8.
 - ``hnsw``: ``HNSW32`` graph (efSearch 128); fast queries, more memory than ivf.
   Multi-threaded insertion is not bit-reproducible across runs.
-- ``ivfpq``: ``OPQ{M},IVF{nlist},PQ{M}`` with M code bytes per vector picked to fit the
-  memory budget; what ``auto`` picks when the vectors do not fit the budget.
+- ``ivfpq``: ``[OPQ{M},]IVF{nlist},PQ{M}`` with M code bytes per vector picked to fit the
+  memory budget (OPQ rotation from OPQ_MIN_N vectors on); what ``auto`` picks when the
+  vectors do not fit the budget.
 - ``autofaiss``: delegate the choice to autofaiss (optional extra ``retrolm[autofaiss]``).
 
 Approximate kinds over-fetch candidates and re-rank them with exact distances read
@@ -34,7 +35,8 @@ log = logging.getLogger(__name__)
 INDEX_KINDS = ("auto", "flat", "ivf", "hnsw", "ivfpq", "autofaiss")
 MIN_POINTS_PER_LIST = 39  # faiss k-means warns (and trains badly) below this
 FLAT_MAX_N = 262_144  # auto: exact search up to this many chunks (all-pairs cost grows as N²)
-PQ_BYTES = (8, 16, 32, 48, 64, 96, 128, 192)
+PQ_BYTES = (4, 8, 16, 32, 48, 64, 96, 128, 192)
+OPQ_MIN_N = 1_000_000  # below this, ivfpq skips the OPQ rotation (slow to train, small gain)
 
 
 def parse_size(text: str | int) -> int:
@@ -86,7 +88,10 @@ def choose_index(n: int, d: int, kind: str = "auto", memory_budget: int = 4 << 3
     if kind == "autofaiss":
         return IndexSpec("autofaiss", "autofaiss")
     # ivfpq: the most code bytes per vector that fit the budget (ids cost 8 more)
-    fits = [b for b in PQ_BYTES if d % b == 0 and b <= d and n * (b + 8) <= 0.8 * memory_budget]
+    # at least 4 dims per sub-quantizer (finer splits cost training time and gain little)
+    fits = [
+        b for b in PQ_BYTES if d % b == 0 and b <= d // 4 and n * (b + 8) <= 0.8 * memory_budget
+    ]
     if not fits:
         raise ValueError(
             f"memory budget {memory_budget} bytes is too small for {n} vectors of {d} dims "
@@ -94,9 +99,11 @@ def choose_index(n: int, d: int, kind: str = "auto", memory_budget: int = 4 << 3
         )
     m = max(fits)
     nbits = max(1, min(8, int(math.log2(max(2, n // MIN_POINTS_PER_LIST)))))  # small-N PQ
+    opq = f"OPQ{m}," if n >= OPQ_MIN_N else ""  # the rotation pays off (and trains) at scale
+    # "np": no polysemous training (we never use polysemous search; it is most of PQ training)
     return IndexSpec(
         "ivfpq",
-        f"OPQ{m},IVF{nlist},PQ{m}x{nbits}",
+        f"{opq}IVF{nlist},PQ{m}x{nbits}np",
         nprobe=nprobe,
         train_size=_train_size(n, max(nlist, 1 << nbits)),
     )
@@ -106,11 +113,13 @@ def _train_size(n: int, lists: int) -> int:
     return min(n, max(100 * lists, 30_000), 1_000_000)
 
 
-def build_index(spec: IndexSpec, embeddings: np.ndarray, block_size: int = 65536):
+def build_index(
+    spec: IndexSpec, embeddings: np.ndarray, block_size: int = 65536, memory_budget: int = 4 << 30
+):
     """Train (on evenly spaced rows, deterministic) and add every vector ``(N, d)`` in blocks."""
     n, d = embeddings.shape
     if spec.kind == "autofaiss":
-        return _build_autofaiss(embeddings)
+        return _build_autofaiss(embeddings[0:n], memory_budget)
     index = faiss.index_factory(d, spec.factory, faiss.METRIC_L2)
     if spec.train_size:
         rows = np.linspace(0, n - 1, spec.train_size).astype(np.int64)
@@ -122,7 +131,8 @@ def build_index(spec: IndexSpec, embeddings: np.ndarray, block_size: int = 65536
     return index
 
 
-def _build_autofaiss(embeddings: np.ndarray):
+def _build_autofaiss(embeddings: np.ndarray, memory_budget: int):
+    """autofaiss picks and tunes the index under the budget (untested here: optional extra)."""
     try:
         from autofaiss import build_index as af_build
     except ImportError:
@@ -133,8 +143,8 @@ def _build_autofaiss(embeddings: np.ndarray):
         embeddings=np.asarray(embeddings, dtype=np.float32),
         save_on_disk=False,
         metric_type="l2",
-        max_index_memory_usage="4G",
-        current_memory_available="8G",
+        max_index_memory_usage=f"{max(1, memory_budget >> 20)}M",
+        current_memory_available=f"{max(1, 2 * memory_budget >> 20)}M",
     )
     return index
 
@@ -184,7 +194,7 @@ class Searcher:
             dists, ids = self.index.search(x, k_eff) if k_eff else _empty(len(x), 0)
         else:
             fetch = min(self.ntotal, max(4 * k_eff, k_eff + 16))
-            ids, _ = self.index.search(x, fetch)
+            _, ids = self.index.search(x, fetch)  # faiss returns (distances, ids)
             dists = self._exact_dists(x, ids)
         dists = np.where(ids < 0, np.inf, dists).astype(np.float32)
         order = np.lexsort((ids, dists), axis=-1)[:, :k_eff]  # by distance, then id

@@ -1,0 +1,198 @@
+"""retrolm HierarchicalTransformer vs simple-hierarchical-transformer 0.4.0, side by side.
+
+Config of shared/bench/bench_hier.py: vocab 256, dim 256, depth 4, heads 4, dim_head 64,
+hierarchies (1, 2, 8), windows (32, 64, None), batch 1, each library's default losses
+(reference: CE + 0.25 next-latent + 0.1 recon; retrolm: CE + 0.25 AR + 0.1 recon).
+
+  train : forward + backward + AdamW at L = 1024 and 4096, fp32 and bf16 autocast per side
+          (a side's better dtype is the faster one that runs); tokens/s and peak RSS.
+          gen also tries bf16 weights (``bf16w``).
+  gen   : 992-token prompt, 32 new tokens, batch 1, whole generate call timed (prefill
+          included); the reference's own loop (full recompute per token) vs retrolm's cache.
+
+Every (side, mode, L, dtype) runs in a fresh subprocess so ru_maxrss is that run's own
+peak; the sides alternate so both see the same background load, and each run records how
+many cores other processes used meanwhile (the machine is shared).
+
+  PYTHONPATH=src python benchmarks/bench_hier.py            # everything (~10 minutes)
+  BENCH_THREADS=1 PYTHONPATH=src python benchmarks/bench_hier.py   # on an oversubscribed
+      machine: with 2 threads, OpenMP barriers wait for descheduled threads at every op
+  PYTHONPATH=src python benchmarks/bench_hier.py --lengths 1024 --modes gen
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SRC = os.path.join(os.path.dirname(HERE), "src")
+THREADS = int(os.environ.get("BENCH_THREADS", "2"))  # the anchors were measured with 2
+CFG = dict(
+    num_tokens=256, dim=256, depth=4, heads=4, dim_head=64,
+    hierarchies=(1, 2, 8), window_sizes=(32, 64, None),
+)  # fmt: skip
+PROMPT, NEW = 992, 32
+
+
+def cpu_snapshot() -> tuple[float, int, int]:
+    """(wall, system busy ticks, this process's ticks)."""
+    with open("/proc/stat") as f:
+        vals = list(map(int, f.readline().split()[1:9]))
+    with open("/proc/self/stat") as f:
+        st = f.read().rsplit(")", 1)[1].split()
+    return time.perf_counter(), sum(vals) - vals[3] - vals[4], int(st[11]) + int(st[12])
+
+
+def foreign_cores(a, b) -> float:
+    """Cores used by other processes between two snapshots (children excluded)."""
+    dw = b[0] - a[0]
+    return max(0.0, ((b[1] - a[1]) - (b[2] - a[2])) / os.sysconf("SC_CLK_TCK") / dw)
+
+
+def build(side: str, seq_len: int):
+    import torch
+
+    torch.manual_seed(0)
+    if side == "ref":
+        from simple_hierarchical_transformer import HierarchicalTransformer
+    else:
+        sys.path.insert(0, SRC)
+        from retrolm import HierarchicalTransformer
+    return HierarchicalTransformer(seq_len=seq_len, **CFG)
+
+
+def child(side: str, mode: str, length: int, dtype: str) -> dict:
+    import torch
+
+    torch.set_num_threads(THREADS)
+    model = build(side, length)
+    if dtype == "bf16w":  # bf16 weights (generation only): half the bytes read per token
+        model = model.to(torch.bfloat16)
+    x = torch.randint(1, 256, (1, length + 1))
+    amp = dict(device_type="cpu", dtype=torch.bfloat16, enabled=dtype == "bf16")
+    times, foreign = [], []
+    if mode == "train":
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def run():
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast(**amp):
+                loss, _ = model(x, return_loss=True)
+            loss.backward()
+            opt.step()
+
+        warm, measure = (1, 3) if length <= 1024 else (1, 2)
+    else:
+        model.eval()
+        prompt = x[:, :PROMPT]
+
+        def run(new=NEW):
+            with torch.no_grad(), torch.autocast(**amp):
+                if side == "ref":
+                    model.generate(prompt, new)
+                else:
+                    model.generate(prompt, new, top_k=25)  # ~the reference's top 10% filter
+
+        run(4)  # warm-up: a few tokens, as the anchor harness does
+        warm, measure = 0, (1 if side == "ref" else 3)  # the reference takes minutes per call
+    for _ in range(warm):
+        run()
+    for _ in range(measure):
+        a = cpu_snapshot()
+        run()
+        b = cpu_snapshot()
+        times.append(b[0] - a[0])
+        foreign.append(round(foreign_cores(a, b), 2))
+    med, best = statistics.median(times), min(times)
+    work = length if mode == "train" else NEW
+    return dict(
+        side=side, mode=mode, L=length, dtype=dtype, times_s=[round(t, 3) for t in times],
+        tokens_per_s=round(work / med, 2), tokens_per_s_best=round(work / best, 2),
+        foreign_cores=foreign, peak_rss_mb=round(resource.getrusage(0).ru_maxrss / 1024, 1),
+        params=sum(p.numel() for p in model.parameters()), threads=THREADS,
+    )  # fmt: skip
+
+
+def launch(side, mode, length, dtype, timeout) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", side, mode, str(length), dtype]
+    env = dict(os.environ, PYTHONPATH=SRC, OMP_NUM_THREADS=str(THREADS))
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return dict(side=side, mode=mode, L=length, dtype=dtype, error="timeout")
+    for line in p.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    err = (p.stderr.strip().splitlines() or ["?"])[-1]
+    return dict(side=side, mode=mode, L=length, dtype=dtype, error=err[-200:])
+
+
+def table(results: list[dict]) -> str:
+    best: dict[tuple, dict] = {}
+    for r in results:
+        key = (r["mode"], r["L"], r["side"])
+        if "error" not in r and (key not in best or r["tokens_per_s"] > best[key]["tokens_per_s"]):
+            best[key] = r
+    lines = [
+        "| mode | L | side | better dtype | tokens/s (median) | best | peak RSS MB | ratio |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for mode, length in sorted({(m, L) for m, L, _ in best}):
+        ref, ours = best.get((mode, length, "ref")), best.get((mode, length, "ours"))
+        for r in (ref, ours):
+            if r is None:
+                continue
+            ratio = ""
+            if r is ours and ref is not None:
+                ratio = f"{ours['tokens_per_s'] / ref['tokens_per_s']:.2f}x"
+            lines.append(
+                f"| {mode} | {length} | {r['side']} | {r['dtype']} | {r['tokens_per_s']:,} | "
+                f"{r['tokens_per_s_best']:,} | {r['peak_rss_mb']:,.0f} | {ratio} |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--child", nargs=4)
+    ap.add_argument("--lengths", default="1024,4096")
+    ap.add_argument("--modes", default="train,gen")
+    ap.add_argument("--dtypes", default="fp32,bf16")
+    ap.add_argument("--gen-dtypes", default="fp32,bf16,bf16w")
+    ap.add_argument("--timeout", type=int, default=400)
+    ap.add_argument("--out", default=os.path.join(HERE, "results", "hier.jsonl"))
+    a = ap.parse_args()
+    if a.child:
+        side, mode, length, dtype = a.child
+        print("RESULT " + json.dumps(child(side, mode, int(length), dtype)), flush=True)
+        return
+    plan = []
+    modes = a.modes.split(",")
+    for length in map(int, a.lengths.split(",")):
+        if "train" in modes:
+            plan += [("train", length, d) for d in a.dtypes.split(",")]
+    if "gen" in modes:
+        plan += [("gen", PROMPT + NEW, d) for d in a.gen_dtypes.split(",")]
+    os.makedirs(os.path.dirname(a.out), exist_ok=True)
+    results = []
+    for mode, length, dtype in plan:
+        for side in ("ref", "ours"):  # alternate so both see the same background load
+            r = launch(side, mode, length, dtype, a.timeout)
+            r["loadavg"] = open("/proc/loadavg").read().split()[:3]
+            results.append(r)
+            print(json.dumps(r), flush=True)
+            with open(a.out, "a") as f:
+                f.write(json.dumps(r) + "\n")
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()

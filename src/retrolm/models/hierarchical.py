@@ -1,0 +1,409 @@
+"""Simple Hierarchical Transformer: several compressed token streams, merged at every layer.
+
+The idea (closest published work: the Hourglass transformer, Nawrot et al., arXiv 2110.13711):
+next to the full-resolution token stream, run transformer blocks on *compressed* streams in
+which one token summarises the last ``c`` positions, and at every layer pool all streams back
+into the stream that predicts the next token. Coarse streams see far with few tokens; the
+fine stream keeps every detail.
+
+Notation: b batch, n positions, hierarchy k with factor c, stride s, a = c / s interleaved
+sub-sequences, m = ceil(n / s) compressed tokens, d its width, D = max(d) embedding width.
+
+::
+
+    ids ─ emb (b,n,D) ─┬─ downsample c=1 ─► stream 1 (b,n,d1) ─ block ─┬─ +pool ─► … ─► logits
+                       ├─ downsample c=2 ─► stream 2 (b,n,d2) ─ block ─┤      ▲
+                       └─ downsample c=8 ─► stream 8 (b,n,d8) ─ block ─┴─ merge: MLP(cat(
+                                                                   repeat each stream s times))
+
+* **Compression** (``nn.CausalDownsample``): token j of a stream covers positions
+  ``[j*s - c + 1, j*s]``, so it is aligned with the last position it covers and never sees
+  the future.
+* **Blocks**: with stride s < c neighbouring compressed tokens overlap, so each stream is
+  split into ``a = c / s`` interleaved sub-sequences (token j goes to sub-sequence j mod a);
+  inside one sub-sequence consecutive tokens cover adjacent, non-overlapping windows.
+  Attention (full, an exact sliding window of w sub-sequence tokens, or none when w = 0) and
+  the feed-forward run inside each sub-sequence, both on token-shifted inputs (half the
+  channels come from the previous token of the same sub-sequence, i.e. a stream tokens back).
+* **Merge**: every stream is repeated s times along the sequence (``nn.repeat_upsample``:
+  token j serves positions ``j*s … j*s+s-1``, all after the last position it covers, so the
+  merge stays causal), concatenated, and an MLP adds the result to the predicting stream (or,
+  with ``hierarchy_merge_all``, to every stream at its own positions).
+* **Losses**: next-token CE from the predicting stream, plus ``recon`` (each compressed token
+  reconstructs the c tokens it covers) and ``ar`` (each compressed token predicts the next
+  one, 1 - cosine, target detached by default).
+* **Generation** (``init_cache`` / ``forward(x, cache=...)``): each stream caches its own
+  keys/values per sub-sequence, the token-shift inputs and its latest token; a stream with
+  stride s gets a new compressed token every s steps, and between them the merge reuses the
+  latest one, exactly as the repeat in the full forward does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from retrolm.models.hierarchical_config import PRESETS, HierarchicalConfig
+from retrolm.nn import (
+    CausalDownsample,
+    FeedForward,
+    KVCache,
+    MultiHeadAttention,
+    Residual,
+    RotaryEmbedding,
+    attention_backend,
+    make_norm,
+    repeat_upsample,
+    token_shift,
+    token_shift_cached,
+)
+from retrolm.wrapper import AutoregressiveWrapper
+
+log = logging.getLogger(__name__)
+
+__all__ = ["HierarchicalConfig", "HierarchicalTransformer", "PRESETS", "hierarchical_loss"]
+
+COMPRESS_EXPANSION = 4  # hidden width of the compression conv, as a multiple of D
+
+
+@dataclass
+class BlockState:
+    """Decoding state of one block (one layer of one hierarchy)."""
+
+    attn_shift: Tensor | None = None  # (b, a, d) last a normed inputs of the attention
+    ff_shift: Tensor | None = None  # (b, a, d) last a normed inputs of the feed-forward
+    kv: list[KVCache] = field(default_factory=list)  # one cache per sub-sequence
+
+
+@dataclass
+class HierarchicalCache:
+    """Everything generation needs to extend a sequence one token at a time."""
+
+    pos: int = 0  # tokens seen so far
+    window: Tensor | None = None  # (b, max(c), D) embeddings of the last max(c) positions
+    blocks: list[list[BlockState]] = field(default_factory=list)  # [layer][hierarchy]
+    latest: list[list[Tensor | None]] = field(default_factory=list)  # [layer][k] (b, 1, d)
+    final: list[Tensor | None] = field(default_factory=list)  # [k] (b, 1, d) normed output
+
+
+def _shift(h: Tensor, shifts: tuple[int, int], state: BlockState | None, slot: str) -> Tensor:
+    """Token shift; with a state, continue from (and update) the inputs it holds."""
+    if state is None:
+        return token_shift(h, shifts)
+    out, past = token_shift_cached(h, shifts, getattr(state, slot))
+    setattr(state, slot, past)
+    return out
+
+
+class SubsequenceAttention(nn.Module):
+    """Causal attention inside each of the ``a`` interleaved sub-sequences of a stream."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int, window: int | None, axial: int):
+        super().__init__()
+        self.axial = axial
+        self.shifts = (0, axial)
+        self.attn = MultiHeadAttention(dim, heads, dim_head, causal=True, window=window)
+        self.rotary = RotaryEmbedding(dim_head)
+
+    def forward(
+        self, h: Tensor, state: BlockState | None = None, index: int | None = None
+    ) -> Tensor:  # (b, m, d) normed stream -> (b, m, d)
+        h = _shift(h, self.shifts, state, "attn_shift")
+        a = self.axial
+        if index is not None:  # one new token: stream index ``index``
+            rot = self.rotary(torch.tensor([index // a], device=h.device))
+            return self.attn(h, cache=state.kv[index % a], q_rotary=rot, k_rotary=rot)
+        m = h.shape[1]
+        h = F.pad(h, (0, 0, 0, (-m) % a))  # right padding: future positions only
+        h = rearrange(h, "b (q a) d -> (b a) q d", a=a)
+        rot = self.rotary(torch.arange(h.shape[1], device=h.device))
+        k, v = self.attn.project_kv(h, rot)  # ((b a), g, q, dh)
+        out = self.attn(h, kv=(k, v), q_rotary=rot)
+        if state is not None:
+            state.kv = self._fill_caches(k, v, m)
+        return rearrange(out, "(b a) q d -> b (q a) d", a=a)[:, :m]
+
+    def _fill_caches(self, k: Tensor, v: Tensor, m: int) -> list[KVCache]:
+        """Per-sub-sequence caches from a prefill, without the right padding."""
+        a, window = self.axial, self.attn.window
+        k = rearrange(k, "(b a) g q d -> a b g q d", a=a)
+        v = rearrange(v, "(b a) g q d -> a b g q d", a=a)
+        caches = []
+        for r in range(a):
+            cache, real = KVCache(), -(-(m - r) // a)  # tokens r, r + a, … below m
+            if real > 0:
+                cache.update(k[r, ..., :real, :], v[r, ..., :real, :])
+                if window is not None:
+                    cache.keep_last(window - 1)
+            caches.append(cache)
+        return caches
+
+
+class ShiftedFeedForward(nn.Module):
+    def __init__(self, dim: int, mult: float, axial: int):
+        super().__init__()
+        self.shifts = (0, axial)
+        self.ff = FeedForward(dim, mult, activation="gelu", bias=False)
+
+    def forward(self, h: Tensor, state: BlockState | None = None, index: int | None = None):
+        return self.ff(_shift(h, self.shifts, state, "ff_shift"))
+
+
+class HierarchicalBlock(nn.Module):
+    """One layer of one hierarchy: pre-norm attention (unless window 0), then feed-forward."""
+
+    def __init__(self, cfg: HierarchicalConfig, k: int):
+        super().__init__()
+        dim, window = cfg.dim[k], cfg.window_sizes[k]
+        axial = cfg.hierarchies[k] // cfg.hierarchical_stride[k]
+        self.attn = None
+        if window != 0:
+            sub = SubsequenceAttention(dim, cfg.heads[k], cfg.dim_head[k], window, axial)
+            self.attn = Residual(dim, sub, "rms")
+        self.ff = Residual(dim, ShiftedFeedForward(dim, cfg.ff_mult[k], axial), "rms")
+
+    def forward(self, x: Tensor, state: BlockState | None = None, index: int | None = None):
+        if self.attn is not None:
+            x = self.attn(x, state=state, index=index)
+        return self.ff(x, state=state, index=index)
+
+
+class HierarchicalTransformer(nn.Module):
+    """The seed's keyword API over :class:`HierarchicalConfig` (or ``config=`` directly)."""
+
+    def __init__(self, config: HierarchicalConfig | None = None, **kwargs) -> None:
+        super().__init__()
+        if config is None:
+            config = HierarchicalConfig(**kwargs)
+        elif kwargs:
+            config = replace(config, **kwargs)
+        self.config = cfg = config
+        self.max_seq_len = cfg.seq_len
+        dims, hs, strides = cfg.dim, cfg.hierarchies, cfg.hierarchical_stride
+        emb_dim, pi = max(dims), cfg.predict_index
+        self.token_emb = nn.Embedding(cfg.num_tokens, emb_dim)
+        self.compress = nn.ModuleList(
+            CausalDownsample(emb_dim, d, c, s, COMPRESS_EXPANSION)
+            for d, c, s in zip(dims, hs, strides)
+        )
+        self.compress_norms = nn.ModuleList(make_norm("layer", d) for d in dims)
+        self.layers = nn.ModuleList(
+            nn.ModuleList(HierarchicalBlock(cfg, k) for k in range(len(hs)))
+            for _ in range(cfg.depth)
+        )
+        merge_out = sum(dims) if cfg.hierarchy_merge_all else dims[pi]
+        self.merges = nn.ModuleList()
+        if len(hs) > 1:
+            for _ in range(cfg.depth):
+                ff = FeedForward(
+                    sum(dims), hidden_dim=2 * merge_out, dim_out=merge_out, activation="silu"
+                )
+                self.merges.append(nn.Sequential(make_norm("rms", sum(dims)), ff))
+        self.final_norms = nn.ModuleList(make_norm("layer", d) for d in dims)
+        logit_in = sum(dims) if cfg.predict_use_all_hierarchy else dims[pi]
+        self.to_logits = nn.Linear(logit_in, cfg.num_tokens, bias=False)
+        compressed = [k for k, c in enumerate(hs) if c > 1]
+        self.recon_heads = nn.ModuleDict()
+        if cfg.recon_loss_weight > 0:
+            for k in compressed:
+                self.recon_heads[str(k)] = nn.Linear(dims[k], hs[k] * cfg.num_tokens, bias=False)
+        self.ar_heads = nn.ModuleDict()
+        if cfg.hierarchical_ar_loss_weight > 0:
+            for k in compressed:
+                self.ar_heads[str(k)] = nn.Linear(dims[k], dims[k])
+
+    # ----------------------------------------------------------------- full forward
+
+    def forward(
+        self, ids: Tensor, return_loss: bool = False, cache: HierarchicalCache | None = None
+    ):
+        """ids (b, n) -> logits (b, n, V); with ``return_loss`` ids has n + 1 tokens and the
+        result is ``loss, (ce, recon, ar)``; with ``cache`` only the new tokens' logits."""
+        if cache is not None:
+            with self._attention_scope():
+                return self._forward_cached(ids, cache)
+        labels = None
+        if return_loss:
+            ids, labels = ids[:, :-1], ids[:, 1:]
+        self._check_length(ids.shape[1])
+        with self._attention_scope():
+            embeds = self._encode(ids)
+            logits = self._logits(embeds, ids.shape[1])
+        if labels is None:
+            return logits
+        return self._losses(logits, labels, embeds, ids)
+
+    def _attention_scope(self):
+        if self.config.use_flash_attn:
+            return contextlib.nullcontext()  # whatever backend the caller chose (SDPA default)
+        return attention_backend("reference")
+
+    def _check_length(self, n: int) -> None:
+        if n > self.config.seq_len:
+            raise ValueError(
+                f"input has {n} tokens but seq_len is {self.config.seq_len}; "
+                "shorten the input or build the model with a larger seq_len"
+            )
+
+    def _encode(self, ids: Tensor, cache: HierarchicalCache | None = None) -> list[Tensor]:
+        """ids (b, n) -> final normed stream of every hierarchy, each (b, m_k, d_k)."""
+        n = ids.shape[1]
+        x = self.token_emb(ids)  # (b, n, D)
+        if cache is not None:
+            c = cache.window.shape[1]
+            cache.window = torch.cat((cache.window, x), dim=1)[:, -c:]
+        tokens = [norm(comp(x)) for comp, norm in zip(self.compress, self.compress_norms)]
+        for layer_idx, layer in enumerate(self.layers):
+            states = cache.blocks[layer_idx] if cache is not None else [None] * len(tokens)
+            tokens = [blk(t, state=st) for blk, t, st in zip(layer, tokens, states)]
+            if cache is not None:
+                cache.latest[layer_idx] = [t[:, -1:] for t in tokens]
+            if self.merges:
+                tokens = self._merge(layer_idx, tokens, n)
+        return [norm(t) for norm, t in zip(self.final_norms, tokens)]
+
+    def _merge(self, layer_idx: int, tokens: list[Tensor], n: int) -> list[Tensor]:
+        """Pool every stream (repeated to length n) into the predicting stream, or into all."""
+        strides = self.config.hierarchical_stride
+        cat = torch.cat([repeat_upsample(t, s, n) for t, s in zip(tokens, strides)], dim=-1)
+        pooled = self.merges[layer_idx](cat)  # (b, n, d_pred or sum(d))
+        if self.config.hierarchy_merge_all:
+            parts = pooled.split(list(self.config.dim), dim=-1)
+            return [t + p[:, ::s] for t, p, s in zip(tokens, parts, strides)]
+        pi = self.config.predict_index
+        tokens = list(tokens)
+        tokens[pi] = tokens[pi] + pooled  # the predicting stream has stride 1
+        return tokens
+
+    def _logits(self, embeds: list[Tensor], n: int) -> Tensor:  # -> (b, n, V)
+        cfg = self.config
+        if cfg.predict_use_all_hierarchy:
+            h = torch.cat(
+                [repeat_upsample(e, s, n) for e, s in zip(embeds, cfg.hierarchical_stride)], -1
+            )
+        else:
+            pi = cfg.predict_index
+            h = repeat_upsample(embeds[pi], cfg.hierarchical_stride[pi], n)
+        return self.to_logits(h)
+
+    # ----------------------------------------------------------------- losses
+
+    def _losses(self, logits: Tensor, labels: Tensor, embeds: list[Tensor], ids: Tensor):
+        cfg = self.config
+        ce = F.cross_entropy(logits.transpose(1, 2).float(), labels, ignore_index=cfg.ignore_index)
+        zero = ce.new_zeros(())
+        recon = sum((self._recon_loss(int(k), embeds[int(k)], ids) for k in self.recon_heads), zero)
+        ar = sum((self._ar_loss(int(k), embeds[int(k)]) for k in self.ar_heads), zero)
+        total = ce
+        if self.recon_heads:
+            total = total + cfg.recon_loss_weight * recon
+        if self.ar_heads:
+            total = total + cfg.hierarchical_ar_loss_weight * ar
+        return total, (ce, recon, ar)
+
+    def _recon_loss(self, k: int, h: Tensor, ids: Tensor) -> Tensor:
+        """Compressed token j predicts the c input tokens it covers, [j*s - c + 1, j*s]."""
+        c, s = self.config.hierarchies[k], self.config.hierarchical_stride[k]
+        padded = F.pad(ids, (c - 1, 0), value=self.config.ignore_index)  # (b, n + c - 1)
+        targets = padded.unfold(1, c, s)  # (b, m, c)
+        logits = rearrange(self.recon_heads[str(k)](h), "b m (c v) -> b v m c", c=c)
+        return F.cross_entropy(logits.float(), targets, ignore_index=self.config.ignore_index)
+
+    def _ar_loss(self, k: int, h: Tensor) -> Tensor:
+        """Compressed token j predicts token j + 1 of its stream: 1 - cosine similarity."""
+        if h.shape[1] < 2:
+            return h.new_zeros(())
+        target = h[:, 1:].detach() if self.config.detach_ar_target else h[:, 1:]
+        pred = self.ar_heads[str(k)](h[:, :-1])
+        return (1 - F.cosine_similarity(pred.float(), target.float(), dim=-1)).mean()
+
+    # ----------------------------------------------------------------- generation
+
+    def init_cache(self, batch_size: int) -> HierarchicalCache:
+        w = self.token_emb.weight
+        depth, num_h = self.config.depth, self.config.num_hierarchies
+        return HierarchicalCache(
+            window=w.new_zeros(batch_size, max(self.config.hierarchies), w.shape[1]),
+            blocks=[[BlockState() for _ in range(num_h)] for _ in range(depth)],
+            latest=[[None] * num_h for _ in range(depth)],
+            final=[None] * num_h,
+        )
+
+    def _forward_cached(self, ids: Tensor, cache: HierarchicalCache) -> Tensor:
+        if cache.pos == 0:  # prefill: one full forward that also fills the cache
+            self._check_length(ids.shape[1])
+            embeds = self._encode(ids, cache)
+            cache.final = [e[:, -1:] for e in embeds]
+            cache.pos = ids.shape[1]
+            return self._logits(embeds, ids.shape[1])
+        return torch.cat([self._step(ids[:, i : i + 1], cache) for i in range(ids.shape[1])], 1)
+
+    def _step(self, ids: Tensor, cache: HierarchicalCache) -> Tensor:
+        """One new token (b, 1) at position cache.pos -> its logits (b, 1, V)."""
+        cfg, t = self.config, cache.pos
+        cache.window = torch.cat((cache.window[:, 1:], self.token_emb(ids)), dim=1)
+        new: list[Tensor | None] = [None] * cfg.num_hierarchies  # streams with a token now
+        for k, (c, s) in enumerate(zip(cfg.hierarchies, cfg.hierarchical_stride)):
+            if t % s == 0:
+                new[k] = self.compress_norms[k](self.compress[k].step(cache.window[:, -c:]))
+        for layer_idx, layer in enumerate(self.layers):
+            for k, blk in enumerate(layer):
+                if new[k] is not None:
+                    st = cache.blocks[layer_idx][k]
+                    new[k] = blk(new[k], state=st, index=t // cfg.hierarchical_stride[k])
+                    cache.latest[layer_idx][k] = new[k]
+            if self.merges:
+                pooled = self.merges[layer_idx](torch.cat(cache.latest[layer_idx], dim=-1))
+                parts = pooled.split(list(cfg.dim), -1) if cfg.hierarchy_merge_all else None
+                for k in range(cfg.num_hierarchies):
+                    if new[k] is None:
+                        continue
+                    if parts is not None:
+                        new[k] = new[k] + parts[k]
+                    elif k == cfg.predict_index:
+                        new[k] = new[k] + pooled
+        for k, h in enumerate(new):
+            if h is not None:
+                cache.final[k] = self.final_norms[k](h)
+        cache.pos += 1
+        if cfg.predict_use_all_hierarchy:
+            return self.to_logits(torch.cat(cache.final, dim=-1))
+        return self.to_logits(cache.final[cfg.predict_index])
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt: Tensor,  # (b, t) or (t,)
+        seq_len: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:  # (b, seq_len) new tokens
+        """Sample ``seq_len`` new tokens with the KV cache (temperature 0 = greedy).
+
+        The prompt may hold at most ``config.seq_len`` tokens; generation may run past it
+        (rotary positions keep counting, windows keep sliding), unlike the seed, which
+        re-reads only the last ``seq_len`` tokens at every step."""
+        return AutoregressiveWrapper(self, ignore_index=self.config.ignore_index).generate(
+            prompt,
+            seq_len,
+            eos_token=eos_token,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            generator=generator,
+        )
+
+
+def hierarchical_loss(model: HierarchicalTransformer, batch) -> Tensor:
+    """Training loss for the model registry: the total of ``model(seq, return_loss=True)``."""
+    loss, _ = model(batch.seq, return_loss=True)
+    return loss

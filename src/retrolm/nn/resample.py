@@ -1,0 +1,78 @@
+"""Causal down-sampling and repeat up-sampling of a token stream (Hourglass, arXiv 2110.13711).
+
+Notation: b batch, n positions, c factor, s stride, m = ceil(n / s) compressed tokens.
+
+``CausalDownsample`` pads c - 1 zeros on the left and runs a strided convolution of kernel c,
+so compressed token j summarises positions ``[j*s - c + 1, j*s]``: it is aligned with the
+*last* position it covers (the Hourglass "shift by factor - 1") and never sees the future::
+
+    positions  0 1 2 3 4 5 6 7          c = 4, s = 2
+    token 0    0                         covers -3..0 (zeros before the start)
+    token 1    0 1 2                     covers -1..2
+    token 2      1 2 3 4                 covers  1..4
+    token 3          3 4 5 6             covers  3..6
+
+``repeat_upsample`` serves token j at positions ``j*s … j*s + s - 1``; as token j only covers
+positions up to j*s, the repeated stream stays causal.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from torch import Tensor, nn
+
+from retrolm.utils import is_power_of_two
+
+
+class CausalDownsample(nn.Module):
+    """(b, n, dim_in) -> (b, ceil(n / stride), dim_out).
+
+    factor 1: a linear projection (identity when the widths agree). factor > 1: causal strided
+    conv (dim_in -> expansion * dim_in, kernel ``factor``) -> SiLU -> linear (-> dim_out).
+    """
+
+    def __init__(
+        self, dim_in: int, dim_out: int, factor: int, stride: int = 1, expansion: float = 4.0
+    ) -> None:
+        super().__init__()
+        if not is_power_of_two(factor):
+            raise ValueError(f"factor must be a power of 2, got {factor}")
+        if not is_power_of_two(stride) or stride > factor:
+            raise ValueError(f"stride must be a power of 2 <= factor ({factor}), got {stride}")
+        self.factor, self.stride = factor, stride
+        self.conv: nn.Conv1d | None = None
+        if factor == 1:
+            self.proj = nn.Identity() if dim_in == dim_out else nn.Linear(dim_in, dim_out, False)
+            return
+        hidden = int(dim_in * expansion)
+        self.conv = nn.Conv1d(dim_in, hidden, factor, stride=stride)
+        self.proj = nn.Linear(hidden, dim_out)
+
+    def forward(self, x: Tensor) -> Tensor:  # (b, n, dim_in) -> (b, m, dim_out)
+        if self.conv is None:
+            return self.proj(x)
+        h = F.pad(rearrange(x, "b n d -> b d n"), (self.factor - 1, 0))
+        h = rearrange(self.conv(h), "b d m -> b m d")
+        return self.proj(F.silu(h))
+
+    def step(self, window: Tensor) -> Tensor:
+        """One compressed token from the last ``factor`` positions it covers.
+
+        window (b, factor, dim_in), zeros for positions before the start -> (b, 1, dim_out);
+        equal to ``forward``'s token j when the window ends at position j * stride.
+        """
+        if self.conv is None:
+            return self.proj(window[:, -1:])
+        # one output position of the conv is a matmul over the flattened window; this is much
+        # faster than a conv call on a window exactly one kernel long
+        flat = rearrange(window[:, -self.factor :], "b c d -> b 1 (d c)")
+        h = F.linear(flat, rearrange(self.conv.weight, "o d c -> o (d c)"), self.conv.bias)
+        return self.proj(F.silu(h))
+
+
+def repeat_upsample(x: Tensor, stride: int, length: int) -> Tensor:
+    """(b, m, d) -> (b, length, d): token j serves positions j*stride … j*stride + stride - 1."""
+    if stride == 1:
+        return x[:, :length]
+    return repeat(x, "b m d -> b (m s) d", s=stride)[:, :length]
