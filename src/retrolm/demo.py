@@ -163,7 +163,10 @@ def make_plan(
         steps = int(0.45 * budget_s / (1.6 * step_s))
         if steps < 200:  # few updates: smaller batches, twice as many of them
             batch_size, step_s, steps = batch_size // 2, step_s / 2, 2 * steps
-        steps = max(20, min(steps, 3000))
+        # the deadline stops training when time is up; planning twice the measured rate
+        # lets a machine that gets quieter after the probe use its time (shared machines
+        # swing several-fold within minutes)
+        steps = max(20, min(2 * steps, 3000))
     # evaluation: 3 scored passes (RETRO on, RETRO off, baseline), stride n/2 -> 2x tokens
     fwd_s_per_token = step_s / 3 / (batch_size * DEMO_MODEL["max_seq_len"])
     eval_tokens = 0.10 * budget_s / (6 * fwd_s_per_token + 1 / (rate * 64))
