@@ -166,7 +166,8 @@ def make_plan(
         # the deadline stops training when time is up; planning twice the measured rate
         # lets a machine that gets quieter after the probe use its time (shared machines
         # swing several-fold within minutes)
-        steps = max(20, min(2 * steps, 3000))
+        # (and the probe itself is often caught in a load spike): at least 1000 steps
+        steps = max(1000, min(2 * steps, 3000))
     # evaluation: 3 scored passes (RETRO on, RETRO off, baseline), stride n/2 -> 2x tokens
     fwd_s_per_token = step_s / 3 / (batch_size * DEMO_MODEL["max_seq_len"])
     eval_tokens = 0.10 * budget_s / (6 * fwd_s_per_token + 1 / (rate * 64))
