@@ -221,52 +221,35 @@ def main() -> None:
         print(json.dumps(interleaved_speed(a.speed, a.warmup, a.rounds)))
         return
     runs = [("anchor", "fp32"), ("ours", "fp32"), ("ours", "bf16"), ("anchor", "bf16")]
-    results: dict[tuple, list[dict]] = {}
     for cfg in a.configs.split(","):
-        for r in range(a.rounds):
-            for side, dtype in runs:
-                res = run_child(
-                    [
-                        "--child",
-                        side,
-                        cfg,
-                        dtype,
-                        "--warmup",
-                        str(a.warmup),
-                        "--steps",
-                        str(a.steps),
-                    ]
-                )
-                results.setdefault((cfg, side, dtype), []).append(res)
-                print(
-                    f"[round {r}] {cfg:9s} {side:6s} {dtype}: {res['tok_s']:7.1f} tok/s  "
-                    f"peak RSS {res['peak_rss_mb']:6.0f} MB  steps {res['times']}",
-                    flush=True,
-                )
-    if a.json:
-        with open(a.json, "a") as f:
-            for rs in results.values():
-                for r in rs:
-                    f.write(json.dumps(r) + "\n")
-    print("\n| config | side | dtype | train tok/s (median) | peak RSS MB |")
-    print("|---|---|---|---|---|")
-    summary = {}
-    for (cfg, side, dtype), rs in results.items():
-        tok = statistics.median(r["tok_s"] for r in rs)
-        rss = max(r["peak_rss_mb"] for r in rs)
-        summary[(cfg, side, dtype)] = (tok, rss)
-        print(f"| {cfg} | {side} | {dtype} | {tok:.1f} | {rss:.0f} |")
-    print("\nRatios against the anchor's better dtype (same run):")
-    for cfg in a.configs.split(","):
-        best_anchor = max(
-            (summary[(cfg, "anchor", d)] for d in ("fp32", "bf16")), key=lambda x: x[0]
+        speed = run_child(["--speed", cfg, "--warmup", str(a.warmup), "--rounds", str(a.steps)])
+        print(
+            f"\n{cfg}: train tokens/s (median of {a.steps} interleaved steps): "
+            + ", ".join(f"{k} {v:.1f}" for k, v in speed["tok_s"].items())
+        )
+        print(
+            f"{cfg}: speed ratios (median of per-round ratios): "
+            + ", ".join(f"{k} {v:.2f}x" for k, v in speed["speed_ratios"].items()),
+            flush=True,
+        )
+        rss = {}
+        for side, dtype in runs:  # peak RSS: a fresh process each, 2 steps
+            res = run_child(["--child", side, cfg, dtype, "--warmup", "1", "--steps", "1"])
+            rss[(side, dtype)] = res["peak_rss_mb"]
+        print(
+            f"{cfg}: peak RSS MB (fresh process, 2 steps): "
+            + ", ".join(f"{s}-{d} {v:.0f}" for (s, d), v in rss.items())
         )
         for d in ("fp32", "bf16"):
-            tok, rss = summary[(cfg, "ours", d)]
             print(
-                f"  {cfg} ours-{d}: speed {tok / best_anchor[0]:.2f}x, "
-                f"peak RSS {rss / summary[(cfg, 'anchor', 'fp32')][1]:.2f}x of anchor fp32"
+                f"{cfg}: ours-{d} peak RSS = {rss[('ours', d)] / rss[('anchor', 'fp32')]:.2f}x "
+                f"anchor-fp32, {rss[('ours', d)] / rss[('anchor', 'bf16')]:.2f}x anchor-bf16",
+                flush=True,
             )
+        if a.json:
+            with open(a.json, "a") as f:
+                row = dict(speed=speed, rss={f"{s}-{d}": v for (s, d), v in rss.items()})
+                f.write(json.dumps(row) + "\n")
     print("\nLoss parity, ours bf16 autocast vs fp32 (30 steps, same init and batches):")
     print("  " + json.dumps(run_child(["--parity"])))
 
