@@ -28,16 +28,12 @@ import sys
 import time
 
 VOCAB, PROMPT, NEW, L, K = 28996, 448, 64, 512, 2
-MODEL = dict(
-    chunk_size=64,
-    enc_dim=256,
-    enc_depth=2,
-    dec_dim=256,
-    dec_depth=6,
-    dec_cross_attn_layers=(3, 6),
-    heads=4,
-    dim_head=64,
-)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+from retrolm.models.retro_config import PRESETS  # noqa: E402
+
+# the benchmark model (dec 256x6, enc 256x2, CCA (3, 6), heads 4, dim_head 64,
+# chunk 64): the "retro-bench" preset, less the vocabulary and length set per run
+MODEL = {k: v for k, v in PRESETS["retro-bench"].items() if k not in ("num_tokens", "max_seq_len")}
 
 
 def anchor_generate(prompt, dtype: str) -> int:
@@ -96,7 +92,6 @@ class StubRetriever:
 def ours_generate(prompt, dtype: str):
     import torch
 
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
     from retrolm import RETRO, generate
 
     model = RETRO(max_seq_len=L, num_tokens=VOCAB, **MODEL).eval()

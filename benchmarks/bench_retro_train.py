@@ -27,16 +27,12 @@ import time
 
 VOCAB = 28996
 CONFIGS = {"L512_b4": (512, 4), "L2048_b1": (2048, 1)}
-MODEL = dict(
-    chunk_size=64,
-    enc_dim=256,
-    enc_depth=2,
-    dec_dim=256,
-    dec_depth=6,
-    dec_cross_attn_layers=(3, 6),
-    heads=4,
-    dim_head=64,
-)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+from retrolm.models.retro_config import PRESETS  # noqa: E402
+
+# the benchmark model (dec 256x6, enc 256x2, CCA (3, 6), heads 4, dim_head 64,
+# chunk 64): the "retro-bench" preset, less the vocabulary and length set per run
+MODEL = {k: v for k, v in PRESETS["retro-bench"].items() if k not in ("num_tokens", "max_seq_len")}
 
 
 def build(side: str, L: int):
@@ -51,7 +47,6 @@ def build(side: str, L: int):
         from retro_pytorch import RETRO as AnchorRETRO
 
         return AnchorRETRO(max_seq_len=L, num_tokens=VOCAB, **MODEL)
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
     from retrolm import RETRO
 
     # share_embeddings: one token embedding for encoder and decoder, as the anchor has, so
@@ -166,7 +161,6 @@ def loss_parity(steps: int = 30) -> dict:
     curves = {}
     for dtype in ("fp32", "bf16"):
         torch.manual_seed(0)
-        sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
         from retrolm import RETRO
 
         model = RETRO(max_seq_len=256, num_tokens=VOCAB, **MODEL)
