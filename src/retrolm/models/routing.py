@@ -638,6 +638,10 @@ class RoutingLanguageModel(AutoregressiveWrapper):
         super().__init__(RoutingTransformerLM(config=config))
         self.config = config
 
+    def init_cache(self, batch_size: int) -> RoutingCache | None:
+        """The LM's decoding cache (None where its routing has none)."""
+        return self.net.init_cache(batch_size)
+
 
 def register_routing() -> bool:
     """Register the family with ``retrolm.models.registry`` when that module exists (it
