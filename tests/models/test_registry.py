@@ -81,3 +81,7 @@ def test_misused_hooks_fail_with_the_fix():
         ModelFamily("r2", "m:C", "m:M", uses_retrieval=True)
     assert ModelFamily("r3", "m:C", "m:M", uses_retrieval=True, logits=retro_logits)
 
+
+def test_the_routing_family_refuses_a_non_causal_language_model():
+    with pytest.raises(ValueError, match="needs causal=True"):
+        get_family("routing").build(RoutingConfig.from_dict({**ROUTING.to_dict(), "causal": False}))

@@ -635,6 +635,12 @@ class RoutingLanguageModel(AutoregressiveWrapper):
     return_loss=True)``, ``model.config``)."""
 
     def __init__(self, config: RoutingConfig) -> None:
+        if not config.causal:
+            # trained on next-token loss, a non-causal model learns to read its targets
+            raise ValueError(
+                "the routing language model needs causal=True (got causal=False: every "
+                'position would see the token it predicts); set "causal": true in model_config'
+            )
         super().__init__(RoutingTransformerLM(config=config))
         self.config = config
 
