@@ -93,7 +93,9 @@ def routing_lm(seed=0):
 
     torch.manual_seed(seed)
     cfg = RoutingConfig.from_name("routing-tiny", max_seq_len=64, window_size=8)
-    return RoutingLanguageModel(cfg).eval()
+    model = RoutingLanguageModel(cfg)
+    model(torch.randint(2, 250, (2, 65)), return_loss=True).backward()  # k-means initialised
+    return model.eval()
 
 
 def hierarchical(seed=0):
