@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
 import os
 import shutil
 import statistics
@@ -163,11 +164,14 @@ def compare(
         ap.add_argument("--window", type=int, default=window, help="attention window")
     ap.add_argument("--held-bytes", type=int, default=16384, help="per held-out book")
     ap.add_argument("--precision", default="bf16", help="fp32, bf16 or auto")
+    ap.add_argument("--seed", type=int, default=0, help="initialisation and data order")
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), work_name))
+    ap.add_argument("--only", nargs="+", choices=list(models), help="run only these models")
     a = ap.parse_args()
     import torch
 
     torch.set_num_threads(1)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     t_start = time.perf_counter()
     work = Path(a.work)
     db, held = prepare(work, a.seq_len, a.steps * a.batch * a.seq_len, a.held_bytes)
@@ -178,10 +182,12 @@ def compare(
         lr=1e-3,
         warmup_steps=max(1, a.steps // 10),
         precision=a.precision,
-        seed=0,
+        seed=a.seed,
     )
     rows = []
     for i, (name, make) in enumerate(models.items()):
+        if a.only and name not in a.only:
+            continue
         run = work / f"run-{i}"
         shutil.rmtree(run, ignore_errors=True)  # a fresh run, not a resume
         row = train_and_eval(db, held, run, family, make(a), train, a.held_bytes + 1)

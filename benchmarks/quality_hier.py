@@ -7,7 +7,7 @@ Same width (dim 128, depth 3, heads 4, dim_head 32), database, steps, batch, sch
 seed; each through ``retrolm.train.train`` and ``retrolm eval`` (sliding windows, stride
 half the window). See ``kjv_pipeline`` for the data.
 
-  PYTHONPATH=src python benchmarks/quality_hier.py [--steps 150] [--work DIR]
+  PYTHONPATH=src python benchmarks/quality_hier.py [--steps 300] [--work DIR]
 """
 
 from __future__ import annotations
@@ -24,5 +24,5 @@ MODELS = {
 
 if __name__ == "__main__":
     kjv_pipeline.compare(
-        __doc__, "hierarchical", MODELS, steps=150, seq_len=256, work_name="retrolm-q-hier"
+        __doc__, "hierarchical", MODELS, steps=300, seq_len=512, work_name="retrolm-q-hier"
     )
