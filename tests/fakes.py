@@ -178,7 +178,7 @@ def random_docs(n_docs: int = 6, length: int = 40, seed: int = 0) -> list[list[i
 
 
 def register_tiny() -> None:
-    from retrolm.models.registry import FAMILIES, ModelFamily, retro_loss
+    from retrolm.models.registry import FAMILIES, ModelFamily, retro_logits, retro_loss
 
     FAMILIES["tiny"] = ModelFamily(
         name="tiny",
@@ -187,4 +187,5 @@ def register_tiny() -> None:
         uses_retrieval=True,
         loss=retro_loss,
         default_preset="tiny",
+        logits=retro_logits,
     )

@@ -5,7 +5,9 @@ import torch.nn.functional as F
 
 from retrolm import RETRO, RetroConfig
 from retrolm.evaluate import EvalConfig, evaluate, longest_common_run, save_report
-from tests.fakes import ByteTokenizer, FakeDatabase, TinyRetro
+from tests.fakes import ByteTokenizer, FakeDatabase, TinyRetro, register_tiny
+
+register_tiny()  # TinyRetro is a retrieval family: generation finds it by class
 
 
 def model():
@@ -102,3 +104,70 @@ def test_empty_held_out_folder(tmp_path):
         evaluate(TinyRetro(), tmp_path / "empty", tokenizer=ByteTokenizer())
     with pytest.raises(FileNotFoundError, match="nope does not exist"):
         evaluate(TinyRetro(), tmp_path / "nope", tokenizer=ByteTokenizer())
+
+
+# ---------------------------------------------------------------- families without retrieval
+
+
+def routing_lm():
+    from retrolm.models.routing import RoutingLanguageModel
+    from retrolm.models.routing_config import RoutingConfig
+
+    torch.manual_seed(0)
+    cfg = RoutingConfig.from_name("routing-tiny", num_tokens=260, max_seq_len=32, window_size=8)
+    return RoutingLanguageModel(cfg).eval()
+
+
+def hierarchical():
+    from retrolm import HierarchicalConfig, HierarchicalTransformer
+
+    torch.manual_seed(0)
+    cfg = HierarchicalConfig.from_name(
+        "hier-tiny", num_tokens=260, seq_len=32, window_sizes=(8, 8, None)
+    )
+    return HierarchicalTransformer(cfg).eval()
+
+
+def logits_of(net, x):
+    out = net(x)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def sliding_window_oracle(net, ids, n, s):
+    """Target t is predicted from the window that first holds it: w = 0 for t <= n, else the
+    smallest multiple of s with t <= w + n; the window's tokens before t are the context."""
+    total = 0.0
+    for t in range(1, len(ids)):
+        w = 0 if t <= n else s * -(-(t - n) // s)
+        ctx = torch.tensor([ids[w:t]])
+        total -= float(F.log_softmax(logits_of(net, ctx)[0, -1].float(), -1)[ids[t]])
+    return total
+
+
+@pytest.mark.parametrize("make", [routing_lm, hierarchical], ids=["routing", "hierarchical"])
+@pytest.mark.parametrize("n,stride", [(32, None), (20, 7)])
+def test_sliding_windows_without_retrieval_match_an_oracle(held_out, make, n, stride):
+    net, tok = make(), ByteTokenizer()
+    cfg = EvalConfig(seq_len=n, stride=stride, glob="a.txt", batch_size=3)
+    res = evaluate(net, held_out, tokenizer=tok, config=cfg)
+    ids = tok.encode((held_out / "a.txt").read_text()) + [tok.eos_id]
+    assert len(ids) > 3 * n  # several windows: the stride matters
+    r = res.modes["no_retrieval"]
+    assert list(res.modes) == ["no_retrieval"] and res.leakage == [] and res.chunks == 0
+    assert r["tokens"] == len(ids) - 1 and r["bytes"] == len(ids) - 2  # <eos> has no bytes
+    expect = sliding_window_oracle(net, ids, n, stride or n // 2)  # default: half the window
+    assert r["nll_per_token"] * r["tokens"] == pytest.approx(expect, rel=1e-4)
+    assert r["bits_per_byte"] == pytest.approx(expect / np.log(2) / r["bytes"], rel=1e-4)
+    assert "retrieval lowers" not in res.table() and "no_retrieval" in res.table()
+
+
+def test_windows_of_any_length_without_retrieval_and_clear_errors(held_out):
+    net, tok = routing_lm(), ByteTokenizer()
+    evaluate(net, held_out, tokenizer=tok, config=EvalConfig(seq_len=13, stride=5))  # m = 1
+    with pytest.raises(ValueError, match="window <= the model's max_seq_len 32"):
+        evaluate(net, held_out, tokenizer=tok, config=EvalConfig(seq_len=33))
+    with pytest.raises(ValueError, match="'routing' model reads no neighbours: pass db=None"):
+        evaluate(net, held_out, text_db())
+    with pytest.raises(ValueError, match="chunk size 4"):  # RETRO keeps its chunk rule
+        evaluate(TinyRetro(), held_out, tokenizer=tok, config=EvalConfig(seq_len=2))

@@ -3,7 +3,9 @@ import torch
 
 from retrolm import RETRO, RetroConfig
 from retrolm.generation import describe_sources, generate
-from tests.fakes import FakeDatabase, TinyRetro, random_docs
+from tests.fakes import FakeDatabase, TinyRetro, random_docs, register_tiny
+
+register_tiny()  # TinyRetro is a retrieval family: generation finds it by class
 
 
 def tiny_retro(seed=0):
@@ -80,3 +82,87 @@ def test_sources_name_file_and_snippet():
     src = describe_sources(db, out)
     assert src and all(s["file"].startswith("/fake/doc") for s in src)
     assert {s["chunk"] for s in src} == {0, 1, 2}
+
+
+# ---------------------------------------------------------------- families without retrieval
+
+
+def routing_lm(seed=0):
+    from retrolm.models.routing import RoutingLanguageModel
+    from retrolm.models.routing_config import RoutingConfig
+
+    torch.manual_seed(seed)
+    cfg = RoutingConfig.from_name("routing-tiny", max_seq_len=64, window_size=8)
+    model = RoutingLanguageModel(cfg)
+    model(torch.randint(2, 250, (2, 65)), return_loss=True).backward()  # k-means initialised
+    return model.eval()
+
+
+def hierarchical(seed=0):
+    from retrolm import HierarchicalConfig, HierarchicalTransformer
+
+    torch.manual_seed(seed)
+    cfg = HierarchicalConfig.from_name("hier-tiny", seq_len=64, window_sizes=(8, 8, None))
+    return HierarchicalTransformer(cfg).eval()
+
+
+def greedy_by_full_forwards(model, prompt, steps):
+    """The oracle: append the argmax of a whole-sequence forward, step by step."""
+    seq = prompt
+    for _ in range(steps):
+        out = model(seq)
+        logits = out[0] if isinstance(out, tuple) else out
+        seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], 1)
+    return seq
+
+
+@pytest.mark.parametrize("make", [routing_lm, hierarchical], ids=["routing", "hierarchical"])
+@pytest.mark.parametrize("prompt_len", [1, 7, 16])
+def test_cached_greedy_equals_full_forwards_without_retrieval(make, prompt_len):
+    model = make()
+    prompt = torch.randint(2, 250, (2, prompt_len), generator=torch.Generator().manual_seed(3))
+    steps = 40 - prompt_len  # past several routing windows / hierarchy strides
+    cached = generate(model, prompt, steps, temperature=0)
+    full = generate(model, prompt, steps, temperature=0, use_cache=False)
+    assert torch.equal(cached.ids, full.ids)
+    assert torch.equal(cached.ids, greedy_by_full_forwards(model, prompt, steps))
+    assert cached.ids.shape == (2, 40) and cached.retrievals == []
+    assert len(set(cached.new_ids[0].tolist())) > 1  # not a constant: the test can fail
+
+
+@pytest.mark.parametrize("make", [routing_lm, hierarchical], ids=["routing", "hierarchical"])
+def test_cached_path_feeds_one_token_per_step(make, monkeypatch):
+    """With a cache the model sees the prompt once, then single tokens."""
+    model, widths = make(), []
+    orig = model.forward
+
+    def spy(ids, *a, **kw):
+        widths.append(ids.shape[1])
+        return orig(ids, *a, **kw)
+
+    monkeypatch.setattr(model, "forward", spy)
+    generate(model, torch.tensor([[5, 6, 7]]), 6, temperature=0)
+    assert widths == [3, 1, 1, 1, 1, 1]
+    widths.clear()
+    generate(model, torch.tensor([[5, 6, 7]]), 6, temperature=0, use_cache=False)
+    assert widths == [3, 4, 5, 6, 7, 8]
+
+
+def test_sampling_without_retrieval_is_seeded():
+    model = routing_lm()
+    a = generate(model, [3, 4], 12, temperature=1.0, top_p=0.9, seed=5)
+    b = generate(model, [3, 4], 12, temperature=1.0, top_p=0.9, seed=5)
+    c = generate(model, [3, 4], 12, temperature=1.0, top_p=0.9, seed=6)
+    assert torch.equal(a.ids, b.ids) and not torch.equal(a.ids, c.ids)
+
+
+def test_a_retriever_is_refused_for_families_without_retrieval():
+    with pytest.raises(ValueError, match="'routing' model reads no neighbours"):
+        generate(routing_lm(), [3, 4], 2, fake_db())
+    from retrolm.models.routing import RoutingTransformerLM
+
+    bare = RoutingTransformerLM(config=routing_lm().config)  # no registered family
+    with pytest.raises(ValueError, match="belongs to no registered model family"):
+        generate(bare, [3, 4], 2, fake_db())
+    out = generate(bare, [3, 4], 5, temperature=0)  # a plain decoder: (logits, aux) is fine
+    assert out.ids.shape == (1, 7)

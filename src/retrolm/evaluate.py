@@ -13,6 +13,11 @@ leakage analysis (paper: 10).
 - Leakage: for chunk C, s(C) = longest common token substring between C and any of
   its K retrieved values (neighbour + continuation), r(C) = s(C) / |C|;
   bpb(alpha) = sum of NLL over chunks with r <= alpha / (ln 2 * their bytes).
+- bits/byte = total NLL / (ln 2 * UTF-8 bytes of the scored text, i.e. each document
+  without its first token); token perplexity = exp(NLL per scored token).
+
+Every model family is scored the same way (``ModelFamily.logits``). Families without
+retrieval have m = 1 (windows of any length, no chunks) and one mode, ``no_retrieval``.
 """
 
 from __future__ import annotations
@@ -28,7 +33,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
+
+from retrolm.models.registry import ModelFamily, check_no_retrieval, family_of
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +79,7 @@ class EvalResult:
     """Per alpha: fraction of chunks kept and bits/byte of each mode on them."""
     documents: int = 0
     chunks: int = 0
+    """Retrieval chunks scored (0 for families without retrieval)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -137,14 +145,18 @@ def longest_common_run(a: np.ndarray, b: np.ndarray, block: int = 128) -> np.nda
     return out
 
 
-class _DocumentScores:
-    """Per-chunk NLL sums of one document for each mode."""
-
-    def __init__(self, ids: list[int], m: int, modes: list[str]):
-        self.ids = np.asarray(ids, dtype=np.int64)
-        self.num_chunks = math.ceil(len(ids) / m)
-        self.nll = {mode: np.zeros(self.num_chunks) for mode in modes}
-        self.count = np.zeros(self.num_chunks, dtype=np.int64)
+def _window_shape(cfg: EvalConfig, m: int, max_len: int) -> tuple[int, int]:
+    """(n, s): the window length and stride, rounded down to multiples of m."""
+    n = int(cfg.seq_len or max_len) // m * m
+    stride = int(cfg.stride or max(m, n // 2)) // m * m
+    if n < m or stride < m or stride > n or n > max_len:
+        unit = f"multiples of the chunk size {m} with " if m > 1 else ""
+        raise ValueError(
+            f"window {cfg.seq_len or max_len} / stride {cfg.stride or n // 2} must be {unit}"
+            f"1 <= stride <= window <= the model's max_seq_len {max_len}; "
+            "pass a smaller --seq-len / --stride"
+        )
+    return n, stride
 
 
 @torch.no_grad()
@@ -155,21 +167,25 @@ def evaluate(
     *,
     tokenizer: Any = None,
     config: EvalConfig | None = None,
+    family: str | ModelFamily | None = None,
 ) -> EvalResult:
-    """Score the documents of ``text_dir``; with ``db`` also with retrieval and leakage."""
+    """Score the documents of ``text_dir``; with ``db`` also with retrieval and leakage.
+
+    Any model family: ``family`` (a name, default: looked up from the model's class)
+    says how ids become logits and whether windows align to retrieval chunks. Families
+    without retrieval are scored in the mode ``no_retrieval`` only and need ``tokenizer``.
+    """
     cfg = config or EvalConfig()
+    fam = family_of(model, family)
+    if db is not None:
+        check_no_retrieval(fam, model, "db")
     tok = tokenizer or getattr(db, "tokenizer", None)
     if tok is None:
         raise ValueError("evaluate needs the LM tokenizer: pass db= or tokenizer=")
     mcfg = model.config
-    m, pad = int(mcfg.chunk_size), int(getattr(mcfg, "pad_id", tok.pad_id))
-    n = int(cfg.seq_len or mcfg.max_seq_len) // m * m
-    stride = int(cfg.stride or max(m, n // 2)) // m * m
-    if n < m or stride < m or stride > n or n > mcfg.max_seq_len:
-        raise ValueError(
-            f"window {cfg.seq_len} / stride {cfg.stride} must be multiples of the "
-            f"chunk size {m}, stride <= window <= max_seq_len {mcfg.max_seq_len}"
-        )
+    m, max_len = fam.chunk_size(mcfg), int(mcfg.max_seq_len)
+    pad = int(getattr(mcfg, "pad_id", tok.pad_id))
+    n, stride = _window_shape(cfg, m, max_len)
     docs = read_documents(text_dir, cfg.glob)
     modes = ["retrieval", "no_retrieval"] if db is not None else ["no_retrieval"]
     device = next(model.parameters()).device
@@ -178,96 +194,120 @@ def evaluate(
     k, big_k = cfg.num_neighbours, max(cfg.num_neighbours, cfg.leakage_neighbours)
     from tqdm.auto import tqdm
 
-    all_scores, overlaps = [], []
+    totals = {mode: 0.0 for mode in modes}
+    num_tokens = num_bytes = 0
+    chunk_nll: dict[str, list[np.ndarray]] = {mode: [] for mode in modes}
+    chunk_bytes: list[np.ndarray] = []
+    overlaps: list[np.ndarray] = []
     try:
         for _path, text in tqdm(docs, desc="evaluate", unit="doc", disable=None):
-            ids = tok.encode(text) + [tok.eos_id]
+            ids = np.asarray(tok.encode(text) + [tok.eos_id], dtype=np.int64)
             if cfg.max_tokens:
                 ids = ids[: cfg.max_tokens]
-            sc = _DocumentScores(ids, m, modes)
-            chunk_rows = np.full((sc.num_chunks, m), pad, dtype=np.int64)
-            chunk_rows.reshape(-1)[: len(ids)] = sc.ids
             ret = mask = None
             if db is not None:
+                chunk_rows = np.full((math.ceil(len(ids) / m), m), pad, dtype=np.int64)
+                chunk_rows.reshape(-1)[: len(ids)] = ids
                 nbr, _ = db.search_tokens(chunk_rows, big_k)
                 ret, mask = db.retrieved_tokens(nbr[:, :k])  # (C, k, 2m), (C, k)
-                values, vmask = db.retrieved_tokens(nbr)  # (C, K, 2m) for the overlap
-                a = np.where(chunk_rows == pad, -1, chunk_rows)
-                bvals = np.where(values.numpy() == pad, -2, values.numpy())
-                bvals[~vmask.numpy()] = -2
-                real = np.maximum((a >= 0).sum(1), 1)
-                overlaps.append(longest_common_run(a, bvals) / real)
-            _score_document(model, sc, ret, mask, n, stride, m, pad, cfg.batch_size, device)
-            all_scores.append(sc)
+                overlaps.append(_overlaps(db, chunk_rows, nbr, pad))
+            # nll[mode][t]: NLL of token t given the tokens before it (token 0: unscored, 0)
+            nll = _score_document(fam, model, ids, modes, ret, mask, n, stride, m, pad, cfg, device)
+            # bits/byte divides by the bytes of the scored text: every token but the first
+            num_tokens += len(ids) - 1
+            num_bytes += len(tok.decode(ids[1:].tolist()).encode("utf-8"))
+            for mode in modes:
+                totals[mode] += float(nll[mode].sum())
+            if db is not None:  # per chunk, for the leakage curve
+                chunks = len(chunk_rows)
+                for mode in modes:
+                    padded = np.zeros(chunks * m)
+                    padded[: len(ids)] = nll[mode]
+                    chunk_nll[mode].append(padded.reshape(chunks, m).sum(1))
+                chunk_bytes.append(
+                    np.array(
+                        [
+                            len(tok.decode(ids[max(c * m, 1) : (c + 1) * m].tolist()).encode())
+                            for c in range(chunks)
+                        ],
+                        dtype=np.float64,
+                    )
+                )
     finally:
         model.train(was_training)
 
-    # bytes per chunk: the text of the tokens that chunk scored
-    nll = {mode: [] for mode in modes}
-    bytes_, count = [], []
-    for sc in all_scores:
-        for c in range(sc.num_chunks):
-            lo = max(c * m, 1)  # token 0 has no context and is never scored
-            bytes_.append(len(tok.decode(sc.ids[lo : (c + 1) * m].tolist()).encode("utf-8")))
-            count.append(sc.count[c])
-            for mode in modes:
-                nll[mode].append(sc.nll[mode][c])
-    bytes_arr, count_arr = np.asarray(bytes_, dtype=np.float64), np.asarray(count)
     results = {}
     for mode in modes:
-        tot = float(np.sum(nll[mode]))
-        ntok = int(count_arr.sum())
+        tot = totals[mode]
         results[mode] = {
-            "bits_per_byte": tot / math.log(2) / max(bytes_arr.sum(), 1.0),
-            "perplexity": math.exp(tot / max(ntok, 1)),
-            "nll_per_token": tot / max(ntok, 1),
-            "tokens": ntok,
-            "bytes": int(bytes_arr.sum()),
+            "bits_per_byte": tot / math.log(2) / max(num_bytes, 1),
+            "perplexity": math.exp(tot / max(num_tokens, 1)),
+            "nll_per_token": tot / max(num_tokens, 1),
+            "tokens": num_tokens,
+            "bytes": num_bytes,
         }
-    leakage = []
-    if overlaps:
-        r = np.concatenate(overlaps)
-        for alpha in cfg.alphas:
-            keep = r <= alpha + 1e-9
-            row = {"alpha": alpha, "fraction": float(keep.mean())}
-            for mode in modes:
-                b = bytes_arr[keep].sum()
-                row[mode] = (
-                    float(np.asarray(nll[mode])[keep].sum() / math.log(2) / b)
-                    if b
-                    else float("nan")
-                )
-            leakage.append(row)
-    return EvalResult(results, leakage, len(docs), len(bytes_))
+    leakage = _leakage(cfg.alphas, modes, chunk_nll, chunk_bytes, overlaps) if overlaps else []
+    return EvalResult(results, leakage, len(docs), sum(len(b) for b in chunk_bytes))
+
+
+def _overlaps(db: Any, chunk_rows: np.ndarray, nbr: np.ndarray, pad: int) -> np.ndarray:
+    """r(C) = s(C) / |C| of every chunk against its K retrieved values (C,)."""
+    values, vmask = db.retrieved_tokens(nbr)  # (C, K, 2m)
+    a = np.where(chunk_rows == pad, -1, chunk_rows)
+    bvals = np.where(values.numpy() == pad, -2, values.numpy())
+    bvals[~vmask.numpy()] = -2
+    real = np.maximum((a >= 0).sum(1), 1)
+    return longest_common_run(a, bvals) / real
+
+
+def _leakage(alphas, modes, chunk_nll, chunk_bytes, overlaps) -> list[dict[str, float]]:
+    """Bits/byte of each mode on the chunks with overlap r <= alpha. Chunk bytes decode
+    each chunk alone, so at alpha = 1 this equals the mode's bits/byte up to characters
+    that a chunk boundary splits."""
+    r, b = np.concatenate(overlaps), np.concatenate(chunk_bytes)
+    nll = {mode: np.concatenate(chunk_nll[mode]) for mode in modes}
+    rows = []
+    for alpha in alphas:
+        keep = r <= alpha + 1e-9
+        row = {"alpha": alpha, "fraction": float(keep.mean())}
+        kept = b[keep].sum()
+        for mode in modes:
+            row[mode] = float(nll[mode][keep].sum() / math.log(2) / kept) if kept else float("nan")
+        rows.append(row)
+    return rows
 
 
 def _score_document(
-    model,
-    sc: _DocumentScores,
-    ret,
-    mask,
+    fam: ModelFamily,
+    model: nn.Module,
+    ids: np.ndarray,  # (L,) one document
+    modes: list[str],
+    ret: Tensor | None,  # (C, k, 2m) neighbours of every chunk, or None
+    mask: Tensor | None,  # (C, k)
     n: int,
     stride: int,
     m: int,
     pad: int,
-    batch_size: int,
-    device,
-) -> None:
-    """Slide windows over one document; add each newly scored target's NLL to its chunk."""
-    ids = sc.ids
+    cfg: EvalConfig,
+    device: torch.device,
+) -> dict[str, np.ndarray]:
+    """Slide windows over one document; each target is scored by the first window that
+    holds it with at least one token of context. Returns per mode the (L,) token NLLs."""
     windows, done, w = [], 1, 0  # done: index of the first target not yet scored
     while done < len(ids):
         end = min(w + n + 1, len(ids))  # the window's tokens ids[w:end]
         windows.append((w, end, done))
         done = end
         w += stride
-    for i in range(0, len(windows), batch_size):
-        group = windows[i : i + batch_size]
+    nll = {mode: np.zeros(len(ids)) for mode in modes}
+    for i in range(0, len(windows), cfg.batch_size):
+        group = windows[i : i + cfg.batch_size]
         inp = torch.full((len(group), n + 1), pad, dtype=torch.long)
         for j, (w, end, _) in enumerate(group):
             inp[j, : end - w] = torch.from_numpy(ids[w:end])
         inp = inp.to(device)
-        for mode in sc.nll:
+        for mode in modes:
+            kw = {}
             if mode == "retrieval":
                 l = n // m
                 r = torch.zeros(len(group), l, ret.shape[1], 2 * m, dtype=torch.long)
@@ -275,16 +315,14 @@ def _score_document(
                 for j, (w, _end, _) in enumerate(group):
                     c0, c1 = w // m, min(w // m + l, ret.shape[0])
                     r[j, : c1 - c0], rm[j, : c1 - c0] = ret[c0:c1], mask[c0:c1]
-                logits = model(inp[:, :-1], r.to(device), neighbour_mask=rm.to(device))
-            else:
-                logits = model(inp[:, :-1])
+                kw = {"retrieved": r.to(device), "neighbour_mask": rm.to(device)}
+            logits = fam.logits(model, inp[:, :-1], **kw)  # (g, n, V)
             logp = F.log_softmax(logits.float(), dim=-1)
             tgt_nll = -logp.gather(-1, inp[:, 1:, None]).squeeze(-1).cpu().numpy()  # (g, n)
             for j, (w, end, first) in enumerate(group):
-                t = np.arange(first, end)  # absolute target indices scored by this window
-                np.add.at(sc.nll[mode], t // m, tgt_nll[j, t - w - 1])
-                if mode == next(iter(sc.nll)):
-                    np.add.at(sc.count, t // m, 1)
+                # target t sits at index t - w - 1 of the window's predictions
+                nll[mode][first:end] = tgt_nll[j, first - w - 1 : end - w - 1]
+    return nll
 
 
 def save_report(result: EvalResult, out_dir: str | os.PathLike, name: str = "eval") -> list[Path]:

@@ -1,6 +1,11 @@
-"""Sampling from RETRO while retrieving at every chunk boundary (paper §2.4, research A.12).
+"""Sampling from any model family; RETRO retrieves at every chunk boundary (paper §2.4,
+research A.12).
 
 Notation: b batch, L prompt length, m chunk size, k neighbours, u chunk index.
+
+Families: the model's family (``ModelFamily``, found from its class) says how ids become
+logits and gives the decoding cache (``init_cache``); with a cache, the prompt is one
+forward and every new token one more, otherwise every step reruns the whole sequence.
 
 Timing: once the sequence, including the token about to be fed, has length (u+1)*m,
 chunk u is complete; its neighbours are retrieved (with the database's own search,
@@ -19,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from retrolm.models.registry import ModelFamily, check_no_retrieval, family_of
 from retrolm.sampling import sample_next
 
 log = logging.getLogger(__name__)
@@ -83,6 +89,7 @@ def generate(
     pad_id: int | None = None,
     seed: int | None = None,
     use_cache: bool = True,
+    family: str | ModelFamily | None = None,
 ) -> GenerationResult:
     """Continue ``prompt_ids`` by up to ``max_new_tokens`` tokens.
 
@@ -90,10 +97,15 @@ def generate(
     without retrieval (RETRO[OFF]). Stops when every row has produced ``eos_id`` or the
     sequence reaches the model's ``max_seq_len``. ``seed`` makes sampling reproducible;
     ``temperature`` 0 is greedy. ``use_cache=False`` reruns the whole prefix at each step
-    (the reference the cached path is tested against).
+    (the reference the cached path is tested against). ``family``: the model family's name
+    (default: looked up from the model's class); only retrieval families take a retriever.
     """
+    fam = family_of(model, family)
+    if retriever is not None:
+        check_no_retrieval(fam, model, "retriever")
     cfg = model.config
-    m, max_len = int(cfg.chunk_size), int(cfg.max_seq_len)
+    max_len = int(cfg.max_seq_len)
+    m = fam.chunk_size(cfg) if retriever is not None else 1
     pad_id = int(getattr(cfg, "pad_id", 0) if pad_id is None else pad_id)
     device = next(model.parameters()).device
     seq = _as_batch(prompt_ids).to(device)
@@ -134,19 +146,17 @@ def generate(
 
     def forward(tokens: Tensor, cache: Any) -> Tensor:
         if retriever is None:
-            return model(tokens, None, cache=cache) if cache is not None else model(tokens)
-        kw = {"neighbour_mask": ret_mask}
-        if cache is not None:
-            kw["cache"] = cache
-        return model(tokens, ret_tokens, **kw)
+            return fam.logits(model, tokens, cache)
+        return fam.logits(model, tokens, cache, retrieved=ret_tokens, neighbour_mask=ret_mask)
 
-    cache = model.init_cache(b) if use_cache and hasattr(model, "init_cache") else None
-    if retriever is not None:
-        retrieve_complete_chunks()
-    logits = forward(seq, cache)[:, -1]
+    cache = fam.init_cache(model, b) if use_cache else None
     finished = torch.zeros(b, dtype=torch.bool, device=device)
     try:
-        for _ in range(max_new_tokens):
+        if retriever is not None:
+            retrieve_complete_chunks()
+        if max_new_tokens:
+            logits = forward(seq, cache)[:, -1]
+        for step in range(max_new_tokens):
             nxt = sample_next(
                 logits.float(), temperature=temperature, top_k=top_k, top_p=top_p, generator=gen
             )
@@ -154,8 +164,8 @@ def generate(
             seq = torch.cat([seq, nxt[:, None]], 1)
             if eos_id is not None:
                 finished |= nxt == eos_id
-            if bool(finished.all()) or seq.shape[1] >= max_len:
-                break
+            if step == max_new_tokens - 1 or bool(finished.all()) or seq.shape[1] >= max_len:
+                break  # no forward for logits nobody samples from
             # the new token may complete a chunk: its neighbours come before feeding it
             if retriever is not None:
                 retrieve_complete_chunks()

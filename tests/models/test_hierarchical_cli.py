@@ -44,7 +44,33 @@ def test_train_eval_generate_through_the_cli(setup, capsys):
     meta = json.loads((run / "checkpoint" / "config.json").read_text())
     assert meta["family"] == "hierarchical"
     assert main(["eval", str(run), "--text", str(held), "--max-tokens", "100"]) == 0
-    assert "bits/byte" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "hierarchical model, 1 documents, 99 tokens" in out and "no_retrieval" in out
+    report = json.loads((run / "eval" / "eval.json").read_text())
+    assert list(report["modes"]) == ["no_retrieval"] and report["chunks"] == 0
+    # windows of any length: no chunk size to round to (the model has none)
+    assert main(["eval", str(run), "--text", str(held), "--seq-len", "37", "--stride", "5"]) == 0
+    capsys.readouterr()
     gen = ["generate", str(run), "--prompt", "Return the", "--max-new-tokens", "5", "--seed", "0"]
     assert main(gen) == 0
-    assert capsys.readouterr().out.strip()
+    assert capsys.readouterr().out.startswith("Return the")
+    greedy = [*gen[:-2], "--temperature", "0"]
+    outs = [main(greedy) == 0 and capsys.readouterr().out for _ in range(2)]
+    assert outs[0] == outs[1] and outs[0].startswith("Return the")
+
+
+def test_errors_are_one_line(setup, capsys, tmp_path):
+    root, held, cfg = setup
+    run = tmp_path / "run"
+    argv = ["train", "--db", str(root / "db"), "--out", str(run), "--model", "hierarchical"]
+    assert main([*argv, "--config", str(cfg), "--steps", "1"]) == 0
+    capsys.readouterr()
+    for bad, match in [
+        (["eval", str(run), "--text", str(held), "--seq-len", "65"], "max_seq_len 64"),
+        (["eval", str(tmp_path / "nope"), "--text", str(held)], "nope does not exist"),
+        (["generate", str(run), "--prompt", ""], "non-empty"),
+        ([*argv[:-1], "routing", "--steps", "2"], "holds a 'hierarchical' run, not 'routing'"),
+    ]:
+        assert main(bad) == 2
+        err = capsys.readouterr().err
+        assert match in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

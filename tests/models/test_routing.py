@@ -319,3 +319,14 @@ def test_config_presets_and_validation():
         RoutingTransformerLM(num_tokens=5, dim=8, depth=1, max_seq_len=8, window_size=4, bogus=1)
     with pytest.raises(ValueError, match="exceeds max_seq_len"):
         make()(torch.zeros(1, 65, dtype=torch.long))
+
+
+def test_split_modules_keep_the_public_imports():
+    import retrolm.models.routing as routing
+    from retrolm.models import routing_cache
+
+    names = ("RoutingAttention", "RoutingCache", "RoutingTransformer", "RoutingTransformerLM")
+    assert all(hasattr(routing, n) for n in names) and set(names) <= set(routing.__all__)
+    assert routing.RoutingCache is routing_cache.RoutingCache
+    lm = routing.RoutingTransformerLM(config=RoutingConfig.from_name("routing-tiny"))
+    assert isinstance(lm.init_cache(1), routing_cache.RoutingCache)

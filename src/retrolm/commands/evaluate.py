@@ -1,4 +1,7 @@
-"""``retrolm eval RUN --text DIR [--db DB]``: bits/byte with and without retrieval."""
+"""``retrolm eval RUN --text DIR [--db DB]``: bits/byte with and without retrieval.
+
+Any model family: runs of families without retrieval are scored without it (their
+database only provides the tokenizer)."""
 
 from __future__ import annotations
 
@@ -9,7 +12,8 @@ from pathlib import Path
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval",
-        help="bits/byte on held-out text, with vs without retrieval, and the leakage curve",
+        help="bits/byte on held-out text (with vs without retrieval and the leakage curve "
+        "for RETRO)",
     )
     p.add_argument("run", help="run directory (or its checkpoint/)")
     p.add_argument("--text", required=True, help="folder of held-out documents")
@@ -41,10 +45,19 @@ def run(args: argparse.Namespace) -> int:
         glob=args.glob,
     )
     retrieve = not args.no_retrieval and uses_retrieval(meta)
-    res = evaluate(model, args.text, db if retrieve else None, tokenizer=db.tokenizer, config=cfg)
+    res = evaluate(
+        model,
+        args.text,
+        db if retrieve else None,
+        tokenizer=db.tokenizer,
+        config=cfg,
+        family=meta["family"],
+    )
     out = Path(args.out) if args.out else ckpt.parent / "eval"
     paths = save_report(res, out)
-    print(f"{res.documents} documents, {res.chunks} chunks from {args.text}")
+    tokens = res.modes["no_retrieval"]["tokens"]
+    scored = f"{res.chunks} chunks" if res.chunks else f"{tokens} tokens"
+    print(f"{meta['family']} model, {res.documents} documents, {scored} from {args.text}")
     print(res.table())
     print("report: " + ", ".join(str(p) for p in paths))
     return 0

@@ -1,4 +1,5 @@
-"""``retrolm generate RUN --prompt "..."``: sample, retrieving at every chunk boundary."""
+"""``retrolm generate RUN --prompt "..."``: sample from a run of any family; RETRO retrieves
+at every chunk boundary."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="continue a prompt, retrieving as it writes")
+    p = sub.add_parser("generate", help="continue a prompt (RETRO: retrieving as it writes)")
     p.add_argument("run", help="run directory (or its checkpoint/)")
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -41,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         eos_id=tok.eos_id,
         seed=args.seed,
+        family=meta["family"],
     )
     print(args.prompt + tok.decode(res.new_ids[0].tolist()))
     sources = describe_sources(db, res) if retrieve else []

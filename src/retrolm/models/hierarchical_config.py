@@ -172,10 +172,5 @@ class HierarchicalConfig(ConfigBase):
         return self.seq_len
 
     @property
-    def chunk_size(self) -> int:
-        """No chunk structure (RETRO's retrieval chunks): any window length works."""
-        return 1
-
-    @property
     def num_hierarchies(self) -> int:
         return len(self.hierarchies)

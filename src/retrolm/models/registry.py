@@ -1,8 +1,8 @@
-"""Model families that ``retrolm train --model NAME`` can build and train.
+"""Model families that ``retrolm train --model NAME`` can build, train, evaluate and sample.
 
-A family is (config class, model class, how a batch becomes a loss). Classes are
-named by import path and loaded on first use, so the registry never imports a
-model (or its dependencies) it does not train. RETRO is the first entry; other
+A family is (config class, model class, how a batch becomes a loss, how ids become
+logits). Classes are named by import path and loaded on first use, so the registry never
+imports a model (or its dependencies) it does not use. RETRO is the first entry; other
 families register themselves with :func:`register_family`:
 
     register_family(ModelFamily(
@@ -14,7 +14,13 @@ families register themselves with :func:`register_family`:
 
 Contract for the classes: ``config_cls.from_dict(d)`` / ``cfg.to_dict()`` (or a plain
 dataclass), optionally ``config_cls.from_name(preset)``; ``model_cls(config=cfg)``;
-``model.config``. The default loss calls ``model(seq, return_loss=True)``.
+``model.config`` with ``max_seq_len``. The default loss calls ``model(seq, return_loss=True)``;
+the default ``logits`` calls ``model(ids)`` (or ``model(ids, cache=cache)``) and accepts
+logits or ``(logits, aux_loss)``; ``model.init_cache(batch)``, where present, gives the
+cache of incremental decoding (None: the family or this config has none).
+
+Evaluation and generation find a model's family with :func:`family_of` (by class), so
+they never read RETRO-only fields such as ``chunk_size`` from another family's config.
 """
 
 from __future__ import annotations
@@ -54,6 +60,41 @@ def plain_loss(model: nn.Module, batch: Batch) -> Tensor:
     return model(batch.seq, return_loss=True)
 
 
+def plain_logits(
+    model: nn.Module,
+    ids: Tensor,  # (b, n)
+    cache: Any = None,
+    retrieved: Tensor | None = None,
+    neighbour_mask: Tensor | None = None,
+) -> Tensor:  # (b, n, V)
+    """Families without retrieval: ``model(ids)`` returns logits or ``(logits, aux_loss)``
+    (the Routing Transformer's commitment loss); with ``cache`` only the new ids are fed."""
+    if retrieved is not None:
+        raise ValueError("this model family does not read neighbours; pass retrieved=None")
+    out = model(ids) if cache is None else model(ids, cache=cache)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def retro_logits(
+    model: nn.Module,
+    ids: Tensor,  # (b, n)
+    cache: Any = None,
+    retrieved: Tensor | None = None,  # (b, l, k, 2m); None = RETRO[OFF]
+    neighbour_mask: Tensor | None = None,  # (b, l, k)
+) -> Tensor:  # (b, n, V)
+    """RETRO: ``retrieved=None`` is the same decoder without neighbours."""
+    kw: dict[str, Any] = {} if cache is None else {"cache": cache}
+    if retrieved is not None:
+        kw["neighbour_mask"] = neighbour_mask
+    return model(ids, retrieved, **kw)
+
+
+def model_init_cache(model: nn.Module, batch_size: int) -> Any:
+    """``model.init_cache(batch_size)`` where the model has one, else None (no cache)."""
+    fn = getattr(model, "init_cache", None)
+    return fn(batch_size) if fn is not None else None
+
+
 def _load(path: str | type) -> Any:
     if not isinstance(path, str):
         return path
@@ -86,6 +127,18 @@ class ModelFamily:
     """Maps (model, batch) to a scalar loss."""
     default_preset: str | None = None
     """Preset passed to ``config_cls.from_name`` when the user gives no model config."""
+    logits: Callable[..., Tensor] = plain_logits
+    """``(model, ids, cache=None, retrieved=None, neighbour_mask=None) -> logits (b, n, V)``:
+    what evaluation and generation call (with a cache, logits of the new ids only)."""
+    init_cache: Callable[[nn.Module, int], Any] = model_init_cache
+    """``(model, batch_size) -> cache or None``; None: generation reruns the whole prefix."""
+
+    def __post_init__(self) -> None:
+        if self.uses_retrieval and self.logits is plain_logits:
+            raise ValueError(
+                f"model family {self.name!r} uses retrieval but its logits hook is "
+                "plain_logits, which takes no neighbours; pass logits=retro_logits or your own"
+            )
 
     def config_class(self) -> type:
         return _load(self.config_cls)
@@ -107,6 +160,18 @@ class ModelFamily:
 
     def build(self, config: Any) -> nn.Module:
         return self.model_class()(config=config)
+
+    def chunk_size(self, config: Any) -> int:
+        """The unit that evaluation windows align to: RETRO's retrieval chunk (neighbours
+        belong to chunks), 1 for families without retrieval (any window length works)."""
+        return int(config.chunk_size) if self.uses_retrieval else 1
+
+    def serves(self, model: nn.Module) -> bool:
+        """Whether ``model`` is (a subclass of) this family's model class; never imports."""
+        for cls in type(model).__mro__:
+            if self.model_cls is cls or self.model_cls == f"{cls.__module__}:{cls.__qualname__}":
+                return True
+        return False
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
@@ -140,6 +205,42 @@ def uses_retrieval(meta: dict[str, Any]) -> bool:
     return get_family(meta.get("family", "retro")).uses_retrieval
 
 
+DECODER = ModelFamily(name="decoder", config_cls=object, model_cls=nn.Module)
+"""Not registered: the hooks used for a model of no registered family (a plain decoder
+such as a bare ``RoutingTransformerLM``: no retrieval, ``init_cache`` if it has one)."""
+
+
+def family_of(model: nn.Module, family: str | ModelFamily | None = None) -> ModelFamily:
+    """The family whose hooks evaluate and sample ``model``.
+
+    ``family``: a name or family to use instead of the lookup. Otherwise the registered
+    family whose model class ``model`` is (DDP / ``torch.compile`` wrappers looked through),
+    or :data:`DECODER` for a model of no registered family.
+    """
+    if isinstance(family, ModelFamily):
+        return family
+    if family is not None:
+        return get_family(family)
+    from retrolm.checkpoint import unwrap
+
+    bare = unwrap(model)
+    return next((f for f in FAMILIES.values() if f.serves(bare)), DECODER)
+
+
+def check_no_retrieval(fam: ModelFamily, model: nn.Module, what: str) -> None:
+    """Refuse neighbours (``what``: the argument that carried them) for a family without
+    retrieval, naming the fix."""
+    if fam.uses_retrieval:
+        return
+    if fam is DECODER:
+        raise ValueError(
+            f"{type(model).__name__} belongs to no registered model family, so it is used as "
+            f"a plain decoder without retrieval; pass family= (e.g. 'retro') or register its "
+            f"family, or {what}=None"
+        )
+    raise ValueError(f"a {fam.name!r} model reads no neighbours: pass {what}=None")
+
+
 def get_family(name: str) -> ModelFamily:
     try:
         return FAMILIES[name]
@@ -157,6 +258,7 @@ register_family(
         uses_retrieval=True,
         loss=retro_loss,
         default_preset="retro-tiny",
+        logits=retro_logits,
     )
 )
 

@@ -14,6 +14,10 @@ change which keys it sees. The reference's balanced top-k routing (each centroid
 
 Notation: b batch, n positions, h heads (hl local + hr routed), d head dim, k clusters,
 w window, m memory key/values.
+
+Beside this file: ``routing_cache`` (incremental decoding: the cache and one cached routed
+step), ``routing_balanced`` (the reference's balanced routing), ``routing_config``,
+``routing_encdec`` (the encoder-decoder).
 """
 
 from __future__ import annotations
@@ -27,11 +31,12 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from retrolm.models.routing_balanced import balanced_attend
+from retrolm.models.routing_cache import LayerCache, RoutingCache, routed_decode_step
 from retrolm.models.routing_config import RoutingConfig
 from retrolm.nn.attention import attend
 from retrolm.nn.feedforward import FeedForward
 from retrolm.nn.kmeans import SphericalKMeans, update_after_backward, update_kmeans
-from retrolm.nn.kv_cache import KVCache
 from retrolm.nn.layer_drop import layer_drop_keep
 from retrolm.nn.local_attention import local_attend
 from retrolm.nn.masks import sliding_window_mask
@@ -41,7 +46,7 @@ from retrolm.nn.pkm import ProductKeyMemory, pkm_param_groups
 from retrolm.nn.residual import Residual
 from retrolm.nn.reversible import reversible
 from retrolm.nn.rotary import RotaryEmbedding, apply_rotary
-from retrolm.nn.sorted_window import dense_window_mask, sorted_window_attend
+from retrolm.nn.sorted_window import sorted_window_attend
 from retrolm.nn.token_shift import TokenShift
 from retrolm.wrapper import AutoregressiveWrapper
 
@@ -50,6 +55,7 @@ Rotary = tuple[Tensor, Tensor]
 
 __all__ = [
     "RoutingAttention",
+    "RoutingCache",
     "RoutingConfig",
     "RoutingLanguageModel",
     "RoutingTransformer",
@@ -57,36 +63,6 @@ __all__ = [
     "pkm_param_groups",
     "register_routing",
 ]
-
-
-class _LayerCache:
-    """Incremental-decoding state of one self-attention layer."""
-
-    def __init__(self) -> None:
-        self.local = KVCache()  # last (local window - 1) keys of the local heads
-        self.routed = KVCache()  # every key of the routed heads (any may be in a window)
-        self.groups: Tensor | None = None  # (b, hr, L) cluster of each cached key
-        self.ranks: Tensor | None = None  # (b, hr, L) same-cluster keys before it
-        self.counts: Tensor | None = None  # (b, hr, k) cached keys per cluster
-        self.shift: dict = {}  # token-shift state per sub-layer
-
-
-class RoutingCache:
-    """What ``RoutingTransformerLM.init_cache`` returns: one ``_LayerCache`` per layer."""
-
-    def __init__(self, depth: int) -> None:
-        self.layers = [_LayerCache() for _ in range(depth)]
-        self.length = 0
-
-
-def _ranks_in_group(groups: Tensor) -> Tensor:
-    """(b, h, n) cluster ids -> number of earlier positions in the same cluster (O(n log n))."""
-    n = groups.shape[-1]
-    pos = torch.arange(n, device=groups.device)
-    order = (groups * n + pos).argsort(dim=-1)
-    sg = groups.gather(-1, order)
-    first = torch.searchsorted(sg.contiguous(), sg.contiguous(), right=False)
-    return torch.empty_like(groups).scatter_(-1, order, pos.expand_as(sg) - first)
 
 
 class RoutingAttention(nn.Module):
@@ -137,7 +113,7 @@ class RoutingAttention(nn.Module):
         rotary: Rotary | None = None,  # (n, d) cos, sin at the positions of x
         context: Tensor | None = None,  # (b, m, dim) for cross-attention
         context_mask: Tensor | None = None,  # (b, m)
-        cache: _LayerCache | None = None,
+        cache: LayerCache | None = None,
     ) -> tuple[Tensor, Tensor]:  # (b, n, dim), aux scalar
         hl, hr = self.local_heads, self.routed_heads
         q = rearrange(self.q_proj(x), "b n (h d) -> b h n d", h=self.heads)
@@ -210,11 +186,33 @@ class RoutingAttention(nn.Module):
         keys = F.normalize(qr, dim=-1) if kr is None else kr
         p = self.dropout if self.training else 0.0
         if self.mode == "balanced":
-            return self._balanced(qr, keys, vr, groups, kgroups, mask), commit
+            out = balanced_attend(
+                qr,
+                keys,
+                vr,
+                self.kmeans.means,
+                self.window,
+                self._mem(),
+                mask=mask,
+                causal=self.causal,
+                shared_qk=self.shared_qk,
+                dropout_p=p,
+            )
+            return out, commit
+        kg = groups if kgroups is None else kgroups
         if cache is not None and cache.routed.length > 0:
-            return self._routed_step(
-                qr, keys, vr, groups if kgroups is None else kgroups, groups, cache
-            ), commit
+            out = routed_decode_step(
+                qr,
+                keys,
+                vr,
+                kg,
+                groups,
+                cache,
+                window=self.window,
+                shared_qk=self.shared_qk,
+                mem_kv=self._mem(),
+            )
+            return out, commit
         out = sorted_window_attend(
             qr,
             keys,
@@ -228,100 +226,8 @@ class RoutingAttention(nn.Module):
             dropout_p=p,
         )
         if cache is not None:  # prefill: keep every key with its cluster and rank
-            kg = groups if kgroups is None else kgroups
-            cache.routed.update(keys, vr)
-            cache.groups, cache.ranks = kg, _ranks_in_group(kg)
-            k = self.kmeans.num_clusters
-            cache.counts = torch.zeros(*kg.shape[:2], k, dtype=torch.long, device=kg.device)
-            cache.counts.scatter_add_(-1, kg.clamp(min=0), (kg >= 0).long())
+            cache.fill_routed(keys, vr, kg, self.kmeans.num_clusters)
         return out, commit
-
-    def _routed_step(self, q, k_new, v_new, kg_new, qg, cache: _LayerCache):
-        """Decode t new tokens against the cache with the same windows as a full forward."""
-        t = q.shape[-2]
-        L = cache.routed.length
-        same_new = (kg_new[..., :, None] == kg_new[..., None, :]) & torch.ones(
-            t, t, dtype=torch.bool, device=q.device
-        ).tril(-1)
-        rank_new = cache.counts.gather(-1, kg_new.clamp(min=0)) + same_new.sum(-1)
-        cache.counts.scatter_add_(-1, kg_new.clamp(min=0), (kg_new >= 0).long())
-        cache.groups = torch.cat((cache.groups, kg_new), dim=-1)
-        cache.ranks = torch.cat((cache.ranks, rank_new), dim=-1)
-        k, v = cache.routed.update(k_new, v_new)
-        mask = dense_window_mask(qg, cache.groups, self.window, causal=True, k_rank=cache.ranks)
-        if self.shared_qk:
-            pos = torch.arange(L + t, device=q.device)
-            is_self = pos[None, :] == pos[L:, None]
-            others = mask & ~is_self
-            if self.num_mem_kv == 0:
-                others = others | (is_self & mask & ~others.any(-1, keepdim=True))
-            mask = others
-        if self.num_mem_kv:
-            b = q.shape[0]
-            k = torch.cat((self.mem_k.to(k.dtype).expand(b, -1, -1, -1), k), dim=-2)
-            v = torch.cat((self.mem_v.to(v.dtype).expand(b, -1, -1, -1), v), dim=-2)
-            mask = torch.cat((mask.new_ones(*mask.shape[:-1], self.num_mem_kv), mask), dim=-1)
-        return attend(q, k, v, mask)
-
-    def _balanced(self, q, k, v, groups, kgroups, mask):
-        """The reference's routing: each centroid takes its w most similar tokens of the whole
-        sequence (queries and keys separately unless shared); outputs of a token routed to
-        several clusters are averaged; a token routed to none attends the memory only.
-        NOT causal: future tokens change the top-w sets (research §1.1)."""
-        b, h, n, d = q.shape
-        w = min(self.window, n)
-        means = self.kmeans.means.to(q.dtype)
-
-        def top(x):  # (b, h, n, d) -> indices (b, h, k, w)
-            sim = torch.einsum("bhnd,hkd->bhkn", F.normalize(x, dim=-1), means)
-            if mask is not None:
-                sim = sim.masked_fill(~mask[:, None, None, :], float("-inf"))
-            return sim.topk(w, dim=-1).indices
-
-        qi = top(q)
-        ki = qi if self.shared_qk else top(k)
-
-        def gather(x, idx):
-            flat = rearrange(idx, "b h k w -> b h (k w)")[..., None].expand(-1, -1, -1, x.shape[-1])
-            return rearrange(x.gather(2, flat), "b h (k w) d -> b h k w d", w=w)
-
-        qc, kc, vc = gather(q, qi), gather(k, ki), gather(v, ki)
-        allowed = torch.ones(*qi.shape, w, dtype=torch.bool, device=q.device)
-        if self.causal:
-            allowed &= qi[..., :, None] >= ki[..., None, :]
-        if mask is not None:
-            km = mask[:, None, :].expand(b, h, n).gather(2, rearrange(ki, "b h k w -> b h (k w)"))
-            allowed &= rearrange(km, "b h (k w) -> b h k w", w=w)[..., None, :]
-        if self.shared_qk and self.num_mem_kv:
-            allowed &= qi[..., :, None] != ki[..., None, :]
-        mk, mv = self._mem()
-        kk = torch.cat(
-            (mk[None, :, None].expand(b, -1, qi.shape[2], -1, -1).to(kc.dtype), kc), dim=-2
-        )
-        vv = torch.cat(
-            (mv[None, :, None].expand(b, -1, qi.shape[2], -1, -1).to(vc.dtype), vc), dim=-2
-        )
-        allowed = torch.cat(
-            (allowed.new_ones(*allowed.shape[:-1], self.num_mem_kv), allowed), dim=-1
-        )
-        p = self.dropout if self.training else 0.0
-        oc = attend(
-            rearrange(qc, "b h k w d -> (b k) h w d"),
-            rearrange(kk, "b h k j d -> (b k) h j d"),
-            rearrange(vv, "b h k j d -> (b k) h j d"),
-            rearrange(allowed, "b h k w j -> (b k) h w j"),
-            dropout_p=p,
-        )
-        oc = rearrange(oc, "(b k) h w d -> b h (k w) d", b=b)
-        flat = rearrange(qi, "b h k w -> b h (k w)")
-        total = q.new_zeros(b, h, n, d).scatter_add(2, flat[..., None].expand(-1, -1, -1, d), oc)
-        count = q.new_zeros(b, h, n).scatter_add(2, flat, torch.ones_like(flat, dtype=q.dtype))
-        mem_only = attend(
-            q,
-            mk[None].expand(b, -1, -1, -1).to(q.dtype),
-            mv[None].expand(b, -1, -1, -1).to(q.dtype),
-        )
-        return torch.where(count[..., None] > 0, total / count.clamp(min=1)[..., None], mem_only)
 
     # --- routed cross-attention ------------------------------------------------------------
     def _cross(self, q, k, v, mask, context_mask):
@@ -635,8 +541,18 @@ class RoutingLanguageModel(AutoregressiveWrapper):
     return_loss=True)``, ``model.config``)."""
 
     def __init__(self, config: RoutingConfig) -> None:
+        if not config.causal:
+            # trained on next-token loss, a non-causal model learns to read its targets
+            raise ValueError(
+                "the routing language model needs causal=True (got causal=False: every "
+                'position would see the token it predicts); set "causal": true in model_config'
+            )
         super().__init__(RoutingTransformerLM(config=config))
         self.config = config
+
+    def init_cache(self, batch_size: int) -> RoutingCache | None:
+        """The LM's decoding cache (None where its routing has none)."""
+        return self.net.init_cache(batch_size)
 
 
 def register_routing() -> bool:

@@ -1,0 +1,87 @@
+"""The model registry carries what evaluation and generation need per family."""
+
+import pytest
+import torch
+
+from retrolm import RETRO, HierarchicalConfig, HierarchicalTransformer, RetroConfig
+from retrolm.models.registry import (
+    DECODER,
+    FAMILIES,
+    ModelFamily,
+    family_of,
+    get_family,
+    plain_logits,
+    retro_logits,
+)
+from retrolm.models.routing import RoutingLanguageModel, RoutingTransformerLM
+from retrolm.models.routing_config import RoutingConfig
+
+ROUTING = RoutingConfig.from_name("routing-tiny", max_seq_len=64, window_size=16)
+HIER = HierarchicalConfig.from_name("hier-tiny", seq_len=32, window_sizes=(8, 8, None))
+
+
+def models():
+    torch.manual_seed(0)
+    return {
+        "retro": RETRO(config=RetroConfig.from_name("retro-tiny")),
+        "routing": RoutingLanguageModel(ROUTING),
+        "hierarchical": HierarchicalTransformer(HIER),
+    }
+
+
+def test_each_model_finds_its_family_by_class():
+    for name, model in models().items():
+        assert family_of(model).name == name
+    bare = RoutingTransformerLM(config=ROUTING)  # no registered family: a plain decoder
+    assert family_of(bare) is DECODER
+    assert family_of(bare, "routing").name == "routing"  # an explicit family wins
+
+
+def test_lookup_never_imports_a_family_module():
+    name = "never-imported"
+    FAMILIES[name] = ModelFamily(name, "no_such_module:Config", "no_such_module:Model")
+    try:
+        assert family_of(models()["hierarchical"]).name == "hierarchical"
+    finally:
+        del FAMILIES[name]
+
+
+def test_chunk_size_is_retros_chunk_and_one_elsewhere():
+    ms = models()
+    assert get_family("retro").chunk_size(ms["retro"].config) == ms["retro"].config.chunk_size > 1
+    assert get_family("routing").chunk_size(ms["routing"].config) == 1
+    assert get_family("hierarchical").chunk_size(ms["hierarchical"].config) == 1
+    assert not hasattr(ms["hierarchical"].config, "chunk_size")  # no RETRO field to fake
+
+
+def test_logits_hooks_return_plain_logits_for_every_family():
+    ids = torch.randint(2, 200, (2, 16))
+    for name, model in models().items():
+        out = get_family(name).logits(model.eval(), ids)
+        assert isinstance(out, torch.Tensor) and out.shape[:2] == (2, 16)
+    raw = models()["routing"].eval()(ids)
+    assert isinstance(raw, tuple)  # routing returns (logits, aux): the hook unwraps it
+    assert torch.equal(plain_logits(models()["routing"].eval(), ids), raw[0])
+
+
+def test_cache_hook_follows_the_config():
+    ms = models()
+    for name in ("retro", "routing", "hierarchical"):
+        assert get_family(name).init_cache(ms[name], 2) is not None
+    balanced = RoutingConfig.from_dict(
+        {**ROUTING.to_dict(), "routing": "balanced", "allow_future_leak": True}
+    )
+    assert get_family("routing").init_cache(RoutingLanguageModel(balanced), 2) is None
+
+
+def test_misused_hooks_fail_with_the_fix():
+    with pytest.raises(ValueError, match="does not read neighbours"):
+        plain_logits(models()["routing"], torch.zeros(1, 4, dtype=torch.long), retrieved=1)
+    with pytest.raises(ValueError, match="pass logits=retro_logits"):
+        ModelFamily("r2", "m:C", "m:M", uses_retrieval=True)
+    assert ModelFamily("r3", "m:C", "m:M", uses_retrieval=True, logits=retro_logits)
+
+
+def test_the_routing_family_refuses_a_non_causal_language_model():
+    with pytest.raises(ValueError, match="needs causal=True"):
+        get_family("routing").build(RoutingConfig.from_dict({**ROUTING.to_dict(), "causal": False}))
