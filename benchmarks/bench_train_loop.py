@@ -31,16 +31,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT))
-MODEL = dict(
-    max_seq_len=512,
-    dec_dim=256,
-    dec_depth=6,
-    dec_cross_attn_layers=(3, 6),
-    enc_dim=256,
-    enc_depth=2,
-    heads=4,
-    dim_head=64,
-)
+from retrolm.models.retro_config import PRESETS  # noqa: E402
+
+# the benchmark model (dec 256x6, enc 256x2, CCA (3, 6), heads 4, dim_head 64) at
+# seq 512; the vocabulary comes from the database's tokenizer
+MODEL = {k: v for k, v in PRESETS["retro-bench"].items() if k != "num_tokens"}
+MODEL["max_seq_len"] = 512
 BATCH, WARMUP = 4, 2
 
 
