@@ -5,6 +5,10 @@ offset (a KV cache, RETRO's chunk-relative geometry) is just a different ``posit
 ``dim`` may be smaller than the head dimension: only the first ``dim`` channels rotate
 (partial rotary). Layout ``half`` pairs channel c with c + dim/2; ``interleaved`` pairs
 2c with 2c+1.
+
+``span(start, length)`` returns rows of a cos/sin table computed once (and grown by
+doubling), the same values as ``forward(arange(start, start + length))``: a decoding step
+then costs two slices instead of five kernels.
 """
 
 from __future__ import annotations
@@ -22,6 +26,9 @@ class RotaryEmbedding(nn.Module):
         self.interleaved = interleaved
         inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        # (cos, sin) for positions 0 … len-1; a plain attribute, so it stays fp32 and out of
+        # the state dict; rebuilt when the device changes
+        self._table: tuple[Tensor, Tensor] | None = None
 
     def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         """positions (..., n) int or float -> (cos, sin), each (..., n, dim) float32."""
@@ -31,6 +38,17 @@ class RotaryEmbedding(nn.Module):
         else:
             freqs = torch.cat((freqs, freqs), dim=-1)
         return freqs.cos(), freqs.sin()
+
+    def span(self, start: int, length: int, device=None) -> tuple[Tensor, Tensor]:
+        """(cos, sin) of positions start … start+length-1, each (length, dim) float32."""
+        device = self.inv_freq.device if device is None else torch.device(device)
+        table = self._table
+        end = start + length
+        if table is None or table[0].shape[0] < end or table[0].device != device:
+            size = max(end, 2 * table[0].shape[0] if table is not None else 64)
+            table = self(torch.arange(size, device=device))
+            self._table = table
+        return table[0][start:end], table[1][start:end]
 
 
 def _rotate(x: Tensor, interleaved: bool) -> Tensor:
@@ -47,7 +65,10 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = False)
     cos/sin (n, r) or broadcastable to x's leading dims, e.g. (b, 1, n, r).
     """
     r = cos.shape[-1]
+    if r == x.shape[-1]:  # full rotary: no split, no concatenation
+        xf = x.float()
+        return torch.addcmul(xf * cos, _rotate(xf, interleaved), sin).to(x.dtype)
     x_rot, x_pass = x[..., :r], x[..., r:]
     xf = x_rot.float()
-    out = xf * cos + _rotate(xf, interleaved) * sin
+    out = torch.addcmul(xf * cos, _rotate(xf, interleaved), sin)
     return torch.cat((out.to(x.dtype), x_pass), dim=-1)
