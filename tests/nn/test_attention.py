@@ -31,6 +31,21 @@ def test_sdpa_equals_reference_float64(causal, gqa):
         torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_single_query_decoding_step_equals_reference(with_mask):
+    """A causal single query skips the mask (it sees every key); same result as the oracle,
+    which does build the mask, and as the last row of the full causal attention."""
+    torch.manual_seed(4)
+    q, k, v = rand(2, 4, 6, 8), rand(2, 4, 6, 8), rand(2, 4, 6, 8)
+    mask = (torch.rand(2, 1, 1, 6) > 0.3) if with_mask else None
+    mask = mask.expand(2, 1, 6, 6) if with_mask else None
+    full = reference_attend(q, k, v, mask, causal=True)
+    last_mask = mask[:, :, -1:] if with_mask else None
+    for fn in (attend, reference_attend):
+        step = fn(q[:, :, -1:], k, v, last_mask, causal=True)
+        torch.testing.assert_close(step, full[:, :, -1:], rtol=1e-10, atol=1e-10)
+
+
 def test_fully_masked_rows_give_zeros_not_nan():
     q, k, v = rand(1, 2, 3, 4), rand(1, 2, 5, 4), rand(1, 2, 5, 4)
     mask = torch.ones(1, 1, 3, 5, dtype=torch.bool)

@@ -100,7 +100,7 @@ class MultiHeadAttention(nn.Module):
             return self.out_proj(rearrange(out, "b h i d -> b i (h d)"))
         if mask is not None and mask.dim() == 2:
             mask = key_padding_mask(mask)
-        causal = self.causal
+        causal = self.causal and q.shape[-2] > 1  # one query sees every cached key
         if causal and (self.num_mem_kv or mask is not None):
             mask = combine(mask, causal_mask(q.shape[-2], k.shape[-2], device=q.device))
             causal = False
