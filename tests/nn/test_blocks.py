@@ -41,6 +41,14 @@ def test_partial_rotary_leaves_other_channels(interleaved):
     torch.testing.assert_close(y[:, :4].norm(dim=-1), x[:, :4].norm(dim=-1))  # a rotation
 
 
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_rotary_span_equals_computed_positions(interleaved):
+    rot = RotaryEmbedding(8, interleaved=interleaved)
+    for start, n in [(0, 5), (60, 10), (3, 200), (0, 1)]:  # the table grows past 64
+        for got, exp in zip(rot.span(start, n), rot(torch.arange(start, start + n))):
+            assert torch.equal(got, exp)
+
+
 def test_rotary_bad_dim():
     with pytest.raises(ValueError, match="even"):
         RotaryEmbedding(5)
@@ -118,3 +126,45 @@ def test_rmsnorm_custom_backward_equals_autograd_float64():
     for a, b in zip(got, exp):
         torch.testing.assert_close(a, b)
     assert torch.autograd.gradcheck(lambda t: norm(t), (x[:1, :2],))
+
+
+def test_rmsnorm_inference_path_equals_autograd_path():
+    """Without autograd RMSNorm takes F.rms_norm; same values as the saving Function."""
+    from retrolm.nn import RMSNorm
+
+    torch.manual_seed(0)
+    norm = RMSNorm(6).double()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(3, 4, 6, dtype=torch.float64)
+    with torch.no_grad():
+        fast = norm(x)
+    torch.testing.assert_close(fast, norm(x.requires_grad_()), rtol=1e-12, atol=1e-12)
+    xb = x.detach().bfloat16()
+    with torch.no_grad():
+        fast_b = norm.bfloat16()(xb)
+    assert fast_b.dtype == torch.bfloat16
+    torch.testing.assert_close(fast_b.float(), norm(xb.requires_grad_()).float())
+
+
+def test_decode_linear_equals_linear_and_follows_weight_updates():
+    from retrolm.nn.decode_linear import DecodeLinear
+
+    torch.manual_seed(0)
+    lin = DecodeLinear(8, 50, bias=True).double()
+    x = torch.randn(2, 3, 8, dtype=torch.float64)
+    ref = torch.nn.functional.linear(x, lin.weight, lin.bias)
+    with torch.no_grad():
+        torch.testing.assert_close(lin(x), ref, rtol=1e-12, atol=1e-12)  # transposed copy
+        assert lin._weight_t is not None
+        lin.weight.mul_(2.0)  # an in-place update (an optimizer step) invalidates the copy
+        torch.testing.assert_close(
+            lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias), rtol=1e-12, atol=1e-12
+        )
+        big = torch.randn(40, 8, dtype=torch.float64)  # more rows than max_rows: F.linear
+        torch.testing.assert_close(lin(big), torch.nn.functional.linear(big, lin.weight, lin.bias))
+    out = lin(x)  # with autograd: plain nn.Linear, gradients flow
+    out.sum().backward()
+    assert lin.weight.grad is not None
+    lin.train()
+    assert lin._weight_t is None
