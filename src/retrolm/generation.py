@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from inspect import signature
 from typing import Any, Protocol
 
 import numpy as np
@@ -132,10 +133,15 @@ def generate(
             ret_mask = torch.cat([ret_mask, mask.to(device)[:, None]], 1)
             retrievals.append(Retrieval(u, np.asarray(ids)))
 
+    # models that can return only the last position's logits skip the prompt's (L, vocab)
+    last = {"logits_to_keep": 1} if "logits_to_keep" in signature(model.forward).parameters else {}
+
     def forward(tokens: Tensor, cache: Any) -> Tensor:
         if retriever is None:
-            return model(tokens, None, cache=cache) if cache is not None else model(tokens)
-        kw = {"neighbour_mask": ret_mask}
+            if cache is not None:
+                return model(tokens, None, cache=cache, **last)
+            return model(tokens, **last)
+        kw = {"neighbour_mask": ret_mask, **last}
         if cache is not None:
             kw["cache"] = cache
         return model(tokens, ret_tokens, **kw)
