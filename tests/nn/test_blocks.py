@@ -16,6 +16,7 @@ from retrolm.nn.token_shift import check_causal_shifts
 
 
 def test_rotary_scores_depend_only_on_relative_position():
+    torch.manual_seed(0)  # was unseeded: the fp32 tables' rounding failed 1e-7 now and then
     rot = RotaryEmbedding(8)
     q, k = torch.randn(1, 8, dtype=torch.float64), torch.randn(1, 8, dtype=torch.float64)
 
@@ -26,7 +27,7 @@ def test_rotary_scores_depend_only_on_relative_position():
             apply_rotary(q, cq.double(), sq.double()) * apply_rotary(k, ck.double(), sk.double())
         ).sum()
 
-    torch.testing.assert_close(score(5, 2), score(105, 102))
+    torch.testing.assert_close(score(5, 2), score(105, 102), rtol=1e-5, atol=1e-6)
     assert not torch.allclose(score(5, 2), score(5, 4))
 
 
@@ -47,6 +48,27 @@ def test_rotary_span_equals_computed_positions(interleaved):
     for start, n in [(0, 5), (60, 10), (3, 200), (0, 1)]:  # the table grows past 64
         for got, exp in zip(rot.span(start, n), rot(torch.arange(start, start + n))):
             assert torch.equal(got, exp)
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("rot_dim", [4, 8])
+def test_apply_rotary_equals_the_formula_and_its_gradient(interleaved, rot_dim):
+    """x*cos + rotate(x)*sin on the first rot_dim channels, the rest passed through."""
+    rot = RotaryEmbedding(rot_dim, interleaved=interleaved)
+    cos, sin = (t.double() for t in rot(torch.arange(5)))
+    x = torch.randn(2, 3, 5, 8, dtype=torch.float64, requires_grad=True)
+    xr = x[..., :rot_dim]
+    if interleaved:
+        turned = torch.stack((-xr[..., 1::2], xr[..., 0::2]), dim=-1).flatten(-2)
+    else:
+        turned = torch.cat((-xr[..., rot_dim // 2 :], xr[..., : rot_dim // 2]), dim=-1)
+    ref = torch.cat((xr * cos + turned * sin, x[..., rot_dim:]), dim=-1)
+    # apply_rotary computes in fp32 (as the models do); compare at fp32 precision
+    torch.testing.assert_close(apply_rotary(x, cos, sin, interleaved), ref, rtol=1e-6, atol=1e-6)
+    g = torch.randn_like(ref)
+    (got,) = torch.autograd.grad(apply_rotary(x, cos, sin, interleaved), x, g)
+    (exp,) = torch.autograd.grad(ref, x, g)
+    torch.testing.assert_close(got, exp, rtol=1e-6, atol=1e-6)
 
 
 def test_rotary_bad_dim():
@@ -156,7 +178,7 @@ def test_decode_linear_equals_linear_and_follows_weight_updates():
     ref = torch.nn.functional.linear(x, lin.weight, lin.bias)
     with torch.no_grad():
         torch.testing.assert_close(lin(x), ref, rtol=1e-12, atol=1e-12)  # transposed copy
-        assert lin._weight_t is not None
+        assert lin._weight_t._value is not None
         lin.weight.mul_(2.0)  # an in-place update (an optimizer step) invalidates the copy
         torch.testing.assert_close(
             lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias), rtol=1e-12, atol=1e-12
@@ -167,4 +189,4 @@ def test_decode_linear_equals_linear_and_follows_weight_updates():
     out.sum().backward()
     assert lin.weight.grad is not None
     lin.train()
-    assert lin._weight_t is None
+    assert lin._weight_t._value is None

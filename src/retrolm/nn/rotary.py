@@ -65,10 +65,14 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = False)
     cos/sin (n, r) or broadcastable to x's leading dims, e.g. (b, 1, n, r).
     """
     r = cos.shape[-1]
-    if r == x.shape[-1]:  # full rotary: no split, no concatenation
-        xf = x.float()
-        return torch.addcmul(xf * cos, _rotate(xf, interleaved), sin).to(x.dtype)
-    x_rot, x_pass = x[..., :r], x[..., r:]
-    xf = x_rot.float()
-    out = torch.addcmul(xf * cos, _rotate(xf, interleaved), sin)
-    return torch.cat((out.to(x.dtype), x_pass), dim=-1)
+    full = r == x.shape[-1]  # full rotary: no split, no concatenation
+    xf = (x if full else x[..., :r]).float()
+    if interleaved:
+        out = torch.addcmul(xf * cos, _rotate(xf, interleaved), sin)
+    else:  # x*cos + (-x2, x1)*sin, the second term added into each half in place
+        h = r // 2
+        out = xf * cos
+        out[..., :h].addcmul_(xf[..., h:], sin[..., :h], value=-1)
+        out[..., h:].addcmul_(xf[..., :h], sin[..., h:])
+    out = out.to(x.dtype)
+    return out if full else torch.cat((out, x[..., r:]), dim=-1)
