@@ -127,3 +127,31 @@ def test_kv_cache_keep_last_and_growth():
     c.keep_last(5)
     k, _ = c.update(torch.full((1, 1, 1, 2), 40.0), torch.zeros(1, 1, 1, 2))
     assert k[0, 0, :, 0].tolist() == [35, 36, 37, 38, 39, 40]
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_qkv_equals_separate_projections(bias):
+    """Self-attention projects q, k, v with one matmul; same values and gradients as the three
+    separate layers, with autograd (weights concatenated per call) and without (kept)."""
+    torch.manual_seed(5)
+    attn = MultiHeadAttention(16, heads=4, dim_head=8, kv_heads=2, bias=bias).double()
+    x = rand(2, 5, 16)
+
+    def split(lin, n):
+        return lin(x).view(2, 5, n, 8).transpose(1, 2)
+
+    ref = (split(attn.q_proj, 4), split(attn.k_proj, 2), split(attn.v_proj, 2))
+    got = attn.project_qkv(x)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    g = [torch.randn_like(t) for t in ref]
+    params = [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]
+    exp = torch.autograd.grad(ref, params, g)
+    for a, b in zip(torch.autograd.grad(got, params, g), exp):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        for a, b in zip(attn.project_qkv(x), ref):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        attn.k_proj.weight.add_(1.0)  # the kept concatenation follows in-place updates
+        k_new = attn.k_proj(x).view(2, 5, 2, 8).transpose(1, 2)
+        torch.testing.assert_close(attn.project_qkv(x)[1], k_new, rtol=1e-12, atol=1e-12)

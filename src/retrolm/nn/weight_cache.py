@@ -1,0 +1,41 @@
+"""A tensor derived from parameters (a transpose, a concatenation), kept while they are unchanged.
+
+Decoding runs the same layers once per token without autograd; rebuilding a fused or
+transposed weight on every call would cost more than it saves, so it is built once. The
+cache is valid while every source parameter has the same storage and version counter (any
+in-place update, e.g. an optimizer step or ``load_state_dict``, moves the counter); it
+holds the sources' storage so that an address cannot be reused behind its back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+class WeightCache:
+    def __init__(self, build: Callable[..., Any]) -> None:
+        self.build = build
+        self._sources: tuple[Tensor, ...] = ()
+        self._versions: tuple[int, ...] = ()
+        self._value: Any = None
+
+    def get(self, *params: Tensor) -> Any:
+        """build(*params), rebuilt only when one of the params changed since the last call."""
+        versions = tuple(p._version for p in params)
+        same = len(params) == len(self._sources) and all(
+            p.data_ptr() == s.data_ptr() and p.dtype == s.dtype and p.shape == s.shape
+            for p, s in zip(params, self._sources)
+        )
+        if self._value is None or not same or versions != self._versions:
+            with torch.no_grad():
+                self._value = self.build(*params)
+            self._sources = tuple(p.detach() for p in params)
+            self._versions = versions
+        return self._value
+
+    def clear(self) -> None:
+        self._sources, self._versions, self._value = (), (), None
