@@ -13,6 +13,8 @@ then costs two slices instead of five kernels.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor, nn
 
@@ -51,28 +53,32 @@ class RotaryEmbedding(nn.Module):
         return table[0][start:end], table[1][start:end]
 
 
-def _rotate(x: Tensor, interleaved: bool) -> Tensor:
+@functools.lru_cache(maxsize=32)
+def _sign(r: int, interleaved: bool, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """(r,) the signs of the rotated partner: -1 for x1's slots, +1 for x2's."""
     if interleaved:
-        x1, x2 = x[..., 0::2], x[..., 1::2]
-        return torch.stack((-x2, x1), dim=-1).flatten(-2)
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+        return torch.tensor([-1.0, 1.0], dtype=dtype, device=device).repeat(r // 2)
+    return torch.ones(r, dtype=dtype, device=device).index_fill_(0, torch.arange(r // 2), -1.0)
+
+
+def _rotate(x: Tensor, interleaved: bool) -> Tensor:
+    """(-x2, x1) for every pair, as a partner swap times ``_sign``: one kernel (roll or flip)
+    for the swap, and the sign folds into sin, a table far smaller than x."""
+    if interleaved:
+        return x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    return x.roll(x.shape[-1] // 2, dims=-1)
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = False) -> Tensor:
     """Rotate the first ``cos.shape[-1]`` channels of x (…, n, d); math in fp32.
 
     cos/sin (n, r) or broadcastable to x's leading dims, e.g. (b, 1, n, r).
+    x*cos + (-x2, x1)*sin, written as x*cos + swap(x) * (sign*sin): four kernels (a decoding
+    step calls this ~8 times per token, where the count of kernels is the cost).
     """
     r = cos.shape[-1]
     full = r == x.shape[-1]  # full rotary: no split, no concatenation
     xf = (x if full else x[..., :r]).float()
-    if interleaved:
-        out = torch.addcmul(xf * cos, _rotate(xf, interleaved), sin)
-    else:  # x*cos + (-x2, x1)*sin, the second term added into each half in place
-        h = r // 2
-        out = xf * cos
-        out[..., :h].addcmul_(xf[..., h:], sin[..., :h], value=-1)
-        out[..., h:].addcmul_(xf[..., :h], sin[..., h:])
-    out = out.to(x.dtype)
+    signed_sin = sin * _sign(r, interleaved, sin.dtype, sin.device)
+    out = torch.addcmul(xf * cos, _rotate(xf, interleaved), signed_sin).to(x.dtype)
     return out if full else torch.cat((out, x[..., r:]), dim=-1)
