@@ -155,3 +155,21 @@ def test_fused_qkv_equals_separate_projections(bias):
         attn.k_proj.weight.add_(1.0)  # the kept concatenation follows in-place updates
         k_new = attn.k_proj(x).view(2, 5, 2, 8).transpose(1, 2)
         torch.testing.assert_close(attn.project_qkv(x)[1], k_new, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_joint_qk_rotary_equals_separate_rotations(interleaved):
+    """Shared (i, r) tables rotate q and k in one call on the fused projection; the same as
+    rotating each (what distinct q/k tables, e.g. (b, 1, i, r), still do)."""
+    from retrolm.nn import RotaryEmbedding
+
+    torch.manual_seed(6)
+    attn = MultiHeadAttention(16, heads=4, dim_head=8, kv_heads=2, causal=True).double()
+    attn.interleaved_rotary = interleaved
+    rot = RotaryEmbedding(6, interleaved=interleaved)
+    x = rand(2, 5, 16)
+    pos = rot(torch.arange(3, 8))
+    joint = attn(x, q_rotary=pos, k_rotary=pos)
+    pos_b = tuple(t.expand(2, 1, 5, 6) for t in pos)  # same values, not the shared fast path
+    separate = attn(x, q_rotary=pos_b, k_rotary=tuple(t.clone() for t in pos_b))
+    torch.testing.assert_close(joint, separate, rtol=1e-12, atol=1e-12)

@@ -86,6 +86,11 @@ class MultiHeadAttention(nn.Module):
             self.mem_k = nn.Parameter(torch.randn(kv_heads, num_mem_kv, dim_head) * 0.02)
             self.mem_v = nn.Parameter(torch.randn(kv_heads, num_mem_kv, dim_head) * 0.02)
 
+    def train(self, mode: bool = True):
+        if mode:  # the decoding copies are not needed while training
+            self._fused.clear()
+        return super().train(mode)
+
     def project_kv(self, context: Tensor, k_rotary: Rotary | None = None) -> tuple[Tensor, Tensor]:
         """(b, j, context_dim) -> k, v each (b, g, j, d); rotary applied to k."""
         k = _split_heads(self.k_proj(context), self.kv_heads)
@@ -94,8 +99,9 @@ class MultiHeadAttention(nn.Module):
             k = apply_rotary(k, *k_rotary, interleaved=self.interleaved_rotary)
         return k, v
 
-    def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Self-attention: (b, i, dim) -> q (b, h, i, d), k, v (b, g, i, d) in one matmul.
+    def project_qkv(self, x: Tensor, rotary: Rotary | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Self-attention: (b, i, dim) -> q (b, h, i, d), k, v (b, g, i, d) in one matmul;
+        ``rotary`` (cos, sin) each (i, r), if given, rotates q and k (one call for both).
 
         With autograd the three weights are concatenated on each call (gradients reach each
         parameter); without it the concatenation is kept (``WeightCache``)."""
@@ -103,17 +109,17 @@ class MultiHeadAttention(nn.Module):
         if self.q_proj.bias is not None:
             params += (self.q_proj.bias, self.k_proj.bias, self.v_proj.bias)
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
-            fused = _concat(*params)
+            qkv = F.linear(x, *_concat(*params))
         else:
-            fused = self._fused.get(*params)
-        qkv = F.linear(x, *fused)
-        hd, gd = self.heads * self.dim_head, self.kv_heads * self.dim_head
-        q, k, v = qkv.split((hd, gd, gd), dim=-1)
-        return (
-            _split_heads(q, self.heads),
-            _split_heads(k, self.kv_heads),
-            _split_heads(v, self.kv_heads),
-        )
+            qkv = F.linear(x, *self._fused.get(*params))
+        h, g = self.heads, self.kv_heads
+        qkv = qkv.unflatten(-1, (h + 2 * g, -1))  # (b, i, h + 2g, d)
+        qk = qkv[:, :, : h + g]
+        if rotary is not None:
+            cos, sin = (t.unsqueeze(-2) for t in rotary)  # (i, 1, r): same for every head
+            qk = apply_rotary(qk, cos, sin, interleaved=self.interleaved_rotary)
+        q, k, v = qk[:, :, :h], qk[:, :, h:], qkv[:, :, h + g :]
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def forward(
         self,
@@ -127,13 +133,16 @@ class MultiHeadAttention(nn.Module):
         k_rotary: Rotary | None = None,
     ) -> Tensor:  # (b, i, dim)
         if kv is None and context is None:
-            q, k, v = self.project_qkv(x)
-            if k_rotary is not None:
+            # one rotary call for q and k when they share positions given as (i, r) tables
+            joint = q_rotary is k_rotary and q_rotary is not None and q_rotary[0].dim() == 2
+            q, k, v = self.project_qkv(x, q_rotary if joint else None)
+            if k_rotary is not None and not joint:
                 k = apply_rotary(k, *k_rotary, interleaved=self.interleaved_rotary)
         else:
+            joint = False
             q = _split_heads(self.q_proj(x), self.heads)
             k, v = self.project_kv(context, k_rotary) if kv is None else kv
-        if q_rotary is not None:
+        if q_rotary is not None and not joint:
             q = apply_rotary(q, *q_rotary, interleaved=self.interleaved_rotary)
         if cache is not None:
             k, v = cache.update(k, v)
