@@ -50,7 +50,9 @@ class FeedForward(nn.Module):
             h = h * self.act(gate)
         else:
             h = self.act(h)
-        return self.down_proj(self.dropout(h))
+        if self.training:  # nn.Dropout is the identity in eval; skip its call when decoding
+            h = self.dropout(h)
+        return self.down_proj(h)
 
     def forward(self, x: Tensor) -> Tensor:  # (b, n, dim) -> (b, n, dim_out)
         if self.chunks == 1 or x.shape[-2] <= 1:
