@@ -185,6 +185,12 @@ def test_decode_linear_equals_linear_and_follows_weight_updates():
         )
         big = torch.randn(40, 8, dtype=torch.float64)  # more rows than max_rows: F.linear
         torch.testing.assert_close(lin(big), torch.nn.functional.linear(big, lin.weight, lin.bias))
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # the copy in the autocast dtype
+            lin32 = DecodeLinear(8, 50).eval()
+            x32 = torch.randn(2, 8)
+            got, exp = lin32(x32), torch.nn.functional.linear(x32, lin32.weight, lin32.bias)
+        assert got.dtype == exp.dtype == torch.bfloat16
+        torch.testing.assert_close(got, exp)
     out = lin(x)  # with autograd: plain nn.Linear, gradients flow
     out.sum().backward()
     assert lin.weight.grad is not None

@@ -21,21 +21,23 @@ class WeightCache:
         self.build = build
         self._sources: tuple[Tensor, ...] = ()
         self._versions: tuple[int, ...] = ()
+        self._key: Any = None
         self._value: Any = None
 
-    def get(self, *params: Tensor) -> Any:
-        """build(*params), rebuilt only when one of the params changed since the last call."""
+    def get(self, *params: Tensor, key: Any = None) -> Any:
+        """build(*params, key) (``build(*params)`` when key is None), rebuilt only when a
+        param changed or ``key`` (e.g. the compute dtype) differs from the last call's."""
         versions = tuple(p._version for p in params)
         same = len(params) == len(self._sources) and all(
             p.data_ptr() == s.data_ptr() and p.dtype == s.dtype and p.shape == s.shape
             for p, s in zip(params, self._sources)
         )
-        if self._value is None or not same or versions != self._versions:
+        if self._value is None or not same or versions != self._versions or key != self._key:
             with torch.no_grad():
-                self._value = self.build(*params)
+                self._value = self.build(*params) if key is None else self.build(*params, key)
             self._sources = tuple(p.detach() for p in params)
-            self._versions = versions
+            self._versions, self._key = versions, key
         return self._value
 
     def clear(self) -> None:
-        self._sources, self._versions, self._value = (), (), None
+        self._sources, self._versions, self._key, self._value = (), (), None, None
