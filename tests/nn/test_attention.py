@@ -173,3 +173,19 @@ def test_joint_qk_rotary_equals_separate_rotations(interleaved):
     pos_b = tuple(t.expand(2, 1, 5, 6) for t in pos)  # same values, not the shared fast path
     separate = attn(x, q_rotary=pos_b, k_rotary=tuple(t.clone() for t in pos_b))
     torch.testing.assert_close(joint, separate, rtol=1e-12, atol=1e-12)
+
+
+def test_kv_cache_sliding_window_matches_a_plain_list():
+    """keep_last only moves the start; appends past the buffer's end compact it. The live
+    keys always equal the last n appended, over many wraps and uneven append sizes."""
+    c, seen = KVCache(), []
+    g = torch.Generator().manual_seed(0)
+    for step in range(300):
+        t = int(torch.randint(1, 4, (), generator=g))
+        new = torch.arange(len(seen), len(seen) + t, dtype=torch.float64)
+        seen += new.tolist()
+        k, v = c.update(new.view(1, 1, t, 1), -new.view(1, 1, t, 1))
+        assert k[0, 0, :, 0].tolist() == seen[len(seen) - c.length :]
+        assert torch.equal(v, -k)
+        c.keep_last(5 + step % 3)
+    assert c._k.shape[-2] <= 64  # compacted in place, not grown without bound
