@@ -196,3 +196,15 @@ def test_decode_linear_equals_linear_and_follows_weight_updates():
     assert lin.weight.grad is not None
     lin.train()
     assert lin._weight_t._value is None
+
+
+@pytest.mark.parametrize("glu", [False, True])
+@pytest.mark.parametrize("activation", ["gelu", "relu", "silu"])
+def test_feedforward_inplace_activation_without_autograd(glu, activation):
+    """Without autograd the activation overwrites its input; same values as with it."""
+    torch.manual_seed(0)
+    ff = FeedForward(8, 2, glu=glu, activation=activation).double()
+    x = torch.randn(3, 5, 8, dtype=torch.float64)
+    with torch.no_grad():
+        fast = ff(x)
+    torch.testing.assert_close(fast, ff(x), rtol=1e-12, atol=1e-12)

@@ -12,6 +12,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
+# the same, overwriting their input: without autograd the hidden activations need no new
+# (tokens, hidden) buffer (a fresh multi-MB buffer costs its page faults on every call)
+INPLACE = {"gelu": torch.ops.aten.gelu_, "relu": torch.relu_, "silu": torch.ops.aten.silu_}
 
 
 class FeedForward(nn.Module):
@@ -38,6 +41,7 @@ class FeedForward(nn.Module):
         hidden = hidden_dim or max(1, int(dim * mult))
         self.glu = glu
         self.act = ACTIVATIONS[activation]
+        self.act_ = INPLACE[activation]
         self.chunks = chunks
         self.up_proj = nn.Linear(dim, hidden * (2 if glu else 1), bias=bias)
         self.down_proj = nn.Linear(hidden, dim_out or dim, bias=bias)
@@ -45,11 +49,12 @@ class FeedForward(nn.Module):
 
     def _ff(self, x: Tensor) -> Tensor:
         h = self.up_proj(x)
+        inplace = not (torch.is_grad_enabled() and h.requires_grad)
         if self.glu:
             h, gate = h.chunk(2, dim=-1)
-            h = h * self.act(gate)
+            h = h.mul_(self.act_(gate)) if inplace else h * self.act(gate)
         else:
-            h = self.act(h)
+            h = self.act_(h) if inplace else self.act(h)
         if self.training:  # nn.Dropout is the identity in eval; skip its call when decoding
             h = self.dropout(h)
         return self.down_proj(h)
