@@ -159,8 +159,8 @@ def test_fused_qkv_equals_separate_projections(bias):
 
 @pytest.mark.parametrize("interleaved", [False, True])
 def test_joint_qk_rotary_equals_separate_rotations(interleaved):
-    """Shared (i, r) tables rotate q and k in one call on the fused projection; the same as
-    rotating each (what distinct q/k tables, e.g. (b, 1, i, r), still do)."""
+    """Without autograd, shared (i, r) tables rotate q and k in one call on the fused
+    projection; the same as rotating each (the autograd path, and distinct q/k tables)."""
     from retrolm.nn import RotaryEmbedding
 
     torch.manual_seed(6)
@@ -169,7 +169,8 @@ def test_joint_qk_rotary_equals_separate_rotations(interleaved):
     rot = RotaryEmbedding(6, interleaved=interleaved)
     x = rand(2, 5, 16)
     pos = rot(torch.arange(3, 8))
-    joint = attn(x, q_rotary=pos, k_rotary=pos)
+    with torch.no_grad():  # the fused projection and the joint rotary are the no-grad path
+        joint = attn(x, q_rotary=pos, k_rotary=pos)
     pos_b = tuple(t.expand(2, 1, 5, 6) for t in pos)  # same values, not the shared fast path
     separate = attn(x, q_rotary=pos_b, k_rotary=tuple(t.clone() for t in pos_b))
     torch.testing.assert_close(joint, separate, rtol=1e-12, atol=1e-12)
