@@ -178,7 +178,7 @@ def test_decode_linear_equals_linear_and_follows_weight_updates():
     ref = torch.nn.functional.linear(x, lin.weight, lin.bias)
     with torch.no_grad():
         torch.testing.assert_close(lin(x), ref, rtol=1e-12, atol=1e-12)  # transposed copy
-        assert lin._weight_t._value is not None
+        assert lin._weight_t.value is not None
         lin.weight.mul_(2.0)  # an in-place update (an optimizer step) invalidates the copy
         torch.testing.assert_close(
             lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias), rtol=1e-12, atol=1e-12
@@ -195,7 +195,7 @@ def test_decode_linear_equals_linear_and_follows_weight_updates():
     out.sum().backward()
     assert lin.weight.grad is not None
     lin.train()
-    assert lin._weight_t._value is None
+    assert lin._weight_t.value is None
 
 
 @pytest.mark.parametrize("glu", [False, True])

@@ -1,16 +1,21 @@
-"""A linear layer for wide outputs (the vocabulary projection) that is cheap when decoding.
+"""Linear layers that are cheap when decoding a few rows at a time.
 
 Shapes: x (..., in), weight (out, in) as in ``nn.Linear``.
 
-A decoding step multiplies one or a few rows by the (vocab, d) output weight, a
-matrix-vector product bound by reading the weight (30 MB for 29k × 256 in fp32). Through
-``F.linear`` the CPU kernels here read it as ``weight.T`` and took 4.2 ms (one thread,
-weight not in cache, as in decoding) against 1.4 ms for ``x @ weight_t`` with ``weight_t``
-a contiguous (in, out) copy. ``decode_linear`` keeps that copy (a ``WeightCache``, in the
-compute dtype: the autocast dtype under autocast) and uses it without autograd for at most
-``MAX_ROWS`` rows; otherwise it is ``F.linear``. The copy costs one more weight's memory
-while decoding; ``DecodeLinear.train()`` drops it. For the model's 256-wide layers the
-gain (~30 us each) was eaten by the extra Python per call, so they stay ``nn.Linear``.
+A decoding step multiplies one row by each weight: a matrix-vector product bound by reading
+the weight from memory (a step reads every weight of the model once, ~50 MB for RETRO's
+benchmark model, more than the cache holds). Through ``F.linear`` the CPU kernels here read
+the weight as ``weight.T`` and were up to ~3x slower than ``x @ weight_t`` with ``weight_t``
+a contiguous (in, out) copy, whenever out >= in (one thread, weights not in cache, as in
+decoding: (29k, 256) 4.1 vs 1.4 ms, (1024, 256) 157 vs 71 us, (768, 256) 121 vs 68 us;
+(256, 1024) 112 vs 160 us, so narrowing layers stay as they are). In RETRO's decode step
+that was 7.5 -> 6.6 ms per token (one thread, A/B in one process).
+
+``decode_linear`` keeps that copy (a ``TransposedWeight``, in the compute dtype: the
+autocast dtype under autocast) and uses it without autograd for at most ``MAX_ROWS`` rows;
+otherwise it is ``F.linear``. The copy costs one more weight's memory while decoding;
+``DecodeLinear.train()`` drops it. Every call is on the decode hot path, so this file
+favours few Python operations over generality.
 """
 
 from __future__ import annotations
@@ -19,27 +24,67 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from retrolm.nn.weight_cache import WeightCache
-
 MAX_ROWS = 32  # x @ weight_t stayed faster than F.linear up to ~32 rows (measured, CPU)
 
 
-def transposed_cache() -> WeightCache:
-    """A cache of weight (out, in) as a contiguous (in, out) copy in a given dtype."""
-    return WeightCache(lambda w, dtype: w.t().to(dtype).contiguous())
+class TransposedWeight:
+    """``weight.t().contiguous()`` in a given dtype, rebuilt when the weight changes (new
+    storage, or an in-place update: the version counter moves) or the dtype does. Holds the
+    source's storage, so its address cannot be reused behind the cache's back."""
+
+    __slots__ = ("_src", "_version", "_dtype", "value")
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self._src: Tensor | None = None
+        self._version, self._dtype = -1, None
+        self.value: Tensor | None = None
+
+    def get(self, weight: Tensor, dtype: torch.dtype) -> Tensor:
+        src = self._src
+        if (
+            src is None
+            or weight._version != self._version
+            or dtype != self._dtype
+            or weight.data_ptr() != src.data_ptr()
+            or weight.shape != src.shape
+        ):
+            with torch.no_grad():
+                self.value = weight.t().to(dtype).contiguous()
+            self._src, self._version, self._dtype = weight.detach(), weight._version, dtype
+        return self.value
 
 
-def decode_linear(x: Tensor, weight: Tensor, bias: Tensor | None, cache: WeightCache) -> Tensor:
+def compute_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
+    """The dtype F.linear(x, weight) computes in: the autocast dtype under autocast."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return weight.dtype
+
+
+def linear_t(x: Tensor, weight_t: Tensor, bias: Tensor | None) -> Tensor:
+    """``F.linear`` given the weight as a contiguous (in, out) ``weight_t`` (no autograd):
+    ``x @ weight_t`` for at most ``MAX_ROWS`` rows, ``F.linear(x, weight_t.T)`` for more
+    (the layout made no difference for 448-1792 rows)."""
+    k = x.shape[-1]
+    if x.numel() > MAX_ROWS * k:
+        return F.linear(x, weight_t.t(), bias)
+    x2 = x.reshape(-1, k).to(weight_t.dtype)
+    out = torch.mm(x2, weight_t) if bias is None else torch.addmm(bias, x2, weight_t)
+    return out.view(*x.shape[:-1], weight_t.shape[1])
+
+
+def decode_linear(
+    x: Tensor, weight: Tensor, bias: Tensor | None, cache: TransposedWeight
+) -> Tensor:
     """``F.linear(x, weight, bias)``; through ``cache``'s (in, out) copy for a few rows."""
-    if torch.is_grad_enabled() or x.numel() > MAX_ROWS * x.shape[-1]:
+    k = x.shape[-1]
+    if torch.is_grad_enabled() or x.numel() > MAX_ROWS * k or weight.shape[0] < k:
         return F.linear(x, weight, bias)
-    dev = x.device.type
-    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
-    w_t = cache.get(weight, key=dtype)  # (in, out)
-    x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-    with torch.autocast(dev, enabled=False):  # already in the dtype autocast would pick
-        out = torch.mm(x2, w_t) if bias is None else torch.addmm(bias.to(dtype), x2, w_t)
-    return out.view(*x.shape[:-1], w_t.shape[1])
+    dtype = compute_dtype(x, weight)
+    return linear_t(x, cache.get(weight, dtype), None if bias is None else bias.to(dtype))
 
 
 class DecodeLinear(nn.Linear):
@@ -47,7 +92,7 @@ class DecodeLinear(nn.Linear):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self._weight_t = transposed_cache()
+        self._weight_t = TransposedWeight()
 
     def train(self, mode: bool = True):
         if mode:

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from retrolm.nn.decode_linear import DecodeLinear
+
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
 # the same, overwriting their input: without autograd the hidden activations need no new
 # (tokens, hidden) buffer (a fresh multi-MB buffer costs its page faults on every call)
@@ -44,7 +46,8 @@ class FeedForward(nn.Module):
         self.act = ACTIVATIONS[activation]
         self.act_ = INPLACE[activation]
         self.chunks = chunks
-        self.up_proj = nn.Linear(dim, hidden * (2 if glu else 1), bias=bias)
+        # the widening projection decodes through a transposed copy (decode_linear)
+        self.up_proj = DecodeLinear(dim, hidden * (2 if glu else 1), bias=bias)
         self.down_proj = nn.Linear(hidden, dim_out or dim, bias=bias)
         self.dropout = nn.Dropout(dropout)
 

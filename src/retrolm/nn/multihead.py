@@ -14,10 +14,10 @@ Shapes: b batch, i queries, j keys, h heads, g kv heads, d head dim.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from retrolm.nn.attention import attend
+from retrolm.nn.decode_linear import DecodeLinear, compute_dtype, linear_t
 from retrolm.nn.kv_cache import KVCache
 from retrolm.nn.local_attention import local_attend
 from retrolm.nn.masks import causal_mask, combine, key_padding_mask, sliding_window_mask
@@ -38,10 +38,12 @@ def _merge_heads(t: Tensor) -> Tensor:
     return t.transpose(1, 2).flatten(2)
 
 
-def _concat(*params: Tensor) -> tuple[Tensor, Tensor | None]:  # a WeightCache build
-    """(q, k, v weights[, q, k, v biases]) -> (fused weight, fused bias or None)."""
-    w = torch.cat(params[:3])
-    return w, (torch.cat(params[3:]) if len(params) > 3 else None)
+def _concat_t(*params: Tensor) -> tuple[Tensor, Tensor | None]:  # a WeightCache build
+    """(q, k, v weights[, q, k, v biases], dtype) -> (fused weight as a contiguous
+    (in, out), fused bias or None), in dtype."""
+    *params, dtype = params
+    w = torch.cat(params[:3]).t().to(dtype).contiguous()
+    return w, (torch.cat(params[3:]).to(dtype) if len(params) > 3 else None)
 
 
 class MultiHeadAttention(nn.Module):
@@ -75,11 +77,13 @@ class MultiHeadAttention(nn.Module):
         self.dropout = dropout
         self.interleaved_rotary = interleaved_rotary
         context_dim = context_dim or dim
-        self.q_proj = nn.Linear(dim, heads * dim_head, bias=bias)
+        # q_proj/out_proj decode through a transposed copy (decode_linear); k/v see many rows
+        self.q_proj = DecodeLinear(dim, heads * dim_head, bias=bias)
         self.k_proj = nn.Linear(context_dim, kv_heads * dim_head, bias=bias)
         self.v_proj = nn.Linear(context_dim, kv_heads * dim_head, bias=bias)
-        self.out_proj = nn.Linear(heads * dim_head, dim, bias=bias)
-        self._fused = WeightCache(_concat)  # q/k/v weights as one, for decoding
+        self.out_proj = DecodeLinear(heads * dim_head, dim, bias=bias)
+        # q/k/v weights as one (in, out) matrix in the compute dtype, for decoding
+        self._fused = WeightCache(_concat_t)
         # learned key/values every query may attend (memory / null key-values)
         self.num_mem_kv = num_mem_kv
         if num_mem_kv:
@@ -119,7 +123,7 @@ class MultiHeadAttention(nn.Module):
             return q, k, v
         if self.q_proj.bias is not None:
             params += (self.q_proj.bias, self.k_proj.bias, self.v_proj.bias)
-        qkv = F.linear(x, *self._fused.get(*params))
+        qkv = linear_t(x, *self._fused.get(*params, key=compute_dtype(x, params[0])))
         qkv = qkv.unflatten(-1, (h + 2 * g, -1))  # (b, i, h + 2g, d)
         qk = qkv[:, :, : h + g]
         if rotary is not None:
