@@ -125,12 +125,13 @@ def test_sdpa_path_equals_reference_path_float64(deepnet):
     torch.testing.assert_close(fast, ref, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("missing", [True, False])  # False: every chunk's CCA needs no mask
 @pytest.mark.parametrize("grad", [True, False])  # no_grad: the decoding fast paths
 @pytest.mark.parametrize("splits", [[19], [1] * 19, [3, 1, 4, 1, 5, 5], [8, 11]])
-def test_cached_decoding_equals_full_forward(splits, grad):
+def test_cached_decoding_equals_full_forward(splits, grad, missing):
     model = tiny()
     seq, ret = inputs(n=19)
-    mask = torch.rand(ret.shape[:3]) > 0.25
+    mask = torch.rand(ret.shape[:3]) > (0.25 if missing else -1.0)
     full = model(seq, ret, neighbour_mask=mask)
     cache, outs, s = model.init_cache(2), [], 0
     with torch.set_grad_enabled(grad):

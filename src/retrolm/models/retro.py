@@ -67,6 +67,7 @@ class ChunkedCrossAttention(nn.Module):
         kv: tuple[Tensor, Tensor] | None,  # each (b, L, h, k*r, dh) for chunks 0 … L-1
         kv_mask: Tensor | None,  # (b, L, k*r) True = real neighbour token
         q_rotary,  # (cos, sin) for query positions m-1 … 2m-2, shape (m, rot)
+        full_chunks: list[bool] | None = None,  # chunk u has every neighbour token: no mask
     ) -> Tensor:  # (b, t, d); zero where a position attends no chunk
         m, (b, t, _) = self.m, h.shape
         # position p attends chunk u(p) = (p+1)//m - 1; u < 0 (p < m-1) attends nothing, and
@@ -84,7 +85,9 @@ class ChunkedCrossAttention(nn.Module):
         n_q = t - first
         if u0 == u1:  # all queries read one chunk (every decoding step): no padding
             cos, sin = (x[lead : lead + n_q] for x in q_rotary)
-            o = self._attend(h[:, first:], (cos, sin), kv[0][:, u0], kv[1][:, u0], kv_mask[:, u0])
+            full = full_chunks is not None and full_chunks[u0]  # then SDPA needs no mask
+            mask = None if full else kv_mask[:, u0]
+            o = self._attend(h[:, first:], (cos, sin), kv[0][:, u0], kv[1][:, u0], mask)
         else:  # pad to whole attending windows, one row of the batch per (sequence, chunk)
             nc = u1 - u0 + 1
             q_in = F.pad(h[:, first:], (0, 0, lead, nc * m - lead - n_q))  # (b, nc*m, d)
@@ -98,13 +101,15 @@ class ChunkedCrossAttention(nn.Module):
         return torch.cat((o.new_zeros(b, first, o.shape[-1]), o), 1)
 
     def _attend(self, q_in, q_rotary, kk, vv, mask) -> Tensor:
-        """q_in (B, j, d) against one chunk's kk/vv (B, h, s, dh), mask (B, s) -> (B, j, d)."""
+        """q_in (B, j, d) against one chunk's kk/vv (B, h, s, dh), mask (B, s) or None (all
+        present) -> (B, j, d)."""
         attn = self.attn
         q = attn.q_proj(q_in).unflatten(-1, (attn.heads, -1)).transpose(1, 2)  # (B, h, j, dh)
         q = apply_rotary(q, *q_rotary)
         p = attn.dropout if self.training else 0.0
         # rows of a chunk without neighbours -> 0
-        o = attend(q, kk, vv, mask[:, None, None, :], dropout_p=p)  # (B, h, j, dh)
+        mask = None if mask is None else mask[:, None, None, :]
+        o = attend(q, kk, vv, mask, dropout_p=p)  # (B, h, j, dh)
         return attn.out_proj(o.transpose(1, 2).flatten(2))
 
 
@@ -223,6 +228,7 @@ class RetroCache:
     encoded_chunks: int = 0
     cca_kv: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)  # layer -> (b, L, …)
     cca_mask: Tensor | None = None  # (b, L, k*r)
+    cca_full: list[bool] = field(default_factory=list)  # chunk u: every neighbour token real
 
 
 class RETRO(nn.Module):
@@ -353,7 +359,8 @@ class RETRO(nn.Module):
                     x = layer.cca.zero_update(x)
                 else:
                     kv, mask = self._cca_kv(layer_no, layer, enc_kv, cache, k_cca)
-                    x = layer.cca(x, start, kv, mask, q_cca)
+                    full = cache.cca_full if cache is not None else None
+                    x = layer.cca(x, start, kv, mask, q_cca, full)
             x = layer.ff(x)
         if cache is not None:
             cache.length += t
@@ -403,6 +410,7 @@ class RETRO(nn.Module):
                 cache.cca_mask = (
                     new_mask if cache.cca_mask is None else torch.cat((cache.cca_mask, new_mask), 1)
                 )
+                cache.cca_full += new_mask.all(-1).all(0).tolist()  # one sync per chunk
         if layer_no not in cache.cca_kv:  # no chunk complete yet: no position attends
             return None, None
         return cache.cca_kv[layer_no], cache.cca_mask
