@@ -27,17 +27,19 @@ class WeightCache:
     def get(self, *params: Tensor, key: Any = None) -> Any:
         """build(*params, key) (``build(*params)`` when key is None), rebuilt only when a
         param changed or ``key`` (e.g. the compute dtype) differs from the last call's."""
-        versions = tuple(p._version for p in params)
-        same = len(params) == len(self._sources) and all(
-            p.data_ptr() == s.data_ptr() and p.dtype == s.dtype and p.shape == s.shape
-            for p, s in zip(params, self._sources)
-        )
-        if self._value is None or not same or versions != self._versions or key != self._key:
-            with torch.no_grad():
-                self._value = self.build(*params) if key is None else self.build(*params, key)
-            self._sources = tuple(p.detach() for p in params)
-            self._versions, self._key = versions, key
-        return self._value
+        value = self._value
+        if value is not None and key == self._key and len(params) == len(self._sources):
+            # a plain loop: this runs on every decoded token, several times per layer
+            for p, s, v in zip(params, self._sources, self._versions):
+                if p._version != v or p.data_ptr() != s.data_ptr() or p.shape != s.shape:
+                    break
+            else:
+                return value
+        with torch.no_grad():
+            value = self.build(*params) if key is None else self.build(*params, key)
+        self._sources = tuple(p.detach() for p in params)
+        self._versions, self._key, self._value = tuple(p._version for p in params), key, value
+        return value
 
     def clear(self) -> None:
         self._sources, self._versions, self._key, self._value = (), (), None, None
