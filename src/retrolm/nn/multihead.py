@@ -190,6 +190,8 @@ class MultiHeadAttention(nn.Module):
             return local_attend(
                 q, k, v, self.window, causal=self.causal, key_mask=mask, dropout_p=p
             )
-        band = sliding_window_mask(i, j, self.window, causal=self.causal, device=q.device)
         km = key_padding_mask(mask) if mask is not None else None
+        if i == 1 and j <= self.window and self.causal:  # a decoding step: the band is all
+            return attend(q, k, v, km, dropout_p=p)  # of the cache (it keeps window - 1)
+        band = sliding_window_mask(i, j, self.window, causal=self.causal, device=q.device)
         return attend(q, k, v, combine(band, km), dropout_p=p)
