@@ -208,3 +208,26 @@ def test_feedforward_inplace_activation_without_autograd(glu, activation):
     with torch.no_grad():
         fast = ff(x)
     torch.testing.assert_close(fast, ff(x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_decode_linear_column_blocks_with_several_threads(monkeypatch, bias):
+    """A wide weight is split into one column block per thread (a batched matmul): same
+    values as F.linear, also when the width is not a multiple of the thread count."""
+    import retrolm.nn.decode_linear as dl
+
+    monkeypatch.setattr(dl, "SPLIT_NUMEL", 1)
+    torch.manual_seed(0)
+    lin = dl.DecodeLinear(8, 51, bias=bias).double()
+    x = torch.randn(2, 3, 8, dtype=torch.float64)
+    threads = torch.get_num_threads()
+    try:
+        for t in (2, 3):
+            torch.set_num_threads(t)
+            with torch.no_grad():
+                got = lin(x)
+            assert lin._weight_t.value.shape == (t, 8, -(-51 // t))
+            ref = torch.nn.functional.linear(x, lin.weight, lin.bias)
+            torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    finally:
+        torch.set_num_threads(threads)

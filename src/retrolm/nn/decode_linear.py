@@ -25,35 +25,45 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 MAX_ROWS = 32  # x @ weight_t stayed faster than F.linear up to ~32 rows (measured, CPU)
+# With several threads the CPU kernels ran a one-row matmul by the (256, 29k) vocabulary
+# weight on one thread (1.39 ms at 2 threads, 1.47 at 1); split into one column block per
+# thread and run as a batched matmul, it took 0.95 ms at 2 threads (and 1.79 ms at one,
+# so it is used only with several). Weights of at least SPLIT_NUMEL elements get this.
+SPLIT_NUMEL = 4 * 2**20
 
 
 class TransposedWeight:
     """``weight.t().contiguous()`` in a given dtype, rebuilt when the weight changes (new
     storage, or an in-place update: the version counter moves) or the dtype does. Holds the
-    source's storage, so its address cannot be reused behind the cache's back."""
+    source's storage, so its address cannot be reused behind the cache's back. With
+    ``parts > 1`` the copy is (parts, in, ceil(out / parts)): column blocks, zero-padded."""
 
-    __slots__ = ("_src", "_version", "_dtype", "value")
+    __slots__ = ("_src", "_version", "_key", "value")
 
     def __init__(self) -> None:
         self.clear()
 
     def clear(self) -> None:
         self._src: Tensor | None = None
-        self._version, self._dtype = -1, None
+        self._version, self._key = -1, None
         self.value: Tensor | None = None
 
-    def get(self, weight: Tensor, dtype: torch.dtype) -> Tensor:
+    def get(self, weight: Tensor, dtype: torch.dtype, parts: int = 1) -> Tensor:
         src = self._src
         if (
             src is None
             or weight._version != self._version
-            or dtype != self._dtype
+            or (dtype, parts) != self._key
             or weight.data_ptr() != src.data_ptr()
             or weight.shape != src.shape
         ):
             with torch.no_grad():
-                self.value = weight.t().to(dtype).contiguous()
-            self._src, self._version, self._dtype = weight.detach(), weight._version, dtype
+                w_t = weight.t().to(dtype)
+                if parts > 1:
+                    n = weight.shape[0]
+                    w_t = F.pad(w_t, (0, -n % parts)).unflatten(1, (parts, -1)).transpose(0, 1)
+                self.value = w_t.contiguous()
+            self._src, self._version, self._key = weight.detach(), weight._version, (dtype, parts)
         return self.value
 
 
@@ -80,11 +90,21 @@ def decode_linear(
     x: Tensor, weight: Tensor, bias: Tensor | None, cache: TransposedWeight
 ) -> Tensor:
     """``F.linear(x, weight, bias)``; through ``cache``'s (in, out) copy for a few rows."""
-    k = x.shape[-1]
-    if torch.is_grad_enabled() or x.numel() > MAX_ROWS * k or weight.shape[0] < k:
+    k, n = x.shape[-1], weight.shape[0]
+    if torch.is_grad_enabled() or x.numel() > MAX_ROWS * k or n < k:
         return F.linear(x, weight, bias)
     dtype = compute_dtype(x, weight)
-    return linear_t(x, cache.get(weight, dtype), None if bias is None else bias.to(dtype))
+    bias = None if bias is None else bias.to(dtype)
+    parts = torch.get_num_threads() if weight.numel() >= SPLIT_NUMEL else 1
+    if parts == 1:
+        return linear_t(x, cache.get(weight, dtype), bias)
+    blocks = cache.get(weight, dtype, parts)  # (parts, in, ceil(out / parts))
+    x2 = x.reshape(-1, k).to(dtype)
+    out = torch.bmm(x2.expand(parts, -1, -1), blocks)  # (parts, rows, block)
+    out = out.transpose(0, 1).reshape(x2.shape[0], -1)[:, :n]  # (rows, out)
+    if bias is not None:
+        out = out + bias
+    return out.reshape(*x.shape[:-1], n)
 
 
 class DecodeLinear(nn.Linear):
