@@ -10,6 +10,7 @@ machine hits both alike; the ratio is the median of per-round ratios. Peak RSS
 
     PYTHONPATH=src python benchmarks/bench_routing.py            # everything (~10-15 min)
     PYTHONPATH=src python benchmarks/bench_routing.py --quick    # fewer steps, smoke check
+    PYTHONPATH=src python benchmarks/bench_routing.py --modes gen --gen-rounds 3  # generation
 
 Needs ``pip install --no-deps routing-transformer==1.6.1 local-attention==1.11.2
 product_key_memory==0.3.0 mixture-of-experts==0.2.3 CoLT5-attention==0.11.2`` for the
@@ -176,6 +177,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--child", nargs="+")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--modes", default="gen,train", help="gen, train or both (gen,train)")
+    ap.add_argument("--gen-rounds", type=int, default=2, help="interleaved generate calls")
     # each side's better dtype on this machine kind: see benchmarks/RESULTS.md (fp32 for ours;
     # bf16 autocast for the reference, measured at L=4096)
     ap.add_argument("--dtype-ours", default="fp32", choices=("fp32", "bf16"))
@@ -205,8 +208,11 @@ def main() -> None:
             f.write(json.dumps(r) + "\n")
         return r
 
-    summary["gen_speedup"] = keep(run(["speed", "gen", "1024", "fp32", "fp32", "2"]))["speedup"]
-    for L in (4096, 8192):
+    modes = a.modes.split(",")
+    if "gen" in modes:
+        gen = ["speed", "gen", "1024", "fp32", "fp32", str(a.gen_rounds)]
+        summary["gen_speedup"] = keep(run(gen))["speedup"]
+    for L in (4096, 8192) if "train" in modes else ():
         r = keep(run(["speed", "train", str(L), dt["ours"], dt["ref"], str(steps)]))
         summary[f"train_speedup_L{L}"] = r["speedup"]
         rss = {s: keep(run(["rss", s, str(L), dt[s]]))["peak_rss_mb"] for s in ("ours", "ref")}

@@ -36,3 +36,19 @@ def test_sampling_respects_filter():
 def test_bad_arguments(kw, match):
     with pytest.raises(ValueError, match=match):
         filter_logits(torch.randn(1, 5), **kw)
+
+
+@pytest.mark.parametrize("kw", [{}, {"top_k": 4}, {"top_p": 0.8}, {"top_k": 5, "top_p": 0.7}])
+def test_draws_follow_the_filtered_softmax(kw):
+    """Empirical frequencies of 40k draws match softmax(filter_logits(logits / T))."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 8) * 2
+    g = torch.Generator().manual_seed(1)
+    n = 20000
+    draws = torch.stack(
+        [sample_next(logits, temperature=0.7, generator=g, **kw) for _ in range(n)], 1
+    )  # (2, n)
+    expect = filter_logits(logits / 0.7, **kw).softmax(-1)
+    freq = torch.stack([torch.bincount(d, minlength=8) for d in draws]).float() / n
+    assert (freq[expect == 0] == 0).all()  # filtered tokens never drawn
+    torch.testing.assert_close(freq, expect, rtol=0, atol=0.015)

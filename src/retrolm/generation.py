@@ -144,10 +144,12 @@ def generate(
             ret_mask = torch.cat([ret_mask, mask.to(device)[:, None]], 1)
             retrievals.append(Retrieval(u, np.asarray(ids)))
 
-    def forward(tokens: Tensor, cache: Any) -> Tensor:
+    def forward(tokens: Tensor, cache: Any) -> Tensor:  # (b, 1, V): the last position only
         if retriever is None:
-            return fam.logits(model, tokens, cache)
-        return fam.logits(model, tokens, cache, retrieved=ret_tokens, neighbour_mask=ret_mask)
+            return fam.logits(model, tokens, cache, logits_to_keep=1)
+        return fam.logits(
+            model, tokens, cache, retrieved=ret_tokens, neighbour_mask=ret_mask, logits_to_keep=1
+        )
 
     cache = fam.init_cache(model, b) if use_cache else None
     finished = torch.zeros(b, dtype=torch.bool, device=device)

@@ -44,11 +44,30 @@ def sample_next(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Pick the next token from logits (b, V) -> (b,) int64. temperature 0 is greedy."""
+    """Pick the next token from logits (b, V) -> (b,) int64. temperature 0 is greedy.
+
+    Draws from softmax(filter_logits(logits / temperature)). With ``top_k`` only the k
+    candidates are softmaxed and searched, and the draw is an inverse-CDF lookup of one
+    uniform number per row: ``torch.multinomial`` over a 29k vocabulary (29k exponential
+    draws) alone cost ~0.6 ms per decoded token.
+    """
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = filter_logits(logits.float() / temperature, top_k=top_k, top_p=top_p)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    logits = logits.float() / temperature
+    candidates = None  # (b, k) vocabulary ids of the columns of `logits`, None = all
+    if top_k is not None:
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        if top_k < logits.shape[-1]:
+            logits, candidates = logits.topk(int(top_k), dim=-1, sorted=False)
+    logits = filter_logits(logits, top_p=top_p)
+    probs = logits.softmax(dim=-1).double()  # fp64 CDF: u * total stays below total
+    cdf = probs.cumsum(dim=-1)
+    u = torch.rand(cdf.shape[0], 1, dtype=cdf.dtype, device=cdf.device, generator=generator)
+    # first column whose CDF exceeds u * total: never a zero-probability column
+    pick = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=cdf.shape[-1] - 1)
+    if candidates is not None:
+        pick = candidates.gather(-1, pick)
+    return pick.squeeze(-1)

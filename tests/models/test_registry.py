@@ -85,3 +85,20 @@ def test_misused_hooks_fail_with_the_fix():
 def test_the_routing_family_refuses_a_non_causal_language_model():
     with pytest.raises(ValueError, match="needs causal=True"):
         get_family("routing").build(RoutingConfig.from_dict({**ROUTING.to_dict(), "causal": False}))
+
+
+def test_logits_hooks_keep_the_last_rows():
+    """``logits_to_keep`` (generation's prefill) equals the last rows of the full logits, for
+    every family, and for a RETRO subclass whose forward lacks the option."""
+
+    class OldRetro(RETRO):
+        def forward(self, seq, retrieved=None, *, neighbour_mask=None, cache=None):
+            return super().forward(seq, retrieved, neighbour_mask=neighbour_mask, cache=cache)
+
+    ids = torch.randint(2, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+    for name, model in {**models(), "old-retro": OldRetro(config=models()["retro"].config)}.items():
+        hook = retro_logits if "retro" in name else plain_logits
+        model.eval()
+        full = hook(model, ids)
+        assert full.shape[:2] == (2, 12), name
+        torch.testing.assert_close(hook(model, ids, logits_to_keep=2), full[:, -2:])

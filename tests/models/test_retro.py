@@ -87,6 +87,33 @@ def test_cca_equals_naive_per_position_reference():
         torch.testing.assert_close(fast[:, p : p + 1], ref)
 
 
+def test_cca_one_query_at_a_time_equals_whole_sequence():
+    """The decoding path (queries of one chunk, no padding) equals the padded windows."""
+    torch.manual_seed(0)
+    cfg = RetroConfig.from_name("retro-tiny")
+    cca = ChunkedCrossAttention(cfg).double()
+    model = tiny()
+    b, n, L = 2, 15, 3
+    h = torch.randn(b, n, cfg.dec_dim, dtype=torch.float64)
+    enc = torch.randn(b, L, 2, 2 * M, cfg.enc_dim, dtype=torch.float64)
+    mask = torch.rand(b, L, 2 * 2 * M) > 0.3
+    kv = cca.project(enc, model.rotary(torch.arange(2 * M)))
+    q_rot = model.rotary(torch.arange(M - 1, 2 * M - 1))
+    whole = cca(h, 0, kv, mask, q_rot)
+    steps = torch.cat([cca(h[:, p : p + 1], p, kv, mask, q_rot) for p in range(n)], 1)
+    torch.testing.assert_close(steps, whole, rtol=1e-12, atol=1e-12)
+    pair = cca(h[:, 4:6], 4, kv, mask, q_rot)  # two queries of one window
+    torch.testing.assert_close(pair, whole[:, 4:6], rtol=1e-12, atol=1e-12)
+
+
+def test_logits_to_keep_equals_last_rows():
+    model = tiny()
+    seq, ret = inputs()
+    full = model(seq, ret)
+    torch.testing.assert_close(model(seq, ret, logits_to_keep=1), full[:, -1:])
+    torch.testing.assert_close(model(seq, ret, logits_to_keep=3), full[:, -3:])
+
+
 @pytest.mark.parametrize("deepnet", [False, True])
 def test_sdpa_path_equals_reference_path_float64(deepnet):
     model = tiny(use_deepnet=deepnet)
@@ -98,16 +125,19 @@ def test_sdpa_path_equals_reference_path_float64(deepnet):
     torch.testing.assert_close(fast, ref, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("missing", [True, False])  # False: every chunk's CCA needs no mask
+@pytest.mark.parametrize("grad", [True, False])  # no_grad: the decoding fast paths
 @pytest.mark.parametrize("splits", [[19], [1] * 19, [3, 1, 4, 1, 5, 5], [8, 11]])
-def test_cached_decoding_equals_full_forward(splits):
+def test_cached_decoding_equals_full_forward(splits, grad, missing):
     model = tiny()
     seq, ret = inputs(n=19)
-    mask = torch.rand(ret.shape[:3]) > 0.25
+    mask = torch.rand(ret.shape[:3]) > (0.25 if missing else -1.0)
     full = model(seq, ret, neighbour_mask=mask)
     cache, outs, s = model.init_cache(2), [], 0
-    for t in splits:
-        outs.append(model(seq[:, s : s + t], ret, neighbour_mask=mask, cache=cache))
-        s += t
+    with torch.set_grad_enabled(grad):
+        for t in splits:
+            outs.append(model(seq[:, s : s + t], ret, neighbour_mask=mask, cache=cache))
+            s += t
     torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-10, atol=1e-10)
 
 

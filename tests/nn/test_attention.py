@@ -31,6 +31,21 @@ def test_sdpa_equals_reference_float64(causal, gqa):
         torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_single_query_decoding_step_equals_reference(with_mask):
+    """A causal single query skips the mask (it sees every key); same result as the oracle,
+    which does build the mask, and as the last row of the full causal attention."""
+    torch.manual_seed(4)
+    q, k, v = rand(2, 4, 6, 8), rand(2, 4, 6, 8), rand(2, 4, 6, 8)
+    mask = (torch.rand(2, 1, 1, 6) > 0.3) if with_mask else None
+    mask = mask.expand(2, 1, 6, 6) if with_mask else None
+    full = reference_attend(q, k, v, mask, causal=True)
+    last_mask = mask[:, :, -1:] if with_mask else None
+    for fn in (attend, reference_attend):
+        step = fn(q[:, :, -1:], k, v, last_mask, causal=True)
+        torch.testing.assert_close(step, full[:, :, -1:], rtol=1e-10, atol=1e-10)
+
+
 def test_fully_masked_rows_give_zeros_not_nan():
     q, k, v = rand(1, 2, 3, 4), rand(1, 2, 5, 4), rand(1, 2, 5, 4)
     mask = torch.ones(1, 1, 3, 5, dtype=torch.bool)
@@ -112,3 +127,66 @@ def test_kv_cache_keep_last_and_growth():
     c.keep_last(5)
     k, _ = c.update(torch.full((1, 1, 1, 2), 40.0), torch.zeros(1, 1, 1, 2))
     assert k[0, 0, :, 0].tolist() == [35, 36, 37, 38, 39, 40]
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_qkv_equals_separate_projections(bias):
+    """Self-attention projects q, k, v with one matmul; same values and gradients as the three
+    separate layers, with autograd (weights concatenated per call) and without (kept)."""
+    torch.manual_seed(5)
+    attn = MultiHeadAttention(16, heads=4, dim_head=8, kv_heads=2, bias=bias).double()
+    x = rand(2, 5, 16)
+
+    def split(lin, n):
+        return lin(x).view(2, 5, n, 8).transpose(1, 2)
+
+    ref = (split(attn.q_proj, 4), split(attn.k_proj, 2), split(attn.v_proj, 2))
+    got = attn.project_qkv(x)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    g = [torch.randn_like(t) for t in ref]
+    params = [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]
+    exp = torch.autograd.grad(ref, params, g)
+    for a, b in zip(torch.autograd.grad(got, params, g), exp):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        for a, b in zip(attn.project_qkv(x), ref):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        attn.k_proj.weight.add_(1.0)  # the kept concatenation follows in-place updates
+        k_new = attn.k_proj(x).view(2, 5, 2, 8).transpose(1, 2)
+        torch.testing.assert_close(attn.project_qkv(x)[1], k_new, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_joint_qk_rotary_equals_separate_rotations(interleaved):
+    """Without autograd, shared (i, r) tables rotate q and k in one call on the fused
+    projection; the same as rotating each (the autograd path, and distinct q/k tables)."""
+    from retrolm.nn import RotaryEmbedding
+
+    torch.manual_seed(6)
+    attn = MultiHeadAttention(16, heads=4, dim_head=8, kv_heads=2, causal=True).double()
+    attn.interleaved_rotary = interleaved
+    rot = RotaryEmbedding(6, interleaved=interleaved)
+    x = rand(2, 5, 16)
+    pos = rot(torch.arange(3, 8))
+    with torch.no_grad():  # the fused projection and the joint rotary are the no-grad path
+        joint = attn(x, q_rotary=pos, k_rotary=pos)
+    pos_b = tuple(t.expand(2, 1, 5, 6) for t in pos)  # same values, not the shared fast path
+    separate = attn(x, q_rotary=pos_b, k_rotary=tuple(t.clone() for t in pos_b))
+    torch.testing.assert_close(joint, separate, rtol=1e-12, atol=1e-12)
+
+
+def test_kv_cache_sliding_window_matches_a_plain_list():
+    """keep_last only moves the start; appends past the buffer's end compact it. The live
+    keys always equal the last n appended, over many wraps and uneven append sizes."""
+    c, seen = KVCache(), []
+    g = torch.Generator().manual_seed(0)
+    for step in range(300):
+        t = int(torch.randint(1, 4, (), generator=g))
+        new = torch.arange(len(seen), len(seen) + t, dtype=torch.float64)
+        seen += new.tolist()
+        k, v = c.update(new.view(1, 1, t, 1), -new.view(1, 1, t, 1))
+        assert k[0, 0, :, 0].tolist() == seen[len(seen) - c.length :]
+        assert torch.equal(v, -k)
+        c.keep_last(5 + step % 3)
+    assert c._k.shape[-2] <= 64  # compacted in place, not grown without bound

@@ -31,3 +31,33 @@ def test_linear_cross_entropy_under_bf16_autocast_close_to_fp32():
         loss = linear_cross_entropy(h, w, labels)
     assert loss.dtype == torch.float32
     assert abs(loss.item() - ref.item()) < 0.02 * ref.item()
+
+
+@pytest.mark.parametrize("block", [1, 4, 1000])
+def test_linear_cross_entropy_blocks_and_ignored_rows(block):
+    """Row blocks (forward) and vocabulary blocks (backward) of every size, labels at the
+    first and last vocabulary ids, all-ignored rows: the plain loss and its gradients."""
+    torch.manual_seed(2)
+    h = torch.randn(9, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(13, 4, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 12, 5, -100, 12, 0, -100, 7, 3])
+    loss = linear_cross_entropy(h, w, labels, block=block)
+    ref = F.cross_entropy(h @ w.t(), labels, ignore_index=-100)
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(loss, (h, w)), torch.autograd.grad(ref, (h, w))):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_linear_cross_entropy_bf16_gradients_close_to_fp32():
+    torch.manual_seed(3)
+    h = torch.randn(40, 16, requires_grad=True)
+    w = (torch.randn(300, 16) * 0.3).requires_grad_()
+    labels = torch.randint(0, 300, (40,))
+    ref = F.cross_entropy(h @ w.t(), labels)
+    g_ref = torch.autograd.grad(ref, (h, w))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(h, w, labels, block=16)
+    g = torch.autograd.grad(loss, (h, w))
+    for a, b in zip(g, g_ref):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=0.05, atol=0.02 * b.abs().max().item())

@@ -63,12 +63,13 @@ def test_repeat_upsample_serves_token_j_at_its_stride_block():
     assert torch.equal(repeat_upsample(x, 1, 3), x)
 
 
+@pytest.mark.parametrize("steps", [[(0, 2), (2, 3), (3, 9)], [(i, i + 1) for i in range(9)]])
 @pytest.mark.parametrize("shifts", [(0, 1), (0, 3), (0, 1, 2), (0, 0)])
-def test_cached_token_shift_equals_full(shifts):
-    x = torch.randn(2, 9, 6)
+def test_cached_token_shift_equals_full(shifts, steps):
+    x = torch.randn(2, 9, 7)  # 7 channels: the last shift group is the wider one
     full = token_shift(x, shifts)
     past, outs = None, []
-    for s, e in [(0, 2), (2, 3), (3, 9)]:
+    for s, e in steps:
         out, past = token_shift_cached(x[:, s:e], shifts, past)
         outs.append(out)
     torch.testing.assert_close(torch.cat(outs, 1), full)
@@ -94,12 +95,14 @@ def test_windowed_mha_equals_banded_reference_and_cache(window):
     ref = reference_attend(q, k, v, sliding_window_mask(n, n, window))
     ref = attn.out_proj(ref.transpose(1, 2).reshape(2, n, 8))
     torch.testing.assert_close(full, ref, rtol=1e-10, atol=1e-10)
-    cache, outs = KVCache(), []
-    for s, e in [(0, 4), (4, 5), (5, 6), (6, n)]:
-        rr = rot(torch.arange(s, e))
-        outs.append(attn(x[:, s:e], cache=cache, q_rotary=rr, k_rotary=rr))
-        assert cache.length <= max(window - 1, 0) or window > e
-    torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-10, atol=1e-10)
+    for steps in ([(0, 4), (4, 5), (5, 6), (6, n)], [(i, i + 1) for i in range(n)]):
+        cache, outs = KVCache(), []
+        with torch.no_grad():  # the decoding path (one query: no band mask built)
+            for s, e in steps:
+                rr = rot(torch.arange(s, e))
+                outs.append(attn(x[:, s:e], cache=cache, q_rotary=rr, k_rotary=rr))
+                assert cache.length <= max(window - 1, 0) or window > e
+        torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-10, atol=1e-10)
 
 
 def test_windowed_mha_rejects_memory_kv():

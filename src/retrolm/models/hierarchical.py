@@ -117,7 +117,7 @@ class SubsequenceAttention(nn.Module):
         h = _shift(h, self.shifts, state, "attn_shift")
         a = self.axial
         if index is not None:  # one new token: stream index ``index``
-            rot = self.rotary(torch.tensor([index // a], device=h.device))
+            rot = self.rotary.span(index // a, 1, h.device)  # cached table rows
             return self.attn(h, cache=state.kv[index % a], q_rotary=rot, k_rotary=rot)
         m = h.shape[1]
         h = F.pad(h, (0, 0, 0, (-m) % a))  # right padding: future positions only

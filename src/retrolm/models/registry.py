@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -66,13 +67,16 @@ def plain_logits(
     cache: Any = None,
     retrieved: Tensor | None = None,
     neighbour_mask: Tensor | None = None,
-) -> Tensor:  # (b, n, V)
+    logits_to_keep: int | None = None,
+) -> Tensor:  # (b, n, V), or (b, logits_to_keep, V)
     """Families without retrieval: ``model(ids)`` returns logits or ``(logits, aux_loss)``
-    (the Routing Transformer's commitment loss); with ``cache`` only the new ids are fed."""
+    (the Routing Transformer's commitment loss); with ``cache`` only the new ids are fed.
+    ``logits_to_keep``: only the last positions' logits (generation needs one)."""
     if retrieved is not None:
         raise ValueError("this model family does not read neighbours; pass retrieved=None")
     out = model(ids) if cache is None else model(ids, cache=cache)
-    return out[0] if isinstance(out, tuple) else out
+    out = out[0] if isinstance(out, tuple) else out
+    return out if logits_to_keep is None else out[:, -logits_to_keep:]
 
 
 def retro_logits(
@@ -81,12 +85,18 @@ def retro_logits(
     cache: Any = None,
     retrieved: Tensor | None = None,  # (b, l, k, 2m); None = RETRO[OFF]
     neighbour_mask: Tensor | None = None,  # (b, l, k)
-) -> Tensor:  # (b, n, V)
-    """RETRO: ``retrieved=None`` is the same decoder without neighbours."""
+    logits_to_keep: int | None = None,
+) -> Tensor:  # (b, n, V), or (b, logits_to_keep, V)
+    """RETRO: ``retrieved=None`` is the same decoder without neighbours. ``logits_to_keep``:
+    project only the last positions to the vocabulary (a prompt's prefill needs one row)."""
     kw: dict[str, Any] = {} if cache is None else {"cache": cache}
     if retrieved is not None:
         kw["neighbour_mask"] = neighbour_mask
-    return model(ids, retrieved, **kw)
+    if logits_to_keep is None:
+        return model(ids, retrieved, **kw)
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        return model(ids, retrieved, **kw, logits_to_keep=logits_to_keep)
+    return model(ids, retrieved, **kw)[:, -logits_to_keep:]  # a subclass without the option
 
 
 def model_init_cache(model: nn.Module, batch_size: int) -> Any:
@@ -128,7 +138,8 @@ class ModelFamily:
     default_preset: str | None = None
     """Preset passed to ``config_cls.from_name`` when the user gives no model config."""
     logits: Callable[..., Tensor] = plain_logits
-    """``(model, ids, cache=None, retrieved=None, neighbour_mask=None) -> logits (b, n, V)``:
+    """``(model, ids, cache=None, retrieved=None, neighbour_mask=None, logits_to_keep=None)
+    -> logits (b, n, V)``:
     what evaluation and generation call (with a cache, logits of the new ids only)."""
     init_cache: Callable[[nn.Module, int], Any] = model_init_cache
     """``(model, batch_size) -> cache or None``; None: generation reruns the whole prefix."""

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from retrolm.models.retro_config import RetroConfig
 from retrolm.nn.attention import attend
+from retrolm.nn.decode_linear import DecodeLinear
 from retrolm.nn.feedforward import FeedForward
 from retrolm.nn.kv_cache import KVCache
 from retrolm.nn.losses import linear_cross_entropy
@@ -66,35 +67,50 @@ class ChunkedCrossAttention(nn.Module):
         kv: tuple[Tensor, Tensor] | None,  # each (b, L, h, k*r, dh) for chunks 0 … L-1
         kv_mask: Tensor | None,  # (b, L, k*r) True = real neighbour token
         q_rotary,  # (cos, sin) for query positions m-1 … 2m-2, shape (m, rot)
+        full_chunks: list[bool] | None = None,  # chunk u has every neighbour token: no mask
     ) -> Tensor:  # (b, t, d); zero where a position attends no chunk
         m, (b, t, _) = self.m, h.shape
-        pos = start + torch.arange(t, device=h.device)
-        chunk = torch.div(pos + 1, m, rounding_mode="floor") - 1  # u(p); -1 = attends nothing
-        first = int((chunk < 0).sum())  # positions before m-1 come first (chunk is monotonic)
-        out = h.new_zeros(b, t, self.attn.out_proj.out_features)
+        # position p attends chunk u(p) = (p+1)//m - 1; u < 0 (p < m-1) attends nothing, and
+        # those positions come first (u is monotonic). Plain integers: no tensor work here.
+        first = min(max(m - 1 - start, 0), t)
         if first == t:
-            return out
-        u0, u1 = int(chunk[first]), int(chunk[-1])
+            return h.new_zeros(b, t, self.attn.out_proj.out_features)
+        u0, u1 = (start + first + 1) // m - 1, (start + t) // m - 1
         if kv is None or u1 >= kv[0].shape[1]:
             raise ValueError(
-                f"position {int(pos[-1])} needs the neighbours of chunk {u1}, but only "
+                f"position {start + t - 1} needs the neighbours of chunk {u1}, but only "
                 f"{0 if kv is None else kv[0].shape[1]} chunks were encoded"
             )
-        nc = u1 - u0 + 1
-        lead = int(pos[first] - (m - 1)) % m  # slot of the first query inside its window
-        q_in = F.pad(h[:, first:], (0, 0, lead, nc * m - lead - (t - first)))  # (b, nc*m, d)
-        q_in = rearrange(q_in, "b (c j) d -> (b c) j d", j=m)
-        kk, vv = (rearrange(x[:, u0 : u1 + 1], "b c h s d -> (b c) h s d") for x in kv)
-        mask = rearrange(kv_mask[:, u0 : u1 + 1], "b c s -> (b c) 1 1 s")
+        lead = (start + first - (m - 1)) % m  # slot of the first query inside its window
+        n_q = t - first
+        if u0 == u1:  # all queries read one chunk (every decoding step): no padding
+            cos, sin = (x[lead : lead + n_q] for x in q_rotary)
+            full = full_chunks is not None and full_chunks[u0]  # then SDPA needs no mask
+            mask = None if full else kv_mask[:, u0]
+            o = self._attend(h[:, first:], (cos, sin), kv[0][:, u0], kv[1][:, u0], mask)
+        else:  # pad to whole attending windows, one row of the batch per (sequence, chunk)
+            nc = u1 - u0 + 1
+            q_in = F.pad(h[:, first:], (0, 0, lead, nc * m - lead - n_q))  # (b, nc*m, d)
+            q_in = rearrange(q_in, "b (c j) d -> (b c) j d", j=m)
+            kk, vv = (rearrange(x[:, u0 : u1 + 1], "b c h s d -> (b c) h s d") for x in kv)
+            mask = rearrange(kv_mask[:, u0 : u1 + 1], "b c s -> (b c) s")
+            o = self._attend(q_in, q_rotary, kk, vv, mask)
+            o = rearrange(o, "(b c) j d -> b (c j) d", b=b)[:, lead : lead + n_q]
+        if first == 0:
+            return o
+        return torch.cat((o.new_zeros(b, first, o.shape[-1]), o), 1)
+
+    def _attend(self, q_in, q_rotary, kk, vv, mask) -> Tensor:
+        """q_in (B, j, d) against one chunk's kk/vv (B, h, s, dh), mask (B, s) or None (all
+        present) -> (B, j, d)."""
         attn = self.attn
-        q = rearrange(attn.q_proj(q_in), "B j (h d) -> B h j d", h=attn.heads)
+        q = attn.q_proj(q_in).unflatten(-1, (attn.heads, -1)).transpose(1, 2)  # (B, h, j, dh)
         q = apply_rotary(q, *q_rotary)
         p = attn.dropout if self.training else 0.0
-        o = attend(q, kk, vv, mask, dropout_p=p)  # rows of a chunk without neighbours -> 0
-        o = attn.out_proj(rearrange(o, "B h j d -> B j (h d)"))
-        o = rearrange(o, "(b c) j d -> b (c j) d", b=b)[:, lead : lead + t - first]
-        out[:, first:] = o
-        return out
+        # rows of a chunk without neighbours -> 0
+        mask = None if mask is None else mask[:, None, None, :]
+        o = attend(q, kk, vv, mask, dropout_p=p)  # (B, h, j, dh)
+        return attn.out_proj(o.transpose(1, 2).flatten(2))
 
 
 class EncoderLayer(nn.Module):
@@ -165,8 +181,8 @@ class RetroEncoder(nn.Module):
         x = self.token_emb(rearrange(retrieved, "b L k r -> (b L k) r"))
         keep = rearrange(token_mask, "b L k r -> (b L k) r")
         ctx = repeat(self.context_norm(chunk_states), "b L m d -> (b L k) m d", k=k)
-        pos_r = rotary(torch.arange(r, device=x.device))
-        pos_m = rotary(torch.arange(m, device=x.device))
+        pos_r = rotary.span(0, r, x.device)
+        pos_m = rotary.span(0, m, x.device)
         for layer in self.layers:
             x = layer.self_attn(x, mask=keep, q_rotary=pos_r, k_rotary=pos_r)
             if layer.cross_attn is not None:
@@ -212,6 +228,7 @@ class RetroCache:
     encoded_chunks: int = 0
     cca_kv: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)  # layer -> (b, L, …)
     cca_mask: Tensor | None = None  # (b, L, k*r)
+    cca_full: list[bool] = field(default_factory=list)  # chunk u: every neighbour token real
 
 
 class RETRO(nn.Module):
@@ -239,7 +256,7 @@ class RETRO(nn.Module):
             for i in range(c.dec_depth)
         )
         self.final_norm = nn.Identity() if c.use_deepnet else make_norm(c.norm, c.dec_dim)
-        self.to_logits = nn.Linear(c.dec_dim, c.num_tokens, bias=False)
+        self.to_logits = DecodeLinear(c.dec_dim, c.num_tokens, bias=False)
         self._init_weights()
         if c.tie_embeddings:
             self.to_logits.weight = self.token_emb.weight
@@ -267,6 +284,7 @@ class RETRO(nn.Module):
         neighbour_mask: Tensor | None = None,  # (b, l, k) bool, True = present
         return_loss: bool = False,
         cache: RetroCache | None = None,
+        logits_to_keep: int | None = None,  # logits of the last n positions only
     ) -> Tensor:
         if retrieved is not None and retrieved.dim() == 3:  # (b, l, 2m): one neighbour per chunk
             retrieved = retrieved[:, :, None]
@@ -279,6 +297,8 @@ class RETRO(nn.Module):
         self._check_inputs(seq, retrieved, neighbour_mask, cache)
         hidden = self._decode(seq, retrieved, neighbour_mask, cache)  # (b, n, d)
         if not return_loss:
+            if logits_to_keep is not None:  # decoding needs one row, not (n, vocab)
+                hidden = hidden[:, hidden.shape[1] - logits_to_keep :]
             return self.to_logits(hidden)
         # fused projection + cross-entropy: the (b, n, vocab) logits are never all stored
         return linear_cross_entropy(
@@ -323,9 +343,9 @@ class RETRO(nn.Module):
         c = self.config
         start = cache.length if cache is not None else 0
         t = seq.shape[1]
-        pos = self.rotary(torch.arange(start, start + t, device=seq.device))
-        q_cca = self.rotary(torch.arange(c.chunk_size - 1, 2 * c.chunk_size - 1, device=seq.device))
-        k_cca = self.rotary(torch.arange(c.retrieved_len, device=seq.device))
+        pos = self.rotary.span(start, t, seq.device)
+        q_cca = self.rotary.span(c.chunk_size - 1, c.chunk_size, seq.device)
+        k_cca = self.rotary.span(0, c.retrieved_len, seq.device)
         x = self.token_emb(seq)
         enc_kv: tuple[Tensor, Tensor] | None = None  # encoded neighbours + mask for this call
         for i, layer in enumerate(self.layers):
@@ -339,7 +359,8 @@ class RETRO(nn.Module):
                     x = layer.cca.zero_update(x)
                 else:
                     kv, mask = self._cca_kv(layer_no, layer, enc_kv, cache, k_cca)
-                    x = layer.cca(x, start, kv, mask, q_cca)
+                    full = cache.cca_full if cache is not None else None
+                    x = layer.cca(x, start, kv, mask, q_cca, full)
             x = layer.ff(x)
         if cache is not None:
             cache.length += t
@@ -389,6 +410,7 @@ class RETRO(nn.Module):
                 cache.cca_mask = (
                     new_mask if cache.cca_mask is None else torch.cat((cache.cca_mask, new_mask), 1)
                 )
+                cache.cca_full += new_mask.all(-1).all(0).tolist()  # one sync per chunk
         if layer_no not in cache.cca_kv:  # no chunk complete yet: no position attends
             return None, None
         return cache.cca_kv[layer_no], cache.cca_mask

@@ -35,6 +35,7 @@ from retrolm.models.routing_balanced import balanced_attend
 from retrolm.models.routing_cache import LayerCache, RoutingCache, routed_decode_step
 from retrolm.models.routing_config import RoutingConfig
 from retrolm.nn.attention import attend
+from retrolm.nn.decode_linear import DecodeLinear
 from retrolm.nn.feedforward import FeedForward
 from retrolm.nn.kmeans import SphericalKMeans, update_after_backward, update_kmeans
 from retrolm.nn.layer_drop import layer_drop_keep
@@ -86,10 +87,11 @@ class RoutingAttention(nn.Module):
         self.commitment = cfg.commitment_factor
         self.dropout = cfg.attn_dropout
         hk = hl + (0 if self.shared_qk else hr)  # heads with their own key projection
-        self.q_proj = nn.Linear(cfg.dim, h * d, bias=False)
-        self.k_proj = nn.Linear(cfg.dim, hk * d, bias=False) if hk else None
-        self.v_proj = nn.Linear(cfg.dim, h * d, bias=False)
-        self.out_proj = nn.Linear(h * d, cfg.dim, bias=False)
+        # DecodeLinear: nn.Linear that decodes one row through a transposed copy
+        self.q_proj = DecodeLinear(cfg.dim, h * d, bias=False)
+        self.k_proj = DecodeLinear(cfg.dim, hk * d, bias=False) if hk else None
+        self.v_proj = DecodeLinear(cfg.dim, h * d, bias=False)
+        self.out_proj = DecodeLinear(h * d, cfg.dim, bias=False)
         self.out_dropout = nn.Dropout(cfg.attn_layer_dropout)
         self.kmeans = None
         self.num_mem_kv = 0
@@ -152,7 +154,14 @@ class RoutingAttention(nn.Module):
             )
         else:
             k, v = cache.local.update(k, v)
-            m = sliding_window_mask(q.shape[-2], k.shape[-2], self.local_window, device=q.device)
+            i, j = q.shape[-2], k.shape[-2]
+            # one query against at most a window of cached keys (the cache keeps window - 1):
+            # the band is all of them, no mask to build
+            m = (
+                None
+                if i == 1 and j <= self.local_window
+                else sliding_window_mask(i, j, self.local_window, device=q.device)
+            )
             out = attend(q, k, v, m)
         if cache is not None:
             if cache.local.length == 0:
@@ -416,7 +425,7 @@ class RoutingTransformer(nn.Module):
             raise ValueError(f"sequence length {start + n} exceeds max_seq_len={cfg.max_seq_len}")
         if self.training and self._kmeans_hook:
             x = update_after_backward(x, self._hook_scope())
-        rotary = self.rotary(torch.arange(start, start + n, device=x.device))
+        rotary = self.rotary.span(start, n, x.device)  # rows of a cached cos/sin table
         kw = dict(mask=input_mask, rotary=rotary, context=context, context_mask=context_mask)
         keep = layer_drop_keep(cfg.depth, cfg.layer_dropout, self.training)
         aux = x.new_zeros((), dtype=torch.float32)

@@ -1,6 +1,7 @@
 """Shared building blocks, written once and reused by every model family."""
 
 from retrolm.nn.attention import attend, attention_backend, reference_attend
+from retrolm.nn.decode_linear import DecodeLinear
 from retrolm.nn.feedforward import FeedForward
 from retrolm.nn.kmeans import SphericalKMeans, update_kmeans
 from retrolm.nn.kv_cache import KVCache
@@ -20,6 +21,7 @@ from retrolm.nn.token_shift import TokenShift, token_shift, token_shift_cached
 
 __all__ = [
     "CausalDownsample",
+    "DecodeLinear",
     "FeedForward",
     "KVCache",
     "LayerNorm",

@@ -56,7 +56,7 @@ def _expand_kv(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _full_mask(q: Tensor, k: Tensor, mask: Tensor | None, causal: bool) -> Tensor | None:
-    if causal:
+    if causal and q.shape[-2] > 1:  # one query aligned with the last key sees every key
         mask = combine(mask, causal_mask(q.shape[-2], k.shape[-2], device=q.device))
     return mask
 
@@ -103,6 +103,7 @@ def attend(
         return reference_attend(q, k, v, mask, causal=causal, dropout_p=dropout_p, scale=scale)
     k, v = _expand_kv(q, k, v)
     i, j = q.shape[-2], k.shape[-2]
+    causal = causal and i > 1  # a single query (a decoding step) sees every cached key
     if mask is None:
         # SDPA's is_causal aligns queries to the first keys; only use it when i == j
         if causal and i != j:

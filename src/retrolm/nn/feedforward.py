@@ -11,7 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from retrolm.nn.decode_linear import DecodeLinear
+
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
+# the same, overwriting their input: without autograd the hidden activations need no new
+# (tokens, hidden) buffer (a fresh multi-MB buffer costs its page faults on every call)
+# (torch._C._nn: calling through torch.ops.aten costs ~200 us of Python dispatch per call)
+INPLACE = {"gelu": torch._C._nn.gelu_, "relu": torch.relu_, "silu": torch._C._nn.silu_}
 
 
 class FeedForward(nn.Module):
@@ -38,19 +44,24 @@ class FeedForward(nn.Module):
         hidden = hidden_dim or max(1, int(dim * mult))
         self.glu = glu
         self.act = ACTIVATIONS[activation]
+        self.act_ = INPLACE[activation]
         self.chunks = chunks
-        self.up_proj = nn.Linear(dim, hidden * (2 if glu else 1), bias=bias)
+        # the widening projection decodes through a transposed copy (decode_linear)
+        self.up_proj = DecodeLinear(dim, hidden * (2 if glu else 1), bias=bias)
         self.down_proj = nn.Linear(hidden, dim_out or dim, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
     def _ff(self, x: Tensor) -> Tensor:
         h = self.up_proj(x)
+        inplace = not (torch.is_grad_enabled() and h.requires_grad)
         if self.glu:
             h, gate = h.chunk(2, dim=-1)
-            h = h * self.act(gate)
+            h = h.mul_(self.act_(gate)) if inplace else h * self.act(gate)
         else:
-            h = self.act(h)
-        return self.down_proj(self.dropout(h))
+            h = self.act_(h) if inplace else self.act(h)
+        if self.training:  # nn.Dropout is the identity in eval; skip its call when decoding
+            h = self.dropout(h)
+        return self.down_proj(h)
 
     def forward(self, x: Tensor) -> Tensor:  # (b, n, dim) -> (b, n, dim_out)
         if self.chunks == 1 or x.shape[-2] <= 1:

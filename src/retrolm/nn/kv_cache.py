@@ -1,7 +1,10 @@
 """Key/value cache for incremental decoding.
 
 Keys are stored *after* rotary has been applied, so cached positions never need re-rotating.
-The buffer grows by doubling (amortised O(1) appends, no per-step concatenation).
+The buffer grows by doubling (amortised O(1) appends, no per-step concatenation). The live
+positions are ``buffer[start : start + length]``: ``keep_last`` (sliding windows) only moves
+``start``, and the kept keys are copied back to the front of the buffer when an append would
+run past its end, i.e. once per ``capacity - n`` steps instead of on every step.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ class KVCache:
     def __init__(self) -> None:
         self._k: Tensor | None = None  # (b, g, capacity, d)
         self._v: Tensor | None = None
-        self.length = 0
+        self._start = 0  # first live position in the buffer
+        self.length = 0  # live positions
 
     def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Append k, v (b, g, t, d) and return all cached keys/values (b, g, length, d)."""
@@ -22,27 +26,32 @@ class KVCache:
             cap = max(16, t)
             self._k = k.new_empty(*k.shape[:-2], cap, k.shape[-1])
             self._v = v.new_empty(*v.shape[:-2], cap, v.shape[-1])
-        elif self.length + t > self._k.shape[-2]:
-            cap = max(2 * self._k.shape[-2], self.length + t)
-            self._k = self._grow(self._k, cap)
-            self._v = self._grow(self._v, cap)
-        self._k[..., self.length : self.length + t, :] = k
-        self._v[..., self.length : self.length + t, :] = v
+        elif self._start + self.length + t > self._k.shape[-2]:
+            # full: move the live part to the front of a buffer with room for it twice
+            cap = max(self._k.shape[-2], 2 * (self.length + t))
+            self._k = self._moved(self._k, cap)
+            self._v = self._moved(self._v, cap)
+            self._start = 0
+        end = self._start + self.length
+        self._k[..., end : end + t, :] = k
+        self._v[..., end : end + t, :] = v
         self.length += t
-        return self._k[..., : self.length, :], self._v[..., : self.length, :]
+        return self._k[..., self._start : end + t, :], self._v[..., self._start : end + t, :]
 
-    def _grow(self, buf: Tensor, cap: int) -> Tensor:
+    def _moved(self, buf: Tensor, cap: int) -> Tensor:
+        live = buf[..., self._start : self._start + self.length, :]
+        if cap == buf.shape[-2]:  # same size: copy within (through a clone, ranges may overlap)
+            buf[..., : self.length, :] = live.clone()
+            return buf
         new = buf.new_empty(*buf.shape[:-2], cap, buf.shape[-1])
-        new[..., : self.length, :] = buf[..., : self.length, :]
+        new[..., : self.length, :] = live
         return new
 
     def keep_last(self, n: int) -> None:
         """Drop all but the last ``n`` positions (for sliding-window attention)."""
         if self._k is None or self.length <= n:
             return
-        start = self.length - n
-        self._k = self._k[..., start : self.length, :].clone()
-        self._v = self._v[..., start : self.length, :].clone()
+        self._start += self.length - n
         self.length = n
 
     def reorder(self, index: Tensor) -> None:

@@ -34,6 +34,14 @@ class _RMSNormFn(torch.autograd.Function):
         return gx.to(x.dtype), gw, None
 
 
+def _rms_norm_inference(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """_RMSNormFn.forward without autograd: statistics in fp32 (fp64 for fp64 inputs)."""
+    if x.dtype in (torch.float32, torch.float64):
+        return F.rms_norm(x, weight.shape, weight.to(x.dtype), eps)
+    with torch.autocast(x.device.type, enabled=False):
+        return F.rms_norm(x.float(), weight.shape, None, eps).to(x.dtype) * weight.to(x.dtype)
+
+
 class RMSNorm(nn.Module):
     """x / rms(x) * g (Zhang & Sennrich 2019); statistics in fp32."""
 
@@ -43,6 +51,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        if not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
+            # nothing to save for backward: the single fused kernel (decoding calls this
+            # ~15 times per token, where the autograd Function's overhead dominated)
+            return _rms_norm_inference(x, self.weight, self.eps)
         if torch.is_autocast_enabled(x.device.type):
             with torch.autocast(x.device.type, enabled=False):
                 return _RMSNormFn.apply(x, self.weight, self.eps)

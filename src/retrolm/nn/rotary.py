@@ -5,9 +5,15 @@ offset (a KV cache, RETRO's chunk-relative geometry) is just a different ``posit
 ``dim`` may be smaller than the head dimension: only the first ``dim`` channels rotate
 (partial rotary). Layout ``half`` pairs channel c with c + dim/2; ``interleaved`` pairs
 2c with 2c+1.
+
+``span(start, length)`` returns rows of a cos/sin table computed once (and grown by
+doubling), the same values as ``forward(arange(start, start + length))``: a decoding step
+then costs two slices instead of five kernels.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import Tensor, nn
@@ -22,6 +28,9 @@ class RotaryEmbedding(nn.Module):
         self.interleaved = interleaved
         inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        # (cos, sin) for positions 0 … len-1; a plain attribute, so it stays fp32 and out of
+        # the state dict; rebuilt when the device changes
+        self._table: tuple[Tensor, Tensor] | None = None
 
     def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         """positions (..., n) int or float -> (cos, sin), each (..., n, dim) float32."""
@@ -32,22 +41,44 @@ class RotaryEmbedding(nn.Module):
             freqs = torch.cat((freqs, freqs), dim=-1)
         return freqs.cos(), freqs.sin()
 
+    def span(self, start: int, length: int, device=None) -> tuple[Tensor, Tensor]:
+        """(cos, sin) of positions start … start+length-1, each (length, dim) float32."""
+        device = self.inv_freq.device if device is None else torch.device(device)
+        table = self._table
+        end = start + length
+        if table is None or table[0].shape[0] < end or table[0].device != device:
+            size = max(end, 2 * table[0].shape[0] if table is not None else 64)
+            table = self(torch.arange(size, device=device))
+            self._table = table
+        return table[0][start:end], table[1][start:end]
+
+
+@functools.lru_cache(maxsize=32)
+def _sign(r: int, interleaved: bool, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """(r,) the signs of the rotated partner: -1 for x1's slots, +1 for x2's."""
+    if interleaved:
+        return torch.tensor([-1.0, 1.0], dtype=dtype, device=device).repeat(r // 2)
+    return torch.ones(r, dtype=dtype, device=device).index_fill_(0, torch.arange(r // 2), -1.0)
+
 
 def _rotate(x: Tensor, interleaved: bool) -> Tensor:
+    """(-x2, x1) for every pair, as a partner swap times ``_sign``: one kernel (roll or flip)
+    for the swap, and the sign folds into sin, a table far smaller than x."""
     if interleaved:
-        x1, x2 = x[..., 0::2], x[..., 1::2]
-        return torch.stack((-x2, x1), dim=-1).flatten(-2)
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+        return x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    return x.roll(x.shape[-1] // 2, dims=-1)
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = False) -> Tensor:
     """Rotate the first ``cos.shape[-1]`` channels of x (…, n, d); math in fp32.
 
     cos/sin (n, r) or broadcastable to x's leading dims, e.g. (b, 1, n, r).
+    x*cos + (-x2, x1)*sin, written as x*cos + swap(x) * (sign*sin): four kernels (a decoding
+    step calls this ~8 times per token, where the count of kernels is the cost).
     """
     r = cos.shape[-1]
-    x_rot, x_pass = x[..., :r], x[..., r:]
-    xf = x_rot.float()
-    out = xf * cos + _rotate(xf, interleaved) * sin
-    return torch.cat((out.to(x.dtype), x_pass), dim=-1)
+    full = r == x.shape[-1]  # full rotary: no split, no concatenation
+    xf = (x if full else x[..., :r]).float()
+    signed_sin = sin * _sign(r, interleaved, sin.dtype, sin.device)
+    out = torch.addcmul(xf * cos, _rotate(xf, interleaved), signed_sin).to(x.dtype)
+    return out if full else torch.cat((out, x[..., r:]), dim=-1)

@@ -46,7 +46,19 @@ def token_shift_cached(
     if past is None:
         past = x.new_zeros(x.shape[0], s, x.shape[-1])
     full = torch.cat((past, x), dim=-2)  # (b, S + t, d)
+    if x.shape[-2] == 1:  # one decoding step: each channel group is one row of `full`
+        out = [
+            full[..., s - sh : s - sh + 1, a:b] for (a, b), sh in zip(_groups(x, shifts), shifts)
+        ]
+        return torch.cat(out, dim=-1), full[..., 1:, :]
     return token_shift(full, shifts)[..., s:, :], full[..., -s:, :]
+
+
+def _groups(x: Tensor, shifts: tuple[int, ...]) -> list[tuple[int, int]]:
+    """Channel ranges of the shift groups, as token_shift splits them (the last is wider)."""
+    d, g = x.shape[-1], len(shifts)
+    bounds = [i * (d // g) for i in range(g)] + [d]
+    return list(zip(bounds[:-1], bounds[1:]))
 
 
 def check_causal_shifts(shifts: tuple[int, ...]) -> None:

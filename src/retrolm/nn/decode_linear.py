@@ -1,0 +1,123 @@
+"""Linear layers that are cheap when decoding a few rows at a time.
+
+Shapes: x (..., in), weight (out, in) as in ``nn.Linear``.
+
+A decoding step multiplies one row by each weight: a matrix-vector product bound by reading
+the weight from memory (a step reads every weight of the model once, ~50 MB for RETRO's
+benchmark model, more than the cache holds). Through ``F.linear`` the CPU kernels here read
+the weight as ``weight.T`` and were up to ~3x slower than ``x @ weight_t`` with ``weight_t``
+a contiguous (in, out) copy, whenever out >= in (one thread, weights not in cache, as in
+decoding: (29k, 256) 4.1 vs 1.4 ms, (1024, 256) 157 vs 71 us, (768, 256) 121 vs 68 us;
+(256, 1024) 112 vs 160 us, so narrowing layers stay as they are). In RETRO's decode step
+that was 7.5 -> 6.6 ms per token (one thread, A/B in one process).
+
+``decode_linear`` keeps that copy (a ``TransposedWeight``, in the compute dtype: the
+autocast dtype under autocast) and uses it without autograd for at most ``MAX_ROWS`` rows;
+otherwise it is ``F.linear``. The copy costs one more weight's memory while decoding;
+``DecodeLinear.train()`` drops it. Every call is on the decode hot path, so this file
+favours few Python operations over generality.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+MAX_ROWS = 32  # x @ weight_t stayed faster than F.linear up to ~32 rows (measured, CPU)
+# With several threads the CPU kernels ran a one-row matmul by the (256, 29k) vocabulary
+# weight on one thread (1.39 ms at 2 threads, 1.47 at 1); split into one column block per
+# thread and run as a batched matmul, it took 0.95 ms at 2 threads (and 1.79 ms at one,
+# so it is used only with several). Weights of at least SPLIT_NUMEL elements get this.
+SPLIT_NUMEL = 4 * 2**20
+
+
+class TransposedWeight:
+    """``weight.t().contiguous()`` in a given dtype, rebuilt when the weight changes (new
+    storage, or an in-place update: the version counter moves) or the dtype does. Holds the
+    source's storage, so its address cannot be reused behind the cache's back. With
+    ``parts > 1`` the copy is (parts, in, ceil(out / parts)): column blocks, zero-padded."""
+
+    __slots__ = ("_src", "_version", "_key", "value")
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self._src: Tensor | None = None
+        self._version, self._key = -1, None
+        self.value: Tensor | None = None
+
+    def get(self, weight: Tensor, dtype: torch.dtype, parts: int = 1) -> Tensor:
+        src = self._src
+        if (
+            src is None
+            or weight._version != self._version
+            or (dtype, parts) != self._key
+            or weight.data_ptr() != src.data_ptr()
+            or weight.shape != src.shape
+        ):
+            with torch.no_grad():
+                w_t = weight.t().to(dtype)
+                if parts > 1:
+                    n = weight.shape[0]
+                    w_t = F.pad(w_t, (0, -n % parts)).unflatten(1, (parts, -1)).transpose(0, 1)
+                self.value = w_t.contiguous()
+            self._src, self._version, self._key = weight.detach(), weight._version, (dtype, parts)
+        return self.value
+
+
+def compute_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
+    """The dtype F.linear(x, weight) computes in: the autocast dtype under autocast."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return weight.dtype
+
+
+def linear_t(x: Tensor, weight_t: Tensor, bias: Tensor | None) -> Tensor:
+    """``F.linear`` given the weight as a contiguous (in, out) ``weight_t`` (no autograd):
+    ``x @ weight_t`` for at most ``MAX_ROWS`` rows, ``F.linear(x, weight_t.T)`` for more
+    (the layout made no difference for 448-1792 rows)."""
+    k = x.shape[-1]
+    if x.numel() > MAX_ROWS * k:
+        return F.linear(x, weight_t.t(), bias)
+    x2 = x.reshape(-1, k).to(weight_t.dtype)
+    out = torch.mm(x2, weight_t) if bias is None else torch.addmm(bias, x2, weight_t)
+    return out.view(*x.shape[:-1], weight_t.shape[1])
+
+
+def decode_linear(
+    x: Tensor, weight: Tensor, bias: Tensor | None, cache: TransposedWeight
+) -> Tensor:
+    """``F.linear(x, weight, bias)``; through ``cache``'s (in, out) copy for a few rows."""
+    k, n = x.shape[-1], weight.shape[0]
+    if torch.is_grad_enabled() or x.numel() > MAX_ROWS * k or n < k:
+        return F.linear(x, weight, bias)
+    dtype = compute_dtype(x, weight)
+    bias = None if bias is None else bias.to(dtype)
+    parts = torch.get_num_threads() if weight.numel() >= SPLIT_NUMEL else 1
+    if parts == 1:
+        return linear_t(x, cache.get(weight, dtype), bias)
+    blocks = cache.get(weight, dtype, parts)  # (parts, in, ceil(out / parts))
+    x2 = x.reshape(-1, k).to(dtype)
+    out = torch.bmm(x2.expand(parts, -1, -1), blocks)  # (parts, rows, block)
+    out = out.transpose(0, 1).reshape(x2.shape[0], -1)[:, :n]  # (rows, out)
+    if bias is not None:
+        out = out + bias
+    return out.reshape(*x.shape[:-1], n)
+
+
+class DecodeLinear(nn.Linear):
+    """``nn.Linear`` (same parameters and state dict) that decodes through ``decode_linear``."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._weight_t = TransposedWeight()
+
+    def train(self, mode: bool = True):
+        if mode:
+            self._weight_t.clear()
+        return super().train(mode)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return decode_linear(x, self.weight, self.bias, self._weight_t)
