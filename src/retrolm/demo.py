@@ -292,7 +292,11 @@ def run_demo(
     retro, _ = load_model(runs["retro"])
     text = prompt or (held_dir / "14_2Chr.txt").read_text()[:PROMPT_CHARS]
     ids = db.tokenizer.encode(text)[-(DEMO_MODEL["max_seq_len"] - 64) :]
-    out = generate(retro, ids, 64, db, temperature=0.0, eos_id=db.tokenizer.eos_id)
+    # nucleus sampling with a fixed seed: reproducible, and a small model's greedy output
+    # falls into a loop ("and the son of Judah, and the son of Judah, ...")
+    out = generate(
+        retro, ids, 64, db, temperature=0.8, top_p=0.9, seed=0, eos_id=db.tokenizer.eos_id
+    )
     gen = {
         "prompt": db.tokenizer.decode(ids),
         "continuation": db.tokenizer.decode(out.new_ids[0].tolist()),
