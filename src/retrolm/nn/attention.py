@@ -143,41 +143,52 @@ class _BlockAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, mask, scale):
-        # q (B, h, i, d), k/v (B, h, j, d), mask bool broadcastable to (B, h, i, j)
-        s = torch.matmul(q, k.transpose(-1, -2))  # (B, h, i, j)
-        s = s.masked_fill_(~mask, float("-inf"))
+        # q (..., i, d), k/v (..., j, d), mask bool broadcastable to (..., i, j); the leading
+        # dims are flattened for bmm, which reads a transposed operand without a copy
+        i, j = q.shape[-2], k.shape[-2]
+        q3, k3, v3 = (
+            q.reshape(-1, i, q.shape[-1]),
+            k.reshape(-1, j, k.shape[-1]),
+            v.reshape(-1, j, v.shape[-1]),
+        )
+        s = torch.bmm(q3, k3.transpose(1, 2))  # (B, i, j)
+        s.view(*q.shape[:-1], j).masked_fill_(mask.logical_not(), float("-inf"))
         p = torch.softmax(s.mul_(scale), dim=-1)  # fp32 inside the kernel
         p = p.nan_to_num_(nan=0.0)  # a row with no key: zeros
-        out = torch.matmul(p, v)
-        ctx.save_for_backward(q, k, v, p)
-        ctx.scale = scale
-        return out
+        out = torch.bmm(p, v3)
+        ctx.save_for_backward(q3, k3, v3, p)
+        ctx.scale, ctx.shapes = scale, (q.shape, k.shape, v.shape)
+        return out.view(*q.shape[:-1], v.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):
         q, k, v, p = ctx.saved_tensors
-        grad = grad.to(v.dtype)
-        dv = torch.matmul(p.transpose(-1, -2), grad)
-        dp = torch.matmul(grad, v.transpose(-1, -2))
+        qs, ks, vs = ctx.shapes
+        grad = grad.to(v.dtype).reshape(-1, *grad.shape[-2:])
+        dv = torch.bmm(p.transpose(1, 2), grad)
+        dp = torch.bmm(grad, v.transpose(1, 2))
         ds = torch._softmax_backward_data(dp, p, -1, p.dtype)  # p * (dp - sum(p * dp))
-        dq = torch.matmul(ds, k).mul_(ctx.scale)
-        dk = torch.matmul(ds.transpose(-1, -2), q).mul_(ctx.scale)
-        return dq, dk, dv, None, None
+        dq = torch.bmm(ds, k).mul_(ctx.scale)
+        dk = torch.bmm(ds.transpose(1, 2), q).mul_(ctx.scale)
+        return dq.view(qs), dk.view(ks), dv.view(vs), None, None
 
 
 def block_attend(
-    q: Tensor,  # (b, h, i, d), i and j small (a window's block)
-    k: Tensor,  # (b, h, j, d)
-    v: Tensor,  # (b, h, j, dv)
-    mask: Tensor,  # bool, broadcastable to (b, h, i, j)
+    q: Tensor,  # (..., i, d), e.g. (b, h, blocks, i, d); i and j small (a window's block)
+    k: Tensor,  # (..., j, d), the same leading dims
+    v: Tensor,  # (..., j, dv)
+    mask: Tensor,  # bool, broadcastable to (..., i, j)
     *,
     dropout_p: float = 0.0,
-) -> Tensor:  # (b, h, i, dv)
+) -> Tensor:  # (..., i, dv)
     """``attend(q, k, v, mask)`` for many small blocks: stores the (b, h, i, j) probabilities
     for backward, so use it only where i * j per block is small. Falls back to ``attend``
     off CPU, with dropout, and under the reference backend."""
     if _BACKEND.get() == "reference" or dropout_p > 0 or q.device.type != "cpu":
-        return attend(q, k, v, mask, dropout_p=dropout_p)
+        lead, (i, j) = q.shape[:-2], (q.shape[-2], k.shape[-2])
+        flat = [t.reshape(-1, 1, *t.shape[-2:]) for t in (q, k, v)]  # (B, 1, i|j, d)
+        m = mask.expand(*lead, i, j).reshape(-1, 1, i, j)
+        return attend(*flat, m, dropout_p=dropout_p).view(*lead, i, v.shape[-1])
     if torch.is_autocast_enabled("cpu"):
         dtype = torch.get_autocast_dtype("cpu")
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)

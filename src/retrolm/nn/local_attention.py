@@ -18,7 +18,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import Tensor
 
 from retrolm.nn.attention import attend, block_attend
@@ -88,19 +87,11 @@ def local_attend(
         k, v = k.repeat_interleave(h // k.shape[1], 1), v.repeat_interleave(h // v.shape[1], 1)
     kb = neighbour_blocks(k, c, back, fwd)  # (b, h, nb, kw, d)
     vb = neighbour_blocks(v, c, back, fwd)
-    qb = rearrange(q, "b h (nb c) d -> b h nb c d", c=c)
-    mask = _band(n, window, causal, q.device)[None]  # (1, nb, c, kw)
+    qb = q.unflatten(2, (-1, c))  # (b, h, nb, c, d)
+    mask = _band(n, window, causal, q.device)  # (nb, c, kw)
     if key_mask is not None:
         km = F.pad(key_mask, (0, pad), value=False)[:, None, :]  # (b, 1, nb*c)
-        km = neighbour_blocks(km, c, back, fwd, fill=False)[:, 0]  # (b, nb, kw)
-        mask = mask & km[:, :, None, :]  # (b, nb, c, kw)
-    mask = rearrange(mask.expand(b, -1, -1, -1), "b nb c kw -> (b nb) 1 c kw")
-    out = block_attend(
-        rearrange(qb, "b h nb c d -> (b nb) h c d"),
-        rearrange(kb, "b h nb kw d -> (b nb) h kw d"),
-        rearrange(vb, "b h nb kw d -> (b nb) h kw d"),
-        mask,
-        dropout_p=dropout_p,
-    )
-    out = rearrange(out, "(b nb) h c d -> b h (nb c) d", b=b)
-    return out[:, :, :n]
+        km = neighbour_blocks(km, c, back, fwd, fill=False)  # (b, 1, nb, kw)
+        mask = mask & km[:, :, :, None, :]  # (b, 1, nb, c, kw)
+    out = block_attend(qb, kb, vb, mask, dropout_p=dropout_p)  # (b, h, nb, c, dv)
+    return out.flatten(2, 3)[:, :, :n]
