@@ -209,17 +209,9 @@ class RoutingAttention(nn.Module):
             )
             return out, commit
         kg = groups if kgroups is None else kgroups
-        if cache is not None and cache.routed.length > 0:
+        if cache is not None and cache.has_routed:
             out = routed_decode_step(
-                qr,
-                keys,
-                vr,
-                kg,
-                groups,
-                cache,
-                window=self.window,
-                shared_qk=self.shared_qk,
-                mem_kv=self._mem(),
+                qr, keys, vr, kg, groups, cache, shared_qk=self.shared_qk, mem_kv=self._mem()
             )
             return out, commit
         out = sorted_window_attend(
@@ -235,7 +227,7 @@ class RoutingAttention(nn.Module):
             dropout_p=p,
         )
         if cache is not None:  # prefill: keep every key with its cluster and rank
-            cache.fill_routed(keys, vr, kg, self.kmeans.num_clusters)
+            cache.fill_routed(keys, vr, kg, self.kmeans.num_clusters, self.window)
         return out, commit
 
     # --- routed cross-attention ------------------------------------------------------------
