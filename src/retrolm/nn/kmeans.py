@@ -59,7 +59,7 @@ class SphericalKMeans(nn.Module):
     def assign(self, x: Tensor) -> Tensor:
         """x (b, h, n, d) -> nearest centroid (b, h, n) int64 (cosine similarity)."""
         xn = F.normalize(x.float(), dim=-1)
-        return torch.einsum("bhnd,hkd->bhnk", xn, self.means.float()).argmax(dim=-1)
+        return torch.matmul(xn, self.means.float().transpose(-1, -2)).argmax(dim=-1)
 
     def route(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Assign ``x`` (b, h, n, d); mask (b, n) True = real token.
@@ -72,7 +72,7 @@ class SphericalKMeans(nn.Module):
             self.init_(x, mask)
         xn = F.normalize(x.float(), dim=-1)
         means = self.means.float()  # fp32 even inside a model cast to another dtype
-        sims = torch.einsum("bhnd,hkd->bhnk", xn, means)
+        sims = torch.matmul(xn, means.transpose(-1, -2))  # (b, h, n, k); einsum costs more per call
         best, buckets = sims.max(dim=-1)  # (b, h, n)
         # both are unit vectors: ||x - c||^2 = 2 - 2 x.c, so no centroid gather is needed
         err = (2.0 - 2.0 * best) / self.dim  # (b, h, n), mean over the d dims

@@ -12,9 +12,10 @@ query's keys (research/attention-anchors.md §1.1, §1.6).
 Three implementations of one definition:
 
 * shared groups (queries and keys are the same tokens in the same groups, e.g. shared q/k):
-  stable-sort by (group, position), cut the sorted sequence into blocks of ``window`` and let
-  each block attend itself and the previous block (and the next one when non-causal) with a
-  same-group mask: O(n * window) time and memory, like exact local attention.
+  stable-sort by (group, position), cut the sorted sequence into blocks (``local_attention.
+  block_offsets``: 32 for a window of 128) and let each block attend itself and the blocks
+  within ``window`` sorted places before it (and after it when non-causal) with a same-group
+  mask: O(n * window) time and memory, like exact local attention.
 * separate key groups: keys sorted by (group, position); each query finds the end of its
   window with ``searchsorted`` and gathers ``window`` keys (chunked, recomputed in backward).
 * ``dense_window_mask``: the (i, j) mask built from the definition: the oracle under
@@ -31,7 +32,8 @@ from einops import rearrange
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from retrolm.nn.attention import attend, current_backend
+from retrolm.nn.attention import attend, block_attend, current_backend
+from retrolm.nn.local_attention import block_offsets, neighbour_blocks
 
 MemKV = tuple[Tensor, Tensor]  # (h, m, d) keys and values
 
@@ -70,27 +72,20 @@ def _exclude_self(mask: Tensor, is_self: Tensor, has_mem: bool) -> Tensor:
     return others | (is_self & mask & ~others.any(-1, keepdim=True))
 
 
-def _attend_with_mem(q, k, v, mask, mem: MemKV | None, dropout_p: float) -> Tensor:
-    """q (B, h, i, d), k/v (B, h, j, d), mask (B, h, i, j); memory kv prepended, always visible."""
+def _attend_with_mem(q, k, v, mask, mem: MemKV | None, dropout_p: float, fn=attend) -> Tensor:
+    """q (B, h, [nb,] i, d), k/v (B, h, [nb,] j, d), mask (B, h, [nb,] i, j); memory kv
+    prepended, always visible.
+    ``fn``: ``attend``, or ``block_attend`` for many small blocks."""
     if mem is not None:
-        mk, mv = mem
-        B = q.shape[0]
-        k = torch.cat((mk.to(k.dtype).expand(B, -1, -1, -1), k), dim=-2)
-        v = torch.cat((mv.to(v.dtype).expand(B, -1, -1, -1), v), dim=-2)
+        # (h, m, d) -> broadcast over the batch (and block) dims of k: (B, h, [nb,] m, d)
+        mk, mv = (
+            t.to(k.dtype).view(1, t.shape[0], *(1,) * (k.dim() - 4), *t.shape[1:]) for t in mem
+        )
+        k = torch.cat((mk.expand(*k.shape[:-2], -1, -1), k), dim=-2)
+        v = torch.cat((mv.expand(*v.shape[:-2], -1, -1), v), dim=-2)
         ones = mask.new_ones(*mask.shape[:-1], mk.shape[-2])
         mask = torch.cat((ones, mask), dim=-1)
-    return attend(q, k, v, mask, dropout_p=dropout_p)
-
-
-def _blocks(x: Tensor, w: int, look_forward: bool, fill) -> Tensor:
-    """(..., nb*w, *) along dim 2 -> (..., nb, (2|3)*w, *): previous, own (and next) block."""
-    blk = x.unflatten(2, (-1, w))  # (b, h, nb, w, ...)
-    pad_spec = [0, 0] * (blk.dim() - 3)
-    prev = F.pad(blk, [*pad_spec, 1, 0], value=fill)[:, :, :-1]
-    parts = [prev, blk]
-    if look_forward:
-        parts.append(F.pad(blk, [*pad_spec, 0, 1], value=fill)[:, :, 1:])
-    return torch.cat(parts, dim=3)
+    return fn(q, k, v, mask, dropout_p=dropout_p)
 
 
 def _sort_key(group: Tensor, n: int) -> Tensor:
@@ -133,38 +128,45 @@ def _dense(q, k, v, group, window, k_group, causal, mem_kv, exclude_self, dropou
     return _attend_with_mem(q, k, v, mask, mem_kv, dropout_p)
 
 
+def _rows(x: Tensor, flat: Tensor) -> Tensor:
+    """x (b, h, n, d) -> x[b, h, order[b, h, i]] given flat = order + (b*h row) * n: whole rows
+    through index_select (gather reads one index per element, and costs ~3x more here)."""
+    b, h, n, d = x.shape
+    return x.reshape(b * h * n, d).index_select(0, flat).view(b, h, -1, d)
+
+
 def _blocked(q, k, v, group, w, causal, mem_kv, exclude_self, dropout_p):
     b, h, n, d = q.shape
     order = _sort_key(group, n).argsort(dim=-1)  # (b, h, n)
-    idx = order[..., None]
-    qs, ks, vs = (t.gather(2, idx.expand(-1, -1, -1, t.shape[-1])) for t in (q, k, v))
+    base = torch.arange(b * h, device=q.device).view(b, h, 1) * n
+    flat = (order + base).flatten()
+    qs, ks, vs = (_rows(t, flat) for t in (q, k, v))
     gs = group.gather(2, order)
-    pad = (-n) % w
+    # blocks of c queries in sorted order, each seeing the `back` blocks before it (and as
+    # many after it when non-causal): every key within w sorted places of its queries
+    c, back, fwd = block_offsets(w, causal)
+    pad = (-n) % c
     if pad:
         qs, ks, vs = (F.pad(t, (0, 0, 0, pad)) for t in (qs, ks, vs))
         gs = F.pad(gs, (0, pad), value=-2)
-    look_forward = not causal
-    kb, vb = _blocks(ks, w, look_forward, 0.0), _blocks(vs, w, look_forward, 0.0)
-    gk = _blocks(gs, w, look_forward, -2)  # (b, h, nb, kw)
-    gq = gs.unflatten(2, (-1, w))  # (b, h, nb, w)
-    # distance in sorted order between a query and each key of its (2|3)w candidates
-    dist = torch.arange(w, device=q.device)[:, None] - (
-        torch.arange(kb.shape[3], device=q.device) - w
+    kb, vb = neighbour_blocks(ks, c, back, fwd), neighbour_blocks(vs, c, back, fwd)
+    gk = neighbour_blocks(gs, c, back, fwd, fill=-2)  # (b, h, nb, kw)
+    gq = gs.unflatten(2, (-1, c))  # (b, h, nb, c)
+    # distance in sorted order between a query and each of its block's candidate keys
+    dist = torch.arange(c, device=q.device)[:, None] - (
+        torch.arange(kb.shape[3], device=q.device) - back * c
     )
-    allowed = ((dist >= 0) & (dist < w)) if causal else (dist.abs() < w)  # (w, kw)
+    allowed = ((dist >= 0) & (dist < w)) if causal else (dist.abs() < w)  # (c, kw)
     mask = (gq[..., :, None] == gk[..., None, :]) & (gq >= 0)[..., None] & allowed
     if exclude_self:
         mask = _exclude_self(mask, dist == 0, mem_kv is not None)
-    out = _attend_with_mem(
-        rearrange(qs, "b h (nb w) d -> (b nb) h w d", w=w),
-        rearrange(kb, "b h nb kw d -> (b nb) h kw d"),
-        rearrange(vb, "b h nb kw d -> (b nb) h kw d"),
-        rearrange(mask, "b h nb w kw -> (b nb) h w kw"),
-        mem_kv,
-        dropout_p,
+    qb = qs.unflatten(2, (-1, c))  # (b, h, nb, c, d)
+    out = _attend_with_mem(qb, kb, vb, mask, mem_kv, dropout_p, fn=block_attend)
+    out = out.flatten(2, 3)[:, :, :n]  # (b, h, n, dv) in sorted order
+    unsort = torch.empty_like(order).scatter_(
+        2, order, torch.arange(n, device=q.device).expand_as(order)
     )
-    out = rearrange(out, "(b nb) h w d -> b h (nb w) d", b=b)[:, :, :n]
-    return out.new_zeros(out.shape).scatter(2, idx.expand(-1, -1, -1, out.shape[-1]), out)
+    return _rows(out, (unsort + base).flatten())
 
 
 def _gathered(q, k, v, q_group, k_group, w, causal, mem_kv, dropout_p, chunk_elems=1 << 21):
