@@ -52,6 +52,7 @@ from torch import Tensor, nn
 from retrolm.models.hierarchical_config import PRESETS, HierarchicalConfig
 from retrolm.nn import (
     CausalDownsample,
+    DecodeLinear,
     FeedForward,
     KVCache,
     MultiHeadAttention,
@@ -207,7 +208,7 @@ class HierarchicalTransformer(nn.Module):
                 self.merges.append(nn.Sequential(make_norm("rms", sum(dims)), ff))
         self.final_norms = nn.ModuleList(make_norm("layer", d) for d in dims)
         logit_in = sum(dims) if cfg.predict_use_all_hierarchy else dims[pi]
-        self.to_logits = nn.Linear(logit_in, cfg.num_tokens, bias=False)
+        self.to_logits = DecodeLinear(logit_in, cfg.num_tokens, bias=False)
         compressed = [k for k, c in enumerate(hs) if c > 1]
         self.recon_heads = nn.ModuleDict()
         if cfg.recon_loss_weight > 0:
