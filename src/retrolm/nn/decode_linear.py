@@ -123,8 +123,8 @@ def linear_t(x: Tensor, weight_t: Tensor, bias: Tensor | None) -> Tensor:
     if weight_t.is_mkldnn:
         if bias is not None:
             bias = bias.to(torch.bfloat16)
-        return torch.ops.mkldnn._linear_pointwise(
-            x.to(torch.bfloat16), weight_t, bias, "none", [], ""
+        return torch.ops.mkldnn._linear_pointwise(  # (a no-op .contiguous() when it is)
+            x.to(torch.bfloat16).contiguous(), weight_t, bias, "none", [], ""
         )
     k = x.shape[-1]
     if x.numel() > MAX_ROWS * k:
