@@ -46,6 +46,37 @@ def test_single_query_decoding_step_equals_reference(with_mask):
         torch.testing.assert_close(step, full[:, :, -1:], rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("causal,with_mask", [(False, False), (True, False), (True, True)])
+def test_half_precision_training_path_equals_sdpa(causal, with_mask):
+    """On a CPU in bf16 with autograd, few keys take the plain matmul-softmax path: values
+    and gradients as SDPA's (bf16 tolerance), fully masked rows zero; more keys use SDPA."""
+    import retrolm.nn.attention as att
+
+    torch.manual_seed(3)
+    shape_q, shape_kv = (2, 4, 6, 8), (2, 2, 9, 8)  # grouped-query: 4 heads, 2 kv heads
+    q, k, v = (torch.randn(s).bfloat16().requires_grad_() for s in (shape_q, shape_kv, shape_kv))
+    mask = None
+    if with_mask:
+        mask = torch.rand(2, 1, 6, 9) > 0.3
+        mask[0, 0, 1] = False  # a row with no key
+    assert att._use_math(q, k, v)
+    out = attend(q, k, v, mask, causal=causal)
+    grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+    ref_in = [t.detach().requires_grad_() for t in (q, k, v)]
+    with torch.no_grad():
+        assert not att._use_math(*ref_in)  # without autograd: SDPA
+    kr, vr = (t.repeat_interleave(2, 1) for t in ref_in[1:])
+    ref = reference_attend(ref_in[0].float(), kr.float(), vr.float(), mask, causal=causal)
+    ref_grads = torch.autograd.grad(ref.square().sum(), ref_in)
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g.float(), r.float(), atol=5e-2, rtol=5e-2)
+    if with_mask:
+        assert (out[0, :, 1] == 0).all()
+    many = torch.randn(1, 1, att.MATH_MAX_KEYS + 1, 8).bfloat16().requires_grad_()
+    assert not att._use_math(many, many, many)
+
+
 def test_fully_masked_rows_give_zeros_not_nan():
     q, k, v = rand(1, 2, 3, 4), rand(1, 2, 5, 4), rand(1, 2, 5, 4)
     mask = torch.ones(1, 1, 3, 5, dtype=torch.bool)

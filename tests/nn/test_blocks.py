@@ -210,6 +210,50 @@ def test_feedforward_inplace_activation_without_autograd(glu, activation):
     torch.testing.assert_close(fast, ff(x), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("dims", [(64, 48), (64, 16)])  # widening and narrowing
+def test_decode_linear_bf16_packed_equals_linear(dims):
+    """In bf16 on a CPU with oneDNN bf16 the decode copy is a packed weight: the values of
+    F.linear in bf16, for a few rows and for many, rebuilt after an in-place update."""
+    import retrolm.nn.decode_linear as dl
+
+    if not dl.PACKED_BF16:
+        pytest.skip("no oneDNN bf16 on this machine")
+    torch.manual_seed(0)
+    lin = dl.DecodeLinear(*dims).eval()
+    with torch.no_grad():
+        for rows in (1, 3, 40):
+            x = torch.randn(2, rows, dims[0])
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                got, exp = lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias)
+            assert got.dtype == exp.dtype == torch.bfloat16
+            if rows <= dl.MAX_ROWS:
+                assert lin._weight_t.value.is_mkldnn
+            torch.testing.assert_close(got, exp)
+        lin.weight.mul_(-1.0)
+        xb = torch.randn(1, 1, dims[0], dtype=torch.bfloat16)
+        lin_b = dl.DecodeLinear(*dims).to(torch.bfloat16).eval()  # bf16 weights
+        lin_b.load_state_dict(lin.state_dict())
+        for layer in (lin, lin_b):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                got = layer(xb)
+            exp = torch.nn.functional.linear(xb, lin.weight.bfloat16(), lin.bias.bfloat16())
+            torch.testing.assert_close(got, exp)
+
+
+def test_fused_qkv_bf16_equals_separate_projections():
+    """The fused q|k|v decode weight (packed in bf16) gives the three projections."""
+    from retrolm.nn.multihead import MultiHeadAttention
+
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(32, heads=4, dim_head=8, kv_heads=2, bias=True).eval()
+    x = torch.randn(2, 1, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        q, k, v = mha.project_qkv(x)
+        for got, lin, heads in ((q, mha.q_proj, 4), (k, mha.k_proj, 2), (v, mha.v_proj, 2)):
+            exp = torch.nn.functional.linear(x, lin.weight, lin.bias)
+            torch.testing.assert_close(got, exp.unflatten(-1, (heads, -1)).transpose(1, 2))
+
+
 @pytest.mark.parametrize("bias", [False, True])
 def test_decode_linear_column_blocks_with_several_threads(monkeypatch, bias):
     """A wide weight is split into one column block per thread (a batched matmul): same

@@ -38,16 +38,23 @@ def test_downsample_token_covers_exactly_its_past_window(factor, stride):
         assert torch.equal(changed, covers), (p, changed.tolist(), covers.tolist())
 
 
+@pytest.mark.parametrize("grad", [True, False])  # without autograd: a cached (c d) weight
 @pytest.mark.parametrize("factor,stride", [(1, 1), (4, 2), (8, 1)])
-def test_downsample_step_equals_forward(factor, stride):
+def test_downsample_step_equals_forward(factor, stride, grad):
     torch.manual_seed(1)
     ds = CausalDownsample(4, 4, factor, stride).double()
     x = torch.randn(1, 11, 4, dtype=D)
-    full = ds(x)
-    padded = torch.cat((torch.zeros(1, factor - 1, 4, dtype=D), x), dim=1)
-    for j in range(full.shape[1]):
-        end = j * stride + factor  # exclusive end in padded coordinates
-        torch.testing.assert_close(ds.step(padded[:, end - factor : end]), full[:, j : j + 1])
+    with torch.set_grad_enabled(grad):
+        for _ in range(2):  # the second time after an in-place weight update
+            full = ds(x)
+            padded = torch.cat((torch.zeros(1, factor - 1, 4, dtype=D), x), dim=1)
+            for j in range(full.shape[1]):
+                end = j * stride + factor  # exclusive end in padded coordinates
+                step = ds.step(padded[:, end - factor : end])
+                torch.testing.assert_close(step, full[:, j : j + 1])
+            with torch.no_grad():
+                for p in ds.parameters():
+                    p.mul_(1.5)
 
 
 def test_downsample_rejects_bad_factor_and_stride():

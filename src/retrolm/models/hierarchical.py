@@ -52,6 +52,7 @@ from torch import Tensor, nn
 from retrolm.models.hierarchical_config import PRESETS, HierarchicalConfig
 from retrolm.nn import (
     CausalDownsample,
+    DecodeLinear,
     FeedForward,
     KVCache,
     MultiHeadAttention,
@@ -207,7 +208,7 @@ class HierarchicalTransformer(nn.Module):
                 self.merges.append(nn.Sequential(make_norm("rms", sum(dims)), ff))
         self.final_norms = nn.ModuleList(make_norm("layer", d) for d in dims)
         logit_in = sum(dims) if cfg.predict_use_all_hierarchy else dims[pi]
-        self.to_logits = nn.Linear(logit_in, cfg.num_tokens, bias=False)
+        self.to_logits = DecodeLinear(logit_in, cfg.num_tokens, bias=False)
         compressed = [k for k, c in enumerate(hs) if c > 1]
         self.recon_heads = nn.ModuleDict()
         if cfg.recon_loss_weight > 0:
@@ -296,7 +297,11 @@ class HierarchicalTransformer(nn.Module):
 
     def _losses(self, logits: Tensor, labels: Tensor, embeds: list[Tensor], ids: Tensor):
         cfg = self.config
-        ce = F.cross_entropy(logits.transpose(1, 2).float(), labels, ignore_index=cfg.ignore_index)
+        # class dim last and contiguous: log-softmax along rows, no strided (b, V, n) view
+        v = logits.shape[-1]
+        ce = F.cross_entropy(
+            logits.reshape(-1, v).float(), labels.reshape(-1), ignore_index=cfg.ignore_index
+        )
         zero = ce.new_zeros(())
         recon = sum((self._recon_loss(int(k), embeds[int(k)], ids) for k in self.recon_heads), zero)
         ar = sum((self._ar_loss(int(k), embeds[int(k)]) for k in self.ar_heads), zero)
@@ -312,8 +317,11 @@ class HierarchicalTransformer(nn.Module):
         c, s = self.config.hierarchies[k], self.config.hierarchical_stride[k]
         padded = F.pad(ids, (c - 1, 0), value=self.config.ignore_index)  # (b, n + c - 1)
         targets = padded.unfold(1, c, s)  # (b, m, c)
-        logits = rearrange(self.recon_heads[str(k)](h), "b m (c v) -> b v m c", c=c)
-        return F.cross_entropy(logits.float(), targets, ignore_index=self.config.ignore_index)
+        logits = self.recon_heads[str(k)](h)  # (b, m, c * V): V innermost, as targets (c)
+        logits = logits.reshape(-1, logits.shape[-1] // c)  # (b m c, V): a view
+        return F.cross_entropy(
+            logits.float(), targets.reshape(-1), ignore_index=self.config.ignore_index
+        )
 
     def _ar_loss(self, k: int, h: Tensor) -> Tensor:
         """Compressed token j predicts token j + 1 of its stream: 1 - cosine similarity."""

@@ -46,9 +46,10 @@ class FeedForward(nn.Module):
         self.act = ACTIVATIONS[activation]
         self.act_ = INPLACE[activation]
         self.chunks = chunks
-        # the widening projection decodes through a transposed copy (decode_linear)
+        # both decode through a decode copy of their weight (decode_linear): transposed for
+        # the widening one; in bf16 packed for both
         self.up_proj = DecodeLinear(dim, hidden * (2 if glu else 1), bias=bias)
-        self.down_proj = nn.Linear(hidden, dim_out or dim, bias=bias)
+        self.down_proj = DecodeLinear(hidden, dim_out or dim, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
     def _ff(self, x: Tensor) -> Tensor:

@@ -33,10 +33,11 @@ class KVCache:
             self._v = self._moved(self._v, cap)
             self._start = 0
         end = self._start + self.length
-        self._k[..., end : end + t, :] = k
-        self._v[..., end : end + t, :] = v
+        self._k.narrow(-2, end, t).copy_(k)  # narrow: less Python than an index expression
+        self._v.narrow(-2, end, t).copy_(v)
         self.length += t
-        return self._k[..., self._start : end + t, :], self._v[..., self._start : end + t, :]
+        live = end + t - self._start
+        return self._k.narrow(-2, self._start, live), self._v.narrow(-2, self._start, live)
 
     def _moved(self, buf: Tensor, cap: int) -> Tensor:
         live = buf[..., self._start : self._start + self.length, :]

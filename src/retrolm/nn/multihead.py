@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from retrolm.nn.attention import attend
-from retrolm.nn.decode_linear import DecodeLinear, compute_dtype, linear_t
+from retrolm.nn.decode_linear import DecodeLinear, compute_dtype, decode_weight, linear_t
 from retrolm.nn.kv_cache import KVCache
 from retrolm.nn.local_attention import local_attend
 from retrolm.nn.masks import causal_mask, combine, key_padding_mask, sliding_window_mask
@@ -39,10 +39,10 @@ def _merge_heads(t: Tensor) -> Tensor:
 
 
 def _concat_t(*params: Tensor) -> tuple[Tensor, Tensor | None]:  # a WeightCache build
-    """(q, k, v weights[, q, k, v biases], dtype) -> (fused weight as a contiguous
-    (in, out), fused bias or None), in dtype."""
+    """(q, k, v weights[, q, k, v biases], dtype) -> (fused weight as ``linear_t`` takes it,
+    see ``decode_weight``; fused bias or None), in dtype."""
     *params, dtype = params
-    w = torch.cat(params[:3]).t().to(dtype).contiguous()
+    w = decode_weight(torch.cat(params[:3]), dtype)
     return w, (torch.cat(params[3:]).to(dtype) if len(params) > 3 else None)
 
 

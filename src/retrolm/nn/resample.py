@@ -18,11 +18,20 @@ positions up to j*s, the repeated stream stays causal.
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
+from retrolm.nn.decode_linear import DecodeLinear, compute_dtype, decode_weight, linear_t
+from retrolm.nn.weight_cache import WeightCache
 from retrolm.utils import is_power_of_two
+
+
+def _window_weight(weight: Tensor, dtype: torch.dtype) -> Tensor:  # a WeightCache build
+    """conv weight (o, d, c) -> the weight of one output position as a linear layer over
+    the window flattened as (c d), as ``linear_t`` takes it."""
+    return decode_weight(weight.transpose(1, 2).flatten(1), dtype)
 
 
 class CausalDownsample(nn.Module):
@@ -43,11 +52,17 @@ class CausalDownsample(nn.Module):
         self.factor, self.stride = factor, stride
         self.conv: nn.Conv1d | None = None
         if factor == 1:
-            self.proj = nn.Identity() if dim_in == dim_out else nn.Linear(dim_in, dim_out, False)
+            self.proj = nn.Identity() if dim_in == dim_out else DecodeLinear(dim_in, dim_out, False)
             return
         hidden = int(dim_in * expansion)
         self.conv = nn.Conv1d(dim_in, hidden, factor, stride=stride)
-        self.proj = nn.Linear(hidden, dim_out)
+        self._step_weight = WeightCache(_window_weight)  # for ``step`` without autograd
+        self.proj = DecodeLinear(hidden, dim_out)
+
+    def train(self, mode: bool = True):
+        if mode and self.conv is not None:  # the decoding copy is not needed while training
+            self._step_weight.clear()
+        return super().train(mode)
 
     def forward(self, x: Tensor) -> Tensor:  # (b, n, dim_in) -> (b, m, dim_out)
         if self.conv is None:
@@ -66,8 +81,14 @@ class CausalDownsample(nn.Module):
             return self.proj(window[:, -1:])
         # one output position of the conv is a matmul over the flattened window; this is much
         # faster than a conv call on a window exactly one kernel long
-        flat = rearrange(window[:, -self.factor :], "b c d -> b 1 (d c)")
-        h = F.linear(flat, rearrange(self.conv.weight, "o d c -> o (d c)"), self.conv.bias)
+        w, b = self.conv.weight, self.conv.bias
+        if torch.is_grad_enabled() and w.requires_grad:
+            flat = rearrange(window[:, -self.factor :], "b c d -> b 1 (d c)")
+            h = F.linear(flat, rearrange(w, "o d c -> o (d c)"), b)
+        else:  # a cached copy of the weight in the (c d) order: the window needs no copy
+            dtype = compute_dtype(window, w)
+            flat = window[:, -self.factor :].flatten(1)[:, None]  # (b, 1, c*d)
+            h = linear_t(flat, self._step_weight.get(w, key=dtype), b.to(dtype))
         return self.proj(F.silu(h))
 
 

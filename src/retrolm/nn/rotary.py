@@ -78,7 +78,9 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = False)
     """
     r = cos.shape[-1]
     full = r == x.shape[-1]  # full rotary: no split, no concatenation
-    xf = (x if full else x[..., :r]).float()
+    xf = x if full else x[..., :r]
+    if xf.dtype is torch.float64 or cos.dtype is not torch.float32:
+        xf = xf.float()  # else type promotion computes in fp32 already: no copy of x
     signed_sin = sin * _sign(r, interleaved, sin.dtype, sin.device)
     out = torch.addcmul(xf * cos, _rotate(xf, interleaved), signed_sin).to(x.dtype)
     return out if full else torch.cat((out, x[..., r:]), dim=-1)
