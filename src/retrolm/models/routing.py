@@ -63,7 +63,6 @@ __all__ = [
     "RoutingTransformer",
     "RoutingTransformerLM",
     "pkm_param_groups",
-    "register_routing",
 ]
 
 
@@ -579,23 +578,3 @@ class RoutingLanguageModel(AutoregressiveWrapper):
     def init_cache(self, batch_size: int) -> RoutingCache | None:
         """The LM's decoding cache (None where its routing has none)."""
         return self.net.init_cache(batch_size)
-
-
-def register_routing() -> bool:
-    """Register the family with ``retrolm.models.registry`` when that module exists (it
-    lands with the trainer); returns whether it did. Idempotent."""
-    try:
-        from retrolm.models.registry import FAMILIES, ModelFamily, register_family
-    except ImportError:
-        return False
-    if "routing" not in FAMILIES:
-        register_family(
-            ModelFamily(
-                name="routing",
-                config_cls="retrolm.models.routing_config:RoutingConfig",
-                model_cls="retrolm.models.routing:RoutingLanguageModel",
-                uses_retrieval=False,
-                default_preset="routing-tiny",
-            )
-        )
-    return True
