@@ -348,3 +348,23 @@ def test_split_modules_keep_the_public_imports():
     assert routing.RoutingCache is routing_cache.RoutingCache
     lm = routing.RoutingTransformerLM(config=RoutingConfig.from_name("routing-tiny"))
     assert isinstance(lm.init_cache(1), routing_cache.RoutingCache)
+
+
+@pytest.mark.parametrize("shared_qk", [False, True])
+def test_fused_qkv_projection_equals_separate_under_bf16(shared_qk):
+    # without autograd (decoding, prefill) q|k|v is one matmul on the shared fused weight
+    torch.manual_seed(0)
+    model = RoutingTransformerLM(
+        num_tokens=64, dim=32, depth=1, heads=4, dim_head=8, max_seq_len=64,
+        window_size=16, n_local_attn_heads=2, shared_qk=shared_qk,
+    ).eval()  # fmt: skip
+    attn = next(m for m in model.modules() if type(m).__name__ == "RoutingAttention")
+    x = torch.randn(2, 5, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad():
+            fused = attn._project(x, x)
+        separate = attn._project(x, x)  # autograd on: three projections
+    for a, b in zip(fused, separate):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a.float(), b.float(), atol=1e-2, rtol=1e-2)

@@ -35,7 +35,7 @@ from retrolm.models.routing_balanced import balanced_attend
 from retrolm.models.routing_cache import LayerCache, RoutingCache, routed_decode_step
 from retrolm.models.routing_config import RoutingConfig
 from retrolm.nn.attention import attend
-from retrolm.nn.decode_linear import DecodeLinear, compute_dtype, linear_t
+from retrolm.nn.decode_linear import DecodeLinear, compute_dtype, concat_decode_weight, linear_t
 from retrolm.nn.feedforward import FeedForward
 from retrolm.nn.kmeans import SphericalKMeans, update_after_backward, update_kmeans
 from retrolm.nn.layer_drop import layer_drop_keep
@@ -66,11 +66,6 @@ __all__ = [
 ]
 
 
-def _concat_t(*params) -> Tensor:  # a WeightCache build: (weights..., dtype) -> (in, out)
-    *weights, dtype = params
-    return torch.cat(weights).t().to(dtype).contiguous()
-
-
 class RoutingAttention(nn.Module):
     """Local heads (exact sliding window) + routed heads (k-means clusters) in one layer.
 
@@ -99,7 +94,7 @@ class RoutingAttention(nn.Module):
         self.out_proj = DecodeLinear(h * d, cfg.dim, bias=False)
         self.out_dropout = nn.Dropout(cfg.attn_layer_dropout)
         # q|k|v weights as one (in, out) matrix in the compute dtype, for decoding / prefill
-        self._fused = WeightCache(_concat_t)
+        self._fused = WeightCache(concat_decode_weight)
         self.kmeans = None
         self.num_mem_kv = 0
         if hr:

@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from retrolm.nn.attention import attend
 from retrolm.nn.kv_cache import KVCache
+from retrolm.nn.sorted_window import attend_with_memory
 
 __all__ = ["LayerCache", "RoutingCache", "ranks_in_group", "routed_decode_step"]
 
@@ -85,13 +85,7 @@ class LayerCache:
         if shared_qk:  # itself only when it is alone (Reformer's shared-QK rule)
             is_self = slot == (seen - 1) % w
             mask &= ~is_self if mem_kv is not None else ~is_self | (seen == 1)
-        mask = mask[..., None, :]  # (b, hr, 1, w)
-        if mem_kv is not None:
-            mk, mv = mem_kv
-            keys = torch.cat((mk.to(keys.dtype).expand(b, -1, -1, -1), keys), dim=-2)
-            vals = torch.cat((mv.to(vals.dtype).expand(b, -1, -1, -1), vals), dim=-2)
-            mask = torch.cat((mask.new_ones(b, h, 1, mk.shape[-2]), mask), dim=-1)
-        return attend(q, keys, vals, mask)
+        return attend_with_memory(q, keys, vals, mask[..., None, :], mem_kv, 0.0)
 
 
 class RoutingCache:

@@ -72,6 +72,13 @@ def decode_weight(weight: Tensor, dtype: torch.dtype) -> Tensor:
         return weight.t().to(dtype).contiguous()
 
 
+def concat_decode_weight(*params: Tensor) -> Tensor:  # a WeightCache build
+    """(weights (o_i, in)..., dtype) -> their rows concatenated, as ``linear_t`` takes them
+    (``decode_weight``): one matmul for several projections of the same input."""
+    *weights, dtype = params
+    return decode_weight(torch.cat(weights), dtype)
+
+
 class TransposedWeight:
     """``weight.t().contiguous()`` in a given dtype, rebuilt when the weight changes (new
     storage, or an in-place update: the version counter moves) or the dtype does. Holds the

@@ -47,16 +47,25 @@ def block_offsets(window: int, causal: bool) -> tuple[int, int, int]:
     return c, back, 0 if causal else back
 
 
+def relative_band(window: int, causal: bool, device: torch.device) -> tuple[Tensor, Tensor]:
+    """For any block of ``neighbour_blocks``: the distance query - key (c, kw) between each
+    of its c queries and kw candidate keys (positions, or places in a sorted order), and
+    which of them lie inside the window (bool (c, kw))."""
+    c, back, fwd = block_offsets(window, causal)
+    dist = torch.arange(c, device=device)[:, None] - (
+        torch.arange((back + 1 + fwd) * c, device=device) - back * c
+    )
+    allowed = ((dist >= 0) & (dist < window)) if causal else (dist.abs() < window)
+    return dist, allowed
+
+
 @functools.lru_cache(maxsize=16)
 def _band(n: int, window: int, causal: bool, device: torch.device) -> Tensor:
     """(nb, c, kw) bool: which of its block's candidate keys each query may attend."""
-    c, back, fwd = block_offsets(window, causal)
-    nb = -(-n // c)
-    blk = torch.arange(nb, device=device)[:, None]
-    qpos = blk * c + torch.arange(c, device=device)  # (nb, c)
-    kpos = (blk - back) * c + torch.arange((back + 1 + fwd) * c, device=device)  # (nb, kw)
-    dist = qpos[:, :, None] - kpos[:, None, :]  # (nb, c, kw)
-    allowed = ((dist >= 0) & (dist < window)) if causal else (dist.abs() < window)
+    c, back, _ = block_offsets(window, causal)
+    _, allowed = relative_band(window, causal, device)
+    blk = torch.arange(-(-n // c), device=device)[:, None]
+    kpos = (blk - back) * c + torch.arange(allowed.shape[1], device=device)  # (nb, kw)
     return allowed & ((kpos >= 0) & (kpos < n))[:, None, :]
 
 

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from retrolm.nn.attention import attend
-from retrolm.nn.decode_linear import DecodeLinear, compute_dtype, decode_weight, linear_t
+from retrolm.nn.decode_linear import DecodeLinear, compute_dtype, concat_decode_weight, linear_t
 from retrolm.nn.kv_cache import KVCache
 from retrolm.nn.local_attention import local_attend
 from retrolm.nn.masks import causal_mask, combine, key_padding_mask, sliding_window_mask
@@ -42,7 +42,7 @@ def _concat_t(*params: Tensor) -> tuple[Tensor, Tensor | None]:  # a WeightCache
     """(q, k, v weights[, q, k, v biases], dtype) -> (fused weight as ``linear_t`` takes it,
     see ``decode_weight``; fused bias or None), in dtype."""
     *params, dtype = params
-    w = decode_weight(torch.cat(params[:3]), dtype)
+    w = concat_decode_weight(*params[:3], dtype)
     return w, (torch.cat(params[3:]).to(dtype) if len(params) > 3 else None)
 
 

@@ -33,7 +33,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from retrolm.nn.attention import attend, block_attend, current_backend
-from retrolm.nn.local_attention import block_offsets, neighbour_blocks
+from retrolm.nn.local_attention import block_offsets, neighbour_blocks, relative_band
 
 MemKV = tuple[Tensor, Tensor]  # (h, m, d) keys and values
 
@@ -72,7 +72,7 @@ def _exclude_self(mask: Tensor, is_self: Tensor, has_mem: bool) -> Tensor:
     return others | (is_self & mask & ~others.any(-1, keepdim=True))
 
 
-def _attend_with_mem(q, k, v, mask, mem: MemKV | None, dropout_p: float, fn=attend) -> Tensor:
+def attend_with_memory(q, k, v, mask, mem: MemKV | None, dropout_p: float, fn=attend) -> Tensor:
     """q (B, h, [nb,] i, d), k/v (B, h, [nb,] j, d), mask (B, h, [nb,] i, j); memory kv
     prepended, always visible.
     ``fn``: ``attend``, or ``block_attend`` for many small blocks."""
@@ -125,7 +125,7 @@ def _dense(q, k, v, group, window, k_group, causal, mem_kv, exclude_self, dropou
         mask = _exclude_self(
             mask, torch.eye(n, dtype=torch.bool, device=q.device), mem_kv is not None
         )
-    return _attend_with_mem(q, k, v, mask, mem_kv, dropout_p)
+    return attend_with_memory(q, k, v, mask, mem_kv, dropout_p)
 
 
 def _rows(x: Tensor, flat: Tensor) -> Tensor:
@@ -153,15 +153,12 @@ def _blocked(q, k, v, group, w, causal, mem_kv, exclude_self, dropout_p):
     gk = neighbour_blocks(gs, c, back, fwd, fill=-2)  # (b, h, nb, kw)
     gq = gs.unflatten(2, (-1, c))  # (b, h, nb, c)
     # distance in sorted order between a query and each of its block's candidate keys
-    dist = torch.arange(c, device=q.device)[:, None] - (
-        torch.arange(kb.shape[3], device=q.device) - back * c
-    )
-    allowed = ((dist >= 0) & (dist < w)) if causal else (dist.abs() < w)  # (c, kw)
+    dist, allowed = relative_band(w, causal, q.device)  # (c, kw) each
     mask = (gq[..., :, None] == gk[..., None, :]) & (gq >= 0)[..., None] & allowed
     if exclude_self:
         mask = _exclude_self(mask, dist == 0, mem_kv is not None)
     qb = qs.unflatten(2, (-1, c))  # (b, h, nb, c, d)
-    out = _attend_with_mem(qb, kb, vb, mask, mem_kv, dropout_p, fn=block_attend)
+    out = attend_with_memory(qb, kb, vb, mask, mem_kv, dropout_p, fn=block_attend)
     out = out.flatten(2, 3)[:, :, :n]  # (b, h, n, dv) in sorted order
     unsort = torch.empty_like(order).scatter_(
         2, order, torch.arange(n, device=q.device).expand_as(order)
@@ -195,7 +192,7 @@ def _gathered(q, k, v, q_group, k_group, w, causal, mem_kv, dropout_p, chunk_ele
         flat = rearrange(cc, "b h c s -> b h (c s)")[..., None]
         kc = ks.gather(2, flat.expand(-1, -1, -1, d)).view(b, h, c, span, d)
         vv = vs.gather(2, flat.expand(-1, -1, -1, vs.shape[-1])).view(b, h, c, span, -1)
-        out = _attend_with_mem(
+        out = attend_with_memory(
             rearrange(qc, "b h c d -> (b c) h 1 d"),
             rearrange(kc, "b h c s d -> (b c) h s d"),
             rearrange(vv, "b h c s d -> (b c) h s d"),
