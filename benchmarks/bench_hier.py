@@ -6,7 +6,8 @@ hierarchies (1, 2, 8), windows (32, 64, None), batch 1, each library's default l
 
   train : forward + backward + AdamW at L = 1024 and 4096, fp32 and bf16 autocast per side
           (a side's better dtype is the faster one that runs); tokens/s and peak RSS.
-          gen also tries bf16 weights (``bf16w``).
+          gen also tries bf16 weights (``bf16w``) and, for retrolm, ``bf16p`` (the prompt
+          under bf16 autocast, the cached steps in fp32: ``prefill_dtype``).
   gen   : 992-token prompt, 32 new tokens, batch 1, whole generate call timed (prefill
           included); the reference's own loop (full recompute per token) vs retrolm's cache.
 
@@ -98,8 +99,9 @@ def child(side: str, mode: str, length: int, dtype: str) -> dict:
             with torch.no_grad(), torch.autocast(**amp):
                 if side == "ref":
                     model.generate(prompt, new)
-                else:
-                    model.generate(prompt, new, top_k=25)  # ~the reference's top 10% filter
+                else:  # top 25: ~the reference's top 10% filter
+                    pre = torch.bfloat16 if dtype == "bf16p" else None
+                    model.generate(prompt, new, top_k=25, prefill_dtype=pre)
 
         run(4)  # warm-up: a few tokens, as the anchor harness does
         warm, measure = 0, (1 if side == "ref" else 3)  # the reference takes minutes per call
@@ -166,7 +168,7 @@ def main() -> None:
     ap.add_argument("--lengths", default="1024,4096")
     ap.add_argument("--modes", default="train,gen")
     ap.add_argument("--dtypes", default="fp32,bf16")
-    ap.add_argument("--gen-dtypes", default="fp32,bf16,bf16w")
+    ap.add_argument("--gen-dtypes", default="fp32,bf16,bf16w,bf16p")
     ap.add_argument("--timeout", type=int, default=400)
     ap.add_argument("--out", default=os.path.join(HERE, "results", "hier.jsonl"))
     a = ap.parse_args()
@@ -185,6 +187,8 @@ def main() -> None:
     results = []
     for mode, length, dtype in plan:
         for side in ("ref", "ours"):  # alternate so both see the same background load
+            if side == "ref" and dtype == "bf16p":
+                continue  # the reference has no separate prompt precision
             r = launch(side, mode, length, dtype, a.timeout)
             r["loadavg"] = open("/proc/loadavg").read().split()[:3]
             results.append(r)

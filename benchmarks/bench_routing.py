@@ -63,9 +63,16 @@ def _train_step(model, opt, x, bf16):
     opt.step()
 
 
-def _gen(side, model, x, L, n_new):
+def _gen(side, model, x, L, n_new, dtype="fp32"):
+    """dtype: fp32, bf16 (autocast for the whole call) or, ours only, bf16p (the prompt under
+    bf16 autocast, the cached steps in fp32: ``prefill_dtype``)."""
+    import torch
+
     kw = dict(top_k=26) if side == "ours" else {}  # ref default: top-k keeping 10% of V
-    return model.generate(x[:, : L - 32], n_new, **kw)
+    if dtype == "bf16p":
+        kw["prefill_dtype"] = torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+        return model.generate(x[:, : L - 32], n_new, **kw)
 
 
 def child_speed(mode: str, L: int, dt_ours: str, dt_ref: str, steps: int) -> dict:
@@ -96,11 +103,11 @@ def child_speed(mode: str, L: int, dt_ours: str, dt_ref: str, steps: int) -> dic
         for m in models.values():
             m.eval()
         for s in models:
-            _gen(s, models[s], x, L, 4)  # warm-up
+            _gen(s, models[s], x, L, 4, dts[s])  # warm-up
         for _ in range(steps):
             for s in models:
                 t0 = time.perf_counter()
-                _gen(s, models[s], x, L, 32)
+                _gen(s, models[s], x, L, 32, dts[s])
                 times[s].append(time.perf_counter() - t0)
         work = 32
     ratios = [r / o for o, r in zip(times["ours"], times["ref"])]
@@ -182,9 +189,13 @@ def main() -> None:
     # each side's better dtype for training on this machine kind: bf16 autocast for both
     # (ours in fp32 ran at 0.64x/0.58x of the reference against 0.88x/0.86x in bf16, quiet
     # machine, benchmarks/RESULTS.md; ours is faster still in bf16 since its windowed
-    # attention runs on block_attend). Generation runs both sides in fp32 (the "gen" child).
+    # attention runs on block_attend).
     ap.add_argument("--dtype-ours", default="bf16", choices=("fp32", "bf16"))
     ap.add_argument("--dtype-ref", default="bf16", choices=("fp32", "bf16"))
+    # generation: bf16p = bf16 prompt, fp32 cached steps (ours only); see RESULTS.md for
+    # each side's faster generation dtype
+    ap.add_argument("--gen-dtype-ours", default="bf16p", choices=("fp32", "bf16", "bf16p"))
+    ap.add_argument("--gen-dtype-ref", default="fp32", choices=("fp32", "bf16"))
     ap.add_argument(
         "--out", default=os.path.join(os.path.dirname(__file__), "results_routing.jsonl")
     )
@@ -212,7 +223,7 @@ def main() -> None:
 
     modes = a.modes.split(",")
     if "gen" in modes:
-        gen = ["speed", "gen", "1024", "fp32", "fp32", str(a.gen_rounds)]
+        gen = ["speed", "gen", "1024", a.gen_dtype_ours, a.gen_dtype_ref, str(a.gen_rounds)]
         summary["gen_speedup"] = keep(run(gen))["speedup"]
     for L in (4096, 8192) if "train" in modes else ():
         r = keep(run(["speed", "train", str(L), dt["ours"], dt["ref"], str(steps)]))

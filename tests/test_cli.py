@@ -89,6 +89,9 @@ def test_train_eval_generate(setup, capsys):
     )
     out = capsys.readouterr().out
     assert "retrieved while writing" in out and ".txt:" in out
+    argv = ["generate", str(run), "--prompt", "Return the JSON object " * 3, "--seed", "0"]
+    assert main([*argv, "--max-new-tokens", "8", "--prefill-dtype", "bf16"]) == 0
+    assert "retrieved while writing" in capsys.readouterr().out
     # rerunning the finished command is a no-op that reports the step
     assert (
         main(

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from retrolm.models.registry import ModelFamily, check_no_retrieval, family_of
+from retrolm.nn.kv_cache import as_float_dtype, prefill
 from retrolm.sampling import sample_next
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,7 @@ def generate(
     seed: int | None = None,
     use_cache: bool = True,
     family: str | ModelFamily | None = None,
+    prefill_dtype: torch.dtype | str | None = None,
 ) -> GenerationResult:
     """Continue ``prompt_ids`` by up to ``max_new_tokens`` tokens.
 
@@ -99,6 +101,10 @@ def generate(
     ``temperature`` 0 is greedy. ``use_cache=False`` reruns the whole prefix at each step
     (the reference the cached path is tested against). ``family``: the model family's name
     (default: looked up from the model's class); only retrieval families take a retriever.
+    ``prefill_dtype`` (e.g. ``torch.bfloat16`` or ``"bf16"``): run the prompt's forward under
+    autocast to it, then cast the cache to the steps' dtype (the weights', or autocast's if
+    the caller enabled it): on CPU the long prompt forward gains from half precision while
+    single-token steps are often fastest in fp32. With ``use_cache=False`` it is ignored.
     """
     fam = family_of(model, family)
     if retriever is not None:
@@ -125,6 +131,8 @@ def generate(
             max_new_tokens,
         )
         max_new_tokens = max_len - prompt_len
+    if prefill_dtype is not None:
+        prefill_dtype = as_float_dtype(prefill_dtype)
     k = num_neighbours or getattr(retriever, "num_neighbours", None) or 2
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     was_training = model.training
@@ -157,7 +165,8 @@ def generate(
         if retriever is not None:
             retrieve_complete_chunks()
         if max_new_tokens:
-            logits = forward(seq, cache)[:, -1]
+            dtype = prefill_dtype if cache is not None else None
+            logits = prefill(lambda: forward(seq, cache), model, cache, dtype, device)[:, -1]
         for step in range(max_new_tokens):
             nxt = sample_next(
                 logits.float(), temperature=temperature, top_k=top_k, top_p=top_p, generator=gen

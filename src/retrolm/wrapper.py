@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from retrolm.nn.kv_cache import as_float_dtype, prefill
 from retrolm.sampling import sample_next
 
 
@@ -77,8 +78,16 @@ class AutoregressiveWrapper(nn.Module):
         top_k: int | None = None,
         top_p: float | None = None,
         generator: torch.Generator | None = None,
+        prefill_dtype: torch.dtype | str | None = None,
         **kwargs,
     ) -> Tensor:  # (b, <= seq_len) new tokens only
+        """Sample ``seq_len`` new tokens (temperature 0 = greedy).
+
+        ``prefill_dtype`` (e.g. ``torch.bfloat16``): run the prompt's forward under autocast
+        to it and cast the cache to the steps' dtype (``nn.kv_cache.prefill``); with a cache
+        only."""
+        if prefill_dtype is not None:
+            prefill_dtype = as_float_dtype(prefill_dtype)
         was_training = self.net.training
         self.net.eval()
         squeeze = start_tokens.dim() == 1
@@ -87,9 +96,16 @@ class AutoregressiveWrapper(nn.Module):
         cache = self.net.init_cache(b) if hasattr(self.net, "init_cache") else None
         done = torch.zeros(b, dtype=torch.bool, device=out.device)
         step_input = out
-        for _ in range(seq_len):
+        for i in range(seq_len):
             if cache is not None:
-                logits, _ = split_output(self.net(step_input, cache=cache, **kwargs))
+
+                def run(tokens=step_input):
+                    return split_output(self.net(tokens, cache=cache, **kwargs))
+
+                if i == 0:
+                    logits, _ = prefill(run, self.net, cache, prefill_dtype, out.device)
+                else:
+                    logits, _ = run()
             else:
                 ctx = out if self.max_seq_len is None else out[:, -self.max_seq_len :]
                 logits, _ = split_output(self.net(ctx, **kwargs))

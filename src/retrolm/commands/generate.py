@@ -18,6 +18,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--neighbours", type=int, default=2, help="neighbours per chunk")
     p.add_argument("--db", help="retrieval database (default: the run's)")
     p.add_argument("--no-retrieval", action="store_true", help="generate without neighbours")
+    p.add_argument(
+        "--prefill-dtype",
+        choices=("bf16", "fp16", "fp32"),
+        help="run the prompt in this precision (autocast), the new tokens in the weights' "
+        "(bf16 speeds up long prompts on CPU; default: the weights' dtype throughout)",
+    )
     p.set_defaults(func=run)
 
 
@@ -43,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
         eos_id=tok.eos_id,
         seed=args.seed,
         family=meta["family"],
+        prefill_dtype=args.prefill_dtype,
     )
     print(args.prompt + tok.decode(res.new_ids[0].tolist()))
     sources = describe_sources(db, res) if retrieve else []

@@ -394,8 +394,10 @@ class HierarchicalTransformer(nn.Module):
         top_p: float | None = None,
         eos_token: int | None = None,
         generator: torch.Generator | None = None,
+        prefill_dtype: torch.dtype | str | None = None,
     ) -> Tensor:  # (b, seq_len) new tokens
-        """Sample ``seq_len`` new tokens with the KV cache (temperature 0 = greedy).
+        """Sample ``seq_len`` new tokens with the KV cache (temperature 0 = greedy);
+        ``prefill_dtype``: see ``AutoregressiveWrapper.generate``.
 
         The prompt may hold at most ``config.seq_len`` tokens; generation may run past it
         (rotary positions keep counting, windows keep sliding), unlike the seed, which
@@ -408,6 +410,7 @@ class HierarchicalTransformer(nn.Module):
             top_k=top_k,
             top_p=top_p,
             generator=generator,
+            prefill_dtype=prefill_dtype,
         )
 
 

@@ -4,7 +4,7 @@ from retrolm.nn.attention import attend, attention_backend, reference_attend
 from retrolm.nn.decode_linear import DecodeLinear
 from retrolm.nn.feedforward import FeedForward
 from retrolm.nn.kmeans import SphericalKMeans, update_kmeans
-from retrolm.nn.kv_cache import KVCache
+from retrolm.nn.kv_cache import KVCache, cast_cache, prefill
 from retrolm.nn.layer_drop import layer_drop_keep
 from retrolm.nn.local_attention import local_attend
 from retrolm.nn.masks import causal_mask, combine, key_padding_mask, sliding_window_mask
@@ -24,6 +24,8 @@ __all__ = [
     "DecodeLinear",
     "FeedForward",
     "KVCache",
+    "cast_cache",
+    "prefill",
     "LayerNorm",
     "MultiHeadAttention",
     "RMSNorm",

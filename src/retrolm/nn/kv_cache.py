@@ -9,7 +9,13 @@ run past its end, i.e. once per ``capacity - n`` steps instead of on every step.
 
 from __future__ import annotations
 
-from torch import Tensor
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor, nn
+
+T = TypeVar("T")
 
 
 class KVCache:
@@ -66,4 +72,77 @@ def new_caches(n: int) -> list[KVCache]:
     return [KVCache() for _ in range(n)]
 
 
-__all__ = ["KVCache", "new_caches"]
+_DTYPE_NAMES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+}
+
+
+def as_float_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """A floating dtype from a ``torch.dtype`` or a name ('bf16', 'fp16', 'fp32', ...)."""
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in _DTYPE_NAMES:
+        return _DTYPE_NAMES[dtype.lower()]
+    raise ValueError(
+        f"prefill dtype must be a floating dtype such as torch.bfloat16 or one of "
+        f"{sorted(_DTYPE_NAMES)}, got {dtype!r}"
+    )
+
+
+def cast_cache(cache: Any, dtype: torch.dtype) -> Any:
+    """Cast, in place, every floating tensor a decoding cache holds to ``dtype``.
+
+    A cache is a plain container (objects, dataclasses, lists, tuples, dicts) of tensors and
+    Python values; modules are left alone. Returns the cache (a tuple comes back rebuilt)."""
+    if isinstance(cache, Tensor):
+        return cache.to(dtype) if cache.is_floating_point() else cache
+    if isinstance(cache, list):
+        cache[:] = [cast_cache(v, dtype) for v in cache]
+    elif isinstance(cache, tuple):
+        items = [cast_cache(v, dtype) for v in cache]
+        return type(cache)(*items) if hasattr(cache, "_fields") else tuple(items)
+    elif isinstance(cache, dict):
+        for key, v in cache.items():
+            cache[key] = cast_cache(v, dtype)
+    elif hasattr(cache, "__dict__") and not isinstance(cache, nn.Module):
+        for key, v in vars(cache).items():
+            setattr(cache, key, cast_cache(v, dtype))
+    return cache
+
+
+def step_dtype(model: nn.Module, device: torch.device) -> torch.dtype:
+    """The dtype a decoding step computes in here: autocast's if it is on, else the weights'."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return next(model.parameters()).dtype
+
+
+def prefill(
+    run: Callable[[], T],
+    model: nn.Module,
+    cache: Any,
+    dtype: torch.dtype | str | None,
+    device: torch.device,
+) -> T:
+    """Run a prompt's forward ``run()`` that fills ``cache``, optionally in another precision.
+
+    With ``dtype`` (e.g. bf16), the prompt runs under autocast to it: one long forward is
+    matmul-bound and gains from half precision, while the single-token steps that follow are
+    overhead- and bandwidth-bound and may be faster in the weights' dtype. The cache is then
+    cast to the steps' dtype (``step_dtype``), so every step reads one precision."""
+    if dtype is None:
+        return run()
+    dtype = as_float_dtype(dtype)
+    with torch.autocast(device.type, dtype=dtype):
+        out = run()
+    if cache is not None:
+        cast_cache(cache, step_dtype(model, device))
+    return out
+
+
+__all__ = ["KVCache", "as_float_dtype", "cast_cache", "new_caches", "prefill", "step_dtype"]
