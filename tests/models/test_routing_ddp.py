@@ -2,7 +2,6 @@
 different data, keep identical centroids (and they did move)."""
 
 import os
-import socket
 import tempfile
 
 import pytest
@@ -11,15 +10,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _worker(rank: int, world: int, out_dir: str) -> None:
+    # rendezvous through a file, not a TCP port: a port picked as free can be taken by
+    # another process (another test run on the machine) before rank 0 binds it
+    store = f"file://{os.path.join(out_dir, 'store')}"
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=world)
     torch.set_num_threads(1)
     from retrolm import AutoregressiveWrapper, RoutingTransformerLM
     from retrolm.nn.kmeans import kmeans_modules
@@ -55,9 +50,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
 def test_two_process_gloo_ddp_keeps_identical_centroids():
     with tempfile.TemporaryDirectory() as d:
-        mp.start_processes(
-            _worker, args=(2, _free_port(), d), nprocs=2, join=True, start_method="spawn"
-        )
+        mp.start_processes(_worker, args=(2, d), nprocs=2, join=True, start_method="spawn")
         r0, r1 = (torch.load(os.path.join(d, f"rank{r}.pt")) for r in range(2))
     assert r0["moved"] and r1["moved"]
     torch.testing.assert_close(r0["means"], r1["means"], rtol=0, atol=0)
