@@ -114,10 +114,11 @@ class RoutingAttention(nn.Module):
             self._fused.clear()
         return super().train(mode)
 
-    def _project(self, x: Tensor, src: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
-        """q (b, h, n, d), k (b, hk, m, d) or None, v (b, h, m, d). Without autograd, self-
-        attention projects with one matmul over the weights concatenated (a decoding step
-        runs this per layer: two matmuls and their reshapes fewer)."""
+    def _project(self, x: Tensor, src: Tensor) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+        """q (b, h, n, d), k (b, hk, m, d) or None, v (b, h, m, d), and q|k (b, h + hk, n, d)
+        (a view when fused, else q). Without autograd, self-attention projects with one
+        matmul over the weights concatenated (a decoding step runs this per layer: two
+        matmuls and their reshapes fewer)."""
         d = self.dim_head
         if self.cross or torch.is_grad_enabled():
             q = rearrange(self.q_proj(x), "b n (h d) -> b h n d", d=d)
@@ -125,7 +126,7 @@ class RoutingAttention(nn.Module):
             k = None
             if self.k_proj is not None:
                 k = rearrange(self.k_proj(src), "b n (h d) -> b h n d", d=d)
-            return q, k, v
+            return q, k, v, q
         ws = [self.q_proj.weight, self.v_proj.weight]
         if self.k_proj is not None:
             ws.insert(1, self.k_proj.weight)
@@ -133,7 +134,17 @@ class RoutingAttention(nn.Module):
         qkv = qkv.unflatten(-1, (-1, d)).transpose(1, 2)  # (b, h + hk + h, n, d)
         hk = qkv.shape[1] - 2 * self.heads
         q, k, v = qkv.split((self.heads, hk, self.heads), dim=1)
-        return q, (k if hk else None), v
+        return q, (k if hk else None), v, qkv[:, : self.heads + hk]
+
+    def _rotate(self, q: Tensor, k: Tensor | None, qk: Tensor, rotary: Rotary | None):
+        """Rotary on every query and key head: one call over the fused q|k view when there
+        is one (the same values, elementwise; a decoding step: two calls per layer fewer)."""
+        if rotary is None:
+            return q, k
+        if qk is not q:
+            r = apply_rotary(qk, *rotary)
+            return r[:, : self.heads], (r[:, self.heads :] if k is not None else None)
+        return apply_rotary(q, *rotary), (apply_rotary(k, *rotary) if k is not None else None)
 
     def forward(
         self,
@@ -146,26 +157,28 @@ class RoutingAttention(nn.Module):
         cache: LayerCache | None = None,
     ) -> tuple[Tensor, Tensor]:  # (b, n, dim), aux scalar
         hl, hr = self.local_heads, self.routed_heads
-        q, k, v = self._project(x, context if self.cross else x)
-        outs, aux = [], x.new_zeros((), dtype=torch.float32)
+        q, k, v, qk = self._project(x, context if self.cross else x)
+        qrot, krot = self._rotate(q, k, qk, rotary)  # routing reads q, k; attention these
+        outs, aux = [], None
         if hl:
-            outs.append(self._local(q[:, :hl], k[:, :hl], v[:, :hl], input_mask, rotary, cache))
+            outs.append(self._local(qrot[:, :hl], krot[:, :hl], v[:, :hl], input_mask, cache))
         if hr:
             qr, vr = q[:, hl:], v[:, hl:]
             kr = None if self.shared_qk else k[:, hl:]
             if self.cross:
                 out, commit = self._cross(qr, kr, vr, input_mask, context_mask)
             else:
-                out, commit = self._routed(qr, kr, vr, input_mask, rotary, cache)
+                rot = (qrot[:, hl:], None if kr is None else krot[:, hl:])
+                out, commit = self._routed(qr, kr, vr, rot, input_mask, cache)
             outs.append(out)
-            aux = aux + commit * self.commitment
+            aux = commit * self.commitment
+        if aux is None:
+            aux = x.new_zeros((), dtype=torch.float32)
         out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
         return self.out_dropout(self.out_proj(rearrange(out, "b h n d -> b n (h d)"))), aux
 
     # --- local heads -----------------------------------------------------------------------
-    def _local(self, q, k, v, mask, rotary, cache):
-        if rotary is not None:
-            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+    def _local(self, q, k, v, mask, cache):  # q, k rotated
         p = self.dropout if self.training else 0.0
         if cache is None or cache.local.length == 0:
             out = local_attend(
@@ -205,11 +218,10 @@ class RoutingAttention(nn.Module):
             kgroups = kgroups.masked_fill(pad, -1) if kgroups is not None else None
         return groups, kgroups, commit
 
-    def _routed(self, qr, kr, vr, mask, rotary, cache):
+    def _routed(self, qr, kr, vr, rotated, mask, cache):
+        """qr, kr as projected (routing reads them); ``rotated``: the same after rotary."""
         groups, kgroups, commit = self._route(qr, kr, mask)
-        if rotary is not None:
-            qr = apply_rotary(qr, *rotary)
-            kr = apply_rotary(kr, *rotary) if kr is not None else None
+        qr, kr = rotated
         # shared q/k: keys are the l2-normalised queries (Reformer's shared-QK attention)
         keys = F.normalize(qr, dim=-1) if kr is None else kr
         p = self.dropout if self.training else 0.0
@@ -230,7 +242,15 @@ class RoutingAttention(nn.Module):
         kg = groups if kgroups is None else kgroups
         if cache is not None and cache.has_routed:
             out = routed_decode_step(
-                qr, keys, vr, kg, groups, cache, shared_qk=self.shared_qk, mem_kv=self._mem()
+                qr,
+                keys,
+                vr,
+                kg,
+                groups,
+                cache,
+                shared_qk=self.shared_qk,
+                mem_kv=self._mem(),
+                real=mask is None,
             )
             return out, commit
         out = sorted_window_attend(
@@ -288,8 +308,10 @@ class RoutingAttention(nn.Module):
 # the stack
 # ---------------------------------------------------------------------------------------
 class _Sublayer(nn.Module):
-    """One residual sub-layer (attention, cross-attention or feed-forward slot) that always
-    returns ``(x, aux)``; ``branch=True`` returns the branch alone (for reversible stacks)."""
+    """One residual sub-layer (attention, cross-attention or feed-forward slot) that returns
+    ``(x, aux)``; ``branch=True`` returns the branch alone (for reversible stacks). Outside
+    a reversible stack a sub-layer without an auxiliary loss returns ``aux=None`` (no zero
+    tensor to make and add per sub-layer and token)."""
 
     def __init__(self, cfg: RoutingConfig, fn: nn.Module, kind: str) -> None:
         super().__init__()
@@ -327,7 +349,7 @@ class _Sublayer(nn.Module):
         out = self.residual.branch(x, **kw) if branch else self.residual(x, **kw)
         if isinstance(out, tuple):
             return out
-        return out, x.new_zeros((), dtype=torch.float32)
+        return out, (x.new_zeros((), dtype=torch.float32) if branch else None)
 
 
 def _ff_slot(cfg: RoutingConfig, layer: int) -> tuple[nn.Module, str]:
@@ -457,7 +479,8 @@ class RoutingTransformer(nn.Module):
                 lc = cache.layers[i] if cache is not None else None
                 for j, sub in enumerate(subs):
                     x, a = sub(x, cache=lc, key=str(j), **kw)
-                    aux = aux + a
+                    if a is not None:
+                        aux = aux + a
         if cache is not None:
             cache.length += n
         return x, aux
