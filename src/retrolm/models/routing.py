@@ -27,7 +27,6 @@ import weakref
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
@@ -42,7 +41,7 @@ from retrolm.nn.layer_drop import layer_drop_keep
 from retrolm.nn.local_attention import local_attend
 from retrolm.nn.masks import sliding_window_mask
 from retrolm.nn.moe import MixtureOfExperts
-from retrolm.nn.norms import LayerNorm
+from retrolm.nn.norms import LayerNorm, l2_normalize
 from retrolm.nn.pkm import ProductKeyMemory, pkm_param_groups
 from retrolm.nn.residual import Residual
 from retrolm.nn.reversible import reversible
@@ -223,7 +222,7 @@ class RoutingAttention(nn.Module):
         groups, kgroups, commit = self._route(qr, kr, mask)
         qr, kr = rotated
         # shared q/k: keys are the l2-normalised queries (Reformer's shared-QK attention)
-        keys = F.normalize(qr, dim=-1) if kr is None else kr
+        keys = l2_normalize(qr) if kr is None else kr
         p = self.dropout if self.training else 0.0
         if self.mode == "balanced":
             out = balanced_attend(
