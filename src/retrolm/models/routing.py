@@ -141,8 +141,8 @@ class RoutingAttention(nn.Module):
         if rotary is None:
             return q, k
         if qk is not q:
-            r = apply_rotary(qk, *rotary)
-            return r[:, : self.heads], (r[:, self.heads :] if k is not None else None)
+            rq, rk = apply_rotary(qk, *rotary).split((self.heads, qk.shape[1] - self.heads), 1)
+            return rq, (rk if k is not None else None)
         return apply_rotary(q, *rotary), (apply_rotary(k, *rotary) if k is not None else None)
 
     def forward(
@@ -159,22 +159,31 @@ class RoutingAttention(nn.Module):
         q, k, v, qk = self._project(x, context if self.cross else x)
         qrot, krot = self._rotate(q, k, qk, rotary)  # routing reads q, k; attention these
         outs, aux = [], None
+        # per head group with one split each (a decoding step: a slice per view costs a call)
+        vl, vr = v.split((hl, hr), 1)
+        ql_rot, qr_rot = qrot.split((hl, hr), 1)
+        if k is not None and k.shape[1] > hl:  # routed heads with their own keys
+            kl_rot, kr_rot = krot.split((hl, hr), 1)
+        else:
+            kl_rot, kr_rot = krot, None
         if hl:
-            outs.append(self._local(qrot[:, :hl], krot[:, :hl], v[:, :hl], input_mask, cache))
+            outs.append(self._local(ql_rot, kl_rot, vl, input_mask, cache))
         if hr:
-            qr, vr = q[:, hl:], v[:, hl:]
+            qr = q[:, hl:]
             kr = None if self.shared_qk else k[:, hl:]
             if self.cross:
                 out, commit = self._cross(qr, kr, vr, input_mask, context_mask)
             else:
-                rot = (qrot[:, hl:], None if kr is None else krot[:, hl:])
-                out, commit = self._routed(qr, kr, vr, rot, input_mask, cache)
+                out, commit = self._routed(qr, kr, vr, (qr_rot, kr_rot), input_mask, cache)
             outs.append(out)
             aux = commit * self.commitment
         if aux is None:
             aux = x.new_zeros((), dtype=torch.float32)
         out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
-        return self.out_dropout(self.out_proj(rearrange(out, "b h n d -> b n (h d)"))), aux
+        out = self.out_proj(out.transpose(1, 2).flatten(2))  # (b, h, n, d) -> (b, n, h * d)
+        if self.training:  # nn.Dropout is the identity in eval; skip its call when decoding
+            out = self.out_dropout(out)
+        return out, aux
 
     # --- local heads -----------------------------------------------------------------------
     def _local(self, q, k, v, mask, cache):  # q, k rotated

@@ -74,7 +74,8 @@ class SphericalKMeans(nn.Module):
         xn = l2_normalize(x if x.dtype is torch.float32 else x.float())
         best, buckets = self._similarities(xn).max(dim=-1)  # (b, h, n)
         # both are unit vectors: ||x - c||^2 = 2 - 2 x.c, so no centroid gather is needed
-        err = (2.0 - 2.0 * best) / self.dim  # (b, h, n), mean over the d dims
+        # 2 - 2 * best in one kernel (rsub's alpha: the same value, 2 * best is exact)
+        err = torch.rsub(best, 2.0, alpha=2.0) / self.dim  # (b, h, n), mean over the d dims
         if mask is not None:
             w = mask[:, None, :].to(err.dtype).expand_as(err)
             loss = (err * w).sum() / w.sum().clamp(min=1.0)
