@@ -87,7 +87,7 @@ class LayerNorm(nn.LayerNorm):
         super().__init__(dim, eps=eps, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        w, b = self.weight, self.bias
+        w, b = self._parameters["weight"], self._parameters["bias"]  # (no __getattr__: ~0.8 us)
         if x.dtype is torch.float32 and w.dtype is torch.float32:
             # already fp32: skip four no-op casts (each a dispatched call; decoding runs this
             # ~9 times per token)
