@@ -306,3 +306,17 @@ def test_layer_norm_fp32_fast_path_and_bf16_input():
     y = ln(x.bfloat16())  # statistics in fp32, the result back in the input dtype
     assert y.dtype is torch.bfloat16
     assert torch.equal(y, F.layer_norm(x.bfloat16().float(), (16,), ln.weight, ln.bias).bfloat16())
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_rotary_signed_span_equals_plain(interleaved):
+    torch.manual_seed(0)
+    rot = RotaryEmbedding(8, interleaved=interleaved)
+    x = torch.randn(2, 3, 5, 8)
+    plain = apply_rotary(x, *rot.span(7, 5), interleaved=interleaved)
+    signed = apply_rotary(x, *rot.span(7, 5, signed=True), interleaved=interleaved, signed=True)
+    assert torch.equal(plain, signed)
+    rot.span(0, 300)  # the table grows: the signed rows follow it
+    cos, sin = rot.span(290, 5, signed=True)
+    assert torch.equal(apply_rotary(x, *rot.span(290, 5), interleaved=interleaved),
+                       apply_rotary(x, cos, sin, interleaved=interleaved, signed=True))  # fmt: skip

@@ -52,7 +52,7 @@ from retrolm.nn.weight_cache import WeightCache
 from retrolm.wrapper import AutoregressiveWrapper
 
 log = logging.getLogger(__name__)
-Rotary = tuple[Tensor, Tensor]
+Rotary = tuple[Tensor, Tensor]  # (n, d) cos and signed sin: RotaryEmbedding.span(signed=True)
 
 __all__ = [
     "RoutingAttention",
@@ -140,17 +140,20 @@ class RoutingAttention(nn.Module):
         is one (the same values, elementwise; a decoding step: two calls per layer fewer)."""
         if rotary is None:
             return q, k
+        cos, sin = rotary
         if qk is not q:
-            rq, rk = apply_rotary(qk, *rotary).split((self.heads, qk.shape[1] - self.heads), 1)
+            r = apply_rotary(qk, cos, sin, signed=True)
+            rq, rk = r.split((self.heads, r.shape[1] - self.heads), 1)
             return rq, (rk if k is not None else None)
-        return apply_rotary(q, *rotary), (apply_rotary(k, *rotary) if k is not None else None)
+        rk = apply_rotary(k, cos, sin, signed=True) if k is not None else None
+        return apply_rotary(q, cos, sin, signed=True), rk
 
     def forward(
         self,
         x: Tensor,  # (b, n, dim)
         *,
         input_mask: Tensor | None = None,  # (b, n) True = real token
-        rotary: Rotary | None = None,  # (n, d) cos, sin at the positions of x
+        rotary: Rotary | None = None,  # (n, d) cos, signed sin at the positions of x
         context: Tensor | None = None,  # (b, m, dim) for cross-attention
         context_mask: Tensor | None = None,  # (b, m)
         cache: LayerCache | None = None,
@@ -466,7 +469,8 @@ class RoutingTransformer(nn.Module):
             raise ValueError(f"sequence length {start + n} exceeds max_seq_len={cfg.max_seq_len}")
         if self.training and self._kmeans_hook:
             x = update_after_backward(x, self._hook_scope())
-        rotary = self.rotary.span(start, n, x.device)  # rows of a cached cos/sin table
+        # rows of a cached cos/sin table, sin signed once for every layer's apply_rotary
+        rotary = self.rotary.span(start, n, x.device, signed=True)
         kw = dict(mask=input_mask, rotary=rotary, context=context, context_mask=context_mask)
         keep = layer_drop_keep(cfg.depth, cfg.layer_dropout, self.training)
         aux = x.new_zeros((), dtype=torch.float32)
