@@ -39,7 +39,7 @@ class LayerCache:
         self._kring: Tensor | None = None  # (b * hr * k, w, d): self.keys' rings
         self._vring: Tensor | None = None  # (b * hr * k, w, dv)
         self._cnt: Tensor | None = None  # (b * hr * k,) self.counts, flat
-        self._base: Tensor | None = None  # (b, hr) first ring of each (batch, head)
+        self._base: Tensor | None = None  # (b, hr, 1) first ring of each (batch, head)
         self._masks: dict[tuple[bool, bool], Tensor] = {}  # (shared_qk, memory) -> table
 
     @property
@@ -66,7 +66,7 @@ class LayerCache:
         self._kring = self.keys[:-1].view(b * h * k, w, d)
         self._vring = self.values[:-1].view(b * h * k, w, -1)
         self._cnt = self.counts.view(-1)
-        self._base = torch.arange(b * h, device=keys.device).view(b, h) * k
+        self._base = torch.arange(b * h, device=keys.device).view(b, h, 1) * k
         self._masks = {}
 
     def _rows(self, g: Tensor, seen: Tensor) -> Tensor:
@@ -81,18 +81,19 @@ class LayerCache:
         writes whole ring rows by (ring, slot) index: ~15 kernels instead of ~55."""
         b, h = kg.shape[:2]
         w = self.window
-        ring = self._base + kg.view(b, h)  # (b, hr) the ring of the key's cluster
-        seen = self._cnt.take(ring)  # (b, hr) keys that cluster has seen before this one
-        slot = seen % w  # (b, hr) where this key goes: over the oldest once the ring is full
-        self._kring.index_put_((ring, slot), k_new.view(b, h, -1))
-        self._vring.index_put_((ring, slot), v_new.view(b, h, -1))
+        # index tensors (b, hr, 1), as kg: they index k_new (b, hr, 1, d) without reshapes
+        ring = self._base + kg  # the ring of the key's cluster
+        seen = self._cnt.take(ring)  # keys that cluster has seen before this one
+        slot = seen % w  # where this key goes: over the oldest once the ring is full
+        self._kring.index_put_((ring, slot), k_new)
+        self._vring.index_put_((ring, slot), v_new)
         nxt = seen + 1
         self._cnt.put_(ring, nxt)
         table = self._mask_table(shared_qk, mem_kv is not None)
         if shared_qk:  # the query's cluster is the key's: its row is (filled slots, self slot)
             row = torch.minimum(seen, slot + w)  # seen < w: seen; else w + slot
         else:
-            ring = self._base + qg.view(b, h)
+            ring = self._base + qg
             row = self._cnt.take(ring).clamp_(max=w)  # filled slots of the query's cluster
         flat = ring.view(-1)  # index_select + view: half the time of indexing by ring
         keys = self._kring.index_select(0, flat).view(b, h, w, -1)  # (b, hr, w, d)
@@ -101,7 +102,7 @@ class LayerCache:
         return attend_with_memory(q, keys, vals, mask, mem_kv, 0.0, rows_have_keys=True)
 
     def _mask_table(self, shared_qk: bool, has_mem: bool) -> Tensor:
-        """(rows, 1, w) bool, True = the slot may be attended. Not shared: row f < = w, the
+        """(rows, w) bool, True = the slot may be attended. Not shared: row f < = w, the
         first f slots are filled. Shared q/k: row s < w, the ring holds s + 1 keys, the
         query's own in slot s; row w + s, the ring is full, its own key in slot s; its own
         key is allowed only when nothing else is (``sorted_window._exclude_self``)."""
@@ -119,7 +120,7 @@ class LayerCache:
             table = filled & ~is_self
             if not has_mem:
                 table |= is_self & ~table.any(-1, keepdim=True)
-        self._masks[(shared_qk, has_mem)] = table = table[:, None, :]
+        self._masks[(shared_qk, has_mem)] = table
         return table
 
     def step(self, q, k_new, v_new, kg, qg, shared_qk: bool, mem_kv) -> Tensor:
