@@ -373,13 +373,14 @@ def test_fused_qkv_projection_equals_separate_under_bf16(shared_qk):
 @pytest.mark.parametrize(
     "shared_qk, mem", [(True, None), (True, 1), (False, 1)], ids=["shared", "shared-mem", "own-k"]
 )
-def test_real_token_step_equals_general_step(shared_qk, mem):
+@pytest.mark.parametrize("w", [1, 5])
+def test_real_token_step_equals_general_step(shared_qk, mem, w):
     """LayerCache.step_real (no padding: ring index and mask table) == LayerCache.step (the
     general path with its sink and masks), through ring wrap-around, bit for bit."""
     from retrolm.models.routing_cache import LayerCache
 
     torch.manual_seed(0)
-    b, h, k, w, d, n = 2, 3, 4, 5, 8, 13
+    b, h, k, d, n = 2, 3, 4, 8, 13
     keys, vals = torch.randn(b, h, n, d), torch.randn(b, h, n, d)
     groups = torch.randint(0, k, (b, h, n))
     fast, slow = LayerCache(), LayerCache()
@@ -393,7 +394,7 @@ def test_real_token_step_equals_general_step(shared_qk, mem):
         out = fast.step_real(q, kn, vn, kg, qg, shared_qk, mem_kv)
         assert torch.equal(out, slow.step(q, kn, vn, kg, qg, shared_qk, mem_kv))
     assert torch.equal(fast.counts, slow.counts) and torch.equal(fast.keys, slow.keys)
-    assert int(fast.counts.min()) > w
+    assert int(fast.counts.max()) > 2 * w  # rings wrapped
 
 
 def test_cached_steps_equal_full_forward_with_a_window_of_one():

@@ -102,7 +102,7 @@ class LayerCache:
         return attend_with_memory(q, keys, vals, mask, mem_kv, 0.0, rows_have_keys=True)
 
     def _mask_table(self, shared_qk: bool, has_mem: bool) -> Tensor:
-        """(rows, w) bool, True = the slot may be attended. Not shared: row f < = w, the
+        """(rows, w) bool, True = the slot may be attended. Not shared: row f <= w, the
         first f slots are filled. Shared q/k: row s < w, the ring holds s + 1 keys, the
         query's own in slot s; row w + s, the ring is full, its own key in slot s; its own
         key is allowed only when nothing else is (``sorted_window._exclude_self``)."""
@@ -144,7 +144,8 @@ class LayerCache:
         mask = (slot < seen) & (qg >= 0)  # (b, hr, w): filled slots of a real query's cluster
         if shared_qk:  # itself only when it is alone (Reformer's shared-QK rule)
             is_self = slot == (seen - 1) % w
-            mask &= ~is_self if mem_kv is not None else ~is_self | (seen == 1)
+            alone = seen.clamp(max=w) == 1  # no other key in its window (w = 1: never)
+            mask &= ~is_self if mem_kv is not None else ~is_self | alone
         return attend_with_memory(q, keys, vals, mask[..., None, :], mem_kv, 0.0)
 
 
