@@ -364,7 +364,46 @@ def test_fused_qkv_projection_equals_separate_under_bf16(shared_qk):
         with torch.no_grad():
             fused = attn._project(x, x)
         separate = attn._project(x, x)  # autograd on: three projections
-    for a, b in zip(fused, separate):
+    for a, b in zip(fused[:3], separate[:3]):  # q, k, v (the 4th: q|k, a view when fused)
         assert (a is None) == (b is None)
         if a is not None:
             torch.testing.assert_close(a.float(), b.float(), atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize(
+    "shared_qk, mem", [(True, None), (True, 1), (False, 1)], ids=["shared", "shared-mem", "own-k"]
+)
+@pytest.mark.parametrize("w", [1, 5])
+def test_real_token_step_equals_general_step(shared_qk, mem, w):
+    """LayerCache.step_real (no padding: ring index and mask table) == LayerCache.step (the
+    general path with its sink and masks), through ring wrap-around, bit for bit."""
+    from retrolm.models.routing_cache import LayerCache
+
+    torch.manual_seed(0)
+    b, h, k, d, n = 2, 3, 4, 8, 13
+    keys, vals = torch.randn(b, h, n, d), torch.randn(b, h, n, d)
+    groups = torch.randint(0, k, (b, h, n))
+    fast, slow = LayerCache(), LayerCache()
+    for c in (fast, slow):
+        c.fill_routed(keys, vals, groups, k, w)
+    mem_kv = None if mem is None else (torch.randn(h, mem, d), torch.randn(h, mem, d))
+    for _ in range(3 * k * w):  # every cluster's ring wraps
+        q, kn, vn = (torch.randn(b, h, 1, d) for _ in range(3))
+        kg = torch.randint(0, k, (b, h, 1))
+        qg = kg if shared_qk else torch.randint(0, k, (b, h, 1))
+        out = fast.step_real(q, kn, vn, kg, qg, shared_qk, mem_kv)
+        assert torch.equal(out, slow.step(q, kn, vn, kg, qg, shared_qk, mem_kv))
+    assert torch.equal(fast.counts, slow.counts) and torch.equal(fast.keys, slow.keys)
+    assert int(fast.counts.max()) > 2 * w  # rings wrapped
+
+
+def test_cached_steps_equal_full_forward_with_a_window_of_one():
+    """Shared q/k without memory and window 1: the one key in a query's window is its own,
+    which it attends because nothing else is allowed (as in the full forward)."""
+    model = train_steps(make(window_size=1, n_local_attn_heads=1))
+    seq = torch.randint(0, V, (2, 30))
+    cache = model.init_cache(2)
+    with torch.no_grad():
+        outs = [model(seq[:, :5], cache=cache)[0]]
+        outs += [model(seq[:, i : i + 1], cache=cache)[0] for i in range(5, 30)]
+        torch.testing.assert_close(torch.cat(outs, 1), model(seq)[0], rtol=1e-4, atol=1e-4)

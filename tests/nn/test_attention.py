@@ -255,3 +255,13 @@ def test_block_attend_under_bf16_autocast_close_to_fp32():
         out = block_attend(q, k, v, mask)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), attend(q, k, v, mask), rtol=0.05, atol=0.05)
+
+
+def test_rows_have_keys_skips_only_the_check():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 3, 4, 8), torch.randn(2, 3, 9, 8), torch.randn(2, 3, 9, 8)
+    mask = torch.rand(2, 3, 4, 9) > 0.5
+    mask[..., 0] = True  # every row allows a key
+    assert torch.equal(attend(q, k, v, mask, rows_have_keys=True), attend(q, k, v, mask))
+    ref = reference_attend(q.double(), k.double(), v.double(), mask)
+    torch.testing.assert_close(attend(q, k, v, mask, rows_have_keys=True).double(), ref)

@@ -275,3 +275,48 @@ def test_decode_linear_column_blocks_with_several_threads(monkeypatch, bias):
             torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_l2_normalize_is_f_normalize():
+    import torch.nn.functional as F
+
+    from retrolm.nn.norms import l2_normalize
+
+    x = torch.randn(2, 3, 5, 8, dtype=torch.float64, requires_grad=True)
+    x0 = x.detach().clone()
+    x0[0, 0, 0] = 0.0  # the eps floor: zeros stay zeros
+    assert torch.equal(l2_normalize(x0), F.normalize(x0, dim=-1))
+    assert torch.equal(l2_normalize(x0.float(), dim=1), F.normalize(x0.float(), dim=1))
+    g1 = torch.autograd.grad(l2_normalize(x).sum(), x)[0]
+    g2 = torch.autograd.grad(F.normalize(x, dim=-1).sum(), x)[0]
+    torch.testing.assert_close(g1, g2)
+
+
+def test_layer_norm_fp32_fast_path_and_bf16_input():
+    import torch.nn.functional as F
+
+    from retrolm.nn.norms import LayerNorm
+
+    torch.manual_seed(0)
+    ln = LayerNorm(16)
+    with torch.no_grad():
+        ln.weight.normal_(), ln.bias.normal_()
+    x = torch.randn(3, 16)
+    assert torch.equal(ln(x), F.layer_norm(x, (16,), ln.weight, ln.bias, ln.eps))
+    y = ln(x.bfloat16())  # statistics in fp32, the result back in the input dtype
+    assert y.dtype is torch.bfloat16
+    assert torch.equal(y, F.layer_norm(x.bfloat16().float(), (16,), ln.weight, ln.bias).bfloat16())
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_rotary_signed_span_equals_plain(interleaved):
+    torch.manual_seed(0)
+    rot = RotaryEmbedding(8, interleaved=interleaved)
+    x = torch.randn(2, 3, 5, 8)
+    plain = apply_rotary(x, *rot.span(7, 5), interleaved=interleaved)
+    signed = apply_rotary(x, *rot.span(7, 5, signed=True), interleaved=interleaved, signed=True)
+    assert torch.equal(plain, signed)
+    rot.span(0, 300)  # the table grows: the signed rows follow it
+    cos, sin = rot.span(290, 5, signed=True)
+    assert torch.equal(apply_rotary(x, *rot.span(290, 5), interleaved=interleaved),
+                       apply_rotary(x, cos, sin, interleaved=interleaved, signed=True))  # fmt: skip

@@ -208,3 +208,19 @@ def test_token_shift_state_makes_incremental_equal_full():
     torch.testing.assert_close(torch.cat(parts, dim=1), full)
     with pytest.raises(ValueError, match="future"):
         TokenShift(torch.nn.Identity(), (0, -1), causal=True)
+
+
+@pytest.mark.parametrize("b", [1, 2])
+def test_kmeans_routes_a_batch_of_one_like_any_batch(b):
+    """route's batch-of-one bmm path gives the same buckets and loss as the matmul path."""
+    torch.manual_seed(0)
+    km = SphericalKMeans(3, 5, 8).eval()
+    x = torch.randn(b, 3, 7, 8)
+    buckets, loss = km.route(x)
+    xn = torch.nn.functional.normalize(x, dim=-1)
+    best, ref = torch.matmul(xn, km.means.transpose(-1, -2)).max(dim=-1)
+    assert torch.equal(buckets, ref)
+    assert torch.equal(loss, ((2.0 - 2.0 * best) / 8).mean())
+    for i in range(b):  # each row of a batch alone: the same
+        bi, _ = km.route(x[i : i + 1])
+        assert torch.equal(bi, buckets[i : i + 1])

@@ -27,7 +27,6 @@ import weakref
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
@@ -42,7 +41,7 @@ from retrolm.nn.layer_drop import layer_drop_keep
 from retrolm.nn.local_attention import local_attend
 from retrolm.nn.masks import sliding_window_mask
 from retrolm.nn.moe import MixtureOfExperts
-from retrolm.nn.norms import LayerNorm
+from retrolm.nn.norms import LayerNorm, l2_normalize
 from retrolm.nn.pkm import ProductKeyMemory, pkm_param_groups
 from retrolm.nn.residual import Residual
 from retrolm.nn.reversible import reversible
@@ -53,7 +52,7 @@ from retrolm.nn.weight_cache import WeightCache
 from retrolm.wrapper import AutoregressiveWrapper
 
 log = logging.getLogger(__name__)
-Rotary = tuple[Tensor, Tensor]
+Rotary = tuple[Tensor, Tensor]  # (n, d) cos and signed sin: RotaryEmbedding.span(signed=True)
 
 __all__ = [
     "RoutingAttention",
@@ -92,6 +91,7 @@ class RoutingAttention(nn.Module):
         self.k_proj = DecodeLinear(cfg.dim, hk * d, bias=False) if hk else None
         self.v_proj = DecodeLinear(cfg.dim, h * d, bias=False)
         self.out_proj = DecodeLinear(h * d, cfg.dim, bias=False)
+        self._qkv_names = ("q_proj", "k_proj", "v_proj") if hk else ("q_proj", "v_proj")
         self.out_dropout = nn.Dropout(cfg.attn_layer_dropout)
         # q|k|v weights as one (in, out) matrix in the compute dtype, for decoding / prefill
         self._fused = WeightCache(concat_decode_weight)
@@ -114,10 +114,11 @@ class RoutingAttention(nn.Module):
             self._fused.clear()
         return super().train(mode)
 
-    def _project(self, x: Tensor, src: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
-        """q (b, h, n, d), k (b, hk, m, d) or None, v (b, h, m, d). Without autograd, self-
-        attention projects with one matmul over the weights concatenated (a decoding step
-        runs this per layer: two matmuls and their reshapes fewer)."""
+    def _project(self, x: Tensor, src: Tensor) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+        """q (b, h, n, d), k (b, hk, m, d) or None, v (b, h, m, d), and q|k (b, h + hk, n, d)
+        (a view when fused, else q). Without autograd, self-attention projects with one
+        matmul over the weights concatenated (a decoding step runs this per layer: two
+        matmuls and their reshapes fewer)."""
         d = self.dim_head
         if self.cross or torch.is_grad_enabled():
             q = rearrange(self.q_proj(x), "b n (h d) -> b h n d", d=d)
@@ -125,47 +126,70 @@ class RoutingAttention(nn.Module):
             k = None
             if self.k_proj is not None:
                 k = rearrange(self.k_proj(src), "b n (h d) -> b h n d", d=d)
-            return q, k, v
-        ws = [self.q_proj.weight, self.v_proj.weight]
-        if self.k_proj is not None:
-            ws.insert(1, self.k_proj.weight)
+            return q, k, v, q
+        mods = self._modules  # (no nn.Module.__getattr__: ~0.8 us a lookup, 8 per layer)
+        ws = [mods[name]._parameters["weight"] for name in self._qkv_names]
         qkv = linear_t(x, self._fused.get(*ws, key=compute_dtype(x, ws[0])), None)
         qkv = qkv.unflatten(-1, (-1, d)).transpose(1, 2)  # (b, h + hk + h, n, d)
         hk = qkv.shape[1] - 2 * self.heads
         q, k, v = qkv.split((self.heads, hk, self.heads), dim=1)
-        return q, (k if hk else None), v
+        return q, (k if hk else None), v, qkv[:, : self.heads + hk]
+
+    def _rotate(self, q: Tensor, k: Tensor | None, qk: Tensor, rotary: Rotary | None):
+        """Rotary on every query and key head: one call over the fused q|k view when there
+        is one (the same values, elementwise; a decoding step: two calls per layer fewer)."""
+        if rotary is None:
+            return q, k
+        cos, sin = rotary
+        if qk is not q:
+            r = apply_rotary(qk, cos, sin, signed=True)
+            rq, rk = r.split((self.heads, r.shape[1] - self.heads), 1)
+            return rq, (rk if k is not None else None)
+        rk = apply_rotary(k, cos, sin, signed=True) if k is not None else None
+        return apply_rotary(q, cos, sin, signed=True), rk
 
     def forward(
         self,
         x: Tensor,  # (b, n, dim)
         *,
         input_mask: Tensor | None = None,  # (b, n) True = real token
-        rotary: Rotary | None = None,  # (n, d) cos, sin at the positions of x
+        rotary: Rotary | None = None,  # (n, d) cos, signed sin at the positions of x
         context: Tensor | None = None,  # (b, m, dim) for cross-attention
         context_mask: Tensor | None = None,  # (b, m)
         cache: LayerCache | None = None,
     ) -> tuple[Tensor, Tensor]:  # (b, n, dim), aux scalar
         hl, hr = self.local_heads, self.routed_heads
-        q, k, v = self._project(x, context if self.cross else x)
-        outs, aux = [], x.new_zeros((), dtype=torch.float32)
+        q, k, v, qk = self._project(x, context if self.cross else x)
+        qrot, krot = self._rotate(q, k, qk, rotary)  # routing reads q, k; attention these
+        outs, aux = [], None
+        # per head group with one split each (a decoding step: a slice per view costs a call)
+        vl, vr = v.split((hl, hr), 1)
+        ql_rot, qr_rot = qrot.split((hl, hr), 1)
+        if k is not None and k.shape[1] > hl:  # routed heads with their own keys
+            kl_rot, kr_rot = krot.split((hl, hr), 1)
+        else:
+            kl_rot, kr_rot = krot, None
         if hl:
-            outs.append(self._local(q[:, :hl], k[:, :hl], v[:, :hl], input_mask, rotary, cache))
+            outs.append(self._local(ql_rot, kl_rot, vl, input_mask, cache))
         if hr:
-            qr, vr = q[:, hl:], v[:, hl:]
+            qr = q[:, hl:]
             kr = None if self.shared_qk else k[:, hl:]
             if self.cross:
                 out, commit = self._cross(qr, kr, vr, input_mask, context_mask)
             else:
-                out, commit = self._routed(qr, kr, vr, input_mask, rotary, cache)
+                out, commit = self._routed(qr, kr, vr, (qr_rot, kr_rot), input_mask, cache)
             outs.append(out)
-            aux = aux + commit * self.commitment
+            aux = commit * self.commitment
+        if aux is None:
+            aux = x.new_zeros((), dtype=torch.float32)
         out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
-        return self.out_dropout(self.out_proj(rearrange(out, "b h n d -> b n (h d)"))), aux
+        out = self.out_proj(out.transpose(1, 2).flatten(2))  # (b, h, n, d) -> (b, n, h * d)
+        if self.training:  # nn.Dropout is the identity in eval; skip its call when decoding
+            out = self.out_dropout(out)
+        return out, aux
 
     # --- local heads -----------------------------------------------------------------------
-    def _local(self, q, k, v, mask, rotary, cache):
-        if rotary is not None:
-            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+    def _local(self, q, k, v, mask, cache):  # q, k rotated
         p = self.dropout if self.training else 0.0
         if cache is None or cache.local.length == 0:
             out = local_attend(
@@ -205,13 +229,12 @@ class RoutingAttention(nn.Module):
             kgroups = kgroups.masked_fill(pad, -1) if kgroups is not None else None
         return groups, kgroups, commit
 
-    def _routed(self, qr, kr, vr, mask, rotary, cache):
+    def _routed(self, qr, kr, vr, rotated, mask, cache):
+        """qr, kr as projected (routing reads them); ``rotated``: the same after rotary."""
         groups, kgroups, commit = self._route(qr, kr, mask)
-        if rotary is not None:
-            qr = apply_rotary(qr, *rotary)
-            kr = apply_rotary(kr, *rotary) if kr is not None else None
+        qr, kr = rotated
         # shared q/k: keys are the l2-normalised queries (Reformer's shared-QK attention)
-        keys = F.normalize(qr, dim=-1) if kr is None else kr
+        keys = l2_normalize(qr) if kr is None else kr
         p = self.dropout if self.training else 0.0
         if self.mode == "balanced":
             out = balanced_attend(
@@ -230,7 +253,15 @@ class RoutingAttention(nn.Module):
         kg = groups if kgroups is None else kgroups
         if cache is not None and cache.has_routed:
             out = routed_decode_step(
-                qr, keys, vr, kg, groups, cache, shared_qk=self.shared_qk, mem_kv=self._mem()
+                qr,
+                keys,
+                vr,
+                kg,
+                groups,
+                cache,
+                shared_qk=self.shared_qk,
+                mem_kv=self._mem(),
+                real=mask is None,
             )
             return out, commit
         out = sorted_window_attend(
@@ -288,8 +319,10 @@ class RoutingAttention(nn.Module):
 # the stack
 # ---------------------------------------------------------------------------------------
 class _Sublayer(nn.Module):
-    """One residual sub-layer (attention, cross-attention or feed-forward slot) that always
-    returns ``(x, aux)``; ``branch=True`` returns the branch alone (for reversible stacks)."""
+    """One residual sub-layer (attention, cross-attention or feed-forward slot) that returns
+    ``(x, aux)``; ``branch=True`` returns the branch alone (for reversible stacks). Outside
+    a reversible stack a sub-layer without an auxiliary loss returns ``aux=None`` (no zero
+    tensor to make and add per sub-layer and token)."""
 
     def __init__(self, cfg: RoutingConfig, fn: nn.Module, kind: str) -> None:
         super().__init__()
@@ -327,7 +360,7 @@ class _Sublayer(nn.Module):
         out = self.residual.branch(x, **kw) if branch else self.residual(x, **kw)
         if isinstance(out, tuple):
             return out
-        return out, x.new_zeros((), dtype=torch.float32)
+        return out, (x.new_zeros((), dtype=torch.float32) if branch else None)
 
 
 def _ff_slot(cfg: RoutingConfig, layer: int) -> tuple[nn.Module, str]:
@@ -436,7 +469,8 @@ class RoutingTransformer(nn.Module):
             raise ValueError(f"sequence length {start + n} exceeds max_seq_len={cfg.max_seq_len}")
         if self.training and self._kmeans_hook:
             x = update_after_backward(x, self._hook_scope())
-        rotary = self.rotary.span(start, n, x.device)  # rows of a cached cos/sin table
+        # rows of a cached cos/sin table, sin signed once for every layer's apply_rotary
+        rotary = self.rotary.span(start, n, x.device, signed=True)
         kw = dict(mask=input_mask, rotary=rotary, context=context, context_mask=context_mask)
         keep = layer_drop_keep(cfg.depth, cfg.layer_dropout, self.training)
         aux = x.new_zeros((), dtype=torch.float32)
@@ -457,7 +491,8 @@ class RoutingTransformer(nn.Module):
                 lc = cache.layers[i] if cache is not None else None
                 for j, sub in enumerate(subs):
                     x, a = sub(x, cache=lc, key=str(j), **kw)
-                    aux = aux + a
+                    if a is not None:
+                        aux = aux + a
         if cache is not None:
             cache.length += n
         return x, aux

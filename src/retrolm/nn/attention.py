@@ -134,8 +134,13 @@ def attend(
     causal: bool = False,
     dropout_p: float = 0.0,
     scale: float | None = None,
+    rows_have_keys: bool = False,
 ) -> Tensor:  # (b, h, i, dv)
-    """Softmax attention through SDPA, same contract as ``reference_attend``."""
+    """Softmax attention through SDPA, same contract as ``reference_attend``.
+
+    ``rows_have_keys=True``: the caller knows every query row of ``mask`` allows a key (e.g.
+    memory keys every query sees), so the check for empty rows (two kernels and a read of
+    the result, on every decoding step) is skipped; the result is the same."""
     if _BACKEND.get() == "reference":
         return reference_attend(q, k, v, mask, causal=causal, dropout_p=dropout_p, scale=scale)
     k, v = _expand_kv(q, k, v)
@@ -154,11 +159,14 @@ def attend(
             )
     else:
         mask = _full_mask(q, k, mask, causal)
-    # a row with no allowed key would give NaN in SDPA: let it attend everything, then zero it
-    has_key = mask.any(dim=-1, keepdim=True)  # (…, i, 1)
-    all_rows = bool(has_key.all())
+    all_rows = rows_have_keys
     if not all_rows:
-        mask = mask | ~has_key
+        # a row with no allowed key would give NaN in SDPA: let it attend everything, then
+        # zero it
+        has_key = mask.any(dim=-1, keepdim=True)  # (…, i, 1)
+        all_rows = bool(has_key.all())
+        if not all_rows:
+            mask = mask | ~has_key
     if plain:
         out = _math_attend(q, k, v, mask, dropout_p, scale)
     else:

@@ -27,6 +27,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from retrolm.nn.distributed import all_reduce_sum_, broadcast_
+from retrolm.nn.norms import l2_normalize
 from retrolm.nn.reversible import in_reversible_forward, is_recomputing
 
 
@@ -58,7 +59,7 @@ class SphericalKMeans(nn.Module):
     # --- assignment -------------------------------------------------------------------
     def assign(self, x: Tensor) -> Tensor:
         """x (b, h, n, d) -> nearest centroid (b, h, n) int64 (cosine similarity)."""
-        xn = F.normalize(x.float(), dim=-1)
+        xn = l2_normalize(x.float())
         return torch.matmul(xn, self.means.float().transpose(-1, -2)).argmax(dim=-1)
 
     def route(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -70,12 +71,11 @@ class SphericalKMeans(nn.Module):
         """
         if self.training and not bool(self.initted) and not is_recomputing():
             self.init_(x, mask)
-        xn = F.normalize(x.float(), dim=-1)
-        means = self.means.float()  # fp32 even inside a model cast to another dtype
-        sims = torch.matmul(xn, means.transpose(-1, -2))  # (b, h, n, k); einsum costs more per call
-        best, buckets = sims.max(dim=-1)  # (b, h, n)
+        xn = l2_normalize(x if x.dtype is torch.float32 else x.float())
+        best, buckets = self._similarities(xn).max(dim=-1)  # (b, h, n)
         # both are unit vectors: ||x - c||^2 = 2 - 2 x.c, so no centroid gather is needed
-        err = (2.0 - 2.0 * best) / self.dim  # (b, h, n), mean over the d dims
+        # 2 - 2 * best in one kernel (rsub's alpha: the same value, 2 * best is exact)
+        err = torch.rsub(best, 2.0, alpha=2.0) / self.dim  # (b, h, n), mean over the d dims
         if mask is not None:
             w = mask[:, None, :].to(err.dtype).expand_as(err)
             loss = (err * w).sum() / w.sum().clamp(min=1.0)
@@ -85,6 +85,19 @@ class SphericalKMeans(nn.Module):
         if self.training and grad_pass and not is_recomputing():
             self._accumulate(xn.detach(), buckets, mask)
         return buckets, loss
+
+    def _similarities(self, xn: Tensor) -> Tensor:
+        """Unit vectors xn (b, h, n, d) fp32 -> cosine similarities (b, h, n, k)."""
+        means = self.means
+        if means.dtype is not torch.float32:  # fp32 even inside a model cast to another dtype
+            means = means.float()
+        mt = means.transpose(-1, -2)  # (h, d, k)
+        b, h, n, d = xn.shape
+        if b == 1 and xn.is_contiguous():
+            # the batched product matmul runs here, without its broadcasting reshapes (a
+            # decoding step: 4 dispatched calls fewer per layer); einsum costs more per call
+            return torch.bmm(xn.view(h, n, d), mt).view(1, h, n, -1)
+        return torch.matmul(xn, mt)
 
     # --- statistics -------------------------------------------------------------------
     def _batch_stats(self, xn: Tensor, buckets: Tensor, mask: Tensor | None):
@@ -126,7 +139,7 @@ class SphericalKMeans(nn.Module):
     def init_(self, x: Tensor, mask: Tensor | None = None) -> None:
         """Initialise from a batch x (b, h, n, d): ``k`` distinct real vectors per head
         (rank 0's, under DDP), then ``init_iters`` spherical Lloyd steps over all ranks' data."""
-        xn = F.normalize(x.float(), dim=-1)
+        xn = l2_normalize(x.float())
         b, h, n, d = xn.shape
         flat = rearrange(xn, "b h n d -> h (b n) d")
         real = torch.ones(b * n, dtype=torch.bool, device=x.device)

@@ -9,6 +9,12 @@ from torch import Tensor, nn
 NORMS = ("rms", "layer", "scale")
 
 
+def l2_normalize(x: Tensor, dim: int = -1, eps: float = 1e-12) -> Tensor:
+    """``F.normalize(x, dim=dim, eps=eps)``, the same values, without its Python wrappers
+    around the norm (~40% of its time for a decoding step's few rows)."""
+    return x / torch.linalg.vector_norm(x, dim=dim, keepdim=True).clamp_min(eps)
+
+
 class _RMSNormFn(torch.autograd.Function):
     """RMSNorm that saves only its input and the per-row 1/rms for backward (autograd's
     composite version keeps three full-size fp32 intermediates per call)."""
@@ -81,9 +87,13 @@ class LayerNorm(nn.LayerNorm):
         super().__init__(dim, eps=eps, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        w = self.weight.float()
-        b = self.bias.float() if self.bias is not None else None
-        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
+        w, b = self._parameters["weight"], self._parameters["bias"]  # (no __getattr__: ~0.8 us)
+        if x.dtype is torch.float32 and w.dtype is torch.float32:
+            # already fp32: skip four no-op casts (each a dispatched call; decoding runs this
+            # ~9 times per token)
+            return F.layer_norm(x, self.normalized_shape, w, b, self.eps)
+        b = b.float() if b is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, w.float(), b, self.eps).to(x.dtype)
 
 
 def make_norm(kind: str, dim: int) -> nn.Module:

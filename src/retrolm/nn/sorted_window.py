@@ -72,10 +72,13 @@ def _exclude_self(mask: Tensor, is_self: Tensor, has_mem: bool) -> Tensor:
     return others | (is_self & mask & ~others.any(-1, keepdim=True))
 
 
-def attend_with_memory(q, k, v, mask, mem: MemKV | None, dropout_p: float, fn=attend) -> Tensor:
+def attend_with_memory(
+    q, k, v, mask, mem: MemKV | None, dropout_p: float, fn=attend, rows_have_keys: bool = False
+) -> Tensor:
     """q (B, h, [nb,] i, d), k/v (B, h, [nb,] j, d), mask (B, h, [nb,] i, j); memory kv
     prepended, always visible.
-    ``fn``: ``attend``, or ``block_attend`` for many small blocks."""
+    ``fn``: ``attend``, or ``block_attend`` for many small blocks. ``rows_have_keys``: the
+    caller knows every row of ``mask`` allows a key (``attend``'s; memory implies it)."""
     if mem is not None:
         # (h, m, d) -> broadcast over the batch (and block) dims of k: (B, h, [nb,] m, d)
         mk, mv = (
@@ -85,6 +88,8 @@ def attend_with_memory(q, k, v, mask, mem: MemKV | None, dropout_p: float, fn=at
         v = torch.cat((mv.expand(*v.shape[:-2], -1, -1), v), dim=-2)
         ones = mask.new_ones(*mask.shape[:-1], mk.shape[-2])
         mask = torch.cat((ones, mask), dim=-1)
+    if fn is attend and (rows_have_keys or mem is not None):
+        return attend(q, k, v, mask, dropout_p=dropout_p, rows_have_keys=True)
     return fn(q, k, v, mask, dropout_p=dropout_p)
 
 

@@ -105,6 +105,9 @@ class TokenShift(nn.Module):
         in its true predecessor rather than zeros."""
         if shift_state is None:
             return self.fn(token_shift(x, self.shifts, shift_mask), *args, **kwargs)
+        if min(self.shifts) >= 0:  # causal: token_shift_cached (one step: a channel select)
+            out, shift_state["prev"] = token_shift_cached(x, self.shifts, shift_state.get("prev"))
+            return self.fn(out, *args, **kwargs)
         back = max(max(self.shifts), 0)
         prev = shift_state.get("prev")
         full = x if prev is None else torch.cat((prev, x), dim=-2)
