@@ -37,7 +37,9 @@ class _RMSNormFn(torch.autograd.Function):
 def _rms_norm_inference(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """_RMSNormFn.forward without autograd: statistics in fp32 (fp64 for fp64 inputs)."""
     if x.dtype in (torch.float32, torch.float64):
-        return F.rms_norm(x, weight.shape, weight.to(x.dtype), eps)
+        if weight.dtype is not x.dtype:  # (a no-op .to still costs a dispatch)
+            weight = weight.to(x.dtype)
+        return F.rms_norm(x, weight.shape, weight, eps)
     with torch.autocast(x.device.type, enabled=False):
         return F.rms_norm(x.float(), weight.shape, None, eps).to(x.dtype) * weight.to(x.dtype)
 

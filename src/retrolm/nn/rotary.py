@@ -61,6 +61,22 @@ def _sign(r: int, interleaved: bool, dtype: torch.dtype, device: torch.device) -
     return torch.ones(r, dtype=dtype, device=device).index_fill_(0, torch.arange(r // 2), -1.0)
 
 
+_LAST_SIGNED: list = [None, None, None]  # (sin, interleaved, sin * sign) of the last call
+
+
+def _signed_sin(sin: Tensor, interleaved: bool) -> Tensor:
+    """sin * ``_sign``, reused while the same ``sin`` tensor comes back: every layer of a
+    decoding step rotates with the one table its model sliced for that step. Holding the
+    last ``sin`` keeps its id from being reused; rotary tables are never written in place."""
+    last = _LAST_SIGNED
+    if last[0] is sin and last[1] is interleaved:
+        return last[2]
+    signed = sin * _sign(sin.shape[-1], interleaved, sin.dtype, sin.device)
+    if not signed.requires_grad:  # (a graph must not be reused across calls)
+        last[0], last[1], last[2] = sin, interleaved, signed
+    return signed
+
+
 def _rotate(x: Tensor, interleaved: bool) -> Tensor:
     """(-x2, x1) for every pair, as a partner swap times ``_sign``: one kernel (roll or flip)
     for the swap, and the sign folds into sin, a table far smaller than x."""
@@ -81,6 +97,8 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = False)
     xf = x if full else x[..., :r]
     if xf.dtype is torch.float64 or cos.dtype is not torch.float32:
         xf = xf.float()  # else type promotion computes in fp32 already: no copy of x
-    signed_sin = sin * _sign(r, interleaved, sin.dtype, sin.device)
-    out = torch.addcmul(xf * cos, _rotate(xf, interleaved), signed_sin).to(x.dtype)
+    signed_sin = _signed_sin(sin, interleaved)
+    out = torch.addcmul(xf * cos, _rotate(xf, interleaved), signed_sin)
+    if out.dtype is not x.dtype:
+        out = out.to(x.dtype)
     return out if full else torch.cat((out, x[..., r:]), dim=-1)
