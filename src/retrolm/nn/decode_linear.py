@@ -64,12 +64,13 @@ def pack_weight(weight: Tensor) -> Tensor:
 
 
 def decode_weight(weight: Tensor, dtype: torch.dtype) -> Tensor:
-    """(out, in) weight -> what ``linear_t`` takes: packed (``packs``) or a contiguous
-    (in, out) copy in ``dtype``."""
+    """(out, in) weight -> what ``linear_t`` takes: packed (``packs``) or, in ``dtype``, the
+    (out, in) transposed view of a contiguous (in, out) copy (kept as the view: no ``.t()``
+    call per decoded token)."""
     if packs(dtype, weight.device):
         return pack_weight(weight)
     with torch.no_grad():
-        return weight.t().to(dtype).contiguous()
+        return weight.t().to(dtype).contiguous().t()
 
 
 def concat_decode_weight(*params: Tensor) -> Tensor:  # a WeightCache build
@@ -80,7 +81,7 @@ def concat_decode_weight(*params: Tensor) -> Tensor:  # a WeightCache build
 
 
 class TransposedWeight:
-    """``weight.t().contiguous()`` in a given dtype, rebuilt when the weight changes (new
+    """``decode_weight(weight, dtype)``, rebuilt when the weight changes (new
     storage, or an in-place update: the version counter moves) or the dtype does. Holds the
     source's storage, so its address cannot be reused behind the cache's back. With
     ``parts > 1`` the copy is (parts, in, ceil(out / parts)): column blocks, zero-padded."""
@@ -124,10 +125,10 @@ def compute_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
 
 def linear_t(x: Tensor, weight_t: Tensor, bias: Tensor | None) -> Tensor:
     """``F.linear`` given the weight from ``decode_weight`` (no autograd). Packed: oneDNN's
-    inner product, any row count. Else a contiguous (in, out) ``weight_t``, passed to
-    ``F.linear`` as its (out, in) transposed view: ATen then runs ``x @ weight_t`` (the same
-    mm/addmm kernel, the same values) without the reshape/mm/view calls from Python, ~3 us
-    less per call at one decoding row (the layout made no difference for 448-1792 rows)."""
+    inner product, any row count. Else the (out, in) view of a contiguous (in, out) copy,
+    for which ATen's ``F.linear`` runs ``x @ copy`` (the fast layout, see above) with no
+    reshape/mm/view calls from Python: ~3 us less per call at one decoding row than calling
+    mm itself, the same kernel and values (the layout made no difference for 448-1792 rows)."""
     if weight_t.is_mkldnn:
         if bias is not None and bias.dtype is not torch.bfloat16:
             bias = bias.to(torch.bfloat16)
@@ -138,7 +139,7 @@ def linear_t(x: Tensor, weight_t: Tensor, bias: Tensor | None) -> Tensor:
         )
     if x.dtype is not weight_t.dtype:  # (a no-op .to still costs a dispatch, ~1 us)
         x = x.to(weight_t.dtype)
-    return F.linear(x, weight_t.t(), bias)
+    return F.linear(x, weight_t, bias)
 
 
 def decode_linear(
