@@ -330,13 +330,13 @@ class RETRO(nn.Module):
             return
         need = end // c.chunk_size
         b = seq.shape[0]
-        expected = f"(batch={b}, chunks>={need}, neighbours, {c.retrieved_len})"
         if (
             retrieved.dim() != 4
             or retrieved.shape[0] != b
             or retrieved.shape[1] < need
             or retrieved.shape[3] != c.retrieved_len
         ):
+            expected = f"(batch={b}, chunks>={need}, neighbours, {c.retrieved_len})"
             raise ValueError(f"retrieved must have shape {expected}, got {tuple(retrieved.shape)}")
         if neighbour_mask is not None and neighbour_mask.shape != retrieved.shape[:3]:
             raise ValueError(
