@@ -152,6 +152,7 @@ class MultiHeadAttention(nn.Module):
             and self.window is None
             and not self.num_mem_kv
             and q_rotary is k_rotary
+            and not self.training  # (no dropout on this path)
             and not torch.is_grad_enabled()
         ):
             return self._decode_step(x, cache, q_rotary)

@@ -61,19 +61,22 @@ def _sign(r: int, interleaved: bool, dtype: torch.dtype, device: torch.device) -
     return torch.ones(r, dtype=dtype, device=device).index_fill_(0, torch.arange(r // 2), -1.0)
 
 
-_LAST_SIGNED: list = [None, None, None]  # (sin, interleaved, sin * sign) of the last call
+# (sin, interleaved, sin * sign) of the last call: one tuple, replaced whole, so a thread
+# never reads one call's sin with another call's product
+_last_signed: tuple[Tensor | None, bool, Tensor | None] = (None, False, None)
 
 
 def _signed_sin(sin: Tensor, interleaved: bool) -> Tensor:
     """sin * ``_sign``, reused while the same ``sin`` tensor comes back: every layer of a
     decoding step rotates with the one table its model sliced for that step. Holding the
     last ``sin`` keeps its id from being reused; rotary tables are never written in place."""
-    last = _LAST_SIGNED
-    if last[0] is sin and last[1] is interleaved:
-        return last[2]
+    global _last_signed
+    last_sin, last_interleaved, last = _last_signed
+    if last_sin is sin and last_interleaved is interleaved:
+        return last
     signed = sin * _sign(sin.shape[-1], interleaved, sin.dtype, sin.device)
     if not signed.requires_grad:  # (a graph must not be reused across calls)
-        last[0], last[1], last[2] = sin, interleaved, signed
+        _last_signed = (sin, interleaved, signed)
     return signed
 
 
