@@ -52,3 +52,17 @@ def test_draws_follow_the_filtered_softmax(kw):
     freq = torch.stack([torch.bincount(d, minlength=8) for d in draws]).float() / n
     assert (freq[expect == 0] == 0).all()  # filtered tokens never drawn
     torch.testing.assert_close(freq, expect, rtol=0, atol=0.015)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+def test_temperature_after_top_k_equals_scaling_first(temperature):
+    """Temperature divides only the k candidates; the draw is the one from logits / T."""
+    logits = torch.randn(3, 200, dtype=torch.float64)
+    for seed in range(5):
+        got = sample_next(
+            logits, temperature=temperature, top_k=17, generator=torch.Generator().manual_seed(seed)
+        )
+        scaled_first = sample_next(
+            logits / temperature, top_k=17, generator=torch.Generator().manual_seed(seed)
+        )
+        assert torch.equal(got, scaled_first)

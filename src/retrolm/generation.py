@@ -141,16 +141,20 @@ def generate(
     retrievals: list[Retrieval] = []
     ret_tokens = torch.zeros(b, 0, k, 2 * m, dtype=torch.long, device=device)
     ret_mask = torch.zeros(b, 0, k, dtype=torch.bool, device=device)
+    # the whole output, allocated once: a step writes one column instead of concatenating
+    ids = torch.full((b, prompt_len + max_new_tokens), pad_id, dtype=torch.long, device=device)
+    ids[:, :prompt_len] = seq
+    n = prompt_len  # tokens in ids so far
 
     def retrieve_complete_chunks() -> None:
         nonlocal ret_tokens, ret_mask
-        for u in range(ret_tokens.shape[1], seq.shape[1] // m):
-            chunk = seq[:, u * m : (u + 1) * m].cpu().numpy()
-            ids, _ = retriever.search_tokens(chunk, k)
-            toks, mask = retriever.retrieved_tokens(ids)
+        for u in range(ret_tokens.shape[1], n // m):
+            chunk = ids[:, u * m : (u + 1) * m].cpu().numpy()
+            found, _ = retriever.search_tokens(chunk, k)
+            toks, mask = retriever.retrieved_tokens(found)
             ret_tokens = torch.cat([ret_tokens, toks.to(device)[:, None]], 1)
             ret_mask = torch.cat([ret_mask, mask.to(device)[:, None]], 1)
-            retrievals.append(Retrieval(u, np.asarray(ids)))
+            retrievals.append(Retrieval(u, np.asarray(found)))
 
     def forward(tokens: Tensor, cache: Any) -> Tensor:  # (b, 1, V): the last position only
         if retriever is None:
@@ -160,7 +164,7 @@ def generate(
         )
 
     cache = fam.init_cache(model, b) if use_cache else None
-    finished = torch.zeros(b, dtype=torch.bool, device=device)
+    finished = torch.zeros(b, dtype=torch.bool, device=device) if eos_id is not None else None
     try:
         if retriever is not None:
             retrieve_complete_chunks()
@@ -169,22 +173,26 @@ def generate(
             logits = prefill(lambda: forward(seq, cache), model, cache, dtype, device)[:, -1]
         for step in range(max_new_tokens):
             nxt = sample_next(
-                logits.float(), temperature=temperature, top_k=top_k, top_p=top_p, generator=gen
+                logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen
             )
-            nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
-            seq = torch.cat([seq, nxt[:, None]], 1)
-            if eos_id is not None:
+            if finished is not None:  # rows past their EOS get pad
+                nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
                 finished |= nxt == eos_id
-            if step == max_new_tokens - 1 or bool(finished.all()) or seq.shape[1] >= max_len:
+            ids[:, n] = nxt
+            n += 1
+            if step == max_new_tokens - 1 or n >= max_len:
                 break  # no forward for logits nobody samples from
+            if finished is not None and bool(finished.all()):
+                break
             # the new token may complete a chunk: its neighbours come before feeding it
-            if retriever is not None:
+            if retriever is not None and n % m == 0:
                 retrieve_complete_chunks()
-            logits = forward(nxt[:, None] if cache is not None else seq, cache)[:, -1]
+            logits = forward(ids[:, n - 1 : n] if cache is not None else ids[:, :n], cache)[:, -1]
         if retriever is not None:
             retrieve_complete_chunks()  # report the chunk the last token completed too
     finally:
         model.train(was_training)
+    seq = ids if n == ids.shape[1] else ids[:, :n].clone()  # (b, L + generated)
     return GenerationResult(seq, prompt_len, retrievals)
 
 

@@ -55,13 +55,15 @@ def sample_next(
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    logits = logits.float()
     candidates = None  # (b, k) vocabulary ids of the columns of `logits`, None = all
     if top_k is not None:
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
-        if top_k < logits.shape[-1]:
+        if top_k < logits.shape[-1]:  # the top k of logits / temperature (T > 0: same order)
             logits, candidates = logits.topk(int(top_k), dim=-1, sorted=False)
+    if temperature != 1.0:  # after top-k: k divisions instead of V (x / 1 is x)
+        logits = logits / temperature
     logits = filter_logits(logits, top_p=top_p)
     probs = logits.softmax(dim=-1).double()  # fp64 CDF: u * total stays below total
     cdf = probs.cumsum(dim=-1)

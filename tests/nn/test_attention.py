@@ -139,6 +139,37 @@ def test_multihead_cached_equals_full():
     torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("kv_heads", [4, 2])  # 2: grouped-query attention
+@pytest.mark.parametrize("bias", [False, True])
+def test_multihead_single_query_decode_path_equals_general_path(monkeypatch, kv_heads, bias):
+    """One query with a cache and no autograd goes through ``_decode_step``; it must give
+    what the general path gives (taken here with autograd on), token after token."""
+    torch.manual_seed(4)
+    from retrolm.nn import RotaryEmbedding
+
+    attn = MultiHeadAttention(16, heads=4, dim_head=8, kv_heads=kv_heads, causal=True, bias=bias)
+    attn = attn.double().eval()
+    rot = RotaryEmbedding(8)
+    x = rand(2, 7, 16)
+    calls = []
+    fast = attn._decode_step
+    monkeypatch.setattr(attn, "_decode_step", lambda *a: calls.append(1) or fast(*a))
+    outs = {}
+    for grad in (False, True):  # no_grad: the decode path; grad: the general path
+        cache, steps = KVCache(), []
+        with torch.set_grad_enabled(grad):
+            r = rot.span(0, 3)
+            steps.append(attn(x[:, :3], cache=cache, q_rotary=r, k_rotary=r))  # a prefill
+            for p in range(3, 7):
+                r = rot.span(p, 1)
+                steps.append(attn(x[:, p : p + 1], cache=cache, q_rotary=r, k_rotary=r))
+        outs[grad] = torch.cat(steps, 1).detach()
+    assert len(calls) == 4  # the four single-token steps without autograd, only those
+    torch.testing.assert_close(outs[False], outs[True], rtol=1e-12, atol=1e-12)
+    r = rot.span(0, 7)
+    torch.testing.assert_close(outs[False], attn(x, q_rotary=r, k_rotary=r).detach())
+
+
 def test_multihead_causal_prefix_independent_of_future():
     torch.manual_seed(3)
     attn = MultiHeadAttention(8, heads=2, dim_head=4, causal=True).double()

@@ -71,6 +71,27 @@ def test_apply_rotary_equals_the_formula_and_its_gradient(interleaved, rot_dim):
     torch.testing.assert_close(got, exp, rtol=1e-6, atol=1e-6)
 
 
+def test_apply_rotary_reuses_signed_sin_only_for_the_same_table():
+    """The signed sin is kept for the last ``sin`` tensor (every layer of a decoding step
+    passes the same one); another table, even of the same shape, is never served stale."""
+    torch.manual_seed(0)
+    rot = RotaryEmbedding(8)
+    x = torch.randn(2, 3, 5, 8, dtype=torch.float64)
+
+    def formula(x, cos, sin):
+        x1, x2 = x.chunk(2, -1)
+        return x * cos + torch.cat((-x2, x1), -1) * sin
+
+    for start in (0, 7, 0, 7):  # alternate two tables of one shape
+        cos, sin = (t.double() for t in rot.span(start, 5))
+        for _ in range(2):  # the second call reuses the first one's signed sin
+            torch.testing.assert_close(apply_rotary(x, cos, sin), formula(x, cos, sin))
+    sin = sin.clone().requires_grad_()  # with autograd: a fresh graph every call
+    for _ in range(2):
+        apply_rotary(x, cos, sin).sum().backward()
+    assert sin.grad is not None
+
+
 def test_rotary_bad_dim():
     with pytest.raises(ValueError, match="even"):
         RotaryEmbedding(5)
@@ -183,6 +204,11 @@ def test_decode_linear_equals_linear_and_follows_weight_updates():
         torch.testing.assert_close(
             lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias), rtol=1e-12, atol=1e-12
         )
+        x32, lin32 = torch.randn(1, 1, 8), DecodeLinear(8, 50).eval()  # one decoding row
+        exp32 = torch.nn.functional.linear(x32, lin32.weight, lin32.bias)
+        torch.testing.assert_close(lin32(x32), exp32, rtol=1e-6, atol=1e-6)
+        w_t = lin32._weight_t.value  # kept as the (out, in) view of an (in, out) copy
+        assert w_t.shape == (50, 8) and w_t.t().is_contiguous()
         big = torch.randn(40, 8, dtype=torch.float64)  # more rows than max_rows: F.linear
         torch.testing.assert_close(lin(big), torch.nn.functional.linear(big, lin.weight, lin.bias))
         with torch.autocast("cpu", dtype=torch.bfloat16):  # the copy in the autocast dtype

@@ -26,6 +26,7 @@ they never read RETRO-only fields such as ``chunk_size`` from another family's c
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import inspect
 from collections.abc import Callable
@@ -79,6 +80,13 @@ def plain_logits(
     return out if logits_to_keep is None else out[:, -logits_to_keep:]
 
 
+@functools.lru_cache(maxsize=64)
+def _takes_logits_to_keep(forward: Callable[..., Any]) -> bool:
+    """Whether a forward function has the option (looked up once per function: generation
+    asks on every decoded token, and ``inspect.signature`` costs ~17 us)."""
+    return "logits_to_keep" in inspect.signature(forward).parameters
+
+
 def retro_logits(
     model: nn.Module,
     ids: Tensor,  # (b, n)
@@ -94,7 +102,7 @@ def retro_logits(
         kw["neighbour_mask"] = neighbour_mask
     if logits_to_keep is None:
         return model(ids, retrieved, **kw)
-    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+    if _takes_logits_to_keep(getattr(model.forward, "__func__", model.forward)):
         return model(ids, retrieved, **kw, logits_to_keep=logits_to_keep)
     return model(ids, retrieved, **kw)[:, -logits_to_keep:]  # a subclass without the option
 

@@ -84,10 +84,11 @@ class ChunkedCrossAttention(nn.Module):
         lead = (start + first - (m - 1)) % m  # slot of the first query inside its window
         n_q = t - first
         if u0 == u1:  # all queries read one chunk (every decoding step): no padding
-            cos, sin = (x[lead : lead + n_q] for x in q_rotary)
+            cos, sin = q_rotary[0][lead : lead + n_q], q_rotary[1][lead : lead + n_q]
             full = full_chunks is not None and full_chunks[u0]  # then SDPA needs no mask
             mask = None if full else kv_mask[:, u0]
-            o = self._attend(h[:, first:], (cos, sin), kv[0][:, u0], kv[1][:, u0], mask)
+            q_in = h if first == 0 else h[:, first:]
+            o = self._attend(q_in, (cos, sin), kv[0].select(1, u0), kv[1].select(1, u0), mask)
         else:  # pad to whole attending windows, one row of the batch per (sequence, chunk)
             nc = u1 - u0 + 1
             q_in = F.pad(h[:, first:], (0, 0, lead, nc * m - lead - n_q))  # (b, nc*m, d)
@@ -103,14 +104,16 @@ class ChunkedCrossAttention(nn.Module):
     def _attend(self, q_in, q_rotary, kk, vv, mask) -> Tensor:
         """q_in (B, j, d) against one chunk's kk/vv (B, h, s, dh), mask (B, s) or None (all
         present) -> (B, j, d)."""
-        attn = self.attn
-        q = attn.q_proj(q_in).unflatten(-1, (attn.heads, -1)).transpose(1, 2)  # (B, h, j, dh)
-        q = apply_rotary(q, *q_rotary)
+        attn, (B, j, _) = self.attn, q_in.shape
+        q = attn.q_proj(q_in)
+        # (B, j, h dh) -> (B, h, j, dh); for one query (a decoding step) a view either way
+        q = q.view(B, attn.heads, 1, -1) if j == 1 else q.unflatten(-1, (attn.heads, -1))
+        q = apply_rotary(q if j == 1 else q.transpose(1, 2), *q_rotary)
         p = attn.dropout if self.training else 0.0
         # rows of a chunk without neighbours -> 0
         mask = None if mask is None else mask[:, None, None, :]
         o = attend(q, kk, vv, mask, dropout_p=p)  # (B, h, j, dh)
-        return attn.out_proj(o.transpose(1, 2).flatten(2))
+        return attn.out_proj(o.view(B, 1, -1) if j == 1 else o.transpose(1, 2).flatten(2))
 
 
 class EncoderLayer(nn.Module):
@@ -224,7 +227,9 @@ class RetroCache:
 
     self_attn: list[KVCache]
     length: int = 0
-    chunk_states: Tensor | None = None  # (b, positions since the first unencoded chunk, d)
+    # the states of the positions since the first unencoded chunk, in pieces (b, ·, d):
+    # concatenated once that chunk completes, not on every decoded token
+    chunk_states: list[Tensor] = field(default_factory=list)
     encoded_chunks: int = 0
     cca_kv: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)  # layer -> (b, L, …)
     cca_mask: Tensor | None = None  # (b, L, k*r)
@@ -325,13 +330,13 @@ class RETRO(nn.Module):
             return
         need = end // c.chunk_size
         b = seq.shape[0]
-        expected = f"(batch={b}, chunks>={need}, neighbours, {c.retrieved_len})"
         if (
             retrieved.dim() != 4
             or retrieved.shape[0] != b
             or retrieved.shape[1] < need
             or retrieved.shape[3] != c.retrieved_len
         ):
+            expected = f"(batch={b}, chunks>={need}, neighbours, {c.retrieved_len})"
             raise ValueError(f"retrieved must have shape {expected}, got {tuple(retrieved.shape)}")
         if neighbour_mask is not None and neighbour_mask.shape != retrieved.shape[:3]:
             raise ValueError(
@@ -345,7 +350,6 @@ class RETRO(nn.Module):
         t = seq.shape[1]
         pos = self.rotary.span(start, t, seq.device)
         q_cca = self.rotary.span(c.chunk_size - 1, c.chunk_size, seq.device)
-        k_cca = self.rotary.span(0, c.retrieved_len, seq.device)
         x = self.token_emb(seq)
         enc_kv: tuple[Tensor, Tensor] | None = None  # encoded neighbours + mask for this call
         for i, layer in enumerate(self.layers):
@@ -358,7 +362,7 @@ class RETRO(nn.Module):
                 if retrieved is None:
                     x = layer.cca.zero_update(x)
                 else:
-                    kv, mask = self._cca_kv(layer_no, layer, enc_kv, cache, k_cca)
+                    kv, mask = self._cca_kv(layer_no, layer, enc_kv, cache)
                     full = cache.cca_full if cache is not None else None
                     x = layer.cca(x, start, kv, mask, q_cca, full)
             x = layer.ff(x)
@@ -373,18 +377,19 @@ class RETRO(nn.Module):
         (encoded (b, L, k, r, e), token mask (b, L, k*r)) for the new chunks.
         """
         m = self.config.chunk_size
-        if cache is not None:  # states[:, 0] is the first position of chunk `first`
-            states = h if cache.chunk_states is None else torch.cat((cache.chunk_states, h), 1)
-            first = cache.encoded_chunks
-        else:
-            states, first = h, 0
+        pieces = [h] if cache is None else [*cache.chunk_states, h]
+        first = 0 if cache is None else cache.encoded_chunks  # pieces start at chunk `first`
         done = (start + h.shape[1]) // m  # complete chunks so far
         new = done - first
-        if cache is not None:  # keep only the states of the unfinished chunk
-            cache.chunk_states = states[:, new * m :]
-            cache.encoded_chunks = done
-        if new <= 0:
+        if new <= 0:  # (a decoding step inside a chunk: keep the piece, no tensor work)
+            if cache is not None:
+                cache.chunk_states = pieces
             return None
+        states = pieces[0] if len(pieces) == 1 else torch.cat(pieces, 1)
+        if cache is not None:  # keep only the states of the unfinished chunk
+            rest = states[:, new * m :]
+            cache.chunk_states = [rest] if rest.shape[1] else []
+            cache.encoded_chunks = done
         chunk_states = rearrange(states[:, : new * m], "b (L m) d -> b L m d", m=m)
         ret = retrieved[:, first:done]
         token_mask = ret != self.config.pad_id
@@ -393,11 +398,12 @@ class RETRO(nn.Module):
         enc = self.encoder(ret, token_mask, chunk_states, self.rotary)
         return enc, rearrange(token_mask, "b L k r -> b L (k r)")
 
-    def _cca_kv(self, layer_no, layer, enc_kv, cache, k_rotary):
+    def _cca_kv(self, layer_no, layer, enc_kv, cache):
         """Keys/values of all encoded chunks for this CCA layer (projected once per chunk)."""
         new_kv = new_mask = None
         if enc_kv is not None:
             enc, new_mask = enc_kv
+            k_rotary = self.rotary.span(0, self.config.retrieved_len, enc.device)
             new_kv = layer.cca.fn.project(enc, k_rotary)
         if cache is None:
             return new_kv, new_mask

@@ -102,8 +102,8 @@ MATH_MAX_KEYS = 128
 
 def _use_math(q: Tensor, k: Tensor, v: Tensor) -> bool:
     return (
-        q.device.type == "cpu"
-        and q.dtype in (torch.bfloat16, torch.float16)
+        q.dtype in (torch.bfloat16, torch.float16)  # (the cheapest test first)
+        and q.device.type == "cpu"
         and k.shape[-2] <= MATH_MAX_KEYS
         and torch.is_grad_enabled()
         and (q.requires_grad or k.requires_grad or v.requires_grad)

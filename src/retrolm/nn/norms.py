@@ -43,7 +43,9 @@ class _RMSNormFn(torch.autograd.Function):
 def _rms_norm_inference(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """_RMSNormFn.forward without autograd: statistics in fp32 (fp64 for fp64 inputs)."""
     if x.dtype in (torch.float32, torch.float64):
-        return F.rms_norm(x, weight.shape, weight.to(x.dtype), eps)
+        if weight.dtype is not x.dtype:  # (a no-op .to still costs a dispatch)
+            weight = weight.to(x.dtype)
+        return F.rms_norm(x, weight.shape, weight, eps)
     with torch.autocast(x.device.type, enabled=False):
         return F.rms_norm(x.float(), weight.shape, None, eps).to(x.dtype) * weight.to(x.dtype)
 
@@ -57,10 +59,13 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        if not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
+        weight = self.weight
+        if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
             # nothing to save for backward: the single fused kernel (decoding calls this
             # ~15 times per token, where the autograd Function's overhead dominated)
-            return _rms_norm_inference(x, self.weight, self.eps)
+            if x.dtype is weight.dtype and x.dtype in (torch.float32, torch.float64):
+                return F.rms_norm(x, weight.shape, weight, self.eps)
+            return _rms_norm_inference(x, weight, self.eps)
         if torch.is_autocast_enabled(x.device.type):
             with torch.autocast(x.device.type, enabled=False):
                 return _RMSNormFn.apply(x, self.weight, self.eps)

@@ -60,8 +60,13 @@ class Residual(nn.Module):
             if isinstance(out, tuple):
                 return (self.norm(x * self.alpha + out[0]), *out[1:])
             return self.norm(x * self.alpha + out)
-        out = self.branch(x, *args, **kwargs)
-        if isinstance(out, tuple):
+        # (pre-norm inlined: this runs ~14 times per decoded token)
+        out = (
+            self.branch(x, *args, **kwargs)
+            if self.rezero
+            else self.fn(self.norm(x), *args, **kwargs)
+        )
+        if type(out) is tuple:
             return (x + out[0], *out[1:])
         return x + out
 

@@ -72,6 +72,25 @@ def _sign(r: int, interleaved: bool, dtype: torch.dtype, device: torch.device) -
     return torch.ones(r, dtype=dtype, device=device).index_fill_(0, torch.arange(r // 2), -1.0)
 
 
+# (sin, interleaved, sin * sign) of the last call: one tuple, replaced whole, so a thread
+# never reads one call's sin with another call's product
+_last_signed: tuple[Tensor | None, bool, Tensor | None] = (None, False, None)
+
+
+def _signed_sin(sin: Tensor, interleaved: bool) -> Tensor:
+    """sin * ``_sign``, reused while the same ``sin`` tensor comes back: every layer of a
+    decoding step rotates with the one table its model sliced for that step. Holding the
+    last ``sin`` keeps its id from being reused; rotary tables are never written in place."""
+    global _last_signed
+    last_sin, last_interleaved, last = _last_signed
+    if last_sin is sin and last_interleaved is interleaved:
+        return last
+    signed = sin * _sign(sin.shape[-1], interleaved, sin.dtype, sin.device)
+    if not signed.requires_grad:  # (a graph must not be reused across calls)
+        _last_signed = (sin, interleaved, signed)
+    return signed
+
+
 def _rotate(x: Tensor, interleaved: bool) -> Tensor:
     """(-x2, x1) for every pair, as a partner swap times ``_sign``: one kernel (roll or flip)
     for the swap, and the sign folds into sin, a table far smaller than x."""
@@ -95,6 +114,8 @@ def apply_rotary(
     xf = x if full else x[..., :r]
     if xf.dtype is torch.float64 or cos.dtype is not torch.float32:
         xf = xf.float()  # else type promotion computes in fp32 already: no copy of x
-    signed_sin = sin if signed else sin * _sign(r, interleaved, sin.dtype, sin.device)
-    out = torch.addcmul(xf * cos, _rotate(xf, interleaved), signed_sin).to(x.dtype)
+    signed_sin = sin if signed else _signed_sin(sin, interleaved)
+    out = torch.addcmul(xf * cos, _rotate(xf, interleaved), signed_sin)
+    if out.dtype is not x.dtype:
+        out = out.to(x.dtype)
     return out if full else torch.cat((out, x[..., r:]), dim=-1)
