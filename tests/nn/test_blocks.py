@@ -171,6 +171,32 @@ def test_rmsnorm_custom_backward_equals_autograd_float64():
     assert torch.autograd.gradcheck(lambda t: norm(t), (x[:1, :2],))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_backward_in_lower_precision_tracks_float64(dtype):
+    """The fused fp32 forward and the half-precision path: values and both gradients
+    within their dtype's rounding of the float64 autograd reference."""
+    from retrolm.nn import RMSNorm
+
+    torch.manual_seed(1)
+    norm = RMSNorm(48)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x64 = torch.randn(2, 33, 48, dtype=torch.float64, requires_grad=True)
+    w64 = norm.weight.detach().double().requires_grad_()
+    ref = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + norm.eps) * w64
+    g = torch.randn_like(ref)
+    exp_x, exp_w = torch.autograd.grad(ref, (x64, w64), g)
+    x = x64.detach().to(dtype).requires_grad_()
+    y = norm(x)
+    assert y.dtype == dtype
+    got_x, got_w = torch.autograd.grad(y, (x, norm.weight), g.to(dtype))
+    assert got_x.dtype == dtype and got_w.dtype == torch.float32
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y.double(), ref.detach(), **tol)
+    torch.testing.assert_close(got_x.double(), exp_x, **tol)
+    torch.testing.assert_close(got_w.double(), exp_w, rtol=tol["rtol"], atol=tol["atol"] * 10)
+
+
 def test_rmsnorm_inference_path_equals_autograd_path():
     """Without autograd RMSNorm takes F.rms_norm; same values as the saving Function."""
     from retrolm.nn import RMSNorm
