@@ -5,7 +5,9 @@ Config of shared/bench/bench_routing.py: num_tokens 256, dim 256, depth 4, heads
 subprocess, so ``ru_maxrss`` is that run's own peak RSS. Each side gets its better dtype
 (fp32 or bf16 autocast, the faster of the two measured here). Speed is measured with both
 sides in one process, steps interleaved, so that load from other processes on the shared
-machine hits both alike; the ratio is the median of per-round ratios. Peak RSS
+machine hits both alike; the ratio is the median of per-round ratios. Generation times
+every (side, dtype) interleaved, ours fp32 / bf16 / bf16p (bf16 prompt, fp32 steps) and the
+reference fp32 / bf16, and compares each side at its faster dtype. Peak RSS
 (``ru_maxrss``) comes from a fresh subprocess per (side, length, dtype).
 
     PYTHONPATH=src python benchmarks/bench_routing.py            # everything (~10-15 min)
@@ -99,17 +101,7 @@ def child_speed(mode: str, L: int, dt_ours: str, dt_ref: str, steps: int) -> dic
                 times[s].append(time.perf_counter() - t0)
         work = L
     else:
-        models["ours"].net.init_kmeans(x[:, :L])  # centroids as after training
-        for m in models.values():
-            m.eval()
-        for s in models:
-            _gen(s, models[s], x, L, 4, dts[s])  # warm-up
-        for _ in range(steps):
-            for s in models:
-                t0 = time.perf_counter()
-                _gen(s, models[s], x, L, 32, dts[s])
-                times[s].append(time.perf_counter() - t0)
-        work = 32
+        raise ValueError(f"mode {mode!r}: generation runs in child_gen")
     ratios = [r / o for o, r in zip(times["ours"], times["ref"])]
     return dict(
         mode=mode,
@@ -120,6 +112,40 @@ def child_speed(mode: str, L: int, dt_ours: str, dt_ref: str, steps: int) -> dic
         ours_tokens_per_s=round(work / statistics.median(times["ours"]), 2),
         ref_tokens_per_s=round(work / statistics.median(times["ref"]), 2),
         speedup=round(statistics.median(ratios), 2),
+    )
+
+
+def child_gen(L: int, dts_ours: list[str], dts_ref: list[str], rounds: int) -> dict:
+    """Generation: every (side, dtype) in one process, interleaved round after round so load
+    from other processes hits all alike; each side is then taken at its faster dtype (median
+    seconds per call), and the ratio is best against best."""
+    import torch
+
+    torch.set_num_threads(THREADS)
+    x = torch.randint(1, V, (1, L + 1))
+    models = {s: build(s, L) for s in ("ours", "ref")}
+    models["ours"].net.init_kmeans(x[:, :L])  # centroids as after training
+    for m in models.values():
+        m.eval()
+    runs = [("ours", d) for d in dts_ours] + [("ref", d) for d in dts_ref]
+    times: dict[tuple[str, str], list[float]] = {r: [] for r in runs}
+    for s, d in runs:
+        _gen(s, models[s], x, L, 4, d)  # warm-up
+    for _ in range(rounds):
+        for s, d in runs:
+            t0 = time.perf_counter()
+            _gen(s, models[s], x, L, 32, d)
+            times[(s, d)].append(time.perf_counter() - t0)
+    med = {r: statistics.median(t) for r, t in times.items()}
+    best = {s: min((r for r in runs if r[0] == s), key=med.get) for s in ("ours", "ref")}
+    return dict(
+        mode="gen",
+        L=L,
+        seconds={f"{s}/{d}": [round(t, 3) for t in times[(s, d)]] for s, d in runs},
+        best_dtype={s: best[s][1] for s in best},
+        ours_tokens_per_s=round(32 / med[best["ours"]], 2),
+        ref_tokens_per_s=round(32 / med[best["ref"]], 2),
+        speedup=round(med[best["ref"]] / med[best["ours"]], 2),
     )
 
 
@@ -192,10 +218,10 @@ def main() -> None:
     # attention runs on block_attend).
     ap.add_argument("--dtype-ours", default="bf16", choices=("fp32", "bf16"))
     ap.add_argument("--dtype-ref", default="bf16", choices=("fp32", "bf16"))
-    # generation: bf16p = bf16 prompt, fp32 cached steps (ours only); see RESULTS.md for
-    # each side's faster generation dtype
-    ap.add_argument("--gen-dtype-ours", default="bf16p", choices=("fp32", "bf16", "bf16p"))
-    ap.add_argument("--gen-dtype-ref", default="fp32", choices=("fp32", "bf16"))
+    # generation: every listed dtype per side, best against best; bf16p = bf16 prompt,
+    # fp32 cached steps (ours only)
+    ap.add_argument("--gen-dtypes-ours", default="fp32,bf16,bf16p")
+    ap.add_argument("--gen-dtypes-ref", default="fp32,bf16")
     ap.add_argument(
         "--out", default=os.path.join(os.path.dirname(__file__), "results_routing.jsonl")
     )
@@ -204,6 +230,8 @@ def main() -> None:
         kind, *rest = a.child
         if kind == "speed":
             res = child_speed(rest[0], int(rest[1]), rest[2], rest[3], int(rest[4]))
+        elif kind == "gen":
+            res = child_gen(int(rest[0]), rest[1].split(","), rest[2].split(","), int(rest[3]))
         elif kind == "rss":
             res = child_rss(rest[0], int(rest[1]), rest[2])
         else:
@@ -223,7 +251,7 @@ def main() -> None:
 
     modes = a.modes.split(",")
     if "gen" in modes:
-        gen = ["speed", "gen", "1024", a.gen_dtype_ours, a.gen_dtype_ref, str(a.gen_rounds)]
+        gen = ["gen", "1024", a.gen_dtypes_ours, a.gen_dtypes_ref, str(a.gen_rounds)]
         summary["gen_speedup"] = keep(run(gen))["speedup"]
     for L in (4096, 8192) if "train" in modes else ():
         r = keep(run(["speed", "train", str(L), dt["ours"], dt["ref"], str(steps)]))
