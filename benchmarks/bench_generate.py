@@ -16,6 +16,7 @@ autocast, the cached steps in fp32).
 
     python benchmarks/bench_generate.py              # 2 rounds
     python benchmarks/bench_generate.py --rounds 1
+    python benchmarks/bench_generate.py --phases     # ours only: prefill / steps / sampling
 Needs: pip install --no-deps retro-pytorch==0.3.9 (autofaiss is stubbed if absent).
 """
 
@@ -114,6 +115,53 @@ def ours_generate(prompt, dtype: str):
     return out.new_ids.shape[1], time.perf_counter() - t0
 
 
+def ours_phases(dtype: str) -> None:
+    """Where one call of ours goes: the prompt's forward, the cached steps, sampling and the
+    rest (retrieval hooks, the loop), by wrapping the model's forward and the sampler."""
+    import torch
+
+    import retrolm.generation as gen_mod
+    from retrolm import RETRO
+
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    prompt = torch.randint(1, VOCAB, (1, PROMPT))
+    model = RETRO(max_seq_len=L, num_tokens=VOCAB, **MODEL).eval()
+    spent: dict[str, list[float]] = {"prefill": [], "step": [], "sample": []}
+    forward, sample = model.forward, gen_mod.sample_next
+
+    def timed_forward(seq, *a, **k):
+        t0 = time.perf_counter()
+        out = forward(seq, *a, **k)
+        spent["prefill" if seq.shape[1] > 1 else "step"].append(time.perf_counter() - t0)
+        return out
+
+    def timed_sample(*a, **k):
+        t0 = time.perf_counter()
+        out = sample(*a, **k)
+        spent["sample"].append(time.perf_counter() - t0)
+        return out
+
+    model.forward, gen_mod.sample_next = timed_forward, timed_sample
+    pre = torch.bfloat16 if dtype == "bf16p" else None
+    for _ in range(2):  # the first call warms up
+        for v in spent.values():
+            v.clear()
+        t0 = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            gen_mod.generate(
+                model, prompt, NEW, StubRetriever(), temperature=1.0, top_k=int(0.1 * VOCAB),
+                seed=0, prefill_dtype=pre,
+            )  # fmt: skip
+        total = time.perf_counter() - t0
+    print(f"ours {dtype}: one call {total * 1e3:.0f} ms")
+    for name, v in spent.items():
+        print(f"  {name:8s} {len(v):3d} x median {statistics.median(v) * 1e3:7.2f} ms = "
+              f"{sum(v) * 1e3:6.1f} ms")  # fmt: skip
+    rest = total - sum(sum(v) for v in spent.values())
+    print(f"  rest (retrieval hooks, loop) {rest * 1e3:.1f} ms")
+
+
 def child(side: str, dtype: str) -> dict:
     import torch
 
@@ -130,7 +178,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--child", nargs=2, metavar=("SIDE", "DTYPE"))
+    ap.add_argument("--phases", action="store_true", help="ours only: time per phase")
     a = ap.parse_args()
+    if a.phases:
+        for dtype in ("fp32", "bf16", "bf16p"):
+            ours_phases(dtype)
+        return
     if a.child:
         print("RESULT " + json.dumps(child(*a.child)), flush=True)
         return

@@ -5,7 +5,9 @@ hierarchies (1, 2, 8), windows (32, 64, None), batch 1, each library's default l
 (reference: CE + 0.25 next-latent + 0.1 recon; retrolm: CE + 0.25 AR + 0.1 recon).
 
   train : forward + backward + AdamW at L = 1024 and 4096, fp32 and bf16 autocast per side
-          (a side's better dtype is the faster one that runs); tokens/s and peak RSS.
+          (a side's better dtype is the faster one that runs); tokens/s and peak RSS; then
+          both sides at their better dtype in one process, steps alternating, for a ratio
+          that machine load cannot skew (median of per-round ratios).
           gen also tries bf16 weights (``bf16w``) and, for retrolm, ``bf16p`` (the prompt
           under bf16 autocast, the cached steps in fp32: ``prefill_dtype``).
   gen   : 992-token prompt, 32 new tokens, batch 1, whole generate call timed (prefill
@@ -123,6 +125,43 @@ def child(side: str, mode: str, length: int, dtype: str) -> dict:
     )  # fmt: skip
 
 
+def child_pair(length: int, dt_ours: str, dt_ref: str, rounds: int) -> dict:
+    """Training speed with both sides in one process, steps alternating (ours, ref, ours,
+    ...), each at its dtype: load on the shared machine hits both alike, so the median of
+    per-round ratios is steadier than a ratio of two separate processes' rates."""
+    import torch
+
+    torch.set_num_threads(THREADS)
+    x = torch.randint(1, 256, (1, length + 1))
+    steps = {}
+    for side, dtype in (("ours", dt_ours), ("ref", dt_ref)):
+        model = build(side, length).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def run(model=model, opt=opt, bf16=dtype == "bf16"):
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss, _ = model(x, return_loss=True)
+            loss.backward()
+            opt.step()
+
+        steps[side] = run
+    times: dict[str, list[float]] = {s: [] for s in steps}
+    for run in steps.values():
+        run()  # warm-up
+    for _ in range(rounds):
+        for side, run in steps.items():
+            t0 = time.perf_counter()
+            run()
+            times[side].append(time.perf_counter() - t0)
+    ratios = [r / o for o, r in zip(times["ours"], times["ref"])]
+    return dict(
+        mode="train-pair", L=length, dtype=dict(ours=dt_ours, ref=dt_ref),
+        ours_s=[round(t, 3) for t in times["ours"]], ref_s=[round(t, 3) for t in times["ref"]],
+        speedup=round(statistics.median(ratios), 2), threads=THREADS,
+    )  # fmt: skip
+
+
 def launch(side, mode, length, dtype, timeout) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", side, mode, str(length), dtype]
     env = dict(os.environ, PYTHONPATH=SRC, OMP_NUM_THREADS=str(THREADS))
@@ -170,11 +209,17 @@ def main() -> None:
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--gen-dtypes", default="fp32,bf16,bf16w,bf16p")
     ap.add_argument("--timeout", type=int, default=400)
+    ap.add_argument("--pair-rounds", type=int, default=5, help="interleaved training rounds")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "hier.jsonl"))
     a = ap.parse_args()
     if a.child:
         side, mode, length, dtype = a.child
-        print("RESULT " + json.dumps(child(side, mode, int(length), dtype)), flush=True)
+        if side == "pair":  # mode: "ours_dtype,ref_dtype"; dtype: rounds
+            d_ours, d_ref = mode.split(",")
+            res = child_pair(int(length), d_ours, d_ref, int(dtype))
+        else:
+            res = child(side, mode, int(length), dtype)
+        print("RESULT " + json.dumps(res), flush=True)
         return
     plan = []
     modes = a.modes.split(",")
@@ -196,6 +241,24 @@ def main() -> None:
             with open(a.out, "a") as f:
                 f.write(json.dumps(r) + "\n")
     print(table(results))
+    for length in sorted({r["L"] for r in results if r["mode"] == "train"}):
+        # the interleaved ratio, each side at the faster dtype of its own runs above
+        best = {}
+        for r in results:
+            if r["mode"] == "train" and r["L"] == length and "error" not in r:
+                if r["side"] not in best or r["tokens_per_s"] > best[r["side"]]["tokens_per_s"]:
+                    best[r["side"]] = r
+        if len(best) < 2:
+            continue
+        dts = f"{best['ours']['dtype']},{best['ref']['dtype']}"
+        r = launch("pair", dts, length, str(a.pair_rounds), a.timeout * 2)
+        r["loadavg"] = open("/proc/loadavg").read().split()[:3]
+        print(json.dumps(r), flush=True)
+        with open(a.out, "a") as f:
+            f.write(json.dumps(r) + "\n")
+        if "speedup" in r:
+            print(f"train L={length}, interleaved in one process (ours {best['ours']['dtype']} "
+                  f"vs reference {best['ref']['dtype']}): {r['speedup']:.2f}x")  # fmt: skip
 
 
 if __name__ == "__main__":
