@@ -360,15 +360,20 @@ def test_layer_norm_fp32_fast_path_and_bf16_input():
     assert torch.equal(y, F.layer_norm(x.bfloat16().float(), (16,), ln.weight, ln.bias).bfloat16())
 
 
-@pytest.mark.parametrize("interleaved", [False, True])
-def test_rotary_signed_span_equals_plain(interleaved):
+def test_rotary_span_rows_and_the_kept_signed_sin_follow_the_layout_and_the_table():
+    """span rows equal forward(arange) as the table grows; one sin rotated in both layouts
+    in turn gets each layout's own signs (the kept product is keyed on the layout)."""
     torch.manual_seed(0)
-    rot = RotaryEmbedding(8, interleaved=interleaved)
+    for interleaved in (False, True):
+        rot = RotaryEmbedding(8, interleaved=interleaved)
+        for start, n in ((7, 5), (290, 5)):  # the second grows the table
+            cos, sin = rot.span(start, n)
+            ref = rot(torch.arange(start, start + n))
+            assert torch.equal(cos, ref[0]) and torch.equal(sin, ref[1])
     x = torch.randn(2, 3, 5, 8)
-    plain = apply_rotary(x, *rot.span(7, 5), interleaved=interleaved)
-    signed = apply_rotary(x, *rot.span(7, 5, signed=True), interleaved=interleaved, signed=True)
-    assert torch.equal(plain, signed)
-    rot.span(0, 300)  # the table grows: the signed rows follow it
-    cos, sin = rot.span(290, 5, signed=True)
-    assert torch.equal(apply_rotary(x, *rot.span(290, 5), interleaved=interleaved),
-                       apply_rotary(x, cos, sin, interleaved=interleaved, signed=True))  # fmt: skip
+    cos, sin = RotaryEmbedding(8).span(3, 5)
+    pairs = {False: lambda t: torch.cat((-t[..., 4:], t[..., :4]), -1),
+             True: lambda t: torch.stack((-t[..., 1::2], t[..., ::2]), -1).flatten(-2)}  # fmt: skip
+    for interleaved in (False, True, False, True):
+        got = apply_rotary(x, cos, sin, interleaved=interleaved)
+        torch.testing.assert_close(got, x * cos + pairs[interleaved](x) * sin)

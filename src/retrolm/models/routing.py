@@ -52,7 +52,7 @@ from retrolm.nn.weight_cache import WeightCache
 from retrolm.wrapper import AutoregressiveWrapper
 
 log = logging.getLogger(__name__)
-Rotary = tuple[Tensor, Tensor]  # (n, d) cos and signed sin: RotaryEmbedding.span(signed=True)
+Rotary = tuple[Tensor, Tensor]  # (n, d) cos and sin: RotaryEmbedding.span
 
 __all__ = [
     "RoutingAttention",
@@ -142,18 +142,18 @@ class RoutingAttention(nn.Module):
             return q, k
         cos, sin = rotary
         if qk is not q:
-            r = apply_rotary(qk, cos, sin, signed=True)
+            r = apply_rotary(qk, cos, sin)
             rq, rk = r.split((self.heads, r.shape[1] - self.heads), 1)
             return rq, (rk if k is not None else None)
-        rk = apply_rotary(k, cos, sin, signed=True) if k is not None else None
-        return apply_rotary(q, cos, sin, signed=True), rk
+        rk = apply_rotary(k, cos, sin) if k is not None else None
+        return apply_rotary(q, cos, sin), rk
 
     def forward(
         self,
         x: Tensor,  # (b, n, dim)
         *,
         input_mask: Tensor | None = None,  # (b, n) True = real token
-        rotary: Rotary | None = None,  # (n, d) cos, signed sin at the positions of x
+        rotary: Rotary | None = None,  # (n, d) cos, sin at the positions of x
         context: Tensor | None = None,  # (b, m, dim) for cross-attention
         context_mask: Tensor | None = None,  # (b, m)
         cache: LayerCache | None = None,
@@ -469,8 +469,9 @@ class RoutingTransformer(nn.Module):
             raise ValueError(f"sequence length {start + n} exceeds max_seq_len={cfg.max_seq_len}")
         if self.training and self._kmeans_hook:
             x = update_after_backward(x, self._hook_scope())
-        # rows of a cached cos/sin table, sin signed once for every layer's apply_rotary
-        rotary = self.rotary.span(start, n, x.device, signed=True)
+        # rows of a cached cos/sin table; one tuple for every layer, so apply_rotary signs
+        # its sin once (nn.rotary._signed_sin)
+        rotary = self.rotary.span(start, n, x.device)
         kw = dict(mask=input_mask, rotary=rotary, context=context, context_mask=context_mask)
         keep = layer_drop_keep(cfg.depth, cfg.layer_dropout, self.training)
         aux = x.new_zeros((), dtype=torch.float32)

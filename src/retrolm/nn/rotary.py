@@ -8,9 +8,9 @@ offset (a KV cache, RETRO's chunk-relative geometry) is just a different ``posit
 
 ``span(start, length)`` returns rows of a cos/sin table computed once (and grown by
 doubling), the same values as ``forward(arange(start, start + length))``: a decoding step
-then costs two slices instead of five kernels. ``span(..., signed=True)`` gives sin with the
-rotation's signs already applied, for ``apply_rotary(..., signed=True)``: a model that
-rotates in every layer then signs the rows once per step, not once per layer.
+then costs two slices instead of five kernels. ``apply_rotary`` folds the rotation's signs
+into sin and keeps that product while the same ``sin`` comes back, so a model that rotates
+in every layer with the rows it sliced once signs them once per step, not once per layer.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ class RotaryEmbedding(nn.Module):
         # (cos, sin) for positions 0 … len-1; a plain attribute, so it stays fp32 and out of
         # the state dict; rebuilt when the device changes
         self._table: tuple[Tensor, Tensor] | None = None
-        self._signed: Tensor | None = None  # sin * _sign, made with the table when asked for
 
     def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         """positions (..., n) int or float -> (cos, sin), each (..., n, dim) float32."""
@@ -44,24 +43,16 @@ class RotaryEmbedding(nn.Module):
             freqs = torch.cat((freqs, freqs), dim=-1)
         return freqs.cos(), freqs.sin()
 
-    def span(
-        self, start: int, length: int, device=None, signed: bool = False
-    ) -> tuple[Tensor, Tensor]:
-        """(cos, sin) of positions start … start+length-1, each (length, dim) float32;
-        ``signed``: (cos, sin with the rotation's signs) for ``apply_rotary(signed=True)``."""
+    def span(self, start: int, length: int, device=None) -> tuple[Tensor, Tensor]:
+        """(cos, sin) of positions start … start+length-1, each (length, dim) float32."""
         device = self.inv_freq.device if device is None else torch.device(device)
         table = self._table
         end = start + length
         if table is None or table[0].shape[0] < end or table[0].device != device:
             size = max(end, 2 * table[0].shape[0] if table is not None else 64)
             table = self(torch.arange(size, device=device))
-            self._table, self._signed = table, None
-        if not signed:
-            return table[0][start:end], table[1][start:end]
-        if self._signed is None:
-            sign = _sign(self.dim, self.interleaved, table[1].dtype, device)
-            self._signed = table[1] * sign
-        return table[0][start:end], self._signed[start:end]
+            self._table = table
+        return table[0][start:end], table[1][start:end]
 
 
 @functools.lru_cache(maxsize=32)
@@ -99,22 +90,20 @@ def _rotate(x: Tensor, interleaved: bool) -> Tensor:
     return x.roll(x.shape[-1] // 2, dims=-1)
 
 
-def apply_rotary(
-    x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = False, signed: bool = False
-) -> Tensor:
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = False) -> Tensor:
     """Rotate the first ``cos.shape[-1]`` channels of x (…, n, d); math in fp32.
 
     cos/sin (n, r) or broadcastable to x's leading dims, e.g. (b, 1, n, r).
     x*cos + (-x2, x1)*sin, written as x*cos + swap(x) * (sign*sin): four kernels (a decoding
     step calls this ~8 times per token, where the count of kernels is the cost); three when
-    ``signed`` (sin is sign*sin already: ``RotaryEmbedding.span(signed=True)``).
+    the signed sin of the same ``sin`` is kept from the previous call (``_signed_sin``).
     """
     r = cos.shape[-1]
     full = r == x.shape[-1]  # full rotary: no split, no concatenation
     xf = x if full else x[..., :r]
     if xf.dtype is torch.float64 or cos.dtype is not torch.float32:
         xf = xf.float()  # else type promotion computes in fp32 already: no copy of x
-    signed_sin = sin if signed else _signed_sin(sin, interleaved)
+    signed_sin = _signed_sin(sin, interleaved)
     out = torch.addcmul(xf * cos, _rotate(xf, interleaved), signed_sin)
     if out.dtype is not x.dtype:
         out = out.to(x.dtype)
