@@ -19,7 +19,8 @@ class _RMSNormFn(torch.autograd.Function):
     """RMSNorm that saves only its input and the per-row 1/rms for backward (autograd's
     composite version keeps three full-size fp32 intermediates per call).
 
-    fp32/fp64: ATen's fused forward kernel (one pass, and it returns 1/rms). Backward, with
+    On CPU: ATen's fused forward kernel (one pass, and it returns 1/rms; CUDA keeps the
+    composite forward, which this machine cannot test). Backward, with
     xhat = x / rms and p = g * xhat: grad_w = sum over rows of p, and grad_x =
     (g * w - xhat * mean(p * w)) / rms, where mean(p * w) is the matrix-vector product p @ w:
     three full-size buffers instead of seven (PyTorch has no CPU kernel for the fused
@@ -28,10 +29,12 @@ class _RMSNormFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
-        if x.dtype in (torch.float32, torch.float64) and weight.dtype is x.dtype:
+        if x.device.type == "cpu" and weight.dtype in (torch.float32, torch.float64):
+            # one kernel; statistics in fp32 (fp64 for fp64) for half inputs too, one
+            # rounding of x / rms * w to x's dtype
             out, rstd = torch.ops.aten._fused_rms_norm(x, [x.shape[-1]], weight, eps)
-        else:  # half precision: statistics in fp32
-            xf = x.float()
+        else:  # statistics in fp32 (fp64 for fp64)
+            xf = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
             rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
             out = (xf * rstd).to(x.dtype) * weight.to(x.dtype)
         ctx.save_for_backward(x, weight, rstd)
