@@ -210,6 +210,12 @@ def test_rmsnorm_inference_path_equals_autograd_path():
         fast = norm(x)
     torch.testing.assert_close(fast, norm(x.requires_grad_()), rtol=1e-12, atol=1e-12)
     xb = x.detach().bfloat16()
+    norm32 = RMSNorm(6)
+    with torch.no_grad():
+        norm32.weight.copy_(norm.weight)
+        fast_b = norm32(xb)  # fp32 weights, bf16 input: the training path's kernel
+    assert fast_b.dtype == torch.bfloat16
+    assert torch.equal(fast_b, norm32(xb.clone().requires_grad_()))
     with torch.no_grad():
         fast_b = norm.bfloat16()(xb)
     assert fast_b.dtype == torch.bfloat16
@@ -358,6 +364,11 @@ def test_layer_norm_fp32_fast_path_and_bf16_input():
     y = ln(x.bfloat16())  # statistics in fp32, the result back in the input dtype
     assert y.dtype is torch.bfloat16
     assert torch.equal(y, F.layer_norm(x.bfloat16().float(), (16,), ln.weight, ln.bias).bfloat16())
+    for half in (torch.bfloat16, torch.float16):  # the one-call inference path: same values
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            y = ln(x.to(half))
+        assert y.dtype is half
+        assert torch.equal(y, F.layer_norm(x.to(half).float(), (16,), ln.weight, ln.bias).to(half))
 
 
 def test_rotary_span_rows_and_the_kept_signed_sin_follow_the_layout_and_the_table():

@@ -59,6 +59,8 @@ def _rms_norm_inference(x: Tensor, weight: Tensor, eps: float) -> Tensor:
         if weight.dtype is not x.dtype:  # (a no-op .to still costs a dispatch)
             weight = weight.to(x.dtype)
         return F.rms_norm(x, weight.shape, weight, eps)
+    if x.is_cpu and weight.dtype is torch.float32:  # the training path's kernel: same values
+        return torch.ops.aten._fused_rms_norm(x, [x.shape[-1]], weight, eps)[0]
     with torch.autocast(x.device.type, enabled=False):
         return F.rms_norm(x.float(), weight.shape, None, eps).to(x.dtype) * weight.to(x.dtype)
 
@@ -110,6 +112,17 @@ class LayerNorm(nn.LayerNorm):
             # already fp32: skip four no-op casts (each a dispatched call; decoding runs this
             # ~9 times per token)
             return F.layer_norm(x, self.normalized_shape, w, b, self.eps)
+        if (
+            x.is_cpu
+            and w.dtype is torch.float32
+            and x.dtype in (torch.bfloat16, torch.float16)
+            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+        ):
+            # without autograd, CPU's mixed-dtype kernel: fp32 statistics and weights, the
+            # result in x's dtype, the same values as the casts below in one call
+            # (native_layer_norm: autocast would upcast layer_norm's input). Not for
+            # training: its weight gradient from half-precision grads is coarser.
+            return torch.native_layer_norm(x, self.normalized_shape, w, b, self.eps)[0]
         b = b.float() if b is not None else None
         return F.layer_norm(x.float(), self.normalized_shape, w.float(), b, self.eps).to(x.dtype)
 
