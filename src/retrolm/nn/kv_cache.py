@@ -98,21 +98,38 @@ def cast_cache(cache: Any, dtype: torch.dtype) -> Any:
     """Cast, in place, every floating tensor a decoding cache holds to ``dtype``.
 
     A cache is a plain container (objects, dataclasses, lists, tuples, dicts) of tensors and
-    Python values; modules are left alone. Returns the cache (a tuple comes back rebuilt)."""
-    if isinstance(cache, Tensor):
-        return cache.to(dtype) if cache.is_floating_point() else cache
-    if isinstance(cache, list):
-        cache[:] = [cast_cache(v, dtype) for v in cache]
-    elif isinstance(cache, tuple):
-        items = [cast_cache(v, dtype) for v in cache]
-        return type(cache)(*items) if hasattr(cache, "_fields") else tuple(items)
-    elif isinstance(cache, dict):
-        for key, v in cache.items():
-            cache[key] = cast_cache(v, dtype)
-    elif hasattr(cache, "__dict__") and not isinstance(cache, nn.Module):
-        for key, v in vars(cache).items():
-            setattr(cache, key, cast_cache(v, dtype))
-    return cache
+    Python values; modules are left alone. Views stay views: every tensor that shares a base
+    is rebuilt on one cast copy of that base, so a cache that keeps a buffer and views into
+    it (ring buffers, a window of the last keys) still writes and reads the same memory.
+    Returns the cache (a tuple comes back rebuilt)."""
+    return _cast(cache, dtype, {})
+
+
+def _cast(obj: Any, dtype: torch.dtype, bases: dict[int, tuple[Tensor, Tensor]]) -> Any:
+    if isinstance(obj, Tensor):
+        if not obj.is_floating_point() or obj.dtype == dtype:
+            return obj
+        base = obj if obj._base is None else obj._base
+        if id(base) not in bases:  # (the old base is kept in the memo: its id stays unique)
+            new = torch.empty_strided(base.size(), base.stride(), dtype=dtype, device=base.device)
+            bases[id(base)] = (base, new.copy_(base))
+        new_base = bases[id(base)][1]
+        if obj is base:
+            return new_base
+        offset = obj.storage_offset() - base.storage_offset()
+        return new_base.as_strided(obj.size(), obj.stride(), new_base.storage_offset() + offset)
+    if isinstance(obj, list):
+        obj[:] = [_cast(v, dtype, bases) for v in obj]
+    elif isinstance(obj, tuple):
+        items = [_cast(v, dtype, bases) for v in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
+    elif isinstance(obj, dict):
+        for key, v in obj.items():
+            obj[key] = _cast(v, dtype, bases)
+    elif hasattr(obj, "__dict__") and not isinstance(obj, nn.Module):
+        for key, v in vars(obj).items():
+            setattr(obj, key, _cast(v, dtype, bases))
+    return obj
 
 
 def step_dtype(model: nn.Module, device: torch.device) -> torch.dtype:
