@@ -97,15 +97,13 @@ class AutoregressiveWrapper(nn.Module):
         done = torch.zeros(b, dtype=torch.bool, device=out.device)
         step_input = out
         for i in range(seq_len):
-            if cache is not None:
-
-                def run(tokens=step_input):
-                    return split_output(self.net(tokens, cache=cache, **kwargs))
-
-                if i == 0:
-                    logits, _ = prefill(run, self.net, cache, prefill_dtype, out.device)
-                else:
-                    logits, _ = run()
+            if cache is not None and i == 0:  # the prompt, in its own precision if asked
+                logits, _ = prefill(
+                    lambda prompt=out: split_output(self.net(prompt, cache=cache, **kwargs)),
+                    self.net, cache, prefill_dtype, out.device,
+                )  # fmt: skip
+            elif cache is not None:
+                logits, _ = split_output(self.net(step_input, cache=cache, **kwargs))
             else:
                 ctx = out if self.max_seq_len is None else out[:, -self.max_seq_len :]
                 logits, _ = split_output(self.net(ctx, **kwargs))

@@ -57,6 +57,7 @@ class LayerCache:
         g = groups.clamp(min=0)
         self.counts = torch.zeros(b, h, k, dtype=torch.long, device=keys.device)
         self.counts.scatter_add_(-1, g, real.long())
+        self._base = torch.arange(b * h, device=keys.device).view(b, h, 1) * k
         rank = ranks_in_group(groups)
         keep = real & (rank >= self.counts.gather(-1, g) - w)  # the w latest of each cluster
         rows = self._rows(g, rank)[keep]
@@ -66,14 +67,11 @@ class LayerCache:
         self._kring = self.keys[:-1].view(b * h * k, w, d)
         self._vring = self.values[:-1].view(b * h * k, w, -1)
         self._cnt = self.counts.view(-1)
-        self._base = torch.arange(b * h, device=keys.device).view(b, h, 1) * k
         self._masks = {}
 
     def _rows(self, g: Tensor, seen: Tensor) -> Tensor:
         """Flat ring row of a key of cluster g (b, hr, t) with `seen` earlier keys in it."""
-        b, h, k = self.counts.shape
-        base = torch.arange(b * h, device=g.device).view(b, h, 1) * k
-        return (base + g) * self.window + seen % self.window
+        return (self._base + g) * self.window + seen % self.window
 
     def step_real(self, q, k_new, v_new, kg, qg, shared_qk: bool, mem_kv) -> Tensor:
         """``step`` for a token known to be real (no padding mask): every id is a cluster, so
@@ -127,7 +125,7 @@ class LayerCache:
         """One token: q, k_new, v_new (b, hr, 1, d), clusters kg, qg (b, hr, 1); -1 =
         padding (its key goes to the sink row, its query sees nothing)."""
         b, h, _, d = q.shape
-        k, w = self.counts.shape[-1], self.window
+        w = self.window
         real = kg >= 0
         g = kg.clamp(min=0)
         rows = self._rows(g, self.counts.gather(-1, g))
@@ -137,9 +135,9 @@ class LayerCache:
         self.counts.scatter_add_(-1, g, real.long())
         cq = qg.clamp(min=0)
         seen = self.counts.gather(-1, cq)  # (b, hr, 1) keys of the query's cluster, itself too
-        ring = (torch.arange(b * h, device=q.device).view(b, h, 1) * k + cq).flatten()
-        keys = self.keys[:-1].view(b * h * k, w, d).index_select(0, ring).view(b, h, w, d)
-        vals = self.values[:-1].view(b * h * k, w, -1).index_select(0, ring).view(b, h, w, -1)
+        ring = (self._base + cq).flatten()
+        keys = self._kring.index_select(0, ring).view(b, h, w, d)
+        vals = self._vring.index_select(0, ring).view(b, h, w, -1)
         slot = torch.arange(w, device=q.device)
         mask = (slot < seen) & (qg >= 0)  # (b, hr, w): filled slots of a real query's cluster
         if shared_qk:  # itself only when it is alone (Reformer's shared-QK rule)

@@ -78,13 +78,11 @@ class RMSNorm(nn.Module):
         if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
             # nothing to save for backward: the single fused kernel (decoding calls this
             # ~15 times per token, where the autograd Function's overhead dominated)
-            if x.dtype is weight.dtype and x.dtype in (torch.float32, torch.float64):
-                return F.rms_norm(x, weight.shape, weight, self.eps)
             return _rms_norm_inference(x, weight, self.eps)
         if torch.is_autocast_enabled(x.device.type):
             with torch.autocast(x.device.type, enabled=False):
-                return _RMSNormFn.apply(x, self.weight, self.eps)
-        return _RMSNormFn.apply(x, self.weight, self.eps)
+                return _RMSNormFn.apply(x, weight, self.eps)
+        return _RMSNormFn.apply(x, weight, self.eps)
 
 
 class ScaleNorm(nn.Module):
