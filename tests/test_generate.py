@@ -13,11 +13,22 @@ def tiny_retro(seed=0):
     return RETRO(config=RetroConfig.from_name("retro-tiny")).eval()
 
 
+def tiny_retro_copy(seed=0):
+    """With the neighbour copy head, its gate opened so that copying decides tokens."""
+    torch.manual_seed(seed)
+    model = RETRO(config=RetroConfig.from_name("retro-tiny", copy_head=True)).eval()
+    with torch.no_grad():
+        model.copy_head.gate_bias.fill_(3.0)
+    return model
+
+
 def fake_db():
     return FakeDatabase(random_docs(10, 40, seed=2), chunk_size=4, num_candidates=4)
 
 
-@pytest.mark.parametrize("make", [tiny_retro, lambda: TinyRetro().eval()])
+@pytest.mark.parametrize(
+    "make", [tiny_retro, tiny_retro_copy, lambda: TinyRetro().eval()], ids=["retro", "copy", "fake"]
+)
 @pytest.mark.parametrize("prompt_len", [1, 4, 7])
 def test_cached_greedy_equals_full_forward(make, prompt_len):
     model, db = make(), fake_db()
@@ -44,6 +55,15 @@ def test_full_forward_oracle_by_hand():
         seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], 1)
     out = generate(model, [5, 6, 7, 8, 9, 10], 10, db, temperature=0, num_neighbours=2)
     assert torch.equal(out.ids, seq)
+
+
+def test_copy_head_changes_the_continuation():
+    model, db = tiny_retro_copy(), fake_db()
+    prompt = db.chunks[3, :6].tolist()  # text the database holds: its neighbours continue it
+    with_copy = generate(model, prompt, 16, db, temperature=0)
+    model.copy_head.enabled = False
+    without = generate(model, prompt, 16, db, temperature=0)
+    assert not torch.equal(with_copy.ids, without.ids)
 
 
 def test_retrieval_changes_the_continuation():

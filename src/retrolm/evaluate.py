@@ -9,7 +9,8 @@ leakage analysis (paper: 10).
   score only tokens no earlier window scored (the first window scores all).
 - Every chunk's neighbours come from the database's search (held-out text never
   enters the database). The model reads k of them; retrieval OFF is the same model
-  with ``retrieved=None``.
+  with ``retrieved=None``. A RETRO with the neighbour copy head is also scored with the
+  head off (mode ``retrieval_no_copy``: chunked cross-attention alone).
 - Leakage: for chunk C, s(C) = longest common token substring between C and any of
   its K retrieved values (neighbour + continuation), r(C) = s(C) / |C|;
   bpb(alpha) = sum of NLL over chunks with r <= alpha / (ln 2 * their bytes).
@@ -36,9 +37,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from retrolm.models.registry import ModelFamily, check_no_retrieval, family_of
+from retrolm.models.retro_copy import copy_head_disabled
 
 log = logging.getLogger(__name__)
 
+NO_COPY = "retrieval_no_copy"  # RETRO with a copy head, scored with the head off (CCA alone)
 ALPHAS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
 
 
@@ -85,13 +88,13 @@ class EvalResult:
         return asdict(self)
 
     def table(self) -> str:
-        lines = [f"{'':14s} {'bits/byte':>10s} {'token ppl':>10s} {'tokens':>9s}"]
+        lines = [f"{'':17s} {'bits/byte':>10s} {'token ppl':>10s} {'tokens':>9s}"]
         for mode, r in self.modes.items():
             lines.append(
-                f"{mode:14s} {r['bits_per_byte']:10.4f} {r['perplexity']:10.2f} "
+                f"{mode:17s} {r['bits_per_byte']:10.4f} {r['perplexity']:10.2f} "
                 f"{int(r['tokens']):9d}"
             )
-        if len(self.modes) == 2:
+        if "retrieval" in self.modes:
             a, b = self.modes["retrieval"], self.modes["no_retrieval"]
             gain = 1 - a["bits_per_byte"] / b["bits_per_byte"]
             lines.append(f"retrieval lowers bits/byte by {100 * gain:.1f}%")
@@ -100,10 +103,10 @@ class EvalResult:
             lines.append(
                 "leakage: bits/byte on chunks whose overlap with their neighbours r <= alpha"
             )
-            head = f"{'alpha':>6s} {'chunks':>7s}" + "".join(f" {m:>13s}" for m in self.modes)
+            head = f"{'alpha':>6s} {'chunks':>7s}" + "".join(f" {m:>17s}" for m in self.modes)
             lines.append(head)
             for row in self.leakage:
-                vals = "".join(f" {row.get(m, float('nan')):13.4f}" for m in self.modes)
+                vals = "".join(f" {row.get(m, float('nan')):17.4f}" for m in self.modes)
                 lines.append(f"{row['alpha']:6.3f} {row['fraction']:7.1%}{vals}")
         return "\n".join(lines)
 
@@ -188,6 +191,8 @@ def evaluate(
     n, stride = _window_shape(cfg, m, max_len)
     docs = read_documents(text_dir, cfg.glob)
     modes = ["retrieval", "no_retrieval"] if db is not None else ["no_retrieval"]
+    if db is not None and getattr(model, "copy_head", None) is not None:
+        modes.insert(1, NO_COPY)  # how much of the gain is the copy head's
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -308,7 +313,7 @@ def _score_document(
         inp = inp.to(device)
         for mode in modes:
             kw = {}
-            if mode == "retrieval":
+            if mode in ("retrieval", NO_COPY):
                 l = n // m
                 r = torch.zeros(len(group), l, ret.shape[1], 2 * m, dtype=torch.long)
                 rm = torch.zeros(len(group), l, ret.shape[1], dtype=torch.bool)
@@ -316,7 +321,8 @@ def _score_document(
                     c0, c1 = w // m, min(w // m + l, ret.shape[0])
                     r[j, : c1 - c0], rm[j, : c1 - c0] = ret[c0:c1], mask[c0:c1]
                 kw = {"retrieved": r.to(device), "neighbour_mask": rm.to(device)}
-            logits = fam.logits(model, inp[:, :-1], **kw)  # (g, n, V)
+            with copy_head_disabled(model, mode == NO_COPY):
+                logits = fam.logits(model, inp[:, :-1], **kw)  # (g, n, V)
             logp = F.log_softmax(logits.float(), dim=-1)
             tgt_nll = -logp.gather(-1, inp[:, 1:, None]).squeeze(-1).cpu().numpy()  # (g, n)
             for j, (w, end, first) in enumerate(group):

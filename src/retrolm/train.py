@@ -170,8 +170,13 @@ class TrainResult:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay weight matrices only: no decay for norms, biases and embeddings."""
-    decay, no_decay, seen = [], [], set()
+    """Decay weight matrices only: no decay for norms, biases and embeddings.
+
+    A parameter with a ``_retrolm_lr_scale`` attribute (the RETRO copy head's small tables)
+    goes to a group of its own whose ``lr_scale`` multiplies the scheduled learning rate.
+    """
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {(True, 1.0): [], (False, 1.0): []}
+    seen: set[int] = set()
     for module in model.modules():
         is_norm = "norm" in type(module).__name__.lower()
         for name, p in module.named_parameters(recurse=False):
@@ -179,10 +184,12 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
                 continue
             seen.add(id(p))
             skip = is_norm or isinstance(module, nn.Embedding) or p.ndim < 2 or "bias" in name
-            (no_decay if skip else decay).append(p)
+            scale = float(getattr(p, "_retrolm_lr_scale", 1.0))
+            groups.setdefault((not skip and scale == 1.0, scale), []).append(p)
     return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": params, "weight_decay": weight_decay if decay else 0.0, "lr_scale": scale}
+        for (decay, scale), params in groups.items()
+        if params or scale == 1.0
     ]
 
 
@@ -616,7 +623,7 @@ def train(
             t0 = time.perf_counter()
             lr = lr_at(step, cfg)
             for g in opt.param_groups:
-                g["lr"] = lr
+                g["lr"] = lr * g.get("lr_scale", 1.0)
             # dropout depends only on (seed, step, rank): resuming replays it exactly
             torch.manual_seed(cfg.seed * 1_000_003 + step * 1_009 + rank)
             total = 0.0

@@ -113,7 +113,10 @@ class TrainingWrapper:
     def get_optimizer(self, lr: float = 3e-4, wd: float = 0.0, **kwargs: Any):
         from retrolm.train import param_groups
 
-        return torch.optim.AdamW(param_groups(self.retro, wd), lr=lr, **kwargs)
+        groups = param_groups(self.retro, wd)
+        for g in groups:  # no scheduler here: apply each group's learning-rate scale once
+            g["lr"] = lr * g["lr_scale"]
+        return torch.optim.AdamW(groups, lr=lr, **kwargs)
 
     @torch.no_grad()
     def generate(

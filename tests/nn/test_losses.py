@@ -61,3 +61,24 @@ def test_linear_cross_entropy_bf16_gradients_close_to_fp32():
     for a, b in zip(g, g_ref):
         assert a.dtype == torch.float32
         torch.testing.assert_close(a, b, rtol=0.05, atol=0.02 * b.abs().max().item())
+
+
+@pytest.mark.parametrize("block", [3, 1024])
+def test_linear_cross_entropy_per_token_equals_plain_and_grads(block):
+    """reduction='none' with any upstream weights: values and gradients of the plain loss."""
+    torch.manual_seed(1)
+    h = torch.randn(2, 7, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(11, 5, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 11, (2, 7))
+    labels[1, 3] = -100
+    per = linear_cross_entropy(h, w, labels, block=block, reduction="none")
+    ref = F.cross_entropy((h @ w.t()).transpose(1, 2), labels, ignore_index=-100, reduction="none")
+    assert per.shape == (2, 7) and per[1, 3] == 0
+    torch.testing.assert_close(per, ref, rtol=1e-10, atol=1e-10)
+    up = torch.randn(2, 7, dtype=torch.float64)
+    g1 = torch.autograd.grad((per * up).sum(), (h, w))
+    g2 = torch.autograd.grad((ref * up).sum(), (h, w))
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="reduction"):
+        linear_cross_entropy(h, w, labels, reduction="sum")

@@ -30,6 +30,7 @@ from einops import rearrange, repeat
 from torch import Tensor, nn
 
 from retrolm.models.retro_config import RetroConfig
+from retrolm.models.retro_copy import NeighbourCopyHead
 from retrolm.nn.attention import attend
 from retrolm.nn.decode_linear import DecodeLinear
 from retrolm.nn.feedforward import FeedForward
@@ -234,6 +235,7 @@ class RetroCache:
     cca_kv: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)  # layer -> (b, L, …)
     cca_mask: Tensor | None = None  # (b, L, k*r)
     cca_full: list[bool] = field(default_factory=list)  # chunk u: every neighbour token real
+    copy_tail: Tensor | None = None  # (b, <= copy_max_match-1) latest tokens, for the copy head
 
 
 class RETRO(nn.Module):
@@ -263,6 +265,9 @@ class RETRO(nn.Module):
         self.final_norm = nn.Identity() if c.use_deepnet else make_norm(c.norm, c.dec_dim)
         self.to_logits = DecodeLinear(c.dec_dim, c.num_tokens, bias=False)
         self._init_weights()
+        self.copy_head = (
+            NeighbourCopyHead(c.dec_dim, c.chunk_size, c.copy_max_match) if c.copy_head else None
+        )
         if c.tie_embeddings:
             self.to_logits.weight = self.token_emb.weight
         if c.share_embeddings:
@@ -300,15 +305,54 @@ class RETRO(nn.Module):
                 raise ValueError("return_loss cannot be combined with a generation cache")
             seq, labels = seq[:, :-1], seq[:, 1:]
         self._check_inputs(seq, retrieved, neighbour_mask, cache)
+        start = cache.length if cache is not None else 0
+        copying = self.copy_head is not None and self.copy_head.enabled and retrieved is not None
+        if copying:  # the latest tokens at each position, before the cache moves on
+            tail = cache.copy_tail if cache is not None else None
+            windows, tail = self.copy_head.context(seq, tail)
+            if cache is not None:
+                cache.copy_tail = tail
         hidden = self._decode(seq, retrieved, neighbour_mask, cache)  # (b, n, d)
         if not return_loss:
-            if logits_to_keep is not None:  # decoding needs one row, not (n, vocab)
-                hidden = hidden[:, hidden.shape[1] - logits_to_keep :]
-            return self.to_logits(hidden)
+            keep = hidden.shape[1] if logits_to_keep is None else logits_to_keep
+            if keep != hidden.shape[1]:  # decoding needs one row, not (n, vocab)
+                hidden = hidden[:, hidden.shape[1] - keep :]
+            logits = self.to_logits(hidden)
+            if not copying:
+                return logits
+            t = seq.shape[1]
+            return self._copy(
+                hidden, logits, windows[:, t - keep :], start + t - keep, retrieved, neighbour_mask
+            )
+        if copying:  # the fused loss per token, then the mixture at the targets only
+            pad = self.config.pad_id
+            nll = linear_cross_entropy(
+                hidden, self.to_logits.weight, labels, ignore_index=pad, reduction="none"
+            )
+            token_mask = self._neighbour_tokens(retrieved, neighbour_mask)
+            positions = torch.arange(start, start + seq.shape[1], device=seq.device)
+            logp = self.copy_head.target_log_prob(
+                hidden, -nll, labels, windows, positions, retrieved, token_mask
+            )
+            valid = labels != pad
+            return -(logp * valid).sum() / valid.sum().clamp(min=1)
         # fused projection + cross-entropy: the (b, n, vocab) logits are never all stored
         return linear_cross_entropy(
             hidden, self.to_logits.weight, labels, ignore_index=self.config.pad_id
         )
+
+    def _copy(self, hidden, logits, windows, first, retrieved, neighbour_mask) -> Tensor:
+        """The copy head's log-probabilities for positions first, first+1, ... (b, t, V)."""
+        token_mask = self._neighbour_tokens(retrieved, neighbour_mask)
+        positions = torch.arange(first, first + hidden.shape[1], device=hidden.device)
+        return self.copy_head(hidden, logits, windows, positions, retrieved, token_mask)
+
+    def _neighbour_tokens(self, retrieved: Tensor, neighbour_mask: Tensor | None) -> Tensor:
+        """(b, l, k, r) True where a neighbour token is real (not padding, not missing)."""
+        token_mask = retrieved != self.config.pad_id
+        if neighbour_mask is not None:
+            token_mask = token_mask & neighbour_mask[..., None]
+        return token_mask
 
     def init_cache(self, batch_size: int) -> RetroCache:
         """A fresh cache for incremental decoding (``forward(..., cache=cache)``)."""
@@ -392,9 +436,8 @@ class RETRO(nn.Module):
             cache.encoded_chunks = done
         chunk_states = rearrange(states[:, : new * m], "b (L m) d -> b L m d", m=m)
         ret = retrieved[:, first:done]
-        token_mask = ret != self.config.pad_id
-        if neighbour_mask is not None:
-            token_mask = token_mask & neighbour_mask[:, first:done, :, None]
+        sub_mask = None if neighbour_mask is None else neighbour_mask[:, first:done]
+        token_mask = self._neighbour_tokens(ret, sub_mask)
         enc = self.encoder(ret, token_mask, chunk_states, self.rotary)
         return enc, rearrange(token_mask, "b L k r -> b L (k r)")
 

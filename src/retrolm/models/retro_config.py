@@ -81,6 +81,12 @@ class RetroConfig(ConfigBase):
     """The encoder reuses the decoder's token embedding (needs enc_dim == dec_dim); the paper
     found no difference (App. B.1.4: 0.823 vs 0.822 bpb) and it saves vocab x dim weights."""
 
+    copy_head: bool = False
+    """Add the neighbour copy head (``retrolm.models.retro_copy``; not in the paper): the next
+    token may be copied from a retrieved neighbour where the latest tokens match it there."""
+    copy_max_match: int = 12
+    """Longest match (in tokens) the copy head measures; longer matches count as this long."""
+
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
     """Free-form metadata carried with checkpoints (not used by the model)."""
 
@@ -119,6 +125,8 @@ class RetroConfig(ConfigBase):
             raise ValueError(
                 f"share_embeddings needs enc_dim == dec_dim, got {self.enc_dim} and {self.dec_dim}"
             )
+        if self.copy_max_match < 1:
+            raise ValueError(f"copy_max_match must be >= 1, got {self.copy_max_match}")
         if self.norm not in NORMS:
             raise ValueError(f"unknown norm {self.norm!r}; choose one of {NORMS}")
         rd = self.rotary_dim if self.rotary_dim is not None else self.dim_head

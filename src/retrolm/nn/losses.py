@@ -47,7 +47,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             lse[s : s + b] = e.sum(dim=-1).log_() + m.squeeze(1)
         ctx.save_for_backward(h, weight, labels, lse)
         ctx.ignore_index, ctx.block = ignore_index, block
-        return ((lse - tgt) * valid).sum() / valid.sum().clamp(min=1)
+        return (lse - tgt) * valid  # (N,) per-token loss, 0 where ignored
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
@@ -55,7 +55,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         n, vocab = h.shape[0], weight.shape[0]
         valid = labels != ctx.ignore_index
         acc = lse.dtype
-        scale = (grad_out.to(acc) / valid.sum().clamp(min=1)) * valid.to(acc)  # (N,)
+        scale = grad_out.to(acc) * valid.to(acc)  # (N,) d(loss)/d(token loss)
         cols = min(vocab, max(1, -(-ctx.block * vocab // n)))  # ~block * V elements a block
         buf = torch.empty(n, cols, dtype=acc, device=h.device)
         low = h.dtype != acc  # under autocast: matmuls in h's dtype, elementwise in acc
@@ -90,16 +90,24 @@ def linear_cross_entropy(
     labels: Tensor,  # (...) int64
     ignore_index: int = -100,
     block: int = 256,
-) -> Tensor:  # scalar (fp32, or fp64 for fp64 inputs): mean over labels != ignore_index
-    """Mean cross-entropy of ``h @ weight.T`` against ``labels`` without storing all logits.
+    reduction: str = "mean",
+) -> Tensor:  # fp32 (fp64 for fp64 inputs)
+    """Cross-entropy of ``h @ weight.T`` against ``labels`` without storing all logits.
 
-    Under autocast the projection runs in the autocast dtype (as ``nn.Linear`` would); the
-    log-sum-exp and the loss are accumulated in fp32.
+    ``reduction="mean"``: a scalar, the mean over labels != ignore_index; ``"none"``: the
+    per-token losses, shaped like ``labels``, 0 where ignored. Under autocast the projection
+    runs in the autocast dtype (as ``nn.Linear`` would); the log-sum-exp and the loss are
+    accumulated in fp32.
     """
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
     if torch.is_autocast_enabled(h.device.type):
         dtype = torch.get_autocast_dtype(h.device.type)
         h, weight = h.to(dtype), weight.to(dtype)
     with torch.autocast(h.device.type, enabled=False):
-        return _LinearCrossEntropy.apply(
+        per_token = _LinearCrossEntropy.apply(
             h.reshape(-1, h.shape[-1]), weight, labels.reshape(-1), ignore_index, block
         )
+    if reduction == "none":
+        return per_token.view(labels.shape)
+    return per_token.sum() / (labels != ignore_index).sum().clamp(min=1)
