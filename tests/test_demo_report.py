@@ -1,0 +1,52 @@
+"""The demo's printed report: every scored row, the gain against the baseline, the plan."""
+
+from retrolm.demo import format_report
+
+
+def _mode(bpb, ppl):
+    return {"bits_per_byte": bpb, "perplexity": ppl}
+
+
+def report(**results):
+    return {
+        "plan": {
+            "embed_chunks_per_s": 120.0,
+            "train_step_s": 0.4,
+            "precision": "bf16",
+            "budget_s": 900.0,
+            "books": ["a", "b"],
+            "train_chars": 2_000_000,
+            "steps": 1000,
+            "batch_size": 8,
+            "eval_max_tokens": 40000,
+        },
+        "database": {"chunks": 1234},
+        "results": {
+            "baseline_no_retrieval": _mode(1.30, 33.0),
+            "retro_retrieval_off": _mode(1.32, 35.0),
+            "retro_with_retrieval": _mode(1.16, 24.0),
+            "steps": 800,
+            "baseline_steps": 800,
+            "neighbours": 10,
+            "leakage": [],
+            **results,
+        },
+        "retrieval_gain": 1 - 1.16 / 1.30,
+        "generation": {"prompt": "In the beginning", "continuation": "God", "sources": []},
+        "times_s": {"train_retro": 300.0},
+        "wall_s": 650.0,
+    }
+
+
+def test_report_lists_each_mode_and_the_gain():
+    text = format_report(report(retro_no_copy_head=_mode(1.319, 34.9)))
+    assert "RETRO, CCA only (copy head off)     1.3190" in text
+    assert "RETRO, retrieval on                 1.1600" in text
+    assert "10.8% lower bits/byte" in text
+    assert "800 steps (planned 1000)" in text and "10 neighbours per chunk" in text
+
+
+def test_report_of_a_run_without_the_copy_head_row():
+    text = format_report(report(retro_no_copy_head=None))
+    assert "copy head off" not in text
+    assert "baseline decoder (no retrieval)     1.3000" in text
