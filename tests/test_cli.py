@@ -169,3 +169,23 @@ def test_empty_held_out_folder_and_corrupt_checkpoint(setup, capsys, tmp_path):
     assert main(["generate", str(broken), "--prompt", "x"]) == 2
     err = capsys.readouterr().err
     assert "model.safetensors cannot be loaded" in err and "Traceback" not in err
+
+
+def test_copy_head_run_trains_evaluates_and_generates(setup, capsys, tmp_path):
+    root, _run, held, _cfg = setup
+    cfg = tmp_path / "copy.json"
+    model = {**MODEL, "copy_head": True}
+    cfg.write_text(json.dumps({"model_config": model, "train": {"batch_size": 2, "plot": False}}))
+    run = tmp_path / "run"
+    db = str(root / "db")
+    assert main(["train", "--db", db, "--out", str(run), "--config", str(cfg), "--steps", "2"]) == 0
+    saved = json.loads((run / "checkpoint" / "config.json").read_text())
+    assert saved["model_config"]["copy_head"] is True
+    assert main(["eval", str(run), "--text", str(held), "--max-tokens", "200"]) == 0
+    out = capsys.readouterr().out
+    assert "retrieval_no_copy" in out and "retrieval lowers bits/byte by" in out
+    prompt = "Return the JSON object " * 3
+    for extra in ([], ["--prefill-dtype", "bf16"]):
+        argv = ["generate", str(run), "--prompt", prompt, "--max-new-tokens", "8", *extra]
+        assert main(argv) == 0
+        assert "retrieved while writing" in capsys.readouterr().out
