@@ -236,3 +236,25 @@ def test_time_limit_stops_with_a_checkpoint(tmp_path):
     res = train(db(), tmp_path, small_cfg(steps=50, eval_every=0, max_minutes=1e-6), family="tiny")
     assert res.step == 1
     assert torch.load(tmp_path / "checkpoint/train_state.pt", weights_only=True)["step"] == 1
+
+
+def test_copy_head_run_resumes_exactly_and_scales_its_learning_rate(tmp_path):
+    """The copy head's optimizer group (lr_scale) survives a stop and resume bit for bit."""
+    model_config = dict(
+        chunk_size=4, max_seq_len=16, dec_dim=16, dec_depth=2, dec_cross_attn_layers=(2,),
+        enc_dim=16, enc_depth=1, heads=2, dim_head=8, copy_head=True,
+    )  # fmt: skip
+    kw = dict(family="retro", model_config=model_config)
+    cfg = dict(steps=6, eval_every=0)
+    train(db(), tmp_path / "full", small_cfg(**cfg), **kw)
+    train(db(), tmp_path / "cut", small_cfg(**cfg, stop_after=3), **kw)
+    train(db(), tmp_path / "cut", small_cfg(**cfg), **kw)
+    assert losses(tmp_path / "cut") == losses(tmp_path / "full")
+    model, _ = load_model(tmp_path / "full")
+    state = torch.load(resolve_checkpoint(tmp_path / "full") / "train_state.pt", weights_only=True)
+    groups = state["optimizer"]["param_groups"]
+    scaled = [g for g in groups if g["lr_scale"] != 1.0]
+    assert len(scaled) == 1 and len(scaled[0]["params"]) == 3
+    base = [g for g in groups if g["lr_scale"] == 1.0][0]
+    assert scaled[0]["lr"] == pytest.approx(10 * base["lr"])
+    assert model.copy_head is not None
