@@ -82,11 +82,14 @@ def concat_decode_weight(*params: Tensor) -> Tensor:  # a WeightCache build
 
 class TransposedWeight:
     """``decode_weight(weight, dtype)``, rebuilt when the weight changes (new
-    storage, or an in-place update: the version counter moves) or the dtype does. Holds the
-    source's storage, so its address cannot be reused behind the cache's back. With
-    ``parts > 1`` the copy is (parts, in, ceil(out / parts)): column blocks, zero-padded."""
+    storage, or an in-place update: the version counter moves). One copy is kept per
+    (dtype, parts): a bf16 prefill followed by fp32 steps (``prefill_dtype``) finds both
+    copies on the next call instead of rebuilding each (~50 ms per call for RETRO's
+    benchmark model). Holds the source's storage, so its address cannot be reused behind
+    the cache's back. With ``parts > 1`` the copy is (parts, in, ceil(out / parts)): column
+    blocks, zero-padded."""
 
-    __slots__ = ("_src", "_version", "_key", "value")
+    __slots__ = ("_src", "_version", "_key", "value", "_others")
 
     def __init__(self) -> None:
         self.clear()
@@ -95,13 +98,18 @@ class TransposedWeight:
         self._src: Tensor | None = None
         self._version, self._key = -1, None
         self.value: Tensor | None = None
+        self._others: dict = {}  # (dtype, parts) -> (src, version, value) not in use now
 
     def get(self, weight: Tensor, dtype: torch.dtype, parts: int = 1) -> Tensor:
+        if self._key != (dtype, parts):  # switch entries (the hot path skips this)
+            if self._key is not None:
+                self._others[self._key] = (self._src, self._version, self.value)
+            self._key = (dtype, parts)
+            self._src, self._version, self.value = self._others.pop(self._key, (None, -1, None))
         src = self._src
         if (
             src is None
             or weight._version != self._version
-            or self._key != (dtype, parts)
             or weight.data_ptr() != src.data_ptr()
             or weight.shape != src.shape
         ):
@@ -112,7 +120,7 @@ class TransposedWeight:
                     self.value = w_t.unflatten(1, (parts, -1)).transpose(0, 1).contiguous()
             else:
                 self.value = decode_weight(weight, dtype)
-            self._src, self._version, self._key = weight.detach(), weight._version, (dtype, parts)
+            self._src, self._version = weight.detach(), weight._version
         return self.value
 
 

@@ -17,18 +17,23 @@ from torch import Tensor
 
 
 class WeightCache:
+    """One derived value per ``key`` (e.g. the compute dtype: a bf16 prefill and fp32 steps
+    keep one each), each valid while its sources are unchanged."""
+
     def __init__(self, build: Callable[..., Any]) -> None:
         self.build = build
-        self._sources: tuple[Tensor, ...] = ()
-        self._versions: tuple[int, ...] = ()
-        self._key: Any = None
-        self._value: Any = None
+        self.clear()
 
     def get(self, *params: Tensor, key: Any = None) -> Any:
         """build(*params, key) (``build(*params)`` when key is None), rebuilt only when a
-        param changed or ``key`` (e.g. the compute dtype) differs from the last call's."""
+        param changed since this key's value was built."""
+        if key != self._key:  # switch entries (the hot path skips this)
+            if self._value is not None:
+                self._others[self._key] = (self._sources, self._versions, self._value)
+            self._key = key
+            self._sources, self._versions, self._value = self._others.pop(key, ((), (), None))
         value = self._value
-        if value is not None and key == self._key and len(params) == len(self._sources):
+        if value is not None and len(params) == len(self._sources):
             # a plain loop: this runs on every decoded token, several times per layer
             for p, s, v in zip(params, self._sources, self._versions):
                 if p._version != v or p.data_ptr() != s.data_ptr() or p.shape != s.shape:
@@ -38,8 +43,12 @@ class WeightCache:
         with torch.no_grad():
             value = self.build(*params) if key is None else self.build(*params, key)
         self._sources = tuple(p.detach() for p in params)
-        self._versions, self._key, self._value = tuple(p._version for p in params), key, value
+        self._versions, self._value = tuple(p._version for p in params), value
         return value
 
     def clear(self) -> None:
-        self._sources, self._versions, self._key, self._value = (), (), None, None
+        self._sources: tuple[Tensor, ...] = ()
+        self._versions: tuple[int, ...] = ()
+        self._key: Any = None
+        self._value: Any = None
+        self._others: dict[Any, tuple] = {}  # key -> (sources, versions, value) not in use
