@@ -155,6 +155,21 @@ def test_resume_refuses_other_settings_and_families(tmp_path):
     assert train(db(), tmp_path, small_cfg(steps=4, eval_every=0), family="tiny").step == 4
 
 
+def test_resume_refuses_another_model_config(tmp_path):
+    model = dict(
+        chunk_size=4, max_seq_len=16, dec_dim=16, dec_depth=2, dec_cross_attn_layers=(2,),
+        enc_dim=16, enc_depth=1, heads=2, dim_head=8,
+    )  # fmt: skip
+    cfg = small_cfg(steps=3, eval_every=0)
+    train(db(), tmp_path, cfg, family="retro", model_config=model)
+    with pytest.raises(IncompatibleError, match="model copy_head=False, now True"):
+        train(db(), tmp_path, cfg, family="retro", model_config={**model, "copy_head": True})
+    # the same model config, or none at all, resumes the run as it was saved
+    more = small_cfg(steps=4, eval_every=0)
+    assert train(db(), tmp_path, more, family="retro", model_config=model).step == 4
+    assert train(db(), tmp_path, small_cfg(steps=5, eval_every=0), family="retro").step == 5
+
+
 def test_corrupt_and_missing_checkpoints(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist; train one"):
         load_model(tmp_path / "nope")

@@ -198,6 +198,7 @@ def run_demo(
 ) -> dict[str, Any]:
     """Run (or resume) the demo in ``work``; returns the report (also in work/report.json)."""
     from retrolm.checkpoint import load_model
+    from retrolm.errors import IncompatibleError
     from retrolm.evaluate import EvalConfig, evaluate, save_report
     from retrolm.generation import describe_sources, generate
     from retrolm.retrieval import BuildConfig, RetrievalDatabase, build_database
@@ -265,7 +266,10 @@ def run_demo(
             # deadline, and a baseline cut short is reported (it favours RETRO)
             max_minutes=max(0.5, (0.42 * left if name == "retro" else left - 0.12 * budget) / 60),
         )
-        res = train(db, run_dir, cfg, family="retro", model_config=dict(DEMO_MODEL))
+        try:
+            res = train(db, run_dir, cfg, family="retro", model_config=dict(DEMO_MODEL))
+        except IncompatibleError as e:  # e.g. a work folder from another retrolm version
+            raise IncompatibleError(f"{e} (for the demo: pass a new --work folder)") from None
         steps_done[name] = res.step
         if name == "retro":
             retro_steps = steps_done[name]
@@ -273,9 +277,12 @@ def run_demo(
 
     t0 = time.perf_counter()
     eval_path = work / "eval.json"
-    if eval_path.is_file():
-        results = json.loads(eval_path.read_text())
-    else:
+    results = json.loads(eval_path.read_text()) if eval_path.is_file() else None
+    trained = (retro_steps, steps_done["baseline"])
+    if results is not None and (results.get("steps"), results.get("baseline_steps")) != trained:
+        log.info("demo: the models trained on since %s was written; scoring again", eval_path)
+        results = None
+    if results is None:
         # size the held-out text to the time left, from the rates seen in training
         left = max(60.0, budget - (time.perf_counter() - t_start) - 30)
         retro_tok_s = _median_rate(runs["retro"])

@@ -504,6 +504,16 @@ def train(
                     f"same settings to resume, or use another --out"
                 )
         model_cfg = fam.make_config(meta["model_config"])
+        if model_config is not None or preset is not None:  # asked for a model: the same?
+            asked = config_to_dict(_model_config(fam, db, model_config, preset))
+            have = config_to_dict(model_cfg)
+            for key, value in asked.items():
+                if key != "extra" and have.get(key) != value:
+                    raise IncompatibleError(
+                        f"{run_dir} was trained with model {key}={have.get(key)!r}, now "
+                        f"{value!r}; rerun with the same model config to resume, or use "
+                        "another --out"
+                    )
     else:
         model_cfg = _model_config(fam, db, model_config, preset)
 
