@@ -189,3 +189,70 @@ def test_copy_head_run_trains_evaluates_and_generates(setup, capsys, tmp_path):
         argv = ["generate", str(run), "--prompt", prompt, "--max-new-tokens", "8", *extra]
         assert main(argv) == 0
         assert "retrieved while writing" in capsys.readouterr().out
+
+
+def _options(parser):
+    """(command path, action) for every option of every (sub-)command of ``parser``."""
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                for path, a in _options(sub):
+                    yield (name, *path), a
+        elif action.option_strings and action.dest != "help":
+            yield (), action
+
+
+def test_every_option_of_every_command_has_a_help_text():
+    from retrolm.cli import build_parser
+
+    options = list(_options(build_parser()))
+    assert len(options) > 40  # the walk reached the sub-commands' options
+    missing = [f"{' '.join(p)} {a.option_strings[-1]}" for p, a in options if not a.help]
+    assert missing == []
+    train = {a.dest: a for p, a in options if p == ("train",)}
+    # the help of the TrainConfig flags is the field's docstring, with the default
+    assert "Optimizer steps in total" in train["steps"].help and "1000" in train["steps"].help
+    assert train["precision"].choices == ("auto", "fp32", "bf16")
+
+
+def test_a_preset_for_other_chunk_sizes_names_both_sizes(setup, capsys, tmp_path, monkeypatch):
+    from retrolm.models.retro_config import RetroConfig
+
+    root = setup[0]
+    # a preset whose length fits its own 12-token chunks, not the database's 16-token ones
+    odd = {**MODEL, "chunk_size": 12, "max_seq_len": 36}
+    monkeypatch.setitem(RetroConfig.presets, "retro-odd", odd)
+    argv = ["train", "--db", str(root / "db"), "--out", str(tmp_path / "r")]
+    assert main([*argv, "--preset", "retro-odd", "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "preset 'retro-odd' is made for 12-token chunks" in err
+    assert "the database has 16-token chunks" in err and "Traceback" not in err
+    assert not (tmp_path / "r" / "checkpoint").exists()
+
+
+def test_generate_says_when_no_chunk_completed(setup, capsys):
+    run = setup[1]
+    assert main(["generate", str(run), "--prompt", "Return", "--max-new-tokens", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "nothing retrieved: the text never completed a 16-token chunk" in out
+
+
+def test_eval_report_is_strict_json_with_empty_leakage_bins(setup, capsys, tmp_path):
+    run, held = setup[1], setup[2]
+    out = tmp_path / "report"
+    argv = ["eval", str(run), "--text", str(held), "--max-tokens", "200", "--out", str(out)]
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+
+    def refuse(name):
+        raise AssertionError(f"eval.json holds the non-standard constant {name}")
+
+    report = json.loads((out / "eval.json").read_text(), parse_constant=refuse)
+    empty = [r for r in report["leakage"] if r["fraction"] == 0.0]
+    assert empty, "the test needs an overlap bin with no chunk (alpha = 0 has none here)"
+    assert all(r["retrieval"] is None and r["no_retrieval"] is None for r in empty)
+    assert "nan" not in table
+    row = next(line for line in table.splitlines() if line.startswith(" 0.000"))
+    assert row.split()[-2:] == ["-", "-"]

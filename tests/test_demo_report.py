@@ -50,3 +50,19 @@ def test_report_of_a_run_without_the_copy_head_row():
     text = format_report(report(retro_no_copy_head=None))
     assert "copy head off" not in text
     assert "baseline decoder (no retrieval)     1.3000" in text
+
+
+def test_a_cached_file_that_cannot_be_read_is_computed_again(tmp_path, caplog):
+    from retrolm.demo import _cached_json
+    from retrolm.utils import write_json
+
+    path = tmp_path / "eval.json"
+    assert _cached_json(path) is None  # nothing saved yet
+    write_json(path, {"steps": 800})
+    assert _cached_json(path) == {"steps": 800}
+    path.write_text('{"steps": 8')  # truncated, e.g. by an older version killed mid-write
+    assert _cached_json(path) is None
+    path.write_text("[1, 2]")  # valid JSON, but not what the demo saves
+    assert _cached_json(path) is None
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 2 and all(str(path) in m for m in warned)

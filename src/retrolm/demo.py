@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from retrolm.utils import write_json
+
 log = logging.getLogger(__name__)
 
 HELD_OUT = ("41_Mark", "14_2Chr")
@@ -216,12 +218,17 @@ def run_demo(
     t0 = time.perf_counter()
     kjv = extract(Path(corpus) if corpus else default_corpus(), work)
     plan_path = work / "plan.json"
-    if plan_path.is_file():
-        plan = DemoPlan(**json.loads(plan_path.read_text()))
+    saved = _cached_json(plan_path)
+    try:
+        plan = DemoPlan(**saved) if saved is not None else None
+    except TypeError:  # written by another retrolm version
+        log.warning("demo: %s has other fields than this version's plan; planning again", plan_path)
+        plan = None
+    if plan is not None:
         log.info("demo: reusing the plan in %s", plan_path)
     else:
         plan = make_plan(kjv, budget_min * 60, steps=steps)
-        plan_path.write_text(json.dumps(asdict(plan), indent=2))
+        write_json(plan_path, asdict(plan))
     lap("measure", t0)
 
     t0 = time.perf_counter()
@@ -277,7 +284,7 @@ def run_demo(
 
     t0 = time.perf_counter()
     eval_path = work / "eval.json"
-    results = json.loads(eval_path.read_text()) if eval_path.is_file() else None
+    results = _cached_json(eval_path)
     trained = (retro_steps, steps_done["baseline"])
     if results is not None and (results.get("steps"), results.get("baseline_steps")) != trained:
         log.info("demo: the models trained on since %s was written; scoring again", eval_path)
@@ -308,7 +315,7 @@ def run_demo(
             "steps": retro_steps,
             "baseline_steps": steps_done["baseline"],
         }
-        eval_path.write_text(json.dumps(results, indent=2))
+        write_json(eval_path, results)
     lap("evaluate", t0)
 
     t0 = time.perf_counter()
@@ -346,8 +353,24 @@ def run_demo(
         "generation": gen,
         "database": {"chunks": db.num_chunks, "books": len(plan.books)},
     }
-    (work / "report.json").write_text(json.dumps(report, indent=2))
+    write_json(work / "report.json", report)
     return report
+
+
+def _cached_json(path: Path) -> Any:
+    """What an earlier run of the demo saved at ``path``, or None if there is nothing usable
+    (missing, or unreadable: then it is recomputed, with a warning)."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        log.warning("demo: cannot read %s (%s); computing it again", path, e)
+        return None
+    if not isinstance(data, dict):
+        log.warning("demo: %s does not hold a JSON object; computing it again", path)
+        return None
+    return data
 
 
 def _median_rate(run_dir: Path) -> float:

@@ -23,7 +23,6 @@ retrieval have m = 1 (windows of any length, no chunks) and one mode, ``no_retri
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -38,6 +37,7 @@ from torch import Tensor, nn
 
 from retrolm.models.registry import ModelFamily, check_no_retrieval, family_of
 from retrolm.models.retro_copy import copy_head_disabled
+from retrolm.utils import save_figure, write_json
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +106,14 @@ class EvalResult:
             head = f"{'alpha':>6s} {'chunks':>7s}" + "".join(f" {m:>17s}" for m in self.modes)
             lines.append(head)
             for row in self.leakage:
-                vals = "".join(f" {row.get(m, float('nan')):17.4f}" for m in self.modes)
+                vals = "".join(f" {_cell(row.get(m, math.nan)):>17s}" for m in self.modes)
                 lines.append(f"{row['alpha']:6.3f} {row['fraction']:7.1%}{vals}")
         return "\n".join(lines)
+
+
+def _cell(bpb: float) -> str:
+    """A table cell: "-" where no chunk falls below the threshold (no bits/byte to show)."""
+    return "-" if math.isnan(bpb) else f"{bpb:.4f}"
 
 
 def read_documents(text_dir: str | os.PathLike, glob: str) -> list[tuple[Path, str]]:
@@ -336,7 +341,7 @@ def save_report(result: EvalResult, out_dir: str | os.PathLike, name: str = "eva
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{name}.json"]
-    paths[0].write_text(json.dumps(result.to_dict(), indent=2))
+    write_json(paths[0], result.to_dict())  # empty leakage bins: null, not NaN
     if result.leakage:
         try:
             import matplotlib
@@ -356,6 +361,6 @@ def save_report(result: EvalResult, out_dir: str | os.PathLike, name: str = "eva
         ax.legend()
         fig.tight_layout()
         paths.append(out / f"{name}_leakage.png")
-        fig.savefig(paths[-1], dpi=100)
+        save_figure(fig, paths[-1])
         plt.close(fig)
     return paths

@@ -42,6 +42,7 @@ from retrolm.checkpoint import (
 from retrolm.data import RETRODataset
 from retrolm.errors import IncompatibleError
 from retrolm.models.registry import Batch, config_to_dict, get_family
+from retrolm.utils import save_figure
 
 log = logging.getLogger(__name__)
 
@@ -400,7 +401,7 @@ class Metrics:
         ax.legend()
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        fig.savefig(path, dpi=100)
+        save_figure(fig, path)
         plt.close(fig)
 
     def close(self) -> None:
@@ -440,7 +441,17 @@ def _model_config(family, db, values: dict[str, Any] | None, preset: str | None)
                 )
         if "pad_id" in names:
             values["pad_id"] = int(tok.pad_id)
-    return family.make_config(values, preset)
+    try:
+        return family.make_config(values, preset)
+    except ValueError as e:
+        made_for = family.config_class().presets.get(preset or "", {}).get("chunk_size")
+        if made_for is None or made_for == db.chunk_size:
+            raise
+        raise IncompatibleError(
+            f"preset {preset!r} is made for {made_for}-token chunks but the database has "
+            f"{db.chunk_size}-token chunks ({e}); choose a preset made for "
+            f"{db.chunk_size}-token chunks or set the sizes in the config's model_config"
+        ) from None
 
 
 def train(

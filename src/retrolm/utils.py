@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -33,6 +35,25 @@ def cast_tuple(x: Any, length: int) -> tuple:
     return (x,) * length
 
 
+def field_docs(cls: type) -> dict[str, str]:
+    """A dataclass's per-field docstrings (the string literal under each field), by name:
+    the one place a config documents its fields, read back for ``--help`` texts."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    docs, last = {}, None
+    for node in tree.body[0].body:  # type: ignore[attr-defined]
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            last = node.target.id
+        elif last and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+            docs[last], last = " ".join(str(node.value.value).split()), None
+        else:
+            last = None
+    return docs
+
+
 def is_power_of_two(n: int) -> bool:
     return isinstance(n, int) and n > 0 and (n & (n - 1)) == 0
 
@@ -62,6 +83,35 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         _fsync_dir(path.parent)
     finally:
         _rm(tmp)
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float replaced by None, so that it serialises as
+    strict JSON (``json.dumps`` would write ``NaN``, which strict parsers such as ``jq`` and
+    JavaScript's ``JSON.parse`` reject)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> Path:
+    """Write ``obj`` as strict JSON (``json_safe``) atomically: a kill mid-write leaves the
+    previous file (or none), never a truncated one."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(json_safe(obj), indent=indent, allow_nan=False))
+    return Path(path)
+
+
+def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 100) -> Path:
+    """``fig.savefig(path)`` atomically, in the format of ``path``'s suffix."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png")
+    return path
 
 
 def _rm(p: Path) -> None:

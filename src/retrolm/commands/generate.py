@@ -10,12 +10,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="continue a prompt (RETRO: retrieving as it writes)")
     p.add_argument("run", help="run directory (or its checkpoint/)")
     p.add_argument("--prompt", required=True, help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument(
+        "--max-new-tokens", type=int, default=64, help="stop after this many (default: 64)"
+    )
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: 0.8)")
     p.add_argument("--top-k", type=int, help="keep this many most likely tokens")
-    p.add_argument("--top-p", type=float, default=0.9, help="keep this much probability mass")
+    p.add_argument(
+        "--top-p", type=float, default=0.9, help="keep this much probability mass (default: 0.9)"
+    )
     p.add_argument("--seed", type=int, help="seed for reproducible sampling")
-    p.add_argument("--neighbours", type=int, default=2, help="neighbours per chunk")
+    p.add_argument(
+        "--neighbours",
+        type=int,
+        default=2,
+        help="neighbours per chunk (default: 2, as trained; the paper evaluates with 10)",
+    )
     p.add_argument("--db", help="retrieval database (default: the run's)")
     p.add_argument("--no-retrieval", action="store_true", help="generate without neighbours")
     p.add_argument(
@@ -57,4 +66,7 @@ def run(args: argparse.Namespace) -> int:
         print("\nretrieved while writing (chunk: file, text):")
         for s in sources:
             print(f"  [{s['chunk']}.{s['rank']}] {s['file']}: {s['snippet']}")
+    elif retrieve:
+        m = model.config.chunk_size
+        print(f"\n(nothing retrieved: the text never completed a {m}-token chunk)")
     return 0

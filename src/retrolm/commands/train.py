@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -44,9 +45,26 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="train the same decoder without neighbours (the baseline)",
     )
-    for name, typ in FLAGS.items():
-        p.add_argument("--" + name.replace("_", "-"), type=typ, dest=name, default=None)
+    add_config_flags(p)
     p.set_defaults(func=run)
+
+
+def add_config_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per ``FLAGS`` field, its help the field's docstring in ``TrainConfig``."""
+    from retrolm.train import PRECISIONS, TrainConfig
+    from retrolm.utils import field_docs
+
+    docs = field_docs(TrainConfig)
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    for name, typ in FLAGS.items():
+        p.add_argument(
+            "--" + name.replace("_", "-"),
+            type=typ,
+            dest=name,
+            default=None,  # None: the config file's value, else TrainConfig's default
+            choices=PRECISIONS if name == "precision" else None,
+            help=f"{docs[name]} (default: {defaults[name]})",
+        )
 
 
 def read_config_file(path: str | None) -> dict[str, Any]:

@@ -3,28 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import ast
-import inspect
 import json
 from dataclasses import MISSING, fields
 from pathlib import Path
 
 from retrolm.retrieval.build import BuildConfig
-
-
-def _field_docs() -> dict[str, str]:
-    """BuildConfig's per-field docstrings (the string literal under each field)."""
-    from retrolm.retrieval import build
-
-    tree = ast.parse(inspect.getsource(build))
-    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "BuildConfig")
-    docs, last = {}, None
-    for node in cls.body:
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            last = node.target.id
-        elif last and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
-            docs[last], last = str(node.value.value), None
-    return docs
+from retrolm.utils import field_docs
 
 
 def register(subparsers) -> None:
@@ -38,7 +22,7 @@ def register(subparsers) -> None:
     )
     b.add_argument("text_dir", metavar="TEXT_DIR")
     b.add_argument("db_dir", metavar="DB_DIR")
-    docs = _field_docs()
+    docs = field_docs(BuildConfig)
     for f in fields(BuildConfig):
         default = f.default if f.default is not MISSING else None
         typ = int if f.type in ("int", int) else str
