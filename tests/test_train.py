@@ -273,3 +273,30 @@ def test_copy_head_run_resumes_exactly_and_scales_its_learning_rate(tmp_path):
     base = [g for g in groups if g["lr_scale"] == 1.0][0]
     assert scaled[0]["lr"] == pytest.approx(10 * base["lr"])
     assert model.copy_head is not None
+
+
+@pytest.mark.parametrize("family", ["routing", "hierarchical"])
+def test_a_family_without_a_model_config_trains_its_default_preset(tmp_path, family):
+    # the database supplies the vocabulary and pad id; those alone are not a model config
+    from retrolm.models.registry import config_to_dict
+
+    fam = get_family(family)
+    res = train(db(), tmp_path, small_cfg(steps=1, eval_every=0), family=family)
+    assert res.step == 1
+    _model, meta = load_model(tmp_path)
+    saved = meta["model_config"]
+    expected = config_to_dict(fam.make_config(None, fam.default_preset))
+    derived = {"num_tokens", "pad_id"}
+    assert {k: v for k, v in saved.items() if k not in derived} == {
+        k: v for k, v in expected.items() if k not in derived
+    }
+    assert saved["num_tokens"] == db().tokenizer.vocab_size
+
+
+def test_retro_without_a_model_config_trains_the_cpu_sized_preset():
+    from retrolm.train import _model_config
+
+    cfg = _model_config(
+        get_family("retro"), FakeDatabase(random_docs(4, 80), chunk_size=64), None, None
+    )
+    assert (cfg.dec_dim, cfg.dec_depth, cfg.max_seq_len, cfg.chunk_size) == (256, 6, 512, 64)

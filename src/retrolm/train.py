@@ -420,8 +420,12 @@ def _dist_info() -> tuple[int, int, int]:
 
 
 def _model_config(family, db, values: dict[str, Any] | None, preset: str | None):
-    """The family's config with vocabulary, pad id and chunk size taken from the database."""
+    """The family's config with vocabulary, pad id and chunk size taken from the database.
+    Without a preset or values from the user: the family's default preset (the values from
+    the database alone do not make a model config)."""
     values = dict(values or {})
+    if preset is None and not values:
+        preset = family.default_preset
     names = {f.name for f in dataclasses.fields(family.config_class())}
     tok = getattr(db, "tokenizer", None)
     if "chunk_size" in names:

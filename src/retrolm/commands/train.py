@@ -39,7 +39,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         '"model_config": {...}, "train": {...}}',
     )
     p.add_argument("--model", help="model family (default retro, or the config file's)")
-    p.add_argument("--preset", help="named model config, e.g. retro-small")
+    from retrolm.models.registry import FAMILIES
+
+    defaults = ", ".join(f"{f.default_preset} ({name})" for name, f in FAMILIES.items())
+    p.add_argument(
+        "--preset",
+        help=f"named model config; without one and without a config file: {defaults}",
+    )
     p.add_argument(
         "--no-retrieval",
         action="store_true",

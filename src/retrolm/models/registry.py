@@ -276,7 +276,7 @@ register_family(
         model_cls="retrolm.models.retro:RETRO",
         uses_retrieval=True,
         loss=retro_loss,
-        default_preset="retro-tiny",
+        default_preset="retro-small",  # sized for a CPU (the demo's); 64-token chunks
         logits=retro_logits,
     )
 )
