@@ -256,3 +256,24 @@ def test_eval_report_is_strict_json_with_empty_leakage_bins(setup, capsys, tmp_p
     assert "nan" not in table
     row = next(line for line in table.splitlines() if line.startswith(" 0.000"))
     assert row.split()[-2:] == ["-", "-"]
+
+
+def test_python_dash_m_runs_the_command_line():
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "retrolm", "train", "--help"], capture_output=True, text=True
+    )
+    assert out.returncode == 0 and "--db DB" in out.stdout  # what `torchrun -m retrolm` runs
+
+
+def test_only_rank_zero_prints_the_training_summary(setup, capsys, monkeypatch):
+    root, run, _held, cfg = setup
+    argv = ["train", "--db", str(root / "db"), "--out", str(run), "--config", str(cfg)]
+    monkeypatch.setenv("RANK", "1")  # as torchrun sets it (the run is done: a no-op rerun)
+    assert main([*argv, "--steps", "3"]) == 0
+    assert capsys.readouterr().out == ""
+    monkeypatch.setenv("RANK", "0")
+    assert main([*argv, "--steps", "3"]) == 0
+    assert "step 3" in capsys.readouterr().out

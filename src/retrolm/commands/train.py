@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
         model_config=file_cfg.get("model_config"),
         preset=args.preset or file_cfg.get("preset"),
     )
+    if os.environ.get("RANK", "0") != "0":  # under torchrun: one summary, from rank 0
+        return 0
     loss = "n/a" if res.loss is None else f"{res.loss:.4f}"
     val = "" if res.val_loss is None else f", validation loss {res.val_loss:.4f}"
     print(f"{res.run_dir}: step {res.step}, loss {loss}{val} ({res.precision})")
