@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from retrolm.nn.weight_cache import WeightCache
+
 MAX_ROWS = 32  # x @ weight_t stayed faster than F.linear up to ~32 rows (measured, CPU)
 # With several threads the CPU kernels ran a one-row matmul by the (256, 29k) vocabulary
 # weight on one thread (1.39 ms at 2 threads, 1.47 at 1); split into one column block per
@@ -80,48 +82,33 @@ def concat_decode_weight(*params: Tensor) -> Tensor:  # a WeightCache build
     return decode_weight(torch.cat(weights), dtype)
 
 
-class TransposedWeight:
-    """``decode_weight(weight, dtype)``, rebuilt when the weight changes (new
-    storage, or an in-place update: the version counter moves). One copy is kept per
+def _decode_copy(weight: Tensor, key: tuple[torch.dtype, int]) -> Tensor:  # a WeightCache build
+    """``decode_weight(weight, dtype)``; with ``parts > 1`` (the key's second item) the copy
+    is (parts, in, ceil(out / parts)): column blocks of ``weight.T``, zero-padded."""
+    dtype, parts = key
+    if parts == 1:
+        return decode_weight(weight, dtype)
+    n = weight.shape[0]
+    w_t = F.pad(weight.t().to(dtype), (0, -n % parts))
+    return w_t.unflatten(1, (parts, -1)).transpose(0, 1).contiguous()
+
+
+class TransposedWeight(WeightCache):
+    """A ``WeightCache`` of one weight's decode copy (``_decode_copy``), one entry per
     (dtype, parts): a bf16 prefill followed by fp32 steps (``prefill_dtype``) finds both
     copies on the next call instead of rebuilding each (~50 ms per call for RETRO's
-    benchmark model). Holds the source's storage, so its address cannot be reused behind
-    the cache's back. With ``parts > 1`` the copy is (parts, in, ceil(out / parts)): column
-    blocks, zero-padded."""
-
-    __slots__ = ("_src", "_version", "_key", "value", "_others")
+    benchmark model)."""
 
     def __init__(self) -> None:
-        self.clear()
+        super().__init__(_decode_copy)
 
-    def clear(self) -> None:
-        self._src: Tensor | None = None
-        self._version, self._key = -1, None
-        self.value: Tensor | None = None
-        self._others: dict = {}  # (dtype, parts) -> (src, version, value) not in use now
+    def get(self, weight: Tensor, dtype: torch.dtype, parts: int = 1) -> Tensor:  # type: ignore[override]
+        return WeightCache.get(self, weight, key=(dtype, parts))
 
-    def get(self, weight: Tensor, dtype: torch.dtype, parts: int = 1) -> Tensor:
-        if self._key != (dtype, parts):  # switch entries (the hot path skips this)
-            if self._key is not None:
-                self._others[self._key] = (self._src, self._version, self.value)
-            self._key = (dtype, parts)
-            self._src, self._version, self.value = self._others.pop(self._key, (None, -1, None))
-        src = self._src
-        if (
-            src is None
-            or weight._version != self._version
-            or weight.data_ptr() != src.data_ptr()
-            or weight.shape != src.shape
-        ):
-            if parts > 1:
-                with torch.no_grad():
-                    n = weight.shape[0]
-                    w_t = F.pad(weight.t().to(dtype), (0, -n % parts))
-                    self.value = w_t.unflatten(1, (parts, -1)).transpose(0, 1).contiguous()
-            else:
-                self.value = decode_weight(weight, dtype)
-            self._src, self._version = weight.detach(), weight._version
-        return self.value
+    @property
+    def value(self) -> Tensor | None:
+        """The copy of the entry in use (None before the first ``get``, after ``clear``)."""
+        return self._value
 
 
 def compute_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
