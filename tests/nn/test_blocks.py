@@ -298,6 +298,31 @@ def test_decode_linear_bf16_packed_equals_linear(dims):
             torch.testing.assert_close(got, exp)
 
 
+def test_decode_linear_bf16_wide_weight_stays_packed(monkeypatch):
+    """In bf16 a weight wide enough for the column blocks (the vocabulary) still runs as one
+    packed oneDNN product (faster there than a bf16 batched matmul), with F.linear's values."""
+    import retrolm.nn.decode_linear as dl
+
+    if not dl.PACKED_BF16:
+        pytest.skip("no oneDNN bf16 on this machine")
+    monkeypatch.setattr(dl, "SPLIT_NUMEL", 1)
+    torch.manual_seed(0)
+    lin = dl.DecodeLinear(16, 51).eval()
+    x = torch.randn(1, 1, 16)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            got, exp = lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias)
+        assert lin._weight_t.value.is_mkldnn
+        torch.testing.assert_close(got, exp)
+        with torch.no_grad():  # fp32: the column blocks
+            lin(x)
+        assert lin._weight_t.value.shape == (2, 16, 26)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_fused_qkv_bf16_equals_separate_projections():
     """The fused q|k|v decode weight (packed in bf16) gives the three projections."""
     from retrolm.nn.multihead import MultiHeadAttention
