@@ -329,8 +329,7 @@ class RETRO(nn.Module):
             nll = linear_cross_entropy(
                 hidden, self.to_logits.weight, labels, ignore_index=pad, reduction="none"
             )
-            token_mask = self._neighbour_tokens(retrieved, neighbour_mask)
-            positions = torch.arange(start, start + seq.shape[1], device=seq.device)
+            positions, token_mask = self._copy_inputs(start, hidden, retrieved, neighbour_mask)
             logp = self.copy_head.target_log_prob(
                 hidden, -nll, labels, windows, positions, retrieved, token_mask
             )
@@ -343,9 +342,16 @@ class RETRO(nn.Module):
 
     def _copy(self, hidden, logits, windows, first, retrieved, neighbour_mask) -> Tensor:
         """The copy head's log-probabilities for positions first, first+1, ... (b, t, V)."""
-        token_mask = self._neighbour_tokens(retrieved, neighbour_mask)
-        positions = torch.arange(first, first + hidden.shape[1], device=hidden.device)
+        positions, token_mask = self._copy_inputs(first, hidden, retrieved, neighbour_mask)
         return self.copy_head(hidden, logits, windows, positions, retrieved, token_mask)
+
+    def _copy_inputs(
+        self, first: int, hidden: Tensor, retrieved: Tensor, neighbour_mask: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """What the copy head reads besides the states: the absolute positions of hidden's t
+        rows (t,) and the real neighbour tokens (``_neighbour_tokens``)."""
+        positions = torch.arange(first, first + hidden.shape[1], device=hidden.device)
+        return positions, self._neighbour_tokens(retrieved, neighbour_mask)
 
     def _neighbour_tokens(self, retrieved: Tensor, neighbour_mask: Tensor | None) -> Tensor:
         """(b, l, k, r) True where a neighbour token is real (not padding, not missing)."""
