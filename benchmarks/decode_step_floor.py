@@ -32,26 +32,52 @@ import bench_generate as G  # noqa: E402  (the benchmark model and the stub retr
 D, H, DH, LAYERS, CCA, NEIGHBOUR_KEYS = 256, 4, 64, 6, (3, 6), 2 * 128
 
 
-def ours_steps(model, prompt) -> list[float]:
-    """Seconds per cached step of one ``generate`` call (the prompt's forward excluded)."""
-    from retrolm import generate
-
+def cached_step_times(model, call) -> list[float]:
+    """Run ``call()`` (one generation with ``model``) and return the seconds of each of its
+    one-token forwards (the cached steps; the prompt's forward is not among them)."""
     steps: list[float] = []
     forward = model.forward
 
-    def timed(seq, *a, **k):
+    def timed(ids, *a, **k):
         t0 = time.perf_counter()
-        out = forward(seq, *a, **k)
-        if seq.shape[1] == 1:
+        out = forward(ids, *a, **k)
+        if ids.shape[1] == 1:
             steps.append(time.perf_counter() - t0)
         return out
 
     model.forward = timed
     try:
-        generate(model, prompt, G.NEW, G.StubRetriever(), top_k=int(0.1 * G.VOCAB), seed=0)
+        call()
     finally:
         model.forward = forward
     return steps
+
+
+def interleaved_medians(sides: dict, rounds: int, label: str) -> dict[str, float]:
+    """Each side returns per-step seconds; after one warm-up call per side, ``rounds`` rounds
+    of one call per side in turn. Prints each side's per-round medians (ms) and returns the
+    median over rounds."""
+    for run in sides.values():  # warm-up (weight copies, caches, first-touch memory)
+        run()
+    medians: dict[str, list[float]] = {name: [] for name in sides}
+    for _ in range(rounds):
+        for name, run in sides.items():
+            medians[name].append(statistics.median(run()) * 1e3)
+    best = {name: statistics.median(v) for name, v in medians.items()}
+    width = max(map(len, sides))
+    for name, v in medians.items():
+        per_round = ", ".join(f"{x:.2f}" for x in v)
+        print(f"{name:{width}s} ms per step ({label}): {per_round} -> {best[name]:.2f}")
+    return best
+
+
+def ours_steps(model, prompt) -> list[float]:
+    from retrolm import generate
+
+    def call():
+        generate(model, prompt, G.NEW, G.StubRetriever(), top_k=int(0.1 * G.VOCAB), seed=0)
+
+    return cached_step_times(model, call)
 
 
 def bare_step_fn(packed: bool = False):
@@ -161,16 +187,7 @@ def main() -> None:
             compiled(torch.tensor([3]), torch.tensor(0))
         print(f"compiled the bare step in {time.perf_counter() - t0:.1f} s")
         sides["bare compiled"] = lambda: bare_steps(compiled)
-    for run in sides.values():  # warm-up (weight copies, caches, first-touch memory)
-        run()
-    medians: dict[str, list[float]] = {name: [] for name in sides}
-    for _ in range(a.rounds):
-        for name, run in sides.items():
-            medians[name].append(statistics.median(run()) * 1e3)
-    best = {name: statistics.median(v) for name, v in medians.items()}
-    for name, v in medians.items():
-        rounds = ", ".join(f"{x:.2f}" for x in v)
-        print(f"{name:14s} ms per step (median of 63 per round): {rounds} -> {best[name]:.2f}")
+    best = interleaved_medians(sides, a.rounds, "median of 63 per round")
     print(f"retrolm / bare eager: {best['retrolm'] / best['bare eager']:.2f}x")
     if a.packed:
         print(f"bare eager / bare bf16 weights: {best['bare eager'] / best['bare bf16 w']:.2f}x")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 
@@ -29,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
 import bench_hier as BH  # noqa: E402  (the benchmark config)
+from decode_step_floor import cached_step_times, interleaved_medians  # noqa: E402
 
 
 def bare_steps():
@@ -132,23 +132,7 @@ def bare_steps():
 
 
 def ours_steps(model, prompt) -> list[float]:
-    """Seconds per cached step of one ``generate`` call (the prompt's forward excluded)."""
-    steps: list[float] = []
-    forward = model.forward
-
-    def timed(ids, *a, **k):
-        t0 = time.perf_counter()
-        out = forward(ids, *a, **k)
-        if ids.shape[1] == 1:
-            steps.append(time.perf_counter() - t0)
-        return out
-
-    model.forward = timed
-    try:
-        model.generate(prompt, BH.NEW, top_k=25)
-    finally:
-        model.forward = forward
-    return steps
+    return cached_step_times(model, lambda: model.generate(prompt, BH.NEW, top_k=25))
 
 
 def timed_calls(fn, n: int = BH.NEW - 1) -> list[float]:
@@ -177,16 +161,7 @@ def main() -> None:
         "bare, batched": lambda: timed_calls(batched),
     }
     with torch.no_grad():
-        for run in sides.values():  # warm-up
-            run()
-        medians: dict[str, list[float]] = {name: [] for name in sides}
-        for _ in range(a.rounds):
-            for name, run in sides.items():
-                medians[name].append(statistics.median(run()) * 1e3)
-    best = {name: statistics.median(v) for name, v in medians.items()}
-    for name, v in medians.items():
-        rounds = ", ".join(f"{x:.2f}" for x in v)
-        print(f"{name:20s} ms per step (median of 31 per round): {rounds} -> {best[name]:.2f}")
+        best = interleaved_medians(sides, a.rounds, "median of 31 per round")
     print(f"retrolm / bare per hierarchy: {best['retrolm'] / best['bare, per hierarchy']:.2f}x")
     print(
         f"bare per hierarchy / batched: {best['bare, per hierarchy'] / best['bare, batched']:.2f}x"
