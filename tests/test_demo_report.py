@@ -66,3 +66,32 @@ def test_a_cached_file_that_cannot_be_read_is_computed_again(tmp_path, caplog):
     assert _cached_json(path) is None
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warned) == 2 and all(str(path) in m for m in warned)
+
+
+def test_a_work_folder_from_another_version_gets_a_one_line_hint(tmp_path, monkeypatch, capsys):
+    """An IncompatibleError from training (e.g. runs saved by another retrolm version) reaches
+    the command line as one line that says to use a new --work folder. The stages before
+    training are stubbed: this checks the demo's error path, not the pipeline."""
+    import retrolm.demo as demo
+    import retrolm.retrieval as retrieval
+    import retrolm.train as train_mod
+    from retrolm.cli import main
+    from retrolm.errors import IncompatibleError
+
+    plan = demo.DemoPlan(900.0, 100.0, 0.4, "fp32", ["a"], 1000, 10, 8, 1000)
+    monkeypatch.setattr(demo, "extract", lambda corpus, work: tmp_path / "kjv")
+    monkeypatch.setattr(demo, "make_plan", lambda *a, **k: plan)
+    monkeypatch.setattr(demo, "_split", lambda kjv, work, books: (tmp_path / "t", tmp_path / "h"))
+    monkeypatch.setattr(retrieval, "build_database", lambda *a, **k: None)
+    monkeypatch.setattr(retrieval.RetrievalDatabase, "open", staticmethod(lambda path: object()))
+
+    def train(*args, **kwargs):
+        raise IncompatibleError("runs/retro was trained with model dec_dim=64, now 128")
+
+    monkeypatch.setattr(train_mod, "train", train)
+    work = tmp_path / "work"
+    assert main(["demo", "--work", str(work), "--corpus", str(tmp_path / "kjv.tar.xz")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("(for the demo: pass a new --work folder)")
+    assert "dec_dim=64, now 128" in err and len(err.splitlines()) == 1
+    assert (work / "plan.json").is_file()  # the plan was saved before training started
