@@ -448,7 +448,8 @@ def _model_config(family, db, values: dict[str, Any] | None, preset: str | None)
     try:
         return family.make_config(values, preset)
     except ValueError as e:
-        made_for = family.config_class().presets.get(preset or "", {}).get("chunk_size")
+        presets = getattr(family.config_class(), "presets", {})
+        made_for = presets.get(preset or "", {}).get("chunk_size")
         if made_for is None or made_for == db.chunk_size:
             raise
         raise IncompatibleError(

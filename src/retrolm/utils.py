@@ -98,11 +98,14 @@ def json_safe(obj: Any) -> Any:
     return obj
 
 
-def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> Path:
+def write_json(
+    path: str | os.PathLike, obj: Any, indent: int | None = 2, sort_keys: bool = False
+) -> Path:
     """Write ``obj`` as strict JSON (``json_safe``) atomically: a kill mid-write leaves the
     previous file (or none), never a truncated one."""
+    text = json.dumps(json_safe(obj), indent=indent, sort_keys=sort_keys, allow_nan=False)
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(json_safe(obj), indent=indent, allow_nan=False))
+        tmp.write_text(text, encoding="utf-8")
     return Path(path)
 
 

@@ -29,7 +29,7 @@ from retrolm.retrieval.encoder import DTYPES, POOLINGS, FrozenEncoder
 from retrolm.retrieval.index import INDEX_KINDS, IndexSpec, Searcher, choose_index, parse_size
 from retrolm.retrieval.neighbours import neighbours_block
 from retrolm.retrieval.tokenizer import MIN_VOCAB, LMTokenizer
-from retrolm.utils import atomic_path
+from retrolm.utils import atomic_path, write_json
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +130,7 @@ def read_manifest(db_dir: Path) -> dict | None:
 
 
 def write_manifest(db_dir: Path, manifest: dict) -> None:
-    with atomic_path(Path(db_dir) / MANIFEST) as tmp:
-        tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True), encoding="utf-8")
+    write_json(Path(db_dir) / MANIFEST, manifest, indent=1, sort_keys=True)
 
 
 def array_info(file: str, dtype: np.dtype | str, shape: tuple) -> dict:

@@ -35,7 +35,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from retrolm.retrieval.tokenizer import EOS_ID, PAD_ID, LMTokenizer
-from retrolm.utils import atomic_path
+from retrolm.utils import atomic_path, write_json
 
 log = logging.getLogger(__name__)
 
@@ -289,8 +289,7 @@ def _load_state(path: Path) -> _ChunkState:
 
 
 def _save_state(path: Path, state: _ChunkState) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(asdict(state)))
+    write_json(path, asdict(state), indent=None)
 
 
 def read_documents(db_dir: Path) -> list[dict]:
