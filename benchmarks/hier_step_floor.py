@@ -12,9 +12,12 @@ projection, the feed-forward, and the merge MLP into the predicting stream; then
 Left out: token shift, rotary, KV-cache writes and sub-sequence bookkeeping. "per hierarchy"
 runs the three blocks of a layer one after the other, as ours does; "batched" runs their
 projections and feed-forwards as one ``bmm`` over the stacked weights of the three (possible
-when the hierarchies have the same widths, as here). Rounds interleave; medians.
+when the hierarchies have the same widths, as here). ``--cpp`` adds "per hierarchy" written
+in C++ against ATen (the same kernels, called without Python; compiled on first use through
+``torch.utils.cpp_extension``, which needs a C++ compiler and ninja, ~30 s): how much of the
+bare step is Python. Rounds interleave; medians.
 
-    python benchmarks/hier_step_floor.py [--rounds 3] [--threads 2]
+    python benchmarks/hier_step_floor.py [--rounds 3] [--threads 2] [--cpp]
 """
 
 from __future__ import annotations
@@ -30,9 +33,62 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import bench_hier as BH  # noqa: E402  (the benchmark config)
 from decode_step_floor import cached_step_times, interleaved_medians  # noqa: E402
 
+# "per hierarchy" in C++: the same ATen calls in the same order, no Python between them
+CPP_STEP = r"""
+#include <torch/extension.h>
+using torch::Tensor;
+
+// lay: per (layer, hierarchy) qkv, o, f1, f2, n1, n2, k, v; merge: per layer n, f1, f2;
+// comp: per compressed hierarchy (factors 2, 8) c, p
+Tensor step_per(Tensor win, std::vector<Tensor> lay, std::vector<Tensor> merge,
+                std::vector<Tensor> comp, Tensor logits, int64_t layers, int64_t nh) {
+  torch::NoGradGuard no_grad;
+  const int64_t D = 256, H = 4, DH = 64, factors[2] = {2, 8};
+  std::vector<Tensor> xs{win.narrow(1, win.size(1) - 1, 1)};
+  for (int i = 0; i < 2; i++) {
+    auto w = win.narrow(1, win.size(1) - factors[i], factors[i]).reshape({1, 1, -1});
+    xs.push_back(torch::matmul(torch::silu(torch::matmul(w, comp[2 * i])), comp[2 * i + 1]));
+  }
+  for (int64_t l = 0; l < layers; l++) {
+    std::vector<Tensor> out;
+    for (int64_t h = 0; h < nh; h++) {
+      const Tensor* w = &lay[(l * nh + h) * 8];
+      Tensor x = xs[h];
+      auto qkv = torch::matmul(at::rms_norm(x, {D}, w[4]), w[0])
+                     .view({1, 1, 3, H, DH}).transpose(1, 3).unbind(2);
+      auto a = at::scaled_dot_product_attention(qkv[0], w[6], w[7]);
+      x = x + torch::matmul(a.transpose(1, 2).reshape({1, 1, H * DH}), w[1]);
+      x = x + torch::matmul(torch::gelu(torch::matmul(at::rms_norm(x, {D}, w[5]), w[2])), w[3]);
+      out.push_back(x);
+    }
+    auto pooled = torch::matmul(
+        torch::silu(torch::matmul(at::rms_norm(torch::cat(out, -1), {3 * D}, merge[3 * l]),
+                                  merge[3 * l + 1])),
+        merge[3 * l + 2]);
+    out[0] = out[0] + pooled;
+    xs = out;
+  }
+  return torch::matmul(at::layer_norm(xs[0], {D}), logits);
+}
+"""
+
+
+def cpp_step(weights):
+    """The "per hierarchy" bare step compiled from ``CPP_STEP`` over the same weights."""
+    from torch.utils.cpp_extension import load_inline
+
+    ext = load_inline("retrolm_hier_step_floor", CPP_STEP, functions=["step_per"])
+    lay, merge, comp, logits, win = weights
+    keys = ("qkv", "o", "f1", "f2", "n1", "n2", "k", "v")
+    flat = [blk[key] for layer in lay for blk in layer for key in keys]
+    merge_flat = [m[key] for m in merge for key in ("n", "f1", "f2")]
+    comp_flat = [c[key] for c in comp for key in ("c", "p")]
+    return lambda: ext.step_per(win, flat, merge_flat, comp_flat, logits, len(lay), len(lay[0]))
+
 
 def bare_steps():
-    """(per-hierarchy step, batched step): the bare steps over random weights."""
+    """(per-hierarchy step, batched step, their weights): the bare steps over random
+    weights."""
     import torch
     import torch.nn.functional as F
 
@@ -128,7 +184,7 @@ def bare_steps():
             xs = torch.cat((xs[:1] + pooled, xs[1:]), 0)
         return F.layer_norm(xs[:1], (D,)) @ logits
 
-    return step_per, step_batched
+    return step_per, step_batched, (lay, merge, comp, logits, win)
 
 
 def ours_steps(model, prompt) -> list[float]:
@@ -148,24 +204,34 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cpp", action="store_true", help="add the per-hierarchy step in C++")
     a = ap.parse_args()
     import torch
 
     torch.set_num_threads(a.threads)
     model = BH.build("ours", 1024).eval()
     prompt = torch.randint(1, 256, (1, BH.PROMPT))
-    per, batched = bare_steps()
+    per, batched, weights = bare_steps()
     sides = {
         "retrolm": lambda: ours_steps(model, prompt),
         "bare, per hierarchy": lambda: timed_calls(per),
         "bare, batched": lambda: timed_calls(batched),
     }
+    if a.cpp:
+        cpp = cpp_step(weights)
+        with torch.no_grad():
+            diff = (cpp() - per()).abs().max().item()
+        print(f"C++ step vs Python step: max |difference| {diff:.1e}")
+        sides["bare, per hierarchy, C++"] = lambda: timed_calls(cpp)
     with torch.no_grad():
         best = interleaved_medians(sides, a.rounds, "median of 31 per round")
     print(f"retrolm / bare per hierarchy: {best['retrolm'] / best['bare, per hierarchy']:.2f}x")
     print(
         f"bare per hierarchy / batched: {best['bare, per hierarchy'] / best['bare, batched']:.2f}x"
     )
+    if a.cpp:
+        ratio = best["bare, per hierarchy"] / best["bare, per hierarchy, C++"]
+        print(f"bare per hierarchy, Python / C++: {ratio:.2f}x")
 
 
 if __name__ == "__main__":
