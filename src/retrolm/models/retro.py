@@ -31,15 +31,19 @@ from torch import Tensor, nn
 
 from retrolm.models.retro_config import RetroConfig
 from retrolm.models.retro_copy import NeighbourCopyHead
+from retrolm.nn import fused_decode
 from retrolm.nn.attention import attend
 from retrolm.nn.decode_linear import DecodeLinear
-from retrolm.nn.feedforward import FeedForward
+from retrolm.nn.feedforward import ACTIVATIONS, FeedForward
 from retrolm.nn.kv_cache import KVCache
 from retrolm.nn.losses import linear_cross_entropy
 from retrolm.nn.multihead import MultiHeadAttention
 from retrolm.nn.norms import make_norm
 from retrolm.nn.residual import Residual, deepnet_constants, deepnet_init_
 from retrolm.nn.rotary import RotaryEmbedding, apply_rotary
+
+_EMPTY = torch.empty(0)  # "no bias" for the fused blocks
+_ALL_KEYS = torch.empty(0, dtype=torch.bool)  # "no mask": every neighbour token present
 
 
 class ChunkedCrossAttention(nn.Module):
@@ -398,6 +402,8 @@ class RETRO(nn.Module):
         c = self.config
         start = cache.length if cache is not None else 0
         t = seq.shape[1]
+        if t == 1 and cache is not None and self._fused_step_ok(start, retrieved, cache):
+            return self._decode_fused(seq, retrieved is not None, cache)
         pos = self.rotary.span(start, t, seq.device)
         q_cca = self.rotary.span(c.chunk_size - 1, c.chunk_size, seq.device)
         x = self.token_emb(seq)
@@ -419,6 +425,90 @@ class RETRO(nn.Module):
         if cache is not None:
             cache.length += t
         return self.final_norm(x)
+
+    def _fused_layers_ok(self) -> bool:
+        """Whether every decoder layer is what ``nn.fused_decode``'s blocks compute: pre-norm
+        RMSNorm, multi-head attention without biases, memory, windows or grouped heads, half
+        rotary, a plain GELU feed-forward. Fixed by the config: computed once."""
+        ok = getattr(self, "_fused_layers", None)
+        if ok is None:
+            c = self.config
+            attns = [layer.self_attn.fn for layer in self.layers]
+            attns += [layer.cca.fn.attn for layer in self.layers if layer.cca is not None]
+            ffs = [layer.ff.fn for layer in self.layers]
+            ok = (
+                c.norm == "rms"
+                and not c.use_deepnet
+                and all(
+                    a.q_proj.bias is None
+                    and not a.num_mem_kv
+                    and a.window is None
+                    and a.kv_heads == a.heads
+                    and not a.interleaved_rotary
+                    for a in attns
+                )
+                and all(not f.glu and f.act is ACTIVATIONS["gelu"] for f in ffs)
+            )
+            self._fused_layers = ok
+        return ok
+
+    def _fused_step_ok(self, start: int, retrieved: Tensor | None, cache: RetroCache) -> bool:
+        """A one-token step that the fused blocks can run: eval, fp32 on CPU, no chunk
+        completes (the encoder runs then), and the chunk this position reads is encoded."""
+        if self.training or not self._fused_layers_ok():
+            return False
+        if not fused_decode.usable(self.token_emb.weight):
+            return False
+        if any(kv.length == 0 for kv in cache.self_attn):
+            return False
+        m = self.config.chunk_size
+        if retrieved is None or start < m - 1:
+            return True
+        if (start + 1) // m > cache.encoded_chunks:  # this token completes a chunk
+            return False
+        u = (start + 1) // m - 1
+        return all(
+            cache.cca_kv.get(no) is not None and u < cache.cca_kv[no][0].shape[1]
+            for no in self.cca_layers
+        )
+
+    def _decode_fused(self, seq: Tensor, retrieving: bool, cache: RetroCache) -> Tensor:
+        """``_decode`` for one new token through ``nn.fused_decode``: three calls per layer
+        instead of ~30 kernels. seq (b, 1) -> final normed states (b, 1, d)."""
+        ext = fused_decode.extension()
+        start, m = cache.length, self.config.chunk_size
+        cos, sin = (t[0] for t in self.rotary.span(start, 1, seq.device))  # (r,) each
+        attends = retrieving and start >= m - 1
+        if attends:
+            u, lead = (start + 1) // m - 1, (start - (m - 1)) % m
+            q_cos, q_sin = (t[lead] for t in self.rotary.span(m - 1, m, seq.device))
+            allow = _ALL_KEYS if cache.cca_full[u] else cache.cca_mask[:, u].contiguous()
+        x = self.token_emb(seq)[:, 0]  # (b, d)
+        for i, layer in enumerate(self.layers):
+            res, attn = layer.self_attn, layer.self_attn.fn
+            k_buf, v_buf, first, end = cache.self_attn[i].claim(1)
+            x = ext.self_attention_block(
+                x, res.norm.weight, res.norm.eps, attn.q_proj.weight, attn.k_proj.weight,
+                attn.v_proj.weight, attn.out_proj.weight, cos, sin, k_buf, v_buf, first, end,
+            )  # fmt: skip
+            if retrieving and i + 1 == self.cca_layers[0]:  # the chunk's states, as _encode
+                cache.chunk_states.append(x[:, None])
+            if layer.cca is not None and attends:  # (else the zero update: x unchanged)
+                res, attn = layer.cca, layer.cca.fn.attn
+                k, v = cache.cca_kv[i + 1]
+                x = ext.cross_attention_block(
+                    x, res.norm.weight, res.norm.eps, attn.q_proj.weight, attn.out_proj.weight,
+                    q_cos, q_sin, k.select(1, u), v.select(1, u), allow,
+                )  # fmt: skip
+            res, ff = layer.ff, layer.ff.fn
+            up, down = ff.up_proj, ff.down_proj
+            x = ext.feed_forward_block(
+                x, res.norm.weight, res.norm.eps, up.weight,
+                up.bias if up.bias is not None else _EMPTY, down.weight,
+                down.bias if down.bias is not None else _EMPTY,
+            )  # fmt: skip
+        cache.length += 1
+        return self.final_norm(x[:, None])
 
     def _encode(self, h, retrieved, neighbour_mask, start, cache):
         """Encode the neighbours of every chunk completed so far that is not yet encoded.

@@ -32,18 +32,27 @@ class KVCache:
             cap = max(16, t)
             self._k = k.new_empty(*k.shape[:-2], cap, k.shape[-1])
             self._v = v.new_empty(*v.shape[:-2], cap, v.shape[-1])
-        elif self._start + self.length + t > self._k.shape[-2]:
+        k_buf, v_buf, start, end = self.claim(t)
+        k_buf.narrow(-2, end, t).copy_(k)  # narrow: less Python than an index expression
+        v_buf.narrow(-2, end, t).copy_(v)
+        return k_buf.narrow(-2, start, self.length), v_buf.narrow(-2, start, self.length)
+
+    def claim(self, t: int = 1) -> tuple[Tensor, Tensor, int, int]:
+        """Count ``t`` more positions as live without writing them, for a kernel that writes
+        its keys/values into the buffers itself (``nn.fused_decode``). Returns (k buffer,
+        v buffer, first live slot, first new slot), buffers (b, g, capacity, d); the caller
+        must fill slots ``end … end + t - 1`` before anything reads the cache."""
+        if self._k is None:
+            raise ValueError("claim needs a filled cache: run the prompt through update first")
+        if self._start + self.length + t > self._k.shape[-2]:
             # full: move the live part to the front of a buffer with room for it twice
             cap = max(self._k.shape[-2], 2 * (self.length + t))
             self._k = self._moved(self._k, cap)
             self._v = self._moved(self._v, cap)
             self._start = 0
         end = self._start + self.length
-        self._k.narrow(-2, end, t).copy_(k)  # narrow: less Python than an index expression
-        self._v.narrow(-2, end, t).copy_(v)
         self.length += t
-        live = end + t - self._start
-        return self._k.narrow(-2, self._start, live), self._v.narrow(-2, self._start, live)
+        return self._k, self._v, self._start, end
 
     def _moved(self, buf: Tensor, cap: int) -> Tensor:
         live = buf[..., self._start : self._start + self.length, :]

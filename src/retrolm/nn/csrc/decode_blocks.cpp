@@ -1,0 +1,224 @@
+// Fused one-token decoding blocks for CPU, fp32 (see retrolm/nn/fused_decode.py).
+//
+// A decoding step multiplies a few rows by every weight of the model. Through ATen each
+// block of a pre-norm transformer layer is 15-40 kernel calls whose fixed costs (dispatch,
+// allocation, thread wake-ups, cold caches after the weights stream past) exceed their
+// arithmetic; here each block is one call: plain loops over the rows, one pass over each
+// weight (out, in) row-major as nn.Linear stores it, threads over output rows.
+//
+// Shapes: b rows, d model width, h heads, dh head width, r rotated channels (<= dh, the
+// "half" layout: channel c pairs with c + r/2), cap cache slots, s cross-attention keys.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+using torch::Tensor;
+
+namespace {
+
+constexpr int64_t kGrain = 16;  // output rows per task: a few KB of weight each
+
+void check_f32(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat32 && t.is_contiguous(),
+              name, " must be a contiguous float32 CPU tensor");
+}
+
+// y (b, d) = x / rms(x) * w, statistics per row
+void rms_norm(const float* x, const float* w, double eps, float* y, int64_t b, int64_t d) {
+  for (int64_t i = 0; i < b; i++) {
+    const float* xi = x + i * d;
+    float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+    for (int64_t c = 0; c < d; c++) ss += xi[c] * xi[c];
+    const float inv = 1.f / std::sqrt(ss / static_cast<float>(d) + static_cast<float>(eps));
+    float* yi = y + i * d;
+#pragma omp simd
+    for (int64_t c = 0; c < d; c++) yi[c] = xi[c] * inv * w[c];
+  }
+}
+
+// y (b, out) = x (b, in) @ W.T + bias, W (out, in) row-major; bias may be null. Each weight
+// row is read once for all b rows.
+void linear(const float* x, const float* W, const float* bias, float* y, int64_t b, int64_t in,
+            int64_t out) {
+  at::parallel_for(0, out, kGrain, [&](int64_t o0, int64_t o1) {
+    for (int64_t o = o0; o < o1; o++) {
+      const float* wo = W + o * in;
+      for (int64_t i = 0; i < b; i++) {
+        const float* xi = x + i * in;
+        float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t c = 0; c < in; c++) acc += wo[c] * xi[c];
+        y[i * out + o] = acc + (bias ? bias[o] : 0.f);
+      }
+    }
+  });
+}
+
+// rotate the first r channels of v (dh) in place: v*cos + (-v2, v1)*sin
+void rotate(float* v, const float* cos, const float* sin, int64_t r) {
+  const int64_t half = r / 2;
+  for (int64_t c = 0; c < half; c++) {
+    const float a = v[c], p = v[c + half];
+    v[c] = a * cos[c] - p * sin[c];
+    v[c + half] = p * cos[c + half] + a * sin[c + half];
+  }
+}
+
+// softmax attention of one query q (dh) over n keys K[j*ks], values V[j*vs], scale; keys
+// with allow[j] == false are skipped (allow may be null). Writes dh values to out; zeros
+// when no key is allowed.
+void attend_one(const float* q, const float* K, int64_t ks, const float* V, int64_t vs,
+                const bool* allow, int64_t n, int64_t dh, float scale, float* scores,
+                float* out) {
+  float mx = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < n; j++) {
+    if (allow && !allow[j]) continue;
+    const float* kj = K + j * ks;
+    float s = 0.f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t c = 0; c < dh; c++) s += q[c] * kj[c];
+    scores[j] = s * scale;
+    mx = std::max(mx, scores[j]);
+  }
+  for (int64_t c = 0; c < dh; c++) out[c] = 0.f;
+  if (mx == -std::numeric_limits<float>::infinity()) return;  // nothing to attend: zeros
+  float total = 0.f;
+  for (int64_t j = 0; j < n; j++) {
+    if (allow && !allow[j]) continue;
+    const float p = std::exp(scores[j] - mx);
+    total += p;
+    const float* vj = V + j * vs;
+#pragma omp simd
+    for (int64_t c = 0; c < dh; c++) out[c] += p * vj[c];
+  }
+  const float inv = 1.f / total;
+  for (int64_t c = 0; c < dh; c++) out[c] *= inv;
+}
+
+}  // namespace
+
+// Pre-norm causal self-attention for one new position per row, x + out(attn(norm(x))).
+// kbuf/vbuf (b, h, cap, dh): the rotated keys and values of the cache; this position's are
+// written at slot `end` and the query attends slots start..end. cos/sin (r,): its rotary row.
+Tensor self_attention_block(const Tensor& x, const Tensor& norm_w, double eps, const Tensor& wq,
+                            const Tensor& wk, const Tensor& wv, const Tensor& wo,
+                            const Tensor& cos, const Tensor& sin, Tensor kbuf, Tensor vbuf,
+                            int64_t start, int64_t end) {
+  for (auto* t : {&x, &norm_w, &wq, &wk, &wv, &wo, &cos, &sin}) check_f32(*t, "input");
+  check_f32(kbuf, "kbuf");
+  check_f32(vbuf, "vbuf");
+  const int64_t b = x.size(0), d = x.size(1), h = kbuf.size(1), cap = kbuf.size(2),
+                dh = kbuf.size(3), r = cos.size(0), hd = h * dh;
+  TORCH_CHECK(kbuf.size(0) == b && wq.size(0) == hd && wk.size(0) == hd && wv.size(0) == hd &&
+                  wo.size(1) == hd && 0 <= start && start <= end && end < cap && r <= dh,
+              "self_attention_block: inconsistent shapes");
+  auto n = torch::empty({b, d}, x.options());
+  auto qkv = torch::empty({3, b, hd}, x.options());
+  rms_norm(x.data_ptr<float>(), norm_w.data_ptr<float>(), eps, n.data_ptr<float>(), b, d);
+  float* q = qkv.data_ptr<float>();
+  float* k = q + b * hd;
+  float* v = k + b * hd;
+  linear(n.data_ptr<float>(), wq.data_ptr<float>(), nullptr, q, b, d, hd);
+  linear(n.data_ptr<float>(), wk.data_ptr<float>(), nullptr, k, b, d, hd);
+  linear(n.data_ptr<float>(), wv.data_ptr<float>(), nullptr, v, b, d, hd);
+  float* K = kbuf.data_ptr<float>();
+  float* Vb = vbuf.data_ptr<float>();
+  const float *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
+  for (int64_t i = 0; i < b * h; i++) {  // rotate q and k, append k and v to the cache
+    rotate(q + i * dh, cp, sp, r);
+    rotate(k + i * dh, cp, sp, r);
+    std::copy(k + i * dh, k + (i + 1) * dh, K + (i * cap + end) * dh);
+    std::copy(v + i * dh, v + (i + 1) * dh, Vb + (i * cap + end) * dh);
+  }
+  auto att = torch::empty({b, hd}, x.options());
+  float* ap = att.data_ptr<float>();
+  const int64_t nk = end - start + 1;
+  const float scale = 1.f / std::sqrt(static_cast<float>(dh));
+  at::parallel_for(0, b * h, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> scores(nk);
+    for (int64_t i = i0; i < i1; i++)
+      attend_one(q + i * dh, K + (i * cap + start) * dh, dh, Vb + (i * cap + start) * dh, dh,
+                 nullptr, nk, dh, scale, scores.data(), ap + i * dh);
+  });
+  auto y = torch::empty({b, d}, x.options());
+  linear(ap, wo.data_ptr<float>(), nullptr, y.data_ptr<float>(), b, hd, d);
+  y.add_(x);
+  return y;
+}
+
+// Pre-norm cross-attention of one position per row to s precomputed (rotated) keys:
+// x + out(attn(rotate(q(norm(x))), kk, vv)). kk/vv (b, h, s, dh), any strides with the last
+// dim contiguous; allow (b, s) bool or an empty tensor (every key present); a row with no
+// allowed key adds nothing.
+Tensor cross_attention_block(const Tensor& x, const Tensor& norm_w, double eps, const Tensor& wq,
+                             const Tensor& wo, const Tensor& cos, const Tensor& sin,
+                             const Tensor& kk, const Tensor& vv, const Tensor& allow) {
+  for (auto* t : {&x, &norm_w, &wq, &wo, &cos, &sin}) check_f32(*t, "input");
+  TORCH_CHECK(kk.scalar_type() == torch::kFloat32 && vv.scalar_type() == torch::kFloat32 &&
+                  kk.stride(3) == 1 && vv.stride(3) == 1,
+              "cross_attention_block: keys/values must be float32 with contiguous rows");
+  const int64_t b = x.size(0), d = x.size(1), h = kk.size(1), s = kk.size(2), dh = kk.size(3),
+                r = cos.size(0), hd = h * dh;
+  const bool masked = allow.numel() > 0;
+  TORCH_CHECK(kk.size(0) == b && wq.size(0) == hd && wo.size(1) == hd && r <= dh &&
+                  (!masked || (allow.scalar_type() == torch::kBool && allow.is_contiguous() &&
+                               allow.size(0) == b && allow.size(1) == s)),
+              "cross_attention_block: inconsistent shapes");
+  auto n = torch::empty({b, d}, x.options());
+  auto q = torch::empty({b, hd}, x.options());
+  rms_norm(x.data_ptr<float>(), norm_w.data_ptr<float>(), eps, n.data_ptr<float>(), b, d);
+  float* qp = q.data_ptr<float>();
+  linear(n.data_ptr<float>(), wq.data_ptr<float>(), nullptr, qp, b, d, hd);
+  for (int64_t i = 0; i < b * h; i++) rotate(qp + i * dh, cos.data_ptr<float>(),
+                                             sin.data_ptr<float>(), r);
+  auto att = torch::empty({b, hd}, x.options());
+  float* ap = att.data_ptr<float>();
+  const float *K = kk.data_ptr<float>(), *V = vv.data_ptr<float>();
+  const bool* al = masked ? allow.data_ptr<bool>() : nullptr;
+  const float scale = 1.f / std::sqrt(static_cast<float>(dh));
+  at::parallel_for(0, b * h, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> scores(s);
+    for (int64_t i = i0; i < i1; i++) {
+      const int64_t row = i / h, head = i % h;
+      attend_one(qp + i * dh, K + row * kk.stride(0) + head * kk.stride(1), kk.stride(2),
+                 V + row * vv.stride(0) + head * vv.stride(1), vv.stride(2),
+                 al ? al + row * s : nullptr, s, dh, scale, scores.data(), ap + i * dh);
+    }
+  });
+  auto y = torch::empty({b, d}, x.options());
+  linear(ap, wo.data_ptr<float>(), nullptr, y.data_ptr<float>(), b, hd, d);
+  y.add_(x);
+  return y;
+}
+
+// Pre-norm feed-forward with exact GELU: x + down(gelu(up(norm(x)))); biases may be empty.
+Tensor feed_forward_block(const Tensor& x, const Tensor& norm_w, double eps, const Tensor& w1,
+                          const Tensor& b1, const Tensor& w2, const Tensor& b2) {
+  for (auto* t : {&x, &norm_w, &w1, &w2}) check_f32(*t, "input");
+  const int64_t b = x.size(0), d = x.size(1), hid = w1.size(0);
+  TORCH_CHECK(w1.size(1) == d && w2.size(0) == d && w2.size(1) == hid,
+              "feed_forward_block: inconsistent shapes");
+  auto n = torch::empty({b, d}, x.options());
+  auto hbuf = torch::empty({b, hid}, x.options());
+  rms_norm(x.data_ptr<float>(), norm_w.data_ptr<float>(), eps, n.data_ptr<float>(), b, d);
+  float* hp = hbuf.data_ptr<float>();
+  linear(n.data_ptr<float>(), w1.data_ptr<float>(), b1.numel() ? b1.data_ptr<float>() : nullptr,
+         hp, b, d, hid);
+  const float inv_sqrt2 = 0.70710678118654752440f;
+  for (int64_t i = 0; i < b * hid; i++) hp[i] = 0.5f * hp[i] * (1.f + std::erf(hp[i] * inv_sqrt2));
+  auto y = torch::empty({b, d}, x.options());
+  linear(hp, w2.data_ptr<float>(), b2.numel() ? b2.data_ptr<float>() : nullptr,
+         y.data_ptr<float>(), b, hid, d);
+  y.add_(x);
+  return y;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("self_attention_block", &self_attention_block);
+  m.def("cross_attention_block", &cross_attention_block);
+  m.def("feed_forward_block", &feed_forward_block);
+}

@@ -1,0 +1,113 @@
+"""Fused one-token decoding blocks (CPU, fp32): a C++ extension built on first use.
+
+A cached decoding step is a few rows times every weight of the model. Through ATen, one
+pre-norm block (norm, projections, rotary, cache write, attention, residual) is 15-40
+kernel calls, and at one row their fixed costs exceed the arithmetic: a bare step of the
+hierarchical benchmark model written as the same ATen calls from C++ was only 1.03-1.16x
+faster than from Python (``benchmarks/hier_step_floor.py --cpp``): the kernels' own fixed
+costs are the step, not Python. ``csrc/decode_blocks.cpp`` writes each block as one call
+(RETRO's cached generation: 1.56x faster per call, ``benchmarks/bench_generate.py``):
+
+- ``self_attention_block``: x + W_o attn(rotary(W_q n), cache + rotary(W_k n), W_v n),
+  n = rmsnorm(x), writing this position's key/value into the cache buffer;
+- ``cross_attention_block``: x + W_o attn(rotary(W_q n), fixed keys/values [, mask]);
+- ``feed_forward_block``: x + W_2 gelu(W_1 n + b_1) + b_2 (exact GELU).
+
+They compute what the modules compute, in fp32 with fp32 accumulation, summing in another
+order: results agree to rounding (tests/nn/test_fused_decode.py), not bit for bit. Models
+use them only where they apply (``usable``: CPU, fp32, no autograd, the extension built);
+everything else takes the ATen path, which stays the reference.
+
+The extension compiles once per machine (``torch.utils.cpp_extension``: a C++ compiler and
+ninja, which the ``fused`` extra installs; ~30 s, cached under ``TORCH_EXTENSIONS_DIR``). If
+that fails the reason is logged once and decoding uses the ATen path.
+``RETROLM_FUSED_DECODE=0`` turns the fused path off.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+__all__ = ["enabled", "extension", "usable", "set_enabled"]
+
+_SOURCE = Path(__file__).with_name("csrc") / "decode_blocks.cpp"
+_lock = threading.Lock()
+_ext: ModuleType | None = None
+_failed = False
+_enabled = os.environ.get("RETROLM_FUSED_DECODE", "1") != "0"
+
+
+def set_enabled(on: bool) -> bool:
+    """Turn the fused path on or off for this process; returns the previous setting."""
+    global _enabled
+    before, _enabled = _enabled, bool(on)
+    return before
+
+
+def enabled() -> bool:
+    return _enabled
+
+
+def extension() -> ModuleType | None:
+    """The compiled blocks, building them on the first call; None if they cannot be built."""
+    global _ext, _failed
+    if _ext is not None or _failed:
+        return _ext
+    with _lock:
+        if _ext is None and not _failed:
+            try:
+                from torch.utils.cpp_extension import load
+
+                _ninja_on_path()
+                log.info("loading the fused decoding blocks (built once per machine, ~30 s)")
+                _ext = load(
+                    name="retrolm_decode_blocks",
+                    sources=[str(_SOURCE)],
+                    extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                    extra_ldflags=["-fopenmp"],
+                    verbose=False,
+                )
+            except Exception as exc:  # no compiler, no ninja, a build error: ATen path
+                _failed = True
+                log.warning(
+                    "fused decoding blocks unavailable (%s: %s); decoding takes the ATen "
+                    "path. Install a C++ compiler and ninja to build them, or set "
+                    "RETROLM_FUSED_DECODE=0 to silence this.",
+                    type(exc).__name__,
+                    str(exc).splitlines()[0] if str(exc) else "",
+                )
+    return _ext
+
+
+def _ninja_on_path() -> None:
+    """torch's builder runs ``ninja`` from PATH; the ``ninja`` wheel (the ``fused`` extra)
+    puts it next to the interpreter, which is not on PATH when a venv is not activated."""
+    if shutil.which("ninja") is None:
+        try:
+            import ninja  # type: ignore[import-not-found]
+        except ImportError:
+            return
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
+def usable(x: Tensor) -> bool:
+    """Whether a decoding step on ``x`` can take the fused blocks: enabled, no autograd,
+    no autocast, fp32 on CPU, and the extension built."""
+    return (
+        _enabled
+        and x.dtype is torch.float32
+        and x.is_cpu
+        and not torch.is_grad_enabled()
+        and not torch.is_autocast_enabled("cpu")
+        and extension() is not None
+    )

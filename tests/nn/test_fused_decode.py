@@ -1,0 +1,241 @@
+"""The fused one-token decoding blocks equal the modules they stand for (to fp32 rounding),
+and RETRO takes them exactly where they apply."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from retrolm import RETRO, generate
+from retrolm.nn import FeedForward, MultiHeadAttention, Residual, RotaryEmbedding, fused_decode
+from retrolm.nn.kv_cache import KVCache
+
+ext = fused_decode.extension()
+needs_ext = pytest.mark.skipif(ext is None, reason="the fused blocks could not be built here")
+NONE = torch.empty(0)
+ALL = torch.empty(0, dtype=torch.bool)
+
+
+@pytest.fixture
+def fused_on():
+    before = fused_decode.set_enabled(True)
+    yield
+    fused_decode.set_enabled(before)
+
+
+def _randomise(module: torch.nn.Module) -> None:
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+
+
+@needs_ext
+@pytest.mark.parametrize("rot", [16, 8])  # full and partial rotary
+def test_self_attention_block_equals_the_module(rot):
+    torch.manual_seed(0)
+    b, d, h, dh, n = 2, 32, 4, 16, 9
+    res = Residual(d, MultiHeadAttention(d, h, dh, causal=True), "rms")
+    _randomise(res)
+    rotary = RotaryEmbedding(rot)
+    x = torch.randn(b, n + 1, d)
+    ref_cache, cache = KVCache(), KVCache()
+    with torch.no_grad():
+        res(x[:, :n], cache=ref_cache, q_rotary=rotary.span(0, n), k_rotary=rotary.span(0, n))
+        res(x[:, :n], cache=cache, q_rotary=rotary.span(0, n), k_rotary=rotary.span(0, n))
+        pos = rotary.span(n, 1)
+        ref = res(x[:, n:], cache=ref_cache, q_rotary=pos, k_rotary=pos)[:, 0]
+        attn = res.fn
+        k_buf, v_buf, first, end = cache.claim(1)
+        out = ext.self_attention_block(
+            x[:, n].contiguous(), res.norm.weight, res.norm.eps, attn.q_proj.weight,
+            attn.k_proj.weight, attn.v_proj.weight, attn.out_proj.weight, pos[0][0], pos[1][0],
+            k_buf, v_buf, first, end,
+        )  # fmt: skip
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    # the block wrote this position's key and value where the module's cache has them
+    k_ref, v_ref = ref_cache.update(torch.empty(b, h, 0, dh), torch.empty(b, h, 0, dh))
+    k_new, v_new = cache.update(torch.empty(b, h, 0, dh), torch.empty(b, h, 0, dh))
+    torch.testing.assert_close(k_new, k_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(v_new, v_ref, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(out, x[:, n])  # the block changed something: the test can fail
+
+
+@needs_ext
+def test_cross_attention_block_equals_attention_with_a_mask():
+    torch.manual_seed(1)
+    b, d, h, dh, s = 3, 32, 2, 16, 12
+    res = Residual(d, MultiHeadAttention(d, h, dh), "rms")
+    _randomise(res)
+    x = torch.randn(b, d)
+    big_k, big_v = torch.randn(b, 5, h, s, dh), torch.randn(b, 5, h, s, dh)
+    kk, vv = big_k.select(1, 2), big_v.select(1, 2)  # strided views, as RETRO passes them
+    allow = torch.rand(b, s) > 0.4
+    allow[2] = False  # a row with no key: adds nothing (RETRO's chunk without neighbours)
+    cos, sin = (t[3] for t in RotaryEmbedding(dh).span(0, 8))
+    attn = res.fn
+    with torch.no_grad():
+        q = attn.q_proj(res.norm(x)).view(b, h, 1, dh)
+        half = dh // 2
+        q = q * cos + torch.cat((-q[..., half:], q[..., :half]), -1) * sin
+        scores = (q @ kk.transpose(-1, -2)) / dh**0.5
+        scores = scores.masked_fill(~allow[:, None, None], float("-inf"))
+        p = torch.nan_to_num(scores.softmax(-1))
+        ref = x + attn.out_proj((p @ vv).view(b, h * dh))
+        out = ext.cross_attention_block(
+            x, res.norm.weight, res.norm.eps, attn.q_proj.weight, attn.out_proj.weight,
+            cos, sin, kk, vv, allow,
+        )  # fmt: skip
+        every = ext.cross_attention_block(
+            x, res.norm.weight, res.norm.eps, attn.q_proj.weight, attn.out_proj.weight,
+            cos, sin, kk, vv, ALL,
+        )  # fmt: skip
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[2], x[2], rtol=0, atol=0)
+    assert not torch.allclose(every, out)  # the mask matters
+
+
+@needs_ext
+@pytest.mark.parametrize("bias", [True, False])
+def test_feed_forward_block_equals_the_module(bias):
+    torch.manual_seed(2)
+    res = Residual(32, FeedForward(32, 4, bias=bias), "rms")
+    _randomise(res)
+    x = torch.randn(3, 32)
+    ff = res.fn
+    with torch.no_grad():
+        ref = res(x)
+        out = ext.feed_forward_block(
+            x, res.norm.weight, res.norm.eps, ff.up_proj.weight,
+            ff.up_proj.bias if bias else NONE, ff.down_proj.weight,
+            ff.down_proj.bias if bias else NONE,
+        )  # fmt: skip
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_ext
+def test_blocks_reject_bad_inputs():
+    x = torch.randn(2, 8, dtype=torch.float64)
+    w = torch.ones(8)
+    with pytest.raises(RuntimeError, match="float32"):
+        ext.feed_forward_block(x, w, 1e-6, torch.ones(16, 8), NONE, torch.ones(8, 16), NONE)
+    with pytest.raises(RuntimeError, match="inconsistent shapes"):
+        ext.feed_forward_block(x.float(), w, 1e-6, torch.ones(16, 8), NONE, torch.ones(8, 4), NONE)
+
+
+def test_claim_counts_slots_and_grows():
+    cache = KVCache()
+    with pytest.raises(ValueError, match="filled cache"):
+        cache.claim(1)
+    k = torch.arange(16.0).view(1, 1, 16, 1)
+    cache.update(k, k)  # capacity 16, full
+    k_buf, _, first, end = cache.claim(1)  # grows, keeps the live part in front
+    assert (first, end, cache.length) == (0, 16, 17) and k_buf.shape[2] >= 17
+    torch.testing.assert_close(k_buf[0, 0, :16, 0], torch.arange(16.0))
+    k_buf[0, 0, end, 0] = 99.0
+    keys, _ = cache.update(torch.empty(1, 1, 0, 1), torch.empty(1, 1, 0, 1))
+    assert keys[0, 0, -1, 0] == 99.0 and keys.shape[2] == 17
+
+
+def _model(**kw) -> RETRO:
+    torch.manual_seed(0)
+    cfg = dict(
+        num_tokens=300, max_seq_len=96, chunk_size=8, enc_dim=32, enc_depth=1, dec_dim=64,
+        dec_depth=4, dec_cross_attn_layers=(2, 4), heads=4, dim_head=16,
+    )  # fmt: skip
+    cfg.update(kw)
+    return RETRO(**cfg).eval()
+
+
+def _steps(model, seq, ret, mask, prompt=5):
+    """Logits of a prompt then one cached step per token, and how many steps ran fused."""
+    calls = []
+    inner = model._decode_fused
+    model._decode_fused = lambda *a, **k: calls.append(1) or inner(*a, **k)
+    try:
+        with torch.no_grad():
+            cache = model.init_cache(seq.shape[0])
+            outs = [model(seq[:, :prompt], ret, neighbour_mask=mask, cache=cache)]
+            for i in range(prompt, seq.shape[1]):
+                outs.append(model(seq[:, i : i + 1], ret, neighbour_mask=mask, cache=cache))
+    finally:
+        del model._decode_fused
+    return torch.cat(outs, 1), len(calls)
+
+
+@needs_ext
+@pytest.mark.parametrize("kw", [{}, {"rotary_dim": 8}, {"copy_head": True}])
+def test_retro_fused_steps_equal_the_full_forward(fused_on, kw):
+    model = _model(**kw)
+    b, n = 2, 60
+    seq = torch.randint(1, 300, (b, n))
+    ret = torch.randint(1, 300, (b, 12, 2, 16))
+    mask = torch.ones(b, 12, 2, dtype=torch.bool)
+    mask[0, 3, 1] = False
+    mask[1, 4] = False  # a chunk with no neighbour at all
+    full = model(seq, ret, neighbour_mask=mask)
+    out, fused = _steps(model, seq, ret, mask)
+    # 55 steps; the 7 that complete a chunk run the encoder through the ATen path
+    assert fused == 55 - 7
+    torch.testing.assert_close(out, full, rtol=1e-5, atol=1e-5)
+    fused_decode.set_enabled(False)
+    aten, none = _steps(model, seq, ret, mask)
+    assert none == 0
+    torch.testing.assert_close(out, aten, rtol=1e-5, atol=1e-5)
+
+
+@needs_ext
+def test_retro_fused_without_retrieval_and_greedy_generation(fused_on):
+    model = _model()
+    seq = torch.randint(1, 300, (1, 40))
+    out, fused = _steps(model, seq, None, None)
+    assert fused == 35
+    torch.testing.assert_close(out, model(seq), rtol=1e-5, atol=1e-5)
+    prompt = torch.randint(1, 300, (1, 11))
+    fast = generate(model, prompt, 30, temperature=0).new_ids
+    fused_decode.set_enabled(False)
+    ref = generate(model, prompt, 30, temperature=0).new_ids
+    assert torch.equal(fast, ref)
+
+
+@needs_ext
+def test_retro_takes_the_aten_path_where_the_blocks_do_not_apply(fused_on):
+    seq = torch.randint(1, 300, (1, 20))
+    for model in (_model(norm="layer"), _model(ff_glu=True), _model().double()):
+        _, fused = _steps(model, seq, None, None)
+        assert fused == 0
+    model = _model()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, fused = _steps(model, seq, None, None)
+    assert fused == 0
+
+
+def test_usable_follows_the_switch_and_the_inputs(fused_on):
+    x = torch.zeros(2)
+    assert not fused_decode.usable(x)  # autograd on: training, not decoding
+    with torch.no_grad():
+        assert fused_decode.usable(x) == (ext is not None)
+        assert not fused_decode.usable(x.double())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not fused_decode.usable(x)
+        fused_decode.set_enabled(False)
+        assert not fused_decode.usable(x)
+
+
+def test_a_failed_build_falls_back_with_one_warning(monkeypatch, caplog):
+    import torch.utils.cpp_extension as cpp
+
+    def broken(**kwargs):
+        raise RuntimeError("no compiler here\nmore detail")
+
+    monkeypatch.setattr(fused_decode, "_ext", None)
+    monkeypatch.setattr(fused_decode, "_failed", False)
+    monkeypatch.setattr(cpp, "load", broken)
+    with caplog.at_level(logging.WARNING, logger="retrolm.nn.fused_decode"):
+        assert fused_decode.extension() is None
+        assert fused_decode.extension() is None
+    warnings = [r for r in caplog.records if "fused decoding blocks unavailable" in r.message]
+    assert len(warnings) == 1 and "no compiler here" in warnings[0].getMessage()
+    with torch.no_grad():
+        assert not fused_decode.usable(torch.zeros(2))
