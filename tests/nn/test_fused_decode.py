@@ -51,7 +51,7 @@ def test_self_attention_block_equals_the_module(rot):
         out = ext.self_attention_block(
             x[:, n].contiguous(), res.norm.weight, res.norm.eps, attn.q_proj.weight,
             attn.k_proj.weight, attn.v_proj.weight, attn.out_proj.weight, pos[0][0], pos[1][0],
-            k_buf, v_buf, first, end,
+            k_buf, v_buf, first, end, NONE, 0, NONE,
         )  # fmt: skip
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     # the block wrote this position's key and value where the module's cache has them
@@ -109,7 +109,7 @@ def test_feed_forward_block_equals_the_module(bias):
         out = ext.feed_forward_block(
             x, res.norm.weight, res.norm.eps, ff.up_proj.weight,
             ff.up_proj.bias if bias else NONE, ff.down_proj.weight,
-            ff.down_proj.bias if bias else NONE,
+            ff.down_proj.bias if bias else NONE, 0, True, NONE, 0, NONE,
         )  # fmt: skip
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
@@ -119,9 +119,14 @@ def test_blocks_reject_bad_inputs():
     x = torch.randn(2, 8, dtype=torch.float64)
     w = torch.ones(8)
     with pytest.raises(RuntimeError, match="float32"):
-        ext.feed_forward_block(x, w, 1e-6, torch.ones(16, 8), NONE, torch.ones(8, 16), NONE)
+        ext.feed_forward_block(
+            x, w, 1e-6, torch.ones(16, 8), NONE, torch.ones(8, 16), NONE, 0, True, NONE, 0, NONE
+        )
     with pytest.raises(RuntimeError, match="inconsistent shapes"):
-        ext.feed_forward_block(x.float(), w, 1e-6, torch.ones(16, 8), NONE, torch.ones(8, 4), NONE)
+        ext.feed_forward_block(
+            x.float(), w, 1e-6, torch.ones(16, 8), NONE, torch.ones(8, 4), NONE, 0, True, NONE, 0,
+            NONE,
+        )  # fmt: skip
 
 
 def test_claim_counts_slots_and_grows():
@@ -239,3 +244,46 @@ def test_a_failed_build_falls_back_with_one_warning(monkeypatch, caplog):
     assert len(warnings) == 1 and "no compiler here" in warnings[0].getMessage()
     with torch.no_grad():
         assert not fused_decode.usable(torch.zeros(2))
+
+
+HIER = dict(num_tokens=256, dim=64, depth=2, heads=2, dim_head=16, seq_len=128)
+
+
+@needs_ext
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(hierarchies=(1, 2, 8), window_sizes=(8, 16, None)),
+        dict(hierarchies=(1, 4), window_sizes=(8, None), hierarchical_stride=(1, 2)),
+        dict(hierarchies=(1, 2), window_sizes=(0, 16), hierarchy_merge_all=True),
+    ],
+)
+def test_hierarchical_fused_steps_equal_the_full_forward(fused_on, monkeypatch, kw):
+    import retrolm.models.hierarchical as hier
+
+    torch.manual_seed(0)
+    model = hier.HierarchicalTransformer(**HIER, **kw).eval()
+    seq = torch.randint(0, 256, (2, 60))
+    calls = []
+    inner = hier._fused_block
+    monkeypatch.setattr(hier, "_fused_block", lambda *a: calls.append(1) or inner(*a))
+
+    def steps():
+        with torch.no_grad():
+            cache = model.init_cache(2)
+            outs = [model(seq[:, :7], cache=cache)]
+            outs += [model(seq[:, i : i + 1], cache=cache) for i in range(7, 60)]
+        return torch.cat(outs, 1)
+
+    out = steps()
+    assert calls  # the fused blocks ran
+    torch.testing.assert_close(out, model(seq), rtol=1e-5, atol=1e-5)
+    fused_decode.set_enabled(False)
+    n = len(calls)
+    torch.testing.assert_close(out, steps(), rtol=1e-5, atol=1e-5)
+    assert len(calls) == n  # switched off: the ATen path only
+    fused_decode.set_enabled(True)
+    prompt = seq[:1, :9]
+    fast = model.generate(prompt, 24, temperature=0)
+    fused_decode.set_enabled(False)
+    assert torch.equal(fast, model.generate(prompt, 24, temperature=0))

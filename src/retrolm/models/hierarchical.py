@@ -59,6 +59,7 @@ from retrolm.nn import (
     Residual,
     RotaryEmbedding,
     attention_backend,
+    fused_decode,
     make_norm,
     repeat_upsample,
     token_shift,
@@ -360,14 +361,22 @@ class HierarchicalTransformer(nn.Module):
         for k, (c, s) in enumerate(zip(cfg.hierarchies, cfg.hierarchical_stride)):
             if t % s == 0:
                 new[k] = self.compress_norms[k](self.compress[k].step(cache.window[:, -c:]))
+        fused = self._fused_ok(new, cache, t)
         for layer_idx, layer in enumerate(self.layers):
             for k, blk in enumerate(layer):
                 if new[k] is not None:
                     st = cache.blocks[layer_idx][k]
-                    new[k] = blk(new[k], state=st, index=t // cfg.hierarchical_stride[k])
+                    index = t // cfg.hierarchical_stride[k]
+                    if fused:
+                        new[k] = _fused_block(blk, new[k], st, index)
+                    else:
+                        new[k] = blk(new[k], state=st, index=index)
                     cache.latest[layer_idx][k] = new[k]
             if self.merges:
-                pooled = self.merges[layer_idx](torch.cat(cache.latest[layer_idx], dim=-1))
+                cat = torch.cat(cache.latest[layer_idx], dim=-1)
+                pooled = _fused_merge(self.merges[layer_idx], cat) if fused else None
+                if pooled is None:
+                    pooled = self.merges[layer_idx](cat)
                 parts = pooled.split(list(cfg.dim), -1) if cfg.hierarchy_merge_all else None
                 for k in range(cfg.num_hierarchies):
                     if new[k] is None:
@@ -383,6 +392,19 @@ class HierarchicalTransformer(nn.Module):
         if cfg.predict_use_all_hierarchy:
             return self.to_logits(torch.cat(cache.final, dim=-1))
         return self.to_logits(cache.final[cfg.predict_index])
+
+    def _fused_ok(self, new: list[Tensor | None], cache: HierarchicalCache, t: int) -> bool:
+        """Whether this step's blocks can run as ``nn.fused_decode`` blocks: eval, fp32 on
+        CPU, and every sub-sequence cache the step attends is filled."""
+        if self.training or not fused_decode.usable(self.token_emb.weight):
+            return False
+        for layer_states in cache.blocks:
+            for k, (blk, st) in enumerate(zip(self.layers[0], layer_states)):
+                if new[k] is not None and blk.attn is not None:
+                    index = t // self.config.hierarchical_stride[k]
+                    if st.kv[index % blk.attn.fn.axial].length == 0:
+                        return False
+        return True
 
     @torch.no_grad()
     def generate(
@@ -412,6 +434,71 @@ class HierarchicalTransformer(nn.Module):
             generator=generator,
             prefill_dtype=prefill_dtype,
         )
+
+
+_NONE = torch.empty(0)  # "none" (bias, token shift, ...) for the fused blocks
+_GELU, _SILU = 0, 1  # the fused feed-forward's activations
+
+
+def _shift_source(past: Tensor | None, x: Tensor) -> Tensor:
+    """The row a token shift of groups (0, a) reads for the shifted half: the normed input
+    ``a`` steps back (the oldest row of ``past``), zeros before the start."""
+    return past[:, 0].contiguous() if past is not None else x.new_zeros(x.shape)
+
+
+def _shifted_past(past: Tensor | None, normed: Tensor, a: int) -> Tensor:
+    """``token_shift_cached``'s next ``past``: the last ``a`` normed inputs (b, a, d)."""
+    row = normed[:, None]
+    if a == 1:
+        return row
+    if past is None:
+        past = row.new_zeros(row.shape[0], a, row.shape[-1])
+    return torch.cat((past[:, 1:], row), dim=1)
+
+
+def _fused_block(blk: HierarchicalBlock, x: Tensor, st: BlockState, index: int) -> Tensor:
+    """``blk(x, state=st, index=index)`` for one token through ``nn.fused_decode``: the
+    attention (token shift, rotary, its sub-sequence's cache, window) and the feed-forward
+    (token shift) as one call each. x (b, 1, d) -> (b, 1, d)."""
+    ext = fused_decode.extension()
+    h = x[:, 0]  # (b, d)
+    d = h.shape[-1]
+    if blk.attn is not None:
+        res, sub = blk.attn, blk.attn.fn
+        mha, a = sub.attn, sub.axial
+        cos, sin = (r[0] for r in sub.rotary.span(index // a, 1, h.device))
+        kv = st.kv[index % a]
+        k_buf, v_buf, first, end = kv.claim(1)
+        normed = torch.empty_like(h)
+        h = ext.self_attention_block(
+            h, res.norm.weight, res.norm.eps, mha.q_proj.weight, mha.k_proj.weight,
+            mha.v_proj.weight, mha.out_proj.weight, cos, sin, k_buf, v_buf, first, end,
+            _shift_source(st.attn_shift, h), d // 2, normed,
+        )  # fmt: skip
+        if mha.window is not None:
+            kv.keep_last(mha.window - 1)  # all that later queries can still see
+        st.attn_shift = _shifted_past(st.attn_shift, normed, a)
+    res, sff = blk.ff, blk.ff.fn
+    ff, a = sff.ff, sff.shifts[1]
+    normed = torch.empty_like(h)
+    h = ext.feed_forward_block(
+        h, res.norm.weight, res.norm.eps, ff.up_proj.weight, _NONE, ff.down_proj.weight, _NONE,
+        _GELU, True, _shift_source(st.ff_shift, h), d // 2, normed,
+    )  # fmt: skip
+    st.ff_shift = _shifted_past(st.ff_shift, normed, a)
+    return h[:, None]
+
+
+def _fused_merge(merge: nn.Sequential, cat: Tensor) -> Tensor:
+    """The merge MLP (RMSNorm, SiLU feed-forward) of cat (b, 1, sum(d)) as one fused call."""
+    norm, ff = merge[0], merge[1]
+    up, down = ff.up_proj, ff.down_proj
+    out = fused_decode.extension().feed_forward_block(
+        cat[:, 0].contiguous(), norm.weight, norm.eps, up.weight,
+        _NONE if up.bias is None else up.bias, down.weight,
+        _NONE if down.bias is None else down.bias, _SILU, False, _NONE, 0, _NONE,
+    )  # fmt: skip
+    return out[:, None]
 
 
 def hierarchical_loss(model: HierarchicalTransformer, batch) -> Tensor:

@@ -42,7 +42,7 @@ from retrolm.nn.norms import make_norm
 from retrolm.nn.residual import Residual, deepnet_constants, deepnet_init_
 from retrolm.nn.rotary import RotaryEmbedding, apply_rotary
 
-_EMPTY = torch.empty(0)  # "no bias" for the fused blocks
+_EMPTY = torch.empty(0)  # "none" (bias, token shift, ...) for the fused blocks
 _ALL_KEYS = torch.empty(0, dtype=torch.bool)  # "no mask": every neighbour token present
 
 
@@ -490,6 +490,7 @@ class RETRO(nn.Module):
             x = ext.self_attention_block(
                 x, res.norm.weight, res.norm.eps, attn.q_proj.weight, attn.k_proj.weight,
                 attn.v_proj.weight, attn.out_proj.weight, cos, sin, k_buf, v_buf, first, end,
+                _EMPTY, 0, _EMPTY,
             )  # fmt: skip
             if retrieving and i + 1 == self.cca_layers[0]:  # the chunk's states, as _encode
                 cache.chunk_states.append(x[:, None])
@@ -505,7 +506,7 @@ class RETRO(nn.Module):
             x = ext.feed_forward_block(
                 x, res.norm.weight, res.norm.eps, up.weight,
                 up.bias if up.bias is not None else _EMPTY, down.weight,
-                down.bias if down.bias is not None else _EMPTY,
+                down.bias if down.bias is not None else _EMPTY, 0, True, _EMPTY, 0, _EMPTY,
             )  # fmt: skip
         cache.length += 1
         return self.final_norm(x[:, None])

@@ -99,15 +99,39 @@ void attend_one(const float* q, const float* K, int64_t ks, const float* V, int6
   for (int64_t c = 0; c < dh; c++) out[c] *= inv;
 }
 
+// n = rmsnorm(x); optionally keep n in norm_out, then give channels shift_from … d-1 the
+// values of shift_src (token shift: a row of earlier normed inputs). Empty tensors = off.
+void norm_and_shift(const Tensor& x, const Tensor& norm_w, double eps, const Tensor& shift_src,
+                    int64_t shift_from, const Tensor& norm_out, float* n) {
+  const int64_t b = x.size(0), d = x.size(1);
+  rms_norm(x.data_ptr<float>(), norm_w.data_ptr<float>(), eps, n, b, d);
+  if (norm_out.numel()) {
+    check_f32(norm_out, "norm_out");
+    TORCH_CHECK(norm_out.size(0) == b && norm_out.size(1) == d, "norm_out must be (b, d)");
+    std::copy(n, n + b * d, norm_out.data_ptr<float>());
+  }
+  if (shift_src.numel()) {
+    check_f32(shift_src, "shift_src");
+    TORCH_CHECK(shift_src.size(0) == b && shift_src.size(1) == d && 0 <= shift_from &&
+                    shift_from <= d,
+                "shift_src must be (b, d) and 0 <= shift_from <= d");
+    const float* src = shift_src.data_ptr<float>();
+    for (int64_t i = 0; i < b; i++)
+      std::copy(src + i * d + shift_from, src + (i + 1) * d, n + i * d + shift_from);
+  }
+}
+
 }  // namespace
 
 // Pre-norm causal self-attention for one new position per row, x + out(attn(norm(x))).
 // kbuf/vbuf (b, h, cap, dh): the rotated keys and values of the cache; this position's are
 // written at slot `end` and the query attends slots start..end. cos/sin (r,): its rotary row.
+// shift_src/shift_from/norm_out: token shift of the normed input (norm_and_shift).
 Tensor self_attention_block(const Tensor& x, const Tensor& norm_w, double eps, const Tensor& wq,
                             const Tensor& wk, const Tensor& wv, const Tensor& wo,
                             const Tensor& cos, const Tensor& sin, Tensor kbuf, Tensor vbuf,
-                            int64_t start, int64_t end) {
+                            int64_t start, int64_t end, const Tensor& shift_src,
+                            int64_t shift_from, const Tensor& norm_out) {
   for (auto* t : {&x, &norm_w, &wq, &wk, &wv, &wo, &cos, &sin}) check_f32(*t, "input");
   check_f32(kbuf, "kbuf");
   check_f32(vbuf, "vbuf");
@@ -118,7 +142,7 @@ Tensor self_attention_block(const Tensor& x, const Tensor& norm_w, double eps, c
               "self_attention_block: inconsistent shapes");
   auto n = torch::empty({b, d}, x.options());
   auto qkv = torch::empty({3, b, hd}, x.options());
-  rms_norm(x.data_ptr<float>(), norm_w.data_ptr<float>(), eps, n.data_ptr<float>(), b, d);
+  norm_and_shift(x, norm_w, eps, shift_src, shift_from, norm_out, n.data_ptr<float>());
   float* q = qkv.data_ptr<float>();
   float* k = q + b * hd;
   float* v = k + b * hd;
@@ -195,25 +219,35 @@ Tensor cross_attention_block(const Tensor& x, const Tensor& norm_w, double eps, 
   return y;
 }
 
-// Pre-norm feed-forward with exact GELU: x + down(gelu(up(norm(x)))); biases may be empty.
+// Pre-norm feed-forward: [x +] W_2 act(W_1 n + b_1) + b_2, n = rmsnorm(x) (token-shifted as
+// in norm_and_shift); act 0 = exact GELU, 1 = SiLU; biases may be empty. Without the
+// residual the output width (w2's rows) may differ from x's.
 Tensor feed_forward_block(const Tensor& x, const Tensor& norm_w, double eps, const Tensor& w1,
-                          const Tensor& b1, const Tensor& w2, const Tensor& b2) {
+                          const Tensor& b1, const Tensor& w2, const Tensor& b2, int64_t act,
+                          bool residual, const Tensor& shift_src, int64_t shift_from,
+                          const Tensor& norm_out) {
   for (auto* t : {&x, &norm_w, &w1, &w2}) check_f32(*t, "input");
-  const int64_t b = x.size(0), d = x.size(1), hid = w1.size(0);
-  TORCH_CHECK(w1.size(1) == d && w2.size(0) == d && w2.size(1) == hid,
+  const int64_t b = x.size(0), d = x.size(1), hid = w1.size(0), out = w2.size(0);
+  TORCH_CHECK(w1.size(1) == d && w2.size(1) == hid && (!residual || out == d) &&
+                  (act == 0 || act == 1),
               "feed_forward_block: inconsistent shapes");
   auto n = torch::empty({b, d}, x.options());
   auto hbuf = torch::empty({b, hid}, x.options());
-  rms_norm(x.data_ptr<float>(), norm_w.data_ptr<float>(), eps, n.data_ptr<float>(), b, d);
+  norm_and_shift(x, norm_w, eps, shift_src, shift_from, norm_out, n.data_ptr<float>());
   float* hp = hbuf.data_ptr<float>();
   linear(n.data_ptr<float>(), w1.data_ptr<float>(), b1.numel() ? b1.data_ptr<float>() : nullptr,
          hp, b, d, hid);
-  const float inv_sqrt2 = 0.70710678118654752440f;
-  for (int64_t i = 0; i < b * hid; i++) hp[i] = 0.5f * hp[i] * (1.f + std::erf(hp[i] * inv_sqrt2));
-  auto y = torch::empty({b, d}, x.options());
+  if (act == 0) {
+    const float inv_sqrt2 = 0.70710678118654752440f;
+    for (int64_t i = 0; i < b * hid; i++)
+      hp[i] = 0.5f * hp[i] * (1.f + std::erf(hp[i] * inv_sqrt2));
+  } else {
+    for (int64_t i = 0; i < b * hid; i++) hp[i] = hp[i] / (1.f + std::exp(-hp[i]));
+  }
+  auto y = torch::empty({b, out}, x.options());
   linear(hp, w2.data_ptr<float>(), b2.numel() ? b2.data_ptr<float>() : nullptr,
-         y.data_ptr<float>(), b, hid, d);
-  y.add_(x);
+         y.data_ptr<float>(), b, hid, out);
+  if (residual) y.add_(x);
   return y;
 }
 
