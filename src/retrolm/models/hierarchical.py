@@ -357,11 +357,15 @@ class HierarchicalTransformer(nn.Module):
         """One new token (b, 1) at position cache.pos -> its logits (b, 1, V)."""
         cfg, t = self.config, cache.pos
         cache.window = torch.cat((cache.window[:, 1:], self.token_emb(ids)), dim=1)
-        new: list[Tensor | None] = [None] * cfg.num_hierarchies  # streams with a token now
-        for k, (c, s) in enumerate(zip(cfg.hierarchies, cfg.hierarchical_stride)):
-            if t % s == 0:
-                new[k] = self.compress_norms[k](self.compress[k].step(cache.window[:, -c:]))
-        fused = self._fused_ok(new, cache, t)
+        due = [t % s == 0 for s in cfg.hierarchical_stride]  # streams with a token now
+        fused = self._fused_ok(due, cache, t)
+        ext = fused_decode.extension() if fused else None
+        new: list[Tensor | None] = [None] * cfg.num_hierarchies
+        for k, c in enumerate(cfg.hierarchies):
+            if due[k]:
+                window, comp = cache.window[:, -c:], self.compress[k]
+                h = comp.step_fused(window, ext) if fused else comp.step(window)
+                new[k] = self.compress_norms[k](h)
         for layer_idx, layer in enumerate(self.layers):
             for k, blk in enumerate(layer):
                 if new[k] is not None:
@@ -393,14 +397,14 @@ class HierarchicalTransformer(nn.Module):
             return self.to_logits(torch.cat(cache.final, dim=-1))
         return self.to_logits(cache.final[cfg.predict_index])
 
-    def _fused_ok(self, new: list[Tensor | None], cache: HierarchicalCache, t: int) -> bool:
+    def _fused_ok(self, due: list[bool], cache: HierarchicalCache, t: int) -> bool:
         """Whether this step's blocks can run as ``nn.fused_decode`` blocks: eval, fp32 on
         CPU, and every sub-sequence cache the step attends is filled."""
         if self.training or not fused_decode.usable(self.token_emb.weight):
             return False
         for layer_states in cache.blocks:
             for k, (blk, st) in enumerate(zip(self.layers[0], layer_states)):
-                if new[k] is not None and blk.attn is not None:
+                if due[k] and blk.attn is not None:
                     index = t // self.config.hierarchical_stride[k]
                     if st.kv[index % blk.attn.fn.axial].length == 0:
                         return False

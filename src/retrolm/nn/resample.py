@@ -57,11 +57,13 @@ class CausalDownsample(nn.Module):
         hidden = int(dim_in * expansion)
         self.conv = nn.Conv1d(dim_in, hidden, factor, stride=stride)
         self._step_weight = WeightCache(_window_weight)  # for ``step`` without autograd
+        self._rows_weight = WeightCache(_window_rows)  # for ``step_fused``
         self.proj = DecodeLinear(hidden, dim_out)
 
     def train(self, mode: bool = True):
-        if mode and self.conv is not None:  # the decoding copy is not needed while training
+        if mode and self.conv is not None:  # the decoding copies are not needed while training
             self._step_weight.clear()
+            self._rows_weight.clear()
         return super().train(mode)
 
     def forward(self, x: Tensor) -> Tensor:  # (b, n, dim_in) -> (b, m, dim_out)
@@ -90,6 +92,28 @@ class CausalDownsample(nn.Module):
             flat = window[:, -self.factor :].flatten(1)[:, None]  # (b, 1, c*d)
             h = linear_t(flat, self._step_weight.get(w, key=dtype), b.to(dtype))
         return self.proj(F.silu(h))
+
+
+    def step_fused(self, window: Tensor, ext) -> Tensor:
+        """``step`` for fp32 decoding through the fused feed-forward block of
+        ``nn.fused_decode`` (``ext``): conv window, SiLU and projection in one call."""
+        if self.conv is None:
+            return self.step(window)
+        flat = window[:, -self.factor :].flatten(1).contiguous()  # (b, c*d)
+        proj = self.proj
+        out = ext.feed_forward_block(
+            flat, _NONE, 0.0, self._rows_weight.get(self.conv.weight), self.conv.bias,
+            proj.weight, proj.bias, 1, False, _NONE, 0, _NONE,
+        )  # fmt: skip  (act 1: SiLU; no norm, no residual, no token shift)
+        return out[:, None]
+
+
+_NONE = torch.empty(0)
+
+
+def _window_rows(weight: Tensor) -> Tensor:  # a WeightCache build
+    """conv weight (o, d, c) -> (o, c*d) rows in the window's (c d) order, contiguous."""
+    return weight.transpose(1, 2).flatten(1).contiguous()
 
 
 def repeat_upsample(x: Tensor, stride: int, length: int) -> Tensor:

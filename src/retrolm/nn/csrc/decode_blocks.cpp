@@ -99,12 +99,19 @@ void attend_one(const float* q, const float* K, int64_t ks, const float* V, int6
   for (int64_t c = 0; c < dh; c++) out[c] *= inv;
 }
 
-// n = rmsnorm(x); optionally keep n in norm_out, then give channels shift_from … d-1 the
-// values of shift_src (token shift: a row of earlier normed inputs). Empty tensors = off.
+// n = rmsnorm(x) (x itself when norm_w is empty); optionally keep n in norm_out, then give
+// channels shift_from … d-1 the values of shift_src (token shift: a row of earlier normed
+// inputs). Empty tensors = off.
 void norm_and_shift(const Tensor& x, const Tensor& norm_w, double eps, const Tensor& shift_src,
                     int64_t shift_from, const Tensor& norm_out, float* n) {
   const int64_t b = x.size(0), d = x.size(1);
-  rms_norm(x.data_ptr<float>(), norm_w.data_ptr<float>(), eps, n, b, d);
+  if (norm_w.numel()) {
+    check_f32(norm_w, "norm_w");
+    TORCH_CHECK(norm_w.size(0) == d, "norm_w must have x's width");
+    rms_norm(x.data_ptr<float>(), norm_w.data_ptr<float>(), eps, n, b, d);
+  } else {
+    std::copy(x.data_ptr<float>(), x.data_ptr<float>() + b * d, n);
+  }
   if (norm_out.numel()) {
     check_f32(norm_out, "norm_out");
     TORCH_CHECK(norm_out.size(0) == b && norm_out.size(1) == d, "norm_out must be (b, d)");
@@ -219,14 +226,14 @@ Tensor cross_attention_block(const Tensor& x, const Tensor& norm_w, double eps, 
   return y;
 }
 
-// Pre-norm feed-forward: [x +] W_2 act(W_1 n + b_1) + b_2, n = rmsnorm(x) (token-shifted as
-// in norm_and_shift); act 0 = exact GELU, 1 = SiLU; biases may be empty. Without the
+// Pre-norm feed-forward: [x +] W_2 act(W_1 n + b_1) + b_2, n = rmsnorm(x) or x (token-shifted
+// as in norm_and_shift); act 0 = exact GELU, 1 = SiLU; biases may be empty. Without the
 // residual the output width (w2's rows) may differ from x's.
 Tensor feed_forward_block(const Tensor& x, const Tensor& norm_w, double eps, const Tensor& w1,
                           const Tensor& b1, const Tensor& w2, const Tensor& b2, int64_t act,
                           bool residual, const Tensor& shift_src, int64_t shift_from,
                           const Tensor& norm_out) {
-  for (auto* t : {&x, &norm_w, &w1, &w2}) check_f32(*t, "input");
+  for (auto* t : {&x, &w1, &w2}) check_f32(*t, "input");
   const int64_t b = x.size(0), d = x.size(1), hid = w1.size(0), out = w2.size(0);
   TORCH_CHECK(w1.size(1) == d && w2.size(1) == hid && (!residual || out == d) &&
                   (act == 0 || act == 1),
