@@ -14,7 +14,9 @@ gets its faster dtype; the ratio uses medians from this run. Dtypes: fp32, bf16 
 for the whole call) and, for retrolm, bf16p (``prefill_dtype=bf16``: the prompt under bf16
 autocast, the cached steps in fp32). Our fp32 steps take the fused decoding blocks
 (``retrolm.nn.fused_decode``); ``bf16p-aten`` is bf16p with them off (the ATen path, the
-fastest ours before them), reported for the fused/ATen ratio and not counted as a dtype.
+fastest ours before them), reported for the fused/ATen ratio and not counted as a dtype;
+``bf16pw`` is bf16p with the fused blocks reading bf16 copies of the weights
+(``fused_decode.set_weight_dtype``).
 
     python benchmarks/bench_generate.py              # 2 rounds
     python benchmarks/bench_generate.py --rounds 1
@@ -167,11 +169,14 @@ def ours_phases(dtype: str) -> None:
 def child(side: str, dtype: str) -> dict:
     import torch
 
-    if dtype.endswith("-aten"):
-        from retrolm.nn import fused_decode
+    from retrolm.nn import fused_decode
 
+    if dtype.endswith("-aten"):
         fused_decode.set_enabled(False)
         dtype = dtype.removesuffix("-aten")
+    if dtype == "bf16pw":
+        fused_decode.set_weight_dtype(torch.bfloat16)
+        dtype = "bf16p"
 
     torch.set_num_threads(2)
     torch.manual_seed(0)
@@ -196,7 +201,7 @@ def main() -> None:
         print("RESULT " + json.dumps(child(*a.child)), flush=True)
         return
     runs: dict[tuple[str, str], list[float]] = {}
-    dtypes = dict(anchor=("fp32", "bf16"), ours=("fp32", "bf16", "bf16p", "bf16p-aten"))
+    dtypes = dict(anchor=("fp32", "bf16"), ours=("fp32", "bf16", "bf16p", "bf16pw", "bf16p-aten"))
     for r in range(a.rounds):
         for side in ("anchor", "ours"):
             for dtype in dtypes[side]:

@@ -9,7 +9,9 @@ hierarchies (1, 2, 8), windows (32, 64, None), batch 1, each library's default l
           both sides at their better dtype in one process, steps alternating, for a ratio
           that machine load cannot skew (median of per-round ratios).
           gen also tries bf16 weights (``bf16w``) and, for retrolm, ``bf16p`` (the prompt
-          under bf16 autocast, the cached steps in fp32: ``prefill_dtype``).
+          under bf16 autocast, the cached steps in fp32: ``prefill_dtype``) and ``bf16pw``
+          (bf16p with the fused decoding blocks reading bf16 copies of the weights,
+          ``retrolm.nn.fused_decode.set_weight_dtype``).
   gen   : 992-token prompt, 32 new tokens, batch 1, whole generate call timed (prefill
           included); the reference's own loop (full recompute per token) vs retrolm's cache.
 
@@ -76,6 +78,10 @@ def child(side: str, mode: str, length: int, dtype: str) -> dict:
 
     torch.set_num_threads(THREADS)
     model = build(side, length)
+    if dtype == "bf16pw":  # the fused decoding blocks read bf16 copies of the weights
+        from retrolm.nn import fused_decode
+
+        fused_decode.set_weight_dtype(torch.bfloat16)
     if dtype == "bf16w":  # bf16 weights (generation only): half the bytes read per token
         model = model.to(torch.bfloat16)
     x = torch.randint(1, 256, (1, length + 1))
@@ -102,7 +108,7 @@ def child(side: str, mode: str, length: int, dtype: str) -> dict:
                 if side == "ref":
                     model.generate(prompt, new)
                 else:  # top 25: ~the reference's top 10% filter
-                    pre = torch.bfloat16 if dtype == "bf16p" else None
+                    pre = torch.bfloat16 if dtype in ("bf16p", "bf16pw") else None
                     model.generate(prompt, new, top_k=25, prefill_dtype=pre)
 
         run(4)  # warm-up: a few tokens, as the anchor harness does
@@ -207,7 +213,7 @@ def main() -> None:
     ap.add_argument("--lengths", default="1024,4096")
     ap.add_argument("--modes", default="train,gen")
     ap.add_argument("--dtypes", default="fp32,bf16")
-    ap.add_argument("--gen-dtypes", default="fp32,bf16,bf16w,bf16p")
+    ap.add_argument("--gen-dtypes", default="fp32,bf16,bf16w,bf16p,bf16pw")
     ap.add_argument("--timeout", type=int, default=400)
     ap.add_argument("--pair-rounds", type=int, default=5, help="interleaved training rounds")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "hier.jsonl"))
@@ -232,7 +238,7 @@ def main() -> None:
     results = []
     for mode, length, dtype in plan:
         for side in ("ref", "ours"):  # alternate so both see the same background load
-            if side == "ref" and dtype == "bf16p":
+            if side == "ref" and dtype in ("bf16p", "bf16pw"):
                 continue  # the reference has no separate prompt precision
             r = launch(side, mode, length, dtype, a.timeout)
             r["loadavg"] = open("/proc/loadavg").read().split()[:3]

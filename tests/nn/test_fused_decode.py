@@ -122,7 +122,7 @@ def test_blocks_reject_bad_inputs():
         ext.feed_forward_block(
             x, w, 1e-6, torch.ones(16, 8), NONE, torch.ones(8, 16), NONE, 0, True, NONE, 0, NONE
         )
-    with pytest.raises(RuntimeError, match="inconsistent shapes"):
+    with pytest.raises(RuntimeError, match=r"w2 must be \(8, 16\)"):
         ext.feed_forward_block(
             x.float(), w, 1e-6, torch.ones(16, 8), NONE, torch.ones(8, 4), NONE, 0, True, NONE, 0,
             NONE,
@@ -287,3 +287,30 @@ def test_hierarchical_fused_steps_equal_the_full_forward(fused_on, monkeypatch, 
     fast = model.generate(prompt, 24, temperature=0)
     fused_decode.set_enabled(False)
     assert torch.equal(fast, model.generate(prompt, 24, temperature=0))
+
+
+@needs_ext
+def test_bf16_weights_stay_close_and_follow_updates(fused_on):
+    """``set_weight_dtype(bf16)``: the blocks read bf16 copies of the weights (the rest stays
+    fp32), so the output moves by about bf16's rounding; an in-place update of a weight
+    rebuilds its copy."""
+    model = _model()
+    seq = torch.randint(1, 300, (1, 40))
+    full = model(seq)
+    before = fused_decode.set_weight_dtype(torch.bfloat16)
+    try:
+        out, fused = _steps(model, seq, None, None)
+        assert fused == 35
+        err = (out - full).abs().max().item()
+        assert 1e-5 < err < 0.05 * full.abs().max().item()  # changed, within bf16 rounding
+        w = model.layers[0].ff.fn.up_proj.weight
+        assert fused_decode.weight(w).dtype == torch.bfloat16
+        assert fused_decode.weight(w) is fused_decode.weight(w)  # kept, not rebuilt
+        with torch.no_grad():
+            w.mul_(2.0)
+        torch.testing.assert_close(fused_decode.weight(w).float(), w, rtol=1e-2, atol=0)
+    finally:
+        fused_decode.set_weight_dtype(before)
+    assert fused_decode.weight(w) is w  # fp32: the parameter itself
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        fused_decode.set_weight_dtype(torch.float16)

@@ -464,7 +464,7 @@ def _fused_block(blk: HierarchicalBlock, x: Tensor, st: BlockState, index: int) 
     """``blk(x, state=st, index=index)`` for one token through ``nn.fused_decode``: the
     attention (token shift, rotary, its sub-sequence's cache, window) and the feed-forward
     (token shift) as one call each. x (b, 1, d) -> (b, 1, d)."""
-    ext = fused_decode.extension()
+    ext, w = fused_decode.extension(), fused_decode.weight
     h = x[:, 0]  # (b, d)
     d = h.shape[-1]
     if blk.attn is not None:
@@ -475,8 +475,8 @@ def _fused_block(blk: HierarchicalBlock, x: Tensor, st: BlockState, index: int) 
         k_buf, v_buf, first, end = kv.claim(1)
         normed = torch.empty_like(h)
         h = ext.self_attention_block(
-            h, res.norm.weight, res.norm.eps, mha.q_proj.weight, mha.k_proj.weight,
-            mha.v_proj.weight, mha.out_proj.weight, cos, sin, k_buf, v_buf, first, end,
+            h, res.norm.weight, res.norm.eps, w(mha.q_proj.weight), w(mha.k_proj.weight),
+            w(mha.v_proj.weight), w(mha.out_proj.weight), cos, sin, k_buf, v_buf, first, end,
             _shift_source(st.attn_shift, h), d // 2, normed,
         )  # fmt: skip
         if mha.window is not None:
@@ -486,8 +486,8 @@ def _fused_block(blk: HierarchicalBlock, x: Tensor, st: BlockState, index: int) 
     ff, a = sff.ff, sff.shifts[1]
     normed = torch.empty_like(h)
     h = ext.feed_forward_block(
-        h, res.norm.weight, res.norm.eps, ff.up_proj.weight, _NONE, ff.down_proj.weight, _NONE,
-        _GELU, True, _shift_source(st.ff_shift, h), d // 2, normed,
+        h, res.norm.weight, res.norm.eps, w(ff.up_proj.weight), _NONE, w(ff.down_proj.weight),
+        _NONE, _GELU, True, _shift_source(st.ff_shift, h), d // 2, normed,
     )  # fmt: skip
     st.ff_shift = _shifted_past(st.ff_shift, normed, a)
     return h[:, None]
@@ -497,9 +497,10 @@ def _fused_merge(merge: nn.Sequential, cat: Tensor) -> Tensor:
     """The merge MLP (RMSNorm, SiLU feed-forward) of cat (b, 1, sum(d)) as one fused call."""
     norm, ff = merge[0], merge[1]
     up, down = ff.up_proj, ff.down_proj
+    w = fused_decode.weight
     out = fused_decode.extension().feed_forward_block(
-        cat[:, 0].contiguous(), norm.weight, norm.eps, up.weight,
-        _NONE if up.bias is None else up.bias, down.weight,
+        cat[:, 0].contiguous(), norm.weight, norm.eps, w(up.weight),
+        _NONE if up.bias is None else up.bias, w(down.weight),
         _NONE if down.bias is None else down.bias, _SILU, False, _NONE, 0, _NONE,
     )  # fmt: skip
     return out[:, None]

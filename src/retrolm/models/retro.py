@@ -483,14 +483,15 @@ class RETRO(nn.Module):
             u, lead = (start + 1) // m - 1, (start - (m - 1)) % m
             q_cos, q_sin = (t[lead] for t in self.rotary.span(m - 1, m, seq.device))
             allow = _ALL_KEYS if cache.cca_full[u] else cache.cca_mask[:, u].contiguous()
+        w = fused_decode.weight
         x = self.token_emb(seq)[:, 0]  # (b, d)
         for i, layer in enumerate(self.layers):
             res, attn = layer.self_attn, layer.self_attn.fn
             k_buf, v_buf, first, end = cache.self_attn[i].claim(1)
             x = ext.self_attention_block(
-                x, res.norm.weight, res.norm.eps, attn.q_proj.weight, attn.k_proj.weight,
-                attn.v_proj.weight, attn.out_proj.weight, cos, sin, k_buf, v_buf, first, end,
-                _EMPTY, 0, _EMPTY,
+                x, res.norm.weight, res.norm.eps, w(attn.q_proj.weight), w(attn.k_proj.weight),
+                w(attn.v_proj.weight), w(attn.out_proj.weight), cos, sin, k_buf, v_buf, first,
+                end, _EMPTY, 0, _EMPTY,
             )  # fmt: skip
             if retrieving and i + 1 == self.cca_layers[0]:  # the chunk's states, as _encode
                 cache.chunk_states.append(x[:, None])
@@ -498,14 +499,14 @@ class RETRO(nn.Module):
                 res, attn = layer.cca, layer.cca.fn.attn
                 k, v = cache.cca_kv[i + 1]
                 x = ext.cross_attention_block(
-                    x, res.norm.weight, res.norm.eps, attn.q_proj.weight, attn.out_proj.weight,
-                    q_cos, q_sin, k.select(1, u), v.select(1, u), allow,
+                    x, res.norm.weight, res.norm.eps, w(attn.q_proj.weight),
+                    w(attn.out_proj.weight), q_cos, q_sin, k.select(1, u), v.select(1, u), allow,
                 )  # fmt: skip
             res, ff = layer.ff, layer.ff.fn
             up, down = ff.up_proj, ff.down_proj
             x = ext.feed_forward_block(
-                x, res.norm.weight, res.norm.eps, up.weight,
-                up.bias if up.bias is not None else _EMPTY, down.weight,
+                x, res.norm.weight, res.norm.eps, w(up.weight),
+                up.bias if up.bias is not None else _EMPTY, w(down.weight),
                 down.bias if down.bias is not None else _EMPTY, 0, True, _EMPTY, 0, _EMPTY,
             )  # fmt: skip
         cache.length += 1

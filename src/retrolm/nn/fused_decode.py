@@ -14,7 +14,9 @@ costs are the step, not Python. ``csrc/decode_blocks.cpp`` writes each block as 
 - ``feed_forward_block``: x + W_2 gelu(W_1 n + b_1) + b_2 (exact GELU).
 
 They compute what the modules compute, in fp32 with fp32 accumulation, summing in another
-order: results agree to rounding (tests/nn/test_fused_decode.py), not bit for bit. Models
+order: results agree to rounding (tests/nn/test_fused_decode.py), not bit for bit. With
+``set_weight_dtype(torch.bfloat16)`` they read bf16 copies of the weights (half the bytes
+per token; activations, norms and attention stay fp32). Models
 use them only where they apply (``usable``: CPU, fp32, no autograd, the extension built);
 everything else takes the ATen path, which stays the reference.
 
@@ -38,13 +40,16 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-__all__ = ["enabled", "extension", "usable", "set_enabled"]
+__all__ = ["enabled", "extension", "set_enabled", "set_weight_dtype", "usable", "weight"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "decode_blocks.cpp"
 _lock = threading.Lock()
 _ext: ModuleType | None = None
 _failed = False
 _enabled = os.environ.get("RETROLM_FUSED_DECODE", "1") != "0"
+_WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+_weight_dtype = _WEIGHT_DTYPES.get(os.environ.get("RETROLM_FUSED_WEIGHTS", "fp32"), torch.float32)
+_COPY = "_retrolm_fused_bf16"  # attribute of a parameter: (its version, data pointer, copy)
 
 
 def set_enabled(on: bool) -> bool:
@@ -56,6 +61,32 @@ def set_enabled(on: bool) -> bool:
 
 def enabled() -> bool:
     return _enabled
+
+
+def set_weight_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the fused blocks read weights in: ``torch.float32`` (the default: the
+    modules' values to rounding) or ``torch.bfloat16`` (half the bytes streamed per token;
+    the weights rounded to bf16, everything else still fp32). Also ``RETROLM_FUSED_WEIGHTS``
+    = ``fp32`` | ``bf16``. Returns the previous setting."""
+    global _weight_dtype
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"fused decoding weights are float32 or bfloat16, got {dtype}")
+    before, _weight_dtype = _weight_dtype, dtype
+    return before
+
+
+def weight(p: Tensor) -> Tensor:
+    """A parameter as the fused blocks read it: itself, or its kept bf16 copy (rebuilt after
+    an in-place update: the version counter or the storage changed)."""
+    if _weight_dtype is torch.float32:
+        return p
+    hit = getattr(p, _COPY, None)
+    if hit is not None and hit[0] == p._version and hit[1] == p.data_ptr():
+        return hit[2]
+    with torch.no_grad():
+        copy = p.detach().to(torch.bfloat16).contiguous()
+    setattr(p, _COPY, (p._version, p.data_ptr(), copy))  # freed with the parameter
+    return copy
 
 
 def extension() -> ModuleType | None:

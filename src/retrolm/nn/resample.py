@@ -100,10 +100,12 @@ class CausalDownsample(nn.Module):
         if self.conv is None:
             return self.step(window)
         flat = window[:, -self.factor :].flatten(1).contiguous()  # (b, c*d)
-        proj = self.proj
+        from retrolm.nn.fused_decode import weight
+
+        rows = self._rows_weight.get(self.conv.weight)  # (o, c*d): rebuilt when the conv changes
         out = ext.feed_forward_block(
-            flat, _NONE, 0.0, self._rows_weight.get(self.conv.weight), self.conv.bias,
-            proj.weight, proj.bias, 1, False, _NONE, 0, _NONE,
+            flat, _NONE, 0.0, weight(rows), self.conv.bias, weight(self.proj.weight),
+            self.proj.bias, 1, False, _NONE, 0, _NONE,
         )  # fmt: skip  (act 1: SiLU; no norm, no residual, no token shift)
         return out[:, None]
 

@@ -6,12 +6,19 @@
 // arithmetic; here each block is one call: plain loops over the rows, one pass over each
 // weight (out, in) row-major as nn.Linear stores it, threads over output rows.
 //
+// Weights may be float32 or bfloat16 (``set_weight_dtype`` on the Python side: half the
+// bytes to stream per token); activations, norms, attention and accumulation are float32.
+//
 // Shapes: b rows, d model width, h heads, dh head width, r rotated channels (<= dh, the
 // "half" layout: channel c pairs with c + r/2), cap cache slots, s cross-attention keys.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <cstring>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 #include <limits>
 #include <vector>
 
@@ -40,10 +47,10 @@ void rms_norm(const float* x, const float* w, double eps, float* y, int64_t b, i
   }
 }
 
-// y (b, out) = x (b, in) @ W.T + bias, W (out, in) row-major; bias may be null. Each weight
-// row is read once for all b rows.
-void linear(const float* x, const float* W, const float* bias, float* y, int64_t b, int64_t in,
-            int64_t out) {
+// y (b, out) = x (b, in) @ W.T + bias, W (out, in) row-major float32; bias may be null. Each
+// weight row is read once for all b rows.
+void linear_rows(const float* x, const float* W, const float* bias, float* y, int64_t b,
+                 int64_t in, int64_t out) {
   at::parallel_for(0, out, kGrain, [&](int64_t o0, int64_t o1) {
     for (int64_t o = o0; o < o1; o++) {
       const float* wo = W + o * in;
@@ -56,6 +63,60 @@ void linear(const float* x, const float* W, const float* bias, float* y, int64_t
       }
     }
   });
+}
+
+inline float widen(uint16_t w) {  // bfloat16 bits -> float: they are its high half
+  const uint32_t u = static_cast<uint32_t>(w) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// sum_c widen(w[c]) * x[c]
+inline float dot_bf16(const uint16_t* w, const float* x, int64_t n) {
+  int64_t c = 0;
+  float s = 0.f;
+#if defined(__AVX512F__)
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+  for (; c + 32 <= n; c += 32) {
+    const __m512i w0 = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(w + c)));
+    const __m512i w1 = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(w + c + 16)));
+    a0 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(w0, 16)), _mm512_loadu_ps(x + c),
+                         a0);
+    a1 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(w1, 16)),
+                         _mm512_loadu_ps(x + c + 16), a1);
+  }
+  s = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+#endif
+  for (; c < n; c++) s += widen(w[c]) * x[c];
+  return s;
+}
+
+// the same with W as bfloat16 bits, read as float
+void linear_rows(const float* x, const uint16_t* W, const float* bias, float* y, int64_t b,
+                 int64_t in, int64_t out) {
+  at::parallel_for(0, out, kGrain, [&](int64_t o0, int64_t o1) {
+    for (int64_t o = o0; o < o1; o++)
+      for (int64_t i = 0; i < b; i++)
+        y[i * out + o] = dot_bf16(W + o * in, x + i * in, in) + (bias ? bias[o] : 0.f);
+  });
+}
+
+void check_weight(const Tensor& w, int64_t out, int64_t in, const char* name) {
+  TORCH_CHECK(w.device().is_cpu() && w.is_contiguous() &&
+                  (w.scalar_type() == torch::kFloat32 || w.scalar_type() == torch::kBFloat16),
+              name, " must be a contiguous float32 or bfloat16 CPU tensor");
+  TORCH_CHECK(w.dim() == 2 && w.size(0) == out && w.size(1) == in, name, " must be (", out,
+              ", ", in, "), got ", w.sizes());
+}
+
+// linear_rows over W's dtype
+void linear(const float* x, const Tensor& W, const float* bias, float* y, int64_t b) {
+  const int64_t out = W.size(0), in = W.size(1);
+  if (W.scalar_type() == torch::kBFloat16)
+    linear_rows(x, reinterpret_cast<const uint16_t*>(W.data_ptr()), bias, y, b, in, out);
+  else
+    linear_rows(x, W.data_ptr<float>(), bias, y, b, in, out);
 }
 
 // rotate the first r channels of v (dh) in place: v*cos + (-v2, v1)*sin
@@ -139,23 +200,27 @@ Tensor self_attention_block(const Tensor& x, const Tensor& norm_w, double eps, c
                             const Tensor& cos, const Tensor& sin, Tensor kbuf, Tensor vbuf,
                             int64_t start, int64_t end, const Tensor& shift_src,
                             int64_t shift_from, const Tensor& norm_out) {
-  for (auto* t : {&x, &norm_w, &wq, &wk, &wv, &wo, &cos, &sin}) check_f32(*t, "input");
+  for (auto* t : {&x, &cos, &sin}) check_f32(*t, "input");
   check_f32(kbuf, "kbuf");
   check_f32(vbuf, "vbuf");
   const int64_t b = x.size(0), d = x.size(1), h = kbuf.size(1), cap = kbuf.size(2),
                 dh = kbuf.size(3), r = cos.size(0), hd = h * dh;
-  TORCH_CHECK(kbuf.size(0) == b && wq.size(0) == hd && wk.size(0) == hd && wv.size(0) == hd &&
-                  wo.size(1) == hd && 0 <= start && start <= end && end < cap && r <= dh,
+  TORCH_CHECK(kbuf.size(0) == b && vbuf.sizes() == kbuf.sizes() && 0 <= start &&
+                  start <= end && end < cap && r <= dh,
               "self_attention_block: inconsistent shapes");
+  check_weight(wq, hd, d, "wq");
+  check_weight(wk, hd, d, "wk");
+  check_weight(wv, hd, d, "wv");
+  check_weight(wo, d, hd, "wo");
   auto n = torch::empty({b, d}, x.options());
   auto qkv = torch::empty({3, b, hd}, x.options());
   norm_and_shift(x, norm_w, eps, shift_src, shift_from, norm_out, n.data_ptr<float>());
   float* q = qkv.data_ptr<float>();
   float* k = q + b * hd;
   float* v = k + b * hd;
-  linear(n.data_ptr<float>(), wq.data_ptr<float>(), nullptr, q, b, d, hd);
-  linear(n.data_ptr<float>(), wk.data_ptr<float>(), nullptr, k, b, d, hd);
-  linear(n.data_ptr<float>(), wv.data_ptr<float>(), nullptr, v, b, d, hd);
+  linear(n.data_ptr<float>(), wq, nullptr, q, b);
+  linear(n.data_ptr<float>(), wk, nullptr, k, b);
+  linear(n.data_ptr<float>(), wv, nullptr, v, b);
   float* K = kbuf.data_ptr<float>();
   float* Vb = vbuf.data_ptr<float>();
   const float *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
@@ -176,7 +241,7 @@ Tensor self_attention_block(const Tensor& x, const Tensor& norm_w, double eps, c
                  nullptr, nk, dh, scale, scores.data(), ap + i * dh);
   });
   auto y = torch::empty({b, d}, x.options());
-  linear(ap, wo.data_ptr<float>(), nullptr, y.data_ptr<float>(), b, hd, d);
+  linear(ap, wo, nullptr, y.data_ptr<float>(), b);
   y.add_(x);
   return y;
 }
@@ -188,22 +253,25 @@ Tensor self_attention_block(const Tensor& x, const Tensor& norm_w, double eps, c
 Tensor cross_attention_block(const Tensor& x, const Tensor& norm_w, double eps, const Tensor& wq,
                              const Tensor& wo, const Tensor& cos, const Tensor& sin,
                              const Tensor& kk, const Tensor& vv, const Tensor& allow) {
-  for (auto* t : {&x, &norm_w, &wq, &wo, &cos, &sin}) check_f32(*t, "input");
+  for (auto* t : {&x, &cos, &sin}) check_f32(*t, "input");
   TORCH_CHECK(kk.scalar_type() == torch::kFloat32 && vv.scalar_type() == torch::kFloat32 &&
                   kk.stride(3) == 1 && vv.stride(3) == 1,
               "cross_attention_block: keys/values must be float32 with contiguous rows");
   const int64_t b = x.size(0), d = x.size(1), h = kk.size(1), s = kk.size(2), dh = kk.size(3),
                 r = cos.size(0), hd = h * dh;
   const bool masked = allow.numel() > 0;
-  TORCH_CHECK(kk.size(0) == b && wq.size(0) == hd && wo.size(1) == hd && r <= dh &&
+  check_weight(wq, hd, d, "wq");
+  check_weight(wo, d, hd, "wo");
+  TORCH_CHECK(kk.size(0) == b && vv.sizes() == kk.sizes() && r <= dh &&
                   (!masked || (allow.scalar_type() == torch::kBool && allow.is_contiguous() &&
                                allow.size(0) == b && allow.size(1) == s)),
               "cross_attention_block: inconsistent shapes");
   auto n = torch::empty({b, d}, x.options());
   auto q = torch::empty({b, hd}, x.options());
+  check_f32(norm_w, "norm_w");
   rms_norm(x.data_ptr<float>(), norm_w.data_ptr<float>(), eps, n.data_ptr<float>(), b, d);
   float* qp = q.data_ptr<float>();
-  linear(n.data_ptr<float>(), wq.data_ptr<float>(), nullptr, qp, b, d, hd);
+  linear(n.data_ptr<float>(), wq, nullptr, qp, b);
   for (int64_t i = 0; i < b * h; i++) rotate(qp + i * dh, cos.data_ptr<float>(),
                                              sin.data_ptr<float>(), r);
   auto att = torch::empty({b, hd}, x.options());
@@ -221,7 +289,7 @@ Tensor cross_attention_block(const Tensor& x, const Tensor& norm_w, double eps, 
     }
   });
   auto y = torch::empty({b, d}, x.options());
-  linear(ap, wo.data_ptr<float>(), nullptr, y.data_ptr<float>(), b, hd, d);
+  linear(ap, wo, nullptr, y.data_ptr<float>(), b);
   y.add_(x);
   return y;
 }
@@ -233,17 +301,20 @@ Tensor feed_forward_block(const Tensor& x, const Tensor& norm_w, double eps, con
                           const Tensor& b1, const Tensor& w2, const Tensor& b2, int64_t act,
                           bool residual, const Tensor& shift_src, int64_t shift_from,
                           const Tensor& norm_out) {
-  for (auto* t : {&x, &w1, &w2}) check_f32(*t, "input");
+  check_f32(x, "x");
   const int64_t b = x.size(0), d = x.size(1), hid = w1.size(0), out = w2.size(0);
-  TORCH_CHECK(w1.size(1) == d && w2.size(1) == hid && (!residual || out == d) &&
-                  (act == 0 || act == 1),
+  check_weight(w1, hid, d, "w1");
+  check_weight(w2, out, hid, "w2");
+  TORCH_CHECK((!residual || out == d) && (act == 0 || act == 1),
               "feed_forward_block: inconsistent shapes");
+  for (auto* t : {&b1, &b2}) if (t->numel()) check_f32(*t, "bias");
+  TORCH_CHECK((!b1.numel() || b1.numel() == hid) && (!b2.numel() || b2.numel() == out),
+              "feed_forward_block: bias sizes");
   auto n = torch::empty({b, d}, x.options());
   auto hbuf = torch::empty({b, hid}, x.options());
   norm_and_shift(x, norm_w, eps, shift_src, shift_from, norm_out, n.data_ptr<float>());
   float* hp = hbuf.data_ptr<float>();
-  linear(n.data_ptr<float>(), w1.data_ptr<float>(), b1.numel() ? b1.data_ptr<float>() : nullptr,
-         hp, b, d, hid);
+  linear(n.data_ptr<float>(), w1, b1.numel() ? b1.data_ptr<float>() : nullptr, hp, b);
   if (act == 0) {
     const float inv_sqrt2 = 0.70710678118654752440f;
     for (int64_t i = 0; i < b * hid; i++)
@@ -252,8 +323,7 @@ Tensor feed_forward_block(const Tensor& x, const Tensor& norm_w, double eps, con
     for (int64_t i = 0; i < b * hid; i++) hp[i] = hp[i] / (1.f + std::exp(-hp[i]));
   }
   auto y = torch::empty({b, out}, x.options());
-  linear(hp, w2.data_ptr<float>(), b2.numel() ? b2.data_ptr<float>() : nullptr,
-         y.data_ptr<float>(), b, hid, out);
+  linear(hp, w2, b2.numel() ? b2.data_ptr<float>() : nullptr, y.data_ptr<float>(), b);
   if (residual) y.add_(x);
   return y;
 }
