@@ -48,11 +48,12 @@ def test_self_attention_block_equals_the_module(rot):
         ref = res(x[:, n:], cache=ref_cache, q_rotary=pos, k_rotary=pos)[:, 0]
         attn = res.fn
         k_buf, v_buf, first, end = cache.claim(1)
-        out = ext.self_attention_block(
+        out, state = ext.self_attention_block(
             x[:, n].contiguous(), res.norm.weight, res.norm.eps, attn.q_proj.weight,
             attn.k_proj.weight, attn.v_proj.weight, attn.out_proj.weight, pos[0][0], pos[1][0],
-            k_buf, v_buf, first, end, NONE, 0, NONE,
+            k_buf, v_buf, first, end, NONE, 0,
         )  # fmt: skip
+    assert state.numel() == 0  # no token shift, no state
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     # the block wrote this position's key and value where the module's cache has them
     k_ref, v_ref = ref_cache.update(torch.empty(b, h, 0, dh), torch.empty(b, h, 0, dh))
@@ -106,10 +107,10 @@ def test_feed_forward_block_equals_the_module(bias):
     ff = res.fn
     with torch.no_grad():
         ref = res(x)
-        out = ext.feed_forward_block(
+        out, _ = ext.feed_forward_block(
             x, res.norm.weight, res.norm.eps, ff.up_proj.weight,
             ff.up_proj.bias if bias else NONE, ff.down_proj.weight,
-            ff.down_proj.bias if bias else NONE, 0, True, NONE, 0, NONE,
+            ff.down_proj.bias if bias else NONE, 0, True, NONE, 0,
         )  # fmt: skip
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
@@ -120,12 +121,11 @@ def test_blocks_reject_bad_inputs():
     w = torch.ones(8)
     with pytest.raises(RuntimeError, match="float32"):
         ext.feed_forward_block(
-            x, w, 1e-6, torch.ones(16, 8), NONE, torch.ones(8, 16), NONE, 0, True, NONE, 0, NONE
+            x, w, 1e-6, torch.ones(16, 8), NONE, torch.ones(8, 16), NONE, 0, True, NONE, 0
         )
     with pytest.raises(RuntimeError, match=r"w2 must be \(8, 16\)"):
         ext.feed_forward_block(
             x.float(), w, 1e-6, torch.ones(16, 8), NONE, torch.ones(8, 4), NONE, 0, True, NONE, 0,
-            NONE,
         )  # fmt: skip
 
 

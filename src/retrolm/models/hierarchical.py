@@ -444,52 +444,39 @@ _NONE = torch.empty(0)  # "none" (bias, token shift, ...) for the fused blocks
 _GELU, _SILU = 0, 1  # the fused feed-forward's activations
 
 
-def _shift_source(past: Tensor | None, x: Tensor) -> Tensor:
-    """The row a token shift of groups (0, a) reads for the shifted half: the normed input
-    ``a`` steps back (the oldest row of ``past``), zeros before the start."""
-    return past[:, 0].contiguous() if past is not None else x.new_zeros(x.shape)
-
-
-def _shifted_past(past: Tensor | None, normed: Tensor, a: int) -> Tensor:
-    """``token_shift_cached``'s next ``past``: the last ``a`` normed inputs (b, a, d)."""
-    row = normed[:, None]
-    if a == 1:
-        return row
-    if past is None:
-        past = row.new_zeros(row.shape[0], a, row.shape[-1])
-    return torch.cat((past[:, 1:], row), dim=1)
+def _shift_state(past: Tensor | None, x: Tensor, a: int) -> Tensor:
+    """A block's token-shift state for the fused blocks: the last ``a`` normed inputs
+    (b, a, d), zeros before the start (``token_shift_cached``'s ``past``)."""
+    return past if past is not None else x.new_zeros(x.shape[0], a, x.shape[-1])
 
 
 def _fused_block(blk: HierarchicalBlock, x: Tensor, st: BlockState, index: int) -> Tensor:
     """``blk(x, state=st, index=index)`` for one token through ``nn.fused_decode``: the
     attention (token shift, rotary, its sub-sequence's cache, window) and the feed-forward
-    (token shift) as one call each. x (b, 1, d) -> (b, 1, d)."""
+    (token shift) as one call each, each handing back the next shift state. x (b, 1, d) ->
+    (b, 1, d)."""
     ext, w = fused_decode.extension(), fused_decode.weight
     h = x[:, 0]  # (b, d)
-    d = h.shape[-1]
+    half = h.shape[-1] // 2  # token_shift's groups (0, a): the second half is shifted
     if blk.attn is not None:
         res, sub = blk.attn, blk.attn.fn
         mha, a = sub.attn, sub.axial
-        cos, sin = (r[0] for r in sub.rotary.span(index // a, 1, h.device))
+        cos, sin = sub.rotary.span(index // a, 1, h.device)  # (1, r) each
         kv = st.kv[index % a]
         k_buf, v_buf, first, end = kv.claim(1)
-        normed = torch.empty_like(h)
-        h = ext.self_attention_block(
+        h, st.attn_shift = ext.self_attention_block(
             h, res.norm.weight, res.norm.eps, w(mha.q_proj.weight), w(mha.k_proj.weight),
             w(mha.v_proj.weight), w(mha.out_proj.weight), cos, sin, k_buf, v_buf, first, end,
-            _shift_source(st.attn_shift, h), d // 2, normed,
+            _shift_state(st.attn_shift, h, a), half,
         )  # fmt: skip
         if mha.window is not None:
             kv.keep_last(mha.window - 1)  # all that later queries can still see
-        st.attn_shift = _shifted_past(st.attn_shift, normed, a)
     res, sff = blk.ff, blk.ff.fn
-    ff, a = sff.ff, sff.shifts[1]
-    normed = torch.empty_like(h)
-    h = ext.feed_forward_block(
+    ff = sff.ff
+    h, st.ff_shift = ext.feed_forward_block(
         h, res.norm.weight, res.norm.eps, w(ff.up_proj.weight), _NONE, w(ff.down_proj.weight),
-        _NONE, _GELU, True, _shift_source(st.ff_shift, h), d // 2, normed,
+        _NONE, _GELU, True, _shift_state(st.ff_shift, h, sff.shifts[1]), half,
     )  # fmt: skip
-    st.ff_shift = _shifted_past(st.ff_shift, normed, a)
     return h[:, None]
 
 
@@ -498,10 +485,10 @@ def _fused_merge(merge: nn.Sequential, cat: Tensor) -> Tensor:
     norm, ff = merge[0], merge[1]
     up, down = ff.up_proj, ff.down_proj
     w = fused_decode.weight
-    out = fused_decode.extension().feed_forward_block(
+    out, _ = fused_decode.extension().feed_forward_block(
         cat[:, 0].contiguous(), norm.weight, norm.eps, w(up.weight),
         _NONE if up.bias is None else up.bias, w(down.weight),
-        _NONE if down.bias is None else down.bias, _SILU, False, _NONE, 0, _NONE,
+        _NONE if down.bias is None else down.bias, _SILU, False, _NONE, 0,
     )  # fmt: skip
     return out[:, None]
 

@@ -488,10 +488,10 @@ class RETRO(nn.Module):
         for i, layer in enumerate(self.layers):
             res, attn = layer.self_attn, layer.self_attn.fn
             k_buf, v_buf, first, end = cache.self_attn[i].claim(1)
-            x = ext.self_attention_block(
+            x, _ = ext.self_attention_block(
                 x, res.norm.weight, res.norm.eps, w(attn.q_proj.weight), w(attn.k_proj.weight),
                 w(attn.v_proj.weight), w(attn.out_proj.weight), cos, sin, k_buf, v_buf, first,
-                end, _EMPTY, 0, _EMPTY,
+                end, _EMPTY, 0,
             )  # fmt: skip
             if retrieving and i + 1 == self.cca_layers[0]:  # the chunk's states, as _encode
                 cache.chunk_states.append(x[:, None])
@@ -504,10 +504,10 @@ class RETRO(nn.Module):
                 )  # fmt: skip
             res, ff = layer.ff, layer.ff.fn
             up, down = ff.up_proj, ff.down_proj
-            x = ext.feed_forward_block(
+            x, _ = ext.feed_forward_block(
                 x, res.norm.weight, res.norm.eps, w(up.weight),
                 up.bias if up.bias is not None else _EMPTY, w(down.weight),
-                down.bias if down.bias is not None else _EMPTY, 0, True, _EMPTY, 0, _EMPTY,
+                down.bias if down.bias is not None else _EMPTY, 0, True, _EMPTY, 0,
             )  # fmt: skip
         cache.length += 1
         return self.final_norm(x[:, None])

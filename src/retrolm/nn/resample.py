@@ -103,9 +103,9 @@ class CausalDownsample(nn.Module):
         from retrolm.nn.fused_decode import weight
 
         rows = self._rows_weight.get(self.conv.weight)  # (o, c*d): rebuilt when the conv changes
-        out = ext.feed_forward_block(
+        out, _ = ext.feed_forward_block(
             flat, _NONE, 0.0, weight(rows), self.conv.bias, weight(self.proj.weight),
-            self.proj.bias, 1, False, _NONE, 0, _NONE,
+            self.proj.bias, 1, False, _NONE, 0,
         )  # fmt: skip  (act 1: SiLU; no norm, no residual, no token shift)
         return out[:, None]
 

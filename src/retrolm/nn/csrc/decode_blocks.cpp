@@ -20,6 +20,7 @@
 #include <immintrin.h>
 #endif
 #include <limits>
+#include <tuple>
 #include <vector>
 
 using torch::Tensor;
@@ -160,11 +161,13 @@ void attend_one(const float* q, const float* K, int64_t ks, const float* V, int6
   for (int64_t c = 0; c < dh; c++) out[c] *= inv;
 }
 
-// n = rmsnorm(x) (x itself when norm_w is empty); optionally keep n in norm_out, then give
-// channels shift_from … d-1 the values of shift_src (token shift: a row of earlier normed
-// inputs). Empty tensors = off.
-void norm_and_shift(const Tensor& x, const Tensor& norm_w, double eps, const Tensor& shift_src,
-                    int64_t shift_from, const Tensor& norm_out, float* n) {
+// n = rmsnorm(x) (x itself when norm_w is empty), then, with a token-shift state past
+// (b, a, d) (any batch/row strides, rows contiguous; empty = no shift): channels
+// shift_from … d-1 of n take their values from past's oldest row (the normed input a steps
+// back), and the next state — past's rows 1 … a-1, then this step's unshifted n — is
+// returned (an empty tensor without a shift).
+Tensor norm_and_shift(const Tensor& x, const Tensor& norm_w, double eps, const Tensor& past,
+                      int64_t shift_from, float* n) {
   const int64_t b = x.size(0), d = x.size(1);
   if (norm_w.numel()) {
     check_f32(norm_w, "norm_w");
@@ -173,38 +176,43 @@ void norm_and_shift(const Tensor& x, const Tensor& norm_w, double eps, const Ten
   } else {
     std::copy(x.data_ptr<float>(), x.data_ptr<float>() + b * d, n);
   }
-  if (norm_out.numel()) {
-    check_f32(norm_out, "norm_out");
-    TORCH_CHECK(norm_out.size(0) == b && norm_out.size(1) == d, "norm_out must be (b, d)");
-    std::copy(n, n + b * d, norm_out.data_ptr<float>());
+  if (!past.numel()) return past;
+  TORCH_CHECK(past.device().is_cpu() && past.scalar_type() == torch::kFloat32 &&
+                  past.dim() == 3 && past.size(0) == b && past.size(2) == d &&
+                  past.stride(2) == 1 && 0 <= shift_from && shift_from <= d,
+              "shift state must be a float32 (b, a, d) tensor with contiguous rows and "
+              "0 <= shift_from <= d");
+  const int64_t a = past.size(1), s0 = past.stride(0), s1 = past.stride(1);
+  auto next = torch::empty({b, a, d}, x.options());
+  const float* p = past.data_ptr<float>();
+  float* q = next.data_ptr<float>();
+  for (int64_t i = 0; i < b; i++) {
+    for (int64_t r = 1; r < a; r++) std::copy(p + i * s0 + r * s1, p + i * s0 + r * s1 + d,
+                                              q + (i * a + r - 1) * d);
+    std::copy(n + i * d, n + (i + 1) * d, q + (i * a + a - 1) * d);  // unshifted n
+    std::copy(p + i * s0 + shift_from, p + i * s0 + d, n + i * d + shift_from);
   }
-  if (shift_src.numel()) {
-    check_f32(shift_src, "shift_src");
-    TORCH_CHECK(shift_src.size(0) == b && shift_src.size(1) == d && 0 <= shift_from &&
-                    shift_from <= d,
-                "shift_src must be (b, d) and 0 <= shift_from <= d");
-    const float* src = shift_src.data_ptr<float>();
-    for (int64_t i = 0; i < b; i++)
-      std::copy(src + i * d + shift_from, src + (i + 1) * d, n + i * d + shift_from);
-  }
+  return next;
 }
 
 }  // namespace
 
 // Pre-norm causal self-attention for one new position per row, x + out(attn(norm(x))).
 // kbuf/vbuf (b, h, cap, dh): the rotated keys and values of the cache; this position's are
-// written at slot `end` and the query attends slots start..end. cos/sin (r,): its rotary row.
-// shift_src/shift_from/norm_out: token shift of the normed input (norm_and_shift).
-Tensor self_attention_block(const Tensor& x, const Tensor& norm_w, double eps, const Tensor& wq,
+// written at slot `end` and the query attends slots start..end. cos/sin (r,) or (1, r): its
+// rotary row.
+// shift_past/shift_from: token shift of the normed input (norm_and_shift). Returns (x + out,
+// the next shift state).
+std::tuple<Tensor, Tensor> self_attention_block(const Tensor& x, const Tensor& norm_w, double eps, const Tensor& wq,
                             const Tensor& wk, const Tensor& wv, const Tensor& wo,
                             const Tensor& cos, const Tensor& sin, Tensor kbuf, Tensor vbuf,
-                            int64_t start, int64_t end, const Tensor& shift_src,
-                            int64_t shift_from, const Tensor& norm_out) {
+                            int64_t start, int64_t end, const Tensor& shift_past,
+                            int64_t shift_from) {
   for (auto* t : {&x, &cos, &sin}) check_f32(*t, "input");
   check_f32(kbuf, "kbuf");
   check_f32(vbuf, "vbuf");
   const int64_t b = x.size(0), d = x.size(1), h = kbuf.size(1), cap = kbuf.size(2),
-                dh = kbuf.size(3), r = cos.size(0), hd = h * dh;
+                dh = kbuf.size(3), r = cos.numel(), hd = h * dh;
   TORCH_CHECK(kbuf.size(0) == b && vbuf.sizes() == kbuf.sizes() && 0 <= start &&
                   start <= end && end < cap && r <= dh,
               "self_attention_block: inconsistent shapes");
@@ -214,7 +222,7 @@ Tensor self_attention_block(const Tensor& x, const Tensor& norm_w, double eps, c
   check_weight(wo, d, hd, "wo");
   auto n = torch::empty({b, d}, x.options());
   auto qkv = torch::empty({3, b, hd}, x.options());
-  norm_and_shift(x, norm_w, eps, shift_src, shift_from, norm_out, n.data_ptr<float>());
+  auto next = norm_and_shift(x, norm_w, eps, shift_past, shift_from, n.data_ptr<float>());
   float* q = qkv.data_ptr<float>();
   float* k = q + b * hd;
   float* v = k + b * hd;
@@ -243,7 +251,7 @@ Tensor self_attention_block(const Tensor& x, const Tensor& norm_w, double eps, c
   auto y = torch::empty({b, d}, x.options());
   linear(ap, wo, nullptr, y.data_ptr<float>(), b);
   y.add_(x);
-  return y;
+  return {y, next};
 }
 
 // Pre-norm cross-attention of one position per row to s precomputed (rotated) keys:
@@ -258,7 +266,7 @@ Tensor cross_attention_block(const Tensor& x, const Tensor& norm_w, double eps, 
                   kk.stride(3) == 1 && vv.stride(3) == 1,
               "cross_attention_block: keys/values must be float32 with contiguous rows");
   const int64_t b = x.size(0), d = x.size(1), h = kk.size(1), s = kk.size(2), dh = kk.size(3),
-                r = cos.size(0), hd = h * dh;
+                r = cos.numel(), hd = h * dh;
   const bool masked = allow.numel() > 0;
   check_weight(wq, hd, d, "wq");
   check_weight(wo, d, hd, "wo");
@@ -295,12 +303,13 @@ Tensor cross_attention_block(const Tensor& x, const Tensor& norm_w, double eps, 
 }
 
 // Pre-norm feed-forward: [x +] W_2 act(W_1 n + b_1) + b_2, n = rmsnorm(x) or x (token-shifted
-// as in norm_and_shift); act 0 = exact GELU, 1 = SiLU; biases may be empty. Without the
+// as in norm_and_shift: returns (out, the next shift state)); act 0 = exact GELU, 1 = SiLU;
+// biases may be empty. Without the
 // residual the output width (w2's rows) may differ from x's.
-Tensor feed_forward_block(const Tensor& x, const Tensor& norm_w, double eps, const Tensor& w1,
+std::tuple<Tensor, Tensor> feed_forward_block(const Tensor& x, const Tensor& norm_w, double eps,
+                                              const Tensor& w1,
                           const Tensor& b1, const Tensor& w2, const Tensor& b2, int64_t act,
-                          bool residual, const Tensor& shift_src, int64_t shift_from,
-                          const Tensor& norm_out) {
+                          bool residual, const Tensor& shift_past, int64_t shift_from) {
   check_f32(x, "x");
   const int64_t b = x.size(0), d = x.size(1), hid = w1.size(0), out = w2.size(0);
   check_weight(w1, hid, d, "w1");
@@ -312,7 +321,7 @@ Tensor feed_forward_block(const Tensor& x, const Tensor& norm_w, double eps, con
               "feed_forward_block: bias sizes");
   auto n = torch::empty({b, d}, x.options());
   auto hbuf = torch::empty({b, hid}, x.options());
-  norm_and_shift(x, norm_w, eps, shift_src, shift_from, norm_out, n.data_ptr<float>());
+  auto next = norm_and_shift(x, norm_w, eps, shift_past, shift_from, n.data_ptr<float>());
   float* hp = hbuf.data_ptr<float>();
   linear(n.data_ptr<float>(), w1, b1.numel() ? b1.data_ptr<float>() : nullptr, hp, b);
   if (act == 0) {
@@ -325,7 +334,7 @@ Tensor feed_forward_block(const Tensor& x, const Tensor& norm_w, double eps, con
   auto y = torch::empty({b, out}, x.options());
   linear(hp, w2, b2.numel() ? b2.data_ptr<float>() : nullptr, y.data_ptr<float>(), b);
   if (residual) y.add_(x);
-  return y;
+  return {y, next};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
