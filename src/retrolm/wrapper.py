@@ -14,6 +14,8 @@ The loss ignores ``ignore_index`` (-100), never a real token id such as 0.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -96,10 +98,15 @@ class AutoregressiveWrapper(nn.Module):
         cache = self.net.init_cache(b) if hasattr(self.net, "init_cache") else None
         done = torch.zeros(b, dtype=torch.bool, device=out.device)
         step_input = out
+        # the prompt's logits are read at its last position only: a model that can skip
+        # the others (``logits_to_keep``) is told so
+        keep = {"logits_to_keep": 1} if _takes(self.net, "logits_to_keep") else {}
         for i in range(seq_len):
             if cache is not None and i == 0:  # the prompt, in its own precision if asked
                 logits, _ = prefill(
-                    lambda prompt=out: split_output(self.net(prompt, cache=cache, **kwargs)),
+                    lambda prompt=out: split_output(
+                        self.net(prompt, cache=cache, **keep, **kwargs)
+                    ),
                     self.net, cache, prefill_dtype, out.device,
                 )  # fmt: skip
             elif cache is not None:
@@ -124,3 +131,11 @@ class AutoregressiveWrapper(nn.Module):
         self.net.train(was_training)
         new = out[:, t:]
         return new[0] if squeeze else new
+
+
+def _takes(module: nn.Module, name: str) -> bool:
+    """Whether ``module``'s forward accepts the keyword ``name``."""
+    try:
+        return name in inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):  # a builtin or C forward: no signature to read
+        return False

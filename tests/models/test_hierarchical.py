@@ -213,3 +213,32 @@ def test_overfits_one_batch():
         loss.backward()
         opt.step()
     assert ce.item() < 0.3, ce.item()
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(hierarchies=(1, 2, 8), window_sizes=(8, 16, None)),
+        dict(hierarchies=(1, 4), window_sizes=(8, None), hierarchical_stride=(1, 2)),
+        dict(hierarchies=(1, 2), window_sizes=(0, 16), hierarchy_merge_all=True),
+        dict(hierarchies=(1, 2, 4), window_sizes=(8, 8, 8), predict_use_all_hierarchy=True),
+    ],
+)
+@pytest.mark.parametrize("prompt", [3, 20])  # shorter and longer than the shift distance
+def test_prefill_keeping_the_last_logits_then_steps_equal_the_full_forward(kw, prompt):
+    """``logits_to_keep=1`` on a prompt's cached forward skips the last layer's
+    feed-forwards for all but the last position (generation's prefill): the kept logits and
+    every later cached step still equal the full forward."""
+    torch.manual_seed(0)
+    model = HierarchicalTransformer(
+        num_tokens=256, dim=64, depth=2, heads=2, dim_head=16, seq_len=128, **kw
+    ).eval()
+    seq = torch.randint(0, 256, (2, 40))
+    full = model(seq)
+    with torch.no_grad():
+        cache = model.init_cache(2)
+        first = model(seq[:, :prompt], cache=cache, logits_to_keep=1)
+        steps = [model(seq[:, i : i + 1], cache=cache) for i in range(prompt, 40)]
+    assert first.shape == (2, 1, 256)
+    torch.testing.assert_close(torch.cat([first, *steps], 1), full[:, prompt - 1 :])
+    torch.testing.assert_close(model(seq, logits_to_keep=2), full[:, -2:])

@@ -170,9 +170,21 @@ class HierarchicalBlock(nn.Module):
             self.attn = Residual(dim, sub, "rms")
         self.ff = Residual(dim, ShiftedFeedForward(dim, cfg.ff_mult[k], axial), "rms")
 
-    def forward(self, x: Tensor, state: BlockState | None = None, index: int | None = None):
+    def forward(
+        self,
+        x: Tensor,
+        state: BlockState | None = None,
+        index: int | None = None,
+        tail: int | None = None,
+    ):
+        """``tail``: the feed-forward runs on the last ``tail`` positions only (a prefill's
+        last layer, where only the last position's output is read: with ``tail`` = the
+        token-shift distance + 1 that output and the shift state are exact; the other rows
+        returned are not)."""
         if self.attn is not None:
             x = self.attn(x, state=state, index=index)
+        if tail is not None:
+            x = x[:, -tail:]
         return self.ff(x, state=state, index=index)
 
 
@@ -223,13 +235,20 @@ class HierarchicalTransformer(nn.Module):
     # ----------------------------------------------------------------- full forward
 
     def forward(
-        self, ids: Tensor, return_loss: bool = False, cache: HierarchicalCache | None = None
+        self,
+        ids: Tensor,
+        return_loss: bool = False,
+        cache: HierarchicalCache | None = None,
+        logits_to_keep: int | None = None,
     ):
         """ids (b, n) -> logits (b, n, V); with ``return_loss`` ids has n + 1 tokens and the
-        result is ``loss, (ce, recon, ar)``; with ``cache`` only the new tokens' logits."""
+        result is ``loss, (ce, recon, ar)``; with ``cache`` only the new tokens' logits, and
+        with ``logits_to_keep`` only those of the last that many (a prompt's forward with
+        ``logits_to_keep=1`` skips the last layer's feed-forwards and merge for every
+        position but the last: generation reads nothing else)."""
         if cache is not None:
             with self._attention_scope():
-                return self._forward_cached(ids, cache)
+                return self._forward_cached(ids, cache, logits_to_keep)
         labels = None
         if return_loss:
             ids, labels = ids[:, :-1], ids[:, 1:]
@@ -238,7 +257,7 @@ class HierarchicalTransformer(nn.Module):
             embeds = self._encode(ids)
             logits = self._logits(embeds, ids.shape[1])
         if labels is None:
-            return logits
+            return logits if logits_to_keep is None else logits[:, -logits_to_keep:]
         return self._losses(logits, labels, embeds, ids)
 
     def _attention_scope(self):
@@ -253,16 +272,34 @@ class HierarchicalTransformer(nn.Module):
                 "shorten the input or build the model with a larger seq_len"
             )
 
-    def _encode(self, ids: Tensor, cache: HierarchicalCache | None = None) -> list[Tensor]:
-        """ids (b, n) -> final normed stream of every hierarchy, each (b, m_k, d_k)."""
+    def _encode(
+        self, ids: Tensor, cache: HierarchicalCache | None = None, last_only: bool = False
+    ) -> list[Tensor]:
+        """ids (b, n) -> final normed stream of every hierarchy, each (b, m_k, d_k); with
+        ``last_only`` (a prefill, not ``hierarchy_merge_all``) each stream's last token only,
+        (b, 1, d_k): the last layer's feed-forwards and merge skip the other positions."""
         n = ids.shape[1]
         x = self.token_emb(ids)  # (b, n, D)
         if cache is not None:
             c = cache.window.shape[1]
             cache.window = torch.cat((cache.window, x), dim=1)[:, -c:]
         tokens = [norm(comp(x)) for comp, norm in zip(self.compress, self.compress_norms)]
+        depth = len(self.layers)
         for layer_idx, layer in enumerate(self.layers):
             states = cache.blocks[layer_idx] if cache is not None else [None] * len(tokens)
+            if last_only and layer_idx == depth - 1:
+                # the feed-forward's token shift reads `axial` rows back: one more row
+                tokens = [
+                    blk(t, state=st, tail=blk.ff.fn.shifts[1] + 1)[:, -1:]
+                    for blk, t, st in zip(layer, tokens, states)
+                ]
+                if cache is not None:
+                    cache.latest[layer_idx] = tokens
+                if self.merges:  # the last position reads each stream's last token
+                    pooled = self.merges[layer_idx](torch.cat(tokens, dim=-1))
+                    pi = self.config.predict_index
+                    tokens[pi] = tokens[pi] + pooled
+                break
             tokens = [blk(t, state=st) for blk, t, st in zip(layer, tokens, states)]
             if cache is not None:
                 cache.latest[layer_idx] = [t[:, -1:] for t in tokens]
@@ -344,14 +381,20 @@ class HierarchicalTransformer(nn.Module):
             final=[None] * num_h,
         )
 
-    def _forward_cached(self, ids: Tensor, cache: HierarchicalCache) -> Tensor:
+    def _forward_cached(
+        self, ids: Tensor, cache: HierarchicalCache, keep: int | None = None
+    ) -> Tensor:
         if cache.pos == 0:  # prefill: one full forward that also fills the cache
             self._check_length(ids.shape[1])
-            embeds = self._encode(ids, cache)
+            last_only = keep == 1 and not self.config.hierarchy_merge_all
+            embeds = self._encode(ids, cache, last_only)
             cache.final = [e[:, -1:] for e in embeds]
             cache.pos = ids.shape[1]
-            return self._logits(embeds, ids.shape[1])
-        return torch.cat([self._step(ids[:, i : i + 1], cache) for i in range(ids.shape[1])], 1)
+            logits = self._logits(embeds, 1 if last_only else ids.shape[1])
+        else:
+            steps = [self._step(ids[:, i : i + 1], cache) for i in range(ids.shape[1])]
+            logits = torch.cat(steps, 1)
+        return logits if keep is None else logits[:, -keep:]
 
     def _step(self, ids: Tensor, cache: HierarchicalCache) -> Tensor:
         """One new token (b, 1) at position cache.pos -> its logits (b, 1, V)."""
