@@ -314,3 +314,21 @@ def test_bf16_weights_stay_close_and_follow_updates(fused_on):
     assert fused_decode.weight(w) is w  # fp32: the parameter itself
     with pytest.raises(ValueError, match="float32 or bfloat16"):
         fused_decode.set_weight_dtype(torch.float16)
+
+
+def test_a_stale_build_lock_is_cleared(tmp_path, monkeypatch):
+    import os
+    import time
+
+    monkeypatch.setenv("RETROLM_CACHE", str(tmp_path))
+    build = fused_decode.build_directory()
+    assert build.parent == tmp_path and build.is_dir()
+    lock = build / "lock"
+    lock.touch()
+    assert not fused_decode.clear_stale_lock(build)  # a build in progress: left alone
+    assert lock.exists()
+    old = time.time() - fused_decode.STALE_LOCK_S - 1
+    os.utime(lock, (old, old))
+    assert fused_decode.clear_stale_lock(build)
+    assert not lock.exists()
+    assert not fused_decode.clear_stale_lock(build)  # nothing to clear

@@ -21,17 +21,20 @@ use them only where they apply (``usable``: CPU, fp32, no autograd, the extensio
 everything else takes the ATen path, which stays the reference.
 
 The extension compiles once per machine (``torch.utils.cpp_extension``: a C++ compiler and
-ninja, which the ``fused`` extra installs; ~30 s, cached under ``TORCH_EXTENSIONS_DIR``). If
-that fails the reason is logged once and decoding uses the ATen path.
+ninja, which the ``fused`` extra installs; ~30 s, kept under ``RETROLM_CACHE`` or
+``~/.cache/retrolm``, one folder per source and torch version). If that fails the reason is
+logged once and decoding uses the ATen path.
 ``RETROLM_FUSED_DECODE=0`` turns the fused path off.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
 import threading
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -40,7 +43,16 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-__all__ = ["enabled", "extension", "set_enabled", "set_weight_dtype", "usable", "weight"]
+__all__ = [
+    "build_directory",
+    "clear_stale_lock",
+    "enabled",
+    "extension",
+    "set_enabled",
+    "set_weight_dtype",
+    "usable",
+    "weight",
+]
 
 _SOURCE = Path(__file__).with_name("csrc") / "decode_blocks.cpp"
 _lock = threading.Lock()
@@ -100,12 +112,15 @@ def extension() -> ModuleType | None:
                 from torch.utils.cpp_extension import load
 
                 _ninja_on_path()
+                build = build_directory()
+                clear_stale_lock(build)
                 log.info("loading the fused decoding blocks (built once per machine, ~30 s)")
                 _ext = load(
                     name="retrolm_decode_blocks",
                     sources=[str(_SOURCE)],
                     extra_cflags=["-O3", "-march=native", "-fopenmp"],
                     extra_ldflags=["-fopenmp"],
+                    build_directory=str(build),
                     verbose=False,
                 )
             except Exception as exc:  # no compiler, no ninja, a build error: ATen path
@@ -118,6 +133,35 @@ def extension() -> ModuleType | None:
                     str(exc).splitlines()[0] if str(exc) else "",
                 )
     return _ext
+
+
+STALE_LOCK_S = 600  # a build takes ~30 s: a lock this old was left by a killed build
+
+
+def build_directory() -> Path:
+    """Where the blocks are built: one folder per source and torch version (a changed source
+    never meets an old build), under ``RETROLM_CACHE`` or ``~/.cache/retrolm``."""
+    digest = hashlib.sha1(_SOURCE.read_bytes()).hexdigest()[:12]
+    root = Path(os.environ.get("RETROLM_CACHE", Path.home() / ".cache" / "retrolm"))
+    tag = f"decode_blocks-torch{torch.__version__.split('+')[0]}-{digest}"
+    path = root / tag
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def clear_stale_lock(build: Path, max_age_s: float = STALE_LOCK_S) -> bool:
+    """torch's builder holds a ``lock`` file while it builds and waits, without end, while
+    one exists: a build killed midway would hang every later process. Removes a lock older
+    than ``max_age_s``; returns whether it did."""
+    lock = build / "lock"
+    try:
+        if time.time() - lock.stat().st_mtime > max_age_s:
+            lock.unlink()
+            log.warning("removed a stale build lock %s (a killed build left it)", lock)
+            return True
+    except FileNotFoundError:
+        pass
+    return False
 
 
 def _ninja_on_path() -> None:
