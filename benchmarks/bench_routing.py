@@ -67,12 +67,17 @@ def _train_step(model, opt, x, bf16):
 
 def _gen(side, model, x, L, n_new, dtype="fp32"):
     """dtype: fp32, bf16 (autocast for the whole call) or, ours only, bf16p (the prompt under
-    bf16 autocast, the cached steps in fp32: ``prefill_dtype``)."""
+    bf16 autocast, the cached steps in fp32: ``prefill_dtype``) and bf16pw (bf16p with the
+    fused decoding blocks on bf16 copies of the weights)."""
     import torch
 
     kw = dict(top_k=26) if side == "ours" else {}  # ref default: top-k keeping 10% of V
-    if dtype == "bf16p":
+    if dtype in ("bf16p", "bf16pw"):
         kw["prefill_dtype"] = torch.bfloat16
+    if side == "ours":  # bf16pw: the fused decoding blocks read bf16 copies of the weights
+        from retrolm.nn import fused_decode
+
+        fused_decode.set_weight_dtype(torch.bfloat16 if dtype == "bf16pw" else torch.float32)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
         return model.generate(x[:, : L - 32], n_new, **kw)
 
@@ -220,7 +225,7 @@ def main() -> None:
     ap.add_argument("--dtype-ref", default="bf16", choices=("fp32", "bf16"))
     # generation: every listed dtype per side, best against best; bf16p = bf16 prompt,
     # fp32 cached steps (ours only)
-    ap.add_argument("--gen-dtypes-ours", default="fp32,bf16,bf16p")
+    ap.add_argument("--gen-dtypes-ours", default="fp32,bf16,bf16p,bf16pw")
     ap.add_argument("--gen-dtypes-ref", default="fp32,bf16")
     ap.add_argument(
         "--out", default=os.path.join(os.path.dirname(__file__), "results_routing.jsonl")

@@ -108,7 +108,7 @@ def test_feed_forward_block_equals_the_module(bias):
     with torch.no_grad():
         ref = res(x)
         out, _ = ext.feed_forward_block(
-            x, res.norm.weight, res.norm.eps, ff.up_proj.weight,
+            x, res.norm.weight, NONE, res.norm.eps, ff.up_proj.weight,
             ff.up_proj.bias if bias else NONE, ff.down_proj.weight,
             ff.down_proj.bias if bias else NONE, 0, True, NONE, 0,
         )  # fmt: skip
@@ -121,11 +121,12 @@ def test_blocks_reject_bad_inputs():
     w = torch.ones(8)
     with pytest.raises(RuntimeError, match="float32"):
         ext.feed_forward_block(
-            x, w, 1e-6, torch.ones(16, 8), NONE, torch.ones(8, 16), NONE, 0, True, NONE, 0
+            x, w, NONE, 1e-6, torch.ones(16, 8), NONE, torch.ones(8, 16), NONE, 0, True, NONE, 0
         )
     with pytest.raises(RuntimeError, match=r"w2 must be \(8, 16\)"):
         ext.feed_forward_block(
-            x.float(), w, 1e-6, torch.ones(16, 8), NONE, torch.ones(8, 4), NONE, 0, True, NONE, 0,
+            x.float(), w, NONE, 1e-6, torch.ones(16, 8), NONE, torch.ones(8, 4), NONE, 0, True,
+            NONE, 0,
         )  # fmt: skip
 
 
@@ -332,3 +333,90 @@ def test_a_stale_build_lock_is_cleared(tmp_path, monkeypatch):
     assert fused_decode.clear_stale_lock(build)
     assert not lock.exists()
     assert not fused_decode.clear_stale_lock(build)  # nothing to clear
+
+
+ROUTING = dict(
+    num_tokens=256, dim=64, depth=2, heads=4, max_seq_len=128, causal=True, window_size=16,
+    dim_head=16,
+)  # fmt: skip
+
+
+def _trained_routing(**kw):
+    """A causal routing LM whose centroids were initialised and moved by two steps."""
+    from retrolm import RoutingTransformerLM
+
+    torch.manual_seed(0)
+    model = RoutingTransformerLM(**{**ROUTING, **kw})
+    x = torch.randint(0, 256, (2, 96))
+    for _ in range(2):
+        y, aux = model(x)
+        (y.mean() + aux).backward()
+    return model.eval()
+
+
+def _routing_steps(model, seq, prompt, monkeypatch):
+    import retrolm.models.routing as routing
+
+    calls = []
+    inner = routing.RoutingTransformer._fused_step
+    monkeypatch.setattr(
+        routing.RoutingTransformer,
+        "_fused_step",
+        lambda self, *a: calls.append(1) or inner(self, *a),
+    )
+    with torch.no_grad():
+        cache = model.init_cache(seq.shape[0])
+        outs = [model(seq[:, :prompt], cache=cache)]
+        outs += [model(seq[:, i : i + 1], cache=cache) for i in range(prompt, seq.shape[1])]
+    monkeypatch.undo()
+    logits = torch.cat([o[0] for o in outs], 1)
+    return logits, torch.stack([o[1] for o in outs[1:]]), len(calls)
+
+
+@needs_ext
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(n_local_attn_heads=2),
+        dict(n_local_attn_heads=0),
+        dict(n_local_attn_heads=2, shared_qk=False),
+        dict(n_local_attn_heads=1, num_mem_kv=2),
+    ],
+)
+def test_routing_fused_steps_equal_the_full_forward(fused_on, monkeypatch, kw):
+    model = _trained_routing(**kw)
+    seq = torch.randint(0, 256, (2, 100))
+    full, _ = model(seq)
+    out, aux, fused = _routing_steps(model, seq, 30, monkeypatch)
+    assert fused == 70  # every cached step
+    torch.testing.assert_close(out, full, rtol=1e-5, atol=1e-5)
+    fused_decode.set_enabled(False)
+    ref, ref_aux, none = _routing_steps(model, seq, 30, monkeypatch)
+    assert none == 0
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(aux, ref_aux)  # the commitment loss of each step as well
+    from retrolm import AutoregressiveWrapper
+
+    fused_decode.set_enabled(True)
+    prompt, wrapper = seq[:1, :20], AutoregressiveWrapper(model)
+    fast = wrapper.generate(prompt, 24, temperature=0)
+    fused_decode.set_enabled(False)
+    assert torch.equal(fast, wrapper.generate(prompt, 24, temperature=0))
+
+
+@needs_ext
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(n_local_attn_heads=2, window_size=1),  # the local cache keeps no key
+        dict(n_local_attn_heads=2, shift_tokens=True),
+        dict(n_local_attn_heads=2, use_scale_norm=True),
+        dict(n_local_attn_heads=2, ff_glu=True),
+    ],
+)
+def test_routing_takes_the_aten_path_where_the_blocks_do_not_apply(fused_on, monkeypatch, kw):
+    model = _trained_routing(**kw)
+    seq = torch.randint(0, 256, (2, 40))
+    out, _, fused = _routing_steps(model, seq, 20, monkeypatch)
+    assert fused == 0
+    torch.testing.assert_close(out, model(seq)[0], rtol=1e-5, atol=1e-5)

@@ -517,7 +517,8 @@ def _fused_block(blk: HierarchicalBlock, x: Tensor, st: BlockState, index: int) 
     res, sff = blk.ff, blk.ff.fn
     ff = sff.ff
     h, st.ff_shift = ext.feed_forward_block(
-        h, res.norm.weight, res.norm.eps, w(ff.up_proj.weight), _NONE, w(ff.down_proj.weight),
+        h, res.norm.weight, _NONE, res.norm.eps, w(ff.up_proj.weight), _NONE,
+        w(ff.down_proj.weight),
         _NONE, _GELU, True, _shift_state(st.ff_shift, h, sff.shifts[1]), half,
     )  # fmt: skip
     return h[:, None]
@@ -529,7 +530,7 @@ def _fused_merge(merge: nn.Sequential, cat: Tensor) -> Tensor:
     up, down = ff.up_proj, ff.down_proj
     w = fused_decode.weight
     out, _ = fused_decode.extension().feed_forward_block(
-        cat[:, 0].contiguous(), norm.weight, norm.eps, w(up.weight),
+        cat[:, 0].contiguous(), norm.weight, _NONE, norm.eps, w(up.weight),
         _NONE if up.bias is None else up.bias, w(down.weight),
         _NONE if down.bias is None else down.bias, _SILU, False, _NONE, 0,
     )  # fmt: skip

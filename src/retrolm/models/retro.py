@@ -505,7 +505,7 @@ class RETRO(nn.Module):
             res, ff = layer.ff, layer.ff.fn
             up, down = ff.up_proj, ff.down_proj
             x, _ = ext.feed_forward_block(
-                x, res.norm.weight, res.norm.eps, w(up.weight),
+                x, res.norm.weight, _EMPTY, res.norm.eps, w(up.weight),
                 up.bias if up.bias is not None else _EMPTY, w(down.weight),
                 down.bias if down.bias is not None else _EMPTY, 0, True, _EMPTY, 0,
             )  # fmt: skip

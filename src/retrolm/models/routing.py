@@ -33,9 +33,10 @@ from torch import Tensor, nn
 from retrolm.models.routing_balanced import balanced_attend
 from retrolm.models.routing_cache import LayerCache, RoutingCache, routed_decode_step
 from retrolm.models.routing_config import RoutingConfig
+from retrolm.nn import fused_decode
 from retrolm.nn.attention import attend
 from retrolm.nn.decode_linear import DecodeLinear, compute_dtype, concat_decode_weight, linear_t
-from retrolm.nn.feedforward import FeedForward
+from retrolm.nn.feedforward import ACTIVATIONS, FeedForward
 from retrolm.nn.kmeans import SphericalKMeans, update_after_backward, update_kmeans
 from retrolm.nn.layer_drop import layer_drop_keep
 from retrolm.nn.local_attention import local_attend
@@ -485,6 +486,8 @@ class RoutingTransformer(nn.Module):
             branches = [(partial(f, branch=True), partial(g, branch=True)) for f, g in pairs]
             ctx = kw.pop("context")
             x, aux = reversible(x, branches, ctx, recompute=self._recompute, **kw)
+        elif n == 1 and cache is not None and self._fused_step_ok(x, input_mask, cache):
+            x, aux = self._fused_step(x, rotary, cache)
         else:
             for i, subs in enumerate(self.layers):
                 if not keep[i]:
@@ -497,6 +500,90 @@ class RoutingTransformer(nn.Module):
         if cache is not None:
             cache.length += n
         return x, aux
+
+
+    # fused decoding (nn.fused_decode) -------------------------------------------------------
+    def _fused_layers_ok(self) -> bool:
+        """Whether every layer is what the fused blocks compute: pre-LayerNorm (with bias)
+        self-attention with sorted routing and a plain feed-forward (GELU, no GLU, no PKM or
+        MoE), no token shift, ReZero or context. Fixed by the config: computed once."""
+        ok = getattr(self, "_fused_layers", None)
+        if ok is None:
+            cfg = self.config
+            ok = (
+                cfg.routing_mode == "sorted"
+                and cfg.causal
+                and not (cfg.shift_tokens or cfg.use_rezero or cfg.use_scale_norm)
+                and not cfg.receives_context
+                and all(
+                    len(subs) == 2
+                    and subs[0].residual.norm.bias is not None
+                    and subs[1].residual.norm.bias is not None
+                    and isinstance(subs[1].residual.fn, FeedForward)
+                    and not subs[1].residual.fn.glu
+                    and subs[1].residual.fn.act is ACTIVATIONS["gelu"]
+                    for subs in self.layers
+                )
+            )
+            self._fused_layers = ok
+        return ok
+
+    def _fused_step_ok(self, x: Tensor, input_mask: Tensor | None, cache: RoutingCache) -> bool:
+        """A one-token step of real tokens (no mask) the fused blocks can run: eval, fp32 on
+        CPU, every layer's caches filled by a prompt."""
+        if self.training or input_mask is not None or not self._fused_layers_ok():
+            return False
+        if not fused_decode.usable(x):
+            return False
+        for subs, lc in zip(self.layers, cache.layers):
+            attn = subs[0].residual.fn
+            if attn.local_heads and lc.local.length == 0:
+                return False
+            if attn.routed_heads and not lc.has_routed:
+                return False
+        return True
+
+    def _fused_step(self, x: Tensor, rotary, cache: RoutingCache) -> tuple[Tensor, Tensor]:
+        """The layer stack for one token through ``nn.fused_decode``: one call per
+        sub-layer. x (b, 1, dim) -> (x, aux) as the ATen path returns them."""
+        ext, w = fused_decode.extension(), fused_decode.weight
+        cos, sin = rotary
+        h = x[:, 0]  # (b, dim)
+        aux = x.new_zeros((), dtype=torch.float32)
+        for subs, lc in zip(self.layers, cache.layers):
+            res = subs[0].residual
+            attn = res.fn
+            lk = lv = _NONE
+            first = end = 0
+            if attn.local_heads:
+                lk, lv, first, end = lc.local.claim(1)
+            kr = vr = cnt = means = _NONE
+            if attn.routed_heads:
+                kr, vr, cnt, means = lc._kring, lc._vring, lc._cnt, attn.kmeans.means
+            mem = attn._mem() or (_NONE, _NONE)
+            k_proj = attn.k_proj
+            h, commit = ext.routing_attention_block(
+                h, res.norm.weight, res.norm.bias, res.norm.eps, w(attn.q_proj.weight),
+                _NONE if k_proj is None else w(k_proj.weight), w(attn.v_proj.weight),
+                w(attn.out_proj.weight), cos, sin, lk, lv, first, end, kr, vr, cnt, means,
+                attn.local_heads, attn.shared_qk, mem[0], mem[1],
+            )  # fmt: skip
+            if attn.local_heads:
+                lc.local.keep_last(attn.local_window - 1)
+            if attn.routed_heads:
+                aux = aux + commit * attn.commitment
+            res = subs[1].residual
+            ff = res.fn
+            up, down = ff.up_proj, ff.down_proj
+            h, _ = ext.feed_forward_block(
+                h, res.norm.weight, res.norm.bias, res.norm.eps, w(up.weight),
+                _NONE if up.bias is None else up.bias, w(down.weight),
+                _NONE if down.bias is None else down.bias, 0, True, _NONE, 0,
+            )  # fmt: skip
+        return h[:, None], aux  # (forward counts the token in cache.length)
+
+
+_NONE = torch.empty(0)  # "none" (bias, cache, memory, ...) for the fused blocks
 
 
 def _config_from_kwargs(kwargs: dict) -> RoutingConfig:

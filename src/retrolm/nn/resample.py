@@ -104,7 +104,7 @@ class CausalDownsample(nn.Module):
 
         rows = self._rows_weight.get(self.conv.weight)  # (o, c*d): rebuilt when the conv changes
         out, _ = ext.feed_forward_block(
-            flat, _NONE, 0.0, weight(rows), self.conv.bias, weight(self.proj.weight),
+            flat, _NONE, _NONE, 0.0, weight(rows), self.conv.bias, weight(self.proj.weight),
             self.proj.bias, 1, False, _NONE, 0,
         )  # fmt: skip  (act 1: SiLU; no norm, no residual, no token shift)
         return out[:, None]
