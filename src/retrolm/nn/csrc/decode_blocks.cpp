@@ -1,4 +1,6 @@
-// Fused one-token decoding blocks for CPU, fp32 (see retrolm/nn/fused_decode.py).
+// Fused one-token decoding blocks for CPU, fp32 (see retrolm/nn/fused_decode.py): pre-norm
+// self-attention, cross-attention and feed-forward blocks, and the Routing Transformer's
+// attention sub-layer.
 //
 // A decoding step multiplies a few rows by every weight of the model. Through ATen each
 // block of a pre-norm transformer layer is 15-40 kernel calls whose fixed costs (dispatch,
@@ -180,12 +182,11 @@ void attend_one(const float* q, const float* K, int64_t ks, const float* V, int6
   for (int64_t c = 0; c < dh; c++) out[c] *= inv;
 }
 
-// n = rmsnorm(x), or layernorm(x) when norm_b is given (x itself when norm_w is empty), then,
-// with a token-shift state past
-// (b, a, d) (any batch/row strides, rows contiguous; empty = no shift): channels
-// shift_from … d-1 of n take their values from past's oldest row (the normed input a steps
-// back), and the next state — past's rows 1 … a-1, then this step's unshifted n — is
-// returned (an empty tensor without a shift).
+// n = rmsnorm(x), or layernorm(x) when norm_b is given (x itself when norm_w is empty). Then,
+// with a token-shift state past (b, a, d) (any batch/row strides, rows contiguous; empty = no
+// shift): channels shift_from … d-1 of n take their values from past's oldest row (the normed
+// input a steps back), and the next state (past's rows 1 … a-1, then this step's unshifted n)
+// is returned (an empty tensor without a shift).
 Tensor norm_and_shift(const Tensor& x, const Tensor& norm_w, const Tensor& norm_b, double eps,
                       const Tensor& past, int64_t shift_from, float* n) {
   const int64_t b = x.size(0), d = x.size(1);
@@ -230,7 +231,8 @@ Tensor norm_and_shift(const Tensor& x, const Tensor& norm_w, const Tensor& norm_
 // rotary row.
 // shift_past/shift_from: token shift of the normed input (norm_and_shift). Returns (x + out,
 // the next shift state).
-std::tuple<Tensor, Tensor> self_attention_block(const Tensor& x, const Tensor& norm_w, double eps, const Tensor& wq,
+std::tuple<Tensor, Tensor> self_attention_block(const Tensor& x, const Tensor& norm_w,
+                                                double eps, const Tensor& wq,
                             const Tensor& wk, const Tensor& wv, const Tensor& wo,
                             const Tensor& cos, const Tensor& sin, Tensor kbuf, Tensor vbuf,
                             int64_t start, int64_t end, const Tensor& shift_past,
@@ -330,11 +332,10 @@ Tensor cross_attention_block(const Tensor& x, const Tensor& norm_w, double eps, 
   return y;
 }
 
-// Pre-norm feed-forward: [x +] W_2 act(W_1 n + b_1) + b_2, n = rmsnorm(x), layernorm(x) (with
-// norm_b) or x (token-shifted
-// as in norm_and_shift: returns (out, the next shift state)); act 0 = exact GELU, 1 = SiLU;
-// biases may be empty. Without the
-// residual the output width (w2's rows) may differ from x's.
+// Pre-norm feed-forward: [x +] W_2 act(W_1 n + b_1) + b_2 with n = rmsnorm(x), layernorm(x)
+// (with norm_b) or x, token-shifted as in norm_and_shift. Returns (out, the next shift state).
+// act 0 = exact GELU, 1 = SiLU; biases may be empty. Without the residual the output width
+// (w2's rows) may differ from x's.
 std::tuple<Tensor, Tensor> feed_forward_block(const Tensor& x, const Tensor& norm_w,
                                               const Tensor& norm_b, double eps, const Tensor& w1,
                           const Tensor& b1, const Tensor& w2, const Tensor& b2, int64_t act,
