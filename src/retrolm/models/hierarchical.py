@@ -402,12 +402,11 @@ class HierarchicalTransformer(nn.Module):
         cache.window = torch.cat((cache.window[:, 1:], self.token_emb(ids)), dim=1)
         due = [t % s == 0 for s in cfg.hierarchical_stride]  # streams with a token now
         fused = self._fused_ok(due, cache, t)
-        ext = fused_decode.extension() if fused else None
         new: list[Tensor | None] = [None] * cfg.num_hierarchies
         for k, c in enumerate(cfg.hierarchies):
             if due[k]:
                 window, comp = cache.window[:, -c:], self.compress[k]
-                h = comp.step_fused(window, ext) if fused else comp.step(window)
+                h = comp.step_fused(window) if fused else comp.step(window)
                 new[k] = self.compress_norms[k](h)
         for layer_idx, layer in enumerate(self.layers):
             for k, blk in enumerate(layer):
@@ -420,10 +419,8 @@ class HierarchicalTransformer(nn.Module):
                         new[k] = blk(new[k], state=st, index=index)
                     cache.latest[layer_idx][k] = new[k]
             if self.merges:
-                cat = torch.cat(cache.latest[layer_idx], dim=-1)
-                pooled = _fused_merge(self.merges[layer_idx], cat) if fused else None
-                if pooled is None:
-                    pooled = self.merges[layer_idx](cat)
+                merge, cat = self.merges[layer_idx], torch.cat(cache.latest[layer_idx], dim=-1)
+                pooled = _fused_merge(merge, cat) if fused else merge(cat)
                 parts = pooled.split(list(cfg.dim), -1) if cfg.hierarchy_merge_all else None
                 for k in range(cfg.num_hierarchies):
                     if new[k] is None:
@@ -483,10 +480,6 @@ class HierarchicalTransformer(nn.Module):
         )
 
 
-_NONE = torch.empty(0)  # "none" (bias, token shift, ...) for the fused blocks
-_GELU, _SILU = 0, 1  # the fused feed-forward's activations
-
-
 def _shift_state(past: Tensor | None, x: Tensor, a: int) -> Tensor:
     """A block's token-shift state for the fused blocks: the last ``a`` normed inputs
     (b, a, d), zeros before the start (``token_shift_cached``'s ``past``)."""
@@ -498,28 +491,23 @@ def _fused_block(blk: HierarchicalBlock, x: Tensor, st: BlockState, index: int) 
     attention (token shift, rotary, its sub-sequence's cache, window) and the feed-forward
     (token shift) as one call each, each handing back the next shift state. x (b, 1, d) ->
     (b, 1, d)."""
-    ext, w = fused_decode.extension(), fused_decode.weight
     h = x[:, 0]  # (b, d)
     half = h.shape[-1] // 2  # token_shift's groups (0, a): the second half is shifted
     if blk.attn is not None:
         res, sub = blk.attn, blk.attn.fn
         mha, a = sub.attn, sub.axial
-        cos, sin = sub.rotary.span(index // a, 1, h.device)  # (1, r) each
+        rotary = sub.rotary.span(index // a, 1, h.device)  # (1, r) each
         kv = st.kv[index % a]
-        k_buf, v_buf, first, end = kv.claim(1)
-        h, st.attn_shift = ext.self_attention_block(
-            h, res.norm.weight, res.norm.eps, w(mha.q_proj.weight), w(mha.k_proj.weight),
-            w(mha.v_proj.weight), w(mha.out_proj.weight), cos, sin, k_buf, v_buf, first, end,
-            _shift_state(st.attn_shift, h, a), half,
-        )  # fmt: skip
+        h, st.attn_shift = fused_decode.self_attention(
+            h, res.norm, mha, rotary, kv, _shift_state(st.attn_shift, h, a), half
+        )
         if mha.window is not None:
             kv.keep_last(mha.window - 1)  # all that later queries can still see
     res, sff = blk.ff, blk.ff.fn
-    ff = sff.ff
-    h, st.ff_shift = ext.feed_forward_block(
-        h, res.norm.weight, _NONE, res.norm.eps, w(ff.up_proj.weight), _NONE,
-        w(ff.down_proj.weight),
-        _NONE, _GELU, True, _shift_state(st.ff_shift, h, sff.shifts[1]), half,
+    up, down = sff.ff.up_proj, sff.ff.down_proj
+    h, st.ff_shift = fused_decode.feed_forward(
+        h, res.norm, up.weight, up.bias, down.weight, down.bias,
+        shift=_shift_state(st.ff_shift, h, sff.shifts[1]), shift_from=half,
     )  # fmt: skip
     return h[:, None]
 
@@ -528,11 +516,9 @@ def _fused_merge(merge: nn.Sequential, cat: Tensor) -> Tensor:
     """The merge MLP (RMSNorm, SiLU feed-forward) of cat (b, 1, sum(d)) as one fused call."""
     norm, ff = merge[0], merge[1]
     up, down = ff.up_proj, ff.down_proj
-    w = fused_decode.weight
-    out, _ = fused_decode.extension().feed_forward_block(
-        cat[:, 0].contiguous(), norm.weight, _NONE, norm.eps, w(up.weight),
-        _NONE if up.bias is None else up.bias, w(down.weight),
-        _NONE if down.bias is None else down.bias, _SILU, False, _NONE, 0,
+    out, _ = fused_decode.feed_forward(
+        cat[:, 0].contiguous(), norm, up.weight, up.bias, down.weight, down.bias,
+        act="silu", residual=False,
     )  # fmt: skip
     return out[:, None]
 

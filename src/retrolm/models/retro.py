@@ -42,9 +42,6 @@ from retrolm.nn.norms import make_norm
 from retrolm.nn.residual import Residual, deepnet_constants, deepnet_init_
 from retrolm.nn.rotary import RotaryEmbedding, apply_rotary
 
-_EMPTY = torch.empty(0)  # "none" (bias, token shift, ...) for the fused blocks
-_ALL_KEYS = torch.empty(0, dtype=torch.bool)  # "no mask": every neighbour token present
-
 
 class ChunkedCrossAttention(nn.Module):
     """CCA: queries of chunk u's attending window read the k·r encoded neighbour tokens E_u."""
@@ -475,40 +472,30 @@ class RETRO(nn.Module):
     def _decode_fused(self, seq: Tensor, retrieving: bool, cache: RetroCache) -> Tensor:
         """``_decode`` for one new token through ``nn.fused_decode``: three calls per layer
         instead of ~30 kernels. seq (b, 1) -> final normed states (b, 1, d)."""
-        ext = fused_decode.extension()
         start, m = cache.length, self.config.chunk_size
-        cos, sin = (t[0] for t in self.rotary.span(start, 1, seq.device))  # (r,) each
+        rotary = tuple(t[0] for t in self.rotary.span(start, 1, seq.device))  # (r,) each
         attends = retrieving and start >= m - 1
         if attends:
             u, lead = (start + 1) // m - 1, (start - (m - 1)) % m
-            q_cos, q_sin = (t[lead] for t in self.rotary.span(m - 1, m, seq.device))
-            allow = _ALL_KEYS if cache.cca_full[u] else cache.cca_mask[:, u].contiguous()
-        w = fused_decode.weight
+            q_rotary = tuple(t[lead] for t in self.rotary.span(m - 1, m, seq.device))
+            allow = None if cache.cca_full[u] else cache.cca_mask[:, u].contiguous()
         x = self.token_emb(seq)[:, 0]  # (b, d)
         for i, layer in enumerate(self.layers):
-            res, attn = layer.self_attn, layer.self_attn.fn
-            k_buf, v_buf, first, end = cache.self_attn[i].claim(1)
-            x, _ = ext.self_attention_block(
-                x, res.norm.weight, res.norm.eps, w(attn.q_proj.weight), w(attn.k_proj.weight),
-                w(attn.v_proj.weight), w(attn.out_proj.weight), cos, sin, k_buf, v_buf, first,
-                end, _EMPTY, 0,
-            )  # fmt: skip
+            res = layer.self_attn
+            x, _ = fused_decode.self_attention(x, res.norm, res.fn, rotary, cache.self_attn[i])
             if retrieving and i + 1 == self.cca_layers[0]:  # the chunk's states, as _encode
                 cache.chunk_states.append(x[:, None])
             if layer.cca is not None and attends:  # (else the zero update: x unchanged)
-                res, attn = layer.cca, layer.cca.fn.attn
                 k, v = cache.cca_kv[i + 1]
-                x = ext.cross_attention_block(
-                    x, res.norm.weight, res.norm.eps, w(attn.q_proj.weight),
-                    w(attn.out_proj.weight), q_cos, q_sin, k.select(1, u), v.select(1, u), allow,
+                x = fused_decode.cross_attention(
+                    x, layer.cca.norm, layer.cca.fn.attn, q_rotary, k.select(1, u),
+                    v.select(1, u), allow,
                 )  # fmt: skip
             res, ff = layer.ff, layer.ff.fn
             up, down = ff.up_proj, ff.down_proj
-            x, _ = ext.feed_forward_block(
-                x, res.norm.weight, _EMPTY, res.norm.eps, w(up.weight),
-                up.bias if up.bias is not None else _EMPTY, w(down.weight),
-                down.bias if down.bias is not None else _EMPTY, 0, True, _EMPTY, 0,
-            )  # fmt: skip
+            x, _ = fused_decode.feed_forward(
+                x, res.norm, up.weight, up.bias, down.weight, down.bias
+            )
         cache.length += 1
         return self.final_norm(x[:, None])
 

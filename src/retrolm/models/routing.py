@@ -546,25 +546,25 @@ class RoutingTransformer(nn.Module):
     def _fused_step(self, x: Tensor, rotary, cache: RoutingCache) -> tuple[Tensor, Tensor]:
         """The layer stack for one token through ``nn.fused_decode``: one call per
         sub-layer. x (b, 1, dim) -> (x, aux) as the ATen path returns them."""
-        ext, w = fused_decode.extension(), fused_decode.weight
+        ext, w, NONE = fused_decode.extension(), fused_decode.weight, fused_decode.NONE
         cos, sin = rotary
         h = x[:, 0]  # (b, dim)
         aux = x.new_zeros((), dtype=torch.float32)
         for subs, lc in zip(self.layers, cache.layers):
             res = subs[0].residual
             attn = res.fn
-            lk = lv = _NONE
+            lk = lv = NONE
             first = end = 0
             if attn.local_heads:
                 lk, lv, first, end = lc.local.claim(1)
-            kr = vr = cnt = means = _NONE
+            kr = vr = cnt = means = NONE
             if attn.routed_heads:
                 kr, vr, cnt, means = lc._kring, lc._vring, lc._cnt, attn.kmeans.means
-            mem = attn._mem() or (_NONE, _NONE)
+            mem = attn._mem() or (NONE, NONE)
             k_proj = attn.k_proj
             h, commit = ext.routing_attention_block(
                 h, res.norm.weight, res.norm.bias, res.norm.eps, w(attn.q_proj.weight),
-                _NONE if k_proj is None else w(k_proj.weight), w(attn.v_proj.weight),
+                NONE if k_proj is None else w(k_proj.weight), w(attn.v_proj.weight),
                 w(attn.out_proj.weight), cos, sin, lk, lv, first, end, kr, vr, cnt, means,
                 attn.local_heads, attn.shared_qk, mem[0], mem[1],
             )  # fmt: skip
@@ -573,17 +573,11 @@ class RoutingTransformer(nn.Module):
             if attn.routed_heads:
                 aux = aux + commit * attn.commitment
             res = subs[1].residual
-            ff = res.fn
-            up, down = ff.up_proj, ff.down_proj
-            h, _ = ext.feed_forward_block(
-                h, res.norm.weight, res.norm.bias, res.norm.eps, w(up.weight),
-                _NONE if up.bias is None else up.bias, w(down.weight),
-                _NONE if down.bias is None else down.bias, 0, True, _NONE, 0,
-            )  # fmt: skip
+            up, down = res.fn.up_proj, res.fn.down_proj
+            h, _ = fused_decode.feed_forward(
+                h, res.norm, up.weight, up.bias, down.weight, down.bias
+            )
         return h[:, None], aux  # (forward counts the token in cache.length)
-
-
-_NONE = torch.empty(0)  # "none" (bias, cache, memory, ...) for the fused blocks
 
 
 def _config_from_kwargs(kwargs: dict) -> RoutingConfig:

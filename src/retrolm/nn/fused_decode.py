@@ -39,20 +39,30 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from retrolm.nn.kv_cache import KVCache
 
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "NONE",
     "build_directory",
     "clear_stale_lock",
+    "cross_attention",
     "enabled",
     "extension",
+    "feed_forward",
+    "self_attention",
     "set_enabled",
     "set_weight_dtype",
     "usable",
     "weight",
 ]
+
+NONE = torch.empty(0)  # what the blocks take for "none": no bias, norm, mask, shift state
+_ALL_KEYS = torch.empty(0, dtype=torch.bool)  # cross-attention without a mask
+_ACTIVATIONS = {"gelu": 0, "silu": 1}
 
 _SOURCE = Path(__file__).with_name("csrc") / "decode_blocks.cpp"
 _lock = threading.Lock()
@@ -186,3 +196,79 @@ def usable(x: Tensor) -> bool:
         and not torch.is_autocast_enabled("cpu")
         and extension() is not None
     )
+
+
+# --- the blocks over modules: weights through ``weight``, "none" as ``NONE`` ----------------
+def _or_none(t: Tensor | None) -> Tensor:
+    return NONE if t is None else t
+
+
+def _norm_args(norm: nn.Module | None) -> tuple[Tensor, Tensor, float]:
+    """(weight, bias, eps) of an RMSNorm (bias ``NONE``), a LayerNorm, or None (no norm)."""
+    if norm is None:
+        return NONE, NONE, 0.0
+    bias = getattr(norm, "bias", None)
+    if isinstance(norm, nn.LayerNorm) and bias is None:
+        raise ValueError("the fused blocks take a LayerNorm with a bias (or an RMSNorm)")
+    return norm.weight, _or_none(bias), norm.eps
+
+
+def self_attention(
+    x: Tensor,  # (b, d)
+    norm: nn.Module,
+    attn: nn.Module,  # MultiHeadAttention: q/k/v/out projections without biases
+    rotary: tuple[Tensor, Tensor],  # (r,) or (1, r) each: this position's row
+    cache: KVCache,
+    shift: Tensor | None = None,  # token-shift state (b, a, d)
+    shift_from: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """x + attn(norm(x)) for one new position per row, its key/value written into
+    ``cache``; returns (out (b, d), the next shift state, ``NONE`` without one)."""
+    norm_w, norm_b, eps = _norm_args(norm)
+    if norm_b.numel():
+        raise ValueError("the fused self-attention block normalises with RMSNorm")
+    k_buf, v_buf, first, end = cache.claim(1)
+    return extension().self_attention_block(
+        x, norm_w, eps, weight(attn.q_proj.weight), weight(attn.k_proj.weight),
+        weight(attn.v_proj.weight), weight(attn.out_proj.weight), rotary[0], rotary[1], k_buf,
+        v_buf, first, end, _or_none(shift), shift_from,
+    )  # fmt: skip
+
+
+def cross_attention(
+    x: Tensor,  # (b, d)
+    norm: nn.Module,  # RMSNorm
+    attn: nn.Module,  # MultiHeadAttention: its q and out projections
+    rotary: tuple[Tensor, Tensor],  # the query's row
+    k: Tensor,  # (b, h, s, dh) rotated keys, rows contiguous
+    v: Tensor,
+    allow: Tensor | None = None,  # (b, s) bool, None = every key
+) -> Tensor:
+    """x + attn(norm(x), k, v) for one position per row (a row with no key adds nothing)."""
+    norm_w, _, eps = _norm_args(norm)
+    return extension().cross_attention_block(
+        x, norm_w, eps, weight(attn.q_proj.weight), weight(attn.out_proj.weight), rotary[0],
+        rotary[1], k, v, _ALL_KEYS if allow is None else allow,
+    )  # fmt: skip
+
+
+def feed_forward(
+    x: Tensor,  # (b, d)
+    norm: nn.Module | None,  # RMSNorm, LayerNorm or None
+    w1: Tensor,
+    b1: Tensor | None,
+    w2: Tensor,
+    b2: Tensor | None,
+    *,
+    act: str = "gelu",  # or "silu"
+    residual: bool = True,
+    shift: Tensor | None = None,  # token-shift state (b, a, d)
+    shift_from: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """[x +] w2 act(w1 norm(x) + b1) + b2 for one position per row; returns (out, the next
+    shift state, ``NONE`` without one)."""
+    norm_w, norm_b, eps = _norm_args(norm)
+    return extension().feed_forward_block(
+        x, norm_w, norm_b, eps, weight(w1), _or_none(b1), weight(w2), _or_none(b2),
+        _ACTIVATIONS[act], residual, _or_none(shift), shift_from,
+    )  # fmt: skip

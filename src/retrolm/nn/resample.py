@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
+from retrolm.nn import fused_decode
 from retrolm.nn.decode_linear import DecodeLinear, compute_dtype, decode_weight, linear_t
 from retrolm.nn.weight_cache import WeightCache
 from retrolm.utils import is_power_of_two
@@ -93,24 +94,18 @@ class CausalDownsample(nn.Module):
             h = linear_t(flat, self._step_weight.get(w, key=dtype), b.to(dtype))
         return self.proj(F.silu(h))
 
-
-    def step_fused(self, window: Tensor, ext) -> Tensor:
+    def step_fused(self, window: Tensor) -> Tensor:
         """``step`` for fp32 decoding through the fused feed-forward block of
-        ``nn.fused_decode`` (``ext``): conv window, SiLU and projection in one call."""
+        ``nn.fused_decode``: conv window, SiLU and projection in one call."""
         if self.conv is None:
             return self.step(window)
         flat = window[:, -self.factor :].flatten(1).contiguous()  # (b, c*d)
-        from retrolm.nn.fused_decode import weight
-
         rows = self._rows_weight.get(self.conv.weight)  # (o, c*d): rebuilt when the conv changes
-        out, _ = ext.feed_forward_block(
-            flat, _NONE, _NONE, 0.0, weight(rows), self.conv.bias, weight(self.proj.weight),
-            self.proj.bias, 1, False, _NONE, 0,
-        )  # fmt: skip  (act 1: SiLU; no norm, no residual, no token shift)
+        out, _ = fused_decode.feed_forward(
+            flat, None, rows, self.conv.bias, self.proj.weight, self.proj.bias, act="silu",
+            residual=False,
+        )  # fmt: skip
         return out[:, None]
-
-
-_NONE = torch.empty(0)
 
 
 def _window_rows(weight: Tensor) -> Tensor:  # a WeightCache build
