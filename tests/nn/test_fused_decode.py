@@ -420,3 +420,18 @@ def test_routing_takes_the_aten_path_where_the_blocks_do_not_apply(fused_on, mon
     out, _, fused = _routing_steps(model, seq, 20, monkeypatch)
     assert fused == 0
     torch.testing.assert_close(out, model(seq)[0], rtol=1e-5, atol=1e-5)
+
+
+@needs_ext
+def test_block_wrappers_reject_norms_they_do_not_compute():
+    from retrolm.nn.norms import LayerNorm, RMSNorm
+
+    x, w = torch.randn(2, 8), torch.randn(16, 8)
+    with pytest.raises(ValueError, match="LayerNorm with a bias"):
+        fused_decode.feed_forward(x, LayerNorm(8, bias=False), w, None, w.t().contiguous(), None)
+    attn = MultiHeadAttention(8, 2, 4, causal=True)
+    with pytest.raises(ValueError, match="normalises with RMSNorm"):
+        fused_decode.self_attention(x, LayerNorm(8), attn, (torch.ones(4), torch.zeros(4)),
+                                    KVCache())  # fmt: skip
+    out, state = fused_decode.feed_forward(x, RMSNorm(8), w, None, w.t().contiguous(), None)
+    assert out.shape == (2, 8) and state.numel() == 0
