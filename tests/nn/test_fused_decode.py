@@ -235,10 +235,10 @@ def test_a_failed_build_falls_back_with_one_warning(monkeypatch, caplog):
     def broken(**kwargs):
         raise RuntimeError("no compiler here\nmore detail")
 
-    monkeypatch.setattr(fused_decode, "_ext", None)
-    monkeypatch.setattr(fused_decode, "_failed", False)
+    monkeypatch.setattr(fused_decode._EXT, "_module", None)
+    monkeypatch.setattr(fused_decode._EXT, "_failed", False)
     monkeypatch.setattr(cpp, "load", broken)
-    with caplog.at_level(logging.WARNING, logger="retrolm.nn.fused_decode"):
+    with caplog.at_level(logging.WARNING, logger="retrolm.nn.extension"):
         assert fused_decode.extension() is None
         assert fused_decode.extension() is None
     warnings = [r for r in caplog.records if "fused decoding blocks unavailable" in r.message]

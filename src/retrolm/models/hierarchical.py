@@ -61,6 +61,7 @@ from retrolm.nn import (
     attention_backend,
     fused_decode,
     make_norm,
+    norm_shift,
     repeat_upsample,
     token_shift,
     token_shift_cached,
@@ -113,10 +114,19 @@ class SubsequenceAttention(nn.Module):
         self.attn = MultiHeadAttention(dim, heads, dim_head, causal=True, window=window)
         self.rotary = RotaryEmbedding(dim_head)
 
+    slot = "attn_shift"  # where a BlockState keeps this sub-layer's token-shift inputs
+
     def forward(
-        self, h: Tensor, state: BlockState | None = None, index: int | None = None
+        self,
+        h: Tensor,
+        state: BlockState | None = None,
+        index: int | None = None,
+        shifted: bool = False,
     ) -> Tensor:  # (b, m, d) normed stream -> (b, m, d)
-        h = _shift(h, self.shifts, state, "attn_shift")
+        """``shifted``: h is already token-shifted (``HierarchicalBlock`` did it with the
+        norm, ``nn.fused_train.norm_shift``)."""
+        if not shifted:
+            h = _shift(h, self.shifts, state, self.slot)
         a = self.axial
         if index is not None:  # one new token: stream index ``index``
             rot = self.rotary.span(index // a, 1, h.device)  # cached table rows
@@ -153,8 +163,16 @@ class ShiftedFeedForward(nn.Module):
         self.shifts = (0, axial)
         self.ff = FeedForward(dim, mult, activation="gelu", bias=False)
 
-    def forward(self, h: Tensor, state: BlockState | None = None, index: int | None = None):
-        return self.ff(_shift(h, self.shifts, state, "ff_shift"))
+    slot = "ff_shift"
+
+    def forward(
+        self,
+        h: Tensor,
+        state: BlockState | None = None,
+        index: int | None = None,
+        shifted: bool = False,
+    ):
+        return self.ff(h if shifted else _shift(h, self.shifts, state, self.slot))
 
 
 class HierarchicalBlock(nn.Module):
@@ -182,10 +200,25 @@ class HierarchicalBlock(nn.Module):
         token-shift distance + 1 that output and the shift state are exact; the other rows
         returned are not)."""
         if self.attn is not None:
-            x = self.attn(x, state=state, index=index)
+            x = self._sublayer(self.attn, x, state, index)
         if tail is not None:
             x = x[:, -tail:]
-        return self.ff(x, state=state, index=index)
+        return self._sublayer(self.ff, x, state, index)
+
+    @staticmethod
+    def _sublayer(res: Residual, x: Tensor, state: BlockState | None, index: int | None):
+        """x + fn(token_shift(norm(x))); over whole sequences (training, a prompt) the norm
+        and the shift are one ``norm_shift`` call, which under autocast also hands the
+        matmuls their bf16 input. A prompt's state keeps the last normed rows, as
+        ``token_shift_cached`` would."""
+        fn = res.fn
+        if index is not None or (state is not None and getattr(state, fn.slot) is not None):
+            return res(x, state=state, index=index)  # a step: the cached shift
+        a = fn.shifts[1]
+        if state is not None:
+            rows = res.norm(x[:, -a:])  # (b, <= a, d): zeros before the start
+            setattr(state, fn.slot, F.pad(rows, (0, 0, a - rows.shape[1], 0)))
+        return x + fn(norm_shift(x, res.norm, a), state=state, index=index, shifted=True)
 
 
 class HierarchicalTransformer(nn.Module):
@@ -311,7 +344,9 @@ class HierarchicalTransformer(nn.Module):
         """Pool every stream (repeated to length n) into the predicting stream, or into all."""
         strides = self.config.hierarchical_stride
         cat = torch.cat([repeat_upsample(t, s, n) for t, s in zip(tokens, strides)], dim=-1)
-        pooled = self.merges[layer_idx](cat)  # (b, n, d_pred or sum(d))
+        norm, ff = self.merges[layer_idx]
+        pooled = ff(norm_shift(cat, norm, 0))  # (b, n, d_pred or sum(d)); norm_shift: see
+        # HierarchicalBlock._sublayer (here no shift: the norm alone, as one kernel each way)
         if self.config.hierarchy_merge_all:
             parts = pooled.split(list(self.config.dim), dim=-1)
             return [t + p[:, ::s] for t, p, s in zip(tokens, parts, strides)]

@@ -501,7 +501,6 @@ class RoutingTransformer(nn.Module):
             cache.length += n
         return x, aux
 
-
     # fused decoding (nn.fused_decode) -------------------------------------------------------
     def _fused_layers_ok(self) -> bool:
         """Whether every layer is what the fused blocks compute: pre-LayerNorm (with bias)

@@ -3,6 +3,7 @@
 from retrolm.nn.attention import attend, attention_backend, reference_attend
 from retrolm.nn.decode_linear import DecodeLinear
 from retrolm.nn.feedforward import FeedForward
+from retrolm.nn.fused_train import norm_shift
 from retrolm.nn.kmeans import SphericalKMeans, update_kmeans
 from retrolm.nn.kv_cache import KVCache, cast_cache, prefill
 from retrolm.nn.layer_drop import layer_drop_keep
@@ -42,6 +43,7 @@ __all__ = [
     "key_padding_mask",
     "local_attend",
     "make_norm",
+    "norm_shift",
     "reference_attend",
     "repeat_upsample",
     "sliding_window_mask",

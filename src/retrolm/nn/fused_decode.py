@@ -20,33 +20,27 @@ per token; activations, norms and attention stay fp32). Models
 use them only where they apply (``usable``: CPU, fp32, no autograd, the extension built);
 everything else takes the ATen path, which stays the reference.
 
-The extension compiles once per machine (``torch.utils.cpp_extension``: a C++ compiler and
-ninja, which the ``fused`` extra installs; ~30 s, kept under ``RETROLM_CACHE`` or
-``~/.cache/retrolm``, one folder per source and torch version). If that fails the reason is
-logged once and decoding uses the ATen path.
+The extension compiles once per machine (``nn.extension``: a C++ compiler and ninja, which
+the ``fused`` extra installs; ~30 s, kept under ``RETROLM_CACHE`` or ``~/.cache/retrolm``).
+If that fails the reason is logged once and decoding uses the ATen path.
 ``RETROLM_FUSED_DECODE=0`` turns the fused path off.
 """
 
 from __future__ import annotations
 
-import hashlib
-import logging
 import os
-import shutil
-import threading
-import time
 from pathlib import Path
 from types import ModuleType
 
 import torch
 from torch import Tensor, nn
 
+from retrolm.nn.extension import STALE_LOCK_S, LazyExtension, clear_stale_lock
 from retrolm.nn.kv_cache import KVCache
-
-log = logging.getLogger(__name__)
 
 __all__ = [
     "NONE",
+    "STALE_LOCK_S",
     "build_directory",
     "clear_stale_lock",
     "cross_attention",
@@ -64,10 +58,6 @@ NONE = torch.empty(0)  # what the blocks take for "none": no bias, norm, mask, s
 _ALL_KEYS = torch.empty(0, dtype=torch.bool)  # cross-attention without a mask
 _ACTIVATIONS = {"gelu": 0, "silu": 1}
 
-_SOURCE = Path(__file__).with_name("csrc") / "decode_blocks.cpp"
-_lock = threading.Lock()
-_ext: ModuleType | None = None
-_failed = False
 _enabled = os.environ.get("RETROLM_FUSED_DECODE", "1") != "0"
 _WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 _weight_dtype = _WEIGHT_DTYPES.get(os.environ.get("RETROLM_FUSED_WEIGHTS", "fp32"), torch.float32)
@@ -111,78 +101,19 @@ def weight(p: Tensor) -> Tensor:
     return copy
 
 
+_EXT = LazyExtension(
+    "retrolm_decode_blocks", "decode_blocks.cpp", "fused decoding blocks", "RETROLM_FUSED_DECODE"
+)
+
+
 def extension() -> ModuleType | None:
     """The compiled blocks, building them on the first call; None if they cannot be built."""
-    global _ext, _failed
-    if _ext is not None or _failed:
-        return _ext
-    with _lock:
-        if _ext is None and not _failed:
-            try:
-                from torch.utils.cpp_extension import load
-
-                _ninja_on_path()
-                build = build_directory()
-                clear_stale_lock(build)
-                log.info("loading the fused decoding blocks (built once per machine, ~30 s)")
-                _ext = load(
-                    name="retrolm_decode_blocks",
-                    sources=[str(_SOURCE)],
-                    extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                    extra_ldflags=["-fopenmp"],
-                    build_directory=str(build),
-                    verbose=False,
-                )
-            except Exception as exc:  # no compiler, no ninja, a build error: ATen path
-                _failed = True
-                log.warning(
-                    "fused decoding blocks unavailable (%s: %s); decoding takes the ATen "
-                    "path. Install a C++ compiler and ninja to build them, or set "
-                    "RETROLM_FUSED_DECODE=0 to silence this.",
-                    type(exc).__name__,
-                    str(exc).splitlines()[0] if str(exc) else "",
-                )
-    return _ext
-
-
-STALE_LOCK_S = 600  # a build takes ~30 s: a lock this old was left by a killed build
+    return _EXT.get()
 
 
 def build_directory() -> Path:
-    """Where the blocks are built: one folder per source and torch version (a changed source
-    never meets an old build), under ``RETROLM_CACHE`` or ``~/.cache/retrolm``."""
-    digest = hashlib.sha1(_SOURCE.read_bytes()).hexdigest()[:12]
-    root = Path(os.environ.get("RETROLM_CACHE", Path.home() / ".cache" / "retrolm"))
-    tag = f"decode_blocks-torch{torch.__version__.split('+')[0]}-{digest}"
-    path = root / tag
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def clear_stale_lock(build: Path, max_age_s: float = STALE_LOCK_S) -> bool:
-    """torch's builder holds a ``lock`` file while it builds and waits, without end, while
-    one exists: a build killed midway would hang every later process. Removes a lock older
-    than ``max_age_s``; returns whether it did."""
-    lock = build / "lock"
-    try:
-        if time.time() - lock.stat().st_mtime > max_age_s:
-            lock.unlink()
-            log.warning("removed a stale build lock %s (a killed build left it)", lock)
-            return True
-    except FileNotFoundError:
-        pass
-    return False
-
-
-def _ninja_on_path() -> None:
-    """torch's builder runs ``ninja`` from PATH; the ``ninja`` wheel (the ``fused`` extra)
-    puts it next to the interpreter, which is not on PATH when a venv is not activated."""
-    if shutil.which("ninja") is None:
-        try:
-            import ninja  # type: ignore[import-not-found]
-        except ImportError:
-            return
-        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    """Where the blocks are built (``LazyExtension.build_directory``)."""
+    return _EXT.build_directory()
 
 
 def usable(x: Tensor) -> bool:

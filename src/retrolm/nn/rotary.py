@@ -20,6 +20,8 @@ import functools
 import torch
 from torch import Tensor, nn
 
+from retrolm.nn import fused_train
+
 
 class RotaryEmbedding(nn.Module):
     def __init__(self, dim: int, base: float = 10000.0, interleaved: bool = False) -> None:
@@ -98,6 +100,8 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = False)
     step calls this ~8 times per token, where the count of kernels is the cost); three when
     the signed sin of the same ``sin`` is kept from the previous call (``_signed_sin``).
     """
+    if x.shape[-2] > 1 and fused_train.rotary_applies(x, cos, sin, interleaved):
+        return fused_train.rotary(x, cos, sin)  # many rows (training, a prompt): one pass
     r = cos.shape[-1]
     full = r == x.shape[-1]  # full rotary: no split, no concatenation
     xf = x if full else x[..., :r]

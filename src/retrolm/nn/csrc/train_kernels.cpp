@@ -1,0 +1,306 @@
+// Fused training kernels (CPU): the memory-bound steps between a transformer's matmuls,
+// each one pass over its rows in the forward and one in the backward.
+//
+//   norm_shift_forward / _backward  RMSNorm of x (b, n, d) (float32 or bfloat16 with a
+//       float32 weight, or float64 throughout), then a token shift: channels
+//       [split, d) of position t take the normed row t - shift (zeros for t < shift), the
+//       others their own row; the result in any of float32 / float64 / bfloat16 (the dtype
+//       the next matmul reads under autocast, so no separate cast), 1/rms saved per row.
+//   rotary_forward / _backward  rotary embedding, "half" layout (channel c pairs with
+//       c + r/2), of x (B, H, I, D) with any strides but a unit last one, by (I, r) fp32
+//       cos/sin tables; channels [r, D) pass through.
+//
+// Arithmetic in float32 (float64 for float64 inputs); bfloat16 results are rounded to
+// nearest even once, as a cast of the float32 value would be.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+using torch::Tensor;
+
+namespace {
+
+// --- loads and stores that widen to / round from the accumulation type -------------------
+// (bfloat16 through its bits, as plain integer arithmetic, so that loops over them vectorise)
+inline float bf16_bits_to_float(uint16_t h) {  // bf16 bits are float's high half
+  const uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+inline uint16_t float_to_bf16_bits(float v) {  // round to nearest even; NaN stays NaN
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof u);
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  const bool nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
+  return static_cast<uint16_t>(nan ? 0x7FC0u : rounded);
+}
+
+template <typename acc_t>
+inline acc_t load(const float* p, int64_t i) { return static_cast<acc_t>(p[i]); }
+template <typename acc_t>
+inline acc_t load(const double* p, int64_t i) { return static_cast<acc_t>(p[i]); }
+template <typename acc_t>
+inline acc_t load(const c10::BFloat16* p, int64_t i) {
+  return static_cast<acc_t>(bf16_bits_to_float(reinterpret_cast<const uint16_t*>(p)[i]));
+}
+
+inline void store(float* p, int64_t i, float v) { p[i] = v; }
+inline void store(double* p, int64_t i, double v) { p[i] = v; }
+inline void store(c10::BFloat16* p, int64_t i, float v) {
+  reinterpret_cast<uint16_t*>(p)[i] = float_to_bf16_bits(v);
+}
+
+template <typename T> struct Acc { using type = float; };
+template <> struct Acc<double> { using type = double; };
+
+constexpr int64_t kRowGrain = 8;  // rows per task
+
+// --- RMSNorm + token shift ------------------------------------------------------------
+// x_t: the input (float, double or bf16); w_t: the weight and the statistics' type (float,
+// or double for double x); out_t / g_t: the result's and its gradient's type.
+template <typename x_t, typename w_t, typename out_t>
+void norm_shift_fwd(const x_t* x, const w_t* w, double eps, int64_t b, int64_t n, int64_t d,
+                    int64_t shift, int64_t split, out_t* y, w_t* rstd) {
+  using acc_t = w_t;
+  const int64_t rows = b * n;
+  at::parallel_for(0, rows, 4 * kRowGrain, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; r++) {
+      const x_t* xr = x + r * d;
+      acc_t ss = 0;
+#pragma omp simd reduction(+ : ss)
+      for (int64_t c = 0; c < d; c++) ss += load<acc_t>(xr, c) * load<acc_t>(xr, c);
+      rstd[r] = acc_t(1) / std::sqrt(ss / static_cast<acc_t>(d) + static_cast<acc_t>(eps));
+    }
+  });
+  at::parallel_for(0, rows, kRowGrain, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; r++) {
+      const int64_t t = r % n;
+      const x_t* xr = x + r * d;
+      out_t* yr = y + r * d;
+      const acc_t s0 = rstd[r];
+#pragma omp simd
+      for (int64_t c = 0; c < split; c++) store(yr, c, load<acc_t>(xr, c) * s0 * w[c]);
+      if (t >= shift) {
+        const x_t* xp = x + (r - shift) * d;
+        const acc_t s1 = rstd[r - shift];
+#pragma omp simd
+        for (int64_t c = split; c < d; c++) store(yr, c, load<acc_t>(xp, c) * s1 * w[c]);
+      } else {
+#pragma omp simd
+        for (int64_t c = split; c < d; c++) store(yr, c, acc_t(0));
+      }
+    }
+  });
+}
+
+// grad of x and of w; g (b, n, d) is the gradient of the shifted output
+template <typename x_t, typename w_t, typename g_t>
+void norm_shift_bwd(const g_t* g, const x_t* x, const w_t* w, const w_t* rstd, int64_t b,
+                    int64_t n, int64_t d, int64_t shift, int64_t split, x_t* gx, w_t* gw) {
+  using acc_t = w_t;
+  const int64_t rows = b * n;
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(rows, 4 * at::get_num_threads()));
+  std::vector<acc_t> part(chunks * d, acc_t(0));  // per-chunk sums of g * xhat
+  at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
+    std::vector<acc_t> gy(d), xh(d);
+    for (int64_t k = k0; k < k1; k++) {
+      acc_t* pk = part.data() + k * d;
+      for (int64_t r = k * rows / chunks; r < (k + 1) * rows / chunks; r++) {
+        const int64_t t = r % n;
+        const g_t* gr = g + r * d;
+        // the gradient reaching normed row r: its own first channels, and the shifted
+        // channels of the row `shift` later (none past the end)
+#pragma omp simd
+        for (int64_t c = 0; c < split; c++) gy[c] = load<acc_t>(gr, c);
+        if (t + shift < n) {
+          const g_t* gl = g + (r + shift) * d;
+#pragma omp simd
+          for (int64_t c = split; c < d; c++) gy[c] = load<acc_t>(gl, c);
+        } else {
+#pragma omp simd
+          for (int64_t c = split; c < d; c++) gy[c] = acc_t(0);
+        }
+        const x_t* xr = x + r * d;
+        const acc_t s = rstd[r];
+        acc_t dot = 0;  // sum_c gy w xhat
+#pragma omp simd reduction(+ : dot)
+        for (int64_t c = 0; c < d; c++) {
+          xh[c] = load<acc_t>(xr, c) * s;
+          pk[c] += gy[c] * xh[c];
+          dot += gy[c] * w[c] * xh[c];
+        }
+        const acc_t m = dot / static_cast<acc_t>(d);
+        x_t* gxr = gx + r * d;
+#pragma omp simd
+        for (int64_t c = 0; c < d; c++) store(gxr, c, s * (gy[c] * w[c] - xh[c] * m));
+      }
+    }
+  });
+  for (int64_t c = 0; c < d; c++) {
+    acc_t sum = 0;
+    for (int64_t k = 0; k < chunks; k++) sum += part[k * d + c];
+    gw[c] = sum;
+  }
+}
+
+void check_norm_args(const Tensor& x, const Tensor& w, int64_t shift, int64_t split) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 3 && x.is_contiguous(),
+              "norm_shift: x must be a contiguous (b, n, d) CPU tensor");
+  const bool f64 = x.scalar_type() == torch::kFloat64;
+  TORCH_CHECK(f64 || x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16,
+              "norm_shift: x must be float32, bfloat16 or float64");
+  TORCH_CHECK(w.scalar_type() == (f64 ? torch::kFloat64 : torch::kFloat32) && w.is_contiguous() &&
+                  w.dim() == 1 && w.size(0) == x.size(2),
+              "norm_shift: weight must be a contiguous (d,) float32 tensor (float64 for float64 x)");
+  TORCH_CHECK(shift >= 0 && split >= 0 && split <= x.size(2),
+              "norm_shift: need shift >= 0 and 0 <= split <= d");
+}
+
+// calls f(x_t*) with x's data as its C++ type (float, double or bf16)
+template <typename F>
+void with_x(const Tensor& x, F&& f) {
+  switch (x.scalar_type()) {
+    case torch::kFloat32: f(x.data_ptr<float>()); break;
+    case torch::kFloat64: f(x.data_ptr<double>()); break;
+    case torch::kBFloat16: f(x.data_ptr<c10::BFloat16>()); break;
+    default: TORCH_CHECK(false, "unsupported dtype ", x.scalar_type());
+  }
+}
+
+std::tuple<Tensor, Tensor> norm_shift_forward(const Tensor& x, const Tensor& w, double eps,
+                                              int64_t shift, int64_t split,
+                                              c10::ScalarType out_dtype) {
+  check_norm_args(x, w, shift, split);
+  const int64_t b = x.size(0), n = x.size(1), d = x.size(2);
+  const bool f64 = x.scalar_type() == torch::kFloat64;
+  TORCH_CHECK(f64 ? out_dtype == torch::kFloat64
+                  : (out_dtype == torch::kFloat32 || out_dtype == torch::kBFloat16),
+              "norm_shift: results are float32 or bfloat16 (float64 for float64 x)");
+  Tensor y = torch::empty({b, n, d}, x.options().dtype(out_dtype));
+  Tensor rstd = torch::empty({b, n}, w.options());
+  with_x(x, [&](auto* xp) {
+    using x_t = std::remove_const_t<std::remove_pointer_t<decltype(xp)>>;
+    if constexpr (std::is_same_v<x_t, double>) {
+      norm_shift_fwd(xp, w.data_ptr<double>(), eps, b, n, d, shift, split, y.data_ptr<double>(),
+                     rstd.data_ptr<double>());
+    } else {
+      with_x(y, [&](auto* yp) {
+        using y_t = std::remove_pointer_t<decltype(yp)>;
+        if constexpr (!std::is_same_v<y_t, double>)
+          norm_shift_fwd(xp, w.data_ptr<float>(), eps, b, n, d, shift, split, yp,
+                         rstd.data_ptr<float>());
+      });
+    }
+  });
+  return {y, rstd};
+}
+
+std::tuple<Tensor, Tensor> norm_shift_backward(const Tensor& g, const Tensor& x, const Tensor& w,
+                                               const Tensor& rstd, int64_t shift, int64_t split) {
+  check_norm_args(x, w, shift, split);
+  TORCH_CHECK(g.sizes() == x.sizes() && g.is_contiguous(),
+              "norm_shift: the gradient must be contiguous and shaped like x");
+  const bool f64 = x.scalar_type() == torch::kFloat64;
+  TORCH_CHECK(f64 ? g.scalar_type() == torch::kFloat64
+                  : (g.scalar_type() == torch::kFloat32 || g.scalar_type() == torch::kBFloat16),
+              "norm_shift: gradients are float32 or bfloat16 (float64 for float64 x)");
+  TORCH_CHECK(rstd.scalar_type() == w.scalar_type() && rstd.numel() == x.size(0) * x.size(1),
+              "norm_shift: rstd must be the forward's");
+  const int64_t b = x.size(0), n = x.size(1), d = x.size(2);
+  Tensor gx = torch::empty_like(x);
+  Tensor gw = torch::empty_like(w);
+  with_x(x, [&](auto* xp) {
+    using x_t = std::remove_const_t<std::remove_pointer_t<decltype(xp)>>;
+    if constexpr (std::is_same_v<x_t, double>) {
+      norm_shift_bwd(g.data_ptr<double>(), xp, w.data_ptr<double>(), rstd.data_ptr<double>(), b,
+                     n, d, shift, split, gx.data_ptr<x_t>(), gw.data_ptr<double>());
+    } else {
+      with_x(g, [&](auto* gp) {
+        using g_t = std::remove_pointer_t<decltype(gp)>;
+        if constexpr (!std::is_same_v<g_t, double>)
+          norm_shift_bwd(gp, xp, w.data_ptr<float>(), rstd.data_ptr<float>(), b, n, d, shift,
+                         split, gx.data_ptr<x_t>(), gw.data_ptr<float>());
+      });
+    }
+  });
+  return {gx, gw};
+}
+
+// --- rotary ------------------------------------------------------------------------------
+// out = x cos + partner(x) sign sin, partner(x)[c] = x[c + h], partner(x)[c + h] = x[c],
+// sign -1 on the first half (h = r / 2). The backward is the transposed rotation:
+// gx[c] = g[c] cos[c] + g[c + h] sin[c + h], gx[c + h] = g[c + h] cos[c + h] - g[c] sin[c].
+template <typename T, bool kBackward>
+void rotary_impl(const Tensor& x, const Tensor& cos, const Tensor& sin, Tensor& y) {
+  using acc_t = typename Acc<T>::type;
+  const int64_t B = x.size(0), H = x.size(1), I = x.size(2), D = x.size(3), r = cos.size(1);
+  const int64_t h = r / 2;
+  const auto xs = x.strides(), ys = y.strides();
+  const T* xp = x.data_ptr<T>();
+  T* yp = y.data_ptr<T>();
+  const float* cp = cos.data_ptr<float>();
+  const float* sp = sin.data_ptr<float>();
+  at::parallel_for(0, B * H * I, 4 * kRowGrain, [&](int64_t r0, int64_t r1) {
+    std::vector<acc_t> buf(r);
+    for (int64_t row = r0; row < r1; row++) {
+      const int64_t i = row % I, bh = row / I, hh = bh % H, bb = bh / H;
+      const T* xr = xp + bb * xs[0] + hh * xs[1] + i * xs[2];
+      T* yr = yp + bb * ys[0] + hh * ys[1] + i * ys[2];
+      const float* cr = cp + i * r;
+      const float* sr = sp + i * r;
+      acc_t* a = buf.data();  // first halves of the pairs, then the second halves
+      acc_t* p = a + h;
+#pragma omp simd
+      for (int64_t c = 0; c < r; c++) a[c] = load<acc_t>(xr, c);
+#pragma omp simd
+      for (int64_t c = 0; c < h; c++) {
+        const acc_t x1 = a[c], x2 = p[c];
+        if (kBackward) {
+          store(yr, c, x1 * cr[c] + x2 * sr[c + h]);
+          store(yr, c + h, x2 * cr[c + h] - x1 * sr[c]);
+        } else {
+          store(yr, c, x1 * cr[c] - x2 * sr[c]);
+          store(yr, c + h, x2 * cr[c + h] + x1 * sr[c + h]);
+        }
+      }
+      for (int64_t c = r; c < D; c++) yr[c] = xr[c];
+    }
+  });
+}
+
+template <bool kBackward>
+Tensor rotary(const Tensor& x, const Tensor& cos, const Tensor& sin) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 4 && x.stride(3) == 1,
+              "rotary: x must be a (B, H, I, D) CPU tensor with a unit last stride");
+  TORCH_CHECK(cos.scalar_type() == torch::kFloat32 && sin.scalar_type() == torch::kFloat32 &&
+                  cos.is_contiguous() && sin.is_contiguous() && cos.dim() == 2 &&
+                  cos.sizes() == sin.sizes() && cos.size(0) == x.size(2) &&
+                  cos.size(1) % 2 == 0 && cos.size(1) <= x.size(3),
+              "rotary: cos/sin must be contiguous float32 (I, r) tables, r even and <= D");
+  Tensor y = torch::empty_like(x);  // the same memory layout as x
+  switch (x.scalar_type()) {
+    case torch::kFloat32: rotary_impl<float, kBackward>(x, cos, sin, y); break;
+    case torch::kFloat64: rotary_impl<double, kBackward>(x, cos, sin, y); break;
+    case torch::kBFloat16: rotary_impl<c10::BFloat16, kBackward>(x, cos, sin, y); break;
+    default: TORCH_CHECK(false, "rotary: x must be float32, float64 or bfloat16");
+  }
+  return y;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("norm_shift_forward", &norm_shift_forward);
+  m.def("norm_shift_backward", &norm_shift_backward);
+  m.def("rotary_forward", &rotary<false>);
+  m.def("rotary_backward", &rotary<true>);
+}

@@ -1,0 +1,107 @@
+"""C++ extensions of ``nn/csrc``, each built on first use and kept per machine.
+
+``torch.utils.cpp_extension.load`` compiles a source (a C++ compiler and ninja, which the
+``fused`` extra installs; ~30 s) into ``RETROLM_CACHE`` or ``~/.cache/retrolm``, one folder
+per source, source hash and torch version, so a changed source never meets an old build. If
+the build fails, the reason is logged once and callers take their ATen path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+log = logging.getLogger(__name__)
+
+__all__ = ["LazyExtension", "STALE_LOCK_S", "clear_stale_lock"]
+
+CSRC = Path(__file__).with_name("csrc")
+STALE_LOCK_S = 600  # a build takes ~30 s: a lock this old was left by a killed build
+FLAGS = ["-O3", "-march=native", "-fopenmp"]
+
+
+class LazyExtension:
+    """One extension: ``get()`` builds it on the first call, then returns the module, or
+    None (once a build failed, with one warning naming ``what`` and ``env``, the variable
+    that turns its users off)."""
+
+    def __init__(self, name: str, source: str, what: str, env: str) -> None:
+        self.name, self.source, self.what, self.env = name, CSRC / source, what, env
+        self._module: ModuleType | None = None
+        self._failed = False
+        self._lock = threading.Lock()
+
+    def get(self) -> ModuleType | None:
+        if self._module is not None or self._failed:
+            return self._module
+        with self._lock:
+            if self._module is None and not self._failed:
+                try:
+                    from torch.utils.cpp_extension import load
+
+                    _ninja_on_path()
+                    build = self.build_directory()
+                    clear_stale_lock(build)
+                    log.info("loading the %s (built once per machine, ~30 s)", self.what)
+                    self._module = load(
+                        name=self.name,
+                        sources=[str(self.source)],
+                        extra_cflags=FLAGS,
+                        extra_ldflags=["-fopenmp"],
+                        build_directory=str(build),
+                        verbose=False,
+                    )
+                except Exception as exc:  # no compiler, no ninja, a build error: ATen path
+                    self._failed = True
+                    log.warning(
+                        "%s unavailable (%s: %s); the ATen path runs instead. Install a C++ "
+                        "compiler and ninja to build them, or set %s=0 to silence this.",
+                        self.what,
+                        type(exc).__name__,
+                        str(exc).splitlines()[0] if str(exc) else "",
+                        self.env,
+                    )
+        return self._module
+
+    def build_directory(self) -> Path:
+        """``<cache>/<source stem>-torch<version>-<source sha1[:12]>``, created."""
+        digest = hashlib.sha1(self.source.read_bytes()).hexdigest()[:12]
+        root = Path(os.environ.get("RETROLM_CACHE", Path.home() / ".cache" / "retrolm"))
+        tag = f"{self.source.stem}-torch{torch.__version__.split('+')[0]}-{digest}"
+        path = root / tag
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+def clear_stale_lock(build: Path, max_age_s: float = STALE_LOCK_S) -> bool:
+    """torch's builder holds a ``lock`` file while it builds and waits, without end, while
+    one exists: a build killed midway would hang every later process. Removes a lock older
+    than ``max_age_s``; returns whether it did."""
+    lock = build / "lock"
+    try:
+        if time.time() - lock.stat().st_mtime > max_age_s:
+            lock.unlink()
+            log.warning("removed a stale build lock %s (a killed build left it)", lock)
+            return True
+    except FileNotFoundError:
+        pass
+    return False
+
+
+def _ninja_on_path() -> None:
+    """torch's builder runs ``ninja`` from PATH; the ``ninja`` wheel (the ``fused`` extra)
+    puts it next to the interpreter, which is not on PATH when a venv is not activated."""
+    if shutil.which("ninja") is None:
+        try:
+            import ninja  # type: ignore[import-not-found]
+        except ImportError:
+            return
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")

@@ -1,0 +1,216 @@
+"""The fused training kernels equal the composite ATen ops they stand for (to rounding), in
+values and gradients, and the models take them where they apply."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from retrolm import HierarchicalTransformer
+from retrolm.nn import RMSNorm, RotaryEmbedding, apply_rotary, fused_train, token_shift
+from retrolm.nn.fused_train import _NormShift, _Rotary
+from retrolm.nn.norms import LayerNorm
+
+ext = fused_train.extension()
+needs_ext = pytest.mark.skipif(ext is None, reason="the fused kernels could not be built here")
+
+
+@pytest.fixture
+def aten():
+    """Run the body with the fused kernels off (the composite reference)."""
+
+    class Switch:
+        def __enter__(self):
+            self.before = fused_train.set_enabled(False)
+
+        def __exit__(self, *exc):
+            fused_train.set_enabled(self.before)
+
+    return Switch()
+
+
+def _norm(d: int, seed: int = 0) -> RMSNorm:
+    torch.manual_seed(seed)
+    norm = RMSNorm(d)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(d))
+    return norm
+
+
+def _grads(fn, x: torch.Tensor, params, g: torch.Tensor):
+    x = x.detach().clone().requires_grad_()
+    out = fn(x)
+    grads = torch.autograd.grad(out, (x, *params), g.to(out.dtype))
+    return out, grads
+
+
+@needs_ext
+@pytest.mark.parametrize("shift", [0, 1, 3, 40])  # 40 > n: every shifted channel is zero
+def test_norm_shift_equals_norm_then_token_shift_fp32(aten, shift):
+    norm = _norm(24)
+    x = torch.randn(2, 33, 24)
+    g = torch.randn(2, 33, 24)
+
+    def f(t):
+        return fused_train.norm_shift(t, norm, shift)
+
+    out, grads = _grads(f, x, [norm.weight], g)
+    with aten:
+        ref, ref_grads = _grads(f, x, [norm.weight], g)
+    assert out.dtype is torch.float32
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    # and the reference is what it claims: the RMSNorm, then the token shift
+    torch.testing.assert_close(ref, token_shift(norm(x), (0, shift)))
+    if shift:  # the shifted half of the first `shift` rows is zero, the rest is not
+        assert (out[:, :shift, 12:] == 0).all()
+        assert shift > 33 or (out[:, shift:, 12:] != 0).all()
+
+
+@needs_ext
+def test_norm_shift_under_autocast_hands_bf16_to_the_matmul(aten):
+    norm = _norm(64)
+    x = torch.randn(1, 50, 64)
+    g = torch.randn(1, 50, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, grads = _grads(lambda t: fused_train.norm_shift(t, norm, 2), x, [norm.weight], g)
+    with aten:
+        ref, ref_grads = _grads(lambda t: fused_train.norm_shift(t, norm, 2), x, [norm.weight], g)
+    assert out.dtype is torch.bfloat16 and ref.dtype is torch.float32
+    # one rounding of the fp32 value: at most one bf16 step apart from casting the reference
+    torch.testing.assert_close(out.float(), ref.bfloat16().float(), rtol=8e-3, atol=1e-6)
+    g16 = g.bfloat16().float()  # the gradient the kernel received
+    with aten:
+        _, ref_grads = _grads(lambda t: fused_train.norm_shift(t, norm, 2), x, [norm.weight], g16)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@needs_ext
+def test_norm_shift_of_a_bf16_stream_stays_bf16(aten):
+    norm = _norm(32)
+    x = torch.randn(2, 20, 32).bfloat16()
+    g = torch.randn(2, 20, 32).bfloat16()
+    out, grads = _grads(lambda t: fused_train.norm_shift(t, norm, 4), x, [norm.weight], g)
+    with aten:
+        ref, ref_grads = _grads(lambda t: fused_train.norm_shift(t, norm, 4), x, [norm.weight], g)
+    assert out.dtype is ref.dtype is torch.bfloat16 and grads[0].dtype is torch.bfloat16
+    torch.testing.assert_close(out, ref, rtol=8e-3, atol=1e-2)
+    torch.testing.assert_close(grads[0], ref_grads[0], rtol=1.6e-2, atol=2e-2)
+    torch.testing.assert_close(grads[1], ref_grads[1], rtol=1e-3, atol=1e-3)
+
+
+@needs_ext
+@pytest.mark.parametrize("shift,split", [(0, 3), (2, 3), (1, 0), (3, 6)])
+def test_norm_shift_kernel_gradients_in_float64(shift, split):
+    x = torch.randn(2, 7, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda a, b: _NormShift.apply(a, b, 1e-6, shift, split, torch.float64), (x, w)
+    )
+
+
+def _rotary_input(dtype, layout: str) -> torch.Tensor:
+    base = torch.randn(2, 9, 3, 16).to(dtype)  # (b, i, h, d)
+    return base.transpose(1, 2) if layout == "heads-view" else base.transpose(1, 2).contiguous()
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("r", [16, 8])  # full and partial rotary
+@pytest.mark.parametrize("layout", ["heads-view", "contiguous"])
+def test_rotary_equals_the_composite(aten, dtype, r, layout):
+    cos, sin = RotaryEmbedding(r)(torch.arange(9))
+    x = _rotary_input(dtype, layout)
+    assert fused_train.rotary_applies(x, cos, sin, False)
+    g = torch.randn(x.shape).to(dtype)
+    out, (gx,) = _grads(lambda t: apply_rotary(t, cos, sin), x, [], g)
+    with aten:
+        ref, (ref_gx,) = _grads(lambda t: apply_rotary(t, cos, sin), x, [], g)
+    assert out.dtype is dtype and out.stride() == x.stride()  # the same layout
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype is torch.float32 else dict(rtol=8e-3, atol=2e-2)
+    torch.testing.assert_close(out, ref, **tol)
+    torch.testing.assert_close(gx, ref_gx, **tol)
+    assert torch.equal(out[..., r:], x[..., r:])  # unrotated channels pass through
+
+
+@needs_ext
+def test_rotary_kernel_gradients_in_float64():
+    cos, sin = RotaryEmbedding(8)(torch.arange(5))
+    x = torch.randn(1, 2, 5, 12, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: _Rotary.apply(t, cos, sin), (x,))
+
+
+def test_what_the_kernels_do_not_take_runs_the_composite():
+    cos, sin = RotaryEmbedding(8)(torch.arange(5))
+    x = torch.randn(1, 2, 5, 8)
+    assert not fused_train.rotary_applies(x, cos, sin, True)  # interleaved
+    assert not fused_train.rotary_applies(x.double(), cos, sin, False)
+    assert not fused_train.rotary_applies(x, cos[None], sin[None], False)  # (1, i, r) tables
+    assert not fused_train.rotary_applies(x.transpose(-1, -2), cos, sin, False)
+    ln = LayerNorm(8)
+    h = torch.randn(1, 5, 8)
+    torch.testing.assert_close(fused_train.norm_shift(h, ln, 1), token_shift(ln(h), (0, 1)))
+    norm = _norm(8)
+    h64 = h.double()
+    torch.testing.assert_close(
+        fused_train.norm_shift(h64, norm.double(), 1), token_shift(norm.double()(h64), (0, 1))
+    )
+
+
+def test_a_failed_build_falls_back_with_one_warning(monkeypatch, caplog):
+    import torch.utils.cpp_extension as cpp
+
+    def broken(**kwargs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(fused_train._EXT, "_module", None)
+    monkeypatch.setattr(fused_train._EXT, "_failed", False)
+    monkeypatch.setattr(cpp, "load", broken)
+    norm = _norm(8)
+    x = torch.randn(1, 4, 8, requires_grad=True)
+    with caplog.at_level(logging.WARNING, logger="retrolm.nn.extension"):
+        out = fused_train.norm_shift(x, norm, 1)
+        fused_train.norm_shift(x, norm, 1)
+    warnings = [r for r in caplog.records if "fused training kernels unavailable" in r.message]
+    assert len(warnings) == 1 and "RETROLM_FUSED_TRAIN=0" in warnings[0].getMessage()
+    torch.testing.assert_close(out, token_shift(norm(x), (0, 1)))
+
+
+HIER = dict(
+    num_tokens=64, dim=32, depth=2, heads=2, dim_head=16, seq_len=64,
+    hierarchies=(1, 2, 4), window_sizes=(8, 16, None),
+)  # fmt: skip
+
+
+@needs_ext
+@pytest.mark.parametrize("autocast", [False, True])
+def test_hierarchical_training_step_is_the_same_with_the_kernels(aten, monkeypatch, autocast):
+    torch.manual_seed(0)
+    model = HierarchicalTransformer(**HIER)
+    ids = torch.randint(0, 64, (2, 41))
+    calls = []
+    real = _NormShift.apply
+    monkeypatch.setattr(_NormShift, "apply", lambda *a: calls.append(1) or real(*a))
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss, _ = model(ids, return_loss=True)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    loss, grads = run()
+    assert len(calls) == 2 * 3 * 2 + 2  # two sub-layers per block, and each merge's norm
+    with aten:
+        ref_loss, ref_grads = run()
+    assert len(calls) == 14  # none with the kernels off
+    tol = dict(rtol=1e-4, atol=1e-5) if not autocast else dict(rtol=5e-2, atol=5e-3)
+    torch.testing.assert_close(loss, ref_loss, **tol)
+    worst = max(
+        ((a - b).norm() / b.norm().clamp_min(1e-12)).item() for a, b in zip(grads, ref_grads)
+    )
+    assert worst < (1e-4 if not autocast else 3e-2)
