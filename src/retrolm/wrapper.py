@@ -17,9 +17,9 @@ from __future__ import annotations
 import inspect
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from retrolm.nn.fused_train import cross_entropy
 from retrolm.nn.kv_cache import as_float_dtype, prefill
 from retrolm.sampling import sample_next
 
@@ -58,9 +58,8 @@ class AutoregressiveWrapper(nn.Module):
             kwargs["input_mask"] = mask[:, : inp.shape[1]]
             labels = labels.masked_fill(~mask[:, 1 : inp.shape[1] + 1], self.ignore_index)
         logits, aux = split_output(self.net(inp, **kwargs))
-        loss = F.cross_entropy(
-            logits.transpose(1, 2).float(), labels, ignore_index=self.ignore_index
-        )
+        v = logits.shape[-1]
+        loss = cross_entropy(logits.reshape(-1, v), labels.reshape(-1), self.ignore_index)
         return loss + aux.sum() if aux is not None else loss
 
     def update_kmeans(self) -> None:

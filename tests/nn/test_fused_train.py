@@ -10,7 +10,7 @@ import torch
 
 from retrolm import HierarchicalTransformer
 from retrolm.nn import RMSNorm, RotaryEmbedding, apply_rotary, fused_train, token_shift
-from retrolm.nn.fused_train import _NormShift, _Rotary
+from retrolm.nn.fused_train import _CrossEntropy, _NormShift, _Rotary
 from retrolm.nn.norms import LayerNorm
 
 ext = fused_train.extension()
@@ -142,6 +142,37 @@ def test_rotary_kernel_gradients_in_float64():
     cos, sin = RotaryEmbedding(8)(torch.arange(5))
     x = torch.randn(1, 2, 5, 12, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: _Rotary.apply(t, cos, sin), (x,))
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cross_entropy_equals_F_cross_entropy(aten, dtype):
+    torch.manual_seed(0)
+    logits = (torch.randn(300, 37) * 4).to(dtype)
+    labels = torch.randint(0, 37, (300,))
+    labels[::5] = -100  # ignored rows carry neither loss nor gradient
+    out, (g,) = _grads(lambda t: fused_train.cross_entropy(t, labels), logits, [], torch.ones(()))
+    with aten:
+        ref, (ref_g,) = _grads(
+            lambda t: fused_train.cross_entropy(t, labels), logits, [], torch.ones(())
+        )
+    assert out.dtype is torch.float32 and g.dtype is dtype
+    torch.testing.assert_close(ref, torch.nn.functional.cross_entropy(logits.float(), labels))
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    tol = dict(rtol=1e-5, atol=1e-7) if dtype is torch.float32 else dict(rtol=8e-3, atol=1e-6)
+    torch.testing.assert_close(g, ref_g, **tol)
+    assert (g[::5] == 0).all() and (g[1::5] != 0).all()
+    # every label ignored: nan, as F.cross_entropy gives
+    assert fused_train.cross_entropy(logits, torch.full((300,), -100)).isnan()
+
+
+@needs_ext
+def test_cross_entropy_kernel_gradients_in_float64():
+    logits = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 4, -100, 2, 2, 1])
+    assert torch.autograd.gradcheck(lambda t: _CrossEntropy.apply(t, labels, -100), (logits,))
+    with pytest.raises(RuntimeError, match="label 7 outside"):
+        _CrossEntropy.apply(logits, torch.tensor([0, 7, 1, 1, 1, 1]), -100)
 
 
 def test_what_the_kernels_do_not_take_runs_the_composite():

@@ -59,6 +59,7 @@ from retrolm.nn import (
     Residual,
     RotaryEmbedding,
     attention_backend,
+    cross_entropy,
     fused_decode,
     make_norm,
     norm_shift,
@@ -372,9 +373,7 @@ class HierarchicalTransformer(nn.Module):
         cfg = self.config
         # class dim last and contiguous: log-softmax along rows, no strided (b, V, n) view
         v = logits.shape[-1]
-        ce = F.cross_entropy(
-            logits.reshape(-1, v).float(), labels.reshape(-1), ignore_index=cfg.ignore_index
-        )
+        ce = cross_entropy(logits.reshape(-1, v), labels.reshape(-1), cfg.ignore_index)
         zero = ce.new_zeros(())
         recon = sum((self._recon_loss(int(k), embeds[int(k)], ids) for k in self.recon_heads), zero)
         ar = sum((self._ar_loss(int(k), embeds[int(k)]) for k in self.ar_heads), zero)
@@ -392,9 +391,7 @@ class HierarchicalTransformer(nn.Module):
         targets = padded.unfold(1, c, s)  # (b, m, c)
         logits = self.recon_heads[str(k)](h)  # (b, m, c * V): V innermost, as targets (c)
         logits = logits.reshape(-1, logits.shape[-1] // c)  # (b m c, V): a view
-        return F.cross_entropy(
-            logits.float(), targets.reshape(-1), ignore_index=self.config.ignore_index
-        )
+        return cross_entropy(logits, targets.reshape(-1), self.config.ignore_index)
 
     def _ar_loss(self, k: int, h: Tensor) -> Tensor:
         """Compressed token j predicts token j + 1 of its stream: 1 - cosine similarity."""

@@ -3,7 +3,7 @@
 from retrolm.nn.attention import attend, attention_backend, reference_attend
 from retrolm.nn.decode_linear import DecodeLinear
 from retrolm.nn.feedforward import FeedForward
-from retrolm.nn.fused_train import norm_shift
+from retrolm.nn.fused_train import cross_entropy, norm_shift
 from retrolm.nn.kmeans import SphericalKMeans, update_kmeans
 from retrolm.nn.kv_cache import KVCache, cast_cache, prefill
 from retrolm.nn.layer_drop import layer_drop_keep
@@ -38,6 +38,7 @@ __all__ = [
     "attention_backend",
     "causal_mask",
     "combine",
+    "cross_entropy",
     "deepnet_constants",
     "deepnet_init_",
     "key_padding_mask",

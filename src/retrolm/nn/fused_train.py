@@ -3,7 +3,7 @@
 In a bf16 training step on a CPU the matmuls already run near the machine's rate; much of
 the rest is short elementwise passes, each a read and a write of a full activation plus a
 kernel launch, and twice that in the backward. ``csrc/train_kernels.cpp`` (built on first
-use, ``nn.extension``) does two of them in one pass each way:
+use, ``nn.extension``) does three of them in one pass each way:
 
 - ``norm_shift(x, norm, shift)``: ``token_shift(norm(x), (0, shift))`` for an ``RMSNorm``,
   returned directly in the dtype the next matmul reads (bf16 under CPU autocast), so the
@@ -13,6 +13,12 @@ use, ``nn.extension``) does two of them in one pass each way:
 - ``rotary(x, cos, sin)``: ``apply_rotary`` (half layout, (i, r) tables) of a
   (b, h, i, d) tensor of any layout, fp32 math, one rounding to x's dtype. 0.53 -> 0.10 ms
   forward + backward at (8, 4, 128, 64) bf16.
+- ``cross_entropy(logits, labels)``: ``F.cross_entropy(logits.float(), labels)`` for (N, V)
+  logits without the fp32 copy or the stored log-softmax; the backward writes softmax minus
+  one-hot in the logits' dtype. 5.6 -> 3.0 ms forward + backward at (8192, 256) bf16.
+
+(An exact GELU written the same way was no faster than ATen's: it is bound by its erf
+polynomial, not by memory.)
 
 Each falls back to the composite ATen ops (the reference, and what runs off CPU, in
 float64, without the extension, or with ``RETROLM_FUSED_TRAIN=0``). Values agree with it
@@ -25,13 +31,22 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from retrolm.nn.extension import LazyExtension
 from retrolm.nn.norms import RMSNorm
 from retrolm.nn.token_shift import token_shift
 
-__all__ = ["enabled", "extension", "norm_shift", "rotary", "rotary_applies", "set_enabled"]
+__all__ = [
+    "cross_entropy",
+    "enabled",
+    "extension",
+    "norm_shift",
+    "rotary",
+    "rotary_applies",
+    "set_enabled",
+]
 
 _EXT = LazyExtension(
     "retrolm_train_kernels", "train_kernels.cpp", "fused training kernels", "RETROLM_FUSED_TRAIN"
@@ -147,3 +162,37 @@ def rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """``apply_rotary(x, cos, sin)`` in one pass each way (check ``rotary_applies`` first):
     x (b, h, i, d) -> the same shape, dtype and memory layout."""
     return _Rotary.apply(x, cos, sin)
+
+
+class _CrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, labels, ignore_index: int):
+        rows, lse = extension().cross_entropy_forward(logits, labels, ignore_index)
+        count = (labels != ignore_index).sum()
+        ctx.save_for_backward(logits, labels, lse, count)
+        ctx.ignore_index = ignore_index
+        return rows.sum() / count  # (0 / 0 = nan when every label is ignored, as F's)
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, labels, lse, count = ctx.saved_tensors
+        scale = (grad.to(lse.dtype) / count).expand(labels.shape[0]).contiguous()
+        gx = extension().cross_entropy_backward(scale, logits, labels, lse, ctx.ignore_index)
+        return gx, None, None
+
+
+def cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
+    """``F.cross_entropy(logits.float(), labels, ignore_index=...)`` (mean over counted
+    labels) for (N, V) logits: on CPU one pass forward (log-sum-exp per row, fp32) and one
+    backward that writes softmax minus one-hot straight in the logits' dtype, with no fp32
+    copy of bf16 logits and no stored log-softmax."""
+    if (
+        _enabled
+        and logits.dim() == 2
+        and logits.dtype in (torch.float32, torch.bfloat16)
+        and logits.is_cpu
+        and labels.dtype is torch.int64
+        and extension() is not None
+    ):
+        return _CrossEntropy.apply(logits.contiguous(), labels.contiguous(), ignore_index)
+    return F.cross_entropy(logits.float(), labels, ignore_index=ignore_index)

@@ -9,6 +9,9 @@
 //   rotary_forward / _backward  rotary embedding, "half" layout (channel c pairs with
 //       c + r/2), of x (B, H, I, D) with any strides but a unit last one, by (I, r) fp32
 //       cos/sin tables; channels [r, D) pass through.
+//   cross_entropy_forward / _backward  per-row log-softmax cross-entropy of (N, V) logits
+//       with an ignore label: the loss and log-sum-exp per row, then softmax minus one-hot
+//       written straight in the logits' dtype.
 //
 // Arithmetic in float32 (float64 for float64 inputs); bfloat16 results are rounded to
 // nearest even once, as a cast of the float32 value would be.
@@ -63,6 +66,33 @@ template <typename T> struct Acc { using type = float; };
 template <> struct Acc<double> { using type = double; };
 
 constexpr int64_t kRowGrain = 8;  // rows per task
+
+// exp(x) for float in plain arithmetic, so that loops over it vectorise (std::exp does not
+// without -ffast-math): x = k ln2 + r, |r| <= ln2 / 2, exp(r) by the degree-6 minimax
+// polynomial of the Cephes library's expf (about 1 ulp), times 2^k built in the exponent
+// bits; 0 below -87.3 (where float's normal range ends), a large finite value above 88.7.
+// Written without branches around arithmetic (selects of computed values only): with
+// -ftrapping-math, the default, gcc would not vectorise a branch that might trap.
+inline float exp_f(float x) {
+  const float xc = x < -87.3f ? -87.3f : (x > 88.7f ? 88.7f : x);
+  // k = round(x / ln2) by adding and taking away 1.5 * 2^23 (exact for |k| < 2^22)
+  const float k = (xc * 1.44269504088896341f + 12582912.f) - 12582912.f;
+  const int32_t ki = static_cast<int32_t>(k);
+  const float r = xc - k * 0.693359375f + k * 2.12194440e-4f;  // ln2 in two parts
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (ki + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  const float e = p * scale;
+  return x < -87.3f ? 0.f : e;
+}
+inline double exp_f(double x) { return std::exp(x); }
 
 // --- RMSNorm + token shift ------------------------------------------------------------
 // x_t: the input (float, double or bf16); w_t: the weight and the statistics' type (float,
@@ -296,6 +326,92 @@ Tensor rotary(const Tensor& x, const Tensor& cos, const Tensor& sin) {
   return y;
 }
 
+// --- cross-entropy over rows of logits ---------------------------------------------------
+// forward: (per-row loss lse - logit[label], 0 where label == ignore; per-row lse), in float32
+// (float64 for float64 logits); backward: dlogits = (softmax - onehot) * scale[row], in the
+// logits' dtype (scale: d loss / d row loss, 0 for ignored rows)
+template <typename T>
+void ce_fwd(const T* x, const int64_t* labels, int64_t ignore, int64_t rows, int64_t V,
+            typename Acc<T>::type* loss, typename Acc<T>::type* lse) {
+  using acc_t = typename Acc<T>::type;
+  at::parallel_for(0, rows, kRowGrain, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; r++) {
+      const T* xr = x + r * V;
+      acc_t m = load<acc_t>(xr, 0);
+      for (int64_t c = 1; c < V; c++) m = std::max(m, load<acc_t>(xr, c));
+      acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t c = 0; c < V; c++) sum += exp_f(load<acc_t>(xr, c) - m);
+      lse[r] = m + std::log(sum);
+      const int64_t lab = labels[r];
+      if (lab == ignore) {
+        loss[r] = 0;
+      } else {
+        TORCH_CHECK(lab >= 0 && lab < V, "cross_entropy: label ", lab, " outside [0, ", V, ")");
+        loss[r] = lse[r] - load<acc_t>(xr, lab);
+      }
+    }
+  });
+}
+
+template <typename T>
+void ce_bwd(const typename Acc<T>::type* scale, const T* x, const int64_t* labels, int64_t ignore,
+            const typename Acc<T>::type* lse, int64_t rows, int64_t V, T* gx) {
+  using acc_t = typename Acc<T>::type;
+  at::parallel_for(0, rows, kRowGrain, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; r++) {
+      const T* xr = x + r * V;
+      T* gr = gx + r * V;
+      const acc_t sc = labels[r] == ignore ? acc_t(0) : scale[r], l = lse[r];
+#pragma omp simd
+      for (int64_t c = 0; c < V; c++) store(gr, c, exp_f(load<acc_t>(xr, c) - l) * sc);
+      if (labels[r] != ignore) store(gr, labels[r], (exp_f(load<acc_t>(xr, labels[r]) - l) - 1) * sc);
+    }
+  });
+}
+
+void check_ce_args(const Tensor& logits, const Tensor& labels) {
+  TORCH_CHECK(logits.device().is_cpu() && logits.dim() == 2 && logits.is_contiguous() &&
+                  logits.size(1) > 0,
+              "cross_entropy: logits must be a contiguous (N, V) CPU tensor");
+  TORCH_CHECK(labels.scalar_type() == torch::kInt64 && labels.is_contiguous() && labels.dim() == 1 &&
+                  labels.size(0) == logits.size(0),
+              "cross_entropy: labels must be a contiguous (N,) int64 tensor");
+}
+
+std::tuple<Tensor, Tensor> cross_entropy_forward(const Tensor& logits, const Tensor& labels,
+                                                 int64_t ignore) {
+  check_ce_args(logits, labels);
+  const int64_t N = logits.size(0), V = logits.size(1);
+  const auto acc = logits.scalar_type() == torch::kFloat64 ? torch::kFloat64 : torch::kFloat32;
+  Tensor loss = torch::empty({N}, logits.options().dtype(acc));
+  Tensor lse = torch::empty({N}, logits.options().dtype(acc));
+  with_x(logits, [&](auto* xp) {
+    using x_t = std::remove_pointer_t<decltype(xp)>;
+    using acc_t = typename Acc<x_t>::type;
+    ce_fwd(xp, labels.data_ptr<int64_t>(), ignore, N, V, loss.data_ptr<acc_t>(),
+           lse.data_ptr<acc_t>());
+  });
+  return {loss, lse};
+}
+
+Tensor cross_entropy_backward(const Tensor& scale, const Tensor& logits, const Tensor& labels,
+                              const Tensor& lse, int64_t ignore) {
+  check_ce_args(logits, labels);
+  TORCH_CHECK(scale.is_contiguous() && scale.numel() == logits.size(0) &&
+                  scale.scalar_type() == lse.scalar_type(),
+              "cross_entropy: scale must be a contiguous (N,) tensor of lse's dtype");
+  const int64_t N = logits.size(0), V = logits.size(1);
+  Tensor gx = torch::empty_like(logits);
+  with_x(logits, [&](auto* xp) {
+    using x_t = std::remove_pointer_t<decltype(xp)>;
+    using acc_t = typename Acc<x_t>::type;
+    ce_bwd(scale.data_ptr<acc_t>(), xp, labels.data_ptr<int64_t>(), ignore,
+           lse.data_ptr<acc_t>(), N, V, gx.data_ptr<x_t>());
+  });
+  return gx;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -303,4 +419,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("norm_shift_backward", &norm_shift_backward);
   m.def("rotary_forward", &rotary<false>);
   m.def("rotary_backward", &rotary<true>);
+  m.def("cross_entropy_forward", &cross_entropy_forward);
+  m.def("cross_entropy_backward", &cross_entropy_backward);
 }
