@@ -133,7 +133,8 @@ class SubsequenceAttention(nn.Module):
             rot = self.rotary.span(index // a, 1, h.device)  # cached table rows
             return self.attn(h, cache=state.kv[index % a], q_rotary=rot, k_rotary=rot)
         m = h.shape[1]
-        h = F.pad(h, (0, 0, 0, (-m) % a))  # right padding: future positions only
+        if m % a:
+            h = F.pad(h, (0, 0, 0, (-m) % a))  # right padding: future positions only
         h = rearrange(h, "b (q a) d -> (b a) q d", a=a)
         rot = self.rotary(torch.arange(h.shape[1], device=h.device))
         k, v = self.attn.project_kv(h, rot)  # ((b a), g, q, dh)
