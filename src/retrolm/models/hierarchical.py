@@ -125,17 +125,21 @@ class SubsequenceAttention(nn.Module):
         shifted: bool = False,
     ) -> Tensor:  # (b, m, d) normed stream -> (b, m, d)
         """``shifted``: h is already token-shifted (``HierarchicalBlock`` did it with the
-        norm, ``nn.fused_train.norm_shift``)."""
+        norm, ``nn.fused_train.norm_shift``), and, when a > 1, already split into its
+        sub-sequences, ((b a), m / a, d)."""
         if not shifted:
             h = _shift(h, self.shifts, state, self.slot)
         a = self.axial
         if index is not None:  # one new token: stream index ``index``
             rot = self.rotary.span(index // a, 1, h.device)  # cached table rows
             return self.attn(h, cache=state.kv[index % a], q_rotary=rot, k_rotary=rot)
-        m = h.shape[1]
-        if m % a:
-            h = F.pad(h, (0, 0, 0, (-m) % a))  # right padding: future positions only
-        h = rearrange(h, "b (q a) d -> (b a) q d", a=a)
+        if shifted:
+            m = h.shape[1] * a
+        else:
+            m = h.shape[1]
+            if m % a:
+                h = F.pad(h, (0, 0, 0, (-m) % a))  # right padding: future positions only
+            h = rearrange(h, "b (q a) d -> (b a) q d", a=a)
         rot = self.rotary(torch.arange(h.shape[1], device=h.device))
         k, v = self.attn.project_kv(h, rot)  # ((b a), g, q, dh)
         out = self.attn(h, kv=(k, v), q_rotary=rot)
@@ -211,16 +215,23 @@ class HierarchicalBlock(nn.Module):
     def _sublayer(res: Residual, x: Tensor, state: BlockState | None, index: int | None):
         """x + fn(token_shift(norm(x))); over whole sequences (training, a prompt) the norm
         and the shift are one ``norm_shift`` call, which under autocast also hands the
-        matmuls their bf16 input. A prompt's state keeps the last normed rows, as
-        ``token_shift_cached`` would."""
-        fn = res.fn
-        if index is not None or (state is not None and getattr(state, fn.slot) is not None):
-            return res(x, state=state, index=index)  # a step: the cached shift
-        a = fn.shifts[1]
+        matmuls their bf16 input and, for attention, writes each sub-sequence into its own
+        rows. A prompt's state keeps the last normed rows, as ``token_shift_cached`` would.
+        Steps, and attention over a length its sub-sequences do not divide, take the
+        modules' own path."""
+        fn, a = res.fn, res.fn.shifts[1]  # (the shift distance is the sub-sequence count)
+        attention = isinstance(fn, SubsequenceAttention)
+        if (
+            index is not None
+            or (state is not None and getattr(state, fn.slot) is not None)
+            or (attention and x.shape[1] % a)
+        ):
+            return res(x, state=state, index=index)
         if state is not None:
             rows = res.norm(x[:, -a:])  # (b, <= a, d): zeros before the start
             setattr(state, fn.slot, F.pad(rows, (0, 0, a - rows.shape[1], 0)))
-        return x + fn(norm_shift(x, res.norm, a), state=state, index=index, shifted=True)
+        h = norm_shift(x, res.norm, a, axial=a if attention else 1)
+        return x + fn(h, state=state, shifted=True)
 
 
 class HierarchicalTransformer(nn.Module):

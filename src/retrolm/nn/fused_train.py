@@ -32,6 +32,7 @@ import os
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 
 from retrolm.nn.extension import LazyExtension
@@ -82,10 +83,10 @@ def _out_dtype(x: Tensor) -> torch.dtype:
 
 class _NormShift(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, eps: float, shift: int, split: int, out_dtype):
-        y, rstd = extension().norm_shift_forward(x, weight, eps, shift, split, out_dtype)
+    def forward(ctx, x, weight, eps: float, shift: int, split: int, out_dtype, axial: int = 1):
+        y, rstd = extension().norm_shift_forward(x, weight, eps, shift, split, out_dtype, axial)
         ctx.save_for_backward(x, weight, rstd)
-        ctx.shift, ctx.split = shift, split
+        ctx.shift, ctx.split, ctx.axial = shift, split, axial
         return y
 
     @staticmethod
@@ -94,17 +95,23 @@ class _NormShift(torch.autograd.Function):
         if grad.dtype not in (torch.bfloat16, x.dtype):
             grad = grad.to(x.dtype)
         gx, gw = extension().norm_shift_backward(
-            grad.contiguous(), x, weight, rstd, ctx.shift, ctx.split
+            grad.contiguous(), x, weight, rstd, ctx.shift, ctx.split, ctx.axial
         )
-        return gx, gw, None, None, None, None
+        return gx, gw, None, None, None, None, None
 
 
-def norm_shift(x: Tensor, norm: nn.Module, shift: int) -> Tensor:
+def norm_shift(x: Tensor, norm: nn.Module, shift: int, axial: int = 1) -> Tensor:
     """``token_shift(norm(x), (0, shift))`` for x (b, n, d) and an ``RMSNorm``: channels
     ``[d // 2, d)`` of position t come from the normed position t - shift (zeros before the
     start). x float32 or bfloat16 (a compressed stream under autocast). Under CPU bf16
     autocast the result is bf16 (what the next matmul reads; the same values as casting the
-    composite's fp32 result), else x's dtype."""
+    composite's fp32 result), else x's dtype.
+
+    ``axial`` a > 1 (n a multiple of a): the result comes as ``rearrange(out,
+    "b (q a) d -> (b a) q d")``, each of the a interleaved sub-sequences contiguous, written
+    in that order by the kernel instead of copied there afterwards."""
+    if axial < 1 or x.shape[-2] % axial:
+        raise ValueError(f"axial must be >= 1 and divide the length {x.shape[-2]}, got {axial}")
     w = norm.weight
     if (
         _enabled
@@ -117,9 +124,12 @@ def norm_shift(x: Tensor, norm: nn.Module, shift: int) -> Tensor:
         and extension() is not None
     ):
         split = x.shape[-1] // 2  # token_shift's two groups
-        return _NormShift.apply(x.contiguous(), w, norm.eps, shift, split, _out_dtype(x))
+        return _NormShift.apply(
+            x.contiguous(), w, norm.eps, shift, split, _out_dtype(x), axial
+        )
     out = norm(x)
-    return out if shift == 0 else token_shift(out, (0, shift))
+    out = out if shift == 0 else token_shift(out, (0, shift))
+    return out if axial == 1 else rearrange(out, "b (q a) d -> (b a) q d", a=axial)
 
 
 class _Rotary(torch.autograd.Function):

@@ -5,7 +5,9 @@
 //       float32 weight, or float64 throughout), then a token shift: channels
 //       [split, d) of position t take the normed row t - shift (zeros for t < shift), the
 //       others their own row; the result in any of float32 / float64 / bfloat16 (the dtype
-//       the next matmul reads under autocast, so no separate cast), 1/rms saved per row.
+//       the next matmul reads under autocast, so no separate cast), optionally written in
+//       the sub-sequence-major layout of `axial` interleaved sub-sequences; 1/rms saved
+//       per row.
 //   rotary_forward / _backward  rotary embedding, "half" layout (channel c pairs with
 //       c + r/2), of x (B, H, I, D) with any strides but a unit last one, by (I, r) fp32
 //       cos/sin tables; channels [r, D) pass through.
@@ -95,11 +97,20 @@ inline float exp_f(float x) {
 inline double exp_f(double x) { return std::exp(x); }
 
 // --- RMSNorm + token shift ------------------------------------------------------------
+// Row of the result that input row r = (sequence i, position t) goes to: r itself, or with
+// `axial` a > 1 the sub-sequence-major layout (i a + t mod a, t / a) of a (b a, n / a, d)
+// result, the interleaved sub-sequences of the hierarchical model's streams.
+inline int64_t out_row(int64_t r, int64_t n, int64_t axial) {
+  if (axial == 1) return r;
+  const int64_t i = r / n, t = r % n;
+  return (i * axial + t % axial) * (n / axial) + t / axial;
+}
+
 // x_t: the input (float, double or bf16); w_t: the weight and the statistics' type (float,
 // or double for double x); out_t / g_t: the result's and its gradient's type.
 template <typename x_t, typename w_t, typename out_t>
 void norm_shift_fwd(const x_t* x, const w_t* w, double eps, int64_t b, int64_t n, int64_t d,
-                    int64_t shift, int64_t split, out_t* y, w_t* rstd) {
+                    int64_t shift, int64_t split, int64_t axial, out_t* y, w_t* rstd) {
   using acc_t = w_t;
   const int64_t rows = b * n;
   at::parallel_for(0, rows, 4 * kRowGrain, [&](int64_t r0, int64_t r1) {
@@ -115,7 +126,7 @@ void norm_shift_fwd(const x_t* x, const w_t* w, double eps, int64_t b, int64_t n
     for (int64_t r = r0; r < r1; r++) {
       const int64_t t = r % n;
       const x_t* xr = x + r * d;
-      out_t* yr = y + r * d;
+      out_t* yr = y + out_row(r, n, axial) * d;
       const acc_t s0 = rstd[r];
 #pragma omp simd
       for (int64_t c = 0; c < split; c++) store(yr, c, load<acc_t>(xr, c) * s0 * w[c]);
@@ -135,7 +146,8 @@ void norm_shift_fwd(const x_t* x, const w_t* w, double eps, int64_t b, int64_t n
 // grad of x and of w; g (b, n, d) is the gradient of the shifted output
 template <typename x_t, typename w_t, typename g_t>
 void norm_shift_bwd(const g_t* g, const x_t* x, const w_t* w, const w_t* rstd, int64_t b,
-                    int64_t n, int64_t d, int64_t shift, int64_t split, x_t* gx, w_t* gw) {
+                    int64_t n, int64_t d, int64_t shift, int64_t split, int64_t axial, x_t* gx,
+                    w_t* gw) {
   using acc_t = w_t;
   const int64_t rows = b * n;
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(rows, 4 * at::get_num_threads()));
@@ -146,13 +158,13 @@ void norm_shift_bwd(const g_t* g, const x_t* x, const w_t* w, const w_t* rstd, i
       acc_t* pk = part.data() + k * d;
       for (int64_t r = k * rows / chunks; r < (k + 1) * rows / chunks; r++) {
         const int64_t t = r % n;
-        const g_t* gr = g + r * d;
+        const g_t* gr = g + out_row(r, n, axial) * d;
         // the gradient reaching normed row r: its own first channels, and the shifted
         // channels of the row `shift` later (none past the end)
 #pragma omp simd
         for (int64_t c = 0; c < split; c++) gy[c] = load<acc_t>(gr, c);
         if (t + shift < n) {
-          const g_t* gl = g + (r + shift) * d;
+          const g_t* gl = g + out_row(r + shift, n, axial) * d;
 #pragma omp simd
           for (int64_t c = split; c < d; c++) gy[c] = load<acc_t>(gl, c);
         } else {
@@ -182,7 +194,8 @@ void norm_shift_bwd(const g_t* g, const x_t* x, const w_t* w, const w_t* rstd, i
   }
 }
 
-void check_norm_args(const Tensor& x, const Tensor& w, int64_t shift, int64_t split) {
+void check_norm_args(const Tensor& x, const Tensor& w, int64_t shift, int64_t split,
+                     int64_t axial) {
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 3 && x.is_contiguous(),
               "norm_shift: x must be a contiguous (b, n, d) CPU tensor");
   const bool f64 = x.scalar_type() == torch::kFloat64;
@@ -193,6 +206,8 @@ void check_norm_args(const Tensor& x, const Tensor& w, int64_t shift, int64_t sp
               "norm_shift: weight must be a contiguous (d,) float32 tensor (float64 for float64 x)");
   TORCH_CHECK(shift >= 0 && split >= 0 && split <= x.size(2),
               "norm_shift: need shift >= 0 and 0 <= split <= d");
+  TORCH_CHECK(axial >= 1 && x.size(1) % axial == 0,
+              "norm_shift: axial must be >= 1 and divide the sequence length");
 }
 
 // calls f(x_t*) with x's data as its C++ type (float, double or bf16)
@@ -208,25 +223,25 @@ void with_x(const Tensor& x, F&& f) {
 
 std::tuple<Tensor, Tensor> norm_shift_forward(const Tensor& x, const Tensor& w, double eps,
                                               int64_t shift, int64_t split,
-                                              c10::ScalarType out_dtype) {
-  check_norm_args(x, w, shift, split);
+                                              c10::ScalarType out_dtype, int64_t axial) {
+  check_norm_args(x, w, shift, split, axial);
   const int64_t b = x.size(0), n = x.size(1), d = x.size(2);
   const bool f64 = x.scalar_type() == torch::kFloat64;
   TORCH_CHECK(f64 ? out_dtype == torch::kFloat64
                   : (out_dtype == torch::kFloat32 || out_dtype == torch::kBFloat16),
               "norm_shift: results are float32 or bfloat16 (float64 for float64 x)");
-  Tensor y = torch::empty({b, n, d}, x.options().dtype(out_dtype));
+  Tensor y = torch::empty({b * axial, n / axial, d}, x.options().dtype(out_dtype));
   Tensor rstd = torch::empty({b, n}, w.options());
   with_x(x, [&](auto* xp) {
     using x_t = std::remove_const_t<std::remove_pointer_t<decltype(xp)>>;
     if constexpr (std::is_same_v<x_t, double>) {
-      norm_shift_fwd(xp, w.data_ptr<double>(), eps, b, n, d, shift, split, y.data_ptr<double>(),
-                     rstd.data_ptr<double>());
+      norm_shift_fwd(xp, w.data_ptr<double>(), eps, b, n, d, shift, split, axial,
+                     y.data_ptr<double>(), rstd.data_ptr<double>());
     } else {
       with_x(y, [&](auto* yp) {
         using y_t = std::remove_pointer_t<decltype(yp)>;
         if constexpr (!std::is_same_v<y_t, double>)
-          norm_shift_fwd(xp, w.data_ptr<float>(), eps, b, n, d, shift, split, yp,
+          norm_shift_fwd(xp, w.data_ptr<float>(), eps, b, n, d, shift, split, axial, yp,
                          rstd.data_ptr<float>());
       });
     }
@@ -235,10 +250,11 @@ std::tuple<Tensor, Tensor> norm_shift_forward(const Tensor& x, const Tensor& w, 
 }
 
 std::tuple<Tensor, Tensor> norm_shift_backward(const Tensor& g, const Tensor& x, const Tensor& w,
-                                               const Tensor& rstd, int64_t shift, int64_t split) {
-  check_norm_args(x, w, shift, split);
-  TORCH_CHECK(g.sizes() == x.sizes() && g.is_contiguous(),
-              "norm_shift: the gradient must be contiguous and shaped like x");
+                                               const Tensor& rstd, int64_t shift, int64_t split,
+                                               int64_t axial) {
+  check_norm_args(x, w, shift, split, axial);
+  TORCH_CHECK(g.numel() == x.numel() && g.size(-1) == x.size(2) && g.is_contiguous(),
+              "norm_shift: the gradient must be contiguous and shaped like the result");
   const bool f64 = x.scalar_type() == torch::kFloat64;
   TORCH_CHECK(f64 ? g.scalar_type() == torch::kFloat64
                   : (g.scalar_type() == torch::kFloat32 || g.scalar_type() == torch::kBFloat16),
@@ -252,13 +268,13 @@ std::tuple<Tensor, Tensor> norm_shift_backward(const Tensor& g, const Tensor& x,
     using x_t = std::remove_const_t<std::remove_pointer_t<decltype(xp)>>;
     if constexpr (std::is_same_v<x_t, double>) {
       norm_shift_bwd(g.data_ptr<double>(), xp, w.data_ptr<double>(), rstd.data_ptr<double>(), b,
-                     n, d, shift, split, gx.data_ptr<x_t>(), gw.data_ptr<double>());
+                     n, d, shift, split, axial, gx.data_ptr<x_t>(), gw.data_ptr<double>());
     } else {
       with_x(g, [&](auto* gp) {
         using g_t = std::remove_pointer_t<decltype(gp)>;
         if constexpr (!std::is_same_v<g_t, double>)
           norm_shift_bwd(gp, xp, w.data_ptr<float>(), rstd.data_ptr<float>(), b, n, d, shift,
-                         split, gx.data_ptr<x_t>(), gw.data_ptr<float>());
+                         split, axial, gx.data_ptr<x_t>(), gw.data_ptr<float>());
       });
     }
   });
