@@ -113,7 +113,7 @@ void norm_shift_fwd(const x_t* x, const w_t* w, double eps, int64_t b, int64_t n
                     int64_t shift, int64_t split, int64_t axial, out_t* y, w_t* rstd) {
   using acc_t = w_t;
   const int64_t rows = b * n;
-  at::parallel_for(0, rows, 4 * kRowGrain, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, rows, 4 * kRowGrain, [=](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; r++) {
       const x_t* xr = x + r * d;
       acc_t ss = 0;
@@ -122,7 +122,7 @@ void norm_shift_fwd(const x_t* x, const w_t* w, double eps, int64_t b, int64_t n
       rstd[r] = acc_t(1) / std::sqrt(ss / static_cast<acc_t>(d) + static_cast<acc_t>(eps));
     }
   });
-  at::parallel_for(0, rows, kRowGrain, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, rows, kRowGrain, [=](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; r++) {
       const int64_t t = r % n;
       const x_t* xr = x + r * d;
@@ -150,46 +150,55 @@ void norm_shift_bwd(const g_t* g, const x_t* x, const w_t* w, const w_t* rstd, i
                     w_t* gw) {
   using acc_t = w_t;
   const int64_t rows = b * n;
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(rows, 4 * at::get_num_threads()));
-  std::vector<acc_t> part(chunks * d, acc_t(0));  // per-chunk sums of g * xhat
-  at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
-    std::vector<acc_t> gy(d), xh(d);
-    for (int64_t k = k0; k < k1; k++) {
-      acc_t* pk = part.data() + k * d;
-      for (int64_t r = k * rows / chunks; r < (k + 1) * rows / chunks; r++) {
-        const int64_t t = r % n;
-        const g_t* gr = g + out_row(r, n, axial) * d;
-        // the gradient reaching normed row r: its own first channels, and the shifted
-        // channels of the row `shift` later (none past the end)
-#pragma omp simd
-        for (int64_t c = 0; c < split; c++) gy[c] = load<acc_t>(gr, c);
-        if (t + shift < n) {
-          const g_t* gl = g + out_row(r + shift, n, axial) * d;
-#pragma omp simd
-          for (int64_t c = split; c < d; c++) gy[c] = load<acc_t>(gl, c);
-        } else {
-#pragma omp simd
-          for (int64_t c = split; c < d; c++) gy[c] = acc_t(0);
-        }
-        const x_t* xr = x + r * d;
-        const acc_t s = rstd[r];
-        acc_t dot = 0;  // sum_c gy w xhat
+  const int64_t threads = at::get_num_threads();
+  std::vector<acc_t> part(threads * d, acc_t(0));  // per-thread sums of g * xhat
+  acc_t* const parts = part.data();
+  // (captured by value: with references to the sizes and pointers the inner loops reloaded
+  // them and ran ~2.5x slower)
+  at::parallel_for(0, rows, 4 * kRowGrain, [=](int64_t r0, int64_t r1) {
+    acc_t* pk = parts + at::get_thread_num() * d;
+    for (int64_t r = r0; r < r1; r++) {
+      const int64_t t = r % n;
+      // the gradient reaching normed row r: channels [0, split) from its own output row,
+      // [split, d) from the output row `shift` later (none past the end)
+      const g_t* g0 = g + out_row(r, n, axial) * d;
+      const bool later = t + shift < n;
+      const g_t* g1 = later ? g + out_row(r + shift, n, axial) * d : g0;
+      const x_t* xr = x + r * d;
+      const acc_t s = rstd[r];
+      acc_t dot = 0;  // sum_c gy w xhat
 #pragma omp simd reduction(+ : dot)
-        for (int64_t c = 0; c < d; c++) {
-          xh[c] = load<acc_t>(xr, c) * s;
-          pk[c] += gy[c] * xh[c];
-          dot += gy[c] * w[c] * xh[c];
+      for (int64_t c = 0; c < split; c++) {
+        const acc_t xh = load<acc_t>(xr, c) * s, gy = load<acc_t>(g0, c);
+        pk[c] += gy * xh;
+        dot += gy * w[c] * xh;
+      }
+      if (later) {
+#pragma omp simd reduction(+ : dot)
+        for (int64_t c = split; c < d; c++) {
+          const acc_t xh = load<acc_t>(xr, c) * s, gy = load<acc_t>(g1, c);
+          pk[c] += gy * xh;
+          dot += gy * w[c] * xh;
         }
-        const acc_t m = dot / static_cast<acc_t>(d);
-        x_t* gxr = gx + r * d;
+      }
+      const acc_t m = dot / static_cast<acc_t>(d);
+      x_t* gxr = gx + r * d;
 #pragma omp simd
-        for (int64_t c = 0; c < d; c++) store(gxr, c, s * (gy[c] * w[c] - xh[c] * m));
+      for (int64_t c = 0; c < split; c++)
+        store(gxr, c, s * (load<acc_t>(g0, c) * w[c] - load<acc_t>(xr, c) * s * m));
+      if (later) {
+#pragma omp simd
+        for (int64_t c = split; c < d; c++)
+          store(gxr, c, s * (load<acc_t>(g1, c) * w[c] - load<acc_t>(xr, c) * s * m));
+      } else {  // these channels reached no output: only the normalisation's term
+#pragma omp simd
+        for (int64_t c = split; c < d; c++) store(gxr, c, -s * load<acc_t>(xr, c) * s * m);
       }
     }
   });
   for (int64_t c = 0; c < d; c++) {
     acc_t sum = 0;
-    for (int64_t k = 0; k < chunks; k++) sum += part[k * d + c];
+    for (int64_t k = 0; k < threads; k++) sum += part[k * d + c];
     gw[c] = sum;
   }
 }
@@ -295,7 +304,7 @@ void rotary_impl(const Tensor& x, const Tensor& cos, const Tensor& sin, Tensor& 
   T* yp = y.data_ptr<T>();
   const float* cp = cos.data_ptr<float>();
   const float* sp = sin.data_ptr<float>();
-  at::parallel_for(0, B * H * I, 4 * kRowGrain, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, B * H * I, 4 * kRowGrain, [=](int64_t r0, int64_t r1) {
     std::vector<acc_t> buf(r);
     for (int64_t row = r0; row < r1; row++) {
       const int64_t i = row % I, bh = row / I, hh = bh % H, bb = bh / H;
@@ -350,7 +359,7 @@ template <typename T>
 void ce_fwd(const T* x, const int64_t* labels, int64_t ignore, int64_t rows, int64_t V,
             typename Acc<T>::type* loss, typename Acc<T>::type* lse) {
   using acc_t = typename Acc<T>::type;
-  at::parallel_for(0, rows, kRowGrain, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, rows, kRowGrain, [=](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; r++) {
       const T* xr = x + r * V;
       acc_t m = load<acc_t>(xr, 0);
@@ -374,7 +383,7 @@ template <typename T>
 void ce_bwd(const typename Acc<T>::type* scale, const T* x, const int64_t* labels, int64_t ignore,
             const typename Acc<T>::type* lse, int64_t rows, int64_t V, T* gx) {
   using acc_t = typename Acc<T>::type;
-  at::parallel_for(0, rows, kRowGrain, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, rows, kRowGrain, [=](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; r++) {
       const T* xr = x + r * V;
       T* gr = gx + r * V;
