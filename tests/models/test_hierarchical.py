@@ -242,3 +242,17 @@ def test_prefill_keeping_the_last_logits_then_steps_equal_the_full_forward(kw, p
     assert first.shape == (2, 1, 256)
     torch.testing.assert_close(torch.cat([first, *steps], 1), full[:, prompt - 1 :])
     torch.testing.assert_close(model(seq, logits_to_keep=2), full[:, -2:])
+
+
+def test_the_ar_loss_cosine_equals_F_cosine_similarity():
+    from retrolm.models.hierarchical import _cosine_similarity
+
+    a = torch.randn(3, 7, 16, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, 7, 16, dtype=torch.float64, requires_grad=True)
+    b.data[0, 0] = 0.0  # a zero row: eps keeps it finite, as in F
+    ours = _cosine_similarity(a, b)
+    ref = torch.nn.functional.cosine_similarity(a, b, dim=-1)
+    torch.testing.assert_close(ours, ref)
+    g = torch.randn(3, 7, dtype=torch.float64)
+    for x, y in zip(torch.autograd.grad(ours, (a, b), g), torch.autograd.grad(ref, (a, b), g)):
+        torch.testing.assert_close(x, y)
