@@ -256,3 +256,48 @@ def test_the_ar_loss_cosine_equals_F_cosine_similarity():
     g = torch.randn(3, 7, dtype=torch.float64)
     for x, y in zip(torch.autograd.grad(ours, (a, b), g), torch.autograd.grad(ref, (a, b), g)):
         torch.testing.assert_close(x, y)
+
+
+def test_the_compression_per_vocabulary_entry_changes_nothing(monkeypatch):
+    """With fewer vocabulary entries than positions the compressed streams are computed per
+    entry (CausalDownsample.forward_embedded): the same loss, gradients and causality as the
+    convolution over the embedded sequence."""
+    from retrolm.nn import CausalDownsample
+
+    torch.manual_seed(0)
+    kw = dict(num_tokens=12, dim=16, depth=2, heads=2, dim_head=8, seq_len=64)
+    model = HierarchicalTransformer(hierarchies=(1, 2, 4), window_sizes=(4, 8, None), **kw).double()
+    ids = torch.randint(0, 12, (2, 41))
+    calls = []
+    real = CausalDownsample.forward_embedded
+
+    def spy(self, *a):
+        calls.append(1)
+        return real(self, *a)
+
+    monkeypatch.setattr(CausalDownsample, "forward_embedded", spy)
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        loss, _ = model(ids, return_loss=True)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    loss, grads = loss_and_grads()
+    assert len(calls) == 2  # the two compressed streams
+    monkeypatch.setattr(
+        CausalDownsample, "forward_embedded", lambda self, ids, table: self(table[ids])
+    )
+    ref_loss, ref_grads = loss_and_grads()
+    torch.testing.assert_close(loss, ref_loss)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b)
+    monkeypatch.setattr(CausalDownsample, "forward_embedded", real)
+    with torch.no_grad():
+        x = ids[:, :-1]
+        base = model(x)
+        for p in (0, 17, 39):
+            y = x.clone()
+            y[:, p] = (y[:, p] + 1) % 12
+            changed = (model(y) - base).abs().amax(dim=(0, 2)) > 0
+            assert not changed[:p].any() and changed[p:].any(), p

@@ -57,6 +57,31 @@ def test_downsample_step_equals_forward(factor, stride, grad):
                     p.mul_(1.5)
 
 
+@pytest.mark.parametrize("factor,stride", [(1, 1), (2, 1), (4, 2), (8, 1), (8, 8)])
+def test_downsample_of_embeddings_per_vocabulary_entry_equals_the_conv(factor, stride):
+    torch.manual_seed(2)
+    ds = CausalDownsample(6, 5, factor, stride).double()
+    table = torch.randn(9, 6, dtype=D, requires_grad=True)
+    ids = torch.randint(0, 9, (2, 19))
+    out, ref = ds.forward_embedded(ids, table), ds(table[ids])
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(ref)
+    params = [table, *ds.parameters()]
+    for a, b in zip(torch.autograd.grad(out, params, g), torch.autograd.grad(ref, params, g)):
+        torch.testing.assert_close(a, b)
+
+
+def test_downsample_of_embeddings_under_autocast_is_the_conv_to_bf16_rounding():
+    torch.manual_seed(3)
+    ds = CausalDownsample(64, 64, 8)
+    table = torch.randn(32, 64)
+    ids = torch.randint(0, 32, (1, 100))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, ref = ds.forward_embedded(ids, table), ds(table[ids])
+    assert out.dtype is ref.dtype is torch.bfloat16
+    assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
+
+
 def test_downsample_rejects_bad_factor_and_stride():
     with pytest.raises(ValueError, match="factor must be a power of 2, got 3"):
         CausalDownsample(4, 4, 3)

@@ -329,7 +329,15 @@ class HierarchicalTransformer(nn.Module):
         if cache is not None:
             c = cache.window.shape[1]
             cache.window = torch.cat((cache.window, x), dim=1)[:, -c:]
-        tokens = [norm(comp(x)) for comp, norm in zip(self.compress, self.compress_norms)]
+        # a compression conv over embeddings costs n*c*D*hidden; with fewer vocabulary entries
+        # than positions it is cheaper per entry (CausalDownsample.forward_embedded)
+        table = self.token_emb.weight if self.token_emb.num_embeddings < n else None
+        tokens = [
+            norm(
+                comp(x) if table is None or comp.conv is None else comp.forward_embedded(ids, table)
+            )
+            for comp, norm in zip(self.compress, self.compress_norms)
+        ]
         depth = len(self.layers)
         for layer_idx, layer in enumerate(self.layers):
             states = cache.blocks[layer_idx] if cache is not None else [None] * len(tokens)
