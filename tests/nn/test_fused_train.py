@@ -278,3 +278,22 @@ def test_hierarchical_training_step_is_the_same_with_the_kernels(aten, monkeypat
         ((a - b).norm() / b.norm().clamp_min(1e-12)).item() for a, b in zip(grads, ref_grads)
     )
     assert worst < (1e-4 if not autocast else 3e-2)
+
+
+def test_the_environment_variable_turns_an_extension_off(monkeypatch):
+    from retrolm.nn.extension import LazyExtension
+
+    monkeypatch.setenv("RETROLM_FUSED_TRAIN", "0")
+    off = LazyExtension("x", "train_kernels.cpp", "fused training kernels", "RETROLM_FUSED_TRAIN")
+    monkeypatch.setenv("RETROLM_FUSED_TRAIN", "1")
+    on = LazyExtension("x", "train_kernels.cpp", "fused training kernels", "RETROLM_FUSED_TRAIN")
+    assert not off.enabled and on.enabled
+    assert off.set_enabled(True) is False and off.enabled
+    before = fused_train.set_enabled(False)
+    try:
+        norm = _norm(8)
+        h = torch.randn(1, 5, 8, requires_grad=True)
+        out = fused_train.norm_shift(h, norm, 1)
+        assert out.grad_fn is not None and "NormShift" not in type(out.grad_fn).__name__
+    finally:
+        fused_train.set_enabled(before)

@@ -31,13 +31,19 @@ FLAGS = ["-O3", "-march=native", "-fopenmp"]
 class LazyExtension:
     """One extension: ``get()`` builds it on the first call, then returns the module, or
     None (once a build failed, with one warning naming ``what`` and ``env``, the variable
-    that turns its users off)."""
+    that turns its users off: ``enabled`` starts as ``env != "0"``)."""
 
     def __init__(self, name: str, source: str, what: str, env: str) -> None:
         self.name, self.source, self.what, self.env = name, CSRC / source, what, env
+        self.enabled = os.environ.get(env, "1") != "0"  # whether its users may call it
         self._module: ModuleType | None = None
         self._failed = False
         self._lock = threading.Lock()
+
+    def set_enabled(self, on: bool) -> bool:
+        """Let its users call it (or not) in this process; returns the previous setting."""
+        before, self.enabled = self.enabled, bool(on)
+        return before
 
     def get(self) -> ModuleType | None:
         if self._module is not None or self._failed:

@@ -58,21 +58,23 @@ NONE = torch.empty(0)  # what the blocks take for "none": no bias, norm, mask, s
 _ALL_KEYS = torch.empty(0, dtype=torch.bool)  # cross-attention without a mask
 _ACTIVATIONS = {"gelu": 0, "silu": 1}
 
-_enabled = os.environ.get("RETROLM_FUSED_DECODE", "1") != "0"
 _WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 _weight_dtype = _WEIGHT_DTYPES.get(os.environ.get("RETROLM_FUSED_WEIGHTS", "fp32"), torch.float32)
 _COPY = "_retrolm_fused_bf16"  # attribute of a parameter: (its version, data pointer, copy)
 
 
+_EXT = LazyExtension(
+    "retrolm_decode_blocks", "decode_blocks.cpp", "fused decoding blocks", "RETROLM_FUSED_DECODE"
+)
+
+
 def set_enabled(on: bool) -> bool:
     """Turn the fused path on or off for this process; returns the previous setting."""
-    global _enabled
-    before, _enabled = _enabled, bool(on)
-    return before
+    return _EXT.set_enabled(on)
 
 
 def enabled() -> bool:
-    return _enabled
+    return _EXT.enabled
 
 
 def set_weight_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -101,11 +103,6 @@ def weight(p: Tensor) -> Tensor:
     return copy
 
 
-_EXT = LazyExtension(
-    "retrolm_decode_blocks", "decode_blocks.cpp", "fused decoding blocks", "RETROLM_FUSED_DECODE"
-)
-
-
 def extension() -> ModuleType | None:
     """The compiled blocks, building them on the first call; None if they cannot be built."""
     return _EXT.get()
@@ -120,7 +117,7 @@ def usable(x: Tensor) -> bool:
     """Whether a decoding step on ``x`` can take the fused blocks: enabled, no autograd,
     no autocast, fp32 on CPU, and the extension built."""
     return (
-        _enabled
+        _EXT.enabled
         and x.dtype is torch.float32
         and x.is_cpu
         and not torch.is_grad_enabled()

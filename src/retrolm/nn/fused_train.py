@@ -28,8 +28,6 @@ against the modules).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -52,18 +50,15 @@ __all__ = [
 _EXT = LazyExtension(
     "retrolm_train_kernels", "train_kernels.cpp", "fused training kernels", "RETROLM_FUSED_TRAIN"
 )
-_enabled = os.environ.get("RETROLM_FUSED_TRAIN", "1") != "0"
 
 
 def set_enabled(on: bool) -> bool:
     """Turn the fused kernels on or off for this process; returns the previous setting."""
-    global _enabled
-    before, _enabled = _enabled, bool(on)
-    return before
+    return _EXT.set_enabled(on)
 
 
 def enabled() -> bool:
-    return _enabled
+    return _EXT.enabled
 
 
 def extension():
@@ -114,7 +109,7 @@ def norm_shift(x: Tensor, norm: nn.Module, shift: int, axial: int = 1) -> Tensor
         raise ValueError(f"axial must be >= 1 and divide the length {x.shape[-2]}, got {axial}")
     w = norm.weight
     if (
-        _enabled
+        _EXT.enabled
         and type(norm) is RMSNorm
         and x.dtype in (torch.float32, torch.bfloat16)
         and w.dtype is torch.float32
@@ -124,9 +119,7 @@ def norm_shift(x: Tensor, norm: nn.Module, shift: int, axial: int = 1) -> Tensor
         and extension() is not None
     ):
         split = x.shape[-1] // 2  # token_shift's two groups
-        return _NormShift.apply(
-            x.contiguous(), w, norm.eps, shift, split, _out_dtype(x), axial
-        )
+        return _NormShift.apply(x.contiguous(), w, norm.eps, shift, split, _out_dtype(x), axial)
     out = norm(x)
     out = out if shift == 0 else token_shift(out, (0, shift))
     return out if axial == 1 else rearrange(out, "b (q a) d -> (b a) q d", a=axial)
@@ -150,7 +143,7 @@ def rotary_applies(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool) -> bo
     """Whether ``rotary`` can take x (b, h, i, d) with these tables: enabled, built, CPU,
     fp32 or bf16 x with a unit last stride, fp32 (i, r) tables without grad, half layout."""
     return (
-        _enabled
+        _EXT.enabled
         and not interleaved
         and x.dim() == 4
         and x.dtype in (torch.float32, torch.bfloat16)
@@ -197,7 +190,7 @@ def cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> T
     backward that writes softmax minus one-hot straight in the logits' dtype, with no fp32
     copy of bf16 logits and no stored log-softmax."""
     if (
-        _enabled
+        _EXT.enabled
         and logits.dim() == 2
         and logits.dtype in (torch.float32, torch.bfloat16)
         and logits.is_cpu
