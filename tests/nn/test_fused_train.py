@@ -297,3 +297,17 @@ def test_the_environment_variable_turns_an_extension_off(monkeypatch):
         assert out.grad_fn is not None and "NormShift" not in type(out.grad_fn).__name__
     finally:
         fused_train.set_enabled(before)
+
+
+def test_builds_are_kept_per_source_torch_version_and_cpu(tmp_path, monkeypatch):
+    from retrolm.nn import extension
+
+    monkeypatch.setenv("RETROLM_CACHE", str(tmp_path))
+    ext_ = extension.LazyExtension("x", "train_kernels.cpp", "k", "RETROLM_FUSED_TRAIN")
+    here = ext_.build_directory()
+    tag = extension.cpu_tag()
+    assert here.parent == tmp_path and here.name.endswith(tag) and len(tag) == 8
+    assert here.name.startswith(f"train_kernels-torch{torch.__version__.split('+')[0]}-")
+    monkeypatch.setattr(extension, "cpu_tag", lambda: "0badcafe")  # another machine's CPU
+    other = ext_.build_directory()
+    assert other != here and other.name.endswith("0badcafe")

@@ -2,8 +2,9 @@
 
 ``torch.utils.cpp_extension.load`` compiles a source (a C++ compiler and ninja, which the
 ``fused`` extra installs; ~30 s) into ``RETROLM_CACHE`` or ``~/.cache/retrolm``, one folder
-per source, source hash and torch version, so a changed source never meets an old build. If
-the build fails, the reason is logged once and callers take their ATen path.
+per source hash, torch version and CPU, so a changed source never meets an old build, nor a
+CPU a build for another. If the build fails, the reason is logged once and callers take
+their ATen path.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import threading
 import time
@@ -21,7 +23,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LazyExtension", "STALE_LOCK_S", "clear_stale_lock"]
+__all__ = ["LazyExtension", "STALE_LOCK_S", "clear_stale_lock", "cpu_tag"]
 
 CSRC = Path(__file__).with_name("csrc")
 STALE_LOCK_S = 600  # a build takes ~30 s: a lock this old was left by a killed build
@@ -78,13 +80,32 @@ class LazyExtension:
         return self._module
 
     def build_directory(self) -> Path:
-        """``<cache>/<source stem>-torch<version>-<source sha1[:12]>``, created."""
-        digest = hashlib.sha1(self.source.read_bytes()).hexdigest()[:12]
+        """``<cache>/<source stem>-torch<version>-<source sha1[:12]>-<cpu sha1[:8]>``,
+        created. The CPU part (``cpu_tag``) keeps a cache shared between machines (a home
+        directory on a network drive, a container image) from loading a ``-march=native``
+        build on a CPU without its instructions, which would kill the process."""
+        digest = hashlib.sha1(self.source.read_bytes() + " ".join(FLAGS).encode()).hexdigest()
         root = Path(os.environ.get("RETROLM_CACHE", Path.home() / ".cache" / "retrolm"))
-        tag = f"{self.source.stem}-torch{torch.__version__.split('+')[0]}-{digest}"
-        path = root / tag
+        tag = f"{self.source.stem}-torch{torch.__version__.split('+')[0]}-{digest[:12]}"
+        path = root / f"{tag}-{cpu_tag()}"
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+
+def cpu_tag() -> str:
+    """8 hex digits naming what ``-march=native`` compiles for: the CPU model and its
+    instruction-set flags (``/proc/cpuinfo`` on Linux; elsewhere the platform's names)."""
+    text = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+        keep = ("model name", "flags", "Features", "CPU implementer", "CPU part")
+        text = "\n".join(sorted({ln.strip() for ln in info.splitlines() if ln.startswith(keep)}))
+    except OSError:
+        pass
+    if not text:
+        text = f"{platform.machine()} {platform.processor()}"
+    return hashlib.sha1(text.encode()).hexdigest()[:8]
 
 
 def clear_stale_lock(build: Path, max_age_s: float = STALE_LOCK_S) -> bool:
