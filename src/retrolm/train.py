@@ -12,6 +12,7 @@ batch and DDP averages gradients; rank 0 alone writes checkpoints and metrics.
 
 from __future__ import annotations
 
+import atexit
 import copy
 import csv
 import dataclasses
@@ -459,6 +460,11 @@ def _model_config(family, db, values: dict[str, Any] | None, preset: str | None)
         ) from None
 
 
+def _destroy_process_group() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def train(
     db: Any,
     run_dir: str | os.PathLike,
@@ -487,6 +493,10 @@ def train(
     if world > 1 and not torch.distributed.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         torch.distributed.init_process_group(backend)
+        # ours, so ours to close: a group left to the interpreter's teardown can abort the
+        # process at exit ("terminate called without an active exception", seen once with
+        # gloo after a finished run)
+        atexit.register(_destroy_process_group)
     if device is None:
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
