@@ -227,9 +227,8 @@ class HierarchicalBlock(nn.Module):
             or (attention and x.shape[1] % a)
         ):
             return res(x, state=state, index=index)
-        if state is not None:
-            rows = res.norm(x[:, -a:])  # (b, <= a, d): zeros before the start
-            setattr(state, fn.slot, F.pad(rows, (0, 0, a - rows.shape[1], 0)))
+        if state is not None:  # only the state: the last a normed rows (zeros before them)
+            _shift(res.norm(x[:, -a:]), fn.shifts, state, fn.slot)
         h = norm_shift(x, res.norm, a, axial=a if attention else 1)
         return x + fn(h, state=state, shifted=True)
 
@@ -332,12 +331,10 @@ class HierarchicalTransformer(nn.Module):
         # a compression conv over embeddings costs n*c*D*hidden; with fewer vocabulary entries
         # than positions it is cheaper per entry (CausalDownsample.forward_embedded)
         table = self.token_emb.weight if self.token_emb.num_embeddings < n else None
-        tokens = [
-            norm(
-                comp(x) if table is None or comp.conv is None else comp.forward_embedded(ids, table)
-            )
-            for comp, norm in zip(self.compress, self.compress_norms)
-        ]
+        tokens = []
+        for comp, norm in zip(self.compress, self.compress_norms):
+            per_entry = table is not None and comp.conv is not None
+            tokens.append(norm(comp.forward_embedded(ids, table) if per_entry else comp(x)))
         depth = len(self.layers)
         for layer_idx, layer in enumerate(self.layers):
             states = cache.blocks[layer_idx] if cache is not None else [None] * len(tokens)
@@ -536,10 +533,9 @@ def _cosine_similarity(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
     """``F.cosine_similarity(a, b, dim=-1)``, a.b / (max(|a|, eps) max(|b|, eps)), from
     three row reductions: F's normalises both inputs first, two more full-size passes each
     way (the AR loss took ~10 ms of a 1,024-token training step that way)."""
-    norms = torch.linalg.vector_norm(a, dim=-1).clamp_min(eps) * torch.linalg.vector_norm(
-        b, dim=-1
-    ).clamp_min(eps)
-    return (a * b).sum(-1) / norms
+    norm_a = torch.linalg.vector_norm(a, dim=-1).clamp_min(eps)
+    norm_b = torch.linalg.vector_norm(b, dim=-1).clamp_min(eps)
+    return (a * b).sum(-1) / (norm_a * norm_b)
 
 
 def _shift_state(past: Tensor | None, x: Tensor, a: int) -> Tensor:
