@@ -311,3 +311,17 @@ def test_builds_are_kept_per_source_torch_version_and_cpu(tmp_path, monkeypatch)
     monkeypatch.setattr(extension, "cpu_tag", lambda: "0badcafe")  # another machine's CPU
     other = ext_.build_directory()
     assert other != here and other.name.endswith("0badcafe")
+
+
+def test_a_changed_shared_header_is_a_new_build(tmp_path, monkeypatch):
+    from retrolm.nn import extension
+
+    monkeypatch.setenv("RETROLM_CACHE", str(tmp_path / "cache"))
+    header = tmp_path / "vec_math.h"
+    monkeypatch.setattr(extension, "_headers", lambda: [header])
+    ext_ = extension.LazyExtension("x", "train_kernels.cpp", "k", "RETROLM_FUSED_TRAIN")
+    header.write_text("// one version\n")
+    first = ext_.build_directory()
+    header.write_text("// another\n")
+    assert ext_.build_directory() != first
+    assert [p.name for p in extension.CSRC.glob("*.h")] == ["vec_math.h"]  # what is hashed

@@ -83,16 +83,22 @@ class LazyExtension:
         return self._module
 
     def build_directory(self) -> Path:
-        """``<cache>/<source stem>-torch<version>-<source sha1[:12]>-<cpu sha1[:8]>``,
-        created. The CPU part (``cpu_tag``) keeps a cache shared between machines (a home
-        directory on a network drive, a container image) from loading a ``-march=native``
-        build on a CPU without its instructions, which would kill the process."""
-        digest = hashlib.sha1(self.source.read_bytes() + " ".join(FLAGS).encode()).hexdigest()
+        """``<cache>/<source stem>-torch<version>-<sha1[:12]>-<cpu sha1[:8]>``, created; the
+        sha1 covers the source, the headers of ``csrc`` it may include and the flags. The
+        CPU part (``cpu_tag``) keeps a cache shared between machines (a home directory on a
+        network drive, a container image) from loading a ``-march=native`` build on a CPU
+        without its instructions, which would kill the process."""
+        text = self.source.read_bytes() + b"".join(h.read_bytes() for h in _headers())
+        digest = hashlib.sha1(text + " ".join(FLAGS).encode()).hexdigest()
         root = Path(os.environ.get("RETROLM_CACHE", Path.home() / ".cache" / "retrolm"))
         tag = f"{self.source.stem}-torch{torch.__version__.split('+')[0]}-{digest[:12]}"
         path = root / f"{tag}-{cpu_tag()}"
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+
+def _headers() -> list[Path]:
+    return sorted(CSRC.glob("*.h"))
 
 
 def cpu_tag() -> str:

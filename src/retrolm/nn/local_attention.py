@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from retrolm.nn import fused_window
 from retrolm.nn.attention import attend, block_attend
 
 BLOCK = 32  # query block size for windows above it (measured best of 32/64/128, CPU, bf16)
@@ -88,12 +89,14 @@ def local_attend(
         m = sliding_window_mask(n, n, window, causal=causal, device=q.device)
         km = key_padding_mask(key_mask) if key_mask is not None else None
         return attend(q, k, v, combine(m, km), dropout_p=dropout_p)
+    if h != k.shape[1]:
+        k, v = k.repeat_interleave(h // k.shape[1], 1), v.repeat_interleave(h // v.shape[1], 1)
+    if key_mask is None and fused_window.applies(q, dropout_p):  # one C++ pass (bf16, CPU)
+        return fused_window.window_attend(q, k, v, window, causal=causal)
     c, back, fwd = block_offsets(window, causal)
     pad = (-n) % c
     if pad:
         q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
-    if h != k.shape[1]:
-        k, v = k.repeat_interleave(h // k.shape[1], 1), v.repeat_interleave(h // v.shape[1], 1)
     kb = neighbour_blocks(k, c, back, fwd)  # (b, h, nb, kw, d)
     vb = neighbour_blocks(v, c, back, fwd)
     qb = q.unflatten(2, (-1, c))  # (b, h, nb, c, d)

@@ -32,6 +32,7 @@ from einops import rearrange
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from retrolm.nn import fused_window
 from retrolm.nn.attention import attend, block_attend, current_backend
 from retrolm.nn.local_attention import block_offsets, neighbour_blocks, relative_band
 
@@ -143,6 +144,12 @@ def _rows(x: Tensor, flat: Tensor) -> Tensor:
 def _blocked(q, k, v, group, w, causal, mem_kv, exclude_self, dropout_p):
     b, h, n, d = q.shape
     order = _sort_key(group, n).argsort(dim=-1)  # (b, h, n)
+    if mem_kv is None and fused_window.applies(q, dropout_p):  # one C++ pass (bf16, CPU)
+        # the kernel reads and writes the rows through the sort: no gathered copies
+        gs = group.gather(2, order)
+        return fused_window.window_attend(
+            q, k, v, w, causal=causal, groups=gs, order=order, exclude_self=exclude_self
+        )
     base = torch.arange(b * h, device=q.device).view(b, h, 1) * n
     flat = (order + base).flatten()
     qs, ks, vs = (_rows(t, flat) for t in (q, k, v))
