@@ -133,13 +133,48 @@ def test_norm_shift_writes_interleaved_sub_sequences(aten, axial, autocast):
 
 
 @needs_ext
+@pytest.mark.parametrize("norm", ["rms", "layer", "layer-bias"])
 @pytest.mark.parametrize("shift,split", [(0, 3), (2, 3), (1, 0), (3, 6)])
-def test_norm_shift_kernel_gradients_in_float64(shift, split):
+def test_norm_shift_kernel_gradients_in_float64(shift, split, norm):
     x = torch.randn(2, 7, 6, dtype=torch.float64, requires_grad=True)
     w = torch.randn(6, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(
-        lambda a, b: _NormShift.apply(a, b, 1e-6, shift, split, torch.float64), (x, w)
-    )
+    b = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    layer = norm != "rms"
+    if norm == "layer-bias":
+        assert torch.autograd.gradcheck(
+            lambda a, w, b: _NormShift.apply(a, w, b, 1e-6, shift, split, torch.float64, 1, True),
+            (x, w, b),
+        )
+    else:
+        assert torch.autograd.gradcheck(
+            lambda a, w: _NormShift.apply(a, w, None, 1e-6, shift, split, torch.float64, 1, layer),
+            (x, w),
+        )
+
+
+@needs_ext
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shift", [0, 2])
+def test_norm_shift_of_a_layer_norm_equals_the_module(aten, bias, shift):
+    torch.manual_seed(0)
+    ln = LayerNorm(24, bias=bias)
+    with torch.no_grad():
+        ln.weight.copy_(torch.randn(24))
+        if bias:
+            ln.bias.copy_(torch.randn(24))
+    x = torch.randn(2, 33, 24) * 3 + 1  # a mean and scale for the norm to remove
+    g = torch.randn(2, 33, 24)
+    params = [p for p in ln.parameters()]
+    out, grads = _grads(lambda t: fused_train.norm_shift(t, ln, shift), x, params, g)
+    assert out.grad_fn is not None and "NormShift" in type(out.grad_fn).__name__
+    with aten:
+        ref, ref_grads = _grads(lambda t: token_shift(ln(t), (0, shift)), x, params, g)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    bf, _ = _grads(lambda t: fused_train.norm_shift(t, ln, shift), x, params, g, autocast=True)
+    assert bf.dtype is torch.bfloat16
+    torch.testing.assert_close(bf.float(), ref.bfloat16().float(), rtol=0, atol=2e-2)
 
 
 def _rotary_input(dtype, layout: str) -> torch.Tensor:

@@ -37,6 +37,7 @@ from retrolm.nn import fused_decode
 from retrolm.nn.attention import attend
 from retrolm.nn.decode_linear import DecodeLinear, compute_dtype, concat_decode_weight, linear_t
 from retrolm.nn.feedforward import ACTIVATIONS, FeedForward
+from retrolm.nn.fused_train import norm_shift
 from retrolm.nn.kmeans import SphericalKMeans, update_after_backward, update_kmeans
 from retrolm.nn.layer_drop import layer_drop_keep
 from retrolm.nn.local_attention import local_attend
@@ -334,6 +335,13 @@ class _Sublayer(nn.Module):
             fn = TokenShift(fn, shifts, causal=cfg.causal)
         norm = "scale" if cfg.use_scale_norm else "layer"
         self.residual = Residual(cfg.dim, fn, norm, rezero=cfg.use_rezero)
+        # pre-LayerNorm straight into the sub-layer's projections: nn.fused_train.norm_shift
+        # (one kernel each way; under autocast its bf16 result is what the matmuls read)
+        self._fused_norm = (
+            not cfg.shift_tokens
+            and type(self.residual.norm) is LayerNorm
+            and isinstance(fn, (RoutingAttention, FeedForward))
+        )
 
     def forward(
         self,
@@ -358,7 +366,12 @@ class _Sublayer(nn.Module):
             kw["shift_mask"] = mask
             if cache is not None:
                 kw["shift_state"] = cache.shift.setdefault(key, {})
-        out = self.residual.branch(x, **kw) if branch else self.residual(x, **kw)
+        if self._fused_norm and not branch and torch.is_grad_enabled() and x.is_cpu:
+            res = self.residual
+            out = res.fn(norm_shift(x, res.norm, 0), **kw)
+            out = (x + out[0], *out[1:]) if type(out) is tuple else x + out
+        else:
+            out = self.residual.branch(x, **kw) if branch else self.residual(x, **kw)
         if isinstance(out, tuple):
             return out
         return out, (x.new_zeros((), dtype=torch.float32) if branch else None)

@@ -5,11 +5,11 @@ the rest is short elementwise passes, each a read and a write of a full activati
 kernel launch, and twice that in the backward. ``csrc/train_kernels.cpp`` (built on first
 use, ``nn.extension``) does three of them in one pass each way:
 
-- ``norm_shift(x, norm, shift)``: ``token_shift(norm(x), (0, shift))`` for an ``RMSNorm``,
-  returned directly in the dtype the next matmul reads (bf16 under CPU autocast), so the
-  norm, the shift's split/pad/cat and autocast's cast are one kernel; its backward is one
-  pass too (the shift's transpose, then the RMSNorm gradient). 1.4 -> 0.25 ms forward +
-  backward at (1, 1024, 256), 2 threads.
+- ``norm_shift(x, norm, shift)``: ``token_shift(norm(x), (0, shift))`` for an ``RMSNorm``
+  or a ``LayerNorm``, returned directly in the dtype the next matmul reads (bf16 under CPU
+  autocast), so the norm, the shift's split/pad/cat and autocast's cast are one kernel; its
+  backward is one pass too (the shift's transpose, then the norm's gradient). 1.4 -> 0.25
+  ms forward + backward at (1, 1024, 256), 2 threads.
 - ``rotary(x, cos, sin)``: ``apply_rotary`` (half layout, (i, r) tables) of a
   (b, h, i, d) tensor of any layout, fp32 math, one rounding to x's dtype. 0.53 -> 0.10 ms
   forward + backward at (8, 4, 128, 64) bf16.
@@ -34,7 +34,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from retrolm.nn.extension import LazyExtension
-from retrolm.nn.norms import RMSNorm
+from retrolm.nn.norms import LayerNorm, RMSNorm
 from retrolm.nn.token_shift import token_shift
 
 __all__ = [
@@ -78,29 +78,34 @@ def _out_dtype(x: Tensor) -> torch.dtype:
 
 class _NormShift(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, eps: float, shift: int, split: int, out_dtype, axial: int = 1):
-        y, rstd = extension().norm_shift_forward(x, weight, eps, shift, split, out_dtype, axial)
-        ctx.save_for_backward(x, weight, rstd)
-        ctx.shift, ctx.split, ctx.axial = shift, split, axial
+    def forward(ctx, x, weight, bias, eps: float, shift: int, split: int, out_dtype, axial: int,
+                layer: bool):  # fmt: skip
+        y, rstd, mean = extension().norm_shift_forward(
+            x, weight, bias, eps, shift, split, out_dtype, axial, layer
+        )
+        ctx.save_for_backward(x, weight, rstd, mean)
+        ctx.shift, ctx.split, ctx.axial, ctx.has_bias = shift, split, axial, bias is not None
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, rstd = ctx.saved_tensors
+        x, weight, rstd, mean = ctx.saved_tensors
         if grad.dtype not in (torch.bfloat16, x.dtype):
             grad = grad.to(x.dtype)
-        gx, gw = extension().norm_shift_backward(
-            grad.contiguous(), x, weight, rstd, ctx.shift, ctx.split, ctx.axial
-        )
-        return gx, gw, None, None, None, None, None
+        gx, gw, gb = extension().norm_shift_backward(
+            grad.contiguous(), x, weight, rstd, mean, ctx.shift, ctx.split, ctx.axial,
+            ctx.has_bias,
+        )  # fmt: skip
+        return gx, gw, (gb if ctx.has_bias else None), None, None, None, None, None, None
 
 
 def norm_shift(x: Tensor, norm: nn.Module, shift: int, axial: int = 1) -> Tensor:
-    """``token_shift(norm(x), (0, shift))`` for x (b, n, d) and an ``RMSNorm``: channels
-    ``[d // 2, d)`` of position t come from the normed position t - shift (zeros before the
-    start). x float32 or bfloat16 (a compressed stream under autocast). Under CPU bf16
-    autocast the result is bf16 (what the next matmul reads; the same values as casting the
-    composite's fp32 result), else x's dtype.
+    """``token_shift(norm(x), (0, shift))`` for x (b, n, d) and an ``RMSNorm`` or a
+    ``LayerNorm`` (with or without bias): channels ``[d // 2, d)`` of position t come from
+    the normed position t - shift (zeros before the start). x float32 or bfloat16 (a
+    compressed stream under autocast). Under CPU bf16 autocast the result is bf16 (what the
+    next matmul reads; the same values as casting the composite's fp32 result), else x's
+    dtype.
 
     ``axial`` a > 1 (n a multiple of a): the result comes as ``rearrange(out,
     "b (q a) d -> (b a) q d")``, each of the a interleaved sub-sequences contiguous, written
@@ -108,18 +113,23 @@ def norm_shift(x: Tensor, norm: nn.Module, shift: int, axial: int = 1) -> Tensor
     if axial < 1 or x.shape[-2] % axial:
         raise ValueError(f"axial must be >= 1 and divide the length {x.shape[-2]}, got {axial}")
     w = norm.weight
+    layer = type(norm) is LayerNorm
+    bias = norm.bias if layer else None
     if (
         _EXT.enabled
-        and type(norm) is RMSNorm
+        and (type(norm) is RMSNorm or (layer and w is not None))
         and x.dtype in (torch.float32, torch.bfloat16)
         and w.dtype is torch.float32
+        and (bias is None or bias.dtype is torch.float32)
         and x.is_cpu
         and x.dim() == 3
         and shift >= 0
         and extension() is not None
     ):
         split = x.shape[-1] // 2  # token_shift's two groups
-        return _NormShift.apply(x.contiguous(), w, norm.eps, shift, split, _out_dtype(x), axial)
+        return _NormShift.apply(
+            x.contiguous(), w, bias, norm.eps, shift, split, _out_dtype(x), axial, layer
+        )
     out = norm(x)
     out = out if shift == 0 else token_shift(out, (0, shift))
     return out if axial == 1 else rearrange(out, "b (q a) d -> (b a) q d", a=axial)

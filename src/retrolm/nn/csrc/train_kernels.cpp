@@ -1,13 +1,13 @@
 // Fused training kernels (CPU): the memory-bound steps between a transformer's matmuls,
 // each one pass over its rows in the forward and one in the backward.
 //
-//   norm_shift_forward / _backward  RMSNorm of x (b, n, d) (float32 or bfloat16 with a
-//       float32 weight, or float64 throughout), then a token shift: channels
-//       [split, d) of position t take the normed row t - shift (zeros for t < shift), the
-//       others their own row; the result in any of float32 / float64 / bfloat16 (the dtype
+//   norm_shift_forward / _backward  RMSNorm or LayerNorm (with an optional bias) of x
+//       (b, n, d) (float32 or bfloat16 with float32 parameters, or float64 throughout),
+//       then a token shift: channels [split, d) of position t take the normed row t - shift
+//       (zeros for t < shift), the others their own row; the result in any of float32 / float64 / bfloat16 (the dtype
 //       the next matmul reads under autocast, so no separate cast), optionally written in
-//       the sub-sequence-major layout of `axial` interleaved sub-sequences; 1/rms saved
-//       per row.
+//       the sub-sequence-major layout of `axial` interleaved sub-sequences; per row 1/rms
+//       (or 1/std, and the mean) saved.
 //   rotary_forward / _backward  rotary embedding, "half" layout (channel c pairs with
 //       c + r/2), of x (B, H, I, D) with any strides but a unit last one, by (I, r) fp32
 //       cos/sin tables; channels [r, D) pass through.
@@ -27,6 +27,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -40,7 +41,7 @@ using namespace retrolm_kernels;
 constexpr int64_t kRowGrain = 8;  // rows per task
 
 
-// --- RMSNorm + token shift ------------------------------------------------------------
+// --- RMSNorm / LayerNorm + token shift---------------------------------------------------
 // Row of the result that input row r = (sequence i, position t) goes to: r itself, or with
 // `axial` a > 1 the sub-sequence-major layout (i a + t mod a, t / a) of a (b a, n / a, d)
 // result, the interleaved sub-sequences of the hierarchical model's streams.
@@ -53,16 +54,25 @@ inline int64_t out_row(int64_t r, int64_t n, int64_t axial) {
 // x_t: the input (float, double or bf16); w_t: the weight and the statistics' type (float,
 // or double for double x); out_t / g_t: the result's and its gradient's type.
 template <typename x_t, typename w_t, typename out_t>
-void norm_shift_fwd(const x_t* x, const w_t* w, double eps, int64_t b, int64_t n, int64_t d,
-                    int64_t shift, int64_t split, int64_t axial, out_t* y, w_t* rstd) {
+void norm_shift_fwd(const x_t* x, const w_t* w, const w_t* bias, double eps, int64_t b,
+                    int64_t n, int64_t d, int64_t shift, int64_t split, int64_t axial, out_t* y,
+                    w_t* rstd, w_t* mean) {
   using acc_t = w_t;
   const int64_t rows = b * n;
+  // mean != null: LayerNorm (x - mean) / std * w + bias; else RMSNorm x / rms * w
   at::parallel_for(0, rows, 4 * kRowGrain, [=](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; r++) {
       const x_t* xr = x + r * d;
+      acc_t mu = 0;
+      if (mean) {
+#pragma omp simd reduction(+ : mu)
+        for (int64_t c = 0; c < d; c++) mu += load<acc_t>(xr, c);
+        mu /= static_cast<acc_t>(d);
+        mean[r] = mu;
+      }
       acc_t ss = 0;
 #pragma omp simd reduction(+ : ss)
-      for (int64_t c = 0; c < d; c++) ss += load<acc_t>(xr, c) * load<acc_t>(xr, c);
+      for (int64_t c = 0; c < d; c++) ss += (load<acc_t>(xr, c) - mu) * (load<acc_t>(xr, c) - mu);
       rstd[r] = acc_t(1) / std::sqrt(ss / static_cast<acc_t>(d) + static_cast<acc_t>(eps));
     }
   });
@@ -71,14 +81,27 @@ void norm_shift_fwd(const x_t* x, const w_t* w, double eps, int64_t b, int64_t n
       const int64_t t = r % n;
       const x_t* xr = x + r * d;
       out_t* yr = y + out_row(r, n, axial) * d;
-      const acc_t s0 = rstd[r];
+      const acc_t s0 = rstd[r], m0 = mean ? mean[r] : acc_t(0);
+      if (bias) {
 #pragma omp simd
-      for (int64_t c = 0; c < split; c++) store(yr, c, load<acc_t>(xr, c) * s0 * w[c]);
+        for (int64_t c = 0; c < split; c++)
+          store(yr, c, (load<acc_t>(xr, c) - m0) * s0 * w[c] + bias[c]);
+      } else {
+#pragma omp simd
+        for (int64_t c = 0; c < split; c++) store(yr, c, (load<acc_t>(xr, c) - m0) * s0 * w[c]);
+      }
       if (t >= shift) {
         const x_t* xp = x + (r - shift) * d;
-        const acc_t s1 = rstd[r - shift];
+        const acc_t s1 = rstd[r - shift], m1 = mean ? mean[r - shift] : acc_t(0);
+        if (bias) {
 #pragma omp simd
-        for (int64_t c = split; c < d; c++) store(yr, c, load<acc_t>(xp, c) * s1 * w[c]);
+          for (int64_t c = split; c < d; c++)
+            store(yr, c, (load<acc_t>(xp, c) - m1) * s1 * w[c] + bias[c]);
+        } else {
+#pragma omp simd
+          for (int64_t c = split; c < d; c++)
+            store(yr, c, (load<acc_t>(xp, c) - m1) * s1 * w[c]);
+        }
       } else {
 #pragma omp simd
         for (int64_t c = split; c < d; c++) store(yr, c, acc_t(0));
@@ -87,20 +110,23 @@ void norm_shift_fwd(const x_t* x, const w_t* w, double eps, int64_t b, int64_t n
   });
 }
 
-// grad of x and of w; g (b, n, d) is the gradient of the shifted output
+// grad of x, of w and of the bias; g (b, n, d) is the gradient of the shifted output; mean:
+// the forward's (LayerNorm) or null (RMSNorm)
 template <typename x_t, typename w_t, typename g_t>
-void norm_shift_bwd(const g_t* g, const x_t* x, const w_t* w, const w_t* rstd, int64_t b,
-                    int64_t n, int64_t d, int64_t shift, int64_t split, int64_t axial, x_t* gx,
-                    w_t* gw) {
+void norm_shift_bwd(const g_t* g, const x_t* x, const w_t* w, const w_t* rstd, const w_t* mean,
+                    int64_t b, int64_t n, int64_t d, int64_t shift, int64_t split, int64_t axial,
+                    x_t* gx, w_t* gw, w_t* gb) {
   using acc_t = w_t;
   const int64_t rows = b * n;
   const int64_t threads = at::get_num_threads();
-  std::vector<acc_t> part(threads * d, acc_t(0));  // per-thread sums of g * xhat
+  // per-thread sums of g * xhat (the weight's gradient) and of g (the bias's)
+  std::vector<acc_t> part(2 * threads * d, acc_t(0));
   acc_t* const parts = part.data();
   // (captured by value: with references to the sizes and pointers the inner loops reloaded
   // them and ran ~2.5x slower)
   at::parallel_for(0, rows, 4 * kRowGrain, [=](int64_t r0, int64_t r1) {
-    acc_t* pk = parts + at::get_thread_num() * d;
+    acc_t* pk = parts + at::get_thread_num() * 2 * d;
+    acc_t* pb = pk + d;
     for (int64_t r = r0; r < r1; r++) {
       const int64_t t = r % n;
       // the gradient reaching normed row r: channels [0, split) from its own output row,
@@ -108,42 +134,45 @@ void norm_shift_bwd(const g_t* g, const x_t* x, const w_t* w, const w_t* rstd, i
       const g_t* g0 = g + out_row(r, n, axial) * d;
       const bool later = t + shift < n;
       const g_t* g1 = later ? g + out_row(r + shift, n, axial) * d : g0;
+      const int64_t hi = later ? d : split;  // channels that reached an output
       const x_t* xr = x + r * d;
-      const acc_t s = rstd[r];
-      acc_t dot = 0;  // sum_c gy w xhat
-#pragma omp simd reduction(+ : dot)
-      for (int64_t c = 0; c < split; c++) {
-        const acc_t xh = load<acc_t>(xr, c) * s, gy = load<acc_t>(g0, c);
+      const acc_t s = rstd[r], mu = mean ? mean[r] : acc_t(0);
+      acc_t dot = 0, gsum = 0;  // sum_c gy w xhat, sum_c gy w
+#pragma omp simd reduction(+ : dot, gsum)
+      for (int64_t c = 0; c < hi; c++) {
+        const acc_t xh = (load<acc_t>(xr, c) - mu) * s;
+        const acc_t gy = c < split ? load<acc_t>(g0, c) : load<acc_t>(g1, c);
         pk[c] += gy * xh;
+        pb[c] += gy;
         dot += gy * w[c] * xh;
-      }
-      if (later) {
-#pragma omp simd reduction(+ : dot)
-        for (int64_t c = split; c < d; c++) {
-          const acc_t xh = load<acc_t>(xr, c) * s, gy = load<acc_t>(g1, c);
-          pk[c] += gy * xh;
-          dot += gy * w[c] * xh;
-        }
+        gsum += gy * w[c];
       }
       const acc_t m = dot / static_cast<acc_t>(d);
+      const acc_t mg = mean ? gsum / static_cast<acc_t>(d) : acc_t(0);
       x_t* gxr = gx + r * d;
 #pragma omp simd
       for (int64_t c = 0; c < split; c++)
-        store(gxr, c, s * (load<acc_t>(g0, c) * w[c] - load<acc_t>(xr, c) * s * m));
+        store(gxr, c, s * (load<acc_t>(g0, c) * w[c] - mg - (load<acc_t>(xr, c) - mu) * s * m));
       if (later) {
 #pragma omp simd
         for (int64_t c = split; c < d; c++)
-          store(gxr, c, s * (load<acc_t>(g1, c) * w[c] - load<acc_t>(xr, c) * s * m));
-      } else {  // these channels reached no output: only the normalisation's term
+          store(gxr, c,
+                s * (load<acc_t>(g1, c) * w[c] - mg - (load<acc_t>(xr, c) - mu) * s * m));
+      } else {  // these channels reached no output: only the normalisation's terms
 #pragma omp simd
-        for (int64_t c = split; c < d; c++) store(gxr, c, -s * load<acc_t>(xr, c) * s * m);
+        for (int64_t c = split; c < d; c++)
+          store(gxr, c, -s * (mg + (load<acc_t>(xr, c) - mu) * s * m));
       }
     }
   });
   for (int64_t c = 0; c < d; c++) {
-    acc_t sum = 0;
-    for (int64_t k = 0; k < threads; k++) sum += part[k * d + c];
-    gw[c] = sum;
+    acc_t sw = 0, sb = 0;
+    for (int64_t k = 0; k < threads; k++) {
+      sw += part[k * 2 * d + c];
+      sb += part[k * 2 * d + d + c];
+    }
+    gw[c] = sw;
+    if (gb) gb[c] = sb;
   }
 }
 
@@ -174,10 +203,17 @@ void with_x(const Tensor& x, F&& f) {
   }
 }
 
-std::tuple<Tensor, Tensor> norm_shift_forward(const Tensor& x, const Tensor& w, double eps,
-                                              int64_t shift, int64_t split,
-                                              c10::ScalarType out_dtype, int64_t axial) {
+// bias / mean: optional (LayerNorm); without a mean tensor the norm is RMSNorm
+std::tuple<Tensor, Tensor, Tensor> norm_shift_forward(const Tensor& x, const Tensor& w,
+                                                      const std::optional<Tensor>& bias,
+                                                      double eps, int64_t shift, int64_t split,
+                                                      c10::ScalarType out_dtype, int64_t axial,
+                                                      bool layer) {
   check_norm_args(x, w, shift, split, axial);
+  if (bias.has_value())
+    TORCH_CHECK(bias->scalar_type() == w.scalar_type() && bias->is_contiguous() &&
+                    bias->sizes() == w.sizes(),
+                "norm_shift: bias must be shaped and typed like the weight");
   const int64_t b = x.size(0), n = x.size(1), d = x.size(2);
   const bool f64 = x.scalar_type() == torch::kFloat64;
   TORCH_CHECK(f64 ? out_dtype == torch::kFloat64
@@ -185,26 +221,32 @@ std::tuple<Tensor, Tensor> norm_shift_forward(const Tensor& x, const Tensor& w, 
               "norm_shift: results are float32 or bfloat16 (float64 for float64 x)");
   Tensor y = torch::empty({b * axial, n / axial, d}, x.options().dtype(out_dtype));
   Tensor rstd = torch::empty({b, n}, w.options());
+  Tensor mean = layer ? torch::empty({b, n}, w.options()) : torch::empty({0}, w.options());
   with_x(x, [&](auto* xp) {
     using x_t = std::remove_const_t<std::remove_pointer_t<decltype(xp)>>;
     if constexpr (std::is_same_v<x_t, double>) {
-      norm_shift_fwd(xp, w.data_ptr<double>(), eps, b, n, d, shift, split, axial,
-                     y.data_ptr<double>(), rstd.data_ptr<double>());
+      norm_shift_fwd(xp, w.data_ptr<double>(), bias ? bias->data_ptr<double>() : nullptr, eps,
+                     b, n, d, shift, split, axial, y.data_ptr<double>(),
+                     rstd.data_ptr<double>(), layer ? mean.data_ptr<double>() : nullptr);
     } else {
       with_x(y, [&](auto* yp) {
         using y_t = std::remove_pointer_t<decltype(yp)>;
         if constexpr (!std::is_same_v<y_t, double>)
-          norm_shift_fwd(xp, w.data_ptr<float>(), eps, b, n, d, shift, split, axial, yp,
-                         rstd.data_ptr<float>());
+          norm_shift_fwd(xp, w.data_ptr<float>(), bias ? bias->data_ptr<float>() : nullptr,
+                         eps, b, n, d, shift, split, axial, yp, rstd.data_ptr<float>(),
+                         layer ? mean.data_ptr<float>() : nullptr);
       });
     }
   });
-  return {y, rstd};
+  return {y, rstd, mean};
 }
 
-std::tuple<Tensor, Tensor> norm_shift_backward(const Tensor& g, const Tensor& x, const Tensor& w,
-                                               const Tensor& rstd, int64_t shift, int64_t split,
-                                               int64_t axial) {
+// -> (grad x, grad w, grad bias: empty unless has_bias)
+std::tuple<Tensor, Tensor, Tensor> norm_shift_backward(const Tensor& g, const Tensor& x,
+                                                       const Tensor& w, const Tensor& rstd,
+                                                       const Tensor& mean, int64_t shift,
+                                                       int64_t split, int64_t axial,
+                                                       bool has_bias) {
   check_norm_args(x, w, shift, split, axial);
   TORCH_CHECK(g.numel() == x.numel() && g.size(-1) == x.size(2) && g.is_contiguous(),
               "norm_shift: the gradient must be contiguous and shaped like the result");
@@ -214,24 +256,32 @@ std::tuple<Tensor, Tensor> norm_shift_backward(const Tensor& g, const Tensor& x,
               "norm_shift: gradients are float32 or bfloat16 (float64 for float64 x)");
   TORCH_CHECK(rstd.scalar_type() == w.scalar_type() && rstd.numel() == x.size(0) * x.size(1),
               "norm_shift: rstd must be the forward's");
+  const bool layer = mean.numel() > 0;
+  TORCH_CHECK(!layer || (mean.scalar_type() == w.scalar_type() && mean.numel() == rstd.numel()),
+              "norm_shift: mean must be the forward's");
   const int64_t b = x.size(0), n = x.size(1), d = x.size(2);
   Tensor gx = torch::empty_like(x);
   Tensor gw = torch::empty_like(w);
+  Tensor gb = has_bias ? torch::empty_like(w) : torch::empty({0}, w.options());
   with_x(x, [&](auto* xp) {
     using x_t = std::remove_const_t<std::remove_pointer_t<decltype(xp)>>;
     if constexpr (std::is_same_v<x_t, double>) {
-      norm_shift_bwd(g.data_ptr<double>(), xp, w.data_ptr<double>(), rstd.data_ptr<double>(), b,
-                     n, d, shift, split, axial, gx.data_ptr<x_t>(), gw.data_ptr<double>());
+      norm_shift_bwd(g.data_ptr<double>(), xp, w.data_ptr<double>(), rstd.data_ptr<double>(),
+                     layer ? mean.data_ptr<double>() : nullptr, b, n, d, shift, split, axial,
+                     gx.data_ptr<x_t>(), gw.data_ptr<double>(),
+                     has_bias ? gb.data_ptr<double>() : nullptr);
     } else {
       with_x(g, [&](auto* gp) {
         using g_t = std::remove_pointer_t<decltype(gp)>;
         if constexpr (!std::is_same_v<g_t, double>)
-          norm_shift_bwd(gp, xp, w.data_ptr<float>(), rstd.data_ptr<float>(), b, n, d, shift,
-                         split, axial, gx.data_ptr<x_t>(), gw.data_ptr<float>());
+          norm_shift_bwd(gp, xp, w.data_ptr<float>(), rstd.data_ptr<float>(),
+                         layer ? mean.data_ptr<float>() : nullptr, b, n, d, shift, split, axial,
+                         gx.data_ptr<x_t>(), gw.data_ptr<float>(),
+                         has_bias ? gb.data_ptr<float>() : nullptr);
       });
     }
   });
-  return {gx, gw};
+  return {gx, gw, gb};
 }
 
 // --- rotary ------------------------------------------------------------------------------
