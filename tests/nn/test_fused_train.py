@@ -360,3 +360,36 @@ def test_a_changed_shared_header_is_a_new_build(tmp_path, monkeypatch):
     header.write_text("// another\n")
     assert ext_.build_directory() != first
     assert [p.name for p in extension.CSRC.glob("*.h")] == ["vec_math.h"]  # what is hashed
+
+
+@needs_ext
+def test_l2_normalize_kernel_gradients_in_float64():
+    from retrolm.nn.fused_train import _L2Norm
+
+    x = torch.randn(2, 3, 5, 6, dtype=torch.float64).transpose(1, 2).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: _L2Norm.apply(t, 1e-12, torch.float64), (x,))
+
+
+@needs_ext
+@pytest.mark.parametrize(
+    "dtype,out", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                  (torch.bfloat16, torch.bfloat16)],
+)  # fmt: skip
+def test_l2_normalize_equals_the_composite(dtype, out):
+    from retrolm.nn.norms import l2_normalize
+
+    torch.manual_seed(0)
+    base = torch.randn(2, 7, 3, 8).to(dtype).transpose(1, 2)  # a heads view, not contiguous
+    base[0, 1, 2] = 0  # a zero row: the clamp takes eps
+    g = torch.randn(base.shape).to(out)
+    x = base.detach().requires_grad_()
+    y = fused_train.l2_normalize(x, out)
+    assert y.dtype is out and "L2Norm" in type(y.grad_fn).__name__
+    (y.float() * g.float()).sum().backward()
+    x_ref = base.detach().requires_grad_()
+    ref = l2_normalize(x_ref.to(out))
+    (ref.float() * g.float()).sum().backward()
+    tol = dict(rtol=1e-5, atol=1e-6) if out is torch.float32 else dict(rtol=1e-2, atol=8e-3)
+    torch.testing.assert_close(y, ref, **tol)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-2, atol=1e-2)
+    assert torch.allclose(y[0, 1, 2].float(), torch.zeros(8))

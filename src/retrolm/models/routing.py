@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from retrolm.models.routing_balanced import balanced_attend
 from retrolm.models.routing_cache import LayerCache, RoutingCache, routed_decode_step
 from retrolm.models.routing_config import RoutingConfig
-from retrolm.nn import fused_decode
+from retrolm.nn import fused_decode, fused_train
 from retrolm.nn.attention import attend
 from retrolm.nn.decode_linear import DecodeLinear, compute_dtype, concat_decode_weight, linear_t
 from retrolm.nn.feedforward import ACTIVATIONS, FeedForward
@@ -43,7 +43,7 @@ from retrolm.nn.layer_drop import layer_drop_keep
 from retrolm.nn.local_attention import local_attend
 from retrolm.nn.masks import sliding_window_mask
 from retrolm.nn.moe import MixtureOfExperts
-from retrolm.nn.norms import LayerNorm, l2_normalize
+from retrolm.nn.norms import LayerNorm
 from retrolm.nn.pkm import ProductKeyMemory, pkm_param_groups
 from retrolm.nn.residual import Residual
 from retrolm.nn.reversible import reversible
@@ -236,7 +236,7 @@ class RoutingAttention(nn.Module):
         groups, kgroups, commit = self._route(qr, kr, mask)
         qr, kr = rotated
         # shared q/k: keys are the l2-normalised queries (Reformer's shared-QK attention)
-        keys = l2_normalize(qr) if kr is None else kr
+        keys = fused_train.l2_normalize(qr) if kr is None else kr
         p = self.dropout if self.training else 0.0
         if self.mode == "balanced":
             out = balanced_attend(

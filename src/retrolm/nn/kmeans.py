@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from retrolm.nn import fused_train
 from retrolm.nn.distributed import all_reduce_sum_, broadcast_
 from retrolm.nn.norms import l2_normalize
 from retrolm.nn.reversible import in_reversible_forward, is_recomputing
@@ -71,7 +72,7 @@ class SphericalKMeans(nn.Module):
         """
         if self.training and not bool(self.initted) and not is_recomputing():
             self.init_(x, mask)
-        xn = l2_normalize(x if x.dtype is torch.float32 else x.float())
+        xn = fused_train.l2_normalize(x, torch.float32)  # fp32 unit vectors, one pass
         best, buckets = self._similarities(xn).max(dim=-1)  # (b, h, n)
         # both are unit vectors: ||x - c||^2 = 2 - 2 x.c, so no centroid gather is needed
         # 2 - 2 * best in one kernel (rsub's alpha: the same value, 2 * best is exact)

@@ -14,6 +14,8 @@
 //   cross_entropy_forward / _backward  per-row log-softmax cross-entropy of (N, V) logits
 //       with an ignore label: the loss and log-sum-exp per row, then softmax minus one-hot
 //       written straight in the logits' dtype.
+//   l2norm_forward / _backward  x / max(|x|, eps) per row of (B, H, I, D) with any strides
+//       but a unit last one, the result in a chosen dtype (fp32 from bf16 for k-means).
 //
 // Arithmetic in float32 (float64 for float64 inputs); bfloat16 results are rounded to
 // nearest even once, as a cast of the float32 value would be.
@@ -431,6 +433,113 @@ Tensor cross_entropy_backward(const Tensor& scale, const Tensor& logits, const T
   return gx;
 }
 
+
+// --- l2 normalisation of rows ------------------------------------------------------------
+// y = x / max(|x|, eps) per row of a (B, H, I, D) tensor with a unit last stride, the result
+// in out's dtype; inv = 1 / max(|x|, eps) per row, negative where the clamp took eps (there
+// the gradient is g / eps, else inv (g - y (g . y))).
+template <typename T, typename out_t>
+void l2norm_fwd(const Tensor& x, double eps, Tensor& y, Tensor& inv) {
+  using acc_t = typename Acc<T>::type;
+  const int64_t B = x.size(0), H = x.size(1), I = x.size(2), D = x.size(3);
+  const auto xs = x.strides();
+  const T* xp = x.data_ptr<T>();
+  out_t* yp = y.data_ptr<out_t>();
+  acc_t* ip = inv.data_ptr<acc_t>();
+  const acc_t e = static_cast<acc_t>(eps);
+  at::parallel_for(0, B * H * I, 4 * kRowGrain, [=](int64_t r0, int64_t r1) {
+    for (int64_t row = r0; row < r1; row++) {
+      const int64_t i = row % I, bh = row / I;
+      const T* xr = xp + (bh / H) * xs[0] + (bh % H) * xs[1] + i * xs[2];
+      acc_t ss = 0;
+#pragma omp simd reduction(+ : ss)
+      for (int64_t c = 0; c < D; c++) ss += load<acc_t>(xr, c) * load<acc_t>(xr, c);
+      const acc_t norm = std::sqrt(ss);
+      const acc_t k = acc_t(1) / std::max(norm, e);
+      ip[row] = norm > e ? k : -k;
+      out_t* yr = yp + row * D;
+#pragma omp simd
+      for (int64_t c = 0; c < D; c++) store(yr, c, load<acc_t>(xr, c) * k);
+    }
+  });
+}
+
+template <typename T, typename g_t>
+void l2norm_bwd(const Tensor& g, const Tensor& x, const Tensor& inv, Tensor& gx) {
+  using acc_t = typename Acc<T>::type;
+  const int64_t B = x.size(0), H = x.size(1), I = x.size(2), D = x.size(3);
+  const auto xs = x.strides(), gs = g.strides();
+  const T* xp = x.data_ptr<T>();
+  const g_t* gp = g.data_ptr<g_t>();
+  const acc_t* ip = inv.data_ptr<acc_t>();
+  T* op = gx.data_ptr<T>();
+  at::parallel_for(0, B * H * I, 4 * kRowGrain, [=](int64_t r0, int64_t r1) {
+    for (int64_t row = r0; row < r1; row++) {
+      const int64_t i = row % I, bh = row / I, b = bh / H, h = bh % H;
+      const T* xr = xp + b * xs[0] + h * xs[1] + i * xs[2];
+      const g_t* gr = gp + b * gs[0] + h * gs[1] + i * gs[2];
+      T* orow = op + row * D;
+      const acc_t k = ip[row];
+      if (k < 0) {  // clamped: y = x / eps
+#pragma omp simd
+        for (int64_t c = 0; c < D; c++) store(orow, c, load<acc_t>(gr, c) * -k);
+        continue;
+      }
+      acc_t dot = 0;  // g . y
+#pragma omp simd reduction(+ : dot)
+      for (int64_t c = 0; c < D; c++) dot += load<acc_t>(gr, c) * load<acc_t>(xr, c) * k;
+#pragma omp simd
+      for (int64_t c = 0; c < D; c++)
+        store(orow, c, k * (load<acc_t>(gr, c) - load<acc_t>(xr, c) * k * dot));
+    }
+  });
+}
+
+// calls f(T*) typed by a dtype among float, double, bf16
+template <typename F>
+void with_dtype(c10::ScalarType t, F&& f) {
+  switch (t) {
+    case torch::kFloat32: f(static_cast<float*>(nullptr)); break;
+    case torch::kFloat64: f(static_cast<double*>(nullptr)); break;
+    case torch::kBFloat16: f(static_cast<c10::BFloat16*>(nullptr)); break;
+    default: TORCH_CHECK(false, "unsupported dtype ", t);
+  }
+}
+
+std::tuple<Tensor, Tensor> l2norm_forward(const Tensor& x, double eps,
+                                          c10::ScalarType out_dtype) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 4 && x.stride(3) == 1,
+              "l2norm: x must be a (B, H, I, D) CPU tensor with a unit last stride");
+  const bool f64 = x.scalar_type() == torch::kFloat64;
+  TORCH_CHECK(f64 == (out_dtype == torch::kFloat64), "l2norm: float64 in and out, or neither");
+  Tensor y = torch::empty(x.sizes(), x.options().dtype(out_dtype));
+  Tensor inv = torch::empty({x.size(0) * x.size(1) * x.size(2)},
+                            x.options().dtype(f64 ? torch::kFloat64 : torch::kFloat32));
+  with_dtype(x.scalar_type(), [&](auto* xt) {
+    using T = std::remove_pointer_t<decltype(xt)>;
+    with_dtype(out_dtype, [&](auto* ot) {
+      using O = std::remove_pointer_t<decltype(ot)>;
+      if constexpr (std::is_same_v<T, double> == std::is_same_v<O, double>)
+        l2norm_fwd<T, O>(x, eps, y, inv);
+    });
+  });
+  return {y, inv};
+}
+
+Tensor l2norm_backward(const Tensor& g, const Tensor& x, const Tensor& inv) {
+  TORCH_CHECK(g.sizes() == x.sizes() && g.stride(3) == 1 && x.stride(3) == 1,
+              "l2norm: the gradient must be shaped like x, with a unit last stride");
+  Tensor gx = torch::empty(x.sizes(), x.options());
+  with_dtype(x.scalar_type(), [&](auto* xt) {
+    using T = std::remove_pointer_t<decltype(xt)>;
+    with_dtype(g.scalar_type(), [&](auto* gt) {
+      using G = std::remove_pointer_t<decltype(gt)>;
+      if constexpr (std::is_same_v<T, double> == std::is_same_v<G, double>)
+        l2norm_bwd<T, G>(g, x, inv, gx);
+    });
+  });
+  return gx;
+}
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -440,4 +549,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rotary_backward", &rotary<true>);
   m.def("cross_entropy_forward", &cross_entropy_forward);
   m.def("cross_entropy_backward", &cross_entropy_backward);
+  m.def("l2norm_forward", &l2norm_forward);
+  m.def("l2norm_backward", &l2norm_backward);
 }
