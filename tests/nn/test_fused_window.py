@@ -75,6 +75,30 @@ def test_local_equals_the_definition(causal, n, window):
 
 
 @needs_kernel
+@pytest.mark.parametrize("n", [256, 250])  # whole blocks of 32, and a partial last one
+def test_head_dim_64_takes_the_vector_packs(n):
+    """d = 64: the keys' transposed packs go through 16 x 16 register transposes (whole
+    blocks; a partial last block takes the scalar loop)."""
+    mask = sliding_window_mask(n, n, 128, causal=True)
+    errs = _compare(lambda q, k, v: fused_window.window_attend(q, k, v, 128), mask, n=n, d=64)
+    assert max(errs) < 2e-2, errs
+    torch.manual_seed(2)
+    group = torch.randint(0, 3, (2, 3, n))
+    order = _sort_key(group, n).argsort(-1)
+    mask = _exclude_self(
+        dense_window_mask(group, group, 128), torch.eye(n, dtype=torch.bool), False
+    )
+
+    def fused(q, k, v):
+        return fused_window.window_attend(
+            q, k, v, 128, groups=group.gather(2, order), order=order, exclude_self=True
+        )
+
+    errs = _compare(fused, mask, n=n, d=64)
+    assert max(errs) < 2e-2, errs
+
+
+@needs_kernel
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("exclude_self", [False, True])
 @pytest.mark.parametrize("n,window", [(300, 128), (129, 33), (70, 4)])

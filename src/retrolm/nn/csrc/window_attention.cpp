@@ -34,6 +34,10 @@
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
 
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
 #include "vec_math.h"
 
 #include <algorithm>
@@ -116,12 +120,53 @@ struct Pack {
   bool transposed;  // "T", else "N"
 };
 
+#ifdef __AVX512F__
+// 16 x 16 transpose of 32-bit words in registers: r[k] becomes column k
+inline void transpose16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xdd);
+    t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xdd);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+    r[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
+    r[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xdd);
+  }
+}
+#endif
+
 void pack_t_block(const Rows& x, const Geo& G, int64_t bh, int64_t j0, BFloat16* out) {
   const int64_t half = G.d / 2, m = std::min(G.c, G.n - j0);
   const uint32_t* rows[256];  // c <= 256 places per block
   for (int64_t j = 0; j < m; j++)
     rows[j] = reinterpret_cast<const uint32_t*>(x.row(bh, G.src(bh, j0 + j)));
   uint32_t* o = reinterpret_cast<uint32_t*>(out + bh * G.d * G.np) + j0;
+#ifdef __AVX512F__
+  if (m == G.c && G.c % 16 == 0 && half % 16 == 0) {  // whole 16 x 16 tiles
+    __m512i r[16];
+    for (int64_t j = 0; j < m; j += 16)
+      for (int64_t w = 0; w < half; w += 16) {
+        for (int k = 0; k < 16; k++) r[k] = _mm512_loadu_si512(rows[j + k] + w);
+        transpose16(r);
+        for (int k = 0; k < 16; k++) _mm512_storeu_si512(o + (w + k) * G.np + j, r[k]);
+      }
+    return;
+  }
+#endif
   for (int64_t w = 0; w < half; w++) {  // one output row's c words at a time
     uint32_t* ow = o + w * G.np;
     for (int64_t j = 0; j < m; j++) ow[j] = rows[j][w];
