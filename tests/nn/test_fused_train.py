@@ -393,3 +393,55 @@ def test_l2_normalize_equals_the_composite(dtype, out):
     torch.testing.assert_close(y, ref, **tol)
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-2, atol=1e-2)
     assert torch.allclose(y[0, 1, 2].float(), torch.zeros(8))
+
+
+@needs_ext
+def test_gelu_table_is_exact_gelu_rounded_once_for_every_bf16_value():
+    import torch.nn.functional as F
+
+    every = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    real = torch.isfinite(every)
+    exact = F.gelu(every.double())  # rounded once to bf16 below
+    got = ext.gelu_forward(every.contiguous())
+    assert torch.equal(got[real], exact[real].bfloat16())
+    ones = torch.ones(1, 65536, dtype=torch.bfloat16)
+    slope, bias_grad = ext.gelu_backward(ones, every.view(1, -1).contiguous())
+    x = every.double().requires_grad_()
+    F.gelu(x).backward(torch.ones_like(x))
+    # (ATen's float64 GELU backward is NaN at the largest magnitudes: compare |x| < 1e4)
+    some = real & (every.float().abs() < 1e4)
+    torch.testing.assert_close(slope.view(-1)[some].float(), x.grad[some].bfloat16().float())
+    assert torch.isfinite(slope.view(-1)[real].float()).all()
+    torch.testing.assert_close(bias_grad, slope.float().sum(0), equal_nan=True)
+
+
+@needs_ext
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_gelu_equals_the_composite_under_autocast(aten, monkeypatch, bias):
+    import torch.nn.functional as F
+
+    from retrolm.nn.feedforward import FeedForward
+
+    torch.manual_seed(0)
+    ff = FeedForward(32, 4, bias=bias)
+    x = torch.randn(2, 40, 32)
+    g = torch.randn(2, 40, 32)
+    calls = []
+    real = fused_train._LinearGelu.apply
+    monkeypatch.setattr(fused_train._LinearGelu, "apply", lambda *a: calls.append(1) or real(*a))
+    params = list(ff.parameters())
+    out, grads = _grads(ff, x, params, g, autocast=True)
+    assert len(calls) == 1
+    with aten:
+        ref, ref_grads = _grads(ff, x, params, g, autocast=True)
+    assert len(calls) == 1
+    torch.testing.assert_close(out.float(), ref.float(), rtol=0, atol=1e-2)
+    for a, b in zip(grads, ref_grads):
+        assert ((a.float() - b.float()).norm() / b.float().norm()).item() < 1e-2
+    # outside autocast (fp32) and without autograd: the module's own path
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ff(x)
+    ff(x)
+    assert len(calls) == 1
+    h = F.gelu(F.linear(x, ff.up_proj.weight, ff.up_proj.bias))
+    torch.testing.assert_close(ff(x), ff.down_proj(h))

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from retrolm.nn import fused_train
 from retrolm.nn.decode_linear import DecodeLinear
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
@@ -45,6 +46,7 @@ class FeedForward(nn.Module):
         self.glu = glu
         self.act = ACTIVATIONS[activation]
         self.act_ = INPLACE[activation]
+        self.fused_gelu = activation == "gelu" and not glu  # nn.fused_train.linear_gelu
         self.chunks = chunks
         # both decode through a decode copy of their weight (decode_linear): transposed for
         # the widening one; in bf16 packed for both
@@ -53,6 +55,9 @@ class FeedForward(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def _ff(self, x: Tensor) -> Tensor:
+        if self.fused_gelu and fused_train.linear_gelu_applies(x, self.up_proj):
+            # a bf16 training step: GELU by table, its backward one pass with the bias's
+            return self.down_proj(self.dropout(fused_train.linear_gelu(x, self.up_proj)))
         h = self.up_proj(x)
         inplace = not (torch.is_grad_enabled() and h.requires_grad)
         if self.glu:

@@ -21,8 +21,13 @@ use, ``nn.extension``) does three of them in one pass each way:
   any layout, one pass each way (the routing model's k-means reads fp32 unit vectors of bf16
   queries, its shared-q/k keys bf16 ones).
 
-(An exact GELU written the same way was no faster than ATen's: it is bound by its erf
-polynomial, not by memory.)
+- ``linear_gelu(x, linear)``: ``F.gelu(linear(x))`` for a bf16 training step: the product
+  through ATen, the GELU of its bf16 result by table (a bf16 value has 65,536 bit patterns,
+  so exact GELU and its slope are tables computed once in double), and in the backward one
+  pass for the GELU's gradient and the bias gradient together.
+
+(An exact GELU computed by an erf polynomial was no faster than ATen's: it is bound by the
+polynomial; the table removes it.)
 
 Each falls back to the composite ATen ops (the reference, and what runs off CPU, in
 float64, without the extension, or with ``RETROLM_FUSED_TRAIN=0``). Values agree with it
@@ -46,6 +51,8 @@ __all__ = [
     "cross_entropy",
     "enabled",
     "l2_normalize",
+    "linear_gelu",
+    "linear_gelu_applies",
     "extension",
     "norm_shift",
     "rotary",
@@ -252,3 +259,49 @@ def l2_normalize(x: Tensor, dtype: torch.dtype | None = None, eps: float = 1e-12
         with torch.autocast("cpu", enabled=False):
             return _L2Norm.apply(x, eps, dtype)
     return _l2_normalize(x.to(dtype), eps=eps)
+
+
+class _LinearGelu(torch.autograd.Function):
+    """gelu(x @ w.T + b) in bf16: the pre-activation by addmm, the GELU by table; backward:
+    one pass for the GELU's and the bias's gradients, then the two products."""
+
+    @staticmethod
+    def forward(ctx, x, w, b):
+        x2 = x.reshape(-1, x.shape[-1])
+        pre = torch.addmm(b, x2, w.t()) if b is not None else x2 @ w.t()
+        ctx.save_for_backward(x2, w, pre)
+        ctx.has_bias, ctx.shape = b is not None, x.shape
+        return extension().gelu_forward(pre).view(*x.shape[:-1], w.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, w, pre = ctx.saved_tensors
+        grad = grad.reshape(pre.shape).to(torch.bfloat16).contiguous()
+        dpre, db = extension().gelu_backward(grad, pre)
+        dx = (dpre @ w).view(ctx.shape)
+        dw = dpre.t() @ x2
+        return dx, dw, (db.to(torch.bfloat16) if ctx.has_bias else None)
+
+
+def linear_gelu_applies(x: Tensor, linear: nn.Module) -> bool:
+    """Whether ``linear_gelu`` takes this call: enabled and built, CPU, a training step
+    (grad enabled) computing in bf16 (bf16 x, or CPU bf16 autocast), an ``nn.Linear``."""
+    return (
+        _EXT.enabled
+        and torch.is_grad_enabled()
+        and x.is_cpu
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and _out_dtype(x) is torch.bfloat16
+        and isinstance(linear, nn.Linear)
+        and extension() is not None
+    )
+
+
+def linear_gelu(x: Tensor, linear: nn.Linear) -> Tensor:
+    """``F.gelu(linear(x))`` computed in bf16 (check ``linear_gelu_applies`` first): the
+    values of the composite under bf16 autocast (its pre-activation rounded to bf16, then
+    exact GELU rounded once), the GELU and its backward one pass each."""
+    bf = torch.bfloat16
+    b = linear.bias.to(bf) if linear.bias is not None else None
+    with torch.autocast("cpu", enabled=False):
+        return _LinearGelu.apply(x.to(bf), linear.weight.to(bf), b)

@@ -14,6 +14,8 @@
 //   cross_entropy_forward / _backward  per-row log-softmax cross-entropy of (N, V) logits
 //       with an ignore label: the loss and log-sum-exp per row, then softmax minus one-hot
 //       written straight in the logits' dtype.
+//   gelu_forward / _backward  exact GELU of bf16 by 65,536-entry tables (computed once in
+//       double); the backward also returns the column sums of its result (a bias gradient).
 //   l2norm_forward / _backward  x / max(|x|, eps) per row of (B, H, I, D) with any strides
 //       but a unit last one, the result in a chosen dtype (fp32 from bf16 for k-means).
 //
@@ -540,6 +542,84 @@ Tensor l2norm_backward(const Tensor& g, const Tensor& x, const Tensor& inv) {
   });
   return gx;
 }
+
+// --- GELU of bf16 by table ------------------------------------------------------------
+// A bf16 input has 65,536 possible values, so exact GELU (0.5 x (1 + erf(x / sqrt 2))) and
+// its slope are tables computed once in double: the forward is one lookup per element (the
+// bf16 result rounded once from the exact value), the backward one lookup and one multiply,
+// with the bias gradient (the column sums of its result) in the same pass.
+struct GeluTables {
+  std::vector<uint16_t> value;  // bf16 bits of gelu(x)
+  std::vector<float> slope;     // gelu'(x)
+  GeluTables() : value(65536), slope(65536) {
+    for (uint32_t b = 0; b < 65536; b++) {
+      const double x = bf16_bits_to_float(static_cast<uint16_t>(b));
+      const double cdf = 0.5 * (1.0 + std::erf(x * 0.70710678118654752440));
+      const double pdf = std::exp(-0.5 * x * x) * 0.39894228040143267794;
+      value[b] = float_to_bf16_bits(static_cast<float>(x * cdf));
+      slope[b] = static_cast<float>(cdf + x * pdf);
+      if (std::isinf(x)) {  // the limits: gelu(+inf) = inf, gelu(-inf) = -0; slopes 1, 0
+        value[b] = float_to_bf16_bits(x > 0 ? static_cast<float>(x) : -0.f);
+        slope[b] = x > 0 ? 1.f : 0.f;
+      }
+    }
+  }
+};
+
+const GeluTables& gelu_tables() {
+  static const GeluTables t;  // built once, thread-safe
+  return t;
+}
+
+Tensor gelu_forward(const Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.is_contiguous(), "gelu: contiguous bf16");
+  const uint16_t* tab = gelu_tables().value.data();
+  Tensor y = at::empty_like(x);
+  const uint16_t* xs = reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>());
+  uint16_t* ys = reinterpret_cast<uint16_t*>(y.data_ptr<c10::BFloat16>());
+  at::parallel_for(0, x.numel(), 1 << 14, [=](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; i++) ys[i] = tab[xs[i]];
+  });
+  return y;
+}
+
+// grad, x: (rows, h) bf16 -> (grad * gelu'(x) in bf16, its column sums in fp32)
+std::tuple<Tensor, Tensor> gelu_backward(const Tensor& grad, const Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && grad.scalar_type() == at::kBFloat16 &&
+                  x.is_contiguous() && grad.is_contiguous() && x.sizes() == grad.sizes() &&
+                  x.dim() == 2,
+              "gelu: grad and x must be contiguous bf16 (rows, h) of one shape");
+  const float* slope = gelu_tables().slope.data();
+  const int64_t rows = x.size(0), h = x.size(1);
+  Tensor gx = at::empty_like(x);
+  // the column sums: one partial row per chunk of rows, then their sum
+  const int64_t chunk = std::max<int64_t>(64, (rows + 63) / 64);
+  const int64_t chunks = (rows + chunk - 1) / chunk;
+  Tensor partial = at::zeros({chunks, h}, x.options().dtype(at::kFloat));
+  const uint16_t* xs = reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>());
+  const uint16_t* gs = reinterpret_cast<const uint16_t*>(grad.data_ptr<c10::BFloat16>());
+  uint16_t* out = reinterpret_cast<uint16_t*>(gx.data_ptr<c10::BFloat16>());
+  float* part = partial.data_ptr<float>();
+  at::parallel_for(0, chunks, 1, [=](int64_t c0, int64_t c1) {
+    std::vector<float> row(h);
+    for (int64_t c = c0; c < c1; c++) {
+      float* acc = part + c * h;
+      for (int64_t r = c * chunk; r < std::min(rows, (c + 1) * chunk); r++) {
+        const uint16_t* xr = xs + r * h;
+        const uint16_t* gr = gs + r * h;
+        uint16_t* o = out + r * h;
+        for (int64_t j = 0; j < h; j++) row[j] = slope[xr[j]];  // the lookups
+#pragma omp simd
+        for (int64_t j = 0; j < h; j++) {
+          const uint16_t bits = float_to_bf16_bits(bf16_bits_to_float(gr[j]) * row[j]);
+          o[j] = bits;
+          acc[j] += bf16_bits_to_float(bits);  // the bias gradient sums what dx reads
+        }
+      }
+    }
+  });
+  return {gx, partial.sum(0)};
+}
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -551,4 +631,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cross_entropy_backward", &cross_entropy_backward);
   m.def("l2norm_forward", &l2norm_forward);
   m.def("l2norm_backward", &l2norm_backward);
+  m.def("gelu_forward", &gelu_forward);
+  m.def("gelu_backward", &gelu_backward);
 }
