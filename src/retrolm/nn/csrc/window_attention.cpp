@@ -239,9 +239,12 @@ const BFloat16* block_rows(const Rows& x, const Geo& G, int64_t bh, int64_t i0, 
 // --- the mask -----------------------------------------------------------------------------
 // s: raw q.k of place i with keys [ks, ks + nk). On return: scale * s where i may attend,
 // -inf elsewhere. Returns the row's maximum (-inf: no key).
+// [*a, *z): the span of columns that may hold an allowed key (the rest are -inf), so the
+// softmax's passes can skip the others.
 float mask_row(const Geo& G, int64_t bh, int64_t i, int64_t ks, int64_t nk, float* s,
-               bool* alone = nullptr) {
+               int64_t* a, int64_t* z, bool* alone = nullptr) {
   if (alone) *alone = false;
+  *a = *z = 0;
   const int64_t lo = std::max(ks, i - G.window + 1);
   const int64_t hi = std::min({ks + nk, G.n, G.causal ? i + 1 : i + G.window});  // exclusive
   const int64_t* g = G.groups ? G.groups + bh * G.n : nullptr;
@@ -272,6 +275,11 @@ float mask_row(const Geo& G, int64_t bh, int64_t i, int64_t ks, int64_t nk, floa
     mx = self_v;
     if (alone) *alone = true;
   }
+  int64_t lo2 = lo, hi2 = hi;  // narrowed to the allowed keys (other groups are -inf)
+  while (lo2 < hi2 && w[lo2] == kNegInf) lo2++;
+  while (hi2 > lo2 && w[hi2 - 1] == kNegInf) hi2--;
+  *a = lo2 - ks;
+  *z = hi2 - ks;
   return mx;
 }
 
@@ -279,7 +287,8 @@ float mask_row(const Geo& G, int64_t bh, int64_t i, int64_t ks, int64_t nk, floa
 // scale * s where query i may attend j, -inf elsewhere. `alone`: per query place, whether
 // it attends only itself (shared q/k), as mask_row found.
 void mask_col(const Geo& G, int64_t bh, int64_t j, int64_t qa, int64_t nq, float* s,
-              const uint8_t* alone) {
+              const uint8_t* alone, int64_t* a, int64_t* z) {
+  *a = *z = 0;
   // causal: j <= i < j + window; non-causal: j - window < i < j + window
   const int64_t lo = std::max(qa, G.causal ? j : j - G.window + 1);
   const int64_t hi = std::min({qa + nq, G.n, j + G.window});  // exclusive
@@ -301,6 +310,11 @@ void mask_col(const Geo& G, int64_t bh, int64_t j, int64_t qa, int64_t nq, float
     for (int64_t i = lo; i < hi; i++) w[i] *= scale;
   }
   if (G.exclude_self && j >= lo && j < hi && !alone[bh * G.n + j]) w[j] = kNegInf;
+  int64_t lo2 = lo, hi2 = hi;
+  while (lo2 < hi2 && w[lo2] == kNegInf) lo2++;
+  while (hi2 > lo2 && w[hi2 - 1] == kNegInf) hi2--;
+  *a = lo2 - qa;
+  *z = hi2 - qa;
 }
 
 void store_row(const float* x, int64_t d, BFloat16* out) {
@@ -350,21 +364,23 @@ std::tuple<Tensor, Tensor> window_forward(const Tensor& q, const Tensor& k, cons
       for (int64_t r = 0; r < m; r++) {
         float* s = S.data() + r * nk;
         uint16_t* p = reinterpret_cast<uint16_t*>(P.data() + r * nk);
-        const float mx = mask_row(G, bh, i0 + r, ks, nk, s);
+        int64_t a, z;
+        const float mx = mask_row(G, bh, i0 + r, ks, nk, s, &a, &z);
+        for (int64_t jj = 0; jj < a; jj++) p[jj] = 0;
+        for (int64_t jj = z; jj < nk; jj++) p[jj] = 0;
         if (mx == kNegInf) {
-          for (int64_t jj = 0; jj < nk; jj++) p[jj] = 0;
           L[bh * G.n + i0 + r] = kNegInf;
           continue;
         }
         float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
-        for (int64_t jj = 0; jj < nk; jj++) {
+        for (int64_t jj = a; jj < z; jj++) {
           s[jj] = exp_f(s[jj] - mx);
           sum += s[jj];
         }
         const float inv = 1.f / sum;
 #pragma omp simd
-        for (int64_t jj = 0; jj < nk; jj++) p[jj] = float_to_bf16_bits(s[jj] * inv);
+        for (int64_t jj = a; jj < z; jj++) p[jj] = float_to_bf16_bits(s[jj] * inv);
         L[bh * G.n + i0 + r] = mx + std::log(sum);
       }
       cpublas::brgemm(m, d, nk, nk, d, d, false, P.data(), VN + bh * G.np * d + ks * d,
@@ -428,7 +444,8 @@ std::tuple<Tensor, Tensor, Tensor> window_backward(
         uint16_t* ds = reinterpret_cast<uint16_t*>(dSb.data() + r * nk);
         const float l = L[bh * G.n + i];
         bool alone;
-        mask_row(G, bh, i, ks, nk, s, &alone);
+        int64_t a, z;
+        mask_row(G, bh, i, ks, nk, s, &a, &z, &alone);
         ALONE[bh * G.n + i] = alone;
         const uint16_t* go = reinterpret_cast<const uint16_t*>(GR.row(bh, row));
         const uint16_t* o = reinterpret_cast<const uint16_t*>(OUT + (bh * G.n + row) * d);
@@ -437,12 +454,11 @@ std::tuple<Tensor, Tensor, Tensor> window_backward(
         for (int64_t ch = 0; ch < d; ch++)
           delta += bf16_bits_to_float(go[ch]) * bf16_bits_to_float(o[ch]);
         DELTA[bh * G.n + i] = delta;
-        if (l == kNegInf) {
-          for (int64_t jj = 0; jj < nk; jj++) ds[jj] = 0;
-          continue;
-        }
+        if (l == kNegInf) a = z = 0;
+        for (int64_t jj = 0; jj < a; jj++) ds[jj] = 0;
+        for (int64_t jj = z; jj < nk; jj++) ds[jj] = 0;
 #pragma omp simd
-        for (int64_t jj = 0; jj < nk; jj++) {
+        for (int64_t jj = a; jj < z; jj++) {
           const float pv = exp_f(s[jj] - l);
           ds[jj] = float_to_bf16_bits(pv * (dp[jj] - delta) * scale);
         }
@@ -479,14 +495,18 @@ std::tuple<Tensor, Tensor, Tensor> window_backward(
         const float* dp = dP.data() + r * nq;
         uint16_t* p = reinterpret_cast<uint16_t*>(Pb.data() + r * nq);
         uint16_t* ds = reinterpret_cast<uint16_t*>(dSb.data() + r * nq);
-        mask_col(G, bh, j0 + r, qa, nq, s, ALONE);
+        int64_t a, z;
+        mask_col(G, bh, j0 + r, qa, nq, s, ALONE, &a, &z);
+        z = std::min(z, nreal);
+        a = std::min(a, z);
+        for (int64_t cc = 0; cc < a; cc++) p[cc] = ds[cc] = 0;
+        for (int64_t cc = z; cc < nq; cc++) p[cc] = ds[cc] = 0;
 #pragma omp simd
-        for (int64_t cc = 0; cc < nreal; cc++) {
+        for (int64_t cc = a; cc < z; cc++) {
           const float pv = s[cc] == kNegInf ? 0.f : exp_f(s[cc] - l[cc]);
           p[cc] = float_to_bf16_bits(pv);
           ds[cc] = float_to_bf16_bits(pv * (dp[cc] - delta[cc]) * scale);
         }
-        for (int64_t cc = nreal; cc < nq; cc++) p[cc] = ds[cc] = 0;
       }
       cpublas::brgemm(mk, d, nq, nq, d, d, false, dSb.data(), QN + bh * np * d + qa * d,
                       acc.data());
