@@ -121,6 +121,26 @@ def test_sorted_window_equals_the_definition(causal, exclude_self, n, window):
 
 
 @needs_kernel
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("causal", [True, False])
+def test_threads_splitting_one_sequence_agree(threads, causal):
+    """One (b, h) sequence of 11 blocks: the threads' ranges of query blocks end inside it,
+    so key blocks at their edges get gradient from two threads (added after the pass)."""
+    n = 11 * 32 - 5
+    mask = sliding_window_mask(n, n, 100, causal=causal)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        errs = _compare(
+            lambda q, k, v: fused_window.window_attend(q, k, v, 100, causal=causal),
+            mask, b=1, h=1, n=n, d=64,
+        )  # fmt: skip
+    finally:
+        torch.set_num_threads(before)
+    assert max(errs) < 2e-2, errs
+
+
+@needs_kernel
 def test_a_query_with_no_key_gets_zeros_and_no_gradient():
     n = 40
     group = torch.full((1, 1, n), -1)
