@@ -184,8 +184,11 @@ class RoutingAttention(nn.Module):
             aux = commit * self.commitment
         if aux is None:
             aux = x.new_zeros((), dtype=torch.float32)
-        out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
-        out = self.out_proj(out.transpose(1, 2).flatten(2))  # (b, h, n, d) -> (b, n, h * d)
+        if len(outs) > 1:  # one copy, straight into (b, n, h, d) (its backward: views)
+            out = torch.cat([o.transpose(1, 2) for o in outs], dim=2).flatten(2)
+        else:
+            out = outs[0].transpose(1, 2).flatten(2)  # (b, h, n, d) -> (b, n, h * d)
+        out = self.out_proj(out)
         if self.training:  # nn.Dropout is the identity in eval; skip its call when decoding
             out = self.out_dropout(out)
         return out, aux
