@@ -445,3 +445,44 @@ def test_linear_gelu_equals_the_composite_under_autocast(aten, monkeypatch, bias
     assert len(calls) == 1
     h = F.gelu(F.linear(x, ff.up_proj.weight, ff.up_proj.bias))
     torch.testing.assert_close(ff(x), ff.down_proj(h))
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("masked", [False, True])
+def test_kmeans_assign_equals_the_composite_route(aten, dtype, masked):
+    from retrolm.nn.kmeans import SphericalKMeans
+
+    torch.manual_seed(0)
+    km = SphericalKMeans(2, 8, 16)
+    km.train()
+    km.initted.fill_(True)
+    base = torch.randn(2, 9, 2, 16).to(dtype).transpose(1, 2)  # a heads view
+    base[1, 0, 3] = 0  # a zero row: the clamp takes eps
+    mask = torch.rand(2, 9) > 0.3 if masked else None
+    calls = []
+    real = fused_train._KMeansAssign.apply
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fused_train._KMeansAssign, "apply", lambda *a: calls.append(1) or real(*a))
+        x = base.detach().requires_grad_()
+        buckets, loss = km.route(x, mask)
+        loss.backward()
+        sums, counts = km._pending
+        km.discard_pending()
+        with aten:
+            x_ref = base.detach().requires_grad_()
+            ref_buckets, ref_loss = km.route(x_ref, mask)
+            ref_loss.backward()
+            ref_sums, ref_counts = km._pending
+            km.discard_pending()
+    assert len(calls) == 1
+    assert torch.equal(buckets, ref_buckets)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    tol = dict(rtol=1e-4, atol=1e-6) if dtype is torch.float32 else dict(rtol=2e-2, atol=1e-3)
+    torch.testing.assert_close(x.grad.float(), x_ref.grad.float(), **tol)
+    torch.testing.assert_close(sums, ref_sums, rtol=1e-5, atol=1e-5)
+    assert torch.equal(counts, ref_counts)
+    with torch.no_grad():  # evaluation: no statistics
+        km.eval()
+        km.route(base)
+        assert km._pending is None

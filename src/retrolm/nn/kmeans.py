@@ -72,20 +72,29 @@ class SphericalKMeans(nn.Module):
         """
         if self.training and not bool(self.initted) and not is_recomputing():
             self.init_(x, mask)
-        xn = fused_train.l2_normalize(x, torch.float32)  # fp32 unit vectors, one pass
+        grad_pass = torch.is_grad_enabled() or in_reversible_forward()
+        stats = self.training and grad_pass and not is_recomputing()
+        if fused_train.kmeans_applies(x, self.means):
+            # unit vectors, similarities, argmax and the batch statistics in one C++ pass
+            best, buckets, sums, counts = fused_train.kmeans_assign(x, self.means, mask, stats)
+            if stats:
+                self._add_pending(sums, counts)
+            return buckets, self._commitment(best, mask)
+        xn = l2_normalize(x if x.dtype is torch.float32 else x.float())
         best, buckets = self._similarities(xn).max(dim=-1)  # (b, h, n)
+        if stats:
+            self._accumulate(xn.detach(), buckets, mask)
+        return buckets, self._commitment(best, mask)
+
+    def _commitment(self, best: Tensor, mask: Tensor | None) -> Tensor:
+        """The mean over (real) tokens of ||xn - c||^2 / d, from best = xn . c."""
         # both are unit vectors: ||x - c||^2 = 2 - 2 x.c, so no centroid gather is needed
         # 2 - 2 * best in one kernel (rsub's alpha: the same value, 2 * best is exact)
         err = torch.rsub(best, 2.0, alpha=2.0) / self.dim  # (b, h, n), mean over the d dims
         if mask is not None:
             w = mask[:, None, :].to(err.dtype).expand_as(err)
-            loss = (err * w).sum() / w.sum().clamp(min=1.0)
-        else:
-            loss = err.mean()
-        grad_pass = torch.is_grad_enabled() or in_reversible_forward()
-        if self.training and grad_pass and not is_recomputing():
-            self._accumulate(xn.detach(), buckets, mask)
-        return buckets, loss
+            return (err * w).sum() / w.sum().clamp(min=1.0)
+        return err.mean()
 
     def _similarities(self, xn: Tensor) -> Tensor:
         """Unit vectors xn (b, h, n, d) fp32 -> cosine similarities (b, h, n, k)."""
@@ -110,7 +119,9 @@ class SphericalKMeans(nn.Module):
         return sums, onehot.sum(dim=(0, 2))
 
     def _accumulate(self, xn: Tensor, buckets: Tensor, mask: Tensor | None) -> None:
-        sums, counts = self._batch_stats(xn, buckets, mask)
+        self._add_pending(*self._batch_stats(xn, buckets, mask))
+
+    def _add_pending(self, sums: Tensor, counts: Tensor) -> None:
         if self._pending is not None:
             sums, counts = sums + self._pending[0], counts + self._pending[1]
         self._pending = (sums, counts)

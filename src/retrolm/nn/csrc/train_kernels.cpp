@@ -16,6 +16,8 @@
 //       written straight in the logits' dtype.
 //   gelu_forward / _backward  exact GELU of bf16 by 65,536-entry tables (computed once in
 //       double); the backward also returns the column sums of its result (a bias gradient).
+//   kmeans_assign / _backward  spherical k-means assignment of rows (nearest unit centroid,
+//       its similarity, the clusters' sums and counts) without writing the unit vectors.
 //   l2norm_forward / _backward  x / max(|x|, eps) per row of (B, H, I, D) with any strides
 //       but a unit last one, the result in a chosen dtype (fp32 from bf16 for k-means).
 //
@@ -31,6 +33,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <optional>
 #include <tuple>
 #include <type_traits>
@@ -620,6 +623,152 @@ std::tuple<Tensor, Tensor> gelu_backward(const Tensor& grad, const Tensor& x) {
   });
   return {gx, partial.sum(0)};
 }
+
+// --- spherical k-means assignment ----------------------------------------------------------
+// Per row of x (B, H, I, D) (any strides, unit last one): xn = x / max(|x|, eps), its nearest
+// of the head's K unit centroids (the first of equal ones), best = xn . c; with stats, the
+// per-(head, cluster) sums of xn and counts over the rows `real` marks (all when absent),
+// without writing xn. inv as l2norm's (negative where the clamp took eps). The backward of
+// best: gx = g inv (c - best xn), or g c / eps where clamped.
+template <typename T>
+void kmeans_assign_impl(const Tensor& x, const Tensor& means, const bool* real, double eps,
+                        bool stats, Tensor& best, Tensor& bucket, Tensor& inv, Tensor& sums,
+                        Tensor& counts) {
+  const int64_t B = x.size(0), H = x.size(1), I = x.size(2), D = x.size(3), K = means.size(1);
+  const auto xs = x.strides();
+  const T* xp = x.data_ptr<T>();
+  const float* mp = means.data_ptr<float>();
+  float* bp = best.data_ptr<float>();
+  int64_t* kp = bucket.data_ptr<int64_t>();
+  float* ip = inv.data_ptr<float>();
+  const int64_t threads = at::get_num_threads();
+  std::vector<float> part(stats ? threads * H * K * (D + 1) : 0, 0.f);  // sums | counts
+  float* parts = part.data();
+  const float e = static_cast<float>(eps);
+  at::parallel_for(0, B * H * I, 4 * kRowGrain, [=](int64_t r0, int64_t r1) {
+    std::vector<float> xn(D);
+    float* pk = stats ? parts + at::get_thread_num() * H * K * (D + 1) : nullptr;
+    for (int64_t row = r0; row < r1; row++) {
+      const int64_t i = row % I, bh = row / I, h = bh % H, b = bh / H;
+      const T* xr = xp + b * xs[0] + h * xs[1] + i * xs[2];
+      float ss = 0;
+#pragma omp simd reduction(+ : ss)
+      for (int64_t c = 0; c < D; c++) ss += load<float>(xr, c) * load<float>(xr, c);
+      const float norm = std::sqrt(ss), k = 1.f / std::max(norm, e);
+      ip[row] = norm > e ? k : -k;
+#pragma omp simd
+      for (int64_t c = 0; c < D; c++) xn[c] = load<float>(xr, c) * k;
+      const float* mh = mp + h * K * D;
+      float top = -std::numeric_limits<float>::infinity();
+      int64_t arg = 0;
+      for (int64_t j = 0; j < K; j++) {
+        float dot = 0;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t c = 0; c < D; c++) dot += xn[c] * mh[j * D + c];
+        if (dot > top) {
+          top = dot;
+          arg = j;
+        }
+      }
+      bp[row] = top;
+      kp[row] = arg;
+      if (stats && (real == nullptr || real[b * I + i])) {
+        float* sk = pk + (h * K + arg) * (D + 1);
+#pragma omp simd
+        for (int64_t c = 0; c < D; c++) sk[c] += xn[c];
+        sk[D] += 1.f;
+      }
+    }
+  });
+  if (stats) {
+    float* sp = sums.data_ptr<float>();
+    float* cp = counts.data_ptr<float>();
+    for (int64_t hk = 0; hk < H * K; hk++) {
+      for (int64_t c = 0; c <= D; c++) {
+        float acc = 0;
+        for (int64_t t = 0; t < threads; t++) acc += part[(t * H * K + hk) * (D + 1) + c];
+        if (c < D) sp[hk * D + c] = acc;
+        else cp[hk] = acc;
+      }
+    }
+  }
+}
+
+// -> best (B, H, I) fp32, bucket (B, H, I) int64, inv (B*H*I) fp32, sums (H, K, D) fp32,
+// counts (H, K) fp32 (the last two empty without stats)
+std::vector<Tensor> kmeans_assign(const Tensor& x, const Tensor& means,
+                                  const std::optional<Tensor>& real, double eps, bool stats) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 4 && x.stride(3) == 1,
+              "kmeans_assign: x must be a (B, H, I, D) CPU tensor with a unit last stride");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16,
+              "kmeans_assign: x must be float32 or bfloat16");
+  TORCH_CHECK(means.scalar_type() == torch::kFloat32 && means.is_contiguous() &&
+                  means.dim() == 3 && means.size(0) == x.size(1) && means.size(2) == x.size(3),
+              "kmeans_assign: means must be contiguous float32 (H, K, D)");
+  if (real.has_value())
+    TORCH_CHECK(real->scalar_type() == torch::kBool && real->is_contiguous() &&
+                    real->dim() == 2 && real->size(0) == x.size(0) && real->size(1) == x.size(2),
+                "kmeans_assign: the mask must be a contiguous bool (B, I)");
+  const auto fopt = x.options().dtype(torch::kFloat32);
+  Tensor best = torch::empty({x.size(0), x.size(1), x.size(2)}, fopt);
+  Tensor bucket = torch::empty({x.size(0), x.size(1), x.size(2)}, x.options().dtype(torch::kInt64));
+  Tensor inv = torch::empty({x.size(0) * x.size(1) * x.size(2)}, fopt);
+  Tensor sums = stats ? torch::empty({means.size(0), means.size(1), x.size(3)}, fopt)
+                      : torch::empty({0}, fopt);
+  Tensor counts = stats ? torch::empty({means.size(0), means.size(1)}, fopt)
+                        : torch::empty({0}, fopt);
+  const bool* rp = real.has_value() ? real->data_ptr<bool>() : nullptr;
+  if (x.scalar_type() == torch::kFloat32)
+    kmeans_assign_impl<float>(x, means, rp, eps, stats, best, bucket, inv, sums, counts);
+  else
+    kmeans_assign_impl<c10::BFloat16>(x, means, rp, eps, stats, best, bucket, inv, sums, counts);
+  return {best, bucket, inv, sums, counts};
+}
+
+template <typename T>
+void kmeans_assign_bwd_impl(const Tensor& g, const Tensor& x, const Tensor& means,
+                            const Tensor& best, const Tensor& bucket, const Tensor& inv,
+                            Tensor& gx) {
+  const int64_t B = x.size(0), H = x.size(1), I = x.size(2), D = x.size(3), K = means.size(1);
+  const auto xs = x.strides();
+  const T* xp = x.data_ptr<T>();
+  const float* mp = means.data_ptr<float>();
+  const float* gp = g.data_ptr<float>();
+  const float* bp = best.data_ptr<float>();
+  const int64_t* kp = bucket.data_ptr<int64_t>();
+  const float* ip = inv.data_ptr<float>();
+  T* op = gx.data_ptr<T>();
+  at::parallel_for(0, B * H * I, 4 * kRowGrain, [=](int64_t r0, int64_t r1) {
+    for (int64_t row = r0; row < r1; row++) {
+      const int64_t i = row % I, bh = row / I, h = bh % H, b = bh / H;
+      const T* xr = xp + b * xs[0] + h * xs[1] + i * xs[2];
+      const float* cr = mp + (h * K + kp[row]) * D;
+      const float gv = gp[row], k = ip[row], bt = bp[row];
+      T* o = op + row * D;
+      if (k < 0) {  // clamped: best = (x / eps) . c
+#pragma omp simd
+        for (int64_t c = 0; c < D; c++) store(o, c, gv * cr[c] * -k);
+        continue;
+      }
+#pragma omp simd
+      for (int64_t c = 0; c < D; c++)
+        store(o, c, gv * k * (cr[c] - bt * load<float>(xr, c) * k));
+    }
+  });
+}
+
+Tensor kmeans_assign_backward(const Tensor& g, const Tensor& x, const Tensor& means,
+                              const Tensor& best, const Tensor& bucket, const Tensor& inv) {
+  TORCH_CHECK(g.scalar_type() == torch::kFloat32 && g.is_contiguous() &&
+                  g.numel() == best.numel(),
+              "kmeans_assign: the gradient must be a contiguous float32 (B, H, I)");
+  Tensor gx = torch::empty(x.sizes(), x.options());
+  if (x.scalar_type() == torch::kFloat32)
+    kmeans_assign_bwd_impl<float>(g, x, means, best, bucket, inv, gx);
+  else
+    kmeans_assign_bwd_impl<c10::BFloat16>(g, x, means, best, bucket, inv, gx);
+  return gx;
+}
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -632,5 +781,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("l2norm_forward", &l2norm_forward);
   m.def("l2norm_backward", &l2norm_backward);
   m.def("gelu_forward", &gelu_forward);
+  m.def("kmeans_assign", &kmeans_assign);
+  m.def("kmeans_assign_backward", &kmeans_assign_backward);
   m.def("gelu_backward", &gelu_backward);
 }
