@@ -237,84 +237,77 @@ const BFloat16* block_rows(const Rows& x, const Geo& G, int64_t bh, int64_t i0, 
 }
 
 // --- the mask -----------------------------------------------------------------------------
-// s: raw q.k of place i with keys [ks, ks + nk). On return: scale * s where i may attend,
-// -inf elsewhere. Returns the row's maximum (-inf: no key).
-// [*a, *z): the span of columns that may hold an allowed key (the rest are -inf), so the
-// softmax's passes can skip the others.
+// s: raw products with places [base, base + len) (keys of one query, or queries of one key).
+// On return scale * s where the place lies in [lo, hi) and, with groups, in group gref;
+// -inf elsewhere (everywhere when hi <= lo).
+void band(float* s, int64_t base, int64_t len, int64_t lo, int64_t hi, const int64_t* g,
+          int64_t gref, float scale) {
+  lo = std::max(lo, base);
+  hi = std::max(hi, lo);
+  for (int64_t x = 0; x < lo - base; x++) s[x] = kNegInf;
+  for (int64_t x = hi - base; x < len; x++) s[x] = kNegInf;
+  float* w = s - base;  // indexed by place
+  if (g) {
+#pragma omp simd
+    for (int64_t p = lo; p < hi; p++) w[p] = g[p] == gref ? w[p] * scale : kNegInf;
+  } else {
+#pragma omp simd
+    for (int64_t p = lo; p < hi; p++) w[p] *= scale;
+  }
+}
+
+// [*a, *z): [lo, hi) narrowed to the entries band left finite, relative to base, so the
+// softmax's passes can skip the rest (a routed row's other clusters)
+void span(const float* s, int64_t base, int64_t lo, int64_t hi, int64_t* a, int64_t* z) {
+  const float* w = s - base;
+  lo = std::max(lo, base);
+  hi = std::max(hi, lo);
+  while (lo < hi && w[lo] == kNegInf) lo++;
+  while (hi > lo && w[hi - 1] == kNegInf) hi--;
+  *a = lo - base;
+  *z = hi - base;
+}
+
+// The keys [ks, ks + nk) of query place i. Returns the row's maximum (-inf: no key).
+// `alone` (shared q/k): whether it attends only itself.
 float mask_row(const Geo& G, int64_t bh, int64_t i, int64_t ks, int64_t nk, float* s,
                int64_t* a, int64_t* z, bool* alone = nullptr) {
   if (alone) *alone = false;
-  *a = *z = 0;
-  const int64_t lo = std::max(ks, i - G.window + 1);
-  const int64_t hi = std::min({ks + nk, G.n, G.causal ? i + 1 : i + G.window});  // exclusive
+  int64_t lo = std::max(ks, i - G.window + 1);
+  int64_t hi = std::min({ks + nk, G.n, G.causal ? i + 1 : i + G.window});  // exclusive
   const int64_t* g = G.groups ? G.groups + bh * G.n : nullptr;
   const int64_t gi = g ? g[i] : 0;
-  const float scale = G.scale;
-  if (gi < 0 || hi <= lo) {
-    for (int64_t jj = 0; jj < nk; jj++) s[jj] = kNegInf;
-    return kNegInf;
-  }
-  for (int64_t jj = 0; jj < lo - ks; jj++) s[jj] = kNegInf;
-  for (int64_t jj = hi - ks; jj < nk; jj++) s[jj] = kNegInf;
-  float* w = s - ks;  // indexed by key place
-  if (g) {
-#pragma omp simd
-    for (int64_t j = lo; j < hi; j++) w[j] = g[j] == gi ? w[j] * scale : kNegInf;
-  } else {
-#pragma omp simd
-    for (int64_t j = lo; j < hi; j++) w[j] *= scale;
-  }
+  if (gi < 0) hi = lo;  // padding attends nothing
+  band(s, ks, nk, lo, hi, g, gi, G.scale);
+  float* w = s - ks;
   const bool self = G.exclude_self && i >= lo && i < hi && w[i] != kNegInf;
   const float self_v = self ? w[i] : kNegInf;
   if (self) w[i] = kNegInf;
   float mx = kNegInf;
 #pragma omp simd reduction(max : mx)
-  for (int64_t j = lo; j < hi; j++) mx = std::max(mx, w[j]);
+  for (int64_t j = std::max(lo, ks); j < hi; j++) mx = std::max(mx, w[j]);
   if (self && mx == kNegInf) {  // alone: it attends itself
     w[i] = self_v;
     mx = self_v;
     if (alone) *alone = true;
   }
-  int64_t lo2 = lo, hi2 = hi;  // narrowed to the allowed keys (other groups are -inf)
-  while (lo2 < hi2 && w[lo2] == kNegInf) lo2++;
-  while (hi2 > lo2 && w[hi2 - 1] == kNegInf) hi2--;
-  *a = lo2 - ks;
-  *z = hi2 - ks;
+  span(s, ks, lo, hi, a, z);
   return mx;
 }
 
-// The same mask seen from key place j, over query places [qa, qa + nq): on return
-// scale * s where query i may attend j, -inf elsewhere. `alone`: per query place, whether
-// it attends only itself (shared q/k), as mask_row found.
+// The same mask seen from key place j, over query places [qa, qa + nq). `alone`: per query
+// place, whether it attends only itself (shared q/k), as mask_row found.
 void mask_col(const Geo& G, int64_t bh, int64_t j, int64_t qa, int64_t nq, float* s,
               const uint8_t* alone, int64_t* a, int64_t* z) {
-  *a = *z = 0;
   // causal: j <= i < j + window; non-causal: j - window < i < j + window
   const int64_t lo = std::max(qa, G.causal ? j : j - G.window + 1);
-  const int64_t hi = std::min({qa + nq, G.n, j + G.window});  // exclusive
+  int64_t hi = std::min({qa + nq, G.n, j + G.window});  // exclusive
   const int64_t* g = G.groups ? G.groups + bh * G.n : nullptr;
   const int64_t gj = g ? g[j] : 0;
-  if (gj < 0 || hi <= lo) {
-    for (int64_t cc = 0; cc < nq; cc++) s[cc] = kNegInf;
-    return;
-  }
-  for (int64_t cc = 0; cc < lo - qa; cc++) s[cc] = kNegInf;
-  for (int64_t cc = hi - qa; cc < nq; cc++) s[cc] = kNegInf;
-  float* w = s - qa;  // indexed by query place
-  const float scale = G.scale;
-  if (g) {
-#pragma omp simd
-    for (int64_t i = lo; i < hi; i++) w[i] = g[i] == gj ? w[i] * scale : kNegInf;
-  } else {
-#pragma omp simd
-    for (int64_t i = lo; i < hi; i++) w[i] *= scale;
-  }
-  if (G.exclude_self && j >= lo && j < hi && !alone[bh * G.n + j]) w[j] = kNegInf;
-  int64_t lo2 = lo, hi2 = hi;
-  while (lo2 < hi2 && w[lo2] == kNegInf) lo2++;
-  while (hi2 > lo2 && w[hi2 - 1] == kNegInf) hi2--;
-  *a = lo2 - qa;
-  *z = hi2 - qa;
+  if (gj < 0) hi = lo;  // a padding key is seen by no query
+  band(s, qa, nq, lo, hi, g, gj, G.scale);
+  if (G.exclude_self && j >= lo && j < hi && !alone[bh * G.n + j]) s[j - qa] = kNegInf;
+  span(s, qa, lo, hi, a, z);
 }
 
 void store_row(const float* x, int64_t d, BFloat16* out) {
