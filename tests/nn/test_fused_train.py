@@ -249,6 +249,10 @@ def test_what_the_kernels_do_not_take_runs_the_composite():
     ln = LayerNorm(8)
     h = torch.randn(1, 5, 8)
     torch.testing.assert_close(fused_train.norm_shift(h, ln, 1), token_shift(ln(h), (0, 1)))
+    from retrolm.nn.norms import ScaleNorm
+
+    sn = ScaleNorm(8)  # no weight: the module's path
+    torch.testing.assert_close(fused_train.norm_shift(h, sn, 1), token_shift(sn(h), (0, 1)))
     norm = _norm(8)
     h64 = h.double()
     torch.testing.assert_close(

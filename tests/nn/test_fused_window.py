@@ -295,8 +295,14 @@ def test_routing_training_step_is_the_same_with_the_kernel(aten, monkeypatch):
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         return loss.detach(), grads
 
+    from retrolm.nn.fused_train import _NormShift
+
+    norms = []
+    real_norm = _NormShift.apply
+    monkeypatch.setattr(_NormShift, "apply", lambda *a: norms.append(1) or real_norm(*a))
     loss, grads = run()
     assert len(calls) == 2 * 2  # per layer: the local heads and the routed heads
+    assert len(norms) == 2 * 2  # per layer: the attention's and the feed-forward's pre-norm
     with aten:
         aten_loss, aten_grads = run()
         fp32_loss, fp32_grads = run(autocast=False)

@@ -37,7 +37,6 @@ from retrolm.nn import fused_decode, fused_train
 from retrolm.nn.attention import attend
 from retrolm.nn.decode_linear import DecodeLinear, compute_dtype, concat_decode_weight, linear_t
 from retrolm.nn.feedforward import ACTIVATIONS, FeedForward
-from retrolm.nn.fused_train import norm_shift
 from retrolm.nn.kmeans import SphericalKMeans, update_after_backward, update_kmeans
 from retrolm.nn.layer_drop import layer_drop_keep
 from retrolm.nn.local_attention import local_attend
@@ -337,14 +336,9 @@ class _Sublayer(nn.Module):
             shifts = (0, 1) if cfg.causal else (1, 0, -1)
             fn = TokenShift(fn, shifts, causal=cfg.causal)
         norm = "scale" if cfg.use_scale_norm else "layer"
-        self.residual = Residual(cfg.dim, fn, norm, rezero=cfg.use_rezero)
-        # pre-LayerNorm straight into the sub-layer's projections: nn.fused_train.norm_shift
-        # (one kernel each way; under autocast its bf16 result is what the matmuls read)
-        self._fused_norm = (
-            not cfg.shift_tokens
-            and type(self.residual.norm) is LayerNorm
-            and isinstance(fn, (RoutingAttention, FeedForward))
-        )
+        # attention and feed-forward read their input through projections first
+        to_matmul = isinstance(fn, (RoutingAttention, FeedForward))
+        self.residual = Residual(cfg.dim, fn, norm, rezero=cfg.use_rezero, norm_to_matmul=to_matmul)
 
     def forward(
         self,
@@ -369,12 +363,7 @@ class _Sublayer(nn.Module):
             kw["shift_mask"] = mask
             if cache is not None:
                 kw["shift_state"] = cache.shift.setdefault(key, {})
-        if self._fused_norm and not branch and torch.is_grad_enabled() and x.is_cpu:
-            res = self.residual
-            out = res.fn(norm_shift(x, res.norm, 0), **kw)
-            out = (x + out[0], *out[1:]) if type(out) is tuple else x + out
-        else:
-            out = self.residual.branch(x, **kw) if branch else self.residual(x, **kw)
+        out = self.residual.branch(x, **kw) if branch else self.residual(x, **kw)
         if isinstance(out, tuple):
             return out
         return out, (x.new_zeros((), dtype=torch.float32) if branch else None)

@@ -130,12 +130,13 @@ def norm_shift(x: Tensor, norm: nn.Module, shift: int, axial: int = 1) -> Tensor
     in that order by the kernel instead of copied there afterwards."""
     if axial < 1 or x.shape[-2] % axial:
         raise ValueError(f"axial must be >= 1 and divide the length {x.shape[-2]}, got {axial}")
-    w = norm.weight
+    w = getattr(norm, "weight", None)  # (other norms, e.g. ScaleNorm: the module's path)
     layer = type(norm) is LayerNorm
     bias = norm.bias if layer else None
     if (
         _EXT.enabled
-        and (type(norm) is RMSNorm or (layer and w is not None))
+        and type(norm) in (RMSNorm, LayerNorm)
+        and w is not None
         and x.dtype in (torch.float32, torch.bfloat16)
         and w.dtype is torch.float32
         and (bias is None or bias.dtype is torch.float32)

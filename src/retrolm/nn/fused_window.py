@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from retrolm.nn.decode_linear import compute_dtype
 from retrolm.nn.extension import LazyExtension
 
 __all__ = ["applies", "enabled", "set_enabled", "window_attend"]
@@ -63,12 +64,6 @@ def _ext():
     return mod if _AVAILABLE else None
 
 
-def _compute_dtype(q: Tensor) -> torch.dtype:
-    if torch.is_autocast_enabled("cpu"):
-        return torch.get_autocast_dtype("cpu")
-    return q.dtype
-
-
 def applies(q: Tensor, dropout_p: float = 0.0) -> bool:
     """Whether ``window_attend`` will run for these queries (and the caller need not build
     its ATen inputs)."""
@@ -76,7 +71,7 @@ def applies(q: Tensor, dropout_p: float = 0.0) -> bool:
 
     if not _EXT.enabled or dropout_p > 0 or q.device.type != "cpu" or q.shape[-1] % 2:
         return False
-    if _compute_dtype(q) is not torch.bfloat16 or current_backend() == "reference":
+    if compute_dtype(q, q) is not torch.bfloat16 or current_backend() == "reference":
         return False
     return _ext() is not None
 
@@ -86,7 +81,7 @@ WORKSPACE_KEEP = 64 << 20  # elements (128 MB of bf16)
 
 
 def _workspace(ext, q: Tensor, window: int, causal: bool) -> Tensor:
-    """Scratch for one call (packed operands, the backward's transposed blocks). Kept
+    """Scratch for one call (packed operands, the backward's per-place delta). Kept
     between calls: a fresh multi-MB buffer per call costs its page faults (a fifth of the
     kernel's time at 4,096 positions). Calls hold the GIL, so one buffer serves them all."""
     b, h, n, d = q.shape

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from retrolm.nn.feedforward import FeedForward
+from retrolm.nn.fused_train import norm_shift
 from retrolm.nn.multihead import MultiHeadAttention
 from retrolm.nn.norms import make_norm
 
@@ -33,13 +34,18 @@ class Residual(nn.Module):
         post_norm: bool = False,
         alpha: float = 1.0,
         rezero: bool = False,
+        norm_to_matmul: bool = False,
     ) -> None:
+        """``norm_to_matmul``: fn's first use of its input is a matmul (projections), so a
+        CPU training step may take the pre-norm as ``fused_train.norm_shift``: one kernel
+        each way, its result in the dtype the matmul reads (bf16 under autocast)."""
         super().__init__()
         if rezero and post_norm:
             raise ValueError("rezero replaces the norm; it cannot be combined with post_norm")
         self.fn = fn
         self.norm = nn.Identity() if rezero else make_norm(norm, dim)
         self.post_norm = post_norm
+        self.norm_to_matmul = norm_to_matmul and not rezero and not post_norm
         self.alpha = alpha
         self.rezero = rezero
         if rezero:
@@ -61,11 +67,12 @@ class Residual(nn.Module):
                 return (self.norm(x * self.alpha + out[0]), *out[1:])
             return self.norm(x * self.alpha + out)
         # (pre-norm inlined: this runs ~14 times per decoded token)
-        out = (
-            self.branch(x, *args, **kwargs)
-            if self.rezero
-            else self.fn(self.norm(x), *args, **kwargs)
-        )
+        if self.rezero:
+            out = self.branch(x, *args, **kwargs)
+        elif self.norm_to_matmul and x.is_cpu and torch.is_grad_enabled():
+            out = self.fn(norm_shift(x, self.norm, 0), *args, **kwargs)
+        else:
+            out = self.fn(self.norm(x), *args, **kwargs)
         if type(out) is tuple:
             return (x + out[0], *out[1:])
         return x + out

@@ -199,15 +199,24 @@ void check_norm_args(const Tensor& x, const Tensor& w, int64_t shift, int64_t sp
               "norm_shift: axial must be >= 1 and divide the sequence length");
 }
 
+// calls f(T*) typed by a dtype among float, double, bf16
+template <typename F>
+void with_dtype(c10::ScalarType t, F&& f) {
+  switch (t) {
+    case torch::kFloat32: f(static_cast<float*>(nullptr)); break;
+    case torch::kFloat64: f(static_cast<double*>(nullptr)); break;
+    case torch::kBFloat16: f(static_cast<c10::BFloat16*>(nullptr)); break;
+    default: TORCH_CHECK(false, "unsupported dtype ", t);
+  }
+}
+
 // calls f(x_t*) with x's data as its C++ type (float, double or bf16)
 template <typename F>
 void with_x(const Tensor& x, F&& f) {
-  switch (x.scalar_type()) {
-    case torch::kFloat32: f(x.data_ptr<float>()); break;
-    case torch::kFloat64: f(x.data_ptr<double>()); break;
-    case torch::kBFloat16: f(x.data_ptr<c10::BFloat16>()); break;
-    default: TORCH_CHECK(false, "unsupported dtype ", x.scalar_type());
-  }
+  with_dtype(x.scalar_type(), [&](auto* t) {
+    using T = std::remove_pointer_t<decltype(t)>;
+    f(x.data_ptr<T>());
+  });
 }
 
 // bias / mean: optional (LayerNorm); without a mean tensor the norm is RMSNorm
@@ -439,6 +448,16 @@ Tensor cross_entropy_backward(const Tensor& scale, const Tensor& logits, const T
 }
 
 
+// 1 / max(|x|, eps) of one row, negative where the clamp took eps (so a backward knows)
+template <typename acc_t, typename T>
+inline acc_t inv_norm(const T* xr, int64_t D, acc_t eps) {
+  acc_t ss = 0;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t c = 0; c < D; c++) ss += load<acc_t>(xr, c) * load<acc_t>(xr, c);
+  const acc_t norm = std::sqrt(ss), k = acc_t(1) / std::max(norm, eps);
+  return norm > eps ? k : -k;
+}
+
 // --- l2 normalisation of rows ------------------------------------------------------------
 // y = x / max(|x|, eps) per row of a (B, H, I, D) tensor with a unit last stride, the result
 // in out's dtype; inv = 1 / max(|x|, eps) per row, negative where the clamp took eps (there
@@ -456,12 +475,8 @@ void l2norm_fwd(const Tensor& x, double eps, Tensor& y, Tensor& inv) {
     for (int64_t row = r0; row < r1; row++) {
       const int64_t i = row % I, bh = row / I;
       const T* xr = xp + (bh / H) * xs[0] + (bh % H) * xs[1] + i * xs[2];
-      acc_t ss = 0;
-#pragma omp simd reduction(+ : ss)
-      for (int64_t c = 0; c < D; c++) ss += load<acc_t>(xr, c) * load<acc_t>(xr, c);
-      const acc_t norm = std::sqrt(ss);
-      const acc_t k = acc_t(1) / std::max(norm, e);
-      ip[row] = norm > e ? k : -k;
+      ip[row] = inv_norm(xr, D, e);
+      const acc_t k = std::abs(ip[row]);
       out_t* yr = yp + row * D;
 #pragma omp simd
       for (int64_t c = 0; c < D; c++) store(yr, c, load<acc_t>(xr, c) * k);
@@ -498,17 +513,6 @@ void l2norm_bwd(const Tensor& g, const Tensor& x, const Tensor& inv, Tensor& gx)
         store(orow, c, k * (load<acc_t>(gr, c) - load<acc_t>(xr, c) * k * dot));
     }
   });
-}
-
-// calls f(T*) typed by a dtype among float, double, bf16
-template <typename F>
-void with_dtype(c10::ScalarType t, F&& f) {
-  switch (t) {
-    case torch::kFloat32: f(static_cast<float*>(nullptr)); break;
-    case torch::kFloat64: f(static_cast<double*>(nullptr)); break;
-    case torch::kBFloat16: f(static_cast<c10::BFloat16*>(nullptr)); break;
-    default: TORCH_CHECK(false, "unsupported dtype ", t);
-  }
 }
 
 std::tuple<Tensor, Tensor> l2norm_forward(const Tensor& x, double eps,
@@ -651,11 +655,8 @@ void kmeans_assign_impl(const Tensor& x, const Tensor& means, const bool* real, 
     for (int64_t row = r0; row < r1; row++) {
       const int64_t i = row % I, bh = row / I, h = bh % H, b = bh / H;
       const T* xr = xp + b * xs[0] + h * xs[1] + i * xs[2];
-      float ss = 0;
-#pragma omp simd reduction(+ : ss)
-      for (int64_t c = 0; c < D; c++) ss += load<float>(xr, c) * load<float>(xr, c);
-      const float norm = std::sqrt(ss), k = 1.f / std::max(norm, e);
-      ip[row] = norm > e ? k : -k;
+      ip[row] = inv_norm(xr, D, e);
+      const float k = std::abs(ip[row]);
 #pragma omp simd
       for (int64_t c = 0; c < D; c++) xn[c] = load<float>(xr, c) * k;
       const float* mh = mp + h * K * D;
