@@ -1,10 +1,11 @@
-"""The fused training kernels (``retrolm.nn.fused_train``) against the ATen composite, one run.
+"""The fused training kernels (``retrolm.nn.fused_train``, ``retrolm.nn.fused_window``)
+against the ATen composite, one run.
 
-Per kernel: forward + backward at the hierarchical benchmark model's shapes, the fused call
-and the composite it replaces (the same function with ``fused_train.set_enabled(False)``)
+Per kernel: forward + backward at the benchmark models' shapes, the fused call and the
+composite it replaces (the same function with the module's ``set_enabled(False)``)
 alternating for several rounds, medians compared. Then whole training steps of the models
 of ``bench_hier.py`` (L=1024) and ``bench_routing.py`` (L=4096), bf16 autocast + AdamW, with
-the kernels on and off in turn on one model, the median of per-round ratios.
+each module's kernels on and off in turn on one model, the median of per-round ratios.
 
     PYTHONPATH=src python benchmarks/bench_fused_train.py [--threads 2] [--rounds 5]
 """
@@ -19,22 +20,25 @@ import time
 
 import torch
 
-from retrolm.nn import RMSNorm, RotaryEmbedding, apply_rotary, fused_train
+from retrolm.nn import RMSNorm, RotaryEmbedding, apply_rotary, fused_train, fused_window
+from retrolm.nn.local_attention import local_attend
+from retrolm.nn.sorted_window import sorted_window_attend
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def alternate(fns: dict, rounds: int, reps: int) -> dict[str, float]:
-    """name -> median seconds per call; each fn runs with its own kernel setting."""
+def alternate(fns: dict, rounds: int, reps: int, switch=fused_train) -> dict[str, float]:
+    """name -> median seconds per call; each fn runs with its own setting of ``switch``'s
+    kernels (a module with ``set_enabled``)."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(rounds + 1):  # the first round warms up
         for name, (on, fn) in fns.items():
-            before = fused_train.set_enabled(on)
+            before = switch.set_enabled(on)
             t0 = time.perf_counter()
             for _ in range(reps):
                 fn()
             times[name].append((time.perf_counter() - t0) / reps)
-            fused_train.set_enabled(before)
+            switch.set_enabled(before)
     return {k: statistics.median(v[1:]) for k, v in times.items()}
 
 
@@ -67,8 +71,26 @@ def kernels(rounds: int) -> None:
         "rotary (8, 4, 128, 64) bf16, heads view": rotary,
         "cross_entropy (8192, 256) bf16": ce,
     }
+    report(cases, rounds, fused_train, reps=20)
+    if fused_window.applies(q):
+        # the routing benchmark's attention: 2 heads of each kind, window 128, L=4096
+        qa, ka, va = (torch.randn(1, 2, 4096, 64).bfloat16().requires_grad_() for _ in range(3))
+        ga = torch.randn(1, 2, 4096, 64).bfloat16()
+        group = torch.randint(0, 32, (1, 2, 4096))
+        windows = {
+            "local_attend (1, 2, 4096, 64) bf16, window 128": lambda: local_attend(
+                qa, ka, va, 128
+            ).backward(ga),
+            "sorted_window_attend (1, 2, 4096, 64) bf16, 32 groups, shared q/k": lambda: (
+                sorted_window_attend(qa, ka, va, group, 128, exclude_self=True).backward(ga)
+            ),
+        }
+        report(windows, rounds, fused_window, reps=3)
+
+
+def report(cases: dict, rounds: int, switch, reps: int) -> None:
     for name, fn in cases.items():
-        t = alternate({"aten": (False, fn), "fused": (True, fn)}, rounds, reps=20)
+        t = alternate({"aten": (False, fn), "fused": (True, fn)}, rounds, reps, switch)
         print(
             f"{name}: composite {t['aten'] * 1e3:.3f} ms, fused {t['fused'] * 1e3:.3f} ms "
             f"-> {t['aten'] / t['fused']:.2f}x",
@@ -81,9 +103,10 @@ def train_steps(rounds: int) -> None:
     import bench_hier
     import bench_routing
 
-    for family, bench, length in (
-        ("hierarchical", bench_hier, 1024),
-        ("routing", bench_routing, 4096),
+    for family, bench, length, switch in (
+        ("hierarchical", bench_hier, 1024, fused_train),
+        ("routing", bench_routing, 4096, fused_train),
+        ("routing", bench_routing, 4096, fused_window),
     ):
         model = bench.build("ours", length).train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -99,18 +122,18 @@ def train_steps(rounds: int) -> None:
 
         times: dict[bool, list[float]] = {False: [], True: []}
         for on in (False, True):  # warm-up
-            fused_train.set_enabled(on)
+            switch.set_enabled(on)
             step()
         for _ in range(rounds):
             for on in (False, True):
-                fused_train.set_enabled(on)
+                switch.set_enabled(on)
                 t0 = time.perf_counter()
                 step()
                 times[on].append(time.perf_counter() - t0)
-        fused_train.set_enabled(True)
+        switch.set_enabled(True)
         ratio = statistics.median(a / b for a, b in zip(times[False], times[True]))
         print(
-            f"{family} training step, L={length}, bf16: kernels off "
+            f"{family} training step, L={length}, bf16: {switch.__name__} off "
             f"{statistics.median(times[False]) * 1e3:.0f} ms, on "
             f"{statistics.median(times[True]) * 1e3:.0f} ms -> {ratio:.3f}x",
             flush=True,
