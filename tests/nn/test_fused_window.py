@@ -317,3 +317,11 @@ def test_routing_training_step_is_the_same_with_the_kernel(aten, monkeypatch):
     # bf16 rounds both training steps' gradients by ~10% at this initialisation; the kernel
     # (fp32 scores) must not add to it
     assert worst(grads) < 1.25 * worst(aten_grads) + 1e-2
+
+
+def test_bad_arguments_name_the_problem():
+    q = torch.zeros(1, 1, 8, 8, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="window must be >= 1, got 0"):
+        fused_window.window_attend(q, q, q, 0)
+    with pytest.raises(ValueError, match="q, k, v need one shape"):
+        fused_window.window_attend(q, q[:, :, :4], q, 4)
