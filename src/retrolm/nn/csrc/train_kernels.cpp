@@ -649,6 +649,15 @@ void kmeans_assign_impl(const Tensor& x, const Tensor& means, const bool* real, 
   std::vector<float> part(stats ? threads * H * K * (D + 1) : 0, 0.f);  // sums | counts
   float* parts = part.data();
   const float e = static_cast<float>(eps);
+  // the centroids transposed, (H, D, KP) with K padded to whole 16-lane strips: a row's K
+  // similarities then build up as D multiply-adds into one register per strip, not K dot
+  // products that each end in a horizontal sum
+  const int64_t KP = (K + 15) / 16 * 16;
+  std::vector<float> mtv(H * D * KP, 0.f);
+  for (int64_t h = 0; h < H; h++)
+    for (int64_t j = 0; j < K; j++)
+      for (int64_t c = 0; c < D; c++) mtv[(h * D + c) * KP + j] = mp[(h * K + j) * D + c];
+  const float* mt = mtv.data();
   at::parallel_for(0, B * H * I, 4 * kRowGrain, [=](int64_t r0, int64_t r1) {
     std::vector<float> xn(D);
     float* pk = stats ? parts + at::get_thread_num() * H * K * (D + 1) : nullptr;
@@ -659,17 +668,35 @@ void kmeans_assign_impl(const Tensor& x, const Tensor& means, const bool* real, 
       const float k = std::abs(ip[row]);
 #pragma omp simd
       for (int64_t c = 0; c < D; c++) xn[c] = load<float>(xr, c) * k;
-      const float* mh = mp + h * K * D;
+      const float* mh = mt + h * D * KP;
       float top = -std::numeric_limits<float>::infinity();
       int64_t arg = 0;
-      for (int64_t j = 0; j < K; j++) {
-        float dot = 0;
-#pragma omp simd reduction(+ : dot)
-        for (int64_t c = 0; c < D; c++) dot += xn[c] * mh[j * D + c];
-        if (dot > top) {
-          top = dot;
-          arg = j;
+      for (int64_t j0 = 0; j0 < K; j0 += 16) {
+        // four partial sums over the channels, so that four multiply-add chains overlap
+        // (one chain waits out each multiply-add's latency: a quarter of the rate)
+        float d4[4][16] = {};
+        int64_t c = 0;
+        for (; c + 4 <= D; c += 4)
+          for (int u = 0; u < 4; u++) {
+            const float xc = xn[c + u];
+            const float* m = mh + (c + u) * KP + j0;
+#pragma omp simd
+            for (int j = 0; j < 16; j++) d4[u][j] += xc * m[j];
+          }
+        for (; c < D; c++) {
+          const float xc = xn[c];
+          const float* m = mh + c * KP + j0;
+#pragma omp simd
+          for (int j = 0; j < 16; j++) d4[0][j] += xc * m[j];
         }
+        float dot[16];
+#pragma omp simd
+        for (int j = 0; j < 16; j++) dot[j] = (d4[0][j] + d4[1][j]) + (d4[2][j] + d4[3][j]);
+        for (int64_t j = 0; j < std::min<int64_t>(16, K - j0); j++)
+          if (dot[j] > top) {  // the first of equal ones
+            top = dot[j];
+            arg = j0 + j;
+          }
       }
       bp[row] = top;
       kp[row] = arg;
