@@ -121,6 +121,41 @@ def test_sorted_window_equals_the_definition(causal, exclude_self, n, window):
 
 
 @needs_kernel
+@pytest.mark.parametrize("causal", [True, False])
+def test_other_block_sizes_take_the_scalar_tile_transpose(monkeypatch, causal):
+    """Blocks of 32 transpose their probability tiles in registers; other sizes take the
+    scalar loop, which must give the same attention and gradients."""
+    monkeypatch.setattr(fused_window, "BLOCK", 16)
+    n = 150
+    mask = sliding_window_mask(n, n, 40, causal=causal)
+    errs = _compare(
+        lambda q, k, v: fused_window.window_attend(q, k, v, 40, causal=causal), mask, n=n
+    )
+    assert max(errs) < 2e-2, errs
+
+
+@needs_kernel
+def test_the_probabilities_are_kept_only_for_a_backward(monkeypatch):
+    kept = []
+    ext = fused_window._ext()
+    real = ext.window_forward
+
+    def spy(*args):
+        out, probs = real(*args)
+        kept.append(probs.numel())
+        return out, probs
+
+    monkeypatch.setattr(ext, "window_forward", spy)
+    q, k, v = (torch.randn(1, 2, 64, 16).bfloat16() for _ in range(3))
+    fused_window.window_attend(q, k, v, 32)  # nothing needs a gradient
+    with torch.no_grad():
+        fused_window.window_attend(q, k, v, 32, causal=False)
+    fused_window.window_attend(q.requires_grad_(), k, v, 32).float().sum().backward()
+    assert kept[:2] == [0, 0] and kept[2] == 1 * 2 * 2 * 32 * 64  # (bh, blocks, 32, 64 keys)
+    assert q.grad is not None and torch.isfinite(q.grad.float()).all()
+
+
+@needs_kernel
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("causal", [True, False])
 def test_threads_splitting_one_sequence_agree(threads, causal):

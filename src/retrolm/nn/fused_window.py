@@ -8,7 +8,8 @@ queries, materialises each block's 160 candidate keys and values (five times the
 a third of the machine's matmul rate. ``csrc/window_attention.cpp`` instead packs keys and
 values once, then per block of queries computes its scores, masked softmax and output with
 ``at::native::cpublas::brgemm`` (bf16 x bf16 -> fp32) on buffers that stay in cache,
-flash-style: the backward recomputes the probabilities from the saved log-sum-exp. The
+flash-style, and keeps each block's probabilities (32 x 160 at window 128, causal) for the
+backward, which then needs no scores, exponentials or mask again. The
 sorted order of the routed heads is an index map (``order``) the kernel reads and writes
 through, so the sort costs no gathered copies of q, k, v or of the result.
 
@@ -81,7 +82,8 @@ WORKSPACE_KEEP = 64 << 20  # elements (128 MB of bf16)
 
 
 def _workspace(ext, q: Tensor, window: int, causal: bool) -> Tensor:
-    """Scratch for one call (packed operands, the backward's per-place delta). Kept
+    """Scratch for one call (packed operands, the backward's transposed probabilities and
+    score gradients). Kept
     between calls: a fresh multi-MB buffer per call costs its page faults (a fifth of the
     kernel's time at 4,096 positions). Calls hold the GIL, so one buffer serves them all."""
     b, h, n, d = q.shape
@@ -96,39 +98,28 @@ def _workspace(ext, q: Tensor, window: int, causal: bool) -> Tensor:
 
 class _WindowAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, groups, order, window, causal, exclude_self):
+    def forward(ctx, q, k, v, groups, order, window, causal, exclude_self, keep_probs):
         ext = _EXT.get()
         ws = _workspace(ext, q, window, causal)
-        out, lse = ext.window_forward(
-            q, k, v, groups, order, window, causal, exclude_self, BLOCK, ws
+        out, probs = ext.window_forward(
+            q, k, v, groups, order, window, causal, exclude_self, BLOCK, ws, keep_probs
         )
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.rest = (groups, order, window, causal, exclude_self)
+        ctx.save_for_backward(q, k, v, out, probs)
+        ctx.rest = (order, window, causal)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        q, k, v, out, lse = ctx.saved_tensors
-        groups, order, window, causal, exclude_self = ctx.rest
+        q, k, v, out, probs = ctx.saved_tensors
+        order, window, causal = ctx.rest
         if grad.dtype is not torch.bfloat16 or grad.stride(-1) != 1:
             grad = grad.to(torch.bfloat16).contiguous()
         ext = _EXT.get()
+        ws = _workspace(ext, q, window, causal)
         dq, dk, dv = ext.window_backward(
-            grad,
-            q,
-            k,
-            v,
-            out,
-            lse,
-            groups,
-            order,
-            window,
-            causal,
-            exclude_self,
-            BLOCK,
-            _workspace(ext, q, window, causal),
+            grad, q, k, v, out, probs, order, window, causal, BLOCK, ws
         )
-        return dq, dk, dv, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 def window_attend(
@@ -154,5 +145,7 @@ def window_attend(
         groups = groups.to(torch.int64).contiguous()
     if order is not None:
         order = order.to(torch.int64).contiguous()
+    # the probabilities are kept for the backward only when there will be one
+    keep = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     with torch.autocast("cpu", enabled=False):
-        return _WindowAttention.apply(q, k, v, groups, order, window, causal, exclude_self)
+        return _WindowAttention.apply(q, k, v, groups, order, window, causal, exclude_self, keep)

@@ -13,18 +13,25 @@
 // zeros. `order` (optional) maps place i to the row of q, k, v (and of the results) that
 // holds it, so the caller's sort needs no gathered copies.
 //
-//   window_forward(q, k, v, groups, order, window, causal, exclude_self, block, ws)
-//       -> out (B, H, n, d), lse (B*H, n) fp32 (log-sum-exp of each place's scaled scores)
-//   window_backward(grad, q, k, v, out, lse, groups, order, ..., ws) -> dq, dk, dv
+//   window_forward(q, k, v, groups, order, window, causal, exclude_self, block, ws,
+//                  keep_probs) -> out (B, H, n, d), probs (bf16, probs_numel elements, or
+//                  empty without keep_probs): each query block's probabilities, (block, kw)
+//                  per (b, h, block), kw = the keys a block sees
+//   window_backward(grad, q, k, v, out, probs, order, window, causal, block, ws)
+//       -> dq, dk, dv
 //   workspace_numel(B*H, n, d, window, causal, block): the scratch `ws` (bf16) both need;
 //       the caller keeps it between calls (fresh multi-MB buffers cost their page faults)
 //
 // q, k, v: bf16 (B, H, n, d), any strides with a unit last one, d even. Queries go in blocks
 // of `block` places; a block's keys are the blocks within the window before it (and after
-// it, non-causal). The backward recomputes the probabilities from lse twice: per query
-// block for dq, and per key block, from the keys' side (S^T = K Q^T), for dk and dv, so no
-// two threads add into one row and nothing of (blocks x window) size goes through memory.
-//
+// it, non-causal). The forward keeps the probabilities it multiplied V with (a block's
+// (block x kw) is 5 x 32 keys per query at window 128, causal: under a tenth of what the
+// ATen path keeps), so the backward neither recomputes scores nor takes an exponential,
+// and needs no mask: P is zero wherever a query may not look. Pass A, per query block:
+// dP = dO V^T, dS = scale P (dP - delta), dq = dS K, and P^T, dS^T written per key block
+// (block x block tiles, transposed); pass B, per key block: dk = dS^T Q, dv = P^T dO. Four
+// products in all, and no two threads add into one row.
+
 // brgemm's B operand is read in the VNNI layout of bf16: element (k, j) of a (K, N) matrix
 // at ((k / 2) * ldb + j) * 2 + k % 2. The packs below write K^T, V^T ("T": keys along N)
 // and K, Q, V, dO ("N": keys or queries along K) that way for the whole sequence once, so
@@ -208,12 +215,18 @@ void run_packs(const Geo& G, const std::vector<Pack>& packs) {
   });
 }
 
-// scratch: 7 packs of (BH, np, d), then per place the backward's delta (fp32) and whether
-// it attends itself alone (a byte), in bf16 elements
+// a block's probabilities: block rows of kw keys; every (b, h, block) has one such tile
+int64_t probs_numel(int64_t BH, int64_t n, int64_t window, bool causal, int64_t block) {
+  const int64_t nb = (n + block - 1) / block, back = (window - 1 + block - 1) / block;
+  return BH * nb * block * (back + 1 + (causal ? 0 : back)) * block;
+}
+
+// scratch: the forward's 2 packs of (BH, np, d), or the backward's 4 and P^T and dS^T (as
+// probs, per key block), in bf16 elements
 int64_t workspace_numel(int64_t BH, int64_t n, int64_t d, int64_t window, bool causal,
                         int64_t block) {
   const int64_t np = (n + block - 1) / block * block;
-  return 7 * BH * np * d + 2 * BH * n + (BH * n + 1) / 2;
+  return 4 * BH * np * d + 2 * probs_numel(BH, n, window, causal, block);
 }
 
 BFloat16* carve(const Tensor& ws, const Geo& G) {
@@ -237,7 +250,7 @@ const BFloat16* block_rows(const Rows& x, const Geo& G, int64_t bh, int64_t i0, 
 }
 
 // --- the mask -----------------------------------------------------------------------------
-// s: raw products with places [base, base + len) (keys of one query, or queries of one key).
+// s: raw products with places [base, base + len) (the keys of one query).
 // On return scale * s where the place lies in [lo, hi) and, with groups, in group gref;
 // -inf elsewhere (everywhere when hi <= lo).
 void band(float* s, int64_t base, int64_t len, int64_t lo, int64_t hi, const int64_t* g,
@@ -269,10 +282,8 @@ void span(const float* s, int64_t base, int64_t lo, int64_t hi, int64_t* a, int6
 }
 
 // The keys [ks, ks + nk) of query place i. Returns the row's maximum (-inf: no key).
-// `alone` (shared q/k): whether it attends only itself.
 float mask_row(const Geo& G, int64_t bh, int64_t i, int64_t ks, int64_t nk, float* s,
-               int64_t* a, int64_t* z, bool* alone = nullptr) {
-  if (alone) *alone = false;
+               int64_t* a, int64_t* z) {
   int64_t lo = std::max(ks, i - G.window + 1);
   int64_t hi = std::min({ks + nk, G.n, G.causal ? i + 1 : i + G.window});  // exclusive
   const int64_t* g = G.groups ? G.groups + bh * G.n : nullptr;
@@ -289,25 +300,9 @@ float mask_row(const Geo& G, int64_t bh, int64_t i, int64_t ks, int64_t nk, floa
   if (self && mx == kNegInf) {  // alone: it attends itself
     w[i] = self_v;
     mx = self_v;
-    if (alone) *alone = true;
   }
   span(s, ks, lo, hi, a, z);
   return mx;
-}
-
-// The same mask seen from key place j, over query places [qa, qa + nq). `alone`: per query
-// place, whether it attends only itself (shared q/k), as mask_row found.
-void mask_col(const Geo& G, int64_t bh, int64_t j, int64_t qa, int64_t nq, float* s,
-              const uint8_t* alone, int64_t* a, int64_t* z) {
-  // causal: j <= i < j + window; non-causal: j - window < i < j + window
-  const int64_t lo = std::max(qa, G.causal ? j : j - G.window + 1);
-  int64_t hi = std::min({qa + nq, G.n, j + G.window});  // exclusive
-  const int64_t* g = G.groups ? G.groups + bh * G.n : nullptr;
-  const int64_t gj = g ? g[j] : 0;
-  if (gj < 0) hi = lo;  // a padding key is seen by no query
-  band(s, qa, nq, lo, hi, g, gj, G.scale);
-  if (G.exclude_self && j >= lo && j < hi && !alone[bh * G.n + j]) s[j - qa] = kNegInf;
-  span(s, qa, lo, hi, a, z);
 }
 
 void store_row(const float* x, int64_t d, BFloat16* out) {
@@ -316,12 +311,49 @@ void store_row(const float* x, int64_t d, BFloat16* out) {
   for (int64_t ch = 0; ch < d; ch++) o[ch] = float_to_bf16_bits(x[ch]);
 }
 
+// A c x c tile of bf16, transposed: dst[j * ldd + i] = src[i * lds + j].
+void transpose_tile(const BFloat16* src, int64_t lds, BFloat16* dst, int64_t ldd, int64_t c) {
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
+  uint16_t* o = reinterpret_cast<uint16_t*>(dst);
+#ifdef __AVX512BW__
+  if (c % 32 == 0) {
+    // per 32 x 32 sub-tile: rows 2w and 2w + 1 interleaved into 32-bit words
+    // (src[2w][j], src[2w + 1][j]), j < 16 and j >= 16, are two 16 x 16 word matrices
+    // whose transposes are the output rows j
+    alignas(64) static const uint16_t lo_idx[32] = {
+        0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+        8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+    const __m512i lo = _mm512_load_si512(lo_idx);
+    const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+    for (int64_t i0 = 0; i0 < c; i0 += 32)
+      for (int64_t j0 = 0; j0 < c; j0 += 32) {
+        __m512i a[16], b[16];
+        for (int w = 0; w < 16; w++) {
+          const __m512i r0 = _mm512_loadu_si512(s + (i0 + 2 * w) * lds + j0);
+          const __m512i r1 = _mm512_loadu_si512(s + (i0 + 2 * w + 1) * lds + j0);
+          a[w] = _mm512_permutex2var_epi16(r0, lo, r1);
+          b[w] = _mm512_permutex2var_epi16(r0, hi, r1);
+        }
+        transpose16(a);
+        transpose16(b);
+        for (int j = 0; j < 16; j++) {
+          _mm512_storeu_si512(o + (j0 + j) * ldd + i0, a[j]);
+          _mm512_storeu_si512(o + (j0 + 16 + j) * ldd + i0, b[j]);
+        }
+      }
+    return;
+  }
+#endif
+  for (int64_t j = 0; j < c; j++)
+    for (int64_t i = 0; i < c; i++) o[j * ldd + i] = s[i * lds + j];
+}
+
 // --- forward ------------------------------------------------------------------------------
 std::tuple<Tensor, Tensor> window_forward(const Tensor& q, const Tensor& k, const Tensor& v,
                                           const std::optional<Tensor>& groups_,
                                           const std::optional<Tensor>& order_, int64_t window,
                                           bool causal, bool exclude_self, int64_t block,
-                                          const Tensor& ws) {
+                                          const Tensor& ws, bool keep_probs) {
   check(q, "q");
   check(k, "k");
   check(v, "v");
@@ -338,33 +370,34 @@ std::tuple<Tensor, Tensor> window_forward(const Tensor& q, const Tensor& k, cons
   const Rows Kr = rows_of(k), Vr = rows_of(v);
   run_packs(G, {{&Kr, kt, true}, {&Vr, vn, false}});
   Tensor out = at::empty({q.size(0), q.size(1), G.n, G.d}, opts);
-  Tensor lse = at::empty({G.BH, G.n}, opts.dtype(at::kFloat));
+  Tensor probs = at::empty({keep_probs ? probs_numel(G.BH, G.n, window, causal, block) : 0},
+                           opts);
   const Rows Q = rows_of(q);
   const BFloat16* KT = kt;
   const BFloat16* VN = vn;
   BFloat16* O = out.data_ptr<BFloat16>();
-  float* L = lse.data_ptr<float>();
+  BFloat16* PR = keep_probs ? probs.data_ptr<BFloat16>() : nullptr;
   const int64_t c = G.c, d = G.d, kwm = G.kw();
   at::parallel_for(0, G.BH * G.nb, 1, [=](int64_t s0, int64_t s1) {
     std::vector<float> S(c * kwm), acc(c * d);
-    std::vector<BFloat16> P(c * kwm), abuf(c * d);
+    std::vector<BFloat16> Pbuf(PR ? 0 : c * kwm), abuf(c * d);
     for (int64_t idx = s0; idx < s1; idx++) {
       const int64_t bh = idx / G.nb, t = idx % G.nb, i0 = t * c;
       const int64_t m = std::min(c, G.n - i0), ks = G.key_lo(t), nk = G.key_hi(t) - ks;
+      BFloat16* Pt = PR ? PR + idx * c * kwm : Pbuf.data();  // (c, kwm), rows >= m zero
       int64_t lda;
       const BFloat16* a = block_rows(Q, G, bh, i0, m, abuf.data(), &lda);
-      cpublas::brgemm(m, nk, d, lda, G.np, nk, false, a, KT + bh * d * G.np + ks * 2, S.data());
+      cpublas::brgemm(m, nk, d, lda, G.np, kwm, false, a, KT + bh * d * G.np + ks * 2,
+                      S.data());
       for (int64_t r = 0; r < m; r++) {
-        float* s = S.data() + r * nk;
-        uint16_t* p = reinterpret_cast<uint16_t*>(P.data() + r * nk);
+        float* s = S.data() + r * kwm;
+        uint16_t* p = reinterpret_cast<uint16_t*>(Pt + r * kwm);
         int64_t a, z;
         const float mx = mask_row(G, bh, i0 + r, ks, nk, s, &a, &z);
+        if (mx == kNegInf) a = z = 0;  // no key: a zero row, so zeros out
         for (int64_t jj = 0; jj < a; jj++) p[jj] = 0;
-        for (int64_t jj = z; jj < nk; jj++) p[jj] = 0;
-        if (mx == kNegInf) {
-          L[bh * G.n + i0 + r] = kNegInf;
-          continue;
-        }
+        for (int64_t jj = z; jj < kwm; jj++) p[jj] = 0;
+        if (mx == kNegInf) continue;
         float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
         for (int64_t jj = a; jj < z; jj++) {
@@ -374,138 +407,104 @@ std::tuple<Tensor, Tensor> window_forward(const Tensor& q, const Tensor& k, cons
         const float inv = 1.f / sum;
 #pragma omp simd
         for (int64_t jj = a; jj < z; jj++) p[jj] = float_to_bf16_bits(s[jj] * inv);
-        L[bh * G.n + i0 + r] = mx + std::log(sum);
       }
-      cpublas::brgemm(m, d, nk, nk, d, d, false, P.data(), VN + bh * G.np * d + ks * d,
+      if (PR && m < c) std::memset(Pt + m * kwm, 0, (c - m) * kwm * sizeof(BFloat16));
+      cpublas::brgemm(m, d, nk, kwm, d, d, false, Pt, VN + bh * G.np * d + ks * d,
                       acc.data());
       for (int64_t r = 0; r < m; r++)
         store_row(acc.data() + r * d, d, O + (bh * G.n + G.src(bh, i0 + r)) * d);
     }
     cpublas::brgemm_release();
   });
-  return {out, lse};
+  return {out, probs};
 }
 
 // --- backward -----------------------------------------------------------------------------
 std::tuple<Tensor, Tensor, Tensor> window_backward(
     const Tensor& grad, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
-    const Tensor& lse, const std::optional<Tensor>& groups_,
-    const std::optional<Tensor>& order_, int64_t window, bool causal, bool exclude_self,
+    const Tensor& probs, const std::optional<Tensor>& order_, int64_t window, bool causal,
     int64_t block, const Tensor& ws) {
   check(grad, "grad");
-  TORCH_CHECK(out.is_contiguous() && lse.is_contiguous(), "out and lse as returned");
-  const Tensor groups = groups_.has_value() ? groups_->contiguous() : Tensor();
+  TORCH_CHECK(grad.sizes() == q.sizes(), "grad: the shape of q");
   const Tensor order = order_.has_value() ? order_->contiguous() : Tensor();
-  const Geo G = make_geo(q, groups, order, window, causal, exclude_self, block);
+  const Geo G = make_geo(q, Tensor(), order, window, causal, false, block);
+  TORCH_CHECK(out.is_contiguous() && probs.is_contiguous() &&
+                  probs.numel() == probs_numel(G.BH, G.n, window, causal, block),
+              "out and probs as window_forward(keep_probs=True) returned them");
   const auto opts = q.options();
   const int64_t c = G.c, d = G.d, kwm = G.kw(), nb = G.nb, np = G.np;
   const int64_t P = G.BH * np * d;  // one pack
-  BFloat16* kt = carve(ws, G);
-  BFloat16 *vt = kt + P, *kn = kt + 2 * P, *qt = kt + 3 * P, *gt = kt + 4 * P;
-  BFloat16 *qn = kt + 5 * P, *gn = kt + 6 * P;
-  float* DELTA = reinterpret_cast<float*>(kt + 7 * P);  // (BH, n)
-  uint8_t* ALONE = reinterpret_cast<uint8_t*>(DELTA + G.BH * G.n);  // (BH, n)
+  BFloat16* vt = carve(ws, G);
+  BFloat16 *kn = vt + P, *qn = vt + 2 * P, *gn = vt + 3 * P;
+  BFloat16* PT = vt + 4 * P;  // (BH * nb, c, kwm): per key block, its keys' probabilities
+  BFloat16* DST = PT + G.BH * nb * c * kwm;  // the same for dS
   const Rows Q = rows_of(q), K = rows_of(k), V = rows_of(v), GR = rows_of(grad);
-  run_packs(G, {{&K, kt, true}, {&V, vt, true}, {&K, kn, false}, {&Q, qt, true},
-                {&GR, gt, true}, {&Q, qn, false}, {&GR, gn, false}});
+  run_packs(G, {{&V, vt, true}, {&K, kn, false}, {&Q, qn, false}, {&GR, gn, false}});
   Tensor dq = at::empty({q.size(0), q.size(1), G.n, d}, opts);
   Tensor dk = at::empty_like(dq), dv = at::empty_like(dq);
-  const BFloat16 *KT = kt, *VT = vt, *KN = kn, *QT = qt, *GT = gt, *QN = qn, *GN = gn;
+  const BFloat16 *VT = vt, *KN = kn, *QN = qn, *GN = gn;
   const BFloat16* OUT = out.data_ptr<BFloat16>();
-  const float* L = lse.data_ptr<float>();
+  const BFloat16* PR = probs.data_ptr<BFloat16>();
   BFloat16 *DQ = dq.data_ptr<BFloat16>(), *DK = dk.data_ptr<BFloat16>();
   BFloat16* DV = dv.data_ptr<BFloat16>();
   const float scale = G.scale;
 
-  // pass A, per query block: P, dS = scale * P * (dP - delta), dq = dS K; each place's
-  // delta = dO . O and whether it attends itself alone, for pass B
+  // pass A, per query block: dP = dO V^T, dS = scale P (dP - delta) with delta = dO . O,
+  // dq = dS K; P's and dS's (c x c) tiles transposed into their key blocks' rows, at the
+  // columns of this query block among the queries that see that key block
   at::parallel_for(0, G.BH * nb, 1, [=](int64_t s0, int64_t s1) {
-    std::vector<float> S(c * kwm), dP(c * kwm), acc(c * d);
-    std::vector<BFloat16> dSb(c * kwm), abuf(c * d), gbuf(c * d);
+    std::vector<float> dP(c * kwm), acc(c * d);
+    std::vector<BFloat16> dSb(c * kwm), gbuf(c * d);
     for (int64_t idx = s0; idx < s1; idx++) {
       const int64_t bh = idx / nb, t = idx % nb, i0 = t * c;
       const int64_t m = std::min(c, G.n - i0), ks = G.key_lo(t), nk = G.key_hi(t) - ks;
-      int64_t lda, ldg;
-      const BFloat16* a = block_rows(Q, G, bh, i0, m, abuf.data(), &lda);
+      const BFloat16* Pt = PR + idx * c * kwm;
+      int64_t ldg;
       const BFloat16* ga = block_rows(GR, G, bh, i0, m, gbuf.data(), &ldg);
-      cpublas::brgemm(m, nk, d, lda, np, nk, false, a, KT + bh * d * np + ks * 2, S.data());
-      cpublas::brgemm(m, nk, d, ldg, np, nk, false, ga, VT + bh * d * np + ks * 2, dP.data());
+      cpublas::brgemm(m, nk, d, ldg, np, kwm, false, ga, VT + bh * d * np + ks * 2, dP.data());
       for (int64_t r = 0; r < m; r++) {
-        const int64_t i = i0 + r, row = G.src(bh, i);
-        float* s = S.data() + r * nk;
-        const float* dp = dP.data() + r * nk;
-        uint16_t* ds = reinterpret_cast<uint16_t*>(dSb.data() + r * nk);
-        const float l = L[bh * G.n + i];
-        bool alone;
-        int64_t a, z;
-        mask_row(G, bh, i, ks, nk, s, &a, &z, &alone);
-        ALONE[bh * G.n + i] = alone;
+        const int64_t row = G.src(bh, i0 + r);
+        const float* dp = dP.data() + r * kwm;
+        const uint16_t* p = reinterpret_cast<const uint16_t*>(Pt + r * kwm);
+        uint16_t* ds = reinterpret_cast<uint16_t*>(dSb.data() + r * kwm);
         const uint16_t* go = reinterpret_cast<const uint16_t*>(GR.row(bh, row));
         const uint16_t* o = reinterpret_cast<const uint16_t*>(OUT + (bh * G.n + row) * d);
         float delta = 0.f;
 #pragma omp simd reduction(+ : delta)
         for (int64_t ch = 0; ch < d; ch++)
           delta += bf16_bits_to_float(go[ch]) * bf16_bits_to_float(o[ch]);
-        DELTA[bh * G.n + i] = delta;
-        if (l == kNegInf) a = z = 0;
-        for (int64_t jj = 0; jj < a; jj++) ds[jj] = 0;
-        for (int64_t jj = z; jj < nk; jj++) ds[jj] = 0;
 #pragma omp simd
-        for (int64_t jj = a; jj < z; jj++) {
-          const float pv = exp_f(s[jj] - l);
-          ds[jj] = float_to_bf16_bits(pv * (dp[jj] - delta) * scale);
-        }
+        for (int64_t jj = 0; jj < nk; jj++)
+          ds[jj] = float_to_bf16_bits(bf16_bits_to_float(p[jj]) * (dp[jj] - delta) * scale);
       }
-      cpublas::brgemm(m, d, nk, nk, d, d, false, dSb.data(), KN + bh * np * d + ks * d,
+      if (m < c) std::memset(dSb.data() + m * kwm, 0, (c - m) * kwm * sizeof(BFloat16));
+      cpublas::brgemm(m, d, nk, kwm, d, d, false, dSb.data(), KN + bh * np * d + ks * d,
                       acc.data());
       for (int64_t r = 0; r < m; r++)
         store_row(acc.data() + r * d, d, DQ + (bh * G.n + G.src(bh, i0 + r)) * d);
+      for (int64_t u = ks / c; u < (ks + nk) / c; u++) {  // the key blocks this block sees
+        const int64_t col = (t - std::max<int64_t>(0, u - G.fwd)) * c;
+        const int64_t tile = (bh * nb + u) * c * kwm + col;
+        transpose_tile(Pt + (u * c - ks), kwm, PT + tile, kwm, c);
+        transpose_tile(dSb.data() + (u * c - ks), kwm, DST + tile, kwm, c);
+      }
     }
     cpublas::brgemm_release();
   });
 
-  // pass B, per key block: the same scores seen from the keys (recomputed, transposed:
-  // S^T = K Q^T, dP^T = V dO^T), then dk = dS^T Q and dv = P^T dO over the queries that see
-  // the block
+  // pass B, per key block, over the queries that see it: dk = dS^T Q, dv = P^T dO
   at::parallel_for(0, G.BH * nb, 1, [=](int64_t s0, int64_t s1) {
-    std::vector<float> S(c * kwm), dP(c * kwm), acc(c * d);
-    std::vector<BFloat16> Pb(c * kwm), dSb(c * kwm), kbuf(c * d), vbuf(c * d);
+    std::vector<float> acc(c * d);
     for (int64_t idx = s0; idx < s1; idx++) {
       const int64_t bh = idx / nb, u = idx % nb, j0 = u * c;
       const int64_t mk = std::min(c, G.n - j0);
       const int64_t t_lo = std::max<int64_t>(0, u - G.fwd), t_hi = std::min(nb - 1, u + G.back);
       const int64_t qa = t_lo * c, nq = (t_hi - t_lo + 1) * c;
-      int64_t ldk, ldv;
-      const BFloat16* ka = block_rows(K, G, bh, j0, mk, kbuf.data(), &ldk);
-      const BFloat16* va = block_rows(V, G, bh, j0, mk, vbuf.data(), &ldv);
-      cpublas::brgemm(mk, nq, d, ldk, np, nq, false, ka, QT + bh * d * np + qa * 2, S.data());
-      cpublas::brgemm(mk, nq, d, ldv, np, nq, false, va, GT + bh * d * np + qa * 2, dP.data());
-      const float* l = L + bh * G.n + qa;
-      const float* delta = DELTA + bh * G.n + qa;
-      const int64_t nreal = std::min(nq, G.n - qa);  // query places < n
-      for (int64_t r = 0; r < mk; r++) {
-        float* s = S.data() + r * nq;
-        const float* dp = dP.data() + r * nq;
-        uint16_t* p = reinterpret_cast<uint16_t*>(Pb.data() + r * nq);
-        uint16_t* ds = reinterpret_cast<uint16_t*>(dSb.data() + r * nq);
-        int64_t a, z;
-        mask_col(G, bh, j0 + r, qa, nq, s, ALONE, &a, &z);
-        z = std::min(z, nreal);
-        a = std::min(a, z);
-        for (int64_t cc = 0; cc < a; cc++) p[cc] = ds[cc] = 0;
-        for (int64_t cc = z; cc < nq; cc++) p[cc] = ds[cc] = 0;
-#pragma omp simd
-        for (int64_t cc = a; cc < z; cc++) {
-          const float pv = s[cc] == kNegInf ? 0.f : exp_f(s[cc] - l[cc]);
-          p[cc] = float_to_bf16_bits(pv);
-          ds[cc] = float_to_bf16_bits(pv * (dp[cc] - delta[cc]) * scale);
-        }
-      }
-      cpublas::brgemm(mk, d, nq, nq, d, d, false, dSb.data(), QN + bh * np * d + qa * d,
+      cpublas::brgemm(mk, d, nq, kwm, d, d, false, DST + idx * c * kwm, QN + bh * np * d + qa * d,
                       acc.data());
       for (int64_t r = 0; r < mk; r++)
         store_row(acc.data() + r * d, d, DK + (bh * G.n + G.src(bh, j0 + r)) * d);
-      cpublas::brgemm(mk, d, nq, nq, d, d, false, Pb.data(), GN + bh * np * d + qa * d,
+      cpublas::brgemm(mk, d, nq, kwm, d, d, false, PT + idx * c * kwm, GN + bh * np * d + qa * d,
                       acc.data());
       for (int64_t r = 0; r < mk; r++)
         store_row(acc.data() + r * d, d, DV + (bh * G.n + G.src(bh, j0 + r)) * d);
@@ -537,4 +536,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("window_backward", &window_backward);
   m.def("available", &available);
   m.def("workspace_numel", &workspace_numel);
+  m.def("probs_numel", &probs_numel);
 }
