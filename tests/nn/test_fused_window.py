@@ -156,6 +156,41 @@ def test_the_probabilities_are_kept_only_for_a_backward(monkeypatch):
 
 
 @needs_kernel
+@pytest.mark.parametrize("causal", [True, False])
+def test_unit_keys_equal_normalising_the_keys_first(causal):
+    """Shared q/k: k = q, the keys l2-normalised inside the kernel; the gradient reaches q
+    through the attention and through the normalisation."""
+    torch.manual_seed(3)
+    n, d = 150, 64
+    q = torch.randn(2, 2, n, d).bfloat16()
+    q[0, 0, 7] *= 1e-13  # a row shorter than eps: the clamp's branch each way
+    q.requires_grad_()
+    v = torch.randn(2, 2, n, d).bfloat16().requires_grad_()
+    group = torch.randint(0, 3, (2, 2, n))
+    order = _sort_key(group, n).argsort(-1)
+    out = fused_window.window_attend(
+        q, q, v, 40, causal=causal, groups=group.gather(2, order), order=order,
+        exclude_self=True, unit_keys=True,
+    )  # fmt: skip
+    g = torch.randn(2, 2, n, d, dtype=torch.float64)
+    (out.double() * g).sum().backward()
+    qd, vd = (t.detach().double().requires_grad_() for t in (q, v))
+    kd = qd / qd.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    mask = _exclude_self(
+        dense_window_mask(group, group, 40, causal=causal), torch.eye(n, dtype=torch.bool), False
+    )
+    ref = _definition(qd, kd, vd, mask)
+    (ref * g).sum().backward()
+    for a, r in ((out, ref), (v.grad, vd.grad)):
+        assert ((a.double() - r).abs().max() / r.abs().max()).item() < 2e-2
+    real = torch.ones(2, 2, n, 1, dtype=torch.bool)
+    real[0, 0, 7] = False  # its gradient is 1e12 times the rest: compared on its own
+    for rows in (real, ~real):
+        a, r = q.grad.double().masked_select(rows), qd.grad.masked_select(rows)
+        assert ((a - r).abs().max() / r.abs().max()).item() < 2e-2
+
+
+@needs_kernel
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("causal", [True, False])
 def test_threads_splitting_one_sequence_agree(threads, causal):

@@ -237,8 +237,11 @@ class RoutingAttention(nn.Module):
         """qr, kr as projected (routing reads them); ``rotated``: the same after rotary."""
         groups, kgroups, commit = self._route(qr, kr, mask)
         qr, kr = rotated
-        # shared q/k: keys are the l2-normalised queries (Reformer's shared-QK attention)
-        keys = fused_train.l2_normalize(qr) if kr is None else kr
+        # shared q/k: keys are the l2-normalised queries (Reformer's shared-QK attention);
+        # without a cache sorted_window_attend normalises them (inside its fused kernel)
+        shared = kr is None
+        lazy = shared and cache is None and self.mode != "balanced"
+        keys = qr if lazy else (fused_train.l2_normalize(qr) if shared else kr)
         p = self.dropout if self.training else 0.0
         if self.mode == "balanced":
             out = balanced_attend(
@@ -279,6 +282,7 @@ class RoutingAttention(nn.Module):
             mem_kv=self._mem(),
             exclude_self=self.shared_qk,
             dropout_p=p,
+            unit_keys=lazy,
         )
         if cache is not None:  # prefill: keep every key with its cluster and rank
             cache.fill_routed(keys, vr, kg, self.kmeans.num_clusters, self.window)

@@ -98,28 +98,28 @@ def _workspace(ext, q: Tensor, window: int, causal: bool) -> Tensor:
 
 class _WindowAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, groups, order, window, causal, exclude_self, keep_probs):
+    def forward(ctx, q, k, v, groups, order, window, causal, exclude_self, keep_probs, unit_eps):
         ext = _EXT.get()
         ws = _workspace(ext, q, window, causal)
         out, probs = ext.window_forward(
-            q, k, v, groups, order, window, causal, exclude_self, BLOCK, ws, keep_probs
+            q, k, v, groups, order, window, causal, exclude_self, BLOCK, ws, keep_probs, unit_eps
         )
         ctx.save_for_backward(q, k, v, out, probs)
-        ctx.rest = (order, window, causal)
+        ctx.rest = (order, window, causal, unit_eps)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         q, k, v, out, probs = ctx.saved_tensors
-        order, window, causal = ctx.rest
+        order, window, causal, unit_eps = ctx.rest
         if grad.dtype is not torch.bfloat16 or grad.stride(-1) != 1:
             grad = grad.to(torch.bfloat16).contiguous()
         ext = _EXT.get()
         ws = _workspace(ext, q, window, causal)
         dq, dk, dv = ext.window_backward(
-            grad, q, k, v, out, probs, order, window, causal, BLOCK, ws
+            grad, q, k, v, out, probs, order, window, causal, BLOCK, ws, unit_eps
         )
-        return dq, dk, dv, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None
 
 
 def window_attend(
@@ -132,9 +132,13 @@ def window_attend(
     groups: Tensor | None = None,  # (b, h, n) int64 group of each place, -1 = attends nothing
     order: Tensor | None = None,  # (b, h, n) int64: the row of q, k, v holding each place
     exclude_self: bool = False,
+    unit_keys: bool = False,
+    eps: float = 1e-12,
 ) -> Tensor:  # (b, h, n, d) bf16, rows as q's
     """The fused kernel; call only where ``applies(q)``. Places are the rows of q, k, v,
-    or, with ``order``, ``order[..., i]`` is the row of place i (e.g. a sort by group)."""
+    or, with ``order``, ``order[..., i]`` is the row of place i (e.g. a sort by group).
+    ``unit_keys``: the keys are ``fused_train.l2_normalize(k, eps=eps)`` (shared q/k
+    attention passes k = q), normalised inside the kernel each way."""
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
     if not (q.shape == k.shape == v.shape):
@@ -148,4 +152,7 @@ def window_attend(
     # the probabilities are kept for the backward only when there will be one
     keep = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     with torch.autocast("cpu", enabled=False):
-        return _WindowAttention.apply(q, k, v, groups, order, window, causal, exclude_self, keep)
+        unit_eps = float(eps) if unit_keys else -1.0
+        return _WindowAttention.apply(
+            q, k, v, groups, order, window, causal, exclude_self, keep, unit_eps
+        )

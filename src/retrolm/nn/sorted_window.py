@@ -32,7 +32,7 @@ from einops import rearrange
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from retrolm.nn import fused_window
+from retrolm.nn import fused_train, fused_window
 from retrolm.nn.attention import attend, block_attend, current_backend
 from retrolm.nn.local_attention import block_offsets, neighbour_blocks, relative_band
 
@@ -112,13 +112,31 @@ def sorted_window_attend(
     mem_kv: MemKV | None = None,
     exclude_self: bool = False,
     dropout_p: float = 0.0,
+    unit_keys: bool = False,
 ) -> Tensor:  # (b, h, n, dv)
+    """``unit_keys``: the keys are ``fused_train.l2_normalize(k)`` (shared q/k attention
+    passes the queries), normalised inside the fused kernel where it runs."""
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
     if exclude_self and k_group is not None:
         raise ValueError("exclude_self needs shared groups (queries and keys are one token)")
+    fused = (
+        current_backend() != "reference"
+        and k_group is None
+        and mem_kv is None
+        and fused_window.applies(q, dropout_p)
+    )
+    if unit_keys and not fused:
+        k = fused_train.l2_normalize(k)
     if current_backend() == "reference":
         return _dense(q, k, v, group, window, k_group, causal, mem_kv, exclude_self, dropout_p)
+    if fused:  # one C++ pass (bf16, CPU)
+        # the kernel reads and writes the rows through the sort: no gathered copies
+        order = _sort_key(group, q.shape[-2]).argsort(dim=-1)  # (b, h, n)
+        return fused_window.window_attend(
+            q, k, v, window, causal=causal, groups=group.gather(2, order), order=order,
+            exclude_self=exclude_self, unit_keys=unit_keys,
+        )  # fmt: skip
     if k_group is None:
         return _blocked(q, k, v, group, window, causal, mem_kv, exclude_self, dropout_p)
     return _gathered(q, k, v, group, k_group, window, causal, mem_kv, dropout_p)
@@ -144,12 +162,6 @@ def _rows(x: Tensor, flat: Tensor) -> Tensor:
 def _blocked(q, k, v, group, w, causal, mem_kv, exclude_self, dropout_p):
     b, h, n, d = q.shape
     order = _sort_key(group, n).argsort(dim=-1)  # (b, h, n)
-    if mem_kv is None and fused_window.applies(q, dropout_p):  # one C++ pass (bf16, CPU)
-        # the kernel reads and writes the rows through the sort: no gathered copies
-        gs = group.gather(2, order)
-        return fused_window.window_attend(
-            q, k, v, w, causal=causal, groups=gs, order=order, exclude_self=exclude_self
-        )
     base = torch.arange(b * h, device=q.device).view(b, h, 1) * n
     flat = (order + base).flatten()
     qs, ks, vs = (_rows(t, flat) for t in (q, k, v))

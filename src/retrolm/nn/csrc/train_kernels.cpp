@@ -448,15 +448,6 @@ Tensor cross_entropy_backward(const Tensor& scale, const Tensor& logits, const T
 }
 
 
-// 1 / max(|x|, eps) of one row, negative where the clamp took eps (so a backward knows)
-template <typename acc_t, typename T>
-inline acc_t inv_norm(const T* xr, int64_t D, acc_t eps) {
-  acc_t ss = 0;
-#pragma omp simd reduction(+ : ss)
-  for (int64_t c = 0; c < D; c++) ss += load<acc_t>(xr, c) * load<acc_t>(xr, c);
-  const acc_t norm = std::sqrt(ss), k = acc_t(1) / std::max(norm, eps);
-  return norm > eps ? k : -k;
-}
 
 // --- l2 normalisation of rows ------------------------------------------------------------
 // y = x / max(|x|, eps) per row of a (B, H, I, D) tensor with a unit last stride, the result

@@ -1,10 +1,12 @@
 // Scalar helpers shared by the C++ kernels of this folder, written as plain arithmetic on
 // bits so that loops over them vectorise: bfloat16 loads and stores through the accumulation
-// type, and exp for float. Included by train_kernels.cpp and window_attention.cpp.
+// type, a row's inverse norm, and exp for float. Included by train_kernels.cpp and
+// window_attention.cpp.
 #pragma once
 
 #include <c10/util/BFloat16.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -43,6 +45,16 @@ inline void store(c10::BFloat16* p, int64_t i, float v) {
 }
 
 template <typename T> struct Acc { using type = float; };
+
+// 1 / max(|x|, eps) of one row, negative where the clamp took eps (so a backward knows)
+template <typename acc_t, typename T>
+inline acc_t inv_norm(const T* xr, int64_t D, acc_t eps) {
+  acc_t ss = 0;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t c = 0; c < D; c++) ss += load<acc_t>(xr, c) * load<acc_t>(xr, c);
+  const acc_t norm = std::sqrt(ss), k = acc_t(1) / std::max(norm, eps);
+  return norm > eps ? k : -k;
+}
 template <> struct Acc<double> { using type = double; };
 
 // exp(x) for float in plain arithmetic, so that loops over it vectorise (std::exp does not

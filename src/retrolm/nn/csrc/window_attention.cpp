@@ -14,11 +14,13 @@
 // holds it, so the caller's sort needs no gathered copies.
 //
 //   window_forward(q, k, v, groups, order, window, causal, exclude_self, block, ws,
-//                  keep_probs) -> out (B, H, n, d), probs (bf16, probs_numel elements, or
-//                  empty without keep_probs): each query block's probabilities, (block, kw)
-//                  per (b, h, block), kw = the keys a block sees
-//   window_backward(grad, q, k, v, out, probs, order, window, causal, block, ws)
+//                  keep_probs, unit_eps) -> out (B, H, n, d), probs (bf16, probs_numel
+//                  elements, or empty without keep_probs): each query block's
+//                  probabilities, (block, kw) per (b, h, block), kw = the keys a block sees
+//   window_backward(grad, q, k, v, out, probs, order, window, causal, block, ws, unit_eps)
 //       -> dq, dk, dv
+//   unit_eps >= 0: the keys are k's rows l2-normalised, k / max(|k|, unit_eps), rounded to
+//       bf16 once (shared q/k attention passes k = q), and dk is the gradient through that
 //   workspace_numel(B*H, n, d, window, causal, block): the scratch `ws` (bf16) both need;
 //       the caller keeps it between calls (fresh multi-MB buffers cost their page faults)
 //
@@ -222,11 +224,12 @@ int64_t probs_numel(int64_t BH, int64_t n, int64_t window, bool causal, int64_t 
 }
 
 // scratch: the forward's 2 packs of (BH, np, d), or the backward's 4 and P^T and dS^T (as
-// probs, per key block), in bf16 elements
+// probs, per key block); then unit keys when asked; in bf16 elements
 int64_t workspace_numel(int64_t BH, int64_t n, int64_t d, int64_t window, bool causal,
                         int64_t block) {
   const int64_t np = (n + block - 1) / block * block;
-  return 4 * BH * np * d + 2 * probs_numel(BH, n, window, causal, block);
+  const int64_t unit = BH * n * d + 2 * BH * n;  // unit keys by row and their 1 / |k| (fp32)
+  return 4 * BH * np * d + 2 * probs_numel(BH, n, window, causal, block) + unit;
 }
 
 BFloat16* carve(const Tensor& ws, const Geo& G) {
@@ -348,12 +351,53 @@ void transpose_tile(const BFloat16* src, int64_t lds, BFloat16* dst, int64_t ldd
     for (int64_t i = 0; i < c; i++) o[j * ldd + i] = s[i * lds + j];
 }
 
+// --- unit keys ----------------------------------------------------------------------------
+// k's rows l2-normalised into `out` (BH, n, d) by row, as fused_train.l2_normalize rounds
+// them; inv: 1 / max(|k|, eps) per row, negative where the clamp took eps. Returns the rows.
+Rows unit_rows(const Rows& k, const Geo& G, float eps, BFloat16* out, float* inv) {
+  at::parallel_for(0, G.BH * G.n, 64, [=](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; r++) {
+      const BFloat16* kr = k.row(r / G.n, r % G.n);
+      const float iv = inv_norm(kr, G.d, eps), a = std::abs(iv);
+      inv[r] = iv;
+      uint16_t* o = reinterpret_cast<uint16_t*>(out + r * G.d);
+#pragma omp simd
+      for (int64_t ch = 0; ch < G.d; ch++) o[ch] = float_to_bf16_bits(load<float>(kr, ch) * a);
+    }
+  });
+  return {out, G.n * G.d, 0, G.d, 1};
+}
+
+// where the workspace keeps the unit keys (BH, n, d), then their inverse norms (fp32)
+BFloat16* unit_area(BFloat16* ws, const Geo& G) {
+  return ws + 4 * G.BH * G.np * G.d + 2 * probs_numel(G.BH, G.n, G.window, G.causal, G.c);
+}
+float* unit_inv(BFloat16* unit, const Geo& G) {
+  return reinterpret_cast<float*>(unit + G.BH * G.n * G.d);
+}
+
+// g: the gradient of one unit key, in place -> of its row k (inv as unit_rows wrote it):
+// inv (g - u (g . u)) with u = k inv, or g / eps where the clamp took eps
+void unit_backward(const BFloat16* k, float inv, int64_t d, float* g) {
+  if (inv < 0) {
+#pragma omp simd
+    for (int64_t ch = 0; ch < d; ch++) g[ch] *= -inv;
+    return;
+  }
+  float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+  for (int64_t ch = 0; ch < d; ch++) dot += g[ch] * load<float>(k, ch) * inv;
+#pragma omp simd
+  for (int64_t ch = 0; ch < d; ch++) g[ch] = inv * (g[ch] - load<float>(k, ch) * inv * dot);
+}
+
 // --- forward ------------------------------------------------------------------------------
 std::tuple<Tensor, Tensor> window_forward(const Tensor& q, const Tensor& k, const Tensor& v,
                                           const std::optional<Tensor>& groups_,
                                           const std::optional<Tensor>& order_, int64_t window,
                                           bool causal, bool exclude_self, int64_t block,
-                                          const Tensor& ws, bool keep_probs) {
+                                          const Tensor& ws, bool keep_probs,
+                                          double unit_eps) {
   check(q, "q");
   check(k, "k");
   check(v, "v");
@@ -367,7 +411,10 @@ std::tuple<Tensor, Tensor> window_forward(const Tensor& q, const Tensor& k, cons
   const int64_t P = G.BH * G.np * G.d;  // one pack
   BFloat16* kt = carve(ws, G);
   BFloat16* vn = kt + P;
-  const Rows Kr = rows_of(k), Vr = rows_of(v);
+  BFloat16* unit = unit_area(kt, G);
+  const Rows Kr = unit_eps >= 0 ? unit_rows(rows_of(k), G, unit_eps, unit, unit_inv(unit, G))
+                                : rows_of(k);
+  const Rows Vr = rows_of(v);
   run_packs(G, {{&Kr, kt, true}, {&Vr, vn, false}});
   Tensor out = at::empty({q.size(0), q.size(1), G.n, G.d}, opts);
   Tensor probs = at::empty({keep_probs ? probs_numel(G.BH, G.n, window, causal, block) : 0},
@@ -423,7 +470,7 @@ std::tuple<Tensor, Tensor> window_forward(const Tensor& q, const Tensor& k, cons
 std::tuple<Tensor, Tensor, Tensor> window_backward(
     const Tensor& grad, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
     const Tensor& probs, const std::optional<Tensor>& order_, int64_t window, bool causal,
-    int64_t block, const Tensor& ws) {
+    int64_t block, const Tensor& ws, double unit_eps) {
   check(grad, "grad");
   TORCH_CHECK(grad.sizes() == q.sizes(), "grad: the shape of q");
   const Tensor order = order_.has_value() ? order_->contiguous() : Tensor();
@@ -438,7 +485,10 @@ std::tuple<Tensor, Tensor, Tensor> window_backward(
   BFloat16 *kn = vt + P, *qn = vt + 2 * P, *gn = vt + 3 * P;
   BFloat16* PT = vt + 4 * P;  // (BH * nb, c, kwm): per key block, its keys' probabilities
   BFloat16* DST = PT + G.BH * nb * c * kwm;  // the same for dS
-  const Rows Q = rows_of(q), K = rows_of(k), V = rows_of(v), GR = rows_of(grad);
+  BFloat16* unit = unit_area(vt, G);
+  float* UINV = unit_eps >= 0 ? unit_inv(unit, G) : nullptr;  // null: keys as given
+  const Rows Q = rows_of(q), KR = rows_of(k), V = rows_of(v), GR = rows_of(grad);
+  const Rows K = UINV ? unit_rows(KR, G, unit_eps, unit, UINV) : KR;
   run_packs(G, {{&V, vt, true}, {&K, kn, false}, {&Q, qn, false}, {&GR, gn, false}});
   Tensor dq = at::empty({q.size(0), q.size(1), G.n, d}, opts);
   Tensor dk = at::empty_like(dq), dv = at::empty_like(dq);
@@ -502,8 +552,12 @@ std::tuple<Tensor, Tensor, Tensor> window_backward(
       const int64_t qa = t_lo * c, nq = (t_hi - t_lo + 1) * c;
       cpublas::brgemm(mk, d, nq, kwm, d, d, false, DST + idx * c * kwm, QN + bh * np * d + qa * d,
                       acc.data());
-      for (int64_t r = 0; r < mk; r++)
-        store_row(acc.data() + r * d, d, DK + (bh * G.n + G.src(bh, j0 + r)) * d);
+      for (int64_t r = 0; r < mk; r++) {
+        const int64_t row = G.src(bh, j0 + r);
+        float* g = acc.data() + r * d;
+        if (UINV) unit_backward(KR.row(bh, row), UINV[bh * G.n + row], d, g);
+        store_row(g, d, DK + (bh * G.n + row) * d);
+      }
       cpublas::brgemm(mk, d, nq, kwm, d, d, false, PT + idx * c * kwm, GN + bh * np * d + qa * d,
                       acc.data());
       for (int64_t r = 0; r < mk; r++)
