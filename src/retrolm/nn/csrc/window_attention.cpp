@@ -228,7 +228,8 @@ int64_t probs_numel(int64_t BH, int64_t n, int64_t window, bool causal, int64_t 
 int64_t workspace_numel(int64_t BH, int64_t n, int64_t d, int64_t window, bool causal,
                         int64_t block) {
   const int64_t np = (n + block - 1) / block * block;
-  const int64_t unit = BH * n * d + 2 * BH * n;  // unit keys by row and their 1 / |k| (fp32)
+  // unit keys by row and their 1 / |k| (fp32), then the backward's delta per row (fp32)
+  const int64_t unit = BH * n * d + 2 * BH * n + 2 * BH * n;
   return 4 * BH * np * d + 2 * probs_numel(BH, n, window, causal, block) + unit;
 }
 
@@ -279,14 +280,43 @@ void band(float* s, int64_t base, int64_t len, int64_t lo, int64_t hi, const int
 
 // [*a, *z): [lo, hi) narrowed to the entries band left finite, relative to base, so the
 // softmax's passes can skip the rest (a routed row's other clusters)
+// (the scans step 16 entries at a time while all of them are -inf: a routed row's run of
+// other clusters is long)
 void span(const float* s, int64_t base, int64_t lo, int64_t hi, int64_t* a, int64_t* z) {
   const float* w = s - base;
   lo = std::max(lo, base);
   hi = std::max(hi, lo);
+  for (; lo + 16 <= hi; lo += 16) {
+    int none = 1;
+#pragma omp simd reduction(& : none)
+    for (int l = 0; l < 16; l++) none &= w[lo + l] == kNegInf;
+    if (!none) break;
+  }
   while (lo < hi && w[lo] == kNegInf) lo++;
+  for (; hi - 16 >= lo; hi -= 16) {
+    int none = 1;
+#pragma omp simd reduction(& : none)
+    for (int l = 0; l < 16; l++) none &= w[hi - 16 + l] == kNegInf;
+    if (!none) break;
+  }
   while (hi > lo && w[hi - 1] == kNegInf) hi--;
   *a = lo - base;
   *z = hi - base;
+}
+
+// max of x[0, len) (-inf when empty), in 16 lanes: gcc leaves a `reduction(max)` over
+// std::max scalar, a chain of dependent maxima that cost a third of the forward
+float row_max(const float* x, int64_t len) {
+  float m[16];
+  for (int l = 0; l < 16; l++) m[l] = kNegInf;
+  int64_t j = 0;
+  for (; j + 16 <= len; j += 16)
+#pragma omp simd
+    for (int l = 0; l < 16; l++) m[l] = x[j + l] > m[l] ? x[j + l] : m[l];
+  for (; j < len; j++) m[0] = x[j] > m[0] ? x[j] : m[0];
+  float mx = kNegInf;
+  for (int l = 0; l < 16; l++) mx = m[l] > mx ? m[l] : mx;
+  return mx;
 }
 
 // The keys [ks, ks + nk) of query place i. Returns the row's maximum (-inf: no key).
@@ -302,9 +332,7 @@ float mask_row(const Geo& G, int64_t bh, int64_t i, int64_t ks, int64_t nk, floa
   const bool self = G.exclude_self && i >= lo && i < hi && w[i] != kNegInf;
   const float self_v = self ? w[i] : kNegInf;
   if (self) w[i] = kNegInf;
-  float mx = kNegInf;
-#pragma omp simd reduction(max : mx)
-  for (int64_t j = std::max(lo, ks); j < hi; j++) mx = std::max(mx, w[j]);
+  float mx = row_max(w + std::max(lo, ks), hi - std::max(lo, ks));
   if (self && mx == kNegInf) {  // alone: it attends itself
     w[i] = self_v;
     mx = self_v;
@@ -380,6 +408,7 @@ BFloat16* unit_area(BFloat16* ws, const Geo& G) {
 float* unit_inv(BFloat16* unit, const Geo& G) {
   return reinterpret_cast<float*>(unit + G.BH * G.n * G.d);
 }
+float* delta_area(BFloat16* unit, const Geo& G) { return unit_inv(unit, G) + G.BH * G.n; }
 
 // g: the gradient of one unit key, in place -> of its row k (inv as unit_rows wrote it):
 // inv (g - u (g . u)) with u = k inv, or g / eps where the clamp took eps
@@ -446,6 +475,11 @@ std::tuple<Tensor, Tensor> window_forward(const Tensor& q, const Tensor& k, cons
         uint16_t* p = reinterpret_cast<uint16_t*>(Pt + r * kwm);
         int64_t a, z;
         const float mx = mask_row(G, bh, i0 + r, ks, nk, s, &a, &z);
+        // the span widened to whole 16-lane strips within the row (the -inf entries it
+        // takes in give exp 0): no scalar tails in the passes below (routed rows' spans
+        // are short)
+        a &= ~int64_t(15);
+        z = std::min(nk, (z + 15) & ~int64_t(15));
         if (mx == kNegInf) a = z = 0;  // no key: a zero row, so zeros out
         for (int64_t jj = 0; jj < a; jj++) p[jj] = 0;
         for (int64_t jj = z; jj < kwm; jj++) p[jj] = 0;
@@ -504,6 +538,19 @@ std::tuple<Tensor, Tensor, Tensor> window_backward(
   BFloat16* DV = dv.data_ptr<BFloat16>();
   const float scale = G.scale;
 
+  // delta = dO . O per row, in row order (read through a routed sort, O's rows miss cache)
+  float* DELTA = delta_area(unit, G);
+  at::parallel_for(0, G.BH * G.n, 256, [=](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; r++) {
+      const uint16_t* go = reinterpret_cast<const uint16_t*>(GR.row(r / G.n, r % G.n));
+      const uint16_t* o = reinterpret_cast<const uint16_t*>(OUT + r * d);
+      float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t ch = 0; ch < d; ch++) dot += bf16_bits_to_float(go[ch]) * bf16_bits_to_float(o[ch]);
+      DELTA[r] = dot;
+    }
+  });
+
   // pass A, per query block: dP = dO V^T, dS = scale P (dP - delta) with delta = dO . O,
   // dq = dS K; P's and dS's (c x c) tiles transposed into their key blocks' rows, at the
   // columns of this query block among the queries that see that key block
@@ -522,12 +569,7 @@ std::tuple<Tensor, Tensor, Tensor> window_backward(
         const float* dp = dP.data() + r * kwm;
         const uint16_t* p = reinterpret_cast<const uint16_t*>(Pt + r * kwm);
         uint16_t* ds = reinterpret_cast<uint16_t*>(dSb.data() + r * kwm);
-        const uint16_t* go = reinterpret_cast<const uint16_t*>(GR.row(bh, row));
-        const uint16_t* o = reinterpret_cast<const uint16_t*>(OUT + (bh * G.n + row) * d);
-        float delta = 0.f;
-#pragma omp simd reduction(+ : delta)
-        for (int64_t ch = 0; ch < d; ch++)
-          delta += bf16_bits_to_float(go[ch]) * bf16_bits_to_float(o[ch]);
+        const float delta = DELTA[bh * G.n + row];
 #pragma omp simd
         for (int64_t jj = 0; jj < nk; jj++)
           ds[jj] = float_to_bf16_bits(bf16_bits_to_float(p[jj]) * (dp[jj] - delta) * scale);
