@@ -228,8 +228,9 @@ int64_t probs_numel(int64_t BH, int64_t n, int64_t window, bool causal, int64_t 
 int64_t workspace_numel(int64_t BH, int64_t n, int64_t d, int64_t window, bool causal,
                         int64_t block) {
   const int64_t np = (n + block - 1) / block * block;
-  // unit keys by row and their 1 / |k| (fp32), then the backward's delta per row (fp32)
-  const int64_t unit = BH * n * d + 2 * BH * n + 2 * BH * n;
+  // unit keys by row and their 1 / |k| (fp32), the backward's delta per row (fp32) and its
+  // gradient of the unit keys by row (fp32)
+  const int64_t unit = BH * n * d + 2 * BH * n + 2 * BH * n + 2 * BH * n * d;
   return 4 * BH * np * d + 2 * probs_numel(BH, n, window, causal, block) + unit;
 }
 
@@ -409,6 +410,7 @@ float* unit_inv(BFloat16* unit, const Geo& G) {
   return reinterpret_cast<float*>(unit + G.BH * G.n * G.d);
 }
 float* delta_area(BFloat16* unit, const Geo& G) { return unit_inv(unit, G) + G.BH * G.n; }
+float* unit_grad_area(BFloat16* unit, const Geo& G) { return delta_area(unit, G) + G.BH * G.n; }
 
 // g: the gradient of one unit key, in place -> of its row k (inv as unit_rows wrote it):
 // inv (g - u (g . u)) with u = k inv, or g / eps where the clamp took eps
@@ -526,6 +528,7 @@ std::tuple<Tensor, Tensor, Tensor> window_backward(
   BFloat16* DST = PT + G.BH * nb * c * kwm;  // the same for dS
   BFloat16* unit = unit_area(vt, G);
   float* UINV = unit_eps >= 0 ? unit_inv(unit, G) : nullptr;  // null: keys as given
+  float* GU = UINV ? unit_grad_area(unit, G) : nullptr;
   const Rows Q = rows_of(q), KR = rows_of(k), V = rows_of(v), GR = rows_of(grad);
   const Rows K = UINV ? unit_rows(KR, G, unit_eps, unit, UINV) : KR;
   run_packs(G, {{&V, vt, true}, {&K, kn, false}, {&Q, qn, false}, {&GR, gn, false}});
@@ -601,9 +604,10 @@ std::tuple<Tensor, Tensor, Tensor> window_backward(
                       acc.data());
       for (int64_t r = 0; r < mk; r++) {
         const int64_t row = G.src(bh, j0 + r);
-        float* g = acc.data() + r * d;
-        if (UINV) unit_backward(KR.row(bh, row), UINV[bh * G.n + row], d, g);
-        store_row(g, d, DK + (bh * G.n + row) * d);
+        if (GU)  // through the normalisation below, in row order
+          std::memcpy(GU + (bh * G.n + row) * d, acc.data() + r * d, d * sizeof(float));
+        else
+          store_row(acc.data() + r * d, d, DK + (bh * G.n + row) * d);
       }
       cpublas::brgemm(mk, d, nq, kwm, d, d, false, PT + idx * c * kwm, GN + bh * np * d + qa * d,
                       acc.data());
@@ -612,6 +616,14 @@ std::tuple<Tensor, Tensor, Tensor> window_backward(
     }
     cpublas::brgemm_release();
   });
+  if (GU)  // unit keys: dk from the unit keys' gradient, row by row (k's rows in order)
+    at::parallel_for(0, G.BH * G.n, 64, [=](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; r++) {
+        float* g = GU + r * d;
+        unit_backward(KR.row(r / G.n, r % G.n), UINV[r], d, g);
+        store_row(g, d, DK + r * d);
+      }
+    });
   return {dq, dk, dv};
 }
 
