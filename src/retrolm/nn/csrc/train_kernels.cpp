@@ -317,7 +317,9 @@ void rotary_impl(const Tensor& x, const Tensor& cos, const Tensor& sin, Tensor& 
   at::parallel_for(0, B * H * I, 4 * kRowGrain, [=](int64_t r0, int64_t r1) {
     std::vector<acc_t> buf(r);
     for (int64_t row = r0; row < r1; row++) {
-      const int64_t i = row % I, bh = row / I, hh = bh % H, bb = bh / H;
+      // rows in (b, i, h) order: a position's cos/sin row serves its heads from L1 (head by
+      // head, the (I, r) tables went through memory once per head: most of the pass)
+      const int64_t hh = row % H, i = (row / H) % I, bb = row / (H * I);
       const T* xr = xp + bb * xs[0] + hh * xs[1] + i * xs[2];
       T* yr = yp + bb * ys[0] + hh * ys[1] + i * ys[2];
       const float* cr = cp + i * r;
