@@ -243,7 +243,7 @@ def main() -> None:
             res = child_len(int(rest[0]), rest[1], int(rest[2]))
         print("RESULT " + json.dumps(res), flush=True)
         return
-    steps = 2 if a.quick else 8  # interleaved rounds per speed run (medians of 8: the
+    steps = 2 if a.quick else 12  # interleaved rounds per speed run (medians of 12: the
     # machine's load swings by 10-30% within a minute)
     dt = dict(ours=a.dtype_ours, ref=a.dtype_ref)
     rows = []
