@@ -191,6 +191,30 @@ def test_unit_keys_equal_normalising_the_keys_first(causal):
 
 
 @needs_kernel
+def test_sorted_window_unit_keys_equal_passing_normalised_keys(aten):
+    """sorted_window_attend(unit_keys=True) on the fused path and on the ATen path (where it
+    normalises first) against passing l2_normalize(q) as the keys."""
+    from retrolm.nn.fused_train import l2_normalize
+
+    torch.manual_seed(4)
+    q, v = (torch.randn(1, 2, 100, 16) for _ in range(2))
+    group = torch.randint(0, 3, (1, 2, 100))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        qb = q.bfloat16()
+        want = sorted_window_attend(qb, l2_normalize(qb), v, group, 32, exclude_self=True)
+        fused = sorted_window_attend(qb, qb, v, group, 32, exclude_self=True, unit_keys=True)
+        with aten:
+            composite = sorted_window_attend(
+                qb, qb, v, group, 32, exclude_self=True, unit_keys=True
+            )
+    tol = dict(rtol=0, atol=3e-2)
+    torch.testing.assert_close(fused.float(), want.float(), **tol)
+    torch.testing.assert_close(composite.float(), want.float(), **tol)
+    plain = sorted_window_attend(q, q, v, group, 32, exclude_self=True)  # not normalised
+    assert (plain - fused.float()).abs().max() > 0.1
+
+
+@needs_kernel
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("causal", [True, False])
 def test_threads_splitting_one_sequence_agree(threads, causal):

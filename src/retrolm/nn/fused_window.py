@@ -151,8 +151,8 @@ def window_attend(
         order = order.to(torch.int64).contiguous()
     # the probabilities are kept for the backward only when there will be one
     keep = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    unit_eps = float(eps) if unit_keys else -1.0
     with torch.autocast("cpu", enabled=False):
-        unit_eps = float(eps) if unit_keys else -1.0
         return _WindowAttention.apply(
             q, k, v, groups, order, window, causal, exclude_self, keep, unit_eps
         )

@@ -120,12 +120,8 @@ def sorted_window_attend(
         raise ValueError(f"window must be >= 1, got {window}")
     if exclude_self and k_group is not None:
         raise ValueError("exclude_self needs shared groups (queries and keys are one token)")
-    fused = (
-        current_backend() != "reference"
-        and k_group is None
-        and mem_kv is None
-        and fused_window.applies(q, dropout_p)
-    )
+    # (applies is False under the reference backend)
+    fused = k_group is None and mem_kv is None and fused_window.applies(q, dropout_p)
     if unit_keys and not fused:
         k = fused_train.l2_normalize(k)
     if current_backend() == "reference":
