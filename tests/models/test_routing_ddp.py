@@ -44,6 +44,9 @@ def _worker(rank: int, world: int, out_dir: str) -> None:
     means = torch.cat([km.means.flatten() for km in kmeans_modules(lm)])
     moved = any(not torch.equal(a, km.means) for a, km in zip(first, kmeans_modules(lm)))
     torch.save({"means": means, "moved": moved}, os.path.join(out_dir, f"rank{rank}.pt"))
+    # both ranks past their last collective before either tears gloo down: on a loaded host
+    # a rank destroying its group while the other still talks died with std::terminate
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from tests.tolerance import assert_close_fp
 
 from retrolm.nn import (
     KVCache,
@@ -295,4 +296,5 @@ def test_rows_have_keys_skips_only_the_check():
     mask[..., 0] = True  # every row allows a key
     assert torch.equal(attend(q, k, v, mask, rows_have_keys=True), attend(q, k, v, mask))
     ref = reference_attend(q.double(), k.double(), v.double(), mask)
-    torch.testing.assert_close(attend(q, k, v, mask, rows_have_keys=True).double(), ref)
+    # fp32 against float64: rounding of fp32 sums over 9 keys and 8 channels
+    assert_close_fp(attend(q, k, v, mask, rows_have_keys=True), ref, reduction=9)

@@ -268,14 +268,18 @@ def test_feedforward_inplace_activation_without_autograd(glu, activation):
     torch.testing.assert_close(fast, ff(x), rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("dims", [(64, 48), (64, 16)])  # widening and narrowing
-def test_decode_linear_bf16_packed_equals_linear(dims):
+@pytest.mark.parametrize("packed", [True, False])
+@pytest.mark.parametrize("dims", [(64, 48), (64, 16), (16, 64)])  # (in, out)
+def test_decode_linear_bf16_packed_equals_linear(dims, packed, monkeypatch):
     """In bf16 on a CPU with oneDNN bf16 the decode copy is a packed weight: the values of
-    F.linear in bf16, for a few rows and for many, rebuilt after an in-place update."""
+    F.linear in bf16, for a few rows and for many, rebuilt after an in-place update. Without
+    it (``packed=False``: what a CPU without AVX-512 BF16 runs, tested on every machine) the
+    copy is a plain bf16 tensor with the same values."""
     import retrolm.nn.decode_linear as dl
 
-    if not dl.PACKED_BF16:
+    if packed and not dl.PACKED_BF16:
         pytest.skip("no oneDNN bf16 on this machine")
+    monkeypatch.setattr(dl, "PACKED_BF16", packed)
     torch.manual_seed(0)
     lin = dl.DecodeLinear(*dims).eval()
     with torch.no_grad():
@@ -285,7 +289,8 @@ def test_decode_linear_bf16_packed_equals_linear(dims):
                 got, exp = lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias)
             assert got.dtype == exp.dtype == torch.bfloat16
             if rows <= dl.MAX_ROWS:
-                assert lin._weight_t.value.is_mkldnn
+                copy = lin._weight_t.value  # unpacked and narrowing: F.linear, no copy
+                assert copy.is_mkldnn if packed else (copy is None or not copy.is_mkldnn)
             torch.testing.assert_close(got, exp)
         lin.weight.mul_(-1.0)
         xb = torch.randn(1, 1, dims[0], dtype=torch.bfloat16)

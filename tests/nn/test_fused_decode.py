@@ -235,6 +235,7 @@ def test_a_failed_build_falls_back_with_one_warning(monkeypatch, caplog):
     def broken(**kwargs):
         raise RuntimeError("no compiler here\nmore detail")
 
+    monkeypatch.delenv("RETROLM_REQUIRE_KERNELS", raising=False)  # CI sets it
     monkeypatch.setattr(fused_decode._EXT, "_module", None)
     monkeypatch.setattr(fused_decode._EXT, "_failed", False)
     monkeypatch.setattr(cpp, "load", broken)
@@ -245,6 +246,26 @@ def test_a_failed_build_falls_back_with_one_warning(monkeypatch, caplog):
     assert len(warnings) == 1 and "no compiler here" in warnings[0].getMessage()
     with torch.no_grad():
         assert not fused_decode.usable(torch.zeros(2))
+
+
+def test_a_failed_build_is_an_error_when_kernels_are_required(monkeypatch):
+    """RETROLM_REQUIRE_KERNELS=1 (CI): a kernel that should build but does not stops the run
+    with the reason, instead of a silent fallback that would skip its tests."""
+    import torch.utils.cpp_extension as cpp
+
+    from retrolm.nn.extension import KernelBuildError
+
+    def broken(**kwargs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setenv("RETROLM_REQUIRE_KERNELS", "1")
+    monkeypatch.setattr(fused_decode._EXT, "_module", None)
+    monkeypatch.setattr(fused_decode._EXT, "_failed", False)
+    monkeypatch.setattr(cpp, "load", broken)
+    with pytest.raises(KernelBuildError, match="decode_blocks.cpp.*no compiler here"):
+        fused_decode.extension()
+    monkeypatch.setenv("RETROLM_REQUIRE_KERNELS", "0")
+    assert fused_decode.extension() is None  # the same failure, allowed: the ATen path
 
 
 HIER = dict(num_tokens=256, dim=64, depth=2, heads=2, dim_head=16, seq_len=128)

@@ -7,6 +7,7 @@ import logging
 
 import pytest
 import torch
+from tests.tolerance import assert_argmax_within
 
 from retrolm import HierarchicalTransformer
 from retrolm.nn import RMSNorm, RotaryEmbedding, apply_rotary, fused_train, token_shift
@@ -266,6 +267,7 @@ def test_a_failed_build_falls_back_with_one_warning(monkeypatch, caplog):
     def broken(**kwargs):
         raise RuntimeError("no compiler here")
 
+    monkeypatch.delenv("RETROLM_REQUIRE_KERNELS", raising=False)  # CI sets it
     monkeypatch.setattr(fused_train._EXT, "_module", None)
     monkeypatch.setattr(fused_train._EXT, "_failed", False)
     monkeypatch.setattr(cpp, "load", broken)
@@ -480,12 +482,20 @@ def test_kmeans_assign_equals_the_composite_route(aten, dtype, masked):
             ref_sums, ref_counts = km._pending
             km.discard_pending()
     assert len(calls) == 1
-    assert torch.equal(buckets, ref_buckets)
-    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
-    tol = dict(rtol=1e-4, atol=1e-6) if dtype is torch.float32 else dict(rtol=2e-2, atol=1e-3)
-    torch.testing.assert_close(x.grad.float(), x_ref.grad.float(), **tol)
-    torch.testing.assert_close(sums, ref_sums, rtol=1e-5, atol=1e-5)
-    assert torch.equal(counts, ref_counts)
+    # the C++ dot products and ATen's sum in other orders: a near tie may pick either cluster
+    unit = torch.nn.functional.normalize(base.double(), dim=-1)
+    sims = torch.einsum("bhnd,hkd->bhnk", unit, km.means.double())  # (b, h, n, k)
+    assert_argmax_within(buckets, sims, torch.float32, reduction=16)
+    keep = torch.ones_like(buckets, dtype=torch.bool) if mask is None else mask[:, None]
+    keep = keep.expand_as(buckets)
+    own = torch.stack([torch.bincount(buckets[:, i][keep[:, i]], minlength=8) for i in range(2)])
+    assert torch.equal(counts.long(), own)  # the statistics count the kernel's own buckets
+    if torch.equal(buckets, ref_buckets):  # (always so on the CPUs seen so far)
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+        tol = dict(rtol=1e-4, atol=1e-6) if dtype is torch.float32 else dict(rtol=2e-2, atol=1e-3)
+        torch.testing.assert_close(x.grad.float(), x_ref.grad.float(), **tol)
+        torch.testing.assert_close(sums, ref_sums, rtol=1e-5, atol=1e-5)
+        assert torch.equal(counts, ref_counts)
     with torch.no_grad():  # evaluation: no statistics
         km.eval()
         km.route(base)

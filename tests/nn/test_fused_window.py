@@ -21,9 +21,9 @@ from retrolm.nn.sorted_window import (
     sorted_window_attend,
 )
 
-applies = fused_window.applies(torch.zeros(1, 1, 2, 8, dtype=torch.bfloat16))
 needs_kernel = pytest.mark.skipif(
-    not applies, reason="the fused window kernel cannot be built or run on this CPU"
+    fused_window.unavailable_reason() is not None,
+    reason=f"fused window kernel: {fused_window.unavailable_reason()}",
 )
 
 
@@ -118,6 +118,30 @@ def test_sorted_window_equals_the_definition(causal, exclude_self, n, window):
 
     errs = _compare(fused, mask, n=n)
     assert max(errs) < 2e-2, errs
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("n,window", [(300, 128), (129, 33), (70, 4)])
+def test_the_aten_paths_equal_the_definition_in_bf16(aten, causal, n, window):
+    """What runs wherever the kernel does not (an AVX2-only CPU, the kernel off): the bf16
+    ATen paths of local and sorted-window attention against the same float64 definitions
+    and bounds as the kernel. Runs on every machine."""
+    with aten:
+        mask = sliding_window_mask(n, n, window, causal=causal)
+        errs = _compare(lambda q, k, v: local_attend(q, k, v, window, causal=causal), mask, n=n)
+        assert max(errs) < 2e-2, errs
+        torch.manual_seed(1)
+        group = torch.randint(-1, 4, (2, 3, n))  # -1: padding
+        mask = _exclude_self(
+            dense_window_mask(group, group, window, causal=causal),
+            torch.eye(n, dtype=torch.bool), False,
+        )  # fmt: skip
+
+        def aten_sorted(q, k, v):
+            return sorted_window_attend(q, k, v, group, window, causal=causal, exclude_self=True)
+
+        errs = _compare(aten_sorted, mask, n=n)
+        assert max(errs) < 2e-2, errs
 
 
 @needs_kernel

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from tests.tolerance import assert_argmax_within, assert_close_fp
 
 from retrolm.nn import attention_backend
 from retrolm.nn.distributed import all_reduce_sum_, is_distributed
@@ -75,7 +76,7 @@ def test_kmeans_routes_to_nearest_and_ema_renormalises():
     assert bool(km.initted)
     buckets, loss = km.route(x.requires_grad_(True))
     sims = torch.einsum("bhnd,hkd->bhnk", torch.nn.functional.normalize(x, dim=-1), km.means)
-    assert torch.equal(buckets, sims.argmax(-1))
+    assert_argmax_within(buckets, sims, torch.float32, reduction=4)
     loss.backward()
     assert x.grad.abs().sum() > 0  # commitment pulls queries to centroids
     old = km.means.clone()
@@ -218,9 +219,10 @@ def test_kmeans_routes_a_batch_of_one_like_any_batch(b):
     x = torch.randn(b, 3, 7, 8)
     buckets, loss = km.route(x)
     xn = torch.nn.functional.normalize(x, dim=-1)
-    best, ref = torch.matmul(xn, km.means.transpose(-1, -2)).max(dim=-1)
-    assert torch.equal(buckets, ref)
-    assert torch.equal(loss, ((2.0 - 2.0 * best) / 8).mean())
+    sims = torch.matmul(xn, km.means.transpose(-1, -2))  # (b, h, n, k)
+    # another kernel's fp32 dot products over 8 channels: picks within rounding of the best
+    assert_argmax_within(buckets, sims, torch.float32, reduction=8)
+    assert_close_fp(loss, ((2.0 - 2.0 * sims.max(dim=-1).values) / 8).mean(), reduction=8)
     for i in range(b):  # each row of a batch alone: the same
         bi, _ = km.route(x[i : i + 1])
-        assert torch.equal(bi, buckets[i : i + 1])
+        assert_argmax_within(bi, sims[i : i + 1], torch.float32, reduction=8)

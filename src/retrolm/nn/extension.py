@@ -23,14 +23,30 @@ import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LazyExtension", "STALE_LOCK_S", "clear_stale_lock", "cpu_tag"]
+__all__ = [
+    "KernelBuildError",
+    "LazyExtension",
+    "STALE_LOCK_S",
+    "clear_stale_lock",
+    "cpu_tag",
+    "kernels_required",
+]
 
 CSRC = Path(__file__).with_name("csrc")
 STALE_LOCK_S = 600  # a build takes ~30 s: a lock this old was left by a killed build
 # -fopenmp is needed although the sources hold only simd pragmas: at::parallel_for is inline
 # OpenMP in ATen's headers and runs serially without it (-fopenmp-simd made cross_entropy
 # 2.7 -> 4.8 ms); the extension then shares torch's libgomp.so.1, not a second runtime
-FLAGS = ["-O3", "-march=native", "-fopenmp"]
+FLAGS = ["-O3", f"-march={os.environ.get('RETROLM_KERNEL_MARCH', 'native')}", "-fopenmp"]
+
+
+class KernelBuildError(RuntimeError):
+    """A C++ extension could not be built while ``RETROLM_REQUIRE_KERNELS=1``."""
+
+
+def kernels_required() -> bool:
+    """Whether a failed build is an error (``RETROLM_REQUIRE_KERNELS=1``) or a fallback."""
+    return os.environ.get("RETROLM_REQUIRE_KERNELS", "0") not in ("", "0")
 
 
 class LazyExtension:
@@ -43,6 +59,7 @@ class LazyExtension:
         self.enabled = os.environ.get(env, "1") != "0"  # whether its users may call it
         self._module: ModuleType | None = None
         self._failed = False
+        self.error: str | None = None  # why the build failed, once it did
         self._lock = threading.Lock()
 
     def set_enabled(self, on: bool) -> bool:
@@ -71,13 +88,20 @@ class LazyExtension:
                         verbose=False,
                     )
                 except Exception as exc:  # no compiler, no ninja, a build error: ATen path
+                    if kernels_required():
+                        raise KernelBuildError(
+                            f"the {self.what} ({self.source.name}) could not be built: "
+                            f"{type(exc).__name__}: {exc}; RETROLM_REQUIRE_KERNELS=1 makes "
+                            "this an error (unset it to take the ATen path)"
+                        ) from exc
                     self._failed = True
+                    first = str(exc).splitlines()[0] if str(exc) else ""
+                    self.error = f"{type(exc).__name__}: {first}"
                     log.warning(
-                        "%s unavailable (%s: %s); the ATen path runs instead. Install a C++ "
+                        "%s unavailable (%s); the ATen path runs instead. Install a C++ "
                         "compiler and ninja to build them, or set %s=0 to silence this.",
                         self.what,
-                        type(exc).__name__,
-                        str(exc).splitlines()[0] if str(exc) else "",
+                        self.error,
                         self.env,
                     )
         return self._module

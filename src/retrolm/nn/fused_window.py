@@ -33,7 +33,7 @@ from torch import Tensor
 from retrolm.nn.decode_linear import compute_dtype
 from retrolm.nn.extension import LazyExtension
 
-__all__ = ["applies", "enabled", "set_enabled", "window_attend"]
+__all__ = ["applies", "enabled", "set_enabled", "unavailable_reason", "window_attend"]
 
 BLOCK = 32  # queries per block (and keys per key block)
 
@@ -63,6 +63,16 @@ def _ext():
     if _AVAILABLE is None:
         _AVAILABLE = bool(mod.available())
     return mod if _AVAILABLE else None
+
+
+def unavailable_reason() -> str | None:
+    """None when the kernel runs here; else why not: the build failed (the error), or this
+    CPU lacks the instructions of oneDNN's bf16 micro-kernels (AVX-512 BF16 or AMX)."""
+    if _EXT.get() is None:
+        return f"the extension could not be built ({_EXT.error})"
+    if _ext() is None:
+        return "this CPU lacks AVX-512 BF16 / AMX (oneDNN's bf16 micro-kernels)"
+    return None
 
 
 def applies(q: Tensor, dropout_p: float = 0.0) -> bool:
