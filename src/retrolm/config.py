@@ -126,7 +126,10 @@ def _describe(hint: Any) -> str:
     if origin in (tuple, list):
         if origin is tuple and args and args[-1] is not Ellipsis:
             return f"a list of {len(args)} values ({', '.join(_describe(a) for a in args)})"
-        return f"a list of {_describe(args[0])}s" if args else "a list"
+        plural = {bool: "true/false values", int: "integers", float: "numbers", str: "strings"}
+        if not args:
+            return "a list"
+        return f"a list of {plural.get(args[0], f'values ({_describe(args[0])})')}"
     if origin is dict:
         return "a JSON object"
     if origin is typing.Literal:
