@@ -7,6 +7,11 @@ atomically once built. A rerun after a kill (even SIGKILL) skips what is finishe
 redoes the unfinished block, and ends with files byte-identical to an uninterrupted
 build. ``manifest.json`` is rewritten atomically after every stage and says
 ``"complete": true`` only after the last one, so an unfinished database never opens.
+
+A rerun resumes only the same build: the same settings, the same encoder weights and the
+same input files (``inputs.jsonl``: path, size, mtime); ``restart=True`` (``--restart``)
+discards an earlier build instead. A build refuses a folder without text before it writes
+anything, and a build that finished no stage is started afresh on the rerun.
 """
 
 from __future__ import annotations
@@ -384,7 +389,8 @@ def _check_resumable(
         state = "was built" if manifest.get("complete") else "was started"
         raise IncompatibleError(
             f"TEXT_DIR {str(text_dir)!r} changed since DB_DIR {str(db_dir)!r} {state} "
-            f"({changes}): rerun with --restart to rebuild from scratch, or restore the files"
+            f"({changes}): rerun with --restart (restart=True) to rebuild from scratch, or "
+            "restore the files"
         )
 
 

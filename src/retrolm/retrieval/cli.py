@@ -83,6 +83,11 @@ def run_info(args: argparse.Namespace) -> int:
     status = "complete" if m.get("complete") else f"INCOMPLETE ({', '.join(m['stages_done'])})"
     print(f"database   {root} ({status}, format v{m['format_version']})")
     print(f"text       {m['text_dir']} (glob {m['config']['glob']!r})")
+    if "inputs" in m:
+        i = m["inputs"]
+        print(
+            f"inputs     {i['files']} files, {i['bytes'] / 2**20:.1f} MiB (listed in {i['file']})"
+        )
     if "num_chunks" in m:
         print(
             f"chunks     {m['num_chunks']} x {m['chunk_size']} tokens from "
