@@ -1,5 +1,11 @@
 """What every model family's config shares: presets by name and a JSON-safe round trip.
 
+``check_fields`` is the one place a dict from a user (a JSON config file, a checkpoint's
+``config.json``) is checked against a config dataclass: unknown names and values of the
+wrong type are refused as one ``ValueError`` naming the field, the type it needs and the
+value given (a JSON ``"3e-4"`` would otherwise reach ``__post_init__`` as a string and fail
+there as a ``TypeError`` traceback).
+
 A family config is a ``@dataclass`` that inherits ``ConfigBase`` and sets ``presets`` (a
 name -> keyword dict mapping) and ``family`` (used in messages). Lists read back from JSON
 become tuples again, since configs hold per-layer/per-hierarchy values as tuples.
@@ -8,6 +14,9 @@ become tuples again, since configs hold per-layer/per-hierarchy values as tuples
 from __future__ import annotations
 
 import dataclasses
+import numbers
+import types
+import typing
 from typing import Any, ClassVar, TypeVar
 
 C = TypeVar("C", bound="ConfigBase")
@@ -27,12 +36,7 @@ class ConfigBase:
 
     @classmethod
     def from_dict(cls: type[C], d: dict[str, Any]) -> C:
-        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(
-                f"unknown {cls.__name__} fields {unknown}; valid fields: {sorted(names)}"
-            )
+        check_fields(cls, d, cls.__name__, unknown=f"unknown {cls.__name__} fields")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
     @classmethod
@@ -42,3 +46,102 @@ class ConfigBase:
                 f"unknown {cls.family} preset {name!r}; choose one of {sorted(cls.presets)}"
             )
         return cls.from_dict({**cls.presets[name], **overrides})
+
+
+def check_fields(cls: type, values: Any, where: str, unknown: str | None = None) -> None:
+    """Refuse ``values`` (a dict meant for the dataclass ``cls``) with a one-line
+    ``ValueError`` when it is no dict, names a field ``cls`` lacks, or holds a value whose
+    type does not fit the field's annotation. ``where`` prefixes field names in messages
+    (``"TrainConfig"`` gives ``TrainConfig.lr``); ``unknown`` words the unknown-field error
+    (default ``"{where}: unknown fields"``).
+
+    JSON types map as follows: an int is a valid float, a list a valid tuple; a bool is
+    neither an int nor a float. Annotations this check cannot judge (``Any``, classes of
+    other kinds) accept everything: ``__post_init__`` still validates ranges.
+    """
+    if not isinstance(values, dict):
+        raise ValueError(
+            f"{where} must be a JSON object of field: value, got {type(values).__name__}"
+        )
+    names = [f.name for f in dataclasses.fields(cls)]
+    bad = sorted(set(values) - set(names))
+    if bad:
+        raise ValueError(
+            f"{unknown or where + ': unknown fields'} {bad}; valid fields: {sorted(names)}"
+        )
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # an annotation that cannot be evaluated here: leave types unchecked
+        return
+    for name, value in values.items():
+        hint = hints.get(name, Any)
+        if not _fits(value, hint):
+            fix = " (write the number without quotes)" if _numeric_text(value) else ""
+            raise ValueError(
+                f"{where}.{name} must be {_describe(hint)}, got {value!r} "
+                f"({type(value).__name__}){fix}"
+            )
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a JSON-like ``value`` fits the type annotation ``hint``."""
+    if hint is Any or isinstance(hint, TypeVar):
+        return True
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if origin is typing.Literal:
+        return value in args
+    if origin in (tuple, list):
+        if not isinstance(value, (tuple, list)):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(map(_fits, value, args))
+        return not args or all(_fits(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True
+
+
+def _describe(hint: Any) -> str:
+    """An annotation in words: ``int | None`` -> "an integer or null"."""
+    words = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    if hint in words:
+        return words[hint]
+    if hint is type(None):
+        return "null"
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin in (tuple, list):
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return f"a list of {len(args)} values ({', '.join(_describe(a) for a in args)})"
+        plural = {bool: "true/false values", int: "integers", float: "numbers", str: "strings"}
+        if not args:
+            return "a list"
+        return f"a list of {plural.get(args[0], f'values ({_describe(args[0])})')}"
+    if origin is dict:
+        return "a JSON object"
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    return getattr(hint, "__name__", str(hint))
+
+
+def _numeric_text(value: Any) -> bool:
+    if not isinstance(value, str):
+        return False
+    try:
+        float(value)
+    except ValueError:
+        return False
+    return True

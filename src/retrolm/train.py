@@ -40,6 +40,7 @@ from retrolm.checkpoint import (
     read_config,
     save_checkpoint,
 )
+from retrolm.config import check_fields
 from retrolm.data import RETRODataset
 from retrolm.errors import IncompatibleError
 from retrolm.models.registry import Batch, config_to_dict, get_family
@@ -135,11 +136,9 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown train settings {unknown}; valid: {sorted(names)}")
+    def from_dict(cls, d: dict[str, Any], where: str = "TrainConfig") -> TrainConfig:
+        """``where``: how messages name the source (e.g. ``config file F: train``)."""
+        check_fields(cls, d, where, unknown=f"{where}: unknown train settings")
         return cls(**d)
 
 

@@ -87,10 +87,20 @@ def read_config_file(path: str | None) -> dict[str, Any]:
     allowed = {"model", "preset", "model_config", "train"}
     if not isinstance(cfg, dict) or set(cfg) - allowed:
         raise ValueError(f"config file {p}: top-level keys must be among {sorted(allowed)}")
+    for key, typ, words in (
+        ("model", str, "a family name (string)"),
+        ("preset", str, "a preset name (string)"),
+        ("model_config", dict, "a JSON object of field: value"),
+        ("train", dict, "a JSON object of field: value"),
+    ):
+        if key in cfg and not isinstance(cfg[key], typ):
+            raise ValueError(f"config file {p}: {key} must be {words}, got {cfg[key]!r}")
     return cfg
 
 
 def run(args: argparse.Namespace) -> int:
+    from retrolm.config import check_fields
+    from retrolm.models.registry import get_family
     from retrolm.train import TrainConfig, train
 
     file_cfg = read_config_file(args.config)
@@ -100,12 +110,18 @@ def run(args: argparse.Namespace) -> int:
             values[name] = getattr(args, name)
     if args.no_retrieval:
         values["retrieval"] = False
-    cfg = TrainConfig.from_dict(values)
+    # flags are typed by argparse: a wrong type can only come from the file, so name it
+    source = f"config file {args.config}: train" if args.config else "TrainConfig"
+    cfg = TrainConfig.from_dict(values, where=source)
+    family = args.model or file_cfg.get("model", "retro")
+    if "model_config" in file_cfg:  # checked before the database opens and a model is built
+        where = f"config file {args.config}: model_config"
+        check_fields(get_family(family).config_class(), file_cfg["model_config"], where)
     res = train(
         args.db,
         args.out,
         cfg,
-        family=args.model or file_cfg.get("model", "retro"),
+        family=family,
         model_config=file_cfg.get("model_config"),
         preset=args.preset or file_cfg.get("preset"),
     )

@@ -202,10 +202,9 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 def config_from_dict(cls: type, d: dict[str, Any]) -> Any:
     if hasattr(cls, "from_dict"):
         return cls.from_dict(d)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} fields {unknown}; valid: {sorted(names)}")
+    from retrolm.config import check_fields
+
+    check_fields(cls, d, cls.__name__, unknown=f"unknown {cls.__name__} fields")
     return cls(**d)
 
 

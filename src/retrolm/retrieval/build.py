@@ -7,6 +7,11 @@ atomically once built. A rerun after a kill (even SIGKILL) skips what is finishe
 redoes the unfinished block, and ends with files byte-identical to an uninterrupted
 build. ``manifest.json`` is rewritten atomically after every stage and says
 ``"complete": true`` only after the last one, so an unfinished database never opens.
+
+A rerun resumes only the same build: the same settings, the same encoder weights and the
+same input files (``inputs.jsonl``: path, size, mtime); ``restart=True`` (``--restart``)
+discards an earlier build instead. A build refuses a folder without text before it writes
+anything, and a build that finished no stage is started afresh on the rerun.
 """
 
 from __future__ import annotations
@@ -23,9 +28,9 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from retrolm.errors import IncompatibleError
-from retrolm.retrieval import chunking
-from retrolm.retrieval.encoder import DTYPES, POOLINGS, FrozenEncoder
+from retrolm.errors import DatabaseError, IncompatibleError
+from retrolm.retrieval import chunking, inputs
+from retrolm.retrieval.encoder import DTYPES, POOLINGS, FrozenEncoder, check_encoder_identity
 from retrolm.retrieval.index import INDEX_KINDS, IndexSpec, Searcher, choose_index, parse_size
 from retrolm.retrieval.neighbours import neighbours_block
 from retrolm.retrieval.tokenizer import MIN_VOCAB, LMTokenizer
@@ -215,37 +220,50 @@ def _preallocate(path: Path, nbytes: int) -> None:
 
 # ---- the build ----------------------------------------------------------------------------
 def build_database(
-    text_dir: str | os.PathLike, db_dir: str | os.PathLike, config: BuildConfig | None = None
+    text_dir: str | os.PathLike,
+    db_dir: str | os.PathLike,
+    config: BuildConfig | None = None,
+    *,
+    restart: bool = False,
 ) -> dict:
-    """Build (or resume) the database of ``text_dir`` in ``db_dir``; returns the manifest."""
+    """Build (or resume) the database of ``text_dir`` in ``db_dir``; returns the manifest.
+
+    A rerun resumes only the same build: same settings and the same input files (path,
+    size, mtime), else ``IncompatibleError``. ``restart``: discard what ``db_dir`` holds of
+    an earlier build (a database's files only) and build from scratch.
+    """
     config = config or BuildConfig()
     text_dir, db_dir = Path(text_dir).resolve(), Path(db_dir)
     paths = chunking.list_documents(text_dir, config.glob)  # fails early on a bad folder/glob
     if config.tokenizer and not Path(config.tokenizer).is_file():
         raise FileNotFoundError(f"tokenizer file {config.tokenizer!r} does not exist")
+    listing = inputs.list_inputs(paths, text_dir)
     manifest = read_manifest(db_dir)
-    if manifest is not None:
-        _check_resumable(db_dir, manifest, config, text_dir)
+    if manifest is not None and (restart or not manifest.get("stages_done")):
+        if manifest.get("format") != FORMAT:
+            raise ValueError(
+                f"DB_DIR {str(db_dir)!r} holds a manifest.json that is not a retrolm "
+                "database's: pick a new or empty folder"
+            )
+        # nothing of a build that finished no stage is reusable, whatever its settings
+        why = "restart requested" if restart else "the build there finished no stage"
+        log.info("%s: discarding the build in %s", why, db_dir)
+        inputs.require_text(paths, text_dir)
+        manifest = _start_build(db_dir, config, text_dir, listing, discard=True)
+    elif manifest is not None:
+        _check_resumable(db_dir, manifest, config, text_dir, listing)
         if manifest["complete"]:
             log.info("database %s is already complete", db_dir)
             return manifest
+        log.info("resuming the build in %s after stages %s", db_dir, manifest["stages_done"])
     else:
         if db_dir.exists() and any(db_dir.iterdir()):
             raise ValueError(
                 f"DB_DIR {str(db_dir)!r} is not empty and holds no retrieval database: "
                 "pick a new or empty folder"
             )
-        db_dir.mkdir(parents=True, exist_ok=True)
-        manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "complete": False,
-            "stages_done": [],
-            "config": config.output_settings(),
-            "text_dir": str(text_dir),
-            "report": {},
-        }
-        write_manifest(db_dir, manifest)
+        inputs.require_text(paths, text_dir)  # before anything is written
+        manifest = _start_build(db_dir, config, text_dir, listing, discard=False)
 
     if "embed" not in manifest["stages_done"]:  # fail before the long stages on a bad encoder
         encoder = FrozenEncoder(
@@ -284,6 +302,55 @@ def build_database(
     return manifest
 
 
+# every file a build writes besides the manifest and the input list (``--restart`` removes
+# only these, so a user's own files in DB_DIR are never touched)
+BUILD_FILES = (
+    TOKENIZER_FILE,
+    chunking.CHUNKS_FILE,
+    chunking.DOC_IDS_FILE,
+    chunking.DOCS_FILE,
+    chunking.SEQ_STARTS_FILE,
+    EMBEDDINGS_FILE,
+    INDEX_FILE,
+    NEIGHBOURS_FILE,
+    NEIGHBOUR_DISTS_FILE,
+)
+
+
+def _start_build(
+    db_dir: Path, config: BuildConfig, text_dir: Path, listing: list[dict], discard: bool
+) -> dict:
+    """Write the manifest of a build that has done nothing yet.
+
+    ``discard``: an earlier build's files are there. Its progress markers go first, then
+    the fresh manifest replaces the old one, then its data files go. A kill at any point
+    leaves a state a rerun handles: the old manifest without markers (its unfinished stage
+    restarts from scratch), or the fresh manifest beside stale files, which every stage
+    truncates or overwrites before use.
+    """
+    if discard:
+        shutil.rmtree(db_dir / PROGRESS_DIR, ignore_errors=True)
+    db_dir.mkdir(parents=True, exist_ok=True)
+    inputs.write_inputs(db_dir, listing)
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "complete": False,
+        "stages_done": [],
+        "config": config.output_settings(),
+        "text_dir": str(text_dir),
+        "inputs": inputs.summary(listing),
+        "report": {},
+    }
+    write_manifest(db_dir, manifest)
+    if discard:
+        for name in BUILD_FILES:
+            (db_dir / name).unlink(missing_ok=True)
+            for tmp in db_dir.glob(f".{name}.*.tmp"):  # left by a kill inside atomic_path
+                shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+    return manifest
+
+
 def _peak_rss_mb() -> float:
     try:
         import resource
@@ -292,7 +359,9 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _check_resumable(db_dir: Path, manifest: dict, config: BuildConfig, text_dir: Path) -> None:
+def _check_resumable(
+    db_dir: Path, manifest: dict, config: BuildConfig, text_dir: Path, listing: list[dict]
+) -> None:
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
         raise IncompatibleError(
             f"{str(db_dir)!r} holds format {manifest.get('format')} "
@@ -311,6 +380,17 @@ def _check_resumable(db_dir: Path, manifest: dict, config: BuildConfig, text_dir
         raise IncompatibleError(
             f"DB_DIR {str(db_dir)!r} holds a build with other settings ({'; '.join(diff)}): "
             "rerun with the same settings to resume, or use a new DB_DIR"
+        )
+    recorded = manifest.get("inputs")
+    if recorded is None:  # built before input files were recorded: nothing to compare
+        log.warning("%s records no input files; cannot tell whether TEXT_DIR changed", db_dir)
+    elif inputs.summary(listing)["sha256"] != recorded["sha256"]:
+        changes = inputs.describe_changes(inputs.read_inputs(db_dir, recorded), listing)
+        state = "was built" if manifest.get("complete") else "was started"
+        raise IncompatibleError(
+            f"TEXT_DIR {str(text_dir)!r} changed since DB_DIR {str(db_dir)!r} {state} "
+            f"({changes}): rerun with --restart (restart=True) to rebuild from scratch, or "
+            "restore the files"
         )
 
 
@@ -385,6 +465,14 @@ def _stage_embed(db_dir, manifest, config, *, encoder: FrozenEncoder, **_):
         )
         manifest["arrays"]["embeddings"] = array_info(EMBEDDINGS_FILE, np.float32, (n, d))
         write_manifest(db_dir, manifest)
+    else:  # resuming: the blocks embedded so far came from the recorded weights
+        check_encoder_identity(
+            encoder,
+            state,
+            db_dir,
+            "restore the encoder the build started with, or rerun with --restart to rebuild "
+            "with this one",
+        )
     _preallocate(db_dir / EMBEDDINGS_FILE, n * d * 4)
     blocks = _Blocks(db_dir, "embed", n, config.block_size)
     jobs = [
@@ -420,9 +508,15 @@ def _stage_embed(db_dir, manifest, config, *, encoder: FrozenEncoder, **_):
             p.join()
         bad = [p.exitcode for p in procs if p.exitcode != 0]
         if bad:
-            raise RuntimeError(f"embed workers failed (exit codes {bad}); rerun to resume")
+            raise DatabaseError(
+                f"embed workers failed in {str(db_dir)!r} (exit codes {bad}; their log is "
+                "above): rerun the same command to resume"
+            )
     if blocks.todo():
-        raise RuntimeError(f"embed blocks {blocks.todo()[:5]} unfinished; rerun to resume")
+        raise DatabaseError(
+            f"embed blocks {blocks.todo()[:5]} of {str(db_dir)!r} unfinished: rerun the same "
+            "command to resume"
+        )
     dt = time.perf_counter() - t0
     if todo:
         log.info(

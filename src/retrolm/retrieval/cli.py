@@ -33,6 +33,12 @@ def register(subparsers) -> None:
             default=default,
             help=f"{docs.get(f.name, '')} (default: {default})",
         )
+    b.add_argument(
+        "--restart",
+        action="store_true",
+        help="discard the build already in DB_DIR (its files only) and build from scratch; "
+        "needed after TEXT_DIR changed",
+    )
     b.set_defaults(func=run_build)
 
     i = sub.add_parser("info", help="print a database's manifest and file sizes")
@@ -44,6 +50,11 @@ def register(subparsers) -> None:
     q.add_argument("db_dir", metavar="DB")
     q.add_argument("text")
     q.add_argument("-k", type=int, default=5, help="results (default: 5)")
+    q.add_argument(
+        "--encoder",
+        help="encoder folder to embed the query with (default: the one the database records); "
+        "its weights must be the build's",
+    )
     q.set_defaults(func=run_query)
 
 
@@ -51,7 +62,7 @@ def run_build(args: argparse.Namespace) -> int:
     from retrolm.retrieval.build import build_database
 
     config = BuildConfig(**{f.name: getattr(args, f.name) for f in fields(BuildConfig)})
-    m = build_database(args.text_dir, args.db_dir, config)
+    m = build_database(args.text_dir, args.db_dir, config, restart=args.restart)
     print(
         f"database {args.db_dir}: {m['num_chunks']} chunks from {m['num_documents']} documents, "
         f"index {m['index']['kind']}, K={m['num_neighbour_columns']}"
@@ -72,6 +83,11 @@ def run_info(args: argparse.Namespace) -> int:
     status = "complete" if m.get("complete") else f"INCOMPLETE ({', '.join(m['stages_done'])})"
     print(f"database   {root} ({status}, format v{m['format_version']})")
     print(f"text       {m['text_dir']} (glob {m['config']['glob']!r})")
+    if "inputs" in m:
+        i = m["inputs"]
+        print(
+            f"inputs     {i['files']} files, {i['bytes'] / 2**20:.1f} MiB (listed in {i['file']})"
+        )
     if "num_chunks" in m:
         print(
             f"chunks     {m['num_chunks']} x {m['chunk_size']} tokens from "
@@ -115,7 +131,7 @@ def run_query(args: argparse.Namespace) -> int:
 
     if args.k < 1:
         raise ValueError(f"-k {args.k} must be at least 1")
-    db = RetrievalDatabase.open(args.db_dir)
+    db = RetrievalDatabase.open(args.db_dir, encoder=args.encoder)
     ids, dists = db.search([args.text], args.k)
     for rank, (i, d) in enumerate(zip(ids[0], dists[0]), 1):
         if i < 0:

@@ -29,6 +29,7 @@ from retrolm.retrieval.build import (
 )
 from retrolm.retrieval.encoder import (
     FrozenEncoder,
+    check_encoder_identity,
     default_encoder_path,
     encoder_name,
     sha256_file,
@@ -48,7 +49,7 @@ class RetrievalDatabase:
         self,
         path: Path,
         manifest: dict,
-        encoder: FrozenEncoder | None = None,
+        encoder: FrozenEncoder | Path | None = None,
         tokenizer: LMTokenizer | None = None,
     ):
         self.path, self.manifest = path, manifest
@@ -59,7 +60,10 @@ class RetrievalDatabase:
         self.neighbours = open_array(path, arrays["neighbours"])  # (N, K) int32, -1 = none
         self.neighbour_dists = open_array(path, arrays["neighbour_dists"])  # (N, K) float32
         self.embeddings = open_array(path, arrays["embeddings"])  # (N, d) float32
-        self._encoder = encoder
+        # a FrozenEncoder given by the caller, else loaded on first use from the folder the
+        # caller named (Path) or, by default, the one the manifest records
+        self._encoder = encoder if isinstance(encoder, FrozenEncoder) else None
+        self._encoder_path = Path(encoder) if isinstance(encoder, Path) else None
         self.tokenizer = tokenizer or LMTokenizer.from_file(path / manifest["tokenizer"]["file"])
 
     # ---- opening ------------------------------------------------------------------------
@@ -138,12 +142,28 @@ class RetrievalDatabase:
     # ---- search -------------------------------------------------------------------------
     @property
     def encoder(self) -> FrozenEncoder:
-        """The build's encoder with the build's recipe (loaded on first use)."""
+        """The build's encoder with the build's recipe (loaded on first use).
+
+        Whoever queries the database (``db query``, eval, generate) comes through here: the
+        weights found at the recorded path must hash to the manifest's sha256, else another
+        model there would give other neighbours silently (``IncompatibleError``).
+        """
         st = self.manifest["encoder"]
         if self._encoder is None:
-            self._encoder = FrozenEncoder(
-                st["path"], pooling=st["pooling"], dtype=st["dtype"], max_length=st["max_length"]
+            folder = self._encoder_path or Path(st["path"])
+            enc = FrozenEncoder(
+                folder, pooling=st["pooling"], dtype=st["dtype"], max_length=st["max_length"]
             )
+            check_encoder_identity(
+                enc,
+                st,
+                self.path,
+                "put the database's encoder back at that path (`retrolm db query --encoder "
+                "PATH` or RetrievalDatabase.open(encoder=PATH) use a copy elsewhere), or "
+                "rebuild the database with this encoder (`retrolm db build TEXT_DIR DB_DIR "
+                "--encoder PATH --restart`)",
+            )
+            self._encoder = enc
         elif self._encoder.dtype != st["dtype"]:
             self._encoder.set_dtype(st["dtype"])
         return self._encoder
@@ -257,7 +277,7 @@ def _check_tokenizer(path: Path, manifest: dict, tokenizer) -> LMTokenizer | Non
     return tok
 
 
-def _check_encoder(path: Path, manifest: dict, encoder) -> FrozenEncoder | None:
+def _check_encoder(path: Path, manifest: dict, encoder) -> FrozenEncoder | Path | None:
     if encoder is None:
         return None
     built = manifest["encoder"]
@@ -279,4 +299,4 @@ def _check_encoder(path: Path, manifest: dict, encoder) -> FrozenEncoder | None:
             f"(sha256 {built['sha256'][:12]}), but encoder {name} (sha256 {sha[:12]}) "
             "was requested: query with the build's encoder or rebuild with --encoder"
         )
-    return encoder if isinstance(encoder, FrozenEncoder) else None
+    return encoder if isinstance(encoder, FrozenEncoder) else folder

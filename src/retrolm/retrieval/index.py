@@ -23,12 +23,16 @@ from __future__ import annotations
 import logging
 import math
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import faiss
 import numpy as np
 from tqdm.auto import tqdm
+
+from retrolm.errors import DatabaseError
 
 log = logging.getLogger(__name__)
 
@@ -120,15 +124,32 @@ def build_index(
     n, d = embeddings.shape
     if spec.kind == "autofaiss":
         return _build_autofaiss(embeddings[0:n], memory_budget)
-    index = faiss.index_factory(d, spec.factory, faiss.METRIC_L2)
-    if spec.train_size:
-        rows = np.linspace(0, n - 1, spec.train_size).astype(np.int64)
-        sample = np.ascontiguousarray(embeddings[np.unique(rows)], dtype=np.float32)
-        log.info("training %s on %d of %d vectors", spec.factory, len(sample), n)
-        index.train(sample)
-    for s in tqdm(range(0, n, block_size), desc="index add", unit="block"):
-        index.add(np.ascontiguousarray(embeddings[s : s + block_size], dtype=np.float32))
+    with faiss_errors(
+        f"build index {spec.factory} over {n} vectors of dimension {d}",
+        "choose another --index (flat always works) or a larger --memory-budget",
+    ):
+        index = faiss.index_factory(d, spec.factory, faiss.METRIC_L2)
+        if spec.train_size:
+            rows = np.linspace(0, n - 1, spec.train_size).astype(np.int64)
+            sample = np.ascontiguousarray(embeddings[np.unique(rows)], dtype=np.float32)
+            log.info("training %s on %d of %d vectors", spec.factory, len(sample), n)
+            index.train(sample)
+        for s in tqdm(range(0, n, block_size), desc="index add", unit="block"):
+            index.add(np.ascontiguousarray(embeddings[s : s + block_size], dtype=np.float32))
     return index
+
+
+@contextmanager
+def faiss_errors(doing: str, fix: str) -> Iterator[None]:
+    """faiss reports every failure (a full disk, a corrupt file, an index it cannot train)
+    as a ``RuntimeError`` with its C++ location; turn it into one line for the user:
+    ``DatabaseError("faiss could not <doing> (<faiss's reason>): <fix>")``."""
+    try:
+        yield
+    except RuntimeError as e:
+        reason = re.sub(r"^Error in .*? at \S+:\d+: (Error: )?", "", str(e).strip())
+        reason = " ".join(reason.split())
+        raise DatabaseError(f"faiss could not {doing} ({reason}): {fix}") from e
 
 
 def _build_autofaiss(embeddings: np.ndarray, memory_budget: int):
@@ -158,12 +179,21 @@ def configure(index, spec: IndexSpec) -> None:
 
 
 def save_index(index, path: Path) -> None:
-    faiss.write_index(index, str(path))
+    with faiss_errors(
+        f"write the index file {path}",
+        "free disk space and rerun `retrolm db build` with the same arguments to resume",
+    ):
+        faiss.write_index(index, str(path))
 
 
 def load_index(path: Path, spec: IndexSpec):
-    index = faiss.read_index(str(path))
-    configure(index, spec)
+    with faiss_errors(
+        f"read the index file {path}",
+        "the file is damaged or was written by another faiss; rebuild the database with "
+        "`retrolm db build TEXT_DIR DB_DIR --restart`",
+    ):
+        index = faiss.read_index(str(path))
+        configure(index, spec)
     return index
 
 
@@ -190,12 +220,21 @@ class Searcher:
         squared L2 distances float32 ``(Q, k)`` (inf where −1), sorted by (distance, id)."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         k_eff = min(k, self.ntotal)
-        if self.exact:
-            dists, ids = self.index.search(x, k_eff) if k_eff else _empty(len(x), 0)
-        else:
-            fetch = min(self.ntotal, max(4 * k_eff, k_eff + 16))
-            _, ids = self.index.search(x, fetch)  # faiss returns (distances, ids)
-            dists = self._exact_dists(x, ids)
+        if x.ndim != 2 or x.shape[1] != self.index.d:
+            raise ValueError(
+                f"queries must be (Q, {self.index.d}) to search this index, got {x.shape}: "
+                "embed them with the database's encoder"
+            )
+        with faiss_errors(
+            f"search index {self.spec.factory}",
+            "its file may be damaged; rebuild the database with `retrolm db build --restart`",
+        ):
+            if self.exact:
+                dists, ids = self.index.search(x, k_eff) if k_eff else _empty(len(x), 0)
+            else:
+                fetch = min(self.ntotal, max(4 * k_eff, k_eff + 16))
+                _, ids = self.index.search(x, fetch)  # faiss returns (distances, ids)
+                dists = self._exact_dists(x, ids)
         dists = np.where(ids < 0, np.inf, dists).astype(np.float32)
         order = np.lexsort((ids, dists), axis=-1)[:, :k_eff]  # by distance, then id
         ids = np.take_along_axis(ids, order, -1)
