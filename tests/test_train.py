@@ -124,7 +124,8 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path):
         timeout=120,
     )
     assert killed.returncode == -9
-    assert torch.load(tmp_path / "cut/checkpoint/train_state.pt", weights_only=True)["step"] == 6
+    state = torch.load(resolve_checkpoint(tmp_path / "cut") / "train_state.pt", weights_only=True)
+    assert state["step"] == 6
     again = subprocess.run(
         [sys.executable, script, str(tmp_path / "cut"), "8"],
         env=ENV,
@@ -176,11 +177,11 @@ def test_corrupt_and_missing_checkpoints(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint in"):
         load_model(tmp_path)
     train(db(), tmp_path, small_cfg(steps=1, eval_every=0), family="tiny")
-    w = tmp_path / "checkpoint/model.safetensors"
+    w = resolve_checkpoint(tmp_path) / "model.safetensors"
     w.write_bytes(w.read_bytes()[:100])
     with pytest.raises(IncompatibleError, match="model.safetensors cannot be loaded"):
         load_model(tmp_path)
-    (tmp_path / "checkpoint/config.json").write_text("{not json")
+    (resolve_checkpoint(tmp_path) / "config.json").write_text("{not json")
     with pytest.raises(IncompatibleError, match="config.json is corrupt"):
         load_model(tmp_path)
 
@@ -250,7 +251,8 @@ def test_stop_after_then_continue_equals_one_run(tmp_path):
 def test_time_limit_stops_with_a_checkpoint(tmp_path):
     res = train(db(), tmp_path, small_cfg(steps=50, eval_every=0, max_minutes=1e-6), family="tiny")
     assert res.step == 1
-    assert torch.load(tmp_path / "checkpoint/train_state.pt", weights_only=True)["step"] == 1
+    state = torch.load(resolve_checkpoint(tmp_path) / "train_state.pt", weights_only=True)
+    assert state["step"] == 1
 
 
 def test_copy_head_run_resumes_exactly_and_scales_its_learning_rate(tmp_path):
