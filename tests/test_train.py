@@ -2,6 +2,7 @@ import csv
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -105,42 +106,96 @@ def test_weight_decay_groups_and_schedule():
     assert lr_at(100, cfg) == pytest.approx(0.1) and lr_at(55, cfg) == pytest.approx(0.55)
 
 
-def test_resume_after_sigkill_equals_uninterrupted(tmp_path):
-    script = str(HERE / "train_script.py")
-    full = subprocess.run(
-        [sys.executable, script, str(tmp_path / "full"), "8"],
-        env=ENV,
+def run_script(run: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(HERE / "train_script.py"), str(run), *args],
+        env={**ENV, **(env or {})},
         capture_output=True,
         text=True,
         timeout=120,
     )
-    assert full.returncode == 0, full.stderr
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory) -> Path:
+    """train_script.py's 8 steps, never interrupted (checkpoints at steps 3, 6 and 8)."""
+    run = tmp_path_factory.mktemp("full") / "run"
+    done = run_script(run, "8")
+    assert done.returncode == 0, done.stderr
+    return run
+
+
+def assert_same_run(run: Path, full: Path) -> None:
+    assert losses(run) == losses(full)
+    assert len(losses(full)) == 8
+    a, _ = load_model(full)
+    b, _ = load_model(run)
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize(
+    "point, nth, resumes_at",
+    [  # the n-th time the saves reach the point: saves are at steps 3, 6, 8; KEEP is 2
+        pytest.param("files-written", 2, 3, marks=pytest.mark.slow),
+        ("folder-renamed", 2, 6),  # step 6 is whole, latest.json still names step 3
+        pytest.param("pointer-written", 2, 6, marks=pytest.mark.slow),
+        pytest.param("old-moved-aside", 1, 8, marks=pytest.mark.slow),
+    ],
+)
+def test_a_run_killed_inside_a_save_resumes_from_the_newest_whole_checkpoint(
+    tmp_path, full_run, point, nth, resumes_at
+):
+    cut = tmp_path / "cut"
+    killed = run_script(cut, "8", env={"TRAIN_KILL_AT": f"{point}:{nth}"})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    again = run_script(cut, "8")
+    assert again.returncode == 0, again.stderr[-2000:]
+    step_dir = cut / "checkpoints" / f"step-{resumes_at:08d}"
+    if resumes_at < 8:
+        assert f"resuming {cut} at step {resumes_at} from {step_dir}" in again.stderr
+    else:  # killed after the last checkpoint was committed: nothing left to train
+        assert "already trained for 8 steps" in again.stderr
+    assert_same_run(cut, full_run)
+
+
+def test_resume_after_sigkill_equals_uninterrupted(tmp_path, full_run):
     # killed during step 7 (after the step-6 checkpoint), in the middle of a step
-    killed = subprocess.run(
-        [sys.executable, script, str(tmp_path / "cut"), "8", "8"],
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    killed = run_script(tmp_path / "cut", "8", "8")
     assert killed.returncode == -9
     state = torch.load(resolve_checkpoint(tmp_path / "cut") / "train_state.pt", weights_only=True)
     assert state["step"] == 6
-    again = subprocess.run(
-        [sys.executable, script, str(tmp_path / "cut"), "8"],
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    again = run_script(tmp_path / "cut", "8")
     assert again.returncode == 0, again.stderr
     assert "resuming" in again.stderr
-    assert losses(tmp_path / "cut") == losses(tmp_path / "full")
-    assert len(losses(tmp_path / "full")) == 8
-    a, _ = load_model(tmp_path / "full")
-    b, _ = load_model(tmp_path / "cut")
-    for p, q in zip(a.parameters(), b.parameters()):
-        assert torch.equal(p, q)
+    assert_same_run(tmp_path / "cut", full_run)
+
+
+def test_a_second_trainer_of_one_run_fails_at_once(tmp_path, full_run):
+    """Two processes, one --out: the second fails naming the folder and the holder's pid;
+    the first finishes with the rows and weights of a run that was alone."""
+    run, go = tmp_path / "run", tmp_path / "go"
+    first = subprocess.Popen(
+        [sys.executable, str(HERE / "train_script.py"), str(run), "8"],
+        env={**ENV, "TRAIN_PAUSE": str(go)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        t0 = time.time()
+        while not Path(f"{go}.ready").exists():  # the first holds the lock and is training
+            assert first.poll() is None and time.time() - t0 < 120, first.stderr.read()
+            time.sleep(0.01)
+        second = run_script(run, "8")
+        message = f"run {run} is being written by another retrolm process (pid {first.pid})"
+        assert second.returncode != 0 and message in second.stderr
+        assert "FINAL" not in second.stdout
+    finally:
+        go.touch()
+        out, err = first.communicate(timeout=120)
+    assert first.returncode == 0, err[-2000:]
+    assert_same_run(run, full_run)  # one writer: 8 rows, each step once
 
 
 def test_resume_refuses_other_settings_and_families(tmp_path):

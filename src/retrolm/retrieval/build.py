@@ -24,6 +24,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from retrolm.errors import IncompatibleError
+from retrolm.locking import LOCK_FILE, exclusive_lock
 from retrolm.retrieval import chunking
 from retrolm.retrieval.encoder import DTYPES, POOLINGS, FrozenEncoder
 from retrolm.retrieval.index import INDEX_KINDS, IndexSpec, Searcher, choose_index, parse_size
@@ -217,7 +218,18 @@ def _preallocate(path: Path, nbytes: int) -> None:
 def build_database(
     text_dir: str | os.PathLike, db_dir: str | os.PathLike, config: BuildConfig | None = None
 ) -> dict:
-    """Build (or resume) the database of ``text_dir`` in ``db_dir``; returns the manifest."""
+    """Build (or resume) the database of ``text_dir`` in ``db_dir``; returns the manifest.
+
+    One builder per folder: another process building into ``db_dir`` raises
+    ``LockedError`` at once (readers need no lock: a database opens only when complete).
+    """
+    with exclusive_lock(db_dir, "database"):
+        return _build_database(text_dir, db_dir, config)
+
+
+def _build_database(
+    text_dir: str | os.PathLike, db_dir: str | os.PathLike, config: BuildConfig | None = None
+) -> dict:
     config = config or BuildConfig()
     text_dir, db_dir = Path(text_dir).resolve(), Path(db_dir)
     paths = chunking.list_documents(text_dir, config.glob)  # fails early on a bad folder/glob
@@ -230,7 +242,7 @@ def build_database(
             log.info("database %s is already complete", db_dir)
             return manifest
     else:
-        if db_dir.exists() and any(db_dir.iterdir()):
+        if db_dir.exists() and any(p.name != LOCK_FILE for p in db_dir.iterdir()):
             raise ValueError(
                 f"DB_DIR {str(db_dir)!r} is not empty and holds no retrieval database: "
                 "pick a new or empty folder"
