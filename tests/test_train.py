@@ -1,5 +1,6 @@
 import csv
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from retrolm.checkpoint import load_model, resolve_checkpoint
+from retrolm.checkpoint import list_checkpoints, load_model, resolve_checkpoint
 from retrolm.errors import IncompatibleError
 from retrolm.models.registry import get_family
 from retrolm.train import TrainConfig, lr_at, param_groups, train
@@ -357,3 +358,43 @@ def test_retro_without_a_model_config_trains_the_cpu_sized_preset():
         get_family("retro"), FakeDatabase(random_docs(4, 80), chunk_size=64), None, None
     )
     assert (cfg.dec_dim, cfg.dec_depth, cfg.max_seq_len, cfg.chunk_size) == (256, 6, 512, 64)
+
+
+def test_metrics_rewrite_on_resume_is_atomic(tmp_path, monkeypatch):
+    from retrolm.train import Metrics
+
+    header = ",".join(Metrics.COLUMNS)
+    rows = [f"{s},{5 - s / 10:.6f},,1.000e-03,0.5,100.0,{s}.00" for s in range(1, 5)]
+    before = "\n".join([header, *rows, "1"]) + "\n"  # a kill cut step 10's row after "1"
+    (tmp_path / "metrics.csv").write_text(before)
+
+    def disk_full(self, rows):
+        self.writerow(rows[0])
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(csv.DictWriter, "writerows", disk_full)
+        with pytest.raises(OSError, match="No space left"):
+            Metrics(tmp_path, resume_step=2, enabled=True)
+    assert (tmp_path / "metrics.csv").read_text() == before  # the old file, whole
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.csv"]  # no temporary left
+    Metrics(tmp_path, resume_step=4, enabled=True).close()
+    # rows up to the checkpoint kept as they were; the cut row dropped
+    assert [r[0] for r in losses(tmp_path)] == ["1", "2", "3", "4"]
+    assert (tmp_path / "metrics.csv").read_text() == "\n".join([header, *rows]) + "\n"
+
+
+def test_a_run_of_the_older_checkpoint_layout_resumes_exactly(tmp_path):
+    """Runs saved before versioned checkpoints (one RUN/checkpoint/ folder) resume as ever,
+    and save in the new layout from then on."""
+    train(db(), tmp_path / "full", small_cfg(steps=6, eval_every=0), family="tiny")
+    old = tmp_path / "old"
+    train(db(), old, small_cfg(steps=6, eval_every=0, stop_after=3), family="tiny")
+    (old / "checkpoints" / "step-00000003").rename(old / "checkpoint")
+    shutil.rmtree(old / "checkpoints")
+    assert resolve_checkpoint(old) == old / "checkpoint"
+    assert train(db(), old, small_cfg(steps=6, eval_every=0), family="tiny").step == 6
+    assert losses(old) == losses(tmp_path / "full")
+    # the old folder is now the older of the KEEP (2) checkpoints; the next save drops it
+    assert list_checkpoints(old) == [(3, old / "checkpoint"), (6, resolve_checkpoint(old))]
+    assert resolve_checkpoint(old) == old / "checkpoints" / "step-00000006"
