@@ -278,3 +278,33 @@ def test_only_rank_zero_prints_the_training_summary(setup, capsys, monkeypatch):
     monkeypatch.setenv("RANK", "0")
     assert main([*argv, "--steps", "3"]) == 0
     assert "step 3" in capsys.readouterr().out
+
+
+def test_a_folder_another_process_writes_is_one_line_and_readers_need_no_lock(setup, capsys):
+    import signal
+
+    from tests.test_locking import hold
+
+    root, run, held, cfg = setup
+    before = resolve_checkpoint(run)
+    holders = [hold(run), hold(root / "db")]
+    try:
+        train = ["train", "--db", str(root / "db"), "--out", str(run), "--config", str(cfg)]
+        assert main([*train, "--steps", "4"]) == 2
+        err = capsys.readouterr().err
+        busy = "is being written by another retrolm process"
+        assert err == f"retrolm train: error: run {run} {busy} (pid {holders[0].pid}); " + (
+            "wait for it to finish or stop it, or use another folder\n"
+        )
+        assert main(["db", "build", str(root / "corpus"), str(root / "db")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1
+        assert f"database {root / 'db'} {busy} (pid {holders[1].pid})" in err
+        # readers of both folders go on while the writers hold them
+        assert main(["db", "info", str(root / "db")]) == 0
+        assert main(["generate", str(run), "--prompt", "Return", "--max-new-tokens", "2"]) == 0
+    finally:
+        for h in holders:
+            h.send_signal(signal.SIGKILL)
+            h.wait()
+    assert resolve_checkpoint(run) == before  # the refused train wrote nothing
