@@ -294,6 +294,35 @@ def test_ddp_two_cpu_processes_equal_one_process_accumulating(tmp_path):
         assert torch.allclose(p, q, atol=1e-4)
 
 
+def test_a_ddp_job_on_a_run_another_process_holds_fails_on_every_rank(tmp_path):
+    """Rank 0 takes the run's lock for the job; when it cannot, every rank stops (none
+    waits forever in a collective) and the run folder is left as it was."""
+    import signal
+
+    from tests.test_locking import hold
+
+    run = tmp_path / "run"
+    holder = hold(run)
+    try:
+        ddp = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+            + ["--nproc_per_node=2", str(HERE / "train_script.py"), str(run), "3"],
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert ddp.returncode != 0
+    assert f"run {run} is being written by another retrolm process (pid {holder.pid})" in (
+        ddp.stderr
+    )
+    assert f"run {run} is being written by another process" in ddp.stderr  # rank 1's
+    assert [p.name for p in run.iterdir()] == [".lock"]
+
+
 def test_stop_after_then_continue_equals_one_run(tmp_path):
     train(db(), tmp_path / "full", small_cfg(steps=6, eval_every=0), family="tiny")
     part = train(
