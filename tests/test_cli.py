@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from retrolm.checkpoint import resolve_checkpoint
 from retrolm.cli import main
 from tests.retrieval.conftest import TINY_DB, make_tiny_encoder, write_corpus
 
@@ -67,7 +68,7 @@ def setup(tmp_path_factory):
 
 def test_train_eval_generate(setup, capsys):
     root, run, held, cfg = setup
-    assert (run / "checkpoint" / "model.safetensors").is_file()
+    assert (resolve_checkpoint(run) / "model.safetensors").is_file()
     assert main(["eval", str(run), "--text", str(held), "--max-tokens", "200"]) == 0
     out = capsys.readouterr().out
     assert "retrieval lowers bits/byte by" in out and "leakage" in out
@@ -165,7 +166,7 @@ def test_empty_held_out_folder_and_corrupt_checkpoint(setup, capsys, tmp_path):
 
     broken = tmp_path / "broken"
     shutil.copytree(run, broken)
-    (broken / "checkpoint" / "model.safetensors").write_bytes(b"garbage")
+    (resolve_checkpoint(broken) / "model.safetensors").write_bytes(b"garbage")
     assert main(["generate", str(broken), "--prompt", "x"]) == 2
     err = capsys.readouterr().err
     assert "model.safetensors cannot be loaded" in err and "Traceback" not in err
@@ -179,7 +180,7 @@ def test_copy_head_run_trains_evaluates_and_generates(setup, capsys, tmp_path):
     run = tmp_path / "run"
     db = str(root / "db")
     assert main(["train", "--db", db, "--out", str(run), "--config", str(cfg), "--steps", "2"]) == 0
-    saved = json.loads((run / "checkpoint" / "config.json").read_text())
+    saved = json.loads((resolve_checkpoint(run) / "config.json").read_text())
     assert saved["model_config"]["copy_head"] is True
     assert main(["eval", str(run), "--text", str(held), "--max-tokens", "200"]) == 0
     out = capsys.readouterr().out
@@ -229,7 +230,7 @@ def test_a_preset_for_other_chunk_sizes_names_both_sizes(setup, capsys, tmp_path
     err = capsys.readouterr().err
     assert "preset 'retro-odd' is made for 12-token chunks" in err
     assert "the database has 16-token chunks" in err and "Traceback" not in err
-    assert not (tmp_path / "r" / "checkpoint").exists()
+    assert not (tmp_path / "r").exists()  # nothing half-made: not even the folder
 
 
 def test_generate_says_when_no_chunk_completed(setup, capsys):
@@ -277,3 +278,33 @@ def test_only_rank_zero_prints_the_training_summary(setup, capsys, monkeypatch):
     monkeypatch.setenv("RANK", "0")
     assert main([*argv, "--steps", "3"]) == 0
     assert "step 3" in capsys.readouterr().out
+
+
+def test_a_folder_another_process_writes_is_one_line_and_readers_need_no_lock(setup, capsys):
+    import signal
+
+    from tests.test_locking import hold
+
+    root, run, held, cfg = setup
+    before = resolve_checkpoint(run)
+    holders = [hold(run), hold(root / "db")]
+    try:
+        train = ["train", "--db", str(root / "db"), "--out", str(run), "--config", str(cfg)]
+        assert main([*train, "--steps", "4"]) == 2
+        err = capsys.readouterr().err
+        busy = "is being written by another retrolm process"
+        assert err == f"retrolm train: error: run {run} {busy} (pid {holders[0].pid}); " + (
+            "wait for it to finish or stop it, or use another folder\n"
+        )
+        assert main(["db", "build", str(root / "corpus"), str(root / "db")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1
+        assert f"database {root / 'db'} {busy} (pid {holders[1].pid})" in err
+        # readers of both folders go on while the writers hold them
+        assert main(["db", "info", str(root / "db")]) == 0
+        assert main(["generate", str(run), "--prompt", "Return", "--max-new-tokens", "2"]) == 0
+    finally:
+        for h in holders:
+            h.send_signal(signal.SIGKILL)
+            h.wait()
+    assert resolve_checkpoint(run) == before  # the refused train wrote nothing

@@ -1,13 +1,15 @@
 import csv
 import os
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from retrolm.checkpoint import load_model, resolve_checkpoint
+from retrolm.checkpoint import list_checkpoints, load_model, resolve_checkpoint
 from retrolm.errors import IncompatibleError
 from retrolm.models.registry import get_family
 from retrolm.train import TrainConfig, lr_at, param_groups, train
@@ -105,41 +107,96 @@ def test_weight_decay_groups_and_schedule():
     assert lr_at(100, cfg) == pytest.approx(0.1) and lr_at(55, cfg) == pytest.approx(0.55)
 
 
-def test_resume_after_sigkill_equals_uninterrupted(tmp_path):
-    script = str(HERE / "train_script.py")
-    full = subprocess.run(
-        [sys.executable, script, str(tmp_path / "full"), "8"],
-        env=ENV,
+def run_script(run: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(HERE / "train_script.py"), str(run), *args],
+        env={**ENV, **(env or {})},
         capture_output=True,
         text=True,
         timeout=120,
     )
-    assert full.returncode == 0, full.stderr
-    # killed during step 7 (after the step-6 checkpoint), in the middle of a step
-    killed = subprocess.run(
-        [sys.executable, script, str(tmp_path / "cut"), "8", "8"],
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert killed.returncode == -9
-    assert torch.load(tmp_path / "cut/checkpoint/train_state.pt", weights_only=True)["step"] == 6
-    again = subprocess.run(
-        [sys.executable, script, str(tmp_path / "cut"), "8"],
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert again.returncode == 0, again.stderr
-    assert "resuming" in again.stderr
-    assert losses(tmp_path / "cut") == losses(tmp_path / "full")
-    assert len(losses(tmp_path / "full")) == 8
-    a, _ = load_model(tmp_path / "full")
-    b, _ = load_model(tmp_path / "cut")
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory) -> Path:
+    """train_script.py's 8 steps, never interrupted (checkpoints at steps 3, 6 and 8)."""
+    run = tmp_path_factory.mktemp("full") / "run"
+    done = run_script(run, "8")
+    assert done.returncode == 0, done.stderr
+    return run
+
+
+def assert_same_run(run: Path, full: Path) -> None:
+    assert losses(run) == losses(full)
+    assert len(losses(full)) == 8
+    a, _ = load_model(full)
+    b, _ = load_model(run)
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize(
+    "point, nth, resumes_at",
+    [  # the n-th time the saves reach the point: saves are at steps 3, 6, 8; KEEP is 2
+        pytest.param("files-written", 2, 3, marks=pytest.mark.slow),
+        ("folder-renamed", 2, 6),  # step 6 is whole, latest.json still names step 3
+        pytest.param("pointer-written", 2, 6, marks=pytest.mark.slow),
+        pytest.param("old-moved-aside", 1, 8, marks=pytest.mark.slow),
+    ],
+)
+def test_a_run_killed_inside_a_save_resumes_from_the_newest_whole_checkpoint(
+    tmp_path, full_run, point, nth, resumes_at
+):
+    cut = tmp_path / "cut"
+    killed = run_script(cut, "8", env={"TRAIN_KILL_AT": f"{point}:{nth}"})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    again = run_script(cut, "8")
+    assert again.returncode == 0, again.stderr[-2000:]
+    step_dir = cut / "checkpoints" / f"step-{resumes_at:08d}"
+    if resumes_at < 8:
+        assert f"resuming {cut} at step {resumes_at} from {step_dir}" in again.stderr
+    else:  # killed after the last checkpoint was committed: nothing left to train
+        assert "already trained for 8 steps" in again.stderr
+    assert_same_run(cut, full_run)
+
+
+def test_resume_after_sigkill_equals_uninterrupted(tmp_path, full_run):
+    # killed during step 7 (after the step-6 checkpoint), in the middle of a step
+    killed = run_script(tmp_path / "cut", "8", "8")
+    assert killed.returncode == -9
+    state = torch.load(resolve_checkpoint(tmp_path / "cut") / "train_state.pt", weights_only=True)
+    assert state["step"] == 6
+    again = run_script(tmp_path / "cut", "8")
+    assert again.returncode == 0, again.stderr
+    assert "resuming" in again.stderr
+    assert_same_run(tmp_path / "cut", full_run)
+
+
+def test_a_second_trainer_of_one_run_fails_at_once(tmp_path, full_run):
+    """Two processes, one --out: the second fails naming the folder and the holder's pid;
+    the first finishes with the rows and weights of a run that was alone."""
+    run, go = tmp_path / "run", tmp_path / "go"
+    first = subprocess.Popen(
+        [sys.executable, str(HERE / "train_script.py"), str(run), "8"],
+        env={**ENV, "TRAIN_PAUSE": str(go)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        t0 = time.time()
+        while not Path(f"{go}.ready").exists():  # the first holds the lock and is training
+            assert first.poll() is None and time.time() - t0 < 120, first.stderr.read()
+            time.sleep(0.01)
+        second = run_script(run, "8")
+        message = f"run {run} is being written by another retrolm process (pid {first.pid})"
+        assert second.returncode != 0 and message in second.stderr
+        assert "FINAL" not in second.stdout
+    finally:
+        go.touch()
+        out, err = first.communicate(timeout=120)
+    assert first.returncode == 0, err[-2000:]
+    assert_same_run(run, full_run)  # one writer: 8 rows, each step once
 
 
 def test_resume_refuses_other_settings_and_families(tmp_path):
@@ -176,11 +233,11 @@ def test_corrupt_and_missing_checkpoints(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint in"):
         load_model(tmp_path)
     train(db(), tmp_path, small_cfg(steps=1, eval_every=0), family="tiny")
-    w = tmp_path / "checkpoint/model.safetensors"
+    w = resolve_checkpoint(tmp_path) / "model.safetensors"
     w.write_bytes(w.read_bytes()[:100])
     with pytest.raises(IncompatibleError, match="model.safetensors cannot be loaded"):
         load_model(tmp_path)
-    (tmp_path / "checkpoint/config.json").write_text("{not json")
+    (resolve_checkpoint(tmp_path) / "config.json").write_text("{not json")
     with pytest.raises(IncompatibleError, match="config.json is corrupt"):
         load_model(tmp_path)
 
@@ -237,6 +294,35 @@ def test_ddp_two_cpu_processes_equal_one_process_accumulating(tmp_path):
         assert torch.allclose(p, q, atol=1e-4)
 
 
+def test_a_ddp_job_on_a_run_another_process_holds_fails_on_every_rank(tmp_path):
+    """Rank 0 takes the run's lock for the job; when it cannot, every rank stops (none
+    waits forever in a collective) and the run folder is left as it was."""
+    import signal
+
+    from tests.test_locking import hold
+
+    run = tmp_path / "run"
+    holder = hold(run)
+    try:
+        ddp = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+            + ["--nproc_per_node=2", str(HERE / "train_script.py"), str(run), "3"],
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert ddp.returncode != 0
+    assert f"run {run} is being written by another retrolm process (pid {holder.pid})" in (
+        ddp.stderr
+    )
+    assert f"run {run} is being written by another process" in ddp.stderr  # rank 1's
+    assert [p.name for p in run.iterdir()] == [".lock"]
+
+
 def test_stop_after_then_continue_equals_one_run(tmp_path):
     train(db(), tmp_path / "full", small_cfg(steps=6, eval_every=0), family="tiny")
     part = train(
@@ -250,7 +336,8 @@ def test_stop_after_then_continue_equals_one_run(tmp_path):
 def test_time_limit_stops_with_a_checkpoint(tmp_path):
     res = train(db(), tmp_path, small_cfg(steps=50, eval_every=0, max_minutes=1e-6), family="tiny")
     assert res.step == 1
-    assert torch.load(tmp_path / "checkpoint/train_state.pt", weights_only=True)["step"] == 1
+    state = torch.load(resolve_checkpoint(tmp_path) / "train_state.pt", weights_only=True)
+    assert state["step"] == 1
 
 
 def test_copy_head_run_resumes_exactly_and_scales_its_learning_rate(tmp_path):
@@ -300,3 +387,43 @@ def test_retro_without_a_model_config_trains_the_cpu_sized_preset():
         get_family("retro"), FakeDatabase(random_docs(4, 80), chunk_size=64), None, None
     )
     assert (cfg.dec_dim, cfg.dec_depth, cfg.max_seq_len, cfg.chunk_size) == (256, 6, 512, 64)
+
+
+def test_metrics_rewrite_on_resume_is_atomic(tmp_path, monkeypatch):
+    from retrolm.train import Metrics
+
+    header = ",".join(Metrics.COLUMNS)
+    rows = [f"{s},{5 - s / 10:.6f},,1.000e-03,0.5,100.0,{s}.00" for s in range(1, 5)]
+    before = "\n".join([header, *rows, "1"]) + "\n"  # a kill cut step 10's row after "1"
+    (tmp_path / "metrics.csv").write_text(before)
+
+    def disk_full(self, rows):
+        self.writerow(rows[0])
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(csv.DictWriter, "writerows", disk_full)
+        with pytest.raises(OSError, match="No space left"):
+            Metrics(tmp_path, resume_step=2, enabled=True)
+    assert (tmp_path / "metrics.csv").read_text() == before  # the old file, whole
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.csv"]  # no temporary left
+    Metrics(tmp_path, resume_step=4, enabled=True).close()
+    # rows up to the checkpoint kept as they were; the cut row dropped
+    assert [r[0] for r in losses(tmp_path)] == ["1", "2", "3", "4"]
+    assert (tmp_path / "metrics.csv").read_text() == "\n".join([header, *rows]) + "\n"
+
+
+def test_a_run_of_the_older_checkpoint_layout_resumes_exactly(tmp_path):
+    """Runs saved before versioned checkpoints (one RUN/checkpoint/ folder) resume as ever,
+    and save in the new layout from then on."""
+    train(db(), tmp_path / "full", small_cfg(steps=6, eval_every=0), family="tiny")
+    old = tmp_path / "old"
+    train(db(), old, small_cfg(steps=6, eval_every=0, stop_after=3), family="tiny")
+    (old / "checkpoints" / "step-00000003").rename(old / "checkpoint")
+    shutil.rmtree(old / "checkpoints")
+    assert resolve_checkpoint(old) == old / "checkpoint"
+    assert train(db(), old, small_cfg(steps=6, eval_every=0), family="tiny").step == 6
+    assert losses(old) == losses(tmp_path / "full")
+    # the old folder is now the older of the KEEP (2) checkpoints; the next save drops it
+    assert list_checkpoints(old) == [(3, old / "checkpoint"), (6, resolve_checkpoint(old))]
+    assert resolve_checkpoint(old) == old / "checkpoints" / "step-00000006"

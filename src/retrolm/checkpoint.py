@@ -1,12 +1,24 @@
-"""Checkpoints: a directory written atomically.
+"""Checkpoints: versioned directories behind an atomically replaced pointer.
 
-    RUN/checkpoint/
-        model.safetensors   weights (no pickle)
-        config.json         format, model family + config, train config, database identity, step
-        train_state.pt      optimizer, step, RNG, data position; loaded with weights_only=True
+    RUN/checkpoints/
+        step-00000300/          one whole checkpoint (the newest ``KEEP`` are kept)
+            model.safetensors   weights (no pickle)
+            config.json         format, model family + config, train config, database identity, step
+            train_state.pt      optimizer, step, RNG, data position; loaded with weights_only=True
+        latest.json             {"checkpoint": "step-00000300", "step": 300}
 
-A run directory ``RUN`` holds ``checkpoint/`` plus metrics (``metrics.csv``, ``loss.png``).
-Every reader accepts either ``RUN`` or ``RUN/checkpoint``.
+Saving (``save_checkpoint``) goes: write the files into a hidden temporary folder and
+fsync them; rename the folder to ``step-N`` (the commit: a ``step-N`` folder is whole by
+construction); write ``latest.json`` to a temporary file and rename it over the old one;
+then move older checkpoints aside (a rename, so a half-deleted folder never carries a
+``step-N`` name) and delete them. A kill at any point leaves the previous checkpoint
+whole, plus at most the new one whole, so ``find_checkpoint`` (the newest whole
+checkpoint, the pointer's if nothing newer) never falls back to step 0 while a whole
+checkpoint exists. ``FAULT_HOOK`` lets tests stop the protocol between any two steps.
+
+A run directory ``RUN`` also holds metrics (``metrics.csv``, ``loss.png``). Every reader
+accepts ``RUN`` or a checkpoint folder, including the older single ``RUN/checkpoint/``
+layout, which is still read (and replaced by the new layout at a resumed run's next save).
 """
 
 from __future__ import annotations
@@ -14,6 +26,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +37,38 @@ import torch
 from torch import nn
 
 from retrolm.errors import IncompatibleError
-from retrolm.utils import atomic_path
+from retrolm.utils import fsync_path
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-CHECKPOINT_DIR = "checkpoint"
+CHECKPOINTS_DIR = "checkpoints"
+POINTER = "latest.json"
+LEGACY_DIR = "checkpoint"  # the single-folder layout of older runs (still read)
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 TRAIN_STATE = "train_state.pt"
+KEEP = 2
+"""Checkpoints a run keeps: the newest, and one before it in case the newest is damaged."""
+_STEP_NAME = re.compile(r"step-(\d+)")
+
+FAULT_POINTS = (
+    "weights-written",
+    "files-written",
+    "folder-renamed",
+    "pointer-written",
+    "pointer-replaced",
+    "old-moved-aside",
+    "old-deleted",
+)
+"""The places ``save_checkpoint`` calls ``FAULT_HOOK``: between every two steps on disk."""
+FAULT_HOOK: Callable[[str], None] | None = None
+"""Tests only: called with each of ``FAULT_POINTS`` in turn (to kill the process there)."""
+
+
+def _fault(point: str) -> None:
+    if FAULT_HOOK is not None:
+        FAULT_HOOK(point)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -75,20 +114,86 @@ def check_database(
             )
 
 
-def resolve_checkpoint(run: str | os.PathLike) -> Path:
-    """``RUN`` or ``RUN/checkpoint`` -> the checkpoint directory (with a clear error)."""
+def _is_whole(folder: Path) -> bool:
+    return (folder / CONFIG).is_file() and (folder / WEIGHTS).is_file()
+
+
+def _saved_step(folder: Path) -> int:
+    """The step in a checkpoint's config.json (-1 if unreadable)."""
+    try:
+        return int(json.loads((folder / CONFIG).read_text()).get("step", -1))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return -1
+
+
+def list_checkpoints(run: str | os.PathLike) -> list[tuple[int, Path]]:
+    """The whole checkpoints of ``run`` as (step, folder), oldest first (legacy layout too)."""
     run = Path(run)
-    for cand in (run / CHECKPOINT_DIR, run):
-        if (cand / CONFIG).is_file():
-            return cand
+    found = []
+    root = run / CHECKPOINTS_DIR
+    if root.is_dir():
+        for d in root.iterdir():
+            m = _STEP_NAME.fullmatch(d.name)
+            if m and d.is_dir() and _is_whole(d):
+                found.append((int(m.group(1)), d))
+    legacy = run / LEGACY_DIR
+    if _is_whole(legacy):
+        found.append((_saved_step(legacy), legacy))
+    # at equal steps the versioned folder wins over the legacy one
+    return sorted(found, key=lambda sd: (sd[0], sd[1].parent.name == CHECKPOINTS_DIR))
+
+
+def find_checkpoint(run: str | os.PathLike) -> Path | None:
+    """The newest whole checkpoint of run directory ``run``, or None if it has none.
+
+    ``latest.json`` names the newest one unless a save was killed after its folder was
+    committed but before the pointer moved; the newer whole folder wins then (logged).
+    """
+    found = list_checkpoints(run)
+    if not found:
+        return None
+    step, newest = found[-1]
+    pointer = Path(run) / CHECKPOINTS_DIR / POINTER
+    try:
+        named = json.loads(pointer.read_text())["checkpoint"]
+    except FileNotFoundError:
+        named = None
+    except (OSError, ValueError, KeyError, TypeError):
+        named = "(unreadable)"
+    if newest.parent.name == CHECKPOINTS_DIR and named != newest.name:
+        log.info(
+            "%s names %s, but %s (step %d) is the newest whole checkpoint: using it",
+            pointer,
+            named,
+            newest,
+            step,
+        )
+    return newest
+
+
+def resolve_checkpoint(run: str | os.PathLike) -> Path:
+    """``RUN`` or a checkpoint folder -> the checkpoint folder (with a clear error)."""
+    run = Path(run)
+    if (run / CONFIG).is_file():
+        return run
+    found = find_checkpoint(run)
+    if found is not None:
+        return found
     if not run.exists():
         raise FileNotFoundError(
             f"run directory {run} does not exist; train one with `retrolm train --out {run}`"
         )
     raise FileNotFoundError(
-        f"no checkpoint in {run} (expected {run / CHECKPOINT_DIR / CONFIG}); "
+        f"no checkpoint in {run} (expected {run / CHECKPOINTS_DIR / POINTER}); "
         f"train first with `retrolm train --out {run}`, or let a killed run save once"
     )
+
+
+def run_of(ckpt: Path) -> Path:
+    """The run directory that holds checkpoint folder ``ckpt`` (where eval reports go)."""
+    if ckpt.parent.name == CHECKPOINTS_DIR and _STEP_NAME.fullmatch(ckpt.name):
+        return ckpt.parent.parent
+    return ckpt.parent
 
 
 def read_config(ckpt: Path) -> dict[str, Any]:
@@ -116,21 +221,73 @@ def save_checkpoint(
     model: nn.Module,
     meta: dict[str, Any],
     train_state: dict[str, Any] | None = None,
+    *,
+    keep: int = KEEP,
 ) -> Path:
-    """Write ``RUN/checkpoint`` atomically: readers see the old one or the new one, whole."""
+    """Write ``RUN/checkpoints/step-N`` (N = ``meta["step"]``) and point ``latest.json`` at it.
+
+    Every intermediate state on disk is recoverable (see the module docstring); the
+    ``keep`` newest checkpoints stay. The caller holds the run's lock (``train`` does).
+    """
     from safetensors.torch import save_model
 
-    dest = Path(run_dir) / CHECKPOINT_DIR
-    with atomic_path(dest) as tmp:
-        tmp.mkdir()
+    if keep < 1:
+        raise ValueError(f"keep={keep} must be at least 1 (the checkpoint just written)")
+    run_dir = Path(run_dir)
+    root = run_dir / CHECKPOINTS_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    step = int(meta.get("step", 0))
+    dest = root / f"step-{step:08d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=root))
+    try:
         save_model(unwrap(model), str(tmp / WEIGHTS))
+        _fault("weights-written")
         (tmp / CONFIG).write_text(json.dumps({"format": FORMAT_VERSION, **meta}, indent=2))
         if train_state is not None:
             torch.save(train_state, tmp / TRAIN_STATE)
         for f in tmp.iterdir():  # durable before the rename makes it visible
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+            fsync_path(f)
+        fsync_path(tmp)
+        _fault("files-written")
+        if dest.exists():  # a damaged checkpoint of this step, skipped by the resume
+            _move_aside(dest)
+        os.replace(tmp, dest)
+        fsync_path(root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _fault("folder-renamed")
+    _write_pointer(root, dest.name, step)
+    for _, old in list_checkpoints(run_dir)[:-keep]:
+        trash = _move_aside(old)
+        _fault("old-moved-aside")
+        shutil.rmtree(trash, ignore_errors=True)
+        _fault("old-deleted")
+    # what saves killed earlier left: temporaries and checkpoints moved aside
+    for left in [*root.glob(".*.tmp"), *run_dir.glob(f".{LEGACY_DIR}.old.*.tmp")]:
+        shutil.rmtree(left) if left.is_dir() else left.unlink()
+    log.debug("saved %s", dest)
     return dest
+
+
+def _write_pointer(root: Path, name: str, step: int) -> None:
+    tmp = root / f".{POINTER}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"checkpoint": name, "step": step}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    _fault("pointer-written")
+    os.replace(tmp, root / POINTER)
+    fsync_path(root)
+    _fault("pointer-replaced")
+
+
+def _move_aside(folder: Path) -> Path:
+    """Rename ``folder`` to a hidden ``.tmp`` name (deleted later), so a kill while it is
+    being deleted never leaves a partial folder under a checkpoint's name."""
+    trash = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", suffix=".tmp", dir=folder.parent))
+    os.replace(folder, trash)  # onto the empty folder mkdtemp made
+    fsync_path(folder.parent)
+    return trash
 
 
 def load_weights(model: nn.Module, ckpt: Path) -> None:

@@ -23,7 +23,7 @@ import queue
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,9 +32,9 @@ import torch
 from torch import Tensor, nn
 
 from retrolm.checkpoint import (
-    CHECKPOINT_DIR,
     check_database,
     database_identity,
+    find_checkpoint,
     load_train_state,
     load_weights,
     read_config,
@@ -43,8 +43,9 @@ from retrolm.checkpoint import (
 from retrolm.config import check_fields
 from retrolm.data import RETRODataset
 from retrolm.errors import IncompatibleError
+from retrolm.locking import LockedError, exclusive_lock
 from retrolm.models.registry import Batch, config_to_dict, get_family
-from retrolm.utils import save_figure
+from retrolm.utils import atomic_path, save_figure
 
 log = logging.getLogger(__name__)
 
@@ -356,11 +357,19 @@ class Metrics:
             return
         if self.path.exists():
             with open(self.path, newline="") as f:
-                self.rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
-        with open(self.path, "w", newline="") as f:
-            w = csv.DictWriter(f, self.COLUMNS)
-            w.writeheader()
-            w.writerows(self.rows)
+                # rows past the checkpoint are redone; a row cut short by a kill is dropped
+                self.rows = [
+                    r
+                    for r in csv.DictReader(f)
+                    if None not in r.values()
+                    and r["step"].isdigit()
+                    and int(r["step"]) <= resume_step
+                ]
+        with atomic_path(self.path) as tmp:  # a kill mid-rewrite keeps the old file
+            with open(tmp, "w", newline="") as f:
+                w = csv.DictWriter(f, self.COLUMNS)
+                w.writeheader()
+                w.writerows(self.rows)
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -476,9 +485,10 @@ def train(
 ) -> TrainResult:
     """Train (or resume) a model on the sequences of retrieval database ``db``.
 
-    ``db``: a RetrievalDatabase or its directory. ``run_dir`` gets ``checkpoint/``,
+    ``db``: a RetrievalDatabase or its directory. ``run_dir`` gets ``checkpoints/``,
     ``metrics.csv`` and ``loss.png``; if it already holds a checkpoint of the same
-    settings, training resumes from it.
+    settings, training resumes from the newest whole one. One process (or one job's
+    ranks) at a time: another holding ``run_dir`` raises ``LockedError`` at once.
     """
     cfg = config or TrainConfig()
     run_dir = Path(run_dir)
@@ -486,8 +496,7 @@ def train(
         from retrolm.retrieval import RetrievalDatabase
 
         db = RetrievalDatabase.open(db)
-    fam = get_family(family)
-    use_retrieval = fam.uses_retrieval and cfg.retrieval
+    get_family(family)  # an unknown family fails before any set-up
     world, rank, local_rank = _dist_info()
     if world > 1 and not torch.distributed.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -503,10 +512,48 @@ def train(
         torch.cuda.set_device(device)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
+    with _run_lock(run_dir, rank, world, device):
+        return _train(db, run_dir, cfg, family, model_config, preset, device)
 
-    # ---- resume or start
-    ckpt = run_dir / CHECKPOINT_DIR
-    resume = (ckpt / "config.json").is_file()
+
+@contextmanager
+def _run_lock(run_dir: Path, rank: int, world: int, device: torch.device) -> Iterator[None]:
+    """One job per run directory: rank 0 holds ``RUN/.lock`` for the job's ranks, and all
+    ranks fail together when another process holds it."""
+    with ExitStack() as stack:
+        error = None
+        if rank == 0:
+            try:
+                stack.enter_context(exclusive_lock(run_dir, "run"))
+            except LockedError as e:
+                error = e
+        if world > 1:
+            flag = torch.tensor([int(error is None)], device=device)
+            torch.distributed.broadcast(flag, 0)
+            if not flag.item() and error is None:
+                error = LockedError(f"run {run_dir} is being written by another process")
+        if error is not None:
+            raise error
+        yield
+
+
+def _train(
+    db: Any,
+    run_dir: Path,
+    cfg: TrainConfig,
+    family: str,
+    model_config: dict[str, Any] | None,
+    preset: str | None,
+    device: torch.device,
+) -> TrainResult:
+    """``train`` after the set-up, holding the run's lock."""
+    fam = get_family(family)
+    use_retrieval = fam.uses_retrieval and cfg.retrieval
+    world, rank, _ = _dist_info()
+
+    # ---- resume or start: from the newest whole checkpoint
+    ckpt = find_checkpoint(run_dir)
+    resume = ckpt is not None
     db_id = database_identity(db)
     if resume:
         meta = read_config(ckpt)
@@ -575,7 +622,7 @@ def train(
         opt.load_state_dict(state["optimizer"])
         step, position, precision = int(state["step"]), int(state["position"]), state["precision"]
         torch.set_rng_state(state["rng_cpu"])
-        log.info("resuming %s at step %d", run_dir, step)
+        log.info("resuming %s at step %d from %s", run_dir, step, ckpt)
     last = min(cfg.steps, cfg.stop_after or cfg.steps)
     if step >= last:
         log.info("%s already trained for %d steps", run_dir, step)

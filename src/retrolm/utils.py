@@ -62,25 +62,24 @@ def is_power_of_two(n: int) -> bool:
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling path; rename it onto ``path`` only if the block succeeds.
 
-    Works for files and for directories (the caller creates whatever it wants at the
-    temporary path). A crash or exception leaves ``path`` untouched.
+    Works for files and for new directories (the caller creates whatever it wants at the
+    temporary path). A crash or exception leaves ``path`` untouched. An existing
+    directory is refused: replacing one takes two renames, and a kill between them leaves
+    neither there (checkpoints use versioned folders behind a pointer file instead).
     """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(
+            f"{path} is a directory: atomic_path replaces files and creates directories, "
+            "but cannot replace a directory atomically"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     tmp.rmdir()  # the caller decides whether it is a file or a directory
     try:
         yield tmp
-        if tmp.is_dir() and path.is_dir():
-            # replace a directory: move the old one aside first, then swap
-            old = path.with_name(f".{path.name}.old")
-            _rm(old)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            _rm(old)
-        else:
-            os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        os.replace(tmp, path)
+        fsync_path(path.parent)
     finally:
         _rm(tmp)
 
@@ -126,9 +125,11 @@ def _rm(p: Path) -> None:
         p.unlink()
 
 
-def _fsync_dir(d: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flush a file's or a directory's (its entries': renames) contents to disk; best effort
+    (some file systems cannot fsync a directory)."""
     try:
-        fd = os.open(d, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY)
     except OSError:
         return
     try:

@@ -5,6 +5,7 @@ import json
 import pytest
 from tests.retrieval.conftest import TINY_DB, make_tiny_encoder, write_corpus
 
+from retrolm.checkpoint import resolve_checkpoint
 from retrolm.cli import main
 from retrolm.models.registry import get_family
 
@@ -41,7 +42,7 @@ def test_train_eval_generate_through_the_cli(setup, capsys):
     argv = ["train", "--db", str(root / "db"), "--out", str(run), "--model", "hierarchical"]
     assert main([*argv, "--config", str(cfg), "--steps", "3"]) == 0
     assert "step 3" in capsys.readouterr().out
-    meta = json.loads((run / "checkpoint" / "config.json").read_text())
+    meta = json.loads((resolve_checkpoint(run) / "config.json").read_text())
     assert meta["family"] == "hierarchical"
     assert main(["eval", str(run), "--text", str(held), "--max-tokens", "100"]) == 0
     out = capsys.readouterr().out

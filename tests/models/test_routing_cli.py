@@ -8,6 +8,7 @@ import pytest
 import torch
 from tests.retrieval.conftest import TINY_DB, make_tiny_encoder, write_corpus
 
+from retrolm.checkpoint import resolve_checkpoint
 from retrolm.cli import main
 
 MODEL = {
@@ -50,8 +51,8 @@ def run_dir(tmp_path_factory):
 
 def test_routing_trains_and_resumes_through_the_cli(run_dir):
     root, run, _ = run_dir
-    assert (run / "checkpoint" / "model.safetensors").is_file()
-    meta = json.loads((run / "checkpoint" / "config.json").read_text())
+    assert (resolve_checkpoint(run) / "model.safetensors").is_file()
+    meta = json.loads((resolve_checkpoint(run) / "config.json").read_text())
     assert meta["family"] == "routing"
     assert (run / "metrics.csv").is_file()
 
@@ -69,7 +70,7 @@ def test_eval_scores_a_routing_run_without_retrieval(run_dir, capsys):
 
 
 def test_greedy_generate_is_the_cached_library_result(run_dir, capsys):
-    from retrolm.checkpoint import load_model, open_run_database, resolve_checkpoint
+    from retrolm.checkpoint import load_model, open_run_database
     from retrolm.generation import generate
 
     root, run, _ = run_dir
@@ -112,7 +113,7 @@ def test_bad_input_is_a_one_line_error(run_dir, capsys, tmp_path):
     # weights of another model under this config.json
     other = tmp_path / "other"
     shutil.copytree(run, other)
-    cfg_path = other / "checkpoint" / "config.json"
+    cfg_path = resolve_checkpoint(other) / "config.json"
     meta = json.loads(cfg_path.read_text())
     meta["model_config"]["dim"] = 48
     cfg_path.write_text(json.dumps(meta))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -90,6 +91,44 @@ def test_resume_after_sigkill_gives_identical_files(
     assert sorted(got) == sorted(want)
     for name in want:
         assert got[name] == want[name], f"{name} differs after resume"
+
+
+def test_a_second_build_into_one_folder_fails_at_once(tmp_path, corpus_dir, tiny_config, built_db):
+    """Two builders, one DB_DIR: the second fails naming the folder and the holder's pid.
+    Once the first is SIGKILLed its lock is gone: a rerun resumes to the files of a build
+    that was alone."""
+    from retrolm.locking import LOCK_FILE, LockedError
+
+    script = tmp_path / "slow_build.py"
+    script.write_text(SLOW_BUILD)
+    db = tmp_path / "db"
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(corpus_dir), str(db), json.dumps(asdict(tiny_config))]
+        + ["0.3"],  # every block slowed: the build holds its lock for seconds
+        env=dict(os.environ, PYTHONPATH=SRC),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        t0 = time.time()
+        while not (db / LOCK_FILE).exists() or not (db / LOCK_FILE).read_text().strip():
+            assert proc.poll() is None and time.time() - t0 < 120, proc.stderr.read()[-2000:]
+            time.sleep(0.01)
+        busy = f"database {db} is being written by another retrolm process (pid {proc.pid})"
+        with pytest.raises(LockedError, match=re.escape(busy)):
+            build_database(corpus_dir, db, tiny_config)
+        assert proc.poll() is None  # the first was still building
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stderr.close()
+    assert (db / LOCK_FILE).read_text().strip() == str(proc.pid)  # its lock file stays
+    build_database(corpus_dir, db, tiny_config)  # and blocks nobody
+    got, want = files(db), files(built_db)
+    assert sorted(got) == sorted(want)
+    for name in want:
+        assert got[name] == want[name], f"{name} differs"
 
 
 def test_two_embed_workers_equal_one(tmp_path, corpus_dir, tiny_config, db):

@@ -15,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="bits/byte on held-out text (with vs without retrieval and the leakage curve "
         "for RETRO)",
     )
-    p.add_argument("run", help="run directory (or its checkpoint/)")
+    p.add_argument("run", help="run directory (or one of its checkpoint folders)")
     p.add_argument("--text", required=True, help="folder of held-out documents")
     p.add_argument("--db", help="retrieval database (default: the one the run was trained on)")
     p.add_argument("--no-retrieval", action="store_true", help="only score without retrieval")
@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from retrolm.checkpoint import load_model, open_run_database, resolve_checkpoint
+    from retrolm.checkpoint import load_model, open_run_database, resolve_checkpoint, run_of
     from retrolm.evaluate import EvalConfig, evaluate, read_documents, save_report
     from retrolm.models.registry import uses_retrieval
 
@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         config=cfg,
         family=meta["family"],
     )
-    out = Path(args.out) if args.out else ckpt.parent / "eval"
+    out = Path(args.out) if args.out else run_of(ckpt) / "eval"
     paths = save_report(res, out)
     tokens = res.modes["no_retrieval"]["tokens"]
     scored = f"{res.chunks} chunks" if res.chunks else f"{tokens} tokens"

@@ -8,7 +8,7 @@ import argparse
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="continue a prompt (RETRO: retrieving as it writes)")
-    p.add_argument("run", help="run directory (or its checkpoint/)")
+    p.add_argument("run", help="run directory (or one of its checkpoint folders)")
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument(
         "--max-new-tokens", type=int, default=64, help="stop after this many (default: 64)"

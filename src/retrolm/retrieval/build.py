@@ -29,6 +29,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from retrolm.errors import DatabaseError, IncompatibleError
+from retrolm.locking import LOCK_FILE, exclusive_lock
 from retrolm.retrieval import chunking, inputs
 from retrolm.retrieval.encoder import DTYPES, POOLINGS, FrozenEncoder, check_encoder_identity
 from retrolm.retrieval.index import INDEX_KINDS, IndexSpec, Searcher, choose_index, parse_size
@@ -231,7 +232,20 @@ def build_database(
     A rerun resumes only the same build: same settings and the same input files (path,
     size, mtime), else ``IncompatibleError``. ``restart``: discard what ``db_dir`` holds of
     an earlier build (a database's files only) and build from scratch.
+
+    One builder per folder: another process building into ``db_dir`` raises
+    ``LockedError`` at once (readers need no lock: a database opens only when complete).
     """
+    with exclusive_lock(db_dir, "database"):
+        return _build_database(text_dir, db_dir, config, restart)
+
+
+def _build_database(
+    text_dir: str | os.PathLike,
+    db_dir: str | os.PathLike,
+    config: BuildConfig | None,
+    restart: bool,
+) -> dict:
     config = config or BuildConfig()
     text_dir, db_dir = Path(text_dir).resolve(), Path(db_dir)
     paths = chunking.list_documents(text_dir, config.glob)  # fails early on a bad folder/glob
@@ -257,7 +271,7 @@ def build_database(
             return manifest
         log.info("resuming the build in %s after stages %s", db_dir, manifest["stages_done"])
     else:
-        if db_dir.exists() and any(db_dir.iterdir()):
+        if db_dir.exists() and any(p.name != LOCK_FILE for p in db_dir.iterdir()):
             raise ValueError(
                 f"DB_DIR {str(db_dir)!r} is not empty and holds no retrieval database: "
                 "pick a new or empty folder"
