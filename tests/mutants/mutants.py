@@ -101,6 +101,30 @@ MUTANTS: list[Mutant] = [
         (T_ORACLES, T_RETRO),
     ),
     Mutant(
+        "cca_layers_off_by_one",
+        RETRO,
+        (
+            (
+                "cca=(i + 1) in c.dec_cross_attn_layers",
+                "cca=i in c.dec_cross_attn_layers",
+            ),
+        ),
+        "dec_cross_attn_layers read as 0-based: CCA one decoder layer late",
+        (T_RETRO,),
+    ),
+    Mutant(
+        "encoder_cross_layers_off_by_one",
+        RETRO,
+        (
+            (
+                "cross=(i + 1) in c.enc_cross_attn_layers",
+                "cross=i in c.enc_cross_attn_layers",
+            ),
+        ),
+        "enc_cross_attn_layers read as 0-based: the chunk states read one encoder layer late",
+        (T_RETRO,),
+    ),
+    Mutant(
         "missing_neighbour_mask_inverted",
         RETRO,
         (
