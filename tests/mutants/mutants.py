@@ -239,4 +239,23 @@ MUTANTS: list[Mutant] = [
         "the routing cache's (cluster, position) order with positions descending",
         ("tests/models/test_routing.py",),
     ),
+    Mutant(
+        "pkm_product_index_swapped",
+        "src/retrolm/nn/pkm.py",
+        (
+            (
+                "ci = i[0][..., :, None] * self.num_keys + i[1][..., None, :]",
+                "ci = i[1][..., :, None] * self.num_keys + i[0][..., None, :]",
+            ),
+        ),
+        "PKM reads the value slot of the transposed key pair",
+        ("tests/nn/test_pkm_moe.py",),
+    ),
+    Mutant(
+        "moe_gate_not_renormalised",
+        "src/retrolm/nn/moe.py",
+        (("w = (w / w.sum(-1, keepdim=True)).to(x.dtype)", "w = w.to(x.dtype)"),),
+        "MoE weights each expert by its raw gate probability, not renormalised over top_k",
+        ("tests/nn/test_pkm_moe.py",),
+    ),
 ]
