@@ -213,7 +213,7 @@ MUTANTS: list[Mutant] = [
             ),
         ),
         "the commitment loss pushes queries and keys away from their centroids",
-        ("tests/nn/test_routing_blocks.py",),
+        ("tests/nn/test_block_oracles.py",),
     ),
     Mutant(
         "routing_sort_positions_descending",
@@ -249,13 +249,13 @@ MUTANTS: list[Mutant] = [
             ),
         ),
         "PKM reads the value slot of the transposed key pair",
-        ("tests/nn/test_pkm_moe.py",),
+        ("tests/nn/test_block_oracles.py",),
     ),
     Mutant(
         "moe_gate_not_renormalised",
         "src/retrolm/nn/moe.py",
         (("w = (w / w.sum(-1, keepdim=True)).to(x.dtype)", "w = w.to(x.dtype)"),),
         "MoE weights each expert by its raw gate probability, not renormalised over top_k",
-        ("tests/nn/test_pkm_moe.py",),
+        ("tests/nn/test_block_oracles.py",),
     ),
 ]

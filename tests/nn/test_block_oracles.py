@@ -1,9 +1,12 @@
-"""Product-key memory and mixture of experts against plain exhaustive oracles (float64).
+"""Product-key memory, mixture of experts and the k-means commitment loss against plain
+oracles written from their papers' definitions (float64 where the block allows).
 
 PKM (Lample et al. 2019): the top-k of the k x k candidate pairs must be the exact top-k over
 all num_keys² product keys, read with softmax weights. MoE (Shazeer et al. 2017, Switch's
 balancing loss): each real token goes to its top_k experts by gate probability, weighted by
-the renormalised probabilities; padding goes nowhere.
+the renormalised probabilities; padding goes nowhere. k-means commitment (Routing
+Transformer, Roy et al. 2021 §4.1): the mean over real tokens of ||x/|x| - c||² / d with c
+the nearest centroid; its gradient pulls each vector towards its centroid.
 """
 
 import itertools
@@ -12,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from retrolm.nn.kmeans import SphericalKMeans
 from retrolm.nn.moe import MixtureOfExperts
 from retrolm.nn.pkm import ProductKeyMemory
 
@@ -96,3 +100,29 @@ def test_moe_routing_and_balancing_loss_equal_a_loop_over_tokens_and_experts():
     # every expert is used by some token, so the test covers all of them
     choice = F.softmax(moe.gate(x[mask]), -1).topk(2, -1).indices
     assert set(choice.flatten().tolist()) == set(range(4))
+
+
+def test_kmeans_commitment_is_the_mean_squared_distance_to_the_centroid_and_pulls_to_it():
+    torch.manual_seed(0)
+    km = SphericalKMeans(2, 5, 8).eval()
+    x = torch.randn(2, 2, 7, 8, requires_grad=True)
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[1, 5:] = False
+    buckets, loss = km.route(x, mask)
+    xn = F.normalize(x.detach(), dim=-1)
+    terms = []
+    for bi, hi, ni in itertools.product(range(2), range(2), range(7)):
+        if mask[bi, ni]:
+            c = max(range(5), key=lambda k: float(xn[bi, hi, ni] @ km.means[hi, k]))
+            assert int(buckets[bi, hi, ni]) == c
+            terms.append(float(((xn[bi, hi, ni] - km.means[hi, c]) ** 2).sum()) / 8)
+    tol = 16 * torch.finfo(torch.float32).eps
+    assert float(loss.detach()) == pytest.approx(sum(terms) / len(terms), rel=tol)
+    # a small step down its gradient brings every real vector closer to its centroid
+    loss.backward()
+    with torch.no_grad():
+        step = F.normalize(x - 1e-1 * x.grad, dim=-1)
+        c = km.means[torch.arange(2)[None, :, None], buckets]  # (b, h, n, d)
+        before, after = ((xn - c) ** 2).sum(-1), ((step - c) ** 2).sum(-1)
+    real = mask[:, None, :].expand_as(before)
+    assert (after[real] < before[real]).all()
