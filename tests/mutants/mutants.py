@@ -258,4 +258,16 @@ MUTANTS: list[Mutant] = [
         "MoE weights each expert by its raw gate probability, not renormalised over top_k",
         ("tests/nn/test_block_oracles.py",),
     ),
+    Mutant(
+        "wrapper_label_mask_off_by_one",
+        "src/retrolm/wrapper.py",
+        (
+            (
+                "labels.masked_fill(~mask[:, 1 : inp.shape[1] + 1], self.ignore_index)",
+                "labels.masked_fill(~mask[:, : inp.shape[1]], self.ignore_index)",
+            ),
+        ),
+        "the wrapper ignores labels by the mask of the input token, not of the label",
+        ("tests/test_wrapper.py",),
+    ),
 ]
