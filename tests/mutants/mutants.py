@@ -270,4 +270,16 @@ MUTANTS: list[Mutant] = [
         "the wrapper ignores labels by the mask of the input token, not of the label",
         ("tests/test_wrapper.py",),
     ),
+    Mutant(
+        "eval_skips_the_nearest_neighbour",
+        "src/retrolm/evaluate.py",
+        (
+            (
+                "ret, mask = db.retrieved_tokens(nbr[:, :k])",
+                "ret, mask = db.retrieved_tokens(nbr[:, 1 : k + 1])",
+            ),
+        ),
+        "evaluation's retrieval mode feeds neighbours 2 ... k+1 instead of the k nearest",
+        ("tests/test_evaluate.py",),
+    ),
 ]
