@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-slow test-portable lint bench clean
+.PHONY: install demo test test-slow test-portable mutants lint clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -32,6 +32,11 @@ test-slow: $(STAMP)
 PORTABLE := RETROLM_KERNEL_MARCH=x86-64-v3 ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2
 test-portable: $(STAMP)
 	$(PORTABLE) $(BIN)/python -m pytest -q
+
+# Semantic mutants (an offset, a mask, a sign) applied one at a time to a temporary copy:
+# each must fail the default suite. Slow (minutes per mutant): not part of `make test`.
+mutants: $(STAMP)
+	$(BIN)/python tests/mutants/run.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

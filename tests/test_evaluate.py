@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -7,6 +9,7 @@ from retrolm import RETRO, RetroConfig
 from retrolm.evaluate import EvalConfig, evaluate, longest_common_run, save_report
 from tests.fakes import ByteTokenizer, FakeDatabase, TinyRetro, register_tiny
 
+M = 4  # retro-tiny's chunk size
 register_tiny()  # TinyRetro is a retrieval family: generation finds it by class
 
 
@@ -73,6 +76,34 @@ def test_with_retrieval_side_by_side_and_leakage(held_out, tmp_path):
     assert "retrieval lowers bits/byte by" in res.table()
     paths = save_report(res, tmp_path / "out")
     assert [p.name for p in paths] == ["eval.json", "eval_leakage.png"]
+
+
+@pytest.mark.parametrize("retrieval", [True, False])
+def test_bits_per_byte_by_hand_with_and_without_retrieval(held_out, retrieval):
+    """A one-window document scored by hand: its chunks' neighbours from the database's
+    search, one forward, NLL summed over every token but the first, over ln 2 times the
+    UTF-8 bytes of the text after its first character."""
+    net, db, tok = model(), text_db(), ByteTokenizer()
+    text = (held_out / "b.txt").read_text()  # "short one": 9 bytes + <eos> in one window
+    ids = tok.encode(text) + [tok.eos_id]
+    kw = {}
+    if retrieval:
+        chunks = [ids[s : s + M] for s in range(0, len(ids), M)]
+        rows = np.array([c + [0] * (M - len(c)) for c in chunks])  # pad id 0
+        nbr, _ = db.search_tokens(rows, 10)
+        ret, present = db.retrieved_tokens(nbr[:, :2])  # k = 2, (C, 2, 2m), (C, 2)
+        kw = {"retrieved": ret[None], "neighbour_mask": present[None]}
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        logp = F.log_softmax(net(x[:, :-1], **kw).double(), -1)
+    nll = -float(logp.gather(-1, x[:, 1:, None]).sum())
+    expect = nll / (math.log(2) * (len(text.encode("utf-8")) - 1))
+    cfg = EvalConfig(seq_len=16, stride=8, glob="b.txt")
+    res = evaluate(net, held_out, db if retrieval else None, tokenizer=tok, config=cfg)
+    mode = "retrieval" if retrieval else "no_retrieval"
+    assert res.modes[mode]["bits_per_byte"] == pytest.approx(expect, rel=1e-5)  # fp32 model
+    if retrieval:  # the neighbours matter, so the check above can tell the modes apart
+        assert res.modes["no_retrieval"]["bits_per_byte"] != pytest.approx(expect, rel=1e-4)
 
 
 def test_longest_common_run_against_brute_force():

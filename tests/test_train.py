@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from retrolm.checkpoint import list_checkpoints, load_model, resolve_checkpoint
+from retrolm.data import RETRODataset
 from retrolm.errors import IncompatibleError
 from retrolm.models.registry import get_family
 from retrolm.train import TrainConfig, lr_at, param_groups, train
@@ -60,7 +61,19 @@ def test_training_lowers_loss_and_writes_a_checkpoint(tmp_path):
     }
     model, meta = load_model(tmp_path)
     assert meta["family"] == "tiny" and meta["step"] == 30 and meta["database"]["chunk_size"] == 4
-    # the weights are the trained ones: the loss on a batch matches what training reached
+    # the weights are the trained ones: the validation loss of the saved model, computed
+    # here on the held-back sequences (the dataset's last ones), is the one logged at step 30
+    ds = RETRODataset(db(), seq_len=16, num_neighbours=2)
+    n_val = min(4, len(ds) // 10)
+    items = [ds[j] for j in range(len(ds) - n_val, len(ds))]
+    seq, ret, present = (torch.stack([it[i] for it in items]) for i in range(3))
+    with torch.no_grad():
+        val = model.eval()(seq, ret, neighbour_mask=present, return_loss=True)
+    assert float(rows[-1][2]) == pytest.approx(float(val), abs=2e-6)  # logged with 6 decimals
+    fresh = get_family("tiny").model_cls(model.config)
+    with torch.no_grad():
+        untrained = fresh.eval()(seq, ret, neighbour_mask=present, return_loss=True)
+    assert float(untrained) > float(val) + 0.5  # (so the check can fail)
     state = torch.load(ckpt / "train_state.pt", weights_only=True)
     assert state["step"] == 30 and state["precision"] == "fp32"
 

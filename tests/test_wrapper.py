@@ -69,10 +69,37 @@ def test_generation_stops_at_eos():
     assert out.tolist() == [3]
 
 
+class MaskedLM(TinyLM):
+    """TinyLM that takes an ``input_mask`` (b, n) and records the one it received."""
+
+    def forward(self, x, cache=None, input_mask=None):
+        self.seen_mask = input_mask
+        return super().forward(x, cache)
+
+
 def test_random_truncation_and_mask():
+    """The loss is the cross-entropy of a random-length prefix, over labels whose token the
+    mask keeps; the net receives the mask cut to its input."""
     torch.manual_seed(3)
-    w = AutoregressiveWrapper(TinyLM())
+    net = MaskedLM()
+    w = AutoregressiveWrapper(net)
     x = torch.randint(0, 11, (2, 10))
-    loss = w(x, return_loss=True, randomly_truncate_sequence=True)
-    assert loss.isfinite()
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    mask[0, 6:] = False  # row 0: the last four tokens are padding
+    mask[1, 2] = False
+    lengths = set()
+    for seed in range(16):
+        torch.manual_seed(seed)
+        n = int(torch.randint(1, 10, (1,)))  # the draw the wrapper makes
+        torch.manual_seed(seed)
+        loss = w(x, return_loss=True, randomly_truncate_sequence=True, input_mask=mask)
+        lengths.add(n)
+        assert torch.equal(net.seen_mask, mask[:, :n])
+        logits = net(x[:, :n])
+        labels = x[:, 1 : n + 1]
+        keep = mask[:, 1 : n + 1]
+        expect = torch.nn.functional.cross_entropy(logits[keep], labels[keep])
+        torch.testing.assert_close(loss, expect)
+    assert len(lengths) > 3  # the prefix length really varies
     loss.backward()
+    assert net.emb.weight.grad is not None

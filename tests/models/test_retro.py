@@ -163,17 +163,27 @@ def test_all_missing_neighbours_equal_no_retrieval(deepnet):
 
 
 def test_pad_tokens_inside_a_neighbour_are_masked():
+    """Pad tokens (a continuation cut by a document end) influence nothing: the output does
+    not move when the pad token's encoder embedding does, while moving the embedding of a
+    real neighbour token does move it. An all-pad neighbour equals a missing one."""
     model = tiny()
     seq, ret = inputs()
-    ret[:, :, 0, M:] = 0  # continuation missing (document end): padded
+    ret[:, :, 0, M:] = 0  # neighbour 0's continuation missing (document end): padded
+    ret[ret == 7] = 8  # token 7 appears in no neighbour ...
+    ret[0, 1, 1, 2] = 7  # ... but this one: a real token whose embedding we move
+    assert (seq != 0).all()  # the decoder never reads the pad embedding itself
+    emb = model.encoder.token_emb.weight
     base = model(seq, ret)
-    # the encoder never lets pad keys influence real tokens: changing nothing but the
-    # padded continuation of another neighbour's pad slots must leave outputs unchanged
-    mask = torch.ones(ret.shape[:3], dtype=torch.bool)
-    torch.testing.assert_close(model(seq, ret, neighbour_mask=mask), base)
+    with torch.no_grad():
+        emb[0] += torch.randn_like(emb[0])  # pad (pad_id 0)
+    torch.testing.assert_close(model(seq, ret), base, rtol=0, atol=1e-12)
+    with torch.no_grad():
+        emb[7] += torch.randn_like(emb[7])
+    moved = (model(seq, ret) - base).abs().amax(-1) > 1e-6  # (b, n)
+    assert moved[0].any() and not moved[1].any()  # the real token counts, in its row only
     ret2 = ret.clone()
     ret2[:, :, 0, :M] = 0  # neighbour 0 now entirely pad == missing
-    masked = mask.clone()
+    masked = torch.ones(ret.shape[:3], dtype=torch.bool)
     masked[:, :, 0] = False
     torch.testing.assert_close(model(seq, ret2), model(seq, ret, neighbour_mask=masked))
 
@@ -269,13 +279,85 @@ OPTIONS = {
 }
 
 
+def layers_reading(layers, run, perturbed_run) -> list[int]:
+    """1-based indices of the layers that themselves read what differs between ``run`` and
+    ``perturbed_run`` (neighbours, chunk states): each layer in turn gets the input it had in
+    ``run`` also in ``perturbed_run`` (a pre-hook on its first residual), and reads iff its
+    output (after its feed-forward) still changes. Same kernels on equal inputs: exact."""
+    reading = []
+    for no, layer in enumerate(layers, 1):
+        seen = {}
+        hooks = [
+            layer.self_attn.register_forward_pre_hook(lambda m, a, s=seen: s.setdefault("x", a[0])),
+            layer.ff.register_forward_hook(lambda m, a, o, s=seen: s.__setitem__("base", o)),
+        ]
+        run()
+        for h in hooks:
+            h.remove()
+        hooks = [
+            layer.self_attn.register_forward_pre_hook(lambda m, a, s=seen: (s["x"], *a[1:])),
+            layer.ff.register_forward_hook(lambda m, a, o, s=seen: s.__setitem__("pert", o)),
+        ]
+        perturbed_run()
+        for h in hooks:
+            h.remove()
+        if not torch.equal(seen["base"], seen["pert"]):
+            reading.append(no)
+    return reading
+
+
+@pytest.mark.parametrize("layers", [(2, 3), (3,), (1, 3), (1, 2, 3)])
+def test_dec_cross_attn_layers_are_the_layers_that_read_neighbours(layers):
+    model = tiny(dec_cross_attn_layers=layers)
+    seq, ret = inputs(n=16)
+    pert = (ret + 3) % (V - 1) + 1
+    with torch.no_grad():
+        found = layers_reading(model.layers, lambda: model(seq, ret), lambda: model(seq, pert))
+    assert found == list(layers)
+
+
+@pytest.mark.parametrize("layers", [(1,), (2,), (1, 2)])
+def test_enc_cross_attn_layers_are_the_layers_that_read_chunk_states(layers):
+    model = tiny(enc_cross_attn_layers=layers)
+    _, ret = inputs(n=16)
+    token_mask = ret != 0
+    g = torch.Generator().manual_seed(4)
+    states = torch.randn(2, 4, M, model.config.dec_dim, generator=g, dtype=torch.float64)
+    other = states + torch.randn(states.shape, generator=g, dtype=torch.float64)
+    enc = model.encoder
+    with torch.no_grad():
+        found = layers_reading(
+            enc.layers,
+            lambda: enc(ret, token_mask, states, model.rotary),
+            lambda: enc(ret, token_mask, other, model.rotary),
+        )
+    assert found == list(layers)
+
+
 @pytest.mark.parametrize("name", sorted(OPTIONS))
 def test_every_option_has_an_effect(name):
-    """Each option changes the parameters' shapes, or (same shapes, same weights) the output."""
+    """Each option changes the parameters' shapes, or (same shapes, same weights) the output.
+    Which layers cross-attend is checked by behaviour (the two tests above), and a depth by
+    the number of layers that run."""
     kw = {name: OPTIONS[name]}
     if name == "chunk_size":
         kw["max_seq_len"] = 32
     model_a, model_b = tiny(), tiny(**kw)
+    if name in ("dec_depth", "enc_depth"):
+        part = "layers" if name == "dec_depth" else "encoder"
+        runs = []
+        for model in (model_a, model_b):
+            layers = model.layers if part == "layers" else model.encoder.layers
+            calls = []
+            hooks = [x.ff.register_forward_hook(lambda *a, c=calls: c.append(1)) for x in layers]
+            seq, ret = inputs(n=16)
+            model(seq, ret)
+            for h in hooks:
+                h.remove()
+            runs.append(len(calls))
+        assert runs == [getattr(model_a.config, name), OPTIONS[name]]
+    if name in ("dec_cross_attn_layers", "enc_cross_attn_layers"):
+        return  # by behaviour above
     shapes_a = {k: tuple(v.shape) for k, v in model_a.state_dict().items()}
     shapes_b = {k: tuple(v.shape) for k, v in model_b.state_dict().items()}
     if name == "max_seq_len":  # no parameter depends on it: it bounds the accepted length

@@ -1,0 +1,285 @@
+"""The list of semantic mutants ``run.py`` applies, one at a time, to a copy of the project.
+
+Each mutant is a plausible bug in a definition the paper (or the design) fixes: an offset,
+a mask, a sign, an order. ``replace`` holds (original, mutated) snippets of ``file``; each
+original must occur exactly once there. ``hints`` are test files of the default suite
+likely to catch it (run first, to be quick); the whole default suite runs if they pass.
+Add one for each new family or mechanism as it lands.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    file: str
+    replace: tuple[tuple[str, str], ...]
+    description: str
+    hints: tuple[str, ...] = ()
+
+
+RETRO = "src/retrolm/models/retro.py"
+T_RETRO = "tests/models/test_retro.py"
+T_ORACLES = "tests/models/test_retro_oracles.py"
+
+MUTANTS: list[Mutant] = [
+    Mutant(
+        "cca_query_double_shift",
+        RETRO,
+        (
+            (
+                "q_cca = self.rotary.span(c.chunk_size - 1, c.chunk_size, seq.device)",
+                "q_cca = self.rotary.span(2 * (c.chunk_size - 1), c.chunk_size, seq.device)",
+            ),
+        ),
+        "CCA queries at 2(m-1)+j instead of m-1+j (RETRO-pytorch's bug B1)",
+        (T_ORACLES,),
+    ),
+    Mutant(
+        "cca_query_double_shift_decode",
+        RETRO,
+        (
+            (
+                "self.rotary.span(m - 1, m, seq.device))",
+                "self.rotary.span(2 * (m - 1), m, seq.device))",
+            ),
+        ),
+        "the same double shift in the fused one-token decoding step only",
+        ("tests/nn/test_fused_decode.py", T_RETRO),
+    ),
+    Mutant(
+        "encoder_on_decoder_layer_1",
+        RETRO,
+        (
+            (
+                "if layer_no == self.cca_layers[0] and retrieved is not None:",
+                "if layer_no == 1 and retrieved is not None:",
+            ),
+        ),
+        "the encoder conditioned on decoder layer 1's states, not the first CCA layer's",
+        (T_ORACLES,),
+    ),
+    Mutant(
+        "encoder_on_decoder_layer_1_decode",
+        RETRO,
+        (
+            (
+                "if retrieving and i + 1 == self.cca_layers[0]:",
+                "if retrieving and i + 1 == 1:",
+            ),
+        ),
+        "the same, in the chunk states the fused decoding step keeps",
+        ("tests/nn/test_fused_decode.py",),
+    ),
+    Mutant(
+        "neighbour_key_rotary_shift_3",
+        RETRO,
+        (
+            (
+                "k_rotary = self.rotary.span(0, self.config.retrieved_len, enc.device)",
+                "k_rotary = self.rotary.span(3, self.config.retrieved_len, enc.device)",
+            ),
+        ),
+        "neighbour keys at t+3 instead of t = 0 ... 2m-1",
+        (T_ORACLES,),
+    ),
+    Mutant(
+        "cca_window_one_late",
+        RETRO,
+        (
+            ("first = min(max(m - 1 - start, 0), t)", "first = min(max(m - start, 0), t)"),
+            (
+                "u0, u1 = (start + first + 1) // m - 1, (start + t) // m - 1",
+                "u0, u1 = (start + first) // m - 1, (start + t - 1) // m - 1",
+            ),
+            ("lead = (start + first - (m - 1)) % m", "lead = (start + first - m) % m"),
+        ),
+        "chunk u's neighbours read from u*m+m (chunk u+1's first token), one position late",
+        (T_ORACLES, T_RETRO),
+    ),
+    Mutant(
+        "cca_layers_off_by_one",
+        RETRO,
+        (
+            (
+                "cca=(i + 1) in c.dec_cross_attn_layers",
+                "cca=i in c.dec_cross_attn_layers",
+            ),
+        ),
+        "dec_cross_attn_layers read as 0-based: CCA one decoder layer late",
+        (T_RETRO,),
+    ),
+    Mutant(
+        "encoder_cross_layers_off_by_one",
+        RETRO,
+        (
+            (
+                "cross=(i + 1) in c.enc_cross_attn_layers",
+                "cross=i in c.enc_cross_attn_layers",
+            ),
+        ),
+        "enc_cross_attn_layers read as 0-based: the chunk states read one encoder layer late",
+        (T_RETRO,),
+    ),
+    Mutant(
+        "missing_neighbour_mask_inverted",
+        RETRO,
+        (
+            (
+                "token_mask = token_mask & neighbour_mask[..., None]",
+                "token_mask = token_mask & ~neighbour_mask[..., None]",
+            ),
+        ),
+        "missing neighbours attended, present ones masked",
+        (T_RETRO,),
+    ),
+    Mutant(
+        "neighbour_pad_tokens_attended",
+        RETRO,
+        (
+            (
+                "x = layer.self_attn(x, mask=keep, q_rotary=pos_r, k_rotary=pos_r)",
+                "x = layer.self_attn(x, mask=None, q_rotary=pos_r, k_rotary=pos_r)",
+            ),
+        ),
+        "the encoder's self-attention lets pad tokens of a neighbour reach its real tokens",
+        (T_RETRO,),
+    ),
+    Mutant(
+        "decoder_self_attention_not_causal",
+        RETRO,
+        (
+            (
+                "c.dec_dim, c.heads, c.dim_head, dropout=c.dec_attn_dropout, causal=True",
+                "c.dec_dim, c.heads, c.dim_head, dropout=c.dec_attn_dropout, causal=False",
+            ),
+        ),
+        "the decoder's self-attention sees the future",
+        (T_RETRO,),
+    ),
+    Mutant(
+        "same_document_filter_off_training",
+        "src/retrolm/data.py",
+        (("valid &= ~np.isin(cand_docs, seq_docs)", "valid &= True"),),
+        "training neighbours may come from a document the training sequence touches",
+        ("tests/test_data.py",),
+    ),
+    Mutant(
+        "same_document_filter_off_database",
+        "src/retrolm/retrieval/neighbours.py",
+        (
+            (
+                "return doc_ids[ids] == query_docs[rows, None]  # also drops the chunk itself",
+                "return ids < 0",
+            ),
+        ),
+        "the database's neighbour lists keep the chunk itself and its own document",
+        ("tests/retrieval/test_neighbours.py",),
+    ),
+    Mutant(
+        "local_attention_not_causal_blocked",
+        "src/retrolm/nn/local_attention.py",
+        (
+            (
+                "allowed = ((dist >= 0) & (dist < window)) if causal else",
+                "allowed = (dist < window) if causal else",
+            ),
+        ),
+        "blocked local attention: later keys of the query's own block visible",
+        ("tests/nn/test_attention.py",),
+    ),
+    Mutant(
+        "local_attention_not_causal_mask",
+        "src/retrolm/nn/masks.py",
+        (
+            (
+                "return (dist >= 0) & (dist < window)",
+                "return dist < window",
+            ),
+        ),
+        "the causal sliding-window mask lets every later key in",
+        ("tests/nn/test_attention.py",),
+    ),
+    Mutant(
+        "kmeans_commitment_sign",
+        "src/retrolm/nn/kmeans.py",
+        (
+            (
+                "err = torch.rsub(best, 2.0, alpha=2.0) / self.dim",
+                "err = -torch.rsub(best, 2.0, alpha=2.0) / self.dim",
+            ),
+        ),
+        "the commitment loss pushes queries and keys away from their centroids",
+        ("tests/nn/test_block_oracles.py",),
+    ),
+    Mutant(
+        "routing_sort_positions_descending",
+        "src/retrolm/nn/sorted_window.py",
+        (
+            (
+                "return torch.where(group < 0, big, group) * n + pos",
+                "return torch.where(group < 0, big, group) * n + (n - 1 - pos)",
+            ),
+        ),
+        "tokens of a cluster sorted by descending position: the window looks at the future",
+        ("tests/nn/test_routing_blocks.py", "tests/models/test_routing.py"),
+    ),
+    Mutant(
+        "routing_cache_sort_descending",
+        "src/retrolm/models/routing_cache.py",
+        (
+            (
+                "order = (groups * n + pos).argsort(dim=-1)",
+                "order = (groups * n - pos).argsort(dim=-1)",
+            ),
+        ),
+        "the routing cache's (cluster, position) order with positions descending",
+        ("tests/models/test_routing.py",),
+    ),
+    Mutant(
+        "pkm_product_index_swapped",
+        "src/retrolm/nn/pkm.py",
+        (
+            (
+                "ci = i[0][..., :, None] * self.num_keys + i[1][..., None, :]",
+                "ci = i[1][..., :, None] * self.num_keys + i[0][..., None, :]",
+            ),
+        ),
+        "PKM reads the value slot of the transposed key pair",
+        ("tests/nn/test_block_oracles.py",),
+    ),
+    Mutant(
+        "moe_gate_not_renormalised",
+        "src/retrolm/nn/moe.py",
+        (("w = (w / w.sum(-1, keepdim=True)).to(x.dtype)", "w = w.to(x.dtype)"),),
+        "MoE weights each expert by its raw gate probability, not renormalised over top_k",
+        ("tests/nn/test_block_oracles.py",),
+    ),
+    Mutant(
+        "wrapper_label_mask_off_by_one",
+        "src/retrolm/wrapper.py",
+        (
+            (
+                "labels.masked_fill(~mask[:, 1 : inp.shape[1] + 1], self.ignore_index)",
+                "labels.masked_fill(~mask[:, : inp.shape[1]], self.ignore_index)",
+            ),
+        ),
+        "the wrapper ignores labels by the mask of the input token, not of the label",
+        ("tests/test_wrapper.py",),
+    ),
+    Mutant(
+        "eval_skips_the_nearest_neighbour",
+        "src/retrolm/evaluate.py",
+        (
+            (
+                "ret, mask = db.retrieved_tokens(nbr[:, :k])",
+                "ret, mask = db.retrieved_tokens(nbr[:, 1 : k + 1])",
+            ),
+        ),
+        "evaluation's retrieval mode feeds neighbours 2 ... k+1 instead of the k nearest",
+        ("tests/test_evaluate.py",),
+    ),
+]
