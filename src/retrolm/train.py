@@ -498,12 +498,13 @@ def train(
         db = RetrievalDatabase.open(db)
     get_family(family)  # an unknown family fails before any set-up
     world, rank, local_rank = _dist_info()
-    if world > 1 and not torch.distributed.is_initialized():
+    own_group = world > 1 and not torch.distributed.is_initialized()
+    if own_group:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         torch.distributed.init_process_group(backend)
         # ours, so ours to close: a group left to the interpreter's teardown can abort the
-        # process at exit ("terminate called without an active exception", seen once with
-        # gloo after a finished run)
+        # process at exit ("terminate called without an active exception", seen with gloo
+        # after a finished run); a failed run closes it at exit, without a barrier
         atexit.register(_destroy_process_group)
     if device is None:
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
@@ -513,7 +514,15 @@ def train(
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     with _run_lock(run_dir, rank, world, device):
-        return _train(db, run_dir, cfg, family, model_config, preset, device)
+        result = _train(db, run_dir, cfg, family, model_config, preset, device)
+    if own_group:
+        # every rank past its last collective before any closes its connections: a rank
+        # tearing gloo down while another still talked died in std::terminate (1 run in 13
+        # on a loaded 2-core host)
+        torch.distributed.barrier()
+        _destroy_process_group()
+        atexit.unregister(_destroy_process_group)
+    return result
 
 
 @contextmanager
