@@ -4,6 +4,7 @@ from retrolm.nn.attention import attend, attention_backend, reference_attend
 from retrolm.nn.decode_linear import DecodeLinear
 from retrolm.nn.feedforward import FeedForward
 from retrolm.nn.fused_train import cross_entropy, norm_shift
+from retrolm.nn.group_linear import GroupLinear
 from retrolm.nn.kmeans import SphericalKMeans, update_kmeans
 from retrolm.nn.kv_cache import KVCache, cast_cache, prefill
 from retrolm.nn.layer_drop import layer_drop_keep
@@ -17,14 +18,18 @@ from retrolm.nn.resample import CausalDownsample, repeat_upsample
 from retrolm.nn.residual import Residual, deepnet_constants, deepnet_init_
 from retrolm.nn.reversible import ReversibleSequence, is_recomputing, reversible
 from retrolm.nn.rotary import RotaryEmbedding, apply_rotary
+from retrolm.nn.scaling import BlockScale, LayerScale, depth_width_schedule, make_divisible
 from retrolm.nn.sorted_window import dense_window_mask, sorted_window_attend
 from retrolm.nn.token_shift import TokenShift, token_shift, token_shift_cached
 
 __all__ = [
+    "BlockScale",
     "CausalDownsample",
     "DecodeLinear",
     "FeedForward",
+    "GroupLinear",
     "KVCache",
+    "LayerScale",
     "cast_cache",
     "prefill",
     "LayerNorm",
@@ -41,8 +46,10 @@ __all__ = [
     "cross_entropy",
     "deepnet_constants",
     "deepnet_init_",
+    "depth_width_schedule",
     "key_padding_mask",
     "local_attend",
+    "make_divisible",
     "make_norm",
     "norm_shift",
     "reference_attend",
