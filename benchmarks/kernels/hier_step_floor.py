@@ -2,7 +2,7 @@
 bare eager steps of the benchmark config, one run.
 
 Ours: one cached step of ``retrolm.HierarchicalTransformer`` inside ``model.generate``
-(the config of ``bench_hier.py``: dim 256, depth 4, heads 4 x 64, hierarchies (1, 2, 8),
+(the config of ``compare/bench_hier.py``: dim 256, depth 4, heads 4 x 64, hierarchies (1, 2, 8),
 windows (32, 64, None), vocabulary 256; a 992-token prompt, then 32 new tokens), fp32,
 timed by wrapping the model's forward. The bare steps do the arithmetic every step of this
 config does, as straight-line tensor code over plain weights: the compression of the last
@@ -17,21 +17,13 @@ in C++ against ATen (the same kernels, called without Python; compiled on first 
 ``torch.utils.cpp_extension``, which needs a C++ compiler and ninja, ~30 s): how much of the
 bare step is Python. Rounds interleave; medians.
 
-    python benchmarks/hier_step_floor.py [--rounds 3] [--threads 2] [--cpp]
+    python -m benchmarks.kernels.hier_step_floor [--rounds 3] [--threads 2] [--cpp]
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-import sys
-import time
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
-
-import bench_hier as BH  # noqa: E402  (the benchmark config)
-from decode_step_floor import cached_step_times, interleaved_medians  # noqa: E402
+from benchmarks import common
+from benchmarks.common import HIER_NEW, HIER_PROMPT, interleaved_medians
 
 # "per hierarchy" in C++: the same ATen calls in the same order, no Python between them
 CPP_STEP = r"""
@@ -188,29 +180,23 @@ def bare_steps():
 
 
 def ours_steps(model, prompt) -> list[float]:
-    return cached_step_times(model, lambda: model.generate(prompt, BH.NEW, top_k=25))
+    return common.cached_step_times(model, lambda: model.generate(prompt, HIER_NEW, top_k=25))
 
 
-def timed_calls(fn, n: int = BH.NEW - 1) -> list[float]:
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return times
+def timed_calls(fn) -> list[float]:
+    """Seconds of each of as many calls of ``fn`` as a generation has cached steps."""
+    return common.timed_calls(lambda _: fn(), HIER_NEW - 1)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
+    ap = common.parser(__doc__, threads=2, rounds=3)
     ap.add_argument("--cpp", action="store_true", help="add the per-hierarchy step in C++")
     a = ap.parse_args()
     import torch
 
-    torch.set_num_threads(a.threads)
-    model = BH.build("ours", 1024).eval()
-    prompt = torch.randint(1, 256, (1, BH.PROMPT))
+    common.set_threads(a.threads)
+    model = common.build_hier("ours", 1024).eval()
+    prompt = torch.randint(1, 256, (1, HIER_PROMPT))
     per, batched, weights = bare_steps()
     sides = {
         "retrolm": lambda: ours_steps(model, prompt),

@@ -1,18 +1,19 @@
 """One decoding query against a KV cache: SDPA on CPU in bf16 vs fp32 (and casting per step).
 
-Explains why bf16 decode steps are not faster than fp32 ones here (RESULTS.md, issue 4):
+Explains why bf16 decode steps are not faster than fp32 ones here (history/generation.md):
 one query, 4 heads, ``--keys`` cached keys, head dim 64, batch 1.
 
-    python benchmarks/bench_decode_attention.py --threads 2 --keys 512
+    python -m benchmarks.kernels.bench_decode_attention --threads 2 --keys 512
 """
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
 import torch.nn.functional as F
+
+from benchmarks import common
 
 
 def per_call_us(fn, reps: int = 500) -> float:
@@ -25,11 +26,10 @@ def per_call_us(fn, reps: int = 500) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--threads", type=int, default=2)
+    p = common.parser(__doc__, threads=2)
     p.add_argument("--keys", type=int, default=512)
     a = p.parse_args()
-    torch.set_num_threads(a.threads)
+    common.set_threads(a.threads)
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 4, n, 64, generator=g) for n in (1, a.keys, a.keys))
     qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()

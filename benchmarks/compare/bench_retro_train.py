@@ -9,49 +9,39 @@ bf16, ours fp32, ours bf16), so that load from other processes on a shared machi
 them alike; ratios are medians of per-round ratios. Peak RSS: every (config, side, dtype)
 in a fresh process (ru_maxrss is that run's own).
 
-    python benchmarks/bench_retro_train.py                # both configs, 5 rounds
-    python benchmarks/bench_retro_train.py --steps 3 --configs L512_b4   # quicker
+    python -m benchmarks.compare.bench_retro_train                # both configs, 5 rounds
+    python -m benchmarks.compare.bench_retro_train --steps 3 --configs L512_b4   # quicker
 Needs: pip install --no-deps retro-pytorch==0.3.9 (faiss-cpu installed; autofaiss is stubbed).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import resource
 import statistics
-import subprocess
-import sys
 import time
 
-VOCAB = 28996
-CONFIGS = {"L512_b4": (512, 4), "L2048_b1": (2048, 1)}
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
-from retrolm.models.retro_config import PRESETS  # noqa: E402
+from benchmarks import common
 
-# the issue's benchmark model (dec 256x6, enc 256x2, CCA (3, 6), heads 4, dim_head 64,
-# chunk 64): the "retro-bench" preset, less the vocabulary and length set per run
-MODEL = {k: v for k, v in PRESETS["retro-bench"].items() if k not in ("num_tokens", "max_seq_len")}
+VOCAB = common.GEN_VOCAB
+CONFIGS = {"L512_b4": (512, 4), "L2048_b1": (2048, 1)}
+
+
+def model_config() -> dict:
+    """The issue's benchmark model, less the vocabulary and length set per run."""
+    return common.retro_bench_model("num_tokens", "max_seq_len")
 
 
 def build(side: str, L: int):
-
     if side == "anchor":
-        import types
-
-        if "autofaiss" not in sys.modules:  # retro_pytorch imports it at module import only
-            stub = types.ModuleType("autofaiss")
-            stub.build_index = None
-            sys.modules["autofaiss"] = stub
+        common.stub_autofaiss()
         from retro_pytorch import RETRO as AnchorRETRO
 
-        return AnchorRETRO(max_seq_len=L, num_tokens=VOCAB, **MODEL)
+        return AnchorRETRO(max_seq_len=L, num_tokens=VOCAB, **model_config())
     from retrolm import RETRO
 
     # share_embeddings: one token embedding for encoder and decoder, as the anchor has, so
     # both sides train the same number of parameters
-    return RETRO(max_seq_len=L, num_tokens=VOCAB, share_embeddings=True, **MODEL)
+    return RETRO(max_seq_len=L, num_tokens=VOCAB, share_embeddings=True, **model_config())
 
 
 def child(side: str, cfg: str, dtype: str, warmup: int, steps: int) -> dict:
@@ -88,7 +78,7 @@ def child(side: str, cfg: str, dtype: str, warmup: int, steps: int) -> dict:
         step_s=med,
         tok_s=B * L / med,
         times=[round(t, 3) for t in times],
-        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        peak_rss_mb=common.peak_rss_mb(),
         params_m=sum(p.numel() for p in model.parameters()) / 1e6,
     )
 
@@ -120,15 +110,7 @@ def interleaved_speed(cfg: str, warmup: int, rounds: int) -> dict:
                 opt.step()
 
             runners[(side, dtype)] = step
-    for run in runners.values():
-        for _ in range(warmup):
-            run()
-    times: dict = {k: [] for k in runners}
-    for _ in range(rounds):
-        for key, run in runners.items():
-            t0 = time.perf_counter()
-            run()
-            times[key].append(time.perf_counter() - t0)
+    times = common.interleave(runners, rounds, warmup)
     med = {f"{s}-{d}": statistics.median(t) for (s, d), t in times.items()}
     anchor_best = [min(a, b) for a, b in zip(times[("anchor", "fp32")], times[("anchor", "bf16")])]
     ratios = {
@@ -163,7 +145,7 @@ def loss_parity(steps: int = 30) -> dict:
         torch.manual_seed(0)
         from retrolm import RETRO
 
-        model = RETRO(max_seq_len=256, num_tokens=VOCAB, **MODEL)
+        model = RETRO(max_seq_len=256, num_tokens=VOCAB, **model_config())
         opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
         g = torch.Generator().manual_seed(1)
         seq = torch.randint(1, 2000, (2, 257), generator=g)
@@ -188,14 +170,11 @@ def loss_parity(steps: int = 30) -> dict:
 
 
 def run_child(args_list: list[str]) -> dict:
-    out = subprocess.run([sys.executable, __file__, *args_list], capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(out.stderr[-2000:])
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return common.rerun(__spec__.name, *args_list)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = common.parser(__doc__)
     ap.add_argument("--child", nargs=3, metavar=("SIDE", "CONFIG", "DTYPE"))
     ap.add_argument("--parity", action="store_true")
     ap.add_argument("--speed", metavar="CONFIG", help="interleaved speed run for one config")
@@ -206,13 +185,13 @@ def main() -> None:
     ap.add_argument("--json", help="append raw results to this file")
     a = ap.parse_args()
     if a.child:
-        print(json.dumps(child(*a.child, a.warmup, a.steps)))
+        common.emit(child(*a.child, a.warmup, a.steps))
         return
     if a.parity:
-        print(json.dumps(loss_parity()))
+        common.emit(loss_parity())
         return
     if a.speed:
-        print(json.dumps(interleaved_speed(a.speed, a.warmup, a.rounds)))
+        common.emit(interleaved_speed(a.speed, a.warmup, a.rounds))
         return
     runs = [("anchor", "fp32"), ("ours", "fp32"), ("ours", "bf16"), ("anchor", "bf16")]
     for cfg in a.configs.split(","):
@@ -241,9 +220,8 @@ def main() -> None:
                 flush=True,
             )
         if a.json:
-            with open(a.json, "a") as f:
-                row = dict(speed=speed, rss={f"{s}-{d}": v for (s, d), v in rss.items()})
-                f.write(json.dumps(row) + "\n")
+            row = dict(speed=speed, rss={f"{s}-{d}": v for (s, d), v in rss.items()})
+            common.append_jsonl(a.json, row)
     print("\nLoss parity, ours bf16 autocast vs fp32 (30 steps, same init and batches):")
     print("  " + json.dumps(run_child(["--parity"])))
 

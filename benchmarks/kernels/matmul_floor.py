@@ -8,22 +8,19 @@ benchmark dtype: ours bf16 autocast, the reference its faster one), profiles one
 to split its op time into dense kernels and the rest, and prints the step time a speed-up
 target allows and how much of it our dense kernels alone already take.
 
-    PYTHONPATH=src python benchmarks/matmul_floor.py routing --length 4096 --target 1.5
-    PYTHONPATH=src python benchmarks/matmul_floor.py hier --length 1024 --target 2
+    python -m benchmarks.kernels.matmul_floor routing --length 4096 --target 1.5
+    python -m benchmarks.kernels.matmul_floor hier --length 1024 --target 2
 
-Same configs as bench_routing.py / bench_hier.py (their ``build``); needs their reference
-libraries installed.
+Same configs as compare/bench_routing.py / compare/bench_hier.py (``benchmarks.common``'s
+``build_routing`` / ``build_hier``); needs their reference libraries installed.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
 import statistics
-import sys
-import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+from benchmarks import common
+
 DENSE = (
     "aten::mm",
     "aten::addmm",
@@ -37,19 +34,14 @@ DENSE = (
 def step_fn(family: str, side: str, length: int):
     import torch
 
-    sys.path.insert(0, HERE)
     if family == "routing":
-        import bench_routing as bench
-
-        model = bench.build(side, length)
-        bf16 = True  # both sides' faster training dtype (bench_routing.py)
+        model = common.build_routing(side, length)
+        bf16 = True  # both sides' faster training dtype (compare/bench_routing.py)
 
         def loss(x):
             return model(x, return_loss=True)
     else:
-        import bench_hier as bench
-
-        model = bench.build(side, length)
+        model = common.build_hier(side, length)
         bf16 = side == "ours"  # the reference's xPos rotary fails under autocast
 
         def loss(x):
@@ -75,15 +67,7 @@ def measure(family: str, length: int, rounds: int) -> dict[str, tuple[float, flo
     from torch.profiler import profile
 
     steps = {side: step_fn(family, side, length) for side in ("ours", "ref")}
-    times: dict[str, list[float]] = {side: [] for side in steps}
-    for step in steps.values():
-        for _ in range(2):
-            step()
-    for _ in range(rounds):
-        for side, step in steps.items():
-            t0 = time.perf_counter()
-            step()
-            times[side].append(time.perf_counter() - t0)
+    times = common.interleave(steps, rounds, warmup=2)
     out = {}
     for side, step in steps.items():
         with profile() as prof:
@@ -96,16 +80,12 @@ def measure(family: str, length: int, rounds: int) -> dict[str, tuple[float, flo
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = common.parser(__doc__, threads=2, rounds=3)
     ap.add_argument("family", choices=("routing", "hier"))
     ap.add_argument("--length", type=int, default=4096)
     ap.add_argument("--target", type=float, default=1.5, help="speed-up over the reference")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=3)
     a = ap.parse_args()
-    import torch
-
-    torch.set_num_threads(a.threads)
+    common.set_threads(a.threads)
     res = measure(a.family, a.length, a.rounds)
     for side in ("ours", "ref"):
         t, dense, total = res[side]

@@ -2,7 +2,7 @@
 its ``torch.compile`` version, same shapes, one run.
 
 Ours: one cached step of ``retrolm.RETRO`` inside ``retrolm.generate`` (the benchmark model
-of ``bench_generate.py``: decoder 256 x 6, CCA at layers 3 and 6, heads 4 x 64, vocabulary
+of ``compare/bench_generate.py``: decoder 256 x 6, CCA at layers 3 and 6, heads 4 x 64, vocabulary
 28996, a 448-token prompt then 64 new tokens, 2 neighbours of 128 tokens per chunk), timed
 by wrapping the model's forward, fp32. The bare step is the same arithmetic written as
 straight-line tensor code over plain weight tensors: RMSNorm, one fused q|k|v matmul, a
@@ -13,71 +13,26 @@ vocabulary projection: ~110 kernels, no modules, no rotary, no copy head, no sam
 compiling takes ~10-20 s); ``--packed`` the bare step with bf16 weights (oneDNN packed,
 activations and attention in fp32). Rounds interleave the sides; medians over the 63 steps of each.
 
-    python benchmarks/decode_step_floor.py [--rounds 3] [--threads 2] [--compile] [--packed]
+    python -m benchmarks.kernels.decode_step_floor [--rounds 3] [--threads 2] [--compile] [--packed]
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
-
-import bench_generate as G  # noqa: E402  (the benchmark model and the stub retriever)
+from benchmarks import common
+from benchmarks.common import GEN_L, GEN_NEW, GEN_PROMPT, GEN_VOCAB, interleaved_medians
 
 D, H, DH, LAYERS, CCA, NEIGHBOUR_KEYS = 256, 4, 64, 6, (3, 6), 2 * 128
-
-
-def cached_step_times(model, call) -> list[float]:
-    """Run ``call()`` (one generation with ``model``) and return the seconds of each of its
-    one-token forwards (the cached steps; the prompt's forward is not among them)."""
-    steps: list[float] = []
-    forward = model.forward
-
-    def timed(ids, *a, **k):
-        t0 = time.perf_counter()
-        out = forward(ids, *a, **k)
-        if ids.shape[1] == 1:
-            steps.append(time.perf_counter() - t0)
-        return out
-
-    model.forward = timed
-    try:
-        call()
-    finally:
-        model.forward = forward
-    return steps
-
-
-def interleaved_medians(sides: dict, rounds: int, label: str) -> dict[str, float]:
-    """Each side returns per-step seconds; after one warm-up call per side, ``rounds`` rounds
-    of one call per side in turn. Prints each side's per-round medians (ms) and returns the
-    median over rounds."""
-    for run in sides.values():  # warm-up (weight copies, caches, first-touch memory)
-        run()
-    medians: dict[str, list[float]] = {name: [] for name in sides}
-    for _ in range(rounds):
-        for name, run in sides.items():
-            medians[name].append(statistics.median(run()) * 1e3)
-    best = {name: statistics.median(v) for name, v in medians.items()}
-    width = max(map(len, sides))
-    for name, v in medians.items():
-        per_round = ", ".join(f"{x:.2f}" for x in v)
-        print(f"{name:{width}s} ms per step ({label}): {per_round} -> {best[name]:.2f}")
-    return best
 
 
 def ours_steps(model, prompt) -> list[float]:
     from retrolm import generate
 
     def call():
-        generate(model, prompt, G.NEW, G.StubRetriever(), top_k=int(0.1 * G.VOCAB), seed=0)
+        generate(model, prompt, GEN_NEW, common.StubRetriever(), top_k=GEN_VOCAB // 10, seed=0)
 
-    return cached_step_times(model, call)
+    return common.cached_step_times(model, call)
 
 
 def bare_step_fn(packed: bool = False):
@@ -107,13 +62,13 @@ def bare_step_fn(packed: bool = False):
             co=rand(H * DH, D, scale=(H * DH) ** -0.5),
             ck=rand(1, H, NEIGHBOUR_KEYS, DH, scale=1.0),  # one chunk's encoded neighbours
             cv=rand(1, H, NEIGHBOUR_KEYS, DH, scale=1.0),
-            k=torch.zeros(1, H, G.L, DH),  # the KV cache, written in place
-            v=torch.zeros(1, H, G.L, DH),
+            k=torch.zeros(1, H, GEN_L, DH),  # the KV cache, written in place
+            v=torch.zeros(1, H, GEN_L, DH),
         )
         for _ in range(LAYERS)
     ]
-    emb, norm, out = rand(G.VOCAB, D, scale=1.0), torch.ones(D), rand(D, G.VOCAB, scale=D**-0.5)
-    slots = torch.arange(G.L)
+    emb, norm, out = rand(GEN_VOCAB, D, scale=1.0), torch.ones(D), rand(D, GEN_VOCAB, scale=D**-0.5)
+    slots = torch.arange(GEN_L)
     if packed:  # (in, out) -> oneDNN's opaque bf16 layout of the (out, in) weight
         for w in layers:
             for name in ("qkv", "o", "f1", "f2", "cq", "co"):
@@ -128,7 +83,7 @@ def bare_step_fn(packed: bool = False):
 
     def step(tok, pos):
         x = F.embedding(tok.view(1, 1), emb)  # (1, 1, D)
-        mask = (slots <= pos).view(1, 1, 1, G.L)
+        mask = (slots <= pos).view(1, 1, 1, GEN_L)
         for i, w in enumerate(layers, start=1):
             h = F.rms_norm(x, (D,), w["n1"])
             q, k, v = mm(h, w["qkv"]).view(1, 1, 3, H, DH).transpose(1, 3).unbind(2)
@@ -143,7 +98,7 @@ def bare_step_fn(packed: bool = False):
                 x = x + mm(a.transpose(1, 2).reshape(1, 1, H * DH), w["co"])
             h = F.rms_norm(x, (D,), w["n2"])
             x = x + mm(F.gelu(mm(h, w["f1"])), w["f2"])
-        return mm(F.rms_norm(x, (D,), norm), out).view(G.VOCAB)
+        return mm(F.rms_norm(x, (D,), norm), out).view(GEN_VOCAB)
 
     return step
 
@@ -151,19 +106,13 @@ def bare_step_fn(packed: bool = False):
 def bare_steps(step) -> list[float]:
     import torch
 
-    tok, times = torch.tensor([3]), []
+    tok = torch.tensor([3])
     with torch.no_grad():
-        for p in range(G.PROMPT, G.PROMPT + G.NEW - 1):
-            t0 = time.perf_counter()
-            step(tok, torch.tensor(p))
-            times.append(time.perf_counter() - t0)
-    return times
+        return common.timed_calls(lambda i: step(tok, torch.tensor(GEN_PROMPT + i)), GEN_NEW - 1)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
+    ap = common.parser(__doc__, threads=2, rounds=3)
     ap.add_argument("--compile", action="store_true", help="also time the bare step compiled")
     ap.add_argument("--packed", action="store_true", help="also the bare step, bf16 weights")
     a = ap.parse_args()
@@ -171,10 +120,11 @@ def main() -> None:
 
     from retrolm import RETRO
 
-    torch.set_num_threads(a.threads)
+    common.set_threads(a.threads)
     torch.manual_seed(0)
-    prompt = torch.randint(1, G.VOCAB, (1, G.PROMPT))
-    model = RETRO(max_seq_len=G.L, num_tokens=G.VOCAB, **G.MODEL).eval()
+    prompt = torch.randint(1, GEN_VOCAB, (1, GEN_PROMPT))
+    cfg = common.retro_bench_model("num_tokens", "max_seq_len")
+    model = RETRO(max_seq_len=GEN_L, num_tokens=GEN_VOCAB, **cfg).eval()
     bare = bare_step_fn()
     sides = {"retrolm": lambda: ours_steps(model, prompt), "bare eager": lambda: bare_steps(bare)}
     if a.packed:

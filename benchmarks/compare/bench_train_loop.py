@@ -11,33 +11,28 @@ Config: RETRO dec 256 x 6, enc 256 x 2, CCA (3, 6), heads 4, dim_head 64, chunk 
 sequence 512, batch 4. The database: 12 KJV books (data/kjv.tar.xz) embedded by a tiny
 random BERT (the data path's cost does not depend on the encoder's quality).
 
-    python benchmarks/bench_train_loop.py [--rounds 2] [--steps 8]
+    python -m benchmarks.compare.bench_train_loop [--rounds 2] [--steps 8]
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
-import json
 import os
 import statistics
-import subprocess
 import sys
 import tarfile
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(ROOT))
-from retrolm.models.retro_config import PRESETS  # noqa: E402
+from benchmarks import common
 
-# the issue's benchmark model (dec 256x6, enc 256x2, CCA (3, 6), heads 4, dim_head 64) at
-# seq 512; the vocabulary comes from the database's tokenizer
-MODEL = {k: v for k, v in PRESETS["retro-bench"].items() if k != "num_tokens"}
-MODEL["max_seq_len"] = 512
 BATCH, WARMUP = 4, 2
+
+
+def model_config() -> dict:
+    """The issue's benchmark model at seq 512; the vocabulary comes from the database."""
+    return dict(common.retro_bench_model("num_tokens"), max_seq_len=512)
 
 
 def make_db(work: Path) -> Path:
@@ -48,7 +43,7 @@ def make_db(work: Path) -> Path:
     db = work / "db"
     if (db / "manifest.json").is_file():
         return db
-    with tarfile.open(ROOT / "data" / "kjv.tar.xz") as tar:
+    with tarfile.open(common.ROOT / "data" / "kjv.tar.xz") as tar:
         tar.extractall(work, filter="data")
     text = work / "text"
     text.mkdir(exist_ok=True)
@@ -76,7 +71,7 @@ def bare(db_dir: Path, steps: int) -> float:
     db = RetrievalDatabase.open(db_dir)
     fam = get_family("retro")
     torch.manual_seed(0)
-    model = fam.build(_model_config(fam, db, dict(MODEL), None)).train()
+    model = fam.build(_model_config(fam, db, model_config(), None)).train()
     ds = RETRODataset(db, seq_len=512, num_neighbours=2)
     batch = collate([ds[i] for i in range(BATCH)], True)
     opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4)
@@ -109,7 +104,7 @@ def loop(db_dir: Path, steps: int) -> float:
             plot=True,
             seed=0,
         )
-        train(db_dir, run, cfg, model_config=dict(MODEL))
+        train(db_dir, run, cfg, model_config=model_config())
         with open(Path(run) / "metrics.csv") as f:
             rows = list(csv.DictReader(f))
     # wall time between the end of the warm-up and the end of the last step: data loading,
@@ -119,8 +114,7 @@ def loop(db_dir: Path, steps: int) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=2)
+    ap = common.parser(__doc__, rounds=2)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "retrolm-bench-loop"))
     ap.add_argument("--child", choices=["bare", "loop"])
@@ -131,31 +125,18 @@ def main() -> None:
 
         torch.set_num_threads(2)
         fn = bare if a.child == "bare" else loop
-        print("RESULT " + json.dumps({"tok_s": fn(work / "db", a.steps)}), flush=True)
+        common.emit({"tok_s": fn(work / "db", a.steps)})
         return
     work.mkdir(parents=True, exist_ok=True)
     make_db(work)
     res: dict[str, list[float]] = {"bare": [], "loop": []}
     for r in range(a.rounds):
         for side in ("bare", "loop"):
-            p = subprocess.run(
-                [
-                    sys.executable,
-                    __file__,
-                    "--child",
-                    side,
-                    "--steps",
-                    str(a.steps),
-                    "--work",
-                    str(work),
-                ],
-                capture_output=True,
-                text=True,
-            )
-            line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
-            if not line:
-                sys.exit(f"{side} failed:\n{p.stderr[-3000:]}")
-            tok_s = json.loads(line[0][7:])["tok_s"]
+            args = ("--child", side, "--steps", str(a.steps), "--work", str(work))
+            try:
+                tok_s = common.rerun(__spec__.name, *args)["tok_s"]
+            except common.ChildFailed as e:
+                sys.exit(f"{side} failed:\n{e}")
             res[side].append(tok_s)
             print(f"round {r + 1}: {side}: {tok_s:.1f} tokens/s", flush=True)
     b, lp = statistics.median(res["bare"]), statistics.median(res["loop"])

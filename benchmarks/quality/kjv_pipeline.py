@@ -10,7 +10,7 @@ chunks and sequences. Held out: the demo's books (``retrolm.demo.HELD_OUT``), ne
 the database; training text: the other books in name order, as much as the steps read
 once (no sequence is seen twice).
 
-Used by ``quality_routing.py`` and ``quality_hier.py``.
+The helper of ``quality_routing.py`` and ``quality_hier.py`` (not a script itself).
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import logging
 import os
 import shutil
 import statistics
-import sys
 import tarfile
 import tempfile
 import time
@@ -30,9 +29,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(ROOT))
+from benchmarks import common
+
 VOCAB = 258  # bytes + <pad> + <eos>: a BPE with no merges
 CHUNK = 64
 
@@ -45,7 +43,7 @@ def prepare(work: Path, seq_len: int, train_tokens: int, held_bytes: int) -> tup
     held = work / "held"
     if (db / "manifest.json").is_file():
         return db, held
-    with tarfile.open(ROOT / "data" / "kjv.tar.xz") as tar:
+    with tarfile.open(common.ROOT / "data" / "kjv.tar.xz") as tar:
         books = {
             Path(m.name).stem: tar.extractfile(m).read().decode("utf-8")
             for m in tar.getmembers()
@@ -156,7 +154,7 @@ def compare(
 ) -> None:
     """The command line of a quality script: train and evaluate every model of ``models``
     (name -> model config from the parsed arguments) on one database, print the table."""
-    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
+    ap = common.parser(doc)
     ap.add_argument("--steps", type=int, default=steps)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=seq_len)
@@ -168,9 +166,7 @@ def compare(
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), work_name))
     ap.add_argument("--only", nargs="+", choices=list(models), help="run only these models")
     a = ap.parse_args()
-    import torch
-
-    torch.set_num_threads(1)
+    common.set_threads(1)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     t_start = time.perf_counter()
     work = Path(a.work)

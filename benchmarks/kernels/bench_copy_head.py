@@ -7,29 +7,26 @@ variants of the head's loss are timed: the one ``RETRO`` uses (the fused loss pe
 then the mixture at the targets only) and the full-vocabulary mixture it replaced (the
 model's log-probabilities over all tokens, then the NLL).
 
-    PYTHONPATH=src python benchmarks/bench_copy_head.py [--threads 2] [--rounds 7]
+    python -m benchmarks.kernels.bench_copy_head [--threads 2] [--rounds 7]
 """
 
 from __future__ import annotations
 
-import argparse
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
+from benchmarks import common
 from retrolm import RETRO, RetroConfig
 from retrolm.demo import DEMO_MODEL
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=7)
+    ap = common.parser(__doc__, threads=2, rounds=7)
     ap.add_argument("--batch", type=int, default=8)
     a = ap.parse_args()
-    torch.set_num_threads(a.threads)
+    common.set_threads(a.threads)
     torch.manual_seed(0)
     model_cfg = {k: v for k, v in DEMO_MODEL.items() if k != "copy_head"}
     plain = RETRO(RetroConfig(num_tokens=4096, copy_head=False, **model_cfg))
@@ -43,7 +40,6 @@ def main() -> None:
     mask = torch.ones(b, n // m, 2, dtype=torch.bool)
 
     def step(model, full_vocab=False):
-        t0 = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             if full_vocab:
                 logp = model(seq[:, :-1], ret, neighbour_mask=mask)
@@ -51,19 +47,13 @@ def main() -> None:
             else:
                 loss = model(seq, ret, neighbour_mask=mask, return_loss=True)
         loss.backward()
-        return time.perf_counter() - t0
 
     sides = {
         "without the head": lambda: step(plain),
         "copy head (targets only)": lambda: step(copy),
         "copy head (full-vocabulary mixture)": lambda: step(copy, full_vocab=True),
     }
-    times: dict[str, list[float]] = {k: [] for k in sides}
-    for f in sides.values():
-        f()  # warm-up
-    for _ in range(a.rounds):
-        for k, f in sides.items():
-            times[k].append(f())
+    times = common.interleave(sides, a.rounds, warmup=1)
     base = statistics.median(times["without the head"])
     print(f"demo model, batch {b} x {n}, bf16 autocast, {a.threads} threads, {a.rounds} rounds")
     for k, ts in times.items():

@@ -11,12 +11,11 @@ aligned copy learnt first has to become content matching, as real parallels need
 Every 50 steps it prints the training loss with neighbours and the same batch without
 them; at the end, held-out bits/byte with real retrieval on and off.
 
-    PYTHONPATH=src python benchmarks/copy_curriculum.py DB HELD_OUT_DIR --pself 0.75
+    python -m benchmarks.experiments.copy_curriculum DB HELD_OUT_DIR --pself 0.75
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
@@ -24,9 +23,11 @@ import time
 import numpy as np
 import torch
 
+from benchmarks import common
+
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = common.parser(__doc__)
     p.add_argument("db")
     p.add_argument("held")
     p.add_argument("--steps", type=int, default=900)
@@ -38,7 +39,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--eval-tokens", type=int, default=12000)
     a = p.parse_args()
-    torch.set_num_threads(1)
+    common.set_threads(1)
     from retrolm import RETRO
     from retrolm.data import RETRODataset
     from retrolm.demo import DEMO_MODEL

@@ -11,17 +11,18 @@ neighbours, as training sees them) and, as an upper bound, on the held-out text 
 
 and both are applied to the held-out text. ``p_model`` is the run's model with retrieval off.
 
-    PYTHONPATH=src python benchmarks/copy_gate_oracle.py RUN_DIR DB_DIR HELD_OUT_DIR [-k 2]
+    python -m benchmarks.experiments.copy_gate_oracle RUN_DIR DB_DIR HELD_OUT_DIR [-k 2]
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from benchmarks import common
 
 LMAX = 12
 
@@ -69,23 +70,18 @@ def bpb(recs: np.ndarray, lam: dict[int, float] | None) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap = common.parser(__doc__, threads=2)
     ap.add_argument("run")
     ap.add_argument("db")
     ap.add_argument("text")
     ap.add_argument("-k", "--neighbours", type=int, default=2)
     ap.add_argument("--train-sequences", type=int, default=60)
     ap.add_argument("--max-tokens", type=int, default=12000, help="per held-out document")
-    ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
-    torch.set_num_threads(a.threads)
-    from retrolm.checkpoint import load_model
+    common.set_threads(a.threads)
     from retrolm.data import RETRODataset
-    from retrolm.retrieval import RetrievalDatabase
 
-    db = RetrievalDatabase.open(a.db)
-    model, _ = load_model(a.run)
-    model.eval()
+    model, db = common.load_run(a.run, a.db)
     tok, m, n = db.tokenizer, db.chunk_size, model.config.max_seq_len
     pad, k = tok.pad_id, a.neighbours
     ds = RETRODataset(db, seq_len=n, num_neighbours=k)

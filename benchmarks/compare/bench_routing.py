@@ -10,9 +10,11 @@ every (side, dtype) interleaved, ours fp32 / bf16 / bf16p (bf16 prompt, fp32 ste
 reference fp32 / bf16, and compares each side at its faster dtype. Peak RSS
 (``ru_maxrss``) comes from a fresh subprocess per (side, length, dtype).
 
-    PYTHONPATH=src python benchmarks/bench_routing.py            # everything (~10-15 min)
-    PYTHONPATH=src python benchmarks/bench_routing.py --quick    # fewer steps, smoke check
-    PYTHONPATH=src python benchmarks/bench_routing.py --modes gen --gen-rounds 3  # generation
+    python -m benchmarks.compare.bench_routing            # everything (~10-15 min)
+    python -m benchmarks.compare.bench_routing --quick    # fewer steps, smoke check
+    python -m benchmarks.compare.bench_routing --modes gen --gen-rounds 3  # generation
+
+Raw rows are appended to ``benchmarks/results/routing.jsonl`` (``--out``).
 
 Needs ``pip install --no-deps routing-transformer==1.6.1 local-attention==1.11.2
 product_key_memory==0.3.0 mixture-of-experts==0.2.3 CoLT5-attention==0.11.2`` for the
@@ -21,38 +23,15 @@ reference side.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import resource
 import statistics
-import subprocess
-import sys
 import time
 
-V, DIM, DEPTH, HEADS, LOCAL, WINDOW = 256, 256, 4, 4, 2, 128
+from benchmarks import common
+from benchmarks.common import build_routing as build
+
+V = common.ROUTING_CFG["num_tokens"]
 THREADS = 2
-
-
-def build(side: str, L: int):
-    import torch
-
-    kw = dict(
-        num_tokens=V,
-        dim=DIM,
-        heads=HEADS,
-        depth=DEPTH,
-        max_seq_len=L,
-        causal=True,
-        window_size=WINDOW,
-        n_local_attn_heads=LOCAL,
-    )
-    if side == "ours":
-        from retrolm import AutoregressiveWrapper, RoutingTransformerLM
-    else:
-        from routing_transformer import AutoregressiveWrapper, RoutingTransformerLM
-    torch.manual_seed(0)
-    return AutoregressiveWrapper(RoutingTransformerLM(**kw))
 
 
 def _train_step(model, opt, x, bf16):
@@ -91,19 +70,15 @@ def child_speed(mode: str, L: int, dt_ours: str, dt_ref: str, steps: int) -> dic
     x = torch.randint(1, V, (1, L + 1))
     models = {s: build(s, L) for s in ("ours", "ref")}
     dts = dict(ours=dt_ours, ref=dt_ref)
-    times: dict[str, list[float]] = dict(ours=[], ref=[])
     if mode == "train":
         opts = {s: torch.optim.AdamW(m.parameters(), lr=1e-4) for s, m in models.items()}
         for m in models.values():
             m.train()
-        for s in models:  # warm-up
-            for _ in range(2):
-                _train_step(models[s], opts[s], x, dts[s] == "bf16")
-        for _ in range(steps):
-            for s in models:
-                t0 = time.perf_counter()
-                _train_step(models[s], opts[s], x, dts[s] == "bf16")
-                times[s].append(time.perf_counter() - t0)
+        times = common.interleave(
+            {s: lambda s=s: _train_step(models[s], opts[s], x, dts[s] == "bf16") for s in models},
+            steps,
+            warmup=2,
+        )
         work = L
     else:
         raise ValueError(f"mode {mode!r}: generation runs in child_gen")
@@ -133,14 +108,10 @@ def child_gen(L: int, dts_ours: list[str], dts_ref: list[str], rounds: int) -> d
     for m in models.values():
         m.eval()
     runs = [("ours", d) for d in dts_ours] + [("ref", d) for d in dts_ref]
-    times: dict[tuple[str, str], list[float]] = {r: [] for r in runs}
     for s, d in runs:
-        _gen(s, models[s], x, L, 4, d)  # warm-up
-    for _ in range(rounds):
-        for s, d in runs:
-            t0 = time.perf_counter()
-            _gen(s, models[s], x, L, 32, d)
-            times[(s, d)].append(time.perf_counter() - t0)
+        _gen(s, models[s], x, L, 4, d)  # warm-up: a few tokens
+    sides = {(s, d): lambda s=s, d=d: _gen(s, models[s], x, L, 32, d) for s, d in runs}
+    times = common.interleave(sides, rounds, warmup=0)
     med = {r: statistics.median(t) for r, t in times.items()}
     best = {s: min((r for r in runs if r[0] == s), key=med.get) for s in ("ours", "ref")}
     return dict(
@@ -165,8 +136,7 @@ def child_rss(side: str, L: int, dtype: str) -> dict:
     x = torch.randint(1, V, (1, L + 1))
     for _ in range(3):
         _train_step(model, opt, x, dtype == "bf16")
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return dict(side=side, L=L, dtype=dtype, peak_rss_mb=round(rss, 1))
+    return dict(side=side, L=L, dtype=dtype, peak_rss_mb=round(common.peak_rss_mb(), 1))
 
 
 def child_len(L: int, dtype: str, steps: int) -> dict:
@@ -179,15 +149,9 @@ def child_len(L: int, dtype: str, steps: int) -> dict:
     models = {n: build("ours", n) for n in Ls}
     xs = {n: torch.randint(1, V, (1, n + 1)) for n in Ls}
     opts = {n: torch.optim.AdamW(m.parameters(), lr=1e-4) for n, m in models.items()}
-    times: dict[int, list[float]] = {n: [] for n in Ls}
-    for n in Ls:
-        for _ in range(2):
-            _train_step(models[n], opts[n], xs[n], dtype == "bf16")
-    for _ in range(steps):
-        for n in Ls:
-            t0 = time.perf_counter()
-            _train_step(models[n], opts[n], xs[n], dtype == "bf16")
-            times[n].append((time.perf_counter() - t0) / n)  # seconds per token
+    sides = {n: lambda n=n: _train_step(models[n], opts[n], xs[n], dtype == "bf16") for n in Ls}
+    step_s = common.interleave(sides, steps, warmup=2)
+    times = {n: [t / n for t in ts] for n, ts in step_s.items()}  # seconds per token
     ratios = [a / b for a, b in zip(times[1024], times[L])]
     return dict(
         mode="length",
@@ -198,28 +162,23 @@ def child_len(L: int, dtype: str, steps: int) -> dict:
 
 
 def run(args: list[str], timeout=900) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", *args]
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    for line in p.stdout.splitlines():
-        if line.startswith("RESULT "):
-            r = json.loads(line[7:])
-            r["load"] = open("/proc/loadavg").read().split()[0]
-            r["wall_s"] = round(time.perf_counter() - t0, 1)
-            print(json.dumps(r), flush=True)
-            return r
-    raise RuntimeError(f"{cmd} failed:\n{p.stderr[-3000:]}")
+    r = common.rerun(__spec__.name, "--child", *args, timeout=timeout)
+    r["load"] = common.load_average()[0]
+    r["wall_s"] = round(time.perf_counter() - t0, 1)
+    print(json.dumps(r), flush=True)
+    return r
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = common.parser(__doc__)
     ap.add_argument("--child", nargs="+")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--modes", default="gen,train", help="gen, train or both (gen,train)")
     ap.add_argument("--gen-rounds", type=int, default=2, help="interleaved generate calls")
     # each side's better dtype for training on this machine kind: bf16 autocast for both
     # (ours in fp32 ran at 0.64x/0.58x of the reference against 0.88x/0.86x in bf16, quiet
-    # machine, benchmarks/RESULTS.md; ours is faster still in bf16 since its windowed
+    # machine, benchmarks/history/routing.md; ours is faster still in bf16 since its windowed
     # attention runs on block_attend).
     ap.add_argument("--dtype-ours", default="bf16", choices=("fp32", "bf16"))
     ap.add_argument("--dtype-ref", default="bf16", choices=("fp32", "bf16"))
@@ -227,9 +186,7 @@ def main() -> None:
     # fp32 cached steps (ours only)
     ap.add_argument("--gen-dtypes-ours", default="fp32,bf16,bf16p,bf16pw")
     ap.add_argument("--gen-dtypes-ref", default="fp32,bf16")
-    ap.add_argument(
-        "--out", default=os.path.join(os.path.dirname(__file__), "results_routing.jsonl")
-    )
+    ap.add_argument("--out", default=str(common.RESULTS / "routing.jsonl"))
     a = ap.parse_args()
     if a.child:
         kind, *rest = a.child
@@ -241,7 +198,7 @@ def main() -> None:
             res = child_rss(rest[0], int(rest[1]), rest[2])
         else:
             res = child_len(int(rest[0]), rest[1], int(rest[2]))
-        print("RESULT " + json.dumps(res), flush=True)
+        common.emit(res)
         return
     steps = 2 if a.quick else 12  # interleaved rounds per speed run (medians of 12: the
     # machine's load swings by 10-30% within a minute)
@@ -251,8 +208,7 @@ def main() -> None:
 
     def keep(r):
         rows.append(r)
-        with open(a.out, "a") as f:
-            f.write(json.dumps(r) + "\n")
+        common.append_jsonl(a.out, r)
         return r
 
     modes = a.modes.split(",")
@@ -268,8 +224,7 @@ def main() -> None:
             r = keep(run(["len", "8192", dt["ours"], str(steps)]))
             summary["ours_tokps_L8192_over_L1024"] = r["ratio_L_over_1024"]
     print("SUMMARY " + json.dumps(summary), flush=True)
-    with open(a.out, "a") as f:
-        f.write(json.dumps(dict(summary=summary, time=time.strftime("%Y-%m-%d %H:%M"))) + "\n")
+    common.append_jsonl(a.out, dict(summary=summary, time=time.strftime("%Y-%m-%d %H:%M")))
 
 
 if __name__ == "__main__":

@@ -13,12 +13,11 @@ beside it, from the same windows: the model with retrieval off and on, the fract
 tokens with a match, and each mixture's ratio to retrieval-off. Random neighbours (same
 count) are the control for how much of the matching is just frequent phrases.
 
-    PYTHONPATH=src python benchmarks/retrieval_headroom.py RUN_DIR DB_DIR HELD_OUT_DIR
+    python -m benchmarks.experiments.retrieval_headroom RUN_DIR DB_DIR HELD_OUT_DIR
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from collections import Counter
@@ -26,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from benchmarks import common
 
 
 def copy_counts(values: np.ndarray, context: tuple[int, ...], pad: int) -> Counter:
@@ -39,22 +40,16 @@ def copy_counts(values: np.ndarray, context: tuple[int, ...], pad: int) -> Count
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = common.parser(__doc__, threads=2)
     p.add_argument("run")
     p.add_argument("db")
     p.add_argument("text")
     p.add_argument("--neighbours", type=int, default=2)
     p.add_argument("--order", type=int, default=3, help="context tokens that must match")
     p.add_argument("--max-tokens", type=int, default=12000, help="per document")
-    p.add_argument("--threads", type=int, default=2)
     a = p.parse_args()
-    torch.set_num_threads(a.threads)
-    from retrolm.checkpoint import load_model
-    from retrolm.retrieval import RetrievalDatabase
-
-    db = RetrievalDatabase.open(a.db)
-    model, _ = load_model(a.run)
-    model.eval()
+    common.set_threads(a.threads)
+    model, db = common.load_run(a.run, a.db)
     tok, m, n = db.tokenizer, db.chunk_size, model.config.max_seq_len
     pad, lams = tok.pad_id, (0.3, 0.5, 0.7)
     rng = np.random.default_rng(0)

@@ -1,8 +1,9 @@
 """retrolm HierarchicalTransformer vs simple-hierarchical-transformer 0.4.0, side by side.
 
-Config of shared/bench/bench_hier.py: vocab 256, dim 256, depth 4, heads 4, dim_head 64,
-hierarchies (1, 2, 8), windows (32, 64, None), batch 1, each library's default losses
-(reference: CE + 0.25 next-latent + 0.1 recon; retrolm: CE + 0.25 AR + 0.1 recon).
+Config of shared/bench/bench_hier.py (``benchmarks.common.build_hier``): vocab 256, dim 256,
+depth 4, heads 4, dim_head 64, hierarchies (1, 2, 8), windows (32, 64, None), batch 1, each
+library's default losses (reference: CE + 0.25 next-latent + 0.1 recon; retrolm: CE + 0.25 AR
++ 0.1 recon).
 
   train : forward + backward + AdamW at L = 1024 and 4096, fp32 and bf16 autocast per side
           (a side's better dtype is the faster one that runs); tokens/s and peak RSS; then
@@ -19,31 +20,26 @@ Every (side, mode, L, dtype) runs in a fresh subprocess so ru_maxrss is that run
 peak; the sides alternate so both see the same background load, and each run records how
 many cores other processes used meanwhile (the machine is shared).
 
-  PYTHONPATH=src python benchmarks/bench_hier.py            # everything (~10 minutes)
-  BENCH_THREADS=1 PYTHONPATH=src python benchmarks/bench_hier.py   # on an oversubscribed
+  python -m benchmarks.compare.bench_hier            # everything (~10 minutes)
+  BENCH_THREADS=1 python -m benchmarks.compare.bench_hier   # on an oversubscribed
       machine: with 2 threads, OpenMP barriers wait for descheduled threads at every op
-  PYTHONPATH=src python benchmarks/bench_hier.py --lengths 1024 --modes gen
+  python -m benchmarks.compare.bench_hier --lengths 1024 --modes gen
+
+Raw rows are appended to ``benchmarks/results/hier.jsonl`` (``--out``).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import resource
 import statistics
-import subprocess
-import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-SRC = os.path.join(os.path.dirname(HERE), "src")
+from benchmarks import common
+from benchmarks.common import build_hier as build
+
 THREADS = int(os.environ.get("BENCH_THREADS", "2"))  # the anchors were measured with 2
-CFG = dict(
-    num_tokens=256, dim=256, depth=4, heads=4, dim_head=64,
-    hierarchies=(1, 2, 8), window_sizes=(32, 64, None),
-)  # fmt: skip
-PROMPT, NEW = 992, 32
+PROMPT, NEW = common.HIER_PROMPT, common.HIER_NEW
 
 
 def cpu_snapshot() -> tuple[float, int, int]:
@@ -59,18 +55,6 @@ def foreign_cores(a, b) -> float:
     """Cores used by other processes between two snapshots (children excluded)."""
     dw = b[0] - a[0]
     return max(0.0, ((b[1] - a[1]) - (b[2] - a[2])) / os.sysconf("SC_CLK_TCK") / dw)
-
-
-def build(side: str, seq_len: int):
-    import torch
-
-    torch.manual_seed(0)
-    if side == "ref":
-        from simple_hierarchical_transformer import HierarchicalTransformer
-    else:
-        sys.path.insert(0, SRC)
-        from retrolm import HierarchicalTransformer
-    return HierarchicalTransformer(seq_len=seq_len, **CFG)
 
 
 def child(side: str, mode: str, length: int, dtype: str) -> dict:
@@ -126,7 +110,7 @@ def child(side: str, mode: str, length: int, dtype: str) -> dict:
     return dict(
         side=side, mode=mode, L=length, dtype=dtype, times_s=[round(t, 3) for t in times],
         tokens_per_s=round(work / med, 2), tokens_per_s_best=round(work / best, 2),
-        foreign_cores=foreign, peak_rss_mb=round(resource.getrusage(0).ru_maxrss / 1024, 1),
+        foreign_cores=foreign, peak_rss_mb=round(common.peak_rss_mb(), 1),
         params=sum(p.numel() for p in model.parameters()), threads=THREADS,
     )  # fmt: skip
 
@@ -152,14 +136,7 @@ def child_pair(length: int, dt_ours: str, dt_ref: str, rounds: int) -> dict:
             opt.step()
 
         steps[side] = run
-    times: dict[str, list[float]] = {s: [] for s in steps}
-    for run in steps.values():
-        run()  # warm-up
-    for _ in range(rounds):
-        for side, run in steps.items():
-            t0 = time.perf_counter()
-            run()
-            times[side].append(time.perf_counter() - t0)
+    times = common.interleave(steps, rounds, warmup=1)
     ratios = [r / o for o, r in zip(times["ours"], times["ref"])]
     return dict(
         mode="train-pair", L=length, dtype=dict(ours=dt_ours, ref=dt_ref),
@@ -169,17 +146,13 @@ def child_pair(length: int, dt_ours: str, dt_ref: str, rounds: int) -> dict:
 
 
 def launch(side, mode, length, dtype, timeout) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", side, mode, str(length), dtype]
-    env = dict(os.environ, PYTHONPATH=SRC, OMP_NUM_THREADS=str(THREADS))
+    args = ("--child", side, mode, str(length), dtype)
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return dict(side=side, mode=mode, L=length, dtype=dtype, error="timeout")
-    for line in p.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    err = (p.stderr.strip().splitlines() or ["?"])[-1]
-    return dict(side=side, mode=mode, L=length, dtype=dtype, error=err[-200:])
+        env = dict(OMP_NUM_THREADS=str(THREADS))
+        return common.rerun(__spec__.name, *args, timeout=timeout, env=env)
+    except common.ChildFailed as e:
+        err = "timeout" if e.timed_out else (e.stderr.strip().splitlines() or ["?"])[-1][-200:]
+        return dict(side=side, mode=mode, L=length, dtype=dtype, error=err)
 
 
 def table(results: list[dict]) -> str:
@@ -208,7 +181,7 @@ def table(results: list[dict]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = common.parser(__doc__)
     ap.add_argument("--child", nargs=4)
     ap.add_argument("--lengths", default="1024,4096")
     ap.add_argument("--modes", default="train,gen")
@@ -216,7 +189,7 @@ def main() -> None:
     ap.add_argument("--gen-dtypes", default="fp32,bf16,bf16w,bf16p,bf16pw")
     ap.add_argument("--timeout", type=int, default=400)
     ap.add_argument("--pair-rounds", type=int, default=5, help="interleaved training rounds")
-    ap.add_argument("--out", default=os.path.join(HERE, "results", "hier.jsonl"))
+    ap.add_argument("--out", default=str(common.RESULTS / "hier.jsonl"))
     a = ap.parse_args()
     if a.child:
         side, mode, length, dtype = a.child
@@ -225,7 +198,7 @@ def main() -> None:
             res = child_pair(int(length), d_ours, d_ref, int(dtype))
         else:
             res = child(side, mode, int(length), dtype)
-        print("RESULT " + json.dumps(res), flush=True)
+        common.emit(res)
         return
     plan = []
     modes = a.modes.split(",")
@@ -234,18 +207,16 @@ def main() -> None:
             plan += [("train", length, d) for d in a.dtypes.split(",")]
     if "gen" in modes:
         plan += [("gen", PROMPT + NEW, d) for d in a.gen_dtypes.split(",")]
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
     results = []
     for mode, length, dtype in plan:
         for side in ("ref", "ours"):  # alternate so both see the same background load
             if side == "ref" and dtype in ("bf16p", "bf16pw"):
                 continue  # the reference has no separate prompt precision
             r = launch(side, mode, length, dtype, a.timeout)
-            r["loadavg"] = open("/proc/loadavg").read().split()[:3]
+            r["loadavg"] = common.load_average()
             results.append(r)
             print(json.dumps(r), flush=True)
-            with open(a.out, "a") as f:
-                f.write(json.dumps(r) + "\n")
+            common.append_jsonl(a.out, r)
     print(table(results))
     for length in sorted({r["L"] for r in results if r["mode"] == "train"}):
         # the interleaved ratio, each side at the faster dtype of its own runs above
@@ -258,10 +229,9 @@ def main() -> None:
             continue
         dts = f"{best['ours']['dtype']},{best['ref']['dtype']}"
         r = launch("pair", dts, length, str(a.pair_rounds), a.timeout * 2)
-        r["loadavg"] = open("/proc/loadavg").read().split()[:3]
+        r["loadavg"] = common.load_average()
         print(json.dumps(r), flush=True)
-        with open(a.out, "a") as f:
-            f.write(json.dumps(r) + "\n")
+        common.append_jsonl(a.out, r)
         if "speedup" in r:
             print(f"train L={length}, interleaved in one process (ours {best['ours']['dtype']} "
                   f"vs reference {best['ref']['dtype']}): {r['speedup']:.2f}x")  # fmt: skip

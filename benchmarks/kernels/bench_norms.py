@@ -5,17 +5,17 @@ the composite PyTorch writes without a custom backward. Each measurement is a ch
 norms with residual adds, minus the same chain without norms, per norm; the two sides
 alternate for several rounds and the medians are compared.
 
-    PYTHONPATH=src python benchmarks/bench_norms.py [--threads 2] [--rounds 5]
+    python -m benchmarks.kernels.bench_norms [--threads 2] [--rounds 5]
 """
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
 import torch
 
+from benchmarks import common
 from retrolm.nn import RMSNorm
 
 SHAPES = ((1, 1024, 256), (1, 1024, 768), (1, 4096, 256))
@@ -46,11 +46,8 @@ def chain_time(fn, x0: torch.Tensor, g: torch.Tensor, reps: int = 20, depth: int
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=5)
-    a = ap.parse_args()
-    torch.set_num_threads(a.threads)
+    a = common.parser(__doc__, threads=2, rounds=5).parse_args()
+    common.set_threads(a.threads)
     torch.manual_seed(0)
     print("| dtype | shape | plain autograd (ms per norm) | retrolm (ms per norm) | speed-up |")
     print("|---|---|---|---|---|")

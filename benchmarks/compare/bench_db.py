@@ -10,36 +10,37 @@ Each build runs in its own process (so its peak RSS is its own); the bare forwar
 is measured in another process on 1024 chunk texts of the same database, with the same
 dtype and batch size, right before and right after the 10x build (machines are noisy).
 
-    PYTHONPATH=src python benchmarks/bench_db.py [--mb 2] [--sample 512] [--cache DIR]
+    python -m benchmarks.compare.bench_db [--mb 2] [--sample 512] [--cache DIR]
 """
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
+from benchmarks import common
+
 CHILD_BUILD = """
-import json, resource, sys, time, logging
+import json, sys, time, logging
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+from benchmarks.common import emit, peak_rss_mb
 from retrolm.retrieval import BuildConfig, build_database
 cfg = BuildConfig(**json.loads(sys.argv[3]))
 t0 = time.perf_counter()
 m = build_database(sys.argv[1], sys.argv[2], cfg)
 dt = time.perf_counter() - t0
-print("RESULT", json.dumps({"seconds": dt, "num_chunks": m["num_chunks"],
-      "dtype": m["encoder"]["dtype"], "index": m["index"]["factory"],
-      "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+emit({"seconds": dt, "num_chunks": m["num_chunks"], "dtype": m["encoder"]["dtype"],
+      "index": m["index"]["factory"], "maxrss_mb": peak_rss_mb()})
 """
 
 CHILD_BARE = """
-import json, resource, sys, time
+import sys, time
 import numpy as np
+from benchmarks.common import emit, peak_rss_mb
 from retrolm.retrieval import FrozenEncoder, RetrievalDatabase
 db = RetrievalDatabase.open(sys.argv[1])
 n_sample, batch = int(sys.argv[2]), db.manifest["config"]["batch_size"]
@@ -55,8 +56,7 @@ t0 = time.perf_counter()
 for s in range(0, len(encs), batch):
     enc._forward_encodings(enc._model, encs[s:s + batch])
 dt = time.perf_counter() - t0
-print("RESULT", json.dumps({"chunks_per_s": len(encs) / dt, "dtype": st["dtype"],
-      "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+emit({"chunks_per_s": len(encs) / dt, "dtype": st["dtype"], "maxrss_mb": peak_rss_mb()})
 """
 
 
@@ -107,11 +107,8 @@ def make_subsets(docs: Path, cache: Path, mb: float) -> tuple[Path, Path]:
 
 
 def run_child(code: str, *args: str) -> dict:
-    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
-    if proc.returncode:
-        sys.exit(proc.stderr[-3000:])
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
-    return json.loads(line[len("RESULT ") :])
+    """``code`` in a fresh process, so that its peak RSS is its own."""
+    return common.run_child(["-c", code, *args])
 
 
 def corpus_bytes(path: Path) -> int:
@@ -119,7 +116,7 @@ def corpus_bytes(path: Path) -> int:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = common.parser(__doc__)
     ap.add_argument("--cache", default="/tmp/retrolm-bench-cache", help="corpus and databases")
     ap.add_argument("--mb", type=float, default=2.0, help="size of the 10x corpus in MB")
     ap.add_argument("--embed-dtype", default="auto")

@@ -12,15 +12,15 @@ Byte-level (see ``kjv_pipeline``), same database, steps, batch, schedule and see
 model through ``retrolm.train.train`` and ``retrolm eval`` (sliding windows, stride half
 the window). Issue 6's target: routing <= all-local in bits/byte.
 
-  PYTHONPATH=src python benchmarks/quality_routing.py [--steps 3000] [--seed 0] [--work DIR]
+  python -m benchmarks.quality.quality_routing [--steps 3000] [--seed 0] [--work DIR]
 
 3000 steps (the default) is where routing overtakes all-local on this corpus; at 250 and
-1000 steps all-local is ahead (RESULTS.md).
+1000 steps all-local is ahead (history/routing.md).
 """
 
 from __future__ import annotations
 
-import kjv_pipeline
+from benchmarks.quality import kjv_pipeline
 
 
 def decoder(local_heads: int, full: bool = False):

@@ -4,42 +4,39 @@ against the ATen composite, one run.
 Per kernel: forward + backward at the benchmark models' shapes, the fused call and the
 composite it replaces (the same function with the module's ``set_enabled(False)``)
 alternating for several rounds, medians compared. Then whole training steps of the models
-of ``bench_hier.py`` (L=1024) and ``bench_routing.py`` (L=4096), bf16 autocast + AdamW, with
+of ``compare/bench_hier.py`` (L=1024) and ``compare/bench_routing.py`` (L=4096), bf16 autocast
++ AdamW (``benchmarks.common.build_hier`` / ``build_routing``), with
 each module's kernels on and off in turn on one model, the median of per-round ratios.
 
-    PYTHONPATH=src python benchmarks/bench_fused_train.py [--threads 2] [--rounds 5]
+    python -m benchmarks.kernels.bench_fused_train [--threads 2] [--rounds 5]
 """
 
 from __future__ import annotations
 
-import argparse
-import os
 import statistics
 import sys
-import time
 
 import torch
 
+from benchmarks import common
 from retrolm.nn import RMSNorm, RotaryEmbedding, apply_rotary, fused_train, fused_window
 from retrolm.nn.local_attention import local_attend
 from retrolm.nn.sorted_window import sorted_window_attend
-
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def alternate(fns: dict, rounds: int, reps: int, switch=fused_train) -> dict[str, float]:
     """name -> median seconds per call; each fn runs with its own setting of ``switch``'s
     kernels (a module with ``set_enabled``)."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds + 1):  # the first round warms up
-        for name, (on, fn) in fns.items():
-            before = switch.set_enabled(on)
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                fn()
-            times[name].append((time.perf_counter() - t0) / reps)
-            switch.set_enabled(before)
-    return {k: statistics.median(v[1:]) for k, v in times.items()}
+
+    def calls(on, fn):
+        before = switch.set_enabled(on)
+        for _ in range(reps):
+            fn()
+        switch.set_enabled(before)
+
+    sides = {name: lambda on=on, fn=fn: calls(on, fn) for name, (on, fn) in fns.items()}
+    times = common.interleave(sides, rounds, warmup=1)
+    return {k: statistics.median(v) / reps for k, v in times.items()}
 
 
 def kernels(rounds: int) -> None:
@@ -99,16 +96,12 @@ def report(cases: dict, rounds: int, switch, reps: int) -> None:
 
 
 def train_steps(rounds: int) -> None:
-    sys.path.insert(0, HERE)
-    import bench_hier
-    import bench_routing
-
-    for family, bench, length, switch in (
-        ("hierarchical", bench_hier, 1024, fused_train),
-        ("routing", bench_routing, 4096, fused_train),
-        ("routing", bench_routing, 4096, fused_window),
+    for family, build, length, switch in (
+        ("hierarchical", common.build_hier, 1024, fused_train),
+        ("routing", common.build_routing, 4096, fused_train),
+        ("routing", common.build_routing, 4096, fused_window),
     ):
-        model = bench.build("ours", length).train()
+        model = build("ours", length).train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         x = torch.randint(1, 256, (1, length + 1))
 
@@ -120,16 +113,12 @@ def train_steps(rounds: int) -> None:
             loss.backward()
             opt.step()
 
-        times: dict[bool, list[float]] = {False: [], True: []}
-        for on in (False, True):  # warm-up
+        def switched(on, step=step, switch=switch):
             switch.set_enabled(on)
             step()
-        for _ in range(rounds):
-            for on in (False, True):
-                switch.set_enabled(on)
-                t0 = time.perf_counter()
-                step()
-                times[on].append(time.perf_counter() - t0)
+
+        sides = {on: lambda on=on: switched(on) for on in (False, True)}
+        times = common.interleave(sides, rounds, warmup=1)
         switch.set_enabled(True)
         ratio = statistics.median(a / b for a, b in zip(times[False], times[True]))
         print(
@@ -141,11 +130,8 @@ def train_steps(rounds: int) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=5)
-    a = ap.parse_args()
-    torch.set_num_threads(a.threads)
+    a = common.parser(__doc__, threads=2, rounds=5).parse_args()
+    common.set_threads(a.threads)
     if fused_train.extension() is None:
         sys.exit("the fused training kernels could not be built here (see the warning above)")
     kernels(a.rounds)

@@ -18,48 +18,41 @@ fastest ours before them), reported for the fused/ATen ratio and not counted as 
 ``bf16pw`` is bf16p with the fused blocks reading bf16 copies of the weights
 (``fused_decode.set_weight_dtype``).
 
-    python benchmarks/bench_generate.py              # 2 rounds
-    python benchmarks/bench_generate.py --rounds 1
-    python benchmarks/bench_generate.py --phases     # ours only: prefill / steps / sampling
+    python -m benchmarks.compare.bench_generate              # 2 rounds
+    python -m benchmarks.compare.bench_generate --rounds 1
+    python -m benchmarks.compare.bench_generate --phases     # ours only: prefill / steps / sampling
 Needs: pip install --no-deps retro-pytorch==0.3.9 (autofaiss is stubbed if absent).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 
-VOCAB, PROMPT, NEW, L, K = 28996, 448, 64, 512, 2
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
-from retrolm.models.retro_config import PRESETS  # noqa: E402
+from benchmarks import common
+from benchmarks.common import StubRetriever
 
-# the issue's benchmark model (dec 256x6, enc 256x2, CCA (3, 6), heads 4, dim_head 64,
-# chunk 64): the "retro-bench" preset, less the vocabulary and length set per run
-MODEL = {k: v for k, v in PRESETS["retro-bench"].items() if k not in ("num_tokens", "max_seq_len")}
+VOCAB, PROMPT, NEW, L = common.GEN_VOCAB, common.GEN_PROMPT, common.GEN_NEW, common.GEN_L
+
+
+def model_config() -> dict:
+    """The issue's benchmark model, less the vocabulary and length set per run."""
+    return common.retro_bench_model("num_tokens", "max_seq_len")
 
 
 def anchor_generate(prompt, dtype: str) -> int:
-    import types
-
     import torch
 
-    if "autofaiss" not in sys.modules:  # retro_pytorch imports it at import time only
-        stub = types.ModuleType("autofaiss")
-        stub.build_index = None
-        sys.modules["autofaiss"] = stub
+    common.stub_autofaiss()
     from retro_pytorch import RETRO
     from retro_pytorch import training as T
 
-    model = RETRO(max_seq_len=L, num_tokens=VOCAB, **MODEL).eval()
+    model = RETRO(max_seq_len=L, num_tokens=VOCAB, **model_config()).eval()
     g = torch.Generator().manual_seed(1)
 
     def fetch(chunks):  # (b*n, 64) -> (b*n, k, 128), like knn_chunks_from_seq_chunks
-        return torch.randint(1, VOCAB, (chunks.shape[0], K, 128), generator=g)
+        return torch.randint(1, VOCAB, (chunks.shape[0], common.GEN_K, 128), generator=g)
 
     w = T.TrainingWrapper.__new__(T.TrainingWrapper)
     torch.nn.Module.__init__(w)
@@ -76,32 +69,12 @@ def anchor_generate(prompt, dtype: str) -> int:
     return out.shape[-1] - PROMPT, time.perf_counter() - t0
 
 
-class StubRetriever:
-    num_neighbours = K
-
-    def __init__(self):
-        import torch
-
-        self.g = torch.Generator().manual_seed(1)
-
-    def search_tokens(self, chunks, k):
-        import numpy as np
-
-        return np.zeros((len(chunks), k), dtype=np.int64), np.zeros((len(chunks), k))
-
-    def retrieved_tokens(self, ids):
-        import torch
-
-        toks = torch.randint(1, VOCAB, (*ids.shape, 128), generator=self.g)
-        return toks, torch.ones(ids.shape, dtype=torch.bool)
-
-
 def ours_generate(prompt, dtype: str):
     import torch
 
     from retrolm import RETRO, generate
 
-    model = RETRO(max_seq_len=L, num_tokens=VOCAB, **MODEL).eval()
+    model = RETRO(max_seq_len=L, num_tokens=VOCAB, **model_config()).eval()
     top_k = int(0.1 * VOCAB)
 
     pre = torch.bfloat16 if dtype == "bf16p" else None
@@ -130,7 +103,7 @@ def ours_phases(dtype: str) -> None:
     torch.set_num_threads(2)
     torch.manual_seed(0)
     prompt = torch.randint(1, VOCAB, (1, PROMPT))
-    model = RETRO(max_seq_len=L, num_tokens=VOCAB, **MODEL).eval()
+    model = RETRO(max_seq_len=L, num_tokens=VOCAB, **model_config()).eval()
     spent: dict[str, list[float]] = {"prefill": [], "step": [], "sample": []}
     forward, sample = model.forward, gen_mod.sample_next
 
@@ -188,8 +161,7 @@ def child(side: str, dtype: str) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=2)
+    ap = common.parser(__doc__, rounds=2)
     ap.add_argument("--child", nargs=2, metavar=("SIDE", "DTYPE"))
     ap.add_argument("--phases", action="store_true", help="ours only: time per phase")
     a = ap.parse_args()
@@ -198,22 +170,17 @@ def main() -> None:
             ours_phases(dtype)
         return
     if a.child:
-        print("RESULT " + json.dumps(child(*a.child)), flush=True)
+        common.emit(child(*a.child))
         return
     runs: dict[tuple[str, str], list[float]] = {}
     dtypes = dict(anchor=("fp32", "bf16"), ours=("fp32", "bf16", "bf16p", "bf16pw", "bf16p-aten"))
     for r in range(a.rounds):
         for side in ("anchor", "ours"):
             for dtype in dtypes[side]:
-                p = subprocess.run(
-                    [sys.executable, __file__, "--child", side, dtype],
-                    capture_output=True,
-                    text=True,
-                )
-                line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
-                if not line:
-                    sys.exit(f"{side} {dtype} failed:\n{p.stderr[-3000:]}")
-                res = json.loads(line[0][7:])
+                try:
+                    res = common.rerun(__spec__.name, "--child", side, dtype)
+                except common.ChildFailed as e:
+                    sys.exit(f"{side} {dtype} failed:\n{e}")
                 runs.setdefault((side, dtype), []).append(res["tok_s"])
                 print(
                     f"round {r + 1}: {side:6s} {dtype}: {res['new_tokens']} tokens in "

@@ -7,12 +7,12 @@ Same width (dim 128, depth 3, heads 4, dim_head 32), database, steps, batch, sch
 seed; each through ``retrolm.train.train`` and ``retrolm eval`` (sliding windows, stride
 half the window). See ``kjv_pipeline`` for the data.
 
-  PYTHONPATH=src python benchmarks/quality_hier.py [--steps 300] [--work DIR]
+  python -m benchmarks.quality.quality_hier [--steps 300] [--work DIR]
 """
 
 from __future__ import annotations
 
-import kjv_pipeline
+from benchmarks.quality import kjv_pipeline
 
 WIDTH = dict(dim=128, depth=3, heads=4, dim_head=32)
 MODELS = {

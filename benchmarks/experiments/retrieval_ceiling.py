@@ -7,23 +7,24 @@ A diagnostic for the demo's retrieval gain (issue 4), no model involved:
            the books it shares most with. Picks which books to hold out.
   align  : for a built database and a held-out folder, how often a retrieved neighbour's
            continuation holds the next chunk's token *at the same position* (the copy that
-           RETRO learns first, see RESULTS.md), as retrieved and after shifting each
+           RETRO learns first, see history/demo.md), as retrieved and after shifting each
            neighbour window by the offset that best aligns it with its query chunk
            (most matching bigrams, later positions weighted up); also for training
            sequences, with the dataset's document filtering.
 
-    PYTHONPATH=src python benchmarks/retrieval_ceiling.py books WORK/kjv DB
-    PYTHONPATH=src python benchmarks/retrieval_ceiling.py align DB HELD_OUT_DIR
+    python -m benchmarks.experiments.retrieval_ceiling books WORK/kjv DB
+    python -m benchmarks.experiments.retrieval_ceiling align DB HELD_OUT_DIR
 (``DB`` provides the tokenizer in ``books``; any demo database will do.)
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
 from pathlib import Path
 
 import numpy as np
+
+from benchmarks import common
 
 
 def book_overlap(kjv: Path, db_path: str, g: int = 5, top: int = 20) -> None:
@@ -117,7 +118,7 @@ def alignment(db_path: str, held: Path, k: int, sequences: int) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = common.parser(__doc__)
     sub = p.add_subparsers(dest="what", required=True)
     b = sub.add_parser("books")
     b.add_argument("kjv", type=Path)

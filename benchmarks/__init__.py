@@ -1,0 +1,1 @@
+"""retrolm benchmarks, run as modules from the repository root (see README.md)."""

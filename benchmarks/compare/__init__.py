@@ -1,0 +1,1 @@
+"""The issues' targets: retrolm against a baseline measured side by side in the same run."""
