@@ -87,7 +87,7 @@ def test_a_config_value_of_the_wrong_type_is_one_line_naming_file_and_field(
 
 
 def test_check_fields_follows_the_annotations():
-    from retrolm.models.retro_config import RetroConfig
+    from retrolm.models.retro.config import RetroConfig
     from retrolm.train import TrainConfig
 
     check_fields(TrainConfig, {"lr": 1, "seq_len": None, "betas": (0.9, 0.99)}, "t")  # fine

@@ -3,7 +3,7 @@
 Build a database from most books, train a small RETRO and the same decoder without
 retrieval for the same steps, score both on held-out books, and generate with sources.
 
-The demo's RETRO has the neighbour copy head (``retrolm.models.retro_copy``, not in the
+The demo's RETRO has the neighbour copy head (``retrolm.models.retro.copy_head``, not in the
 paper): in this budget (~800 steps) paper RETRO does not learn to read its neighbours
 through chunked cross-attention alone (~0% gain, ``benchmarks/RESULTS.md``), so the report
 also scores the model with the head off (CCA alone). As in the paper, the model trains
@@ -58,7 +58,7 @@ DEMO_MODEL = dict(
     enc_depth=1,
     heads=4,
     dim_head=32,
-    # the neighbour copy head (not in the paper; retrolm.models.retro_copy): paper RETRO
+    # the neighbour copy head (not in the paper; retrolm.models.retro.copy_head): paper RETRO
     # does not learn to read misaligned parallels in this budget (~0% gain, RESULTS.md)
     copy_head=True,
 )

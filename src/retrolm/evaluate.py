@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from retrolm.models.registry import ModelFamily, check_no_retrieval, family_of
-from retrolm.models.retro_copy import copy_head_disabled
+from retrolm.models.retro.copy_head import copy_head_disabled
 from retrolm.utils import save_figure, write_json
 
 log = logging.getLogger(__name__)

@@ -7,8 +7,8 @@ families register themselves with :func:`register_family`:
 
     register_family(ModelFamily(
         name="routing",
-        config_cls="retrolm.models.routing:RoutingConfig",
-        model_cls="retrolm.models.routing:RoutingTransformer",
+        config_cls="retrolm.models.routing.config:RoutingConfig",
+        model_cls="retrolm.models.routing.model:RoutingTransformer",
         uses_retrieval=False,
     ))
 
@@ -271,8 +271,8 @@ def get_family(name: str) -> ModelFamily:
 register_family(
     ModelFamily(
         name="retro",
-        config_cls="retrolm.models.retro:RetroConfig",
-        model_cls="retrolm.models.retro:RETRO",
+        config_cls="retrolm.models.retro.config:RetroConfig",
+        model_cls="retrolm.models.retro.model:RETRO",
         uses_retrieval=True,
         loss=retro_loss,
         default_preset="retro-small",  # sized for a CPU (the demo's); 64-token chunks
@@ -283,10 +283,10 @@ register_family(
 register_family(
     ModelFamily(
         name="hierarchical",
-        config_cls="retrolm.models.hierarchical_config:HierarchicalConfig",
-        model_cls="retrolm.models.hierarchical:HierarchicalTransformer",
+        config_cls="retrolm.models.hierarchical.config:HierarchicalConfig",
+        model_cls="retrolm.models.hierarchical.model:HierarchicalTransformer",
         uses_retrieval=False,
-        loss=_load_loss("retrolm.models.hierarchical:hierarchical_loss"),
+        loss=_load_loss("retrolm.models.hierarchical.model:hierarchical_loss"),
         default_preset="hier-tiny",
     )
 )
@@ -294,8 +294,8 @@ register_family(
 register_family(
     ModelFamily(
         name="routing",
-        config_cls="retrolm.models.routing_config:RoutingConfig",
-        model_cls="retrolm.models.routing:RoutingLanguageModel",
+        config_cls="retrolm.models.routing.config:RoutingConfig",
+        model_cls="retrolm.models.routing.model:RoutingLanguageModel",
         uses_retrieval=False,
         default_preset="routing-tiny",
     )

@@ -14,7 +14,7 @@ import weakref
 import torch
 from torch import Tensor, nn
 
-from retrolm.models.routing import RoutingTransformerLM
+from retrolm.models.routing.model import RoutingTransformerLM
 from retrolm.nn.kmeans import update_kmeans
 from retrolm.wrapper import AutoregressiveWrapper
 

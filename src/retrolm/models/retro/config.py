@@ -82,7 +82,7 @@ class RetroConfig(ConfigBase):
     found no difference (App. B.1.4: 0.823 vs 0.822 bpb) and it saves vocab x dim weights."""
 
     copy_head: bool = False
-    """Add the neighbour copy head (``retrolm.models.retro_copy``; not in the paper): the next
+    """Add the neighbour copy head (``retrolm.models.retro.copy_head``; not in the paper): the next
     token may be copied from a retrieved neighbour where the latest tokens match it there."""
     copy_max_match: int = 12
     """Longest match (in tokens) the copy head measures; longer matches count as this long."""
