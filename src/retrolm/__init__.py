@@ -24,7 +24,7 @@ _LAZY = {
     "RoutingTransformer": "retrolm.models.routing.model",
     "RoutingTransformerLM": "retrolm.models.routing.model",
     "RoutingTransformerEncDec": "retrolm.models.routing.encdec",
-    "AutoregressiveWrapper": "retrolm.wrapper",
+    "AutoregressiveWrapper": "retrolm.models.autoregressive",
 }
 
 

@@ -137,7 +137,8 @@ def _measure_train(batch_size: int, probe_batch: int = 2) -> tuple[float, str]:
     Timed on a small batch and scaled linearly: cheap, and on CPU close enough.
     """
     from retrolm import RETRO, RetroConfig
-    from retrolm.models.registry import Batch, retro_loss
+    from retrolm.models.registry import Batch
+    from retrolm.models.retro.family import retro_loss
     from retrolm.train import time_precisions
 
     torch.manual_seed(0)

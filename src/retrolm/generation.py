@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from retrolm.models.registry import ModelFamily, check_no_retrieval, family_of
 from retrolm.nn.kv_cache import as_float_dtype, prefill
-from retrolm.sampling import sample_next
+from retrolm.sampling import decode_loop
 
 log = logging.getLogger(__name__)
 
@@ -163,31 +163,27 @@ def generate(
             model, tokens, cache, retrieved=ret_tokens, neighbour_mask=ret_mask, logits_to_keep=1
         )
 
+    def first_logits() -> Tensor:  # (b, V)
+        dtype = prefill_dtype if cache is not None else None
+        return prefill(lambda: forward(seq, cache), model, cache, dtype, device)[:, -1]
+
+    def next_logits(count: int) -> Tensor:  # (b, V) after ids[:, :count]
+        nonlocal n
+        n = count
+        # the new token may complete a chunk: its neighbours come before feeding it
+        if retriever is not None and n % m == 0:
+            retrieve_complete_chunks()
+        return forward(ids[:, n - 1 : n] if cache is not None else ids[:, :n], cache)[:, -1]
+
     cache = fam.init_cache(model, b) if use_cache else None
-    finished = torch.zeros(b, dtype=torch.bool, device=device) if eos_id is not None else None
     try:
         if retriever is not None:
             retrieve_complete_chunks()
-        if max_new_tokens:
-            dtype = prefill_dtype if cache is not None else None
-            logits = prefill(lambda: forward(seq, cache), model, cache, dtype, device)[:, -1]
-        for step in range(max_new_tokens):
-            nxt = sample_next(
-                logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen
-            )
-            if finished is not None:  # rows past their EOS get pad
-                nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
-                finished |= nxt == eos_id
-            ids[:, n] = nxt
-            n += 1
-            if step == max_new_tokens - 1 or n >= max_len:
-                break  # no forward for logits nobody samples from
-            if finished is not None and bool(finished.all()):
-                break
-            # the new token may complete a chunk: its neighbours come before feeding it
-            if retriever is not None and n % m == 0:
-                retrieve_complete_chunks()
-            logits = forward(ids[:, n - 1 : n] if cache is not None else ids[:, :n], cache)[:, -1]
+        n = decode_loop(
+            first_logits, next_logits, ids, n, max_new_tokens,
+            temperature=temperature, top_k=top_k, top_p=top_p, generator=gen,
+            eos_id=eos_id, fill_id=pad_id,
+        )  # fmt: skip
         if retriever is not None:
             retrieve_complete_chunks()  # report the chunk the last token completed too
     finally:

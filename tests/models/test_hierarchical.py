@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from retrolm import HierarchicalTransformer
+from retrolm.models.autoregressive import AutoregressiveWrapper
 from retrolm.nn import attention_backend
-from retrolm.wrapper import AutoregressiveWrapper
 
 V, N, SEQ = 17, 24, 32
 D = torch.float64

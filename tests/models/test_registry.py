@@ -11,8 +11,8 @@ from retrolm.models.registry import (
     family_of,
     get_family,
     plain_logits,
-    retro_logits,
 )
+from retrolm.models.retro.family import retro_logits
 from retrolm.models.routing import RoutingLanguageModel, RoutingTransformerLM
 from retrolm.models.routing.config import RoutingConfig
 

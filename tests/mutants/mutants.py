@@ -261,7 +261,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "wrapper_label_mask_off_by_one",
-        "src/retrolm/wrapper.py",
+        "src/retrolm/models/autoregressive.py",
         (
             (
                 "labels.masked_fill(~mask[:, 1 : inp.shape[1] + 1], self.ignore_index)",

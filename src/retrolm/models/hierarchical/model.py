@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from retrolm.models.autoregressive import AutoregressiveWrapper
 from retrolm.models.hierarchical import fused
 from retrolm.models.hierarchical.cache import BlockState, HierarchicalCache
 from retrolm.models.hierarchical.config import PRESETS, HierarchicalConfig
@@ -68,7 +69,6 @@ from retrolm.nn import (
     token_shift,
     token_shift_cached,
 )
-from retrolm.wrapper import AutoregressiveWrapper
 
 log = logging.getLogger(__name__)
 

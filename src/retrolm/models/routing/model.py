@@ -30,6 +30,7 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
+from retrolm.models.autoregressive import AutoregressiveWrapper
 from retrolm.models.routing import fused
 from retrolm.models.routing.attention import RoutingAttention
 from retrolm.models.routing.cache import RoutingCache
@@ -44,7 +45,6 @@ from retrolm.nn.residual import Residual
 from retrolm.nn.reversible import reversible
 from retrolm.nn.rotary import RotaryEmbedding
 from retrolm.nn.token_shift import TokenShift
-from retrolm.wrapper import AutoregressiveWrapper
 
 log = logging.getLogger(__name__)
 
