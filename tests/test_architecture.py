@@ -30,10 +30,8 @@ PIPELINE = (
     "retrolm.demo",
     "retrolm.seed_api",
     "retrolm.cli",
-    "retrolm.commands",
-    "retrolm.training",
 )
-CLI = ("retrolm.cli", "retrolm.commands", "retrolm.retrieval.cli")
+CLI = ("retrolm.cli",)
 
 
 def _within(module: str, prefixes: tuple[str, ...] | str) -> bool:

@@ -186,7 +186,7 @@ def test_library_io_errors_under_other_types_are_recognised(tmp_path):
 
 def test_an_unexpected_error_keeps_its_traceback(monkeypatch):
     """A bug is not a user error: the CLI lets it through with its stack trace."""
-    import retrolm.commands.generate as generate
+    import retrolm.cli.generate as generate
 
     def bug(args):
         raise RuntimeError("shape mismatch: (2, 3) vs (3, 2)")

@@ -15,8 +15,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "RETRO": "retrolm.models.retro.model",
     "RetroConfig": "retrolm.models.retro.config",
-    "RETRODataset": "retrolm.data",
-    "TrainingWrapper": "retrolm.training",
+    "RETRODataset": "retrolm.seed_api",
+    "TrainingWrapper": "retrolm.seed_api",
     "generate": "retrolm.generation",
     "HierarchicalTransformer": "retrolm.models.hierarchical.model",
     "HierarchicalConfig": "retrolm.models.hierarchical.config",
@@ -24,7 +24,7 @@ _LAZY = {
     "RoutingTransformer": "retrolm.models.routing.model",
     "RoutingTransformerLM": "retrolm.models.routing.model",
     "RoutingTransformerEncDec": "retrolm.models.routing.encdec",
-    "AutoregressiveWrapper": "retrolm.models.autoregressive",
+    "AutoregressiveWrapper": "retrolm.seed_api",
 }
 
 

@@ -25,10 +25,12 @@ import tarfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import torch
 
+from retrolm.models.retro.config import PRESETS as RETRO_PRESETS
 from retrolm.utils import write_json
 
 log = logging.getLogger(__name__)
@@ -48,20 +50,9 @@ PRIORITY = (
     "19_Psa",
 )
 CHARS_PER_CHUNK = 240  # KJV text per 64-token chunk with a 4096-token BPE (measured: 238)
-DEMO_MODEL = dict(
-    chunk_size=64,
-    max_seq_len=256,
-    dec_dim=128,
-    dec_depth=4,
-    dec_cross_attn_layers=(2, 4),
-    enc_dim=128,
-    enc_depth=1,
-    heads=4,
-    dim_head=32,
-    # the neighbour copy head (not in the paper; retrolm.models.retro.copy_head): paper RETRO
-    # does not learn to read misaligned parallels in this budget (~0% gain, RESULTS.md)
-    copy_head=True,
-)
+# the demo's model: a RETRO preset (with the neighbour copy head); its values, read-only
+DEMO_PRESET = "retro-demo"
+DEMO_MODEL = MappingProxyType(RETRO_PRESETS[DEMO_PRESET])
 PROMPT_CHARS = 400
 # trained with 2 neighbours, evaluated (and generating) with 10, as the paper reports its
 # results (§4.1: RETRO trained with k = 2 gains from more neighbours at evaluation up to ~10)
@@ -142,7 +133,7 @@ def _measure_train(batch_size: int, probe_batch: int = 2) -> tuple[float, str]:
     from retrolm.train import time_precisions
 
     torch.manual_seed(0)
-    cfg = RetroConfig(num_tokens=4096, **DEMO_MODEL)
+    cfg = RetroConfig.from_name(DEMO_PRESET, num_tokens=4096)
     model = RETRO(config=cfg)
     n, m, b = cfg.max_seq_len, cfg.chunk_size, probe_batch
     batch = Batch(
@@ -275,7 +266,7 @@ def run_demo(
             max_minutes=max(0.5, (0.42 * left if name == "retro" else left - 0.12 * budget) / 60),
         )
         try:
-            res = train(db, run_dir, cfg, family="retro", model_config=dict(DEMO_MODEL))
+            res = train(db, run_dir, cfg, family="retro", preset=DEMO_PRESET)
         except IncompatibleError as e:  # e.g. a work folder from another retrolm version
             raise IncompatibleError(f"{e} (for the demo: pass a new --work folder)") from None
         steps_done[name] = res.step
@@ -435,4 +426,12 @@ def format_report(rep: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["DemoPlan", "run_demo", "format_report", "make_plan", "HELD_OUT", "DEMO_MODEL"]
+__all__ = [
+    "DemoPlan",
+    "run_demo",
+    "format_report",
+    "make_plan",
+    "HELD_OUT",
+    "DEMO_MODEL",
+    "DEMO_PRESET",
+]

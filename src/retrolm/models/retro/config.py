@@ -187,6 +187,21 @@ PRESETS: dict[str, dict[str, Any]] = {
         heads=4,
         dim_head=64,
     ),
+    # `retrolm demo` (num_tokens from the database's tokenizer): with the neighbour copy head
+    # (not in the paper; copy_head.py): paper RETRO does not learn to read misaligned
+    # parallels in the demo's budget (~0% gain, benchmarks/RESULTS.md)
+    "retro-demo": dict(
+        chunk_size=64,
+        max_seq_len=256,
+        dec_dim=128,
+        dec_depth=4,
+        dec_cross_attn_layers=(2, 4),
+        enc_dim=128,
+        enc_depth=1,
+        heads=4,
+        dim_head=32,
+        copy_head=True,
+    ),
     # the benchmark configuration (issue 2): dec 256x6, enc 256x2, CCA (3, 6)
     "retro-bench": dict(
         num_tokens=28996,
