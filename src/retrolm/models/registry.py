@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from retrolm.config import dataclass_from_dict
 from retrolm.utils import unwrap
 
 
@@ -178,12 +179,8 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def config_from_dict(cls: type, d: dict[str, Any]) -> Any:
-    if hasattr(cls, "from_dict"):
-        return cls.from_dict(d)
-    from retrolm.config import check_fields
-
-    check_fields(cls, d, cls.__name__, unknown=f"unknown {cls.__name__} fields")
-    return cls(**d)
+    """``cls.from_dict(d)``, or for a plain dataclass config the same checks."""
+    return cls.from_dict(d) if hasattr(cls, "from_dict") else dataclass_from_dict(cls, d)
 
 
 FAMILIES: dict[str, ModelFamily] = {}

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from retrolm.config import check_fields
+from retrolm.config import dataclass_from_dict
 
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -101,8 +101,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "TrainConfig") -> TrainConfig:
         """``where``: how messages name the source (e.g. ``config file F: train``)."""
-        check_fields(cls, d, where, unknown=f"{where}: unknown train settings")
-        return cls(**d)
+        return dataclass_from_dict(cls, d, where, unknown=f"{where}: unknown train settings")
 
 
 # fields that may change between a run and its resumption
