@@ -235,30 +235,35 @@ def evaluate(
                     padded = np.zeros(chunks * m)
                     padded[: len(ids)] = nll[mode]
                     chunk_nll[mode].append(padded.reshape(chunks, m).sum(1))
-                chunk_bytes.append(
-                    np.array(
-                        [
-                            len(tok.decode(ids[max(c * m, 1) : (c + 1) * m].tolist()).encode())
-                            for c in range(chunks)
-                        ],
-                        dtype=np.float64,
-                    )
-                )
+                chunk_bytes.append(_chunk_bytes(tok, ids, chunks, m))
     finally:
         model.train(was_training)
 
-    results = {}
-    for mode in modes:
-        tot = totals[mode]
-        results[mode] = {
-            "bits_per_byte": tot / math.log(2) / max(num_bytes, 1),
-            "perplexity": math.exp(tot / max(num_tokens, 1)),
-            "nll_per_token": tot / max(num_tokens, 1),
-            "tokens": num_tokens,
-            "bytes": num_bytes,
-        }
+    results = {mode: _summary(totals[mode], num_tokens, num_bytes) for mode in modes}
     leakage = _leakage(cfg.alphas, modes, chunk_nll, chunk_bytes, overlaps) if overlaps else []
     return EvalResult(results, leakage, len(docs), sum(len(b) for b in chunk_bytes))
+
+
+def _summary(tot: float, num_tokens: int, num_bytes: int) -> dict[str, float]:
+    """One mode's scores from its total NLL (nats) over the scored tokens and bytes."""
+    return {
+        "bits_per_byte": tot / math.log(2) / max(num_bytes, 1),
+        "perplexity": math.exp(tot / max(num_tokens, 1)),
+        "nll_per_token": tot / max(num_tokens, 1),
+        "tokens": num_tokens,
+        "bytes": num_bytes,
+    }
+
+
+def _chunk_bytes(tok: Any, ids: np.ndarray, chunks: int, m: int) -> np.ndarray:
+    """(chunks,) bytes of the scored text of each chunk (token 0 is never scored)."""
+    return np.array(
+        [
+            len(tok.decode(ids[max(c * m, 1) : (c + 1) * m].tolist()).encode())
+            for c in range(chunks)
+        ],
+        dtype=np.float64,
+    )
 
 
 def _overlaps(db: Any, chunk_rows: np.ndarray, nbr: np.ndarray, pad: int) -> np.ndarray:

@@ -61,7 +61,7 @@ def run_build(args: argparse.Namespace) -> int:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from retrolm.retrieval.build import read_manifest
+    from retrolm.retrieval.store import read_manifest
 
     root = Path(args.db_dir)
     m = read_manifest(root)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import itertools
 import logging
 import math
 import os
@@ -174,25 +175,20 @@ def _run_lock(run_dir: Path, rank: int, world: int, device: torch.device) -> Ite
         yield
 
 
-def _train(
-    db: Any,
+def _run_model_config(
     run_dir: Path,
+    ckpt: Path | None,
+    fam: Any,
+    db: Any,
     cfg: TrainConfig,
-    family: str,
     model_config: dict[str, Any] | None,
     preset: str | None,
-    device: torch.device,
-) -> TrainResult:
-    """``train`` after the set-up, holding the run's lock."""
-    fam = get_family(family)
-    use_retrieval = fam.uses_retrieval and cfg.retrieval
-    world, rank, _ = _dist_info()
-
-    # ---- resume or start: from the newest whole checkpoint
-    ckpt = find_checkpoint(run_dir)
-    resume = ckpt is not None
-    db_id = database_identity(db)
-    if resume:
+) -> Any:
+    """The model config of a new run, or of the run ``ckpt`` resumes after checking that
+    the database, the train settings (but ``RESUMABLE_CHANGES``) and any model asked for
+    are the run's."""
+    family = fam.name
+    if ckpt is not None:
         meta = read_config(ckpt)
         if meta["family"] != family:
             raise IncompatibleError(
@@ -225,9 +221,11 @@ def _train(
                     )
     else:
         model_cfg = _model_config(fam, db, model_config, preset)
+    return model_cfg
 
-    torch.manual_seed(cfg.seed)
-    model = fam.build(model_cfg).to(device)
+
+def _seq_len(db: Any, cfg: TrainConfig, model_cfg: Any) -> int:
+    """Training sequence length: ``cfg.seq_len`` or the model's, a multiple of the chunk."""
     m = int(db.chunk_size)
     seq_len = cfg.seq_len or getattr(model_cfg, "max_seq_len", None)
     if seq_len is None:
@@ -237,29 +235,224 @@ def _train(
         raise ValueError(
             f"seq_len {seq_len} exceeds the model's max_seq_len {model_cfg.max_seq_len}"
         )
-    ds = RETRODataset(
-        db, seq_len=seq_len, num_neighbours=cfg.num_neighbours if use_retrieval else 0
+    return seq_len
+
+
+def _choose_precision(model, first: Batch, loss_fn, device: torch.device, world: int) -> str:
+    """``auto``: the faster precision on this machine; every rank uses rank 0's choice."""
+    precision = choose_precision(model, first, loss_fn, device)
+    if world > 1:
+        flag = torch.tensor([precision == "bf16"], dtype=torch.int64, device=device)
+        torch.distributed.broadcast(flag, 0)
+        precision = "bf16" if flag.item() else "fp32"
+    return precision
+
+
+def _optimizer_step(
+    ddp_model: nn.Module,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    loss_fn,
+    stream: Iterator[Batch],
+    lr: float,
+    cfg: TrainConfig,
+    precision: str,
+    device: torch.device,
+    world: int,
+) -> tuple[float, Tensor | None]:
+    """One optimizer step over ``cfg.grad_accum`` micro-batches of ``stream`` (DDP syncs
+    gradients on the last only); returns (the batch's loss over all ranks, grad norm)."""
+    for g in opt.param_groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)
+    total = 0.0
+    for micro_i in range(cfg.grad_accum):
+        b = next(stream)
+        sync = micro_i == cfg.grad_accum - 1 or world == 1
+        ctx = nullcontext() if sync else ddp_model.no_sync()
+        with ctx:
+            with autocast(precision, device):
+                loss = loss_fn(ddp_model, b) / cfg.grad_accum
+            loss.backward()
+        total += float(loss.detach())
+    if world > 1:  # log the loss of the whole batch, not rank 0's share
+        t = torch.tensor([total], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(t)
+        total = float(t) / world
+    gnorm = (
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        if cfg.grad_clip > 0
+        else None
     )
-    n_val = min(cfg.val_sequences, len(ds) // 10) if cfg.eval_every else 0
-    train_idx = list(range(len(ds) - n_val))
-    val_idx = list(range(len(ds) - n_val, len(ds)))
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return total, gnorm
+
+
+def _report(
+    metrics: Metrics, bar: Any, row: dict[str, Any], elapsed: float, steps: int, is_main: bool
+) -> None:
+    """One step's metrics row, progress bar and (every tenth of the run) log line."""
+    step, total, val, gnorm, tps = row["step"], row["loss"], row["val"], row["gnorm"], row["tps"]
+    metrics.add(
+        {
+            "step": step,
+            "loss": f"{total:.6f}",
+            "val_loss": "" if val is None else f"{val:.6f}",
+            "lr": f"{row['lr']:.3e}",
+            "grad_norm": "" if gnorm is None else f"{float(gnorm):.4f}",
+            "tokens_per_s": f"{tps:.1f}",
+            "elapsed_s": f"{elapsed:.2f}",
+        }
+    )
+    if step % max(1, steps // 10) == 0 and is_main:  # for logs without a tty
+        log.info(
+            "step %d/%d loss %.4f%s, %.0f tokens/s",
+            step,
+            steps,
+            total,
+            "" if val is None else f" val {val:.4f}",
+            tps,
+        )
+    bar.update(1)
+    bar.set_postfix(loss=f"{total:.3f}", **({"val": f"{val:.3f}"} if val else {}))
+
+
+def _out_of_time(deadline: float, world: int, device: torch.device) -> bool:
+    """Whether the run's time limit has passed; all ranks stop together (rank 0 decides)."""
+    out_of_time = time.perf_counter() > deadline
+    if world > 1:
+        flag = torch.tensor([int(out_of_time)], device=device)
+        torch.distributed.broadcast(flag, 0)
+        out_of_time = bool(flag.item())
+    return out_of_time
+
+
+def _split(n: int, cfg: TrainConfig, rank: int, world: int) -> tuple[BatchOrder, list[int], int]:
+    """(this rank's order of the training sequences, the validation sequences (the last
+    ones), sequences per micro-batch) for a dataset of ``n`` sequences."""
+    n_val = min(cfg.val_sequences, n // 10) if cfg.eval_every else 0
+    train_idx = list(range(n - n_val))
+    val_idx = list(range(n - n_val, n))
     micro = cfg.batch_size // (cfg.grad_accum * world)
     if micro < 1 or cfg.batch_size % (cfg.grad_accum * world):
         raise ValueError(
             f"batch_size {cfg.batch_size} must be divisible by grad_accum ({cfg.grad_accum}) "
             f"x processes ({world})"
         )
-    order = BatchOrder(train_idx, micro, cfg.seed, rank, world)
+    return BatchOrder(train_idx, micro, cfg.seed, rank, world), val_idx, micro
+
+
+def _validate(
+    model,
+    loss_fn,
+    ds,
+    val_idx: list[int],
+    micro: int,
+    cfg: TrainConfig,
+    precision: str,
+    use_retrieval: bool,
+    device: torch.device,
+) -> float | None:
+    """Mean loss over (up to ``cfg.eval_batches``) micro-batches of the validation set."""
+    if not val_idx:
+        return None
+    model.eval()
+    losses = []
+    with torch.no_grad(), autocast(precision, device):
+        for i in range(0, min(len(val_idx), cfg.eval_batches * micro), micro):
+            b = collate([ds[j] for j in val_idx[i : i + micro]], use_retrieval)
+            losses.append(float(loss_fn(model, b)))
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def _ddp(model: nn.Module, device: torch.device, find_unused: bool) -> nn.Module:
+    return nn.parallel.DistributedDataParallel(
+        model,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=find_unused,
+    )
+
+
+def _load_state(model: nn.Module, opt: torch.optim.Optimizer, ckpt: Path, run_dir: Path):
+    """Weights, optimizer and RNG state of checkpoint ``ckpt``: (step, position, precision)."""
+    load_weights(model, ckpt)
+    state = load_train_state(ckpt)
+    opt.load_state_dict(state["optimizer"])
+    step, position, precision = int(state["step"]), int(state["position"]), state["precision"]
+    torch.set_rng_state(state["rng_cpu"])
+    log.info("resuming %s at step %d from %s", run_dir, step, ckpt)
+    return step, position, precision
+
+
+def _save(
+    run_dir: Path,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    meta: dict[str, Any],
+    progress: dict[str, Any],
+    is_main: bool,
+    world: int,
+) -> None:
+    """Rank 0 writes the checkpoint (``progress``: step, position, precision); all wait."""
+    if is_main:
+        state = {
+            "optimizer": opt.state_dict(),
+            "step": progress["step"],
+            "position": progress["position"],
+            "precision": progress["precision"],
+            "rng_cpu": torch.get_rng_state(),
+        }
+        save_checkpoint(run_dir, model, meta, state)
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def _progress_bar(steps: int, step: int, is_main: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=steps,
+        initial=step,
+        desc="train",
+        unit="step",
+        disable=None if is_main else True,
+        dynamic_ncols=True,
+    )
+
+
+def _train(
+    db: Any,
+    run_dir: Path,
+    cfg: TrainConfig,
+    family: str,
+    model_config: dict[str, Any] | None,
+    preset: str | None,
+    device: torch.device,
+) -> TrainResult:
+    """``train`` after the set-up, holding the run's lock."""
+    fam = get_family(family)
+    use_retrieval = fam.uses_retrieval and cfg.retrieval
+    world, rank, _ = _dist_info()
+
+    # ---- resume or start: from the newest whole checkpoint
+    ckpt = find_checkpoint(run_dir)
+    resume = ckpt is not None
+    db_id = database_identity(db)
+    model_cfg = _run_model_config(run_dir, ckpt, fam, db, cfg, model_config, preset)
+
+    torch.manual_seed(cfg.seed)
+    model = fam.build(model_cfg).to(device)
+    seq_len = _seq_len(db, cfg, model_cfg)
+    ds = RETRODataset(
+        db, seq_len=seq_len, num_neighbours=cfg.num_neighbours if use_retrieval else 0
+    )
+    order, val_idx, micro = _split(len(ds), cfg, rank, world)
 
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
     step, position, precision = 0, 0, cfg.precision
     if resume:
-        load_weights(model, ckpt)
-        state = load_train_state(ckpt)
-        opt.load_state_dict(state["optimizer"])
-        step, position, precision = int(state["step"]), int(state["position"]), state["precision"]
-        torch.set_rng_state(state["rng_cpu"])
-        log.info("resuming %s at step %d from %s", run_dir, step, ckpt)
+        step, position, precision = _load_state(model, opt, ckpt, run_dir)
     last = min(cfg.steps, cfg.stop_after or cfg.steps)
     if step >= last:
         log.info("%s already trained for %d steps", run_dir, step)
@@ -271,19 +464,10 @@ def _train(
     data = batches(ds, order, position, use_retrieval, cfg.prefetch)
     first = next(data)
     if precision == "auto":
-        precision = choose_precision(model, first, loss_fn, device)
-        if world > 1:  # every rank must use the same choice: take rank 0's
-            flag = torch.tensor([precision == "bf16"], dtype=torch.int64, device=device)
-            torch.distributed.broadcast(flag, 0)
-            precision = "bf16" if flag.item() else "fp32"
-    ddp_model = model
-    if world > 1:
-        ddp_model = nn.parallel.DistributedDataParallel(
-            model,
-            device_ids=[device.index] if device.type == "cuda" else None,
-            # without retrieval the encoder and cross-attention receive no gradient
-            find_unused_parameters=fam.uses_retrieval and not use_retrieval,
-        )
+        precision = _choose_precision(model, first, loss_fn, device, world)
+    # without retrieval the encoder and cross-attention receive no gradient
+    unused = fam.uses_retrieval and not use_retrieval
+    ddp_model = _ddp(model, device, unused) if world > 1 else model
 
     meta = {
         "family": family,
@@ -297,77 +481,29 @@ def _train(
     metrics = Metrics(run_dir, step, enabled=is_main)
 
     def save() -> None:
-        if is_main:
-            state = {
-                "optimizer": opt.state_dict(),
-                "step": step,
-                "position": position,
-                "precision": precision,
-                "rng_cpu": torch.get_rng_state(),
-            }
-            save_checkpoint(run_dir, model, {**meta, "step": step}, state)
-        if world > 1:
-            torch.distributed.barrier()
+        state = {"step": step, "position": position, "precision": precision}
+        _save(run_dir, model, opt, {**meta, "step": step}, state, is_main, world)
 
     def validate() -> float | None:
-        if not val_idx:
-            return None
-        model.eval()
-        losses = []
-        with torch.no_grad(), autocast(precision, device):
-            for i in range(0, min(len(val_idx), cfg.eval_batches * micro), micro):
-                b = collate([ds[j] for j in val_idx[i : i + micro]], use_retrieval)
-                losses.append(float(loss_fn(model, b)))
-        model.train()
-        return sum(losses) / len(losses)
-
-    from tqdm.auto import tqdm
+        return _validate(model, loss_fn, ds, val_idx, micro, cfg, precision, use_retrieval, device)
 
     model.train()
     tokens_per_step = cfg.batch_size * seq_len
     t_start = time.perf_counter()
     last_loss = last_val = tps = None
-    bar = tqdm(
-        total=cfg.steps,
-        initial=step,
-        desc="train",
-        unit="step",
-        disable=None if is_main else True,
-        dynamic_ncols=True,
-    )
-    pending = first
+    bar = _progress_bar(cfg.steps, step, is_main)
+    stream = itertools.chain([first], data)  # the batch timed for `auto` is trained on
     try:
         deadline = t_start + 60 * cfg.max_minutes if cfg.max_minutes else math.inf
         while step < last:
             t0 = time.perf_counter()
             lr = lr_at(step, cfg)
-            for g in opt.param_groups:
-                g["lr"] = lr * g.get("lr_scale", 1.0)
             # dropout depends only on (seed, step, rank): resuming replays it exactly
             torch.manual_seed(cfg.seed * 1_000_003 + step * 1_009 + rank)
-            total = 0.0
-            for micro_i in range(cfg.grad_accum):
-                b = pending if pending is not None else next(data)
-                pending = None
-                position += 1
-                sync = micro_i == cfg.grad_accum - 1 or world == 1
-                ctx = nullcontext() if sync else ddp_model.no_sync()
-                with ctx:
-                    with autocast(precision, device):
-                        loss = loss_fn(ddp_model, b) / cfg.grad_accum
-                    loss.backward()
-                total += float(loss.detach())
-            if world > 1:  # log the loss of the whole batch, not rank 0's share
-                t = torch.tensor([total], dtype=torch.float64, device=device)
-                torch.distributed.all_reduce(t)
-                total = float(t) / world
-            gnorm = (
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                if cfg.grad_clip > 0
-                else None
+            total, gnorm = _optimizer_step(
+                ddp_model, model, opt, loss_fn, stream, lr, cfg, precision, device, world
             )
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            position += cfg.grad_accum
             step += 1
             dt = time.perf_counter() - t0
             tps = tokens_per_step / dt
@@ -375,34 +511,9 @@ def _train(
             val = validate() if cfg.eval_every and step % cfg.eval_every == 0 else None
             if val is not None:
                 last_val = val
-            metrics.add(
-                {
-                    "step": step,
-                    "loss": f"{total:.6f}",
-                    "val_loss": "" if val is None else f"{val:.6f}",
-                    "lr": f"{lr:.3e}",
-                    "grad_norm": "" if gnorm is None else f"{float(gnorm):.4f}",
-                    "tokens_per_s": f"{tps:.1f}",
-                    "elapsed_s": f"{time.perf_counter() - t_start:.2f}",
-                }
-            )
-            if step % max(1, cfg.steps // 10) == 0 and is_main:  # for logs without a tty
-                log.info(
-                    "step %d/%d loss %.4f%s, %.0f tokens/s",
-                    step,
-                    cfg.steps,
-                    total,
-                    "" if val is None else f" val {val:.4f}",
-                    tps,
-                )
-            bar.update(1)
-            bar.set_postfix(loss=f"{total:.3f}", **({"val": f"{val:.3f}"} if val else {}))
-            out_of_time = time.perf_counter() > deadline
-            if world > 1:  # all ranks stop together
-                flag = torch.tensor([int(out_of_time)], device=device)
-                torch.distributed.broadcast(flag, 0)
-                out_of_time = bool(flag.item())
-            if out_of_time:
+            row = dict(step=step, loss=total, val=val, lr=lr, gnorm=gnorm, tps=tps)
+            _report(metrics, bar, row, time.perf_counter() - t_start, cfg.steps, is_main)
+            if _out_of_time(deadline, world, device):
                 log.info("time limit of %.1f min reached at step %d", cfg.max_minutes, step)
                 last = step
             if step % cfg.save_every == 0 or step == last:

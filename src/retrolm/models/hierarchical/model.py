@@ -152,6 +152,8 @@ class ShiftedFeedForward(nn.Module):
 
     slot = "ff_shift"
 
+    # signature twin of SubsequenceAttention.forward (deliberate): HierarchicalBlock calls
+    # both sub-layers alike
     def forward(
         self,
         h: Tensor,

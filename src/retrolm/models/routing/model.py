@@ -260,6 +260,8 @@ def _config_from_kwargs(kwargs: dict) -> RoutingConfig:
     return RoutingConfig.from_dict(kw)
 
 
+# RoutingTransformerLM's constructor is a signature twin of RoutingTransformer's (deliberate):
+# both are seed APIs, taking seed keywords or a config
 class RoutingTransformerLM(nn.Module):
     """Token embedding -> ``RoutingTransformer`` -> logits. ``model(x, input_mask=mask)``
     returns ``(logits (b, n, num_tokens), aux_loss scalar)``; ``aux_loss`` (commitment + MoE)
