@@ -154,10 +154,18 @@ def generate(
         if found is not None:
             found.complete_chunks(ids, n)
         n = decode_loop(
-            first_logits, next_logits, ids, n, max_new_tokens,
-            temperature=temperature, top_k=top_k, top_p=top_p, generator=gen,
-            eos_id=eos_id, fill_id=pad_id,
-        )  # fmt: skip
+            first_logits,
+            next_logits,
+            ids,
+            n,
+            max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            generator=gen,
+            eos_id=eos_id,
+            fill_id=pad_id,
+        )
         if found is not None:
             found.complete_chunks(ids, n)  # report the chunk the last token completed too
     finally:

@@ -121,10 +121,18 @@ class AutoregressiveWrapper(nn.Module):
             return split_output(net(ctx, **kwargs))[0][:, -1]
 
         n = decode_loop(
-            first_logits, next_logits, ids, t, seq_len,
-            temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
-            eos_id=eos_token, fill_id=0 if eos_token is None else eos_token,
-        )  # fmt: skip
+            first_logits,
+            next_logits,
+            ids,
+            t,
+            seq_len,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            generator=generator,
+            eos_id=eos_token,
+            fill_id=0 if eos_token is None else eos_token,
+        )
         net.train(was_training)
         new = ids[:, t:n]
         return new[0] if squeeze else new

@@ -20,8 +20,9 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -476,32 +477,77 @@ def _train(
         "database": db_id,
         "seq_len": seq_len,
     }
-    is_main = rank == 0
     run_dir.mkdir(parents=True, exist_ok=True)
-    metrics = Metrics(run_dir, step, enabled=is_main)
-
-    def save() -> None:
-        state = {"step": step, "position": position, "precision": precision}
-        _save(run_dir, model, opt, {**meta, "step": step}, state, is_main, world)
+    metrics = Metrics(run_dir, step, enabled=rank == 0)
+    run = _Run(
+        cfg, run_dir, model, ddp_model, opt, loss_fn, precision, device, rank, world, meta, metrics
+    )
 
     def validate() -> float | None:
         return _validate(model, loss_fn, ds, val_idx, micro, cfg, precision, use_retrieval, device)
 
     model.train()
+    stream = itertools.chain([first], data)  # the batch timed for `auto` is trained on
+    try:
+        step, last_loss, last_val, tps = _loop(run, stream, validate, step, position, last, seq_len)
+    finally:
+        metrics.close()
+        data.close()
+    return TrainResult(run_dir, step, last_loss, last_val, tps, precision, metrics.rows)
+
+
+@dataclass
+class _Run:
+    """What the steps of one run share."""
+
+    cfg: TrainConfig
+    run_dir: Path
+    model: nn.Module
+    ddp_model: nn.Module  # the model itself in a single process
+    opt: torch.optim.Optimizer
+    loss_fn: Callable[[nn.Module, Batch], Tensor]
+    precision: str
+    device: torch.device
+    rank: int
+    world: int
+    meta: dict[str, Any]  # the checkpoint's config.json, less the step
+    metrics: Metrics
+
+
+def _loop(
+    run: _Run,
+    stream: Iterator[Batch],
+    validate: Callable[[], float | None],
+    step: int,
+    position: int,
+    last: int,
+    seq_len: int,
+) -> tuple[int, Any, Any, Any]:
+    """Optimizer steps from ``step`` up to ``last`` (or the time limit), validating, logging
+    and saving on the way; returns (step reached, last loss, last val loss, tokens/s)."""
+    cfg, is_main = run.cfg, run.rank == 0
     tokens_per_step = cfg.batch_size * seq_len
     t_start = time.perf_counter()
     last_loss = last_val = tps = None
     bar = _progress_bar(cfg.steps, step, is_main)
-    stream = itertools.chain([first], data)  # the batch timed for `auto` is trained on
     try:
         deadline = t_start + 60 * cfg.max_minutes if cfg.max_minutes else math.inf
         while step < last:
             t0 = time.perf_counter()
             lr = lr_at(step, cfg)
             # dropout depends only on (seed, step, rank): resuming replays it exactly
-            torch.manual_seed(cfg.seed * 1_000_003 + step * 1_009 + rank)
+            torch.manual_seed(cfg.seed * 1_000_003 + step * 1_009 + run.rank)
             total, gnorm = _optimizer_step(
-                ddp_model, model, opt, loss_fn, stream, lr, cfg, precision, device, world
+                run.ddp_model,
+                run.model,
+                run.opt,
+                run.loss_fn,
+                stream,
+                lr,
+                cfg,
+                run.precision,
+                run.device,
+                run.world,
             )
             position += cfg.grad_accum
             step += 1
@@ -512,16 +558,16 @@ def _train(
             if val is not None:
                 last_val = val
             row = dict(step=step, loss=total, val=val, lr=lr, gnorm=gnorm, tps=tps)
-            _report(metrics, bar, row, time.perf_counter() - t_start, cfg.steps, is_main)
-            if _out_of_time(deadline, world, device):
+            _report(run.metrics, bar, row, time.perf_counter() - t_start, cfg.steps, is_main)
+            if _out_of_time(deadline, run.world, run.device):
                 log.info("time limit of %.1f min reached at step %d", cfg.max_minutes, step)
                 last = step
             if step % cfg.save_every == 0 or step == last:
-                save()
+                progress = {"step": step, "position": position, "precision": run.precision}
+                meta = {**run.meta, "step": step}
+                _save(run.run_dir, run.model, run.opt, meta, progress, is_main, run.world)
                 if cfg.plot and is_main:
-                    metrics.plot(run_dir / "loss.png")
+                    run.metrics.plot(run.run_dir / "loss.png")
     finally:
         bar.close()
-        metrics.close()
-        data.close()
-    return TrainResult(run_dir, step, last_loss, last_val, tps, precision, metrics.rows)
+    return step, last_loss, last_val, tps
