@@ -117,6 +117,13 @@ class ChunkedCrossAttention(nn.Module):
         return attn.out_proj(o.view(B, 1, -1) if j == 1 else o.transpose(1, 2).flatten(2))
 
 
+def _feed_forward(c: RetroConfig, dim: int, dropout: float, alpha: float) -> Residual:
+    """The feed-forward sub-layer of an encoder or decoder layer (pre-norm, or post-norm
+    with DeepNet's residual scale ``alpha``)."""
+    ff = FeedForward(dim, c.ff_mult, glu=c.ff_glu, dropout=dropout)
+    return Residual(dim, ff, c.norm, post_norm=c.use_deepnet, alpha=alpha)
+
+
 class EncoderLayer(nn.Module):
     def __init__(self, config: RetroConfig, cross: bool, alpha: float) -> None:
         super().__init__()
@@ -145,13 +152,7 @@ class EncoderLayer(nn.Module):
             if cross
             else None
         )
-        self.ff = Residual(
-            c.enc_dim,
-            FeedForward(c.enc_dim, c.ff_mult, glu=c.ff_glu, dropout=c.enc_ff_dropout),
-            c.norm,
-            post_norm=post,
-            alpha=alpha,
-        )
+        self.ff = _feed_forward(c, c.enc_dim, c.enc_ff_dropout, alpha)
 
 
 class RetroEncoder(nn.Module):
@@ -213,13 +214,7 @@ class DecoderLayer(nn.Module):
             if cca
             else None
         )
-        self.ff = Residual(
-            c.dec_dim,
-            FeedForward(c.dec_dim, c.ff_mult, glu=c.ff_glu, dropout=c.dec_ff_dropout),
-            c.norm,
-            post_norm=post,
-            alpha=alpha,
-        )
+        self.ff = _feed_forward(c, c.dec_dim, c.dec_ff_dropout, alpha)
 
 
 class RETRO(nn.Module):
