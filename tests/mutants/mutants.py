@@ -269,7 +269,7 @@ MUTANTS: list[Mutant] = [
             ),
         ),
         "the wrapper ignores labels by the mask of the input token, not of the label",
-        ("tests/test_wrapper.py",),
+        ("tests/models/test_autoregressive.py",),
     ),
     Mutant(
         "eval_skips_the_nearest_neighbour",
