@@ -178,7 +178,8 @@ def random_docs(n_docs: int = 6, length: int = 40, seed: int = 0) -> list[list[i
 
 
 def register_tiny() -> None:
-    from retrolm.models.registry import FAMILIES, ModelFamily, retro_logits, retro_loss
+    from retrolm.models.registry import FAMILIES, ModelFamily
+    from retrolm.models.retro.family import retro_logits, retro_loss
 
     FAMILIES["tiny"] = ModelFamily(
         name="tiny",

@@ -219,7 +219,7 @@ def test_every_option_of_every_command_has_a_help_text():
 
 
 def test_a_preset_for_other_chunk_sizes_names_both_sizes(setup, capsys, tmp_path, monkeypatch):
-    from retrolm.models.retro_config import RetroConfig
+    from retrolm.models.retro.config import RetroConfig
 
     root = setup[0]
     # a preset whose length fits its own 12-token chunks, not the database's 16-token ones

@@ -87,7 +87,7 @@ def test_a_config_value_of_the_wrong_type_is_one_line_naming_file_and_field(
 
 
 def test_check_fields_follows_the_annotations():
-    from retrolm.models.retro_config import RetroConfig
+    from retrolm.models.retro.config import RetroConfig
     from retrolm.train import TrainConfig
 
     check_fields(TrainConfig, {"lr": 1, "seq_len": None, "betas": (0.9, 0.99)}, "t")  # fine
@@ -186,7 +186,7 @@ def test_library_io_errors_under_other_types_are_recognised(tmp_path):
 
 def test_an_unexpected_error_keeps_its_traceback(monkeypatch):
     """A bug is not a user error: the CLI lets it through with its stack trace."""
-    import retrolm.commands.generate as generate
+    import retrolm.cli.generate as generate
 
     def bug(args):
         raise RuntimeError("shape mismatch: (2, 3) vs (3, 2)")

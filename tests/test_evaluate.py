@@ -142,7 +142,7 @@ def test_empty_held_out_folder(tmp_path):
 
 def routing_lm():
     from retrolm.models.routing import RoutingLanguageModel
-    from retrolm.models.routing_config import RoutingConfig
+    from retrolm.models.routing.config import RoutingConfig
 
     torch.manual_seed(0)
     cfg = RoutingConfig.from_name("routing-tiny", num_tokens=260, max_seq_len=32, window_size=8)

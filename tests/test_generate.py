@@ -109,7 +109,7 @@ def test_sources_name_file_and_snippet():
 
 def routing_lm(seed=0):
     from retrolm.models.routing import RoutingLanguageModel
-    from retrolm.models.routing_config import RoutingConfig
+    from retrolm.models.routing.config import RoutingConfig
 
     torch.manual_seed(seed)
     cfg = RoutingConfig.from_name("routing-tiny", max_seq_len=64, window_size=8)

@@ -394,7 +394,7 @@ def test_a_family_without_a_model_config_trains_its_default_preset(tmp_path, fam
 
 
 def test_retro_without_a_model_config_trains_the_cpu_sized_preset():
-    from retrolm.train import _model_config
+    from retrolm.train.loop import _model_config
 
     cfg = _model_config(
         get_family("retro"), FakeDatabase(random_docs(4, 80), chunk_size=64), None, None

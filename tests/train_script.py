@@ -16,7 +16,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent.parent))
 
 import retrolm.checkpoint  # noqa: E402
-from retrolm.models.registry import FAMILIES, retro_loss  # noqa: E402
+from retrolm.models.registry import FAMILIES  # noqa: E402
+from retrolm.models.retro.family import retro_loss  # noqa: E402
 from retrolm.train import TrainConfig, train  # noqa: E402
 from tests.fakes import FakeDatabase, random_docs, register_tiny  # noqa: E402
 

@@ -13,18 +13,18 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it (imported lazily so `import retrolm` stays light)
 _LAZY = {
-    "RETRO": "retrolm.models.retro",
-    "RetroConfig": "retrolm.models.retro",
-    "RETRODataset": "retrolm.data",
-    "TrainingWrapper": "retrolm.training",
+    "RETRO": "retrolm.models.retro.model",
+    "RetroConfig": "retrolm.models.retro.config",
+    "RETRODataset": "retrolm.seed_api",
+    "TrainingWrapper": "retrolm.seed_api",
     "generate": "retrolm.generation",
-    "HierarchicalTransformer": "retrolm.models.hierarchical",
-    "HierarchicalConfig": "retrolm.models.hierarchical_config",
-    "RoutingConfig": "retrolm.models.routing_config",
-    "RoutingTransformer": "retrolm.models.routing",
-    "RoutingTransformerLM": "retrolm.models.routing",
-    "RoutingTransformerEncDec": "retrolm.models.routing_encdec",
-    "AutoregressiveWrapper": "retrolm.wrapper",
+    "HierarchicalTransformer": "retrolm.models.hierarchical.model",
+    "HierarchicalConfig": "retrolm.models.hierarchical.config",
+    "RoutingConfig": "retrolm.models.routing.config",
+    "RoutingTransformer": "retrolm.models.routing.model",
+    "RoutingTransformerLM": "retrolm.models.routing.model",
+    "RoutingTransformerEncDec": "retrolm.models.routing.encdec",
+    "AutoregressiveWrapper": "retrolm.seed_api",
 }
 
 

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from retrolm.errors import IncompatibleError
-from retrolm.utils import fsync_path
+from retrolm.utils import fsync_path, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -69,15 +69,6 @@ FAULT_HOOK: Callable[[str], None] | None = None
 def _fault(point: str) -> None:
     if FAULT_HOOK is not None:
         FAULT_HOOK(point)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The bare model inside DDP / torch.compile wrappers."""
-    while True:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            return model
-        model = inner
 
 
 def database_identity(db: Any) -> dict[str, Any]:

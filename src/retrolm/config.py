@@ -20,6 +20,7 @@ import typing
 from typing import Any, ClassVar, TypeVar
 
 C = TypeVar("C", bound="ConfigBase")
+T = TypeVar("T")
 
 
 class ConfigBase:
@@ -36,8 +37,7 @@ class ConfigBase:
 
     @classmethod
     def from_dict(cls: type[C], d: dict[str, Any]) -> C:
-        check_fields(cls, d, cls.__name__, unknown=f"unknown {cls.__name__} fields")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        return dataclass_from_dict(cls, d, lists_to_tuples=True)
 
     @classmethod
     def from_name(cls: type[C], name: str, **overrides: Any) -> C:
@@ -46,6 +46,25 @@ class ConfigBase:
                 f"unknown {cls.family} preset {name!r}; choose one of {sorted(cls.presets)}"
             )
         return cls.from_dict({**cls.presets[name], **overrides})
+
+
+def dataclass_from_dict(
+    cls: type[T],
+    d: dict[str, Any],
+    where: str | None = None,
+    unknown: str | None = None,
+    lists_to_tuples: bool = False,
+) -> T:
+    """The one way a dict from a user (a JSON config file, a checkpoint's ``config.json``)
+    becomes a config dataclass: checked by :func:`check_fields` (``where``, ``unknown``:
+    its wording, by default the class's name), then ``cls(**d)``. ``lists_to_tuples``: JSON
+    lists become tuples again (family configs hold per-layer values as tuples). Behind
+    ``ConfigBase.from_dict``, ``TrainConfig.from_dict`` and the registry's configs."""
+    where = where or cls.__name__
+    check_fields(cls, d, where, unknown=unknown or f"unknown {cls.__name__} fields")
+    if lists_to_tuples:
+        d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+    return cls(**d)
 
 
 def check_fields(cls: type, values: Any, where: str, unknown: str | None = None) -> None:

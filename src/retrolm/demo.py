@@ -3,7 +3,7 @@
 Build a database from most books, train a small RETRO and the same decoder without
 retrieval for the same steps, score both on held-out books, and generate with sources.
 
-The demo's RETRO has the neighbour copy head (``retrolm.models.retro_copy``, not in the
+The demo's RETRO has the neighbour copy head (``retrolm.models.retro.copy_head``, not in the
 paper): in this budget (~800 steps) paper RETRO does not learn to read its neighbours
 through chunked cross-attention alone (~0% gain, ``benchmarks/RESULTS.md``), so the report
 also scores the model with the head off (CCA alone). As in the paper, the model trains
@@ -25,10 +25,12 @@ import tarfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import torch
 
+from retrolm.models.retro.config import PRESETS as RETRO_PRESETS
 from retrolm.utils import write_json
 
 log = logging.getLogger(__name__)
@@ -48,20 +50,9 @@ PRIORITY = (
     "19_Psa",
 )
 CHARS_PER_CHUNK = 240  # KJV text per 64-token chunk with a 4096-token BPE (measured: 238)
-DEMO_MODEL = dict(
-    chunk_size=64,
-    max_seq_len=256,
-    dec_dim=128,
-    dec_depth=4,
-    dec_cross_attn_layers=(2, 4),
-    enc_dim=128,
-    enc_depth=1,
-    heads=4,
-    dim_head=32,
-    # the neighbour copy head (not in the paper; retrolm.models.retro_copy): paper RETRO
-    # does not learn to read misaligned parallels in this budget (~0% gain, RESULTS.md)
-    copy_head=True,
-)
+# the demo's model: a RETRO preset (with the neighbour copy head); its values, read-only
+DEMO_PRESET = "retro-demo"
+DEMO_MODEL = MappingProxyType(RETRO_PRESETS[DEMO_PRESET])
 PROMPT_CHARS = 400
 # trained with 2 neighbours, evaluated (and generating) with 10, as the paper reports its
 # results (§4.1: RETRO trained with k = 2 gains from more neighbours at evaluation up to ~10)
@@ -137,11 +128,12 @@ def _measure_train(batch_size: int, probe_batch: int = 2) -> tuple[float, str]:
     Timed on a small batch and scaled linearly: cheap, and on CPU close enough.
     """
     from retrolm import RETRO, RetroConfig
-    from retrolm.models.registry import Batch, retro_loss
+    from retrolm.models.registry import Batch
+    from retrolm.models.retro.family import retro_loss
     from retrolm.train import time_precisions
 
     torch.manual_seed(0)
-    cfg = RetroConfig(num_tokens=4096, **DEMO_MODEL)
+    cfg = RetroConfig.from_name(DEMO_PRESET, num_tokens=4096)
     model = RETRO(config=cfg)
     n, m, b = cfg.max_seq_len, cfg.chunk_size, probe_batch
     batch = Batch(
@@ -199,12 +191,7 @@ def run_demo(
     prompt: str | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) the demo in ``work``; returns the report (also in work/report.json)."""
-    from retrolm.checkpoint import load_model
-    from retrolm.errors import IncompatibleError
-    from retrolm.evaluate import EvalConfig, evaluate, save_report
-    from retrolm.generation import describe_sources, generate
     from retrolm.retrieval import BuildConfig, RetrievalDatabase, build_database
-    from retrolm.train import TrainConfig, train
 
     t_start = time.perf_counter()
     work = Path(work)
@@ -217,18 +204,7 @@ def run_demo(
 
     t0 = time.perf_counter()
     kjv = extract(Path(corpus) if corpus else default_corpus(), work)
-    plan_path = work / "plan.json"
-    saved = _cached_json(plan_path)
-    try:
-        plan = DemoPlan(**saved) if saved is not None else None
-    except TypeError:  # written by another retrolm version
-        log.warning("demo: %s has other fields than this version's plan; planning again", plan_path)
-        plan = None
-    if plan is not None:
-        log.info("demo: reusing the plan in %s", plan_path)
-    else:
-        plan = make_plan(kjv, budget_min * 60, steps=steps)
-        write_json(plan_path, asdict(plan))
+    plan = _plan(work, kjv, budget_min, steps)
     lap("measure", t0)
 
     t0 = time.perf_counter()
@@ -248,9 +224,57 @@ def run_demo(
     db = RetrievalDatabase.open(db_dir)
     lap("database", t0)
 
-    # RETRO first, against a deadline (machines slow down mid-run); the baseline then
-    # trains exactly as many steps with the same schedule, so the comparison is fair
     runs = {"retro": work / "runs" / "retro", "baseline": work / "runs" / "baseline"}
+    steps_done = _train_both(db, runs, plan, t_start, lap)
+
+    t0 = time.perf_counter()
+    results = _evaluate_both(work, db, runs, held_dir, plan, t_start, steps_done)
+    lap("evaluate", t0)
+
+    t0 = time.perf_counter()
+    text = prompt or (held_dir / "14_2Chr.txt").read_text()[:PROMPT_CHARS]
+    gen = _generate(db, runs["retro"], text)
+    lap("generate", t0)
+
+    a = results["retro_with_retrieval"]["bits_per_byte"]
+    b = results["baseline_no_retrieval"]["bits_per_byte"]
+    report = {
+        "plan": asdict(plan),
+        "times_s": times,
+        "wall_s": round(time.perf_counter() - t_start, 1),
+        "results": results,
+        "retrieval_gain": 1 - a / b,
+        "generation": gen,
+        "database": {"chunks": db.num_chunks, "books": len(plan.books)},
+    }
+    write_json(work / "report.json", report)
+    return report
+
+
+def _plan(work: Path, kjv: Path, budget_min: float, steps: int | None) -> DemoPlan:
+    """The plan saved in ``work`` (a rerun resumes the same work), else a new one."""
+    plan_path = work / "plan.json"
+    saved = _cached_json(plan_path)
+    try:
+        plan = DemoPlan(**saved) if saved is not None else None
+    except TypeError:  # written by another retrolm version
+        log.warning("demo: %s has other fields than this version's plan; planning again", plan_path)
+        plan = None
+    if plan is not None:
+        log.info("demo: reusing the plan in %s", plan_path)
+    else:
+        plan = make_plan(kjv, budget_min * 60, steps=steps)
+        write_json(plan_path, asdict(plan))
+    return plan
+
+
+def _train_both(db, runs: dict[str, Path], plan: DemoPlan, t_start: float, lap) -> dict[str, int]:
+    """RETRO first, against a deadline (machines slow down mid-run); the baseline then
+    trains exactly as many steps with the same schedule, so the comparison is fair.
+    Returns the steps each run reached."""
+    from retrolm.errors import IncompatibleError
+    from retrolm.train import TrainConfig, train
+
     budget = plan.budget_s
     retro_steps = None
     steps_done: dict[str, int] = {}
@@ -274,53 +298,75 @@ def run_demo(
             max_minutes=max(0.5, (0.42 * left if name == "retro" else left - 0.12 * budget) / 60),
         )
         try:
-            res = train(db, run_dir, cfg, family="retro", model_config=dict(DEMO_MODEL))
+            res = train(db, run_dir, cfg, family="retro", preset=DEMO_PRESET)
         except IncompatibleError as e:  # e.g. a work folder from another retrolm version
             raise IncompatibleError(f"{e} (for the demo: pass a new --work folder)") from None
         steps_done[name] = res.step
         if name == "retro":
             retro_steps = steps_done[name]
         lap(f"train_{name}", t0)
+    return steps_done
 
-    t0 = time.perf_counter()
+
+def _evaluate_both(
+    work: Path,
+    db,
+    runs: dict[str, Path],
+    held_dir: Path,
+    plan: DemoPlan,
+    t_start: float,
+    steps_done: dict[str, int],
+) -> dict[str, Any]:
+    """Bits per byte of both models on the held-out books (cached in work/eval.json while
+    the models are the same), the held-out text sized to the time left."""
+    from retrolm.checkpoint import load_model
+    from retrolm.evaluate import EvalConfig, evaluate, save_report
+
     eval_path = work / "eval.json"
     results = _cached_json(eval_path)
+    retro_steps = steps_done["retro"]
     trained = (retro_steps, steps_done["baseline"])
     if results is not None and (results.get("steps"), results.get("baseline_steps")) != trained:
         log.info("demo: the models trained on since %s was written; scoring again", eval_path)
         results = None
-    if results is None:
-        # size the held-out text to the time left, from the rates seen in training
-        left = max(60.0, budget - (time.perf_counter() - t_start) - 30)
-        retro_tok_s = _median_rate(runs["retro"])
-        # per scored token: stride n/2 doubles it; forward ~1/3 of a train step; 4 passes
-        # (RETRO on and with the copy head off, ~4x each with 10 neighbours; RETRO off;
-        # the baseline); plus the held-out chunk searches
-        per_token = 2 * 10.0 / (3 * retro_tok_s) + 1 / (64 * plan.embed_chunks_per_s)
-        max_tokens = int(min(plan.eval_max_tokens, max(512, 0.8 * left / per_token / 2)))
-        ecfg = EvalConfig(num_neighbours=EVAL_NEIGHBOURS, max_tokens=max_tokens)
-        retro, _ = load_model(runs["retro"])
-        base, _ = load_model(runs["baseline"])
-        r = evaluate(retro, held_dir, db, config=ecfg)
-        b = evaluate(base, held_dir, None, tokenizer=db.tokenizer, config=ecfg)
-        save_report(r, work / "report", "retro")
-        results = {
-            "retro_with_retrieval": r.modes["retrieval"],
-            "retro_retrieval_off": r.modes["no_retrieval"],
-            "retro_no_copy_head": r.modes.get("retrieval_no_copy"),
-            "baseline_no_retrieval": b.modes["no_retrieval"],
-            "leakage": r.leakage,
-            "max_tokens_per_book": max_tokens,
-            "neighbours": EVAL_NEIGHBOURS,
-            "steps": retro_steps,
-            "baseline_steps": steps_done["baseline"],
-        }
-        write_json(eval_path, results)
-    lap("evaluate", t0)
-
-    t0 = time.perf_counter()
+    if results is not None:
+        return results
+    # size the held-out text to the time left, from the rates seen in training
+    left = max(60.0, plan.budget_s - (time.perf_counter() - t_start) - 30)
+    retro_tok_s = _median_rate(runs["retro"])
+    # per scored token: stride n/2 doubles it; forward ~1/3 of a train step; 4 passes
+    # (RETRO on and with the copy head off, ~4x each with 10 neighbours; RETRO off;
+    # the baseline); plus the held-out chunk searches
+    per_token = 2 * 10.0 / (3 * retro_tok_s) + 1 / (64 * plan.embed_chunks_per_s)
+    max_tokens = int(min(plan.eval_max_tokens, max(512, 0.8 * left / per_token / 2)))
+    ecfg = EvalConfig(num_neighbours=EVAL_NEIGHBOURS, max_tokens=max_tokens)
     retro, _ = load_model(runs["retro"])
-    text = prompt or (held_dir / "14_2Chr.txt").read_text()[:PROMPT_CHARS]
+    base, _ = load_model(runs["baseline"])
+    r = evaluate(retro, held_dir, db, config=ecfg)
+    b = evaluate(base, held_dir, None, tokenizer=db.tokenizer, config=ecfg)
+    save_report(r, work / "report", "retro")
+    results = {
+        "retro_with_retrieval": r.modes["retrieval"],
+        "retro_retrieval_off": r.modes["no_retrieval"],
+        "retro_no_copy_head": r.modes.get("retrieval_no_copy"),
+        "baseline_no_retrieval": b.modes["no_retrieval"],
+        "leakage": r.leakage,
+        "max_tokens_per_book": max_tokens,
+        "neighbours": EVAL_NEIGHBOURS,
+        "steps": retro_steps,
+        "baseline_steps": steps_done["baseline"],
+    }
+    write_json(eval_path, results)
+    return results
+
+
+def _generate(db, run_dir: Path, text: str) -> dict[str, Any]:
+    """A continuation of the prompt ``text`` by the RETRO of ``run_dir``, with the sources
+    it retrieved."""
+    from retrolm.checkpoint import load_model
+    from retrolm.generation import describe_sources, generate
+
+    retro, _ = load_model(run_dir)
     ids = db.tokenizer.encode(text)[-(DEMO_MODEL["max_seq_len"] - 64) :]
     # nucleus sampling with a fixed seed: reproducible, and a small model's greedy output
     # falls into a loop ("and the son of Judah, and the son of Judah, ...")
@@ -335,26 +381,11 @@ def run_demo(
         seed=0,
         eos_id=db.tokenizer.eos_id,
     )
-    gen = {
+    return {
         "prompt": db.tokenizer.decode(ids),
         "continuation": db.tokenizer.decode(out.new_ids[0].tolist()),
         "sources": describe_sources(db, out)[-6:],
     }
-    lap("generate", t0)
-
-    a = results["retro_with_retrieval"]["bits_per_byte"]
-    b = results["baseline_no_retrieval"]["bits_per_byte"]
-    report = {
-        "plan": asdict(plan),
-        "times_s": times,
-        "wall_s": round(time.perf_counter() - t_start, 1),
-        "results": results,
-        "retrieval_gain": 1 - a / b,
-        "generation": gen,
-        "database": {"chunks": db.num_chunks, "books": len(plan.books)},
-    }
-    write_json(work / "report.json", report)
-    return report
 
 
 def _cached_json(path: Path) -> Any:
@@ -434,4 +465,12 @@ def format_report(rep: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["DemoPlan", "run_demo", "format_report", "make_plan", "HELD_OUT", "DEMO_MODEL"]
+__all__ = [
+    "DemoPlan",
+    "run_demo",
+    "format_report",
+    "make_plan",
+    "HELD_OUT",
+    "DEMO_MODEL",
+    "DEMO_PRESET",
+]

@@ -23,6 +23,7 @@ retrieval have m = 1 (windows of any length, no chunks) and one mode, ``no_retri
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -36,12 +37,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from retrolm.models.registry import ModelFamily, check_no_retrieval, family_of
-from retrolm.models.retro_copy import copy_head_disabled
 from retrolm.utils import save_figure, write_json
 
 log = logging.getLogger(__name__)
 
-NO_COPY = "retrieval_no_copy"  # RETRO with a copy head, scored with the head off (CCA alone)
 ALPHAS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
 
 
@@ -195,9 +194,9 @@ def evaluate(
     pad = int(getattr(mcfg, "pad_id", tok.pad_id))
     n, stride = _window_shape(cfg, m, max_len)
     docs = read_documents(text_dir, cfg.glob)
-    modes = ["retrieval", "no_retrieval"] if db is not None else ["no_retrieval"]
-    if db is not None and getattr(model, "copy_head", None) is not None:
-        modes.insert(1, NO_COPY)  # how much of the gain is the copy head's
+    # the family's extra retrieval modes (RETRO with a copy head: the head off) sit between
+    variants = fam.eval_variants(model) if db is not None else {}
+    modes = ["retrieval", *variants, "no_retrieval"] if db is not None else ["no_retrieval"]
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -222,7 +221,9 @@ def evaluate(
                 ret, mask = db.retrieved_tokens(nbr[:, :k])  # (C, k, 2m), (C, k)
                 overlaps.append(_overlaps(db, chunk_rows, nbr, pad))
             # nll[mode][t]: NLL of token t given the tokens before it (token 0: unscored, 0)
-            nll = _score_document(fam, model, ids, modes, ret, mask, n, stride, m, pad, cfg, device)
+            nll = _score_document(
+                fam, model, ids, modes, variants, ret, mask, n, stride, m, pad, cfg, device
+            )
             # bits/byte divides by the bytes of the scored text: every token but the first
             num_tokens += len(ids) - 1
             num_bytes += len(tok.decode(ids[1:].tolist()).encode("utf-8"))
@@ -234,30 +235,35 @@ def evaluate(
                     padded = np.zeros(chunks * m)
                     padded[: len(ids)] = nll[mode]
                     chunk_nll[mode].append(padded.reshape(chunks, m).sum(1))
-                chunk_bytes.append(
-                    np.array(
-                        [
-                            len(tok.decode(ids[max(c * m, 1) : (c + 1) * m].tolist()).encode())
-                            for c in range(chunks)
-                        ],
-                        dtype=np.float64,
-                    )
-                )
+                chunk_bytes.append(_chunk_bytes(tok, ids, chunks, m))
     finally:
         model.train(was_training)
 
-    results = {}
-    for mode in modes:
-        tot = totals[mode]
-        results[mode] = {
-            "bits_per_byte": tot / math.log(2) / max(num_bytes, 1),
-            "perplexity": math.exp(tot / max(num_tokens, 1)),
-            "nll_per_token": tot / max(num_tokens, 1),
-            "tokens": num_tokens,
-            "bytes": num_bytes,
-        }
+    results = {mode: _summary(totals[mode], num_tokens, num_bytes) for mode in modes}
     leakage = _leakage(cfg.alphas, modes, chunk_nll, chunk_bytes, overlaps) if overlaps else []
     return EvalResult(results, leakage, len(docs), sum(len(b) for b in chunk_bytes))
+
+
+def _summary(tot: float, num_tokens: int, num_bytes: int) -> dict[str, float]:
+    """One mode's scores from its total NLL (nats) over the scored tokens and bytes."""
+    return {
+        "bits_per_byte": tot / math.log(2) / max(num_bytes, 1),
+        "perplexity": math.exp(tot / max(num_tokens, 1)),
+        "nll_per_token": tot / max(num_tokens, 1),
+        "tokens": num_tokens,
+        "bytes": num_bytes,
+    }
+
+
+def _chunk_bytes(tok: Any, ids: np.ndarray, chunks: int, m: int) -> np.ndarray:
+    """(chunks,) bytes of the scored text of each chunk (token 0 is never scored)."""
+    return np.array(
+        [
+            len(tok.decode(ids[max(c * m, 1) : (c + 1) * m].tolist()).encode())
+            for c in range(chunks)
+        ],
+        dtype=np.float64,
+    )
 
 
 def _overlaps(db: Any, chunk_rows: np.ndarray, nbr: np.ndarray, pad: int) -> np.ndarray:
@@ -292,6 +298,7 @@ def _score_document(
     model: nn.Module,
     ids: np.ndarray,  # (L,) one document
     modes: list[str],
+    variants: dict[str, Any],  # mode -> context(model) it is scored in
     ret: Tensor | None,  # (C, k, 2m) neighbours of every chunk, or None
     mask: Tensor | None,  # (C, k)
     n: int,
@@ -318,7 +325,7 @@ def _score_document(
         inp = inp.to(device)
         for mode in modes:
             kw = {}
-            if mode in ("retrieval", NO_COPY):
+            if mode != "no_retrieval":
                 l = n // m
                 r = torch.zeros(len(group), l, ret.shape[1], 2 * m, dtype=torch.long)
                 rm = torch.zeros(len(group), l, ret.shape[1], dtype=torch.bool)
@@ -326,7 +333,7 @@ def _score_document(
                     c0, c1 = w // m, min(w // m + l, ret.shape[0])
                     r[j, : c1 - c0], rm[j, : c1 - c0] = ret[c0:c1], mask[c0:c1]
                 kw = {"retrieved": r.to(device), "neighbour_mask": rm.to(device)}
-            with copy_head_disabled(model, mode == NO_COPY):
+            with variants[mode](model) if mode in variants else contextlib.nullcontext():
                 logits = fam.logits(model, inp[:, :-1], **kw)  # (g, n, V)
             logp = F.log_softmax(logits.float(), dim=-1)
             tgt_nll = -logp.gather(-1, inp[:, 1:, None]).squeeze(-1).cpu().numpy()  # (g, n)

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from retrolm.models.registry import ModelFamily, check_no_retrieval, family_of
 from retrolm.nn.kv_cache import as_float_dtype, prefill
-from retrolm.sampling import sample_next
+from retrolm.sampling import decode_loop
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +116,66 @@ def generate(
     device = next(model.parameters()).device
     seq = _as_batch(prompt_ids).to(device)
     b, prompt_len = seq.shape
+    max_new_tokens = _new_tokens(prompt_len, max_new_tokens, max_len)
+    if prefill_dtype is not None:
+        prefill_dtype = as_float_dtype(prefill_dtype)
+    k = num_neighbours or getattr(retriever, "num_neighbours", None) or 2
+    gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    was_training = model.training
+    model.eval()
+
+    # the whole output, allocated once: a step writes one column instead of concatenating
+    ids = torch.full((b, prompt_len + max_new_tokens), pad_id, dtype=torch.long, device=device)
+    ids[:, :prompt_len] = seq
+    n = prompt_len  # tokens in ids so far
+
+    found = _Neighbours(retriever, k, m, b, device) if retriever is not None else None
+
+    def forward(tokens: Tensor, cache: Any) -> Tensor:  # (b, 1, V): the last position only
+        if found is None:
+            return fam.logits(model, tokens, cache, logits_to_keep=1)
+        kw = dict(retrieved=found.tokens, neighbour_mask=found.mask)
+        return fam.logits(model, tokens, cache, **kw, logits_to_keep=1)
+
+    def first_logits() -> Tensor:  # (b, V)
+        dtype = prefill_dtype if cache is not None else None
+        return prefill(lambda: forward(seq, cache), model, cache, dtype, device)[:, -1]
+
+    def next_logits(count: int) -> Tensor:  # (b, V) after ids[:, :count]
+        nonlocal n
+        n = count
+        # the new token may complete a chunk: its neighbours come before feeding it
+        if found is not None and n % m == 0:
+            found.complete_chunks(ids, n)
+        return forward(ids[:, n - 1 : n] if cache is not None else ids[:, :n], cache)[:, -1]
+
+    cache = fam.init_cache(model, b) if use_cache else None
+    try:
+        if found is not None:
+            found.complete_chunks(ids, n)
+        n = decode_loop(
+            first_logits,
+            next_logits,
+            ids,
+            n,
+            max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            generator=gen,
+            eos_id=eos_id,
+            fill_id=pad_id,
+        )
+        if found is not None:
+            found.complete_chunks(ids, n)  # report the chunk the last token completed too
+    finally:
+        model.train(was_training)
+    seq = ids if n == ids.shape[1] else ids[:, :n].clone()  # (b, L + generated)
+    return GenerationResult(seq, prompt_len, found.retrievals if found is not None else [])
+
+
+def _new_tokens(prompt_len: int, max_new_tokens: int, max_len: int) -> int:
+    """How many tokens to generate: ``max_new_tokens``, cut at the model's ``max_len``."""
     if prompt_len > max_len:
         raise ValueError(
             f"the prompt has {prompt_len} tokens but the model's max_seq_len is {max_len}; "
@@ -131,69 +191,29 @@ def generate(
             max_new_tokens,
         )
         max_new_tokens = max_len - prompt_len
-    if prefill_dtype is not None:
-        prefill_dtype = as_float_dtype(prefill_dtype)
-    k = num_neighbours or getattr(retriever, "num_neighbours", None) or 2
-    gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    was_training = model.training
-    model.eval()
+    return max_new_tokens
 
-    retrievals: list[Retrieval] = []
-    ret_tokens = torch.zeros(b, 0, k, 2 * m, dtype=torch.long, device=device)
-    ret_mask = torch.zeros(b, 0, k, dtype=torch.bool, device=device)
-    # the whole output, allocated once: a step writes one column instead of concatenating
-    ids = torch.full((b, prompt_len + max_new_tokens), pad_id, dtype=torch.long, device=device)
-    ids[:, :prompt_len] = seq
-    n = prompt_len  # tokens in ids so far
 
-    def retrieve_complete_chunks() -> None:
-        nonlocal ret_tokens, ret_mask
-        for u in range(ret_tokens.shape[1], n // m):
+class _Neighbours:
+    """The neighbours retrieved so far: (b, u, k, 2m) tokens and (b, u, k) mask for chunks
+    0 ... u-1, and one ``Retrieval`` per chunk."""
+
+    def __init__(self, retriever: Retriever, k: int, m: int, b: int, device: torch.device):
+        self.retriever, self.k, self.m, self.device = retriever, k, m, device
+        self.tokens = torch.zeros(b, 0, k, 2 * m, dtype=torch.long, device=device)
+        self.mask = torch.zeros(b, 0, k, dtype=torch.bool, device=device)
+        self.retrievals: list[Retrieval] = []
+
+    def complete_chunks(self, ids: Tensor, n: int) -> None:
+        """Retrieve for every chunk of ``ids[:, :n]`` completed since the last call."""
+        m = self.m
+        for u in range(self.tokens.shape[1], n // m):
             chunk = ids[:, u * m : (u + 1) * m].cpu().numpy()
-            found, _ = retriever.search_tokens(chunk, k)
-            toks, mask = retriever.retrieved_tokens(found)
-            ret_tokens = torch.cat([ret_tokens, toks.to(device)[:, None]], 1)
-            ret_mask = torch.cat([ret_mask, mask.to(device)[:, None]], 1)
-            retrievals.append(Retrieval(u, np.asarray(found)))
-
-    def forward(tokens: Tensor, cache: Any) -> Tensor:  # (b, 1, V): the last position only
-        if retriever is None:
-            return fam.logits(model, tokens, cache, logits_to_keep=1)
-        return fam.logits(
-            model, tokens, cache, retrieved=ret_tokens, neighbour_mask=ret_mask, logits_to_keep=1
-        )
-
-    cache = fam.init_cache(model, b) if use_cache else None
-    finished = torch.zeros(b, dtype=torch.bool, device=device) if eos_id is not None else None
-    try:
-        if retriever is not None:
-            retrieve_complete_chunks()
-        if max_new_tokens:
-            dtype = prefill_dtype if cache is not None else None
-            logits = prefill(lambda: forward(seq, cache), model, cache, dtype, device)[:, -1]
-        for step in range(max_new_tokens):
-            nxt = sample_next(
-                logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen
-            )
-            if finished is not None:  # rows past their EOS get pad
-                nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
-                finished |= nxt == eos_id
-            ids[:, n] = nxt
-            n += 1
-            if step == max_new_tokens - 1 or n >= max_len:
-                break  # no forward for logits nobody samples from
-            if finished is not None and bool(finished.all()):
-                break
-            # the new token may complete a chunk: its neighbours come before feeding it
-            if retriever is not None and n % m == 0:
-                retrieve_complete_chunks()
-            logits = forward(ids[:, n - 1 : n] if cache is not None else ids[:, :n], cache)[:, -1]
-        if retriever is not None:
-            retrieve_complete_chunks()  # report the chunk the last token completed too
-    finally:
-        model.train(was_training)
-    seq = ids if n == ids.shape[1] else ids[:, :n].clone()  # (b, L + generated)
-    return GenerationResult(seq, prompt_len, retrievals)
+            found, _ = self.retriever.search_tokens(chunk, self.k)
+            toks, mask = self.retriever.retrieved_tokens(found)
+            self.tokens = torch.cat([self.tokens, toks.to(self.device)[:, None]], 1)
+            self.mask = torch.cat([self.mask, mask.to(self.device)[:, None]], 1)
+            self.retrievals.append(Retrieval(u, np.asarray(found)))
 
 
 def describe_sources(

@@ -6,6 +6,8 @@ probability mass kept (nucleus sampling), ``temperature`` 0 means greedy decodin
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -73,3 +75,47 @@ def sample_next(
     if candidates is not None:
         pick = candidates.gather(-1, pick)
     return pick.squeeze(-1)
+
+
+def decode_loop(
+    first_logits: Callable[[], Tensor],
+    next_logits: Callable[[int], Tensor],
+    ids: Tensor,
+    n: int,
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+    eos_id: int | None = None,
+    fill_id: int = 0,
+) -> int:
+    """The one autoregressive sampling loop: sample, write, feed, until ``max_new_tokens``
+    new tokens or every row has produced ``eos_id``. Returns the tokens now in ``ids``.
+
+    ``ids`` (b, n + max_new_tokens): the prompt in ``ids[:, :n]``; new tokens are written in
+    place (one column a step, no concatenation). ``first_logits()`` gives the prompt's
+    next-token logits (b, V); ``next_logits(n)`` the logits (b, V) after ``ids[:, :n]``
+    (a cached model feeds only ``ids[:, n - 1 : n]``); it is never called for a token
+    nobody samples from. Rows past their EOS get ``fill_id``. Callers:
+    ``retrolm.generate`` (retrieval at chunk boundaries, any registered family) and the
+    seed wrappers' ``generate`` (``models.autoregressive``).
+    """
+    if not max_new_tokens:
+        return n
+    finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    logits = first_logits()
+    for step in range(max_new_tokens):
+        nxt = sample_next(
+            logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
+        )
+        if eos_id is not None:  # rows past their EOS get fill_id
+            nxt = nxt.masked_fill(finished, fill_id)
+            finished |= nxt == eos_id
+        ids[:, n] = nxt
+        n += 1
+        if step == max_new_tokens - 1 or (eos_id is not None and bool(finished.all())):
+            break  # no forward for logits nobody samples from
+        logits = next_logits(n)
+    return n

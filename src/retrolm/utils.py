@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import math
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
+
+from torch import nn
 
 T = TypeVar("T")
 
@@ -138,3 +142,28 @@ def fsync_path(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare model inside DDP / torch.compile wrappers."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+@functools.lru_cache(maxsize=64)
+def _parameters(fn: Callable[..., Any]) -> frozenset[str] | None:
+    try:
+        return frozenset(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):  # a builtin or C function: no signature to read
+        return None
+
+
+def accepts_keyword(fn: Callable[..., Any], name: str) -> bool:
+    """Whether ``fn`` (a function, method or ``module.forward``) takes the keyword ``name``.
+    Looked up once per function (generation asks on every decoded token, and
+    ``inspect.signature`` costs ~17 us)."""
+    params = _parameters(getattr(fn, "__func__", fn))
+    return params is not None and name in params

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from retrolm import HierarchicalTransformer
+from retrolm.models.autoregressive import AutoregressiveWrapper
 from retrolm.nn import attention_backend
-from retrolm.wrapper import AutoregressiveWrapper
 
 V, N, SEQ = 17, 24, 32
 D = torch.float64
@@ -245,7 +245,7 @@ def test_prefill_keeping_the_last_logits_then_steps_equal_the_full_forward(kw, p
 
 
 def test_the_ar_loss_cosine_equals_F_cosine_similarity():
-    from retrolm.models.hierarchical import _cosine_similarity
+    from retrolm.models.hierarchical.model import _cosine_similarity
 
     a = torch.randn(3, 7, 16, dtype=torch.float64, requires_grad=True)
     b = torch.randn(3, 7, 16, dtype=torch.float64, requires_grad=True)

@@ -9,7 +9,7 @@ import torch
 from tests.models.test_hierarchical import one_thread  # noqa: F401 (autouse fixture)
 
 from retrolm import HierarchicalConfig, HierarchicalTransformer
-from retrolm.models.hierarchical_config import PRESETS
+from retrolm.models.hierarchical.config import PRESETS
 
 V, SEQ = 17, 32
 BASE = dict(

@@ -11,10 +11,10 @@ from retrolm.models.registry import (
     family_of,
     get_family,
     plain_logits,
-    retro_logits,
 )
+from retrolm.models.retro.family import retro_logits
 from retrolm.models.routing import RoutingLanguageModel, RoutingTransformerLM
-from retrolm.models.routing_config import RoutingConfig
+from retrolm.models.routing.config import RoutingConfig
 
 ROUTING = RoutingConfig.from_name("routing-tiny", max_seq_len=64, window_size=16)
 HIER = HierarchicalConfig.from_name("hier-tiny", seq_len=32, window_sizes=(8, 8, None))

@@ -6,7 +6,7 @@ import torch
 
 from retrolm import RETRO, RetroConfig
 from retrolm.models.retro import ChunkedCrossAttention
-from retrolm.models.retro_config import paper_cca_layers
+from retrolm.models.retro.config import paper_cca_layers
 from retrolm.nn import apply_rotary, attention_backend, reference_attend
 
 V, M = 256, 4  # retro-tiny: vocab 256, chunk 4, neighbours 2m = 8

@@ -341,7 +341,7 @@ def test_config_presets_and_validation():
 
 def test_split_modules_keep_the_public_imports():
     import retrolm.models.routing as routing
-    from retrolm.models import routing_cache
+    from retrolm.models.routing import cache as routing_cache
 
     names = ("RoutingAttention", "RoutingCache", "RoutingTransformer", "RoutingTransformerLM")
     assert all(hasattr(routing, n) for n in names) and set(names) <= set(routing.__all__)
@@ -377,7 +377,7 @@ def test_fused_qkv_projection_equals_separate_under_bf16(shared_qk):
 def test_real_token_step_equals_general_step(shared_qk, mem, w):
     """LayerCache.step_real (no padding: ring index and mask table) == LayerCache.step (the
     general path with its sink and masks), through ring wrap-around, bit for bit."""
-    from retrolm.models.routing_cache import LayerCache
+    from retrolm.models.routing.cache import LayerCache
 
     torch.manual_seed(0)
     b, h, k, d, n = 2, 3, 4, 8, 13

@@ -21,7 +21,8 @@ class Mutant:
     hints: tuple[str, ...] = ()
 
 
-RETRO = "src/retrolm/models/retro.py"
+RETRO = "src/retrolm/models/retro/model.py"
+RETRO_FUSED = "src/retrolm/models/retro/fused.py"
 T_RETRO = "tests/models/test_retro.py"
 T_ORACLES = "tests/models/test_retro_oracles.py"
 
@@ -40,11 +41,11 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "cca_query_double_shift_decode",
-        RETRO,
+        RETRO_FUSED,
         (
             (
-                "self.rotary.span(m - 1, m, seq.device))",
-                "self.rotary.span(2 * (m - 1), m, seq.device))",
+                "model.rotary.span(m - 1, m, seq.device))",
+                "model.rotary.span(2 * (m - 1), m, seq.device))",
             ),
         ),
         "the same double shift in the fused one-token decoding step only",
@@ -64,10 +65,10 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "encoder_on_decoder_layer_1_decode",
-        RETRO,
+        RETRO_FUSED,
         (
             (
-                "if retrieving and i + 1 == self.cca_layers[0]:",
+                "if retrieving and i + 1 == model.cca_layers[0]:",
                 "if retrieving and i + 1 == 1:",
             ),
         ),
@@ -229,7 +230,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "routing_cache_sort_descending",
-        "src/retrolm/models/routing_cache.py",
+        "src/retrolm/models/routing/cache.py",
         (
             (
                 "order = (groups * n + pos).argsort(dim=-1)",
@@ -260,7 +261,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "wrapper_label_mask_off_by_one",
-        "src/retrolm/wrapper.py",
+        "src/retrolm/models/autoregressive.py",
         (
             (
                 "labels.masked_fill(~mask[:, 1 : inp.shape[1] + 1], self.ignore_index)",
@@ -268,7 +269,7 @@ MUTANTS: list[Mutant] = [
             ),
         ),
         "the wrapper ignores labels by the mask of the input token, not of the label",
-        ("tests/test_wrapper.py",),
+        ("tests/models/test_autoregressive.py",),
     ),
     Mutant(
         "eval_skips_the_nearest_neighbour",

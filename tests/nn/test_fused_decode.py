@@ -156,9 +156,11 @@ def _model(**kw) -> RETRO:
 
 def _steps(model, seq, ret, mask, prompt=5):
     """Logits of a prompt then one cached step per token, and how many steps ran fused."""
+    from retrolm.models.retro import fused
+
     calls = []
-    inner = model._decode_fused
-    model._decode_fused = lambda *a, **k: calls.append(1) or inner(*a, **k)
+    inner = fused.decode_step
+    fused.decode_step = lambda *a, **k: calls.append(1) or inner(*a, **k)
     try:
         with torch.no_grad():
             cache = model.init_cache(seq.shape[0])
@@ -166,7 +168,7 @@ def _steps(model, seq, ret, mask, prompt=5):
             for i in range(prompt, seq.shape[1]):
                 outs.append(model(seq[:, i : i + 1], ret, neighbour_mask=mask, cache=cache))
     finally:
-        del model._decode_fused
+        fused.decode_step = inner
     return torch.cat(outs, 1), len(calls)
 
 
@@ -282,13 +284,14 @@ HIER = dict(num_tokens=256, dim=64, depth=2, heads=2, dim_head=16, seq_len=128)
 )
 def test_hierarchical_fused_steps_equal_the_full_forward(fused_on, monkeypatch, kw):
     import retrolm.models.hierarchical as hier
+    from retrolm.models.hierarchical import fused
 
     torch.manual_seed(0)
     model = hier.HierarchicalTransformer(**HIER, **kw).eval()
     seq = torch.randint(0, 256, (2, 60))
     calls = []
-    inner = hier._fused_block
-    monkeypatch.setattr(hier, "_fused_block", lambda *a: calls.append(1) or inner(*a))
+    inner = fused.block_step
+    monkeypatch.setattr(fused, "block_step", lambda *a: calls.append(1) or inner(*a))
 
     def steps():
         with torch.no_grad():
@@ -376,15 +379,11 @@ def _trained_routing(**kw):
 
 
 def _routing_steps(model, seq, prompt, monkeypatch):
-    import retrolm.models.routing as routing
+    from retrolm.models.routing import fused
 
     calls = []
-    inner = routing.RoutingTransformer._fused_step
-    monkeypatch.setattr(
-        routing.RoutingTransformer,
-        "_fused_step",
-        lambda self, *a: calls.append(1) or inner(self, *a),
-    )
+    inner = fused.decode_step
+    monkeypatch.setattr(fused, "decode_step", lambda *a: calls.append(1) or inner(*a))
     with torch.no_grad():
         cache = model.init_cache(seq.shape[0])
         outs = [model(seq[:, :prompt], cache=cache)]

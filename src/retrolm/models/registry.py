@@ -7,8 +7,8 @@ families register themselves with :func:`register_family`:
 
     register_family(ModelFamily(
         name="routing",
-        config_cls="retrolm.models.routing:RoutingConfig",
-        model_cls="retrolm.models.routing:RoutingTransformer",
+        config_cls="retrolm.models.routing.config:RoutingConfig",
+        model_cls="retrolm.models.routing.model:RoutingTransformer",
         uses_retrieval=False,
     ))
 
@@ -26,15 +26,16 @@ they never read RETRO-only fields such as ``chunk_size`` from another family's c
 from __future__ import annotations
 
 import dataclasses
-import functools
 import importlib
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from retrolm.config import dataclass_from_dict
+from retrolm.utils import unwrap
 
 
 @dataclass
@@ -50,11 +51,6 @@ class Batch:
             return None if t is None else t.to(device, non_blocking=True)
 
         return Batch(mv(self.seq), mv(self.retrieved), mv(self.neighbour_mask))
-
-
-def retro_loss(model: nn.Module, batch: Batch) -> Tensor:
-    """RETRO: mean next-token cross-entropy; ``retrieved=None`` is the baseline decoder."""
-    return model(batch.seq, batch.retrieved, neighbour_mask=batch.neighbour_mask, return_loss=True)
 
 
 def plain_loss(model: nn.Module, batch: Batch) -> Tensor:
@@ -80,33 +76,6 @@ def plain_logits(
     return out if logits_to_keep is None else out[:, -logits_to_keep:]
 
 
-@functools.lru_cache(maxsize=64)
-def _takes_logits_to_keep(forward: Callable[..., Any]) -> bool:
-    """Whether a forward function has the option (looked up once per function: generation
-    asks on every decoded token, and ``inspect.signature`` costs ~17 us)."""
-    return "logits_to_keep" in inspect.signature(forward).parameters
-
-
-def retro_logits(
-    model: nn.Module,
-    ids: Tensor,  # (b, n)
-    cache: Any = None,
-    retrieved: Tensor | None = None,  # (b, l, k, 2m); None = RETRO[OFF]
-    neighbour_mask: Tensor | None = None,  # (b, l, k)
-    logits_to_keep: int | None = None,
-) -> Tensor:  # (b, n, V), or (b, logits_to_keep, V)
-    """RETRO: ``retrieved=None`` is the same decoder without neighbours. ``logits_to_keep``:
-    project only the last positions to the vocabulary (a prompt's prefill needs one row)."""
-    kw: dict[str, Any] = {} if cache is None else {"cache": cache}
-    if retrieved is not None:
-        kw["neighbour_mask"] = neighbour_mask
-    if logits_to_keep is None:
-        return model(ids, retrieved, **kw)
-    if _takes_logits_to_keep(getattr(model.forward, "__func__", model.forward)):
-        return model(ids, retrieved, **kw, logits_to_keep=logits_to_keep)
-    return model(ids, retrieved, **kw)[:, -logits_to_keep:]  # a subclass without the option
-
-
 def model_init_cache(model: nn.Module, batch_size: int) -> Any:
     """``model.init_cache(batch_size)`` where the model has one, else None (no cache)."""
     fn = getattr(model, "init_cache", None)
@@ -120,13 +89,20 @@ def _load(path: str | type) -> Any:
     return getattr(importlib.import_module(module), attr)
 
 
-def _load_loss(path: str) -> Callable[[nn.Module, Batch], Tensor]:
-    """A loss named by import path, imported on its first call (keeps the registry light)."""
+def lazy(path: str) -> Callable[..., Any]:
+    """A hook named by import path (``"module:function"``), imported on its first call: the
+    registry names every built-in family's hooks this way and so imports no model."""
 
-    def loss(model: nn.Module, batch: Batch) -> Tensor:
-        return _load(path)(model, batch)
+    def hook(*args: Any, **kwargs: Any) -> Any:
+        return _load(path)(*args, **kwargs)
 
-    return loss
+    hook.__qualname__ = hook.__name__ = path.partition(":")[2]
+    return hook
+
+
+def no_eval_variants(model: nn.Module) -> dict[str, Callable[[nn.Module], Any]]:
+    """Families without extra evaluation modes."""
+    return {}
 
 
 @dataclass(frozen=True)
@@ -151,6 +127,9 @@ class ModelFamily:
     what evaluation and generation call (with a cache, logits of the new ids only)."""
     init_cache: Callable[[nn.Module, int], Any] = model_init_cache
     """``(model, batch_size) -> cache or None``; None: generation reruns the whole prefix."""
+    eval_variants: Callable[[nn.Module], dict[str, Callable[[nn.Module], Any]]] = no_eval_variants
+    """``model -> {mode: context(model)}``: retrieval modes evaluation scores beside
+    ``retrieval``, each run inside its context (RETRO's copy head switched off)."""
 
     def __post_init__(self) -> None:
         if self.uses_retrieval and self.logits is plain_logits:
@@ -200,12 +179,8 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def config_from_dict(cls: type, d: dict[str, Any]) -> Any:
-    if hasattr(cls, "from_dict"):
-        return cls.from_dict(d)
-    from retrolm.config import check_fields
-
-    check_fields(cls, d, cls.__name__, unknown=f"unknown {cls.__name__} fields")
-    return cls(**d)
+    """``cls.from_dict(d)``, or for a plain dataclass config the same checks."""
+    return cls.from_dict(d) if hasattr(cls, "from_dict") else dataclass_from_dict(cls, d)
 
 
 FAMILIES: dict[str, ModelFamily] = {}
@@ -239,8 +214,6 @@ def family_of(model: nn.Module, family: str | ModelFamily | None = None) -> Mode
         return family
     if family is not None:
         return get_family(family)
-    from retrolm.checkpoint import unwrap
-
     bare = unwrap(model)
     return next((f for f in FAMILIES.values() if f.serves(bare)), DECODER)
 
@@ -271,22 +244,23 @@ def get_family(name: str) -> ModelFamily:
 register_family(
     ModelFamily(
         name="retro",
-        config_cls="retrolm.models.retro:RetroConfig",
-        model_cls="retrolm.models.retro:RETRO",
+        config_cls="retrolm.models.retro.config:RetroConfig",
+        model_cls="retrolm.models.retro.model:RETRO",
         uses_retrieval=True,
-        loss=retro_loss,
+        loss=lazy("retrolm.models.retro.family:retro_loss"),
         default_preset="retro-small",  # sized for a CPU (the demo's); 64-token chunks
-        logits=retro_logits,
+        logits=lazy("retrolm.models.retro.family:retro_logits"),
+        eval_variants=lazy("retrolm.models.retro.family:retro_eval_variants"),
     )
 )
 
 register_family(
     ModelFamily(
         name="hierarchical",
-        config_cls="retrolm.models.hierarchical_config:HierarchicalConfig",
-        model_cls="retrolm.models.hierarchical:HierarchicalTransformer",
+        config_cls="retrolm.models.hierarchical.config:HierarchicalConfig",
+        model_cls="retrolm.models.hierarchical.model:HierarchicalTransformer",
         uses_retrieval=False,
-        loss=_load_loss("retrolm.models.hierarchical:hierarchical_loss"),
+        loss=lazy("retrolm.models.hierarchical.model:hierarchical_loss"),
         default_preset="hier-tiny",
     )
 )
@@ -294,8 +268,8 @@ register_family(
 register_family(
     ModelFamily(
         name="routing",
-        config_cls="retrolm.models.routing_config:RoutingConfig",
-        model_cls="retrolm.models.routing:RoutingLanguageModel",
+        config_cls="retrolm.models.routing.config:RoutingConfig",
+        model_cls="retrolm.models.routing.model:RoutingLanguageModel",
         uses_retrieval=False,
         default_preset="routing-tiny",
     )

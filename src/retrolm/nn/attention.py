@@ -65,6 +65,8 @@ def _full_mask(q: Tensor, k: Tensor, mask: Tensor | None, causal: bool) -> Tenso
     return mask
 
 
+# signature twin (deliberate): reference_attend takes attend's arguments, so a test swaps one
+# for the other
 def reference_attend(
     q: Tensor,  # (b, h, i, d)
     k: Tensor,  # (b, g, j, d)

@@ -18,15 +18,7 @@ import torch
 
 from retrolm.errors import IncompatibleError
 from retrolm.retrieval import chunking
-from retrolm.retrieval.build import (
-    FORMAT,
-    FORMAT_VERSION,
-    MANIFEST,
-    BuildConfig,
-    build_database,
-    open_array,
-    read_manifest,
-)
+from retrolm.retrieval.build import BuildConfig, build_database
 from retrolm.retrieval.encoder import (
     FrozenEncoder,
     check_encoder_identity,
@@ -37,6 +29,7 @@ from retrolm.retrieval.encoder import (
 )
 from retrolm.retrieval.index import IndexSpec, Searcher, load_index
 from retrolm.retrieval.neighbours import search_excluding
+from retrolm.retrieval.store import FORMAT, FORMAT_VERSION, MANIFEST, open_array, read_manifest
 from retrolm.retrieval.tokenizer import PAD_ID, LMTokenizer
 
 __all__ = ["RetrievalDatabase", "BuildConfig", "build_database"]

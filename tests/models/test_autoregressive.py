@@ -1,8 +1,8 @@
 import torch
 from torch import nn
 
+from retrolm.models.autoregressive import AutoregressiveWrapper
 from retrolm.nn import KVCache, MultiHeadAttention, RotaryEmbedding
-from retrolm.wrapper import AutoregressiveWrapper
 
 
 class TinyLM(nn.Module):

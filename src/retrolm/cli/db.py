@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import MISSING, fields
+from dataclasses import fields
 from pathlib import Path
 
+from retrolm.cli.flags import add_dataclass_flags
 from retrolm.retrieval.build import BuildConfig
-from retrolm.utils import field_docs
 
 
 def register(subparsers) -> None:
@@ -22,17 +22,7 @@ def register(subparsers) -> None:
     )
     b.add_argument("text_dir", metavar="TEXT_DIR")
     b.add_argument("db_dir", metavar="DB_DIR")
-    docs = field_docs(BuildConfig)
-    for f in fields(BuildConfig):
-        default = f.default if f.default is not MISSING else None
-        typ = int if f.type in ("int", int) else str
-        b.add_argument(
-            f"--{f.name.replace('_', '-')}",
-            dest=f.name,
-            type=typ,
-            default=default,
-            help=f"{docs.get(f.name, '')} (default: {default})",
-        )
+    add_dataclass_flags(b, BuildConfig)
     b.add_argument(
         "--restart",
         action="store_true",
@@ -71,7 +61,7 @@ def run_build(args: argparse.Namespace) -> int:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from retrolm.retrieval.build import read_manifest
+    from retrolm.retrieval.store import read_manifest
 
     root = Path(args.db_dir)
     m = read_manifest(root)

@@ -1,4 +1,7 @@
-"""``TrainingWrapper``: the seed's one-object API over the real pipeline.
+"""The seed libraries' conveniences, over the pipeline pieces: ``TrainingWrapper`` (RETRO's
+one-object API), ``RETRODataset`` (``retrolm.data``) and ``AutoregressiveWrapper`` (the
+routing / hierarchical seeds' loss-and-sample wrapper, ``retrolm.models.autoregressive``:
+it lives with the models because the Routing language model is one).
 
     wrapper = TrainingWrapper(retro=retro, knn=2, chunk_size=64,
                               documents_path="./text_folder", glob="**/*.txt", ...)
@@ -28,8 +31,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from retrolm.data import RETRODataset
+from retrolm.models.autoregressive import AutoregressiveWrapper
 
 log = logging.getLogger(__name__)
+
+__all__ = ["AutoregressiveWrapper", "RETRODataset", "TrainingWrapper"]
 
 
 class TrainingWrapper:

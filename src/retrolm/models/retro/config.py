@@ -82,7 +82,7 @@ class RetroConfig(ConfigBase):
     found no difference (App. B.1.4: 0.823 vs 0.822 bpb) and it saves vocab x dim weights."""
 
     copy_head: bool = False
-    """Add the neighbour copy head (``retrolm.models.retro_copy``; not in the paper): the next
+    """Add the neighbour copy head (``retrolm.models.retro.copy_head``; not in the paper): the next
     token may be copied from a retrieved neighbour where the latest tokens match it there."""
     copy_max_match: int = 12
     """Longest match (in tokens) the copy head measures; longer matches count as this long."""
@@ -186,6 +186,21 @@ PRESETS: dict[str, dict[str, Any]] = {
         enc_depth=2,
         heads=4,
         dim_head=64,
+    ),
+    # `retrolm demo` (num_tokens from the database's tokenizer): with the neighbour copy head
+    # (not in the paper; copy_head.py): paper RETRO does not learn to read misaligned
+    # parallels in the demo's budget (~0% gain, benchmarks/RESULTS.md)
+    "retro-demo": dict(
+        chunk_size=64,
+        max_seq_len=256,
+        dec_dim=128,
+        dec_depth=4,
+        dec_cross_attn_layers=(2, 4),
+        enc_dim=128,
+        enc_depth=1,
+        heads=4,
+        dim_head=32,
+        copy_head=True,
     ),
     # the benchmark configuration (issue 2): dec 256x6, enc 256x2, CCA (3, 6)
     "retro-bench": dict(

@@ -42,14 +42,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from retrolm.models.hierarchical_config import PRESETS, HierarchicalConfig
+from retrolm.models.autoregressive import AutoregressiveWrapper
+from retrolm.models.hierarchical import fused
+from retrolm.models.hierarchical.cache import BlockState, HierarchicalCache
+from retrolm.models.hierarchical.config import PRESETS, HierarchicalConfig
 from retrolm.nn import (
     CausalDownsample,
     DecodeLinear,
@@ -60,40 +63,18 @@ from retrolm.nn import (
     RotaryEmbedding,
     attention_backend,
     cross_entropy,
-    fused_decode,
     make_norm,
     norm_shift,
     repeat_upsample,
     token_shift,
     token_shift_cached,
 )
-from retrolm.wrapper import AutoregressiveWrapper
 
 log = logging.getLogger(__name__)
 
 __all__ = ["HierarchicalConfig", "HierarchicalTransformer", "PRESETS", "hierarchical_loss"]
 
 COMPRESS_EXPANSION = 4  # hidden width of the compression conv, as a multiple of D
-
-
-@dataclass
-class BlockState:
-    """Decoding state of one block (one layer of one hierarchy)."""
-
-    attn_shift: Tensor | None = None  # (b, a, d) last a normed inputs of the attention
-    ff_shift: Tensor | None = None  # (b, a, d) last a normed inputs of the feed-forward
-    kv: list[KVCache] = field(default_factory=list)  # one cache per sub-sequence
-
-
-@dataclass
-class HierarchicalCache:
-    """Everything generation needs to extend a sequence one token at a time."""
-
-    pos: int = 0  # tokens seen so far
-    window: Tensor | None = None  # (b, max(c), D) embeddings of the last max(c) positions
-    blocks: list[list[BlockState]] = field(default_factory=list)  # [layer][hierarchy]
-    latest: list[list[Tensor | None]] = field(default_factory=list)  # [layer][k] (b, 1, d)
-    final: list[Tensor | None] = field(default_factory=list)  # [k] (b, 1, d) normed output
 
 
 def _shift(h: Tensor, shifts: tuple[int, int], state: BlockState | None, slot: str) -> Tensor:
@@ -171,6 +152,8 @@ class ShiftedFeedForward(nn.Module):
 
     slot = "ff_shift"
 
+    # signature twin of SubsequenceAttention.forward (deliberate): HierarchicalBlock calls
+    # both sub-layers alike
     def forward(
         self,
         h: Tensor,
@@ -450,26 +433,26 @@ class HierarchicalTransformer(nn.Module):
         cfg, t = self.config, cache.pos
         cache.window = torch.cat((cache.window[:, 1:], self.token_emb(ids)), dim=1)
         due = [t % s == 0 for s in cfg.hierarchical_stride]  # streams with a token now
-        fused = self._fused_ok(due, cache, t)
+        fast = fused.step_ok(self, due, cache, t)
         new: list[Tensor | None] = [None] * cfg.num_hierarchies
         for k, c in enumerate(cfg.hierarchies):
             if due[k]:
                 window, comp = cache.window[:, -c:], self.compress[k]
-                h = comp.step_fused(window) if fused else comp.step(window)
+                h = comp.step_fused(window) if fast else comp.step(window)
                 new[k] = self.compress_norms[k](h)
         for layer_idx, layer in enumerate(self.layers):
             for k, blk in enumerate(layer):
                 if new[k] is not None:
                     st = cache.blocks[layer_idx][k]
                     index = t // cfg.hierarchical_stride[k]
-                    if fused:
-                        new[k] = _fused_block(blk, new[k], st, index)
+                    if fast:
+                        new[k] = fused.block_step(blk, new[k], st, index)
                     else:
                         new[k] = blk(new[k], state=st, index=index)
                     cache.latest[layer_idx][k] = new[k]
             if self.merges:
                 merge, cat = self.merges[layer_idx], torch.cat(cache.latest[layer_idx], dim=-1)
-                pooled = _fused_merge(merge, cat) if fused else merge(cat)
+                pooled = fused.merge_step(merge, cat) if fast else merge(cat)
                 parts = pooled.split(list(cfg.dim), -1) if cfg.hierarchy_merge_all else None
                 for k in range(cfg.num_hierarchies):
                     if new[k] is None:
@@ -485,19 +468,6 @@ class HierarchicalTransformer(nn.Module):
         if cfg.predict_use_all_hierarchy:
             return self.to_logits(torch.cat(cache.final, dim=-1))
         return self.to_logits(cache.final[cfg.predict_index])
-
-    def _fused_ok(self, due: list[bool], cache: HierarchicalCache, t: int) -> bool:
-        """Whether this step's blocks can run as ``nn.fused_decode`` blocks: eval, fp32 on
-        CPU, and every sub-sequence cache the step attends is filled."""
-        if self.training or not fused_decode.usable(self.token_emb.weight):
-            return False
-        for layer_states in cache.blocks:
-            for k, (blk, st) in enumerate(zip(self.layers[0], layer_states)):
-                if due[k] and blk.attn is not None:
-                    index = t // self.config.hierarchical_stride[k]
-                    if st.kv[index % blk.attn.fn.axial].length == 0:
-                        return False
-        return True
 
     @torch.no_grad()
     def generate(
@@ -536,49 +506,6 @@ def _cosine_similarity(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
     norm_a = torch.linalg.vector_norm(a, dim=-1).clamp_min(eps)
     norm_b = torch.linalg.vector_norm(b, dim=-1).clamp_min(eps)
     return (a * b).sum(-1) / (norm_a * norm_b)
-
-
-def _shift_state(past: Tensor | None, x: Tensor, a: int) -> Tensor:
-    """A block's token-shift state for the fused blocks: the last ``a`` normed inputs
-    (b, a, d), zeros before the start (``token_shift_cached``'s ``past``)."""
-    return past if past is not None else x.new_zeros(x.shape[0], a, x.shape[-1])
-
-
-def _fused_block(blk: HierarchicalBlock, x: Tensor, st: BlockState, index: int) -> Tensor:
-    """``blk(x, state=st, index=index)`` for one token through ``nn.fused_decode``: the
-    attention (token shift, rotary, its sub-sequence's cache, window) and the feed-forward
-    (token shift) as one call each, each handing back the next shift state. x (b, 1, d) ->
-    (b, 1, d)."""
-    h = x[:, 0]  # (b, d)
-    half = h.shape[-1] // 2  # token_shift's groups (0, a): the second half is shifted
-    if blk.attn is not None:
-        res, sub = blk.attn, blk.attn.fn
-        mha, a = sub.attn, sub.axial
-        rotary = sub.rotary.span(index // a, 1, h.device)  # (1, r) each
-        kv = st.kv[index % a]
-        h, st.attn_shift = fused_decode.self_attention(
-            h, res.norm, mha, rotary, kv, _shift_state(st.attn_shift, h, a), half
-        )
-        if mha.window is not None:
-            kv.keep_last(mha.window - 1)  # all that later queries can still see
-    res, sff = blk.ff, blk.ff.fn
-    up, down = sff.ff.up_proj, sff.ff.down_proj
-    h, st.ff_shift = fused_decode.feed_forward(
-        h, res.norm, up.weight, up.bias, down.weight, down.bias,
-        shift=_shift_state(st.ff_shift, h, sff.shifts[1]), shift_from=half,
-    )  # fmt: skip
-    return h[:, None]
-
-
-def _fused_merge(merge: nn.Sequential, cat: Tensor) -> Tensor:
-    """The merge MLP (RMSNorm, SiLU feed-forward) of cat (b, 1, sum(d)) as one fused call."""
-    norm, ff = merge[0], merge[1]
-    up, down = ff.up_proj, ff.down_proj
-    out, _ = fused_decode.feed_forward(
-        cat[:, 0].contiguous(), norm, up.weight, up.bias, down.weight, down.bias,
-        act="silu", residual=False,
-    )  # fmt: skip
-    return out[:, None]
 
 
 def hierarchical_loss(model: HierarchicalTransformer, batch) -> Tensor:

@@ -22,19 +22,18 @@ query table is offset exactly once (RETRO-pytorch offsets it twice, its bug B1).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
-from retrolm.models.retro_config import RetroConfig
-from retrolm.models.retro_copy import NeighbourCopyHead
-from retrolm.nn import fused_decode
+from retrolm.models.retro import fused
+from retrolm.models.retro.cache import RetroCache
+from retrolm.models.retro.config import RetroConfig
+from retrolm.models.retro.copy_head import NeighbourCopyHead
 from retrolm.nn.attention import attend
 from retrolm.nn.decode_linear import DecodeLinear
-from retrolm.nn.feedforward import ACTIVATIONS, FeedForward
+from retrolm.nn.feedforward import FeedForward
 from retrolm.nn.kv_cache import KVCache
 from retrolm.nn.losses import linear_cross_entropy
 from retrolm.nn.multihead import MultiHeadAttention
@@ -118,6 +117,13 @@ class ChunkedCrossAttention(nn.Module):
         return attn.out_proj(o.view(B, 1, -1) if j == 1 else o.transpose(1, 2).flatten(2))
 
 
+def _feed_forward(c: RetroConfig, dim: int, dropout: float, alpha: float) -> Residual:
+    """The feed-forward sub-layer of an encoder or decoder layer (pre-norm, or post-norm
+    with DeepNet's residual scale ``alpha``)."""
+    ff = FeedForward(dim, c.ff_mult, glu=c.ff_glu, dropout=dropout)
+    return Residual(dim, ff, c.norm, post_norm=c.use_deepnet, alpha=alpha)
+
+
 class EncoderLayer(nn.Module):
     def __init__(self, config: RetroConfig, cross: bool, alpha: float) -> None:
         super().__init__()
@@ -146,13 +152,7 @@ class EncoderLayer(nn.Module):
             if cross
             else None
         )
-        self.ff = Residual(
-            c.enc_dim,
-            FeedForward(c.enc_dim, c.ff_mult, glu=c.ff_glu, dropout=c.enc_ff_dropout),
-            c.norm,
-            post_norm=post,
-            alpha=alpha,
-        )
+        self.ff = _feed_forward(c, c.enc_dim, c.enc_ff_dropout, alpha)
 
 
 class RetroEncoder(nn.Module):
@@ -214,29 +214,7 @@ class DecoderLayer(nn.Module):
             if cca
             else None
         )
-        self.ff = Residual(
-            c.dec_dim,
-            FeedForward(c.dec_dim, c.ff_mult, glu=c.ff_glu, dropout=c.dec_ff_dropout),
-            c.norm,
-            post_norm=post,
-            alpha=alpha,
-        )
-
-
-@dataclass
-class RetroCache:
-    """Everything incremental decoding keeps per sequence batch."""
-
-    self_attn: list[KVCache]
-    length: int = 0
-    # the states of the positions since the first unencoded chunk, in pieces (b, ·, d):
-    # concatenated once that chunk completes, not on every decoded token
-    chunk_states: list[Tensor] = field(default_factory=list)
-    encoded_chunks: int = 0
-    cca_kv: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)  # layer -> (b, L, …)
-    cca_mask: Tensor | None = None  # (b, L, k*r)
-    cca_full: list[bool] = field(default_factory=list)  # chunk u: every neighbour token real
-    copy_tail: Tensor | None = None  # (b, <= copy_max_match-1) latest tokens, for the copy head
+        self.ff = _feed_forward(c, c.dec_dim, c.dec_ff_dropout, alpha)
 
 
 class RETRO(nn.Module):
@@ -399,8 +377,8 @@ class RETRO(nn.Module):
         c = self.config
         start = cache.length if cache is not None else 0
         t = seq.shape[1]
-        if t == 1 and cache is not None and self._fused_step_ok(start, retrieved, cache):
-            return self._decode_fused(seq, retrieved is not None, cache)
+        if t == 1 and cache is not None and fused.step_ok(self, start, retrieved, cache):
+            return fused.decode_step(self, seq, retrieved is not None, cache)
         pos = self.rotary.span(start, t, seq.device)
         q_cca = self.rotary.span(c.chunk_size - 1, c.chunk_size, seq.device)
         x = self.token_emb(seq)
@@ -422,82 +400,6 @@ class RETRO(nn.Module):
         if cache is not None:
             cache.length += t
         return self.final_norm(x)
-
-    def _fused_layers_ok(self) -> bool:
-        """Whether every decoder layer is what ``nn.fused_decode``'s blocks compute: pre-norm
-        RMSNorm, multi-head attention without biases, memory, windows or grouped heads, half
-        rotary, a plain GELU feed-forward. Fixed by the config: computed once."""
-        ok = getattr(self, "_fused_layers", None)
-        if ok is None:
-            c = self.config
-            attns = [layer.self_attn.fn for layer in self.layers]
-            attns += [layer.cca.fn.attn for layer in self.layers if layer.cca is not None]
-            ffs = [layer.ff.fn for layer in self.layers]
-            ok = (
-                c.norm == "rms"
-                and not c.use_deepnet
-                and all(
-                    a.q_proj.bias is None
-                    and not a.num_mem_kv
-                    and a.window is None
-                    and a.kv_heads == a.heads
-                    and not a.interleaved_rotary
-                    for a in attns
-                )
-                and all(not f.glu and f.act is ACTIVATIONS["gelu"] for f in ffs)
-            )
-            self._fused_layers = ok
-        return ok
-
-    def _fused_step_ok(self, start: int, retrieved: Tensor | None, cache: RetroCache) -> bool:
-        """A one-token step that the fused blocks can run: eval, fp32 on CPU, no chunk
-        completes (the encoder runs then), and the chunk this position reads is encoded."""
-        if self.training or not self._fused_layers_ok():
-            return False
-        if not fused_decode.usable(self.token_emb.weight):
-            return False
-        if any(kv.length == 0 for kv in cache.self_attn):
-            return False
-        m = self.config.chunk_size
-        if retrieved is None or start < m - 1:
-            return True
-        if (start + 1) // m > cache.encoded_chunks:  # this token completes a chunk
-            return False
-        u = (start + 1) // m - 1
-        return all(
-            cache.cca_kv.get(no) is not None and u < cache.cca_kv[no][0].shape[1]
-            for no in self.cca_layers
-        )
-
-    def _decode_fused(self, seq: Tensor, retrieving: bool, cache: RetroCache) -> Tensor:
-        """``_decode`` for one new token through ``nn.fused_decode``: three calls per layer
-        instead of ~30 kernels. seq (b, 1) -> final normed states (b, 1, d)."""
-        start, m = cache.length, self.config.chunk_size
-        rotary = tuple(t[0] for t in self.rotary.span(start, 1, seq.device))  # (r,) each
-        attends = retrieving and start >= m - 1
-        if attends:
-            u, lead = (start + 1) // m - 1, (start - (m - 1)) % m
-            q_rotary = tuple(t[lead] for t in self.rotary.span(m - 1, m, seq.device))
-            allow = None if cache.cca_full[u] else cache.cca_mask[:, u].contiguous()
-        x = self.token_emb(seq)[:, 0]  # (b, d)
-        for i, layer in enumerate(self.layers):
-            res = layer.self_attn
-            x, _ = fused_decode.self_attention(x, res.norm, res.fn, rotary, cache.self_attn[i])
-            if retrieving and i + 1 == self.cca_layers[0]:  # the chunk's states, as _encode
-                cache.chunk_states.append(x[:, None])
-            if layer.cca is not None and attends:  # (else the zero update: x unchanged)
-                k, v = cache.cca_kv[i + 1]
-                x = fused_decode.cross_attention(
-                    x, layer.cca.norm, layer.cca.fn.attn, q_rotary, k.select(1, u),
-                    v.select(1, u), allow,
-                )  # fmt: skip
-            res, ff = layer.ff, layer.ff.fn
-            up, down = ff.up_proj, ff.down_proj
-            x, _ = fused_decode.feed_forward(
-                x, res.norm, up.weight, up.bias, down.weight, down.bias
-            )
-        cache.length += 1
-        return self.final_norm(x[:, None])
 
     def _encode(self, h, retrieved, neighbour_mask, start, cache):
         """Encode the neighbours of every chunk completed so far that is not yet encoded.

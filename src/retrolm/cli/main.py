@@ -22,11 +22,11 @@ import sys
 
 # sub-command name -> module providing register(subparsers)
 COMMANDS: dict[str, str] = {
-    "db": "retrolm.retrieval.cli",
-    "train": "retrolm.commands.train",
-    "eval": "retrolm.commands.evaluate",
-    "generate": "retrolm.commands.generate",
-    "demo": "retrolm.commands.demo",
+    "db": "retrolm.cli.db",
+    "train": "retrolm.cli.train",
+    "eval": "retrolm.cli.eval",
+    "generate": "retrolm.cli.generate",
+    "demo": "retrolm.cli.demo",
 }
 
 

@@ -9,19 +9,22 @@ The wrapped network follows a small protocol:
   generation runs incrementally (each step costs one token, not the whole prefix);
 * optionally ``net.max_seq_len``: without a cache, generation feeds at most that many tokens.
 
+Sampling runs the one decoding loop, ``retrolm.sampling.decode_loop`` (as ``retrolm.generate``
+does). This module sits with the models (the Routing language model is one of these
+wrappers), so it imports nothing of the pipeline.
+
 The loss ignores ``ignore_index`` (-100), never a real token id such as 0.
 """
 
 from __future__ import annotations
-
-import inspect
 
 import torch
 from torch import Tensor, nn
 
 from retrolm.nn.fused_train import cross_entropy
 from retrolm.nn.kv_cache import as_float_dtype, prefill
-from retrolm.sampling import sample_next
+from retrolm.sampling import decode_loop
+from retrolm.utils import accepts_keyword
 
 
 def split_output(out) -> tuple[Tensor, Tensor | None]:
@@ -89,52 +92,47 @@ class AutoregressiveWrapper(nn.Module):
         only."""
         if prefill_dtype is not None:
             prefill_dtype = as_float_dtype(prefill_dtype)
-        was_training = self.net.training
-        self.net.eval()
+        net = self.net
+        was_training = net.training
+        net.eval()
         squeeze = start_tokens.dim() == 1
-        out = start_tokens[None] if squeeze else start_tokens
-        b, t = out.shape
-        cache = self.net.init_cache(b) if hasattr(self.net, "init_cache") else None
-        done = torch.zeros(b, dtype=torch.bool, device=out.device)
-        step_input = out
+        prompt = start_tokens[None] if squeeze else start_tokens
+        b, t = prompt.shape
+        cache = net.init_cache(b) if hasattr(net, "init_cache") else None
+        dtype = torch.promote_types(prompt.dtype, torch.long) if seq_len > 0 else prompt.dtype
+        ids = prompt.new_zeros(b, t + seq_len, dtype=dtype)
+        ids[:, :t] = prompt
         # the prompt's logits are read at its last position only: a model that can skip
         # the others (``logits_to_keep``) is told so
-        keep = {"logits_to_keep": 1} if _takes(self.net, "logits_to_keep") else {}
-        for i in range(seq_len):
-            if cache is not None and i == 0:  # the prompt, in its own precision if asked
-                logits, _ = prefill(
-                    lambda prompt=out: split_output(
-                        self.net(prompt, cache=cache, **keep, **kwargs)
-                    ),
-                    self.net, cache, prefill_dtype, out.device,
-                )  # fmt: skip
-            elif cache is not None:
-                logits, _ = split_output(self.net(step_input, cache=cache, **kwargs))
-            else:
-                ctx = out if self.max_seq_len is None else out[:, -self.max_seq_len :]
-                logits, _ = split_output(self.net(ctx, **kwargs))
-            nxt = sample_next(
-                logits[:, -1],
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                generator=generator,
+        keep = {"logits_to_keep": 1} if accepts_keyword(net.forward, "logits_to_keep") else {}
+
+        def first_logits() -> Tensor:  # the prompt, in its own precision if asked (cached)
+            if cache is None:
+                return next_logits(t)
+            run = lambda: split_output(net(prompt, cache=cache, **keep, **kwargs))  # noqa: E731
+            return prefill(run, net, cache, prefill_dtype, prompt.device)[0][:, -1]
+
+        def next_logits(n: int) -> Tensor:
+            if cache is not None:
+                return split_output(net(ids[:, n - 1 : n], cache=cache, **kwargs))[0][:, -1]
+            ctx = (
+                ids[:, :n] if self.max_seq_len is None else ids[:, max(n - self.max_seq_len, 0) : n]
             )
-            if eos_token is not None:
-                nxt = nxt.masked_fill(done, eos_token)
-                done |= nxt == eos_token
-            out = torch.cat((out, nxt[:, None]), dim=1)
-            step_input = nxt[:, None]
-            if eos_token is not None and bool(done.all()):
-                break
-        self.net.train(was_training)
-        new = out[:, t:]
+            return split_output(net(ctx, **kwargs))[0][:, -1]
+
+        n = decode_loop(
+            first_logits,
+            next_logits,
+            ids,
+            t,
+            seq_len,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            generator=generator,
+            eos_id=eos_token,
+            fill_id=0 if eos_token is None else eos_token,
+        )
+        net.train(was_training)
+        new = ids[:, t:n]
         return new[0] if squeeze else new
-
-
-def _takes(module: nn.Module, name: str) -> bool:
-    """Whether ``module``'s forward accepts the keyword ``name``."""
-    try:
-        return name in inspect.signature(module.forward).parameters
-    except (TypeError, ValueError):  # a builtin or C forward: no signature to read
-        return False

@@ -14,9 +14,9 @@ import weakref
 import torch
 from torch import Tensor, nn
 
-from retrolm.models.routing import RoutingTransformerLM
+from retrolm.models.autoregressive import AutoregressiveWrapper
+from retrolm.models.routing.model import RoutingTransformerLM
 from retrolm.nn.kmeans import update_kmeans
-from retrolm.wrapper import AutoregressiveWrapper
 
 
 def _split(kwargs: dict) -> tuple[dict, dict]:

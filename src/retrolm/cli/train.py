@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 from pathlib import Path
@@ -58,20 +57,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def add_config_flags(p: argparse.ArgumentParser) -> None:
     """One flag per ``FLAGS`` field, its help the field's docstring in ``TrainConfig``."""
+    from retrolm.cli.flags import add_dataclass_flags
     from retrolm.train import PRECISIONS, TrainConfig
-    from retrolm.utils import field_docs
 
-    docs = field_docs(TrainConfig)
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    for name, typ in FLAGS.items():
-        p.add_argument(
-            "--" + name.replace("_", "-"),
-            type=typ,
-            dest=name,
-            default=None,  # None: the config file's value, else TrainConfig's default
-            choices=PRECISIONS if name == "precision" else None,
-            help=f"{docs[name]} (default: {defaults[name]})",
-        )
+    # default None: the config file's value, else TrainConfig's default
+    add_dataclass_flags(p, TrainConfig, FLAGS, defaults=False, choices={"precision": PRECISIONS})
 
 
 def read_config_file(path: str | None) -> dict[str, Any]:

@@ -1,1 +1,0 @@
-"""CLI sub-commands other than ``db`` (which lives with the retrieval code)."""

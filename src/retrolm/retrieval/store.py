@@ -1,0 +1,115 @@
+"""A retrieval database on disk: ``manifest.json`` and the file names, raw arrays opened as
+memmaps or read and written by row ranges (``RowFile``), and the done-markers of the
+resumable stages' row blocks (``.progress/<stage>/``). ``build.py`` writes it,
+``database.py`` reads it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from retrolm.utils import write_json
+
+FORMAT = "retrolm-retrieval-db"
+FORMAT_VERSION = 1
+MANIFEST, TOKENIZER_FILE, INDEX_FILE = "manifest.json", "tokenizer.json", "index.faiss"
+EMBEDDINGS_FILE, NEIGHBOURS_FILE, NEIGHBOUR_DISTS_FILE = (
+    "embeddings.bin",
+    "neighbours.bin",
+    "neighbour_dists.bin",
+)
+PROGRESS_DIR = ".progress"
+
+
+# ---- manifest -----------------------------------------------------------------------------
+def read_manifest(db_dir: Path) -> dict | None:
+    path = Path(db_dir) / MANIFEST
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def write_manifest(db_dir: Path, manifest: dict) -> None:
+    write_json(Path(db_dir) / MANIFEST, manifest, indent=1, sort_keys=True)
+
+
+def array_info(file: str, dtype: np.dtype | str, shape: tuple) -> dict:
+    return {"file": file, "dtype": np.dtype(dtype).name, "shape": list(shape)}
+
+
+def open_array(db_dir: Path, info: dict, mode: str = "r") -> np.ndarray:
+    """A raw array file as a memmap (read-only by default); empty arrays are plain arrays."""
+    shape = tuple(info["shape"])
+    if 0 in shape:
+        return np.zeros(shape, dtype=info["dtype"])
+    return np.memmap(Path(db_dir) / info["file"], dtype=info["dtype"], mode=mode, shape=shape)
+
+
+class RowFile:
+    """A raw row-major array file, read and written by row ranges with plain file I/O.
+
+    Unlike a memmap, rows that were read or written do not stay mapped into the
+    process, so the build's resident memory stays flat however large the file grows.
+    """
+
+    def __init__(self, db_dir: Path, info: dict, writable: bool = False):
+        self.path = Path(db_dir) / info["file"]
+        self.dtype, self.shape = np.dtype(info["dtype"]), tuple(info["shape"])
+        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        self._f = open(self.path, "r+b" if writable else "rb")
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: slice | np.ndarray) -> np.ndarray:
+        if not isinstance(rows, slice):  # a list of row ids (e.g. an index training sample)
+            out = np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
+            for j, r in enumerate(np.asarray(rows, dtype=np.int64)):
+                out[j] = self[int(r) : int(r) + 1][0]
+            return out
+        start, stop, step = rows.indices(len(self))
+        assert step == 1, "RowFile reads contiguous row ranges"
+        self._f.seek(start * self.row_bytes)
+        data = self._f.read(max(0, stop - start) * self.row_bytes)
+        return np.frombuffer(data, dtype=self.dtype).reshape(-1, *self.shape[1:])
+
+    def write(self, start: int, rows: np.ndarray) -> None:
+        self._f.seek(start * self.row_bytes)
+        self._f.write(np.ascontiguousarray(rows, dtype=self.dtype).tobytes())
+        self._f.flush()  # in the page cache: survives the process being killed
+
+    def close(self) -> None:
+        self._f.close()
+
+
+class _Blocks:
+    """Done-markers for fixed-size row blocks of one stage (``.progress/<stage>/<i>.done``)."""
+
+    def __init__(self, db_dir: Path, stage: str, n: int, block_size: int):
+        self.dir = Path(db_dir) / PROGRESS_DIR / stage
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.n, self.size = n, block_size
+        self.count = -(-n // block_size)
+
+    def rows(self, i: int) -> tuple[int, int]:
+        return i * self.size, min(self.n, (i + 1) * self.size)
+
+    def done(self, i: int) -> bool:
+        return (self.dir / f"{i:08d}.done").exists()
+
+    def mark(self, i: int) -> None:
+        (self.dir / f"{i:08d}.done").touch()
+
+    def todo(self, blocks: list[int] | range | None = None) -> list[int]:
+        """Unfinished blocks among ``blocks`` (default: all)."""
+        blocks = range(self.count) if blocks is None else blocks
+        return [i for i in blocks if not self.done(i)]
+
+
+def _preallocate(path: Path, nbytes: int) -> None:
+    """Create (or keep) a file of exactly ``nbytes``; unfinished blocks are rewritten later."""
+    with open(path, "ab") as f:
+        if f.tell() != nbytes:
+            f.truncate(nbytes)

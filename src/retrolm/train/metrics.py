@@ -1,0 +1,84 @@
+"""Training metrics: the CSV log, moving averages, the loss plot."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+from retrolm.utils import atomic_path, save_figure
+
+
+class Metrics:
+    """metrics.csv (+ TensorBoard if installed) on rank 0; rows past ``resume_step`` dropped."""
+
+    COLUMNS = ["step", "loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s"]
+
+    def __init__(self, run_dir: Path, resume_step: int, enabled: bool):
+        self.enabled = enabled
+        self.path = run_dir / "metrics.csv"
+        self.rows: list[dict[str, Any]] = []
+        self.tb = None
+        if not enabled:
+            return
+        if self.path.exists():
+            with open(self.path, newline="") as f:
+                # rows past the checkpoint are redone; a row cut short by a kill is dropped
+                self.rows = [
+                    r
+                    for r in csv.DictReader(f)
+                    if None not in r.values()
+                    and r["step"].isdigit()
+                    and int(r["step"]) <= resume_step
+                ]
+        with atomic_path(self.path) as tmp:  # a kill mid-rewrite keeps the old file
+            with open(tmp, "w", newline="") as f:
+                w = csv.DictWriter(f, self.COLUMNS)
+                w.writeheader()
+                w.writerows(self.rows)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1)
+        except Exception:  # tensorboard is optional
+            self.tb = None
+
+    def add(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.rows.append(row)
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, self.COLUMNS).writerow(row)
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step" and v not in (None, ""):
+                    self.tb.add_scalar(k, float(v), int(row["step"]))
+
+    def plot(self, path: Path) -> None:
+        if not self.enabled or not self.rows:
+            return
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return
+        steps = [int(r["step"]) for r in self.rows]
+        loss = [float(r["loss"]) for r in self.rows]
+        val = [(int(r["step"]), float(r["val_loss"])) for r in self.rows if r.get("val_loss")]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(steps, loss, lw=0.8, alpha=0.7, label="train loss")
+        if val:
+            ax.plot(*zip(*val), "o-", label="validation loss")
+        ax.set_xlabel("step")
+        ax.set_ylabel("cross-entropy (nats/token)")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        save_figure(fig, path)
+        plt.close(fig)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
