@@ -208,3 +208,27 @@ def test_a_build_that_failed_before_its_first_stage_takes_new_settings(
     with pytest.raises(FileNotFoundError, match="has no config.json"):
         build_database(corpus_dir, tmp_path / "db", bad)
     assert build_database(corpus_dir, tmp_path / "db", tiny_config)["complete"]
+
+
+@pytest.mark.parametrize("crash_in", ["write_manifest", "write_inputs"])
+def test_a_kill_while_a_build_starts_leaves_a_folder_the_rerun_builds(
+    tmp_path, corpus_dir, tiny_config, built_db, monkeypatch, crash_in
+):
+    """A crash in either first write of a new build (the manifest, then the input list) leaves
+    a DB_DIR that the same command builds to a fresh build's files (the input list written
+    first, a kill before the manifest left a folder refused as "not empty")."""
+    owner = build.inputs if crash_in == "write_inputs" else build
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt  # stands for a kill: nothing after it runs
+
+    real = getattr(owner, crash_in)
+    monkeypatch.setattr(owner, crash_in, killed)
+    with pytest.raises(KeyboardInterrupt):
+        build_database(corpus_dir, tmp_path / "db", tiny_config)
+    monkeypatch.setattr(owner, crash_in, real)
+    assert build_database(corpus_dir, tmp_path / "db", tiny_config)["complete"]
+    got, want = files(tmp_path / "db"), files(built_db)
+    assert sorted(got) == sorted(want)
+    for name in want:
+        assert got[name] == want[name], f"{name} differs from a fresh build"

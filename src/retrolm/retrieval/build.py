@@ -260,7 +260,6 @@ def _start_build(
     if discard:
         shutil.rmtree(db_dir / PROGRESS_DIR, ignore_errors=True)
     db_dir.mkdir(parents=True, exist_ok=True)
-    inputs.write_inputs(db_dir, listing)
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -272,6 +271,9 @@ def _start_build(
         "report": {},
     }
     write_manifest(db_dir, manifest)
+    # after the manifest: a kill between the two leaves a build that finished no stage, which
+    # the rerun starts afresh (written first, a lone inputs.jsonl made DB_DIR "not empty")
+    inputs.write_inputs(db_dir, listing)
     if discard:
         for name in BUILD_FILES:
             (db_dir / name).unlink(missing_ok=True)
