@@ -193,7 +193,7 @@ def stub_autofaiss() -> None:
 def retro_bench_model(*drop: str) -> dict:
     """Issue 2's benchmark RETRO (dec 256x6, enc 256x2, CCA (3, 6), heads 4, dim_head 64,
     chunk 64): the ``retro-bench`` preset, less the keys in ``drop`` (set per run)."""
-    from retrolm.models.retro_config import PRESETS
+    from retrolm.models.retro.config import PRESETS
 
     return {k: v for k, v in PRESETS["retro-bench"].items() if k not in drop}
 

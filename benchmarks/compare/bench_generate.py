@@ -97,7 +97,7 @@ def ours_phases(dtype: str) -> None:
     rest (retrieval hooks, the loop), by wrapping the model's forward and the sampler."""
     import torch
 
-    import retrolm.generation as gen_mod
+    import retrolm.sampling as gen_mod  # the one decoding loop samples through it
     from retrolm import RETRO
 
     torch.set_num_threads(2)

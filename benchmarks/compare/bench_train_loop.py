@@ -66,7 +66,8 @@ def bare(db_dir: Path, steps: int) -> float:
     from retrolm.data import RETRODataset
     from retrolm.models.registry import get_family
     from retrolm.retrieval import RetrievalDatabase
-    from retrolm.train import TrainConfig, _model_config, collate, param_groups
+    from retrolm.train import TrainConfig, collate, param_groups
+    from retrolm.train.loop import _model_config
 
     db = RetrievalDatabase.open(db_dir)
     fam = get_family("retro")

@@ -1,6 +1,6 @@
 """How much could a match-length-gated copy from the neighbours lower held-out bits/byte?
 
-The diagnosis behind RETRO's neighbour copy head (issue 4, ``retrolm.models.retro_copy``).
+The diagnosis behind RETRO's neighbour copy head (issue 4, ``retrolm.models.retro.copy_head``).
 For every scored token it finds the longest run of the latest tokens that also precedes a
 token in the neighbours the position may read (those of the chunk before its own, as CCA
 reads them), and the copy distribution over the tokens that follow the longest runs. One

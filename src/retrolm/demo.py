@@ -5,7 +5,7 @@ retrieval for the same steps, score both on held-out books, and generate with so
 
 The demo's RETRO has the neighbour copy head (``retrolm.models.retro.copy_head``, not in the
 paper): in this budget (~800 steps) paper RETRO does not learn to read its neighbours
-through chunked cross-attention alone (~0% gain, ``benchmarks/RESULTS.md``), so the report
+through chunked cross-attention alone (~0% gain, ``benchmarks/history/demo.md``), so the report
 also scores the model with the head off (CCA alone). As in the paper, the model trains
 with 2 neighbours per chunk and is evaluated with 10.
 

@@ -4,9 +4,9 @@ A cached decoding step is a few rows times every weight of the model. Through AT
 pre-norm block (norm, projections, rotary, cache write, attention, residual) is 15-40
 kernel calls, and at one row their fixed costs exceed the arithmetic: a bare step of the
 hierarchical benchmark model written as the same ATen calls from C++ was only 1.03-1.16x
-faster than from Python (``benchmarks/hier_step_floor.py --cpp``): the kernels' own fixed
+faster than from Python (``benchmarks.kernels.hier_step_floor --cpp``): the kernels' own fixed
 costs are the step, not Python. ``csrc/decode_blocks.cpp`` writes each block as one call
-(RETRO's cached generation: 1.56x faster per call, ``benchmarks/bench_generate.py``):
+(RETRO's cached generation: 1.56x faster per call, ``benchmarks.compare.bench_generate``):
 
 - ``self_attention_block``: x + W_o attn(rotary(W_q n), cache + rotary(W_k n), W_v n),
   n = rmsnorm(x), writing this position's key/value into the cache buffer;

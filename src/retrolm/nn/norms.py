@@ -25,7 +25,7 @@ class _RMSNormFn(torch.autograd.Function):
     (g * w - xhat * mean(p * w)) / rms, where mean(p * w) is the matrix-vector product p @ w:
     three full-size buffers instead of seven (PyTorch has no CPU kernel for the fused
     backward). Same values to rounding (tests/nn: float64 against autograd);
-    ``benchmarks/bench_norms.py``: 1.1-2.2x the plain autograd formula per call."""
+    ``python -m benchmarks.kernels.bench_norms``: 1.1-2.2x the plain autograd formula per call."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:

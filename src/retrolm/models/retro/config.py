@@ -189,7 +189,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
     # `retrolm demo` (num_tokens from the database's tokenizer): with the neighbour copy head
     # (not in the paper; copy_head.py): paper RETRO does not learn to read misaligned
-    # parallels in the demo's budget (~0% gain, benchmarks/RESULTS.md)
+    # parallels in the demo's budget (~0% gain, benchmarks/history/demo.md)
     "retro-demo": dict(
         chunk_size=64,
         max_seq_len=256,

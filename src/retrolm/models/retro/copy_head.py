@@ -5,7 +5,7 @@ RETRO paper. Paper RETRO reads its neighbours only through chunked cross-attenti
 small model has to learn content-based copying through CCA's query/key projections, which at
 the demo's scale (a few hundred optimizer steps) it does not: the parallels a held-out book
 shares with the database are misaligned by insertions and omissions, so the position-to-
-position copy CCA learns first does not apply (``benchmarks/RESULTS.md``, issue 4). The copy
+position copy CCA learns first does not apply (``benchmarks/history/demo.md``, issue 4). The copy
 head gives the model that content matching directly, in the spirit of pointer-generator
 networks (See et al. 2017) and kNN-LM (Khandelwal et al. 2020):
 
