@@ -18,8 +18,11 @@ torch.set_num_threads(1)
 
 def _kernel_status() -> list[tuple[str, str | None]]:
     """(kernel, None if it runs here else why not), building each on first use."""
-    from retrolm.nn import decode_linear, fused_decode, fused_train, fused_window
-    from retrolm.nn.extension import KernelBuildError
+    from retrolm.nn import decode_linear
+    from retrolm.nn.fused import decode as fused_decode
+    from retrolm.nn.fused import train as fused_train
+    from retrolm.nn.fused import window as fused_window
+    from retrolm.nn.fused.extension import KernelBuildError
 
     rows: list[tuple[str, str | None]] = []
     for name, ext, module in (
@@ -48,7 +51,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
-    from retrolm.nn.extension import FLAGS, kernels_required
+    from retrolm.nn.fused.extension import FLAGS, kernels_required
 
     lines = [
         f"retrolm: ATen CPU capability {torch.backends.cpu.get_cpu_capability()}, kernels "

@@ -13,7 +13,7 @@ Every (side, dtype) runs in a fresh process, sides interleaved round after round
 gets its faster dtype; the ratio uses medians from this run. Dtypes: fp32, bf16 (autocast
 for the whole call) and, for retrolm, bf16p (``prefill_dtype=bf16``: the prompt under bf16
 autocast, the cached steps in fp32). Our fp32 steps take the fused decoding blocks
-(``retrolm.nn.fused_decode``); ``bf16p-aten`` is bf16p with them off (the ATen path, the
+(``retrolm.nn.fused.decode``); ``bf16p-aten`` is bf16p with them off (the ATen path, the
 fastest ours before them), reported for the fused/ATen ratio and not counted as a dtype;
 ``bf16pw`` is bf16p with the fused blocks reading bf16 copies of the weights
 (``fused_decode.set_weight_dtype``).
@@ -142,7 +142,7 @@ def ours_phases(dtype: str) -> None:
 def child(side: str, dtype: str) -> dict:
     import torch
 
-    from retrolm.nn import fused_decode
+    from retrolm.nn.fused import decode as fused_decode
 
     if dtype.endswith("-aten"):
         fused_decode.set_enabled(False)

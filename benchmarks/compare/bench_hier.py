@@ -12,7 +12,7 @@ library's default losses (reference: CE + 0.25 next-latent + 0.1 recon; retrolm:
           gen also tries bf16 weights (``bf16w``) and, for retrolm, ``bf16p`` (the prompt
           under bf16 autocast, the cached steps in fp32: ``prefill_dtype``) and ``bf16pw``
           (bf16p with the fused decoding blocks reading bf16 copies of the weights,
-          ``retrolm.nn.fused_decode.set_weight_dtype``).
+          ``retrolm.nn.fused.decode.set_weight_dtype``).
   gen   : 992-token prompt, 32 new tokens, batch 1, whole generate call timed (prefill
           included); the reference's own loop (full recompute per token) vs retrolm's cache.
 
@@ -63,7 +63,7 @@ def child(side: str, mode: str, length: int, dtype: str) -> dict:
     torch.set_num_threads(THREADS)
     model = build(side, length)
     if dtype == "bf16pw":  # the fused decoding blocks read bf16 copies of the weights
-        from retrolm.nn import fused_decode
+        from retrolm.nn.fused import decode as fused_decode
 
         fused_decode.set_weight_dtype(torch.bfloat16)
     if dtype == "bf16w":  # bf16 weights (generation only): half the bytes read per token

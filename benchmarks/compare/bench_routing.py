@@ -54,7 +54,7 @@ def _gen(side, model, x, L, n_new, dtype="fp32"):
     if dtype in ("bf16p", "bf16pw"):
         kw["prefill_dtype"] = torch.bfloat16
     if side == "ours":  # bf16pw: the fused decoding blocks read bf16 copies of the weights
-        from retrolm.nn import fused_decode
+        from retrolm.nn.fused import decode as fused_decode
 
         fused_decode.set_weight_dtype(torch.bfloat16 if dtype == "bf16pw" else torch.float32)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):

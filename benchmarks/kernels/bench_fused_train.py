@@ -1,4 +1,4 @@
-"""The fused training kernels (``retrolm.nn.fused_train``, ``retrolm.nn.fused_window``)
+"""The fused training kernels (``retrolm.nn.fused.train``, ``retrolm.nn.fused.window``)
 against the ATen composite, one run.
 
 Per kernel: forward + backward at the benchmark models' shapes, the fused call and the
@@ -19,7 +19,9 @@ import sys
 import torch
 
 from benchmarks import common
-from retrolm.nn import RMSNorm, RotaryEmbedding, apply_rotary, fused_train, fused_window
+from retrolm.nn import RMSNorm, RotaryEmbedding, apply_rotary
+from retrolm.nn.fused import train as fused_train
+from retrolm.nn.fused import window as fused_window
 from retrolm.nn.local_attention import local_attend
 from retrolm.nn.sorted_window import sorted_window_attend
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from retrolm import RETRO, generate
-from retrolm.nn import FeedForward, MultiHeadAttention, Residual, RotaryEmbedding, fused_decode
+from retrolm.nn import FeedForward, MultiHeadAttention, Residual, RotaryEmbedding
+from retrolm.nn.fused import decode as fused_decode
 from retrolm.nn.kv_cache import KVCache
 
 ext = fused_decode.extension()
@@ -241,7 +242,7 @@ def test_a_failed_build_falls_back_with_one_warning(monkeypatch, caplog):
     monkeypatch.setattr(fused_decode._EXT, "_module", None)
     monkeypatch.setattr(fused_decode._EXT, "_failed", False)
     monkeypatch.setattr(cpp, "load", broken)
-    with caplog.at_level(logging.WARNING, logger="retrolm.nn.extension"):
+    with caplog.at_level(logging.WARNING, logger="retrolm.nn.fused.extension"):
         assert fused_decode.extension() is None
         assert fused_decode.extension() is None
     warnings = [r for r in caplog.records if "fused decoding blocks unavailable" in r.message]
@@ -255,7 +256,7 @@ def test_a_failed_build_is_an_error_when_kernels_are_required(monkeypatch):
     with the reason, instead of a silent fallback that would skip its tests."""
     import torch.utils.cpp_extension as cpp
 
-    from retrolm.nn.extension import KernelBuildError
+    from retrolm.nn.fused.extension import KernelBuildError
 
     def broken(**kwargs):
         raise RuntimeError("no compiler here")

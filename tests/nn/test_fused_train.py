@@ -10,8 +10,9 @@ import torch
 from tests.tolerance import assert_argmax_within
 
 from retrolm import HierarchicalTransformer
-from retrolm.nn import RMSNorm, RotaryEmbedding, apply_rotary, fused_train, token_shift
-from retrolm.nn.fused_train import _CrossEntropy, _NormShift, _Rotary
+from retrolm.nn import RMSNorm, RotaryEmbedding, apply_rotary, token_shift
+from retrolm.nn.fused import train as fused_train
+from retrolm.nn.fused.train import _CrossEntropy, _NormShift, _Rotary
 from retrolm.nn.norms import LayerNorm
 
 ext = fused_train.extension()
@@ -273,7 +274,7 @@ def test_a_failed_build_falls_back_with_one_warning(monkeypatch, caplog):
     monkeypatch.setattr(cpp, "load", broken)
     norm = _norm(8)
     x = torch.randn(1, 4, 8, requires_grad=True)
-    with caplog.at_level(logging.WARNING, logger="retrolm.nn.extension"):
+    with caplog.at_level(logging.WARNING, logger="retrolm.nn.fused.extension"):
         out = fused_train.norm_shift(x, norm, 1)
         fused_train.norm_shift(x, norm, 1)
     warnings = [r for r in caplog.records if "fused training kernels unavailable" in r.message]
@@ -322,7 +323,7 @@ def test_hierarchical_training_step_is_the_same_with_the_kernels(aten, monkeypat
 
 
 def test_the_environment_variable_turns_an_extension_off(monkeypatch):
-    from retrolm.nn.extension import LazyExtension
+    from retrolm.nn.fused.extension import LazyExtension
 
     monkeypatch.setenv("RETROLM_FUSED_TRAIN", "0")
     off = LazyExtension("x", "train_kernels.cpp", "fused training kernels", "RETROLM_FUSED_TRAIN")
@@ -341,7 +342,7 @@ def test_the_environment_variable_turns_an_extension_off(monkeypatch):
 
 
 def test_builds_are_kept_per_source_torch_version_and_cpu(tmp_path, monkeypatch):
-    from retrolm.nn import extension
+    from retrolm.nn.fused import extension
 
     monkeypatch.setenv("RETROLM_CACHE", str(tmp_path))
     ext_ = extension.LazyExtension("x", "train_kernels.cpp", "k", "RETROLM_FUSED_TRAIN")
@@ -355,7 +356,7 @@ def test_builds_are_kept_per_source_torch_version_and_cpu(tmp_path, monkeypatch)
 
 
 def test_a_changed_shared_header_is_a_new_build(tmp_path, monkeypatch):
-    from retrolm.nn import extension
+    from retrolm.nn.fused import extension
 
     monkeypatch.setenv("RETROLM_CACHE", str(tmp_path / "cache"))
     header = tmp_path / "vec_math.h"
@@ -370,7 +371,7 @@ def test_a_changed_shared_header_is_a_new_build(tmp_path, monkeypatch):
 
 @needs_ext
 def test_l2_normalize_kernel_gradients_in_float64():
-    from retrolm.nn.fused_train import _L2Norm
+    from retrolm.nn.fused.train import _L2Norm
 
     x = torch.randn(2, 3, 5, 6, dtype=torch.float64).transpose(1, 2).requires_grad_()
     assert torch.autograd.gradcheck(lambda t: _L2Norm.apply(t, 1e-12, torch.float64), (x,))

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from retrolm import RoutingTransformerLM
-from retrolm.nn import fused_window
 from retrolm.nn.attention import attention_backend
+from retrolm.nn.fused import window as fused_window
 from retrolm.nn.local_attention import local_attend
 from retrolm.nn.masks import sliding_window_mask
 from retrolm.nn.sorted_window import (
@@ -218,7 +218,7 @@ def test_unit_keys_equal_normalising_the_keys_first(causal):
 def test_sorted_window_unit_keys_equal_passing_normalised_keys(aten):
     """sorted_window_attend(unit_keys=True) on the fused path and on the ATen path (where it
     normalises first) against passing l2_normalize(q) as the keys."""
-    from retrolm.nn.fused_train import l2_normalize
+    from retrolm.nn.fused.train import l2_normalize
 
     torch.manual_seed(4)
     q, v = (torch.randn(1, 2, 100, 16) for _ in range(2))
@@ -413,7 +413,7 @@ def test_routing_training_step_is_the_same_with_the_kernel(aten, monkeypatch):
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         return loss.detach(), grads
 
-    from retrolm.nn.fused_train import _NormShift
+    from retrolm.nn.fused.train import _NormShift
 
     norms = []
     real_norm = _NormShift.apply

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from retrolm.nn.fused_train import cross_entropy
+from retrolm.nn.fused.train import cross_entropy
 from retrolm.nn.kv_cache import as_float_dtype, prefill
 from retrolm.sampling import decode_loop
 from retrolm.utils import accepts_keyword

@@ -3,7 +3,7 @@
 from retrolm.nn.attention import attend, attention_backend, reference_attend
 from retrolm.nn.decode_linear import DecodeLinear
 from retrolm.nn.feedforward import FeedForward
-from retrolm.nn.fused_train import cross_entropy, norm_shift
+from retrolm.nn.fused.train import cross_entropy, norm_shift
 from retrolm.nn.group_linear import GroupLinear
 from retrolm.nn.kmeans import SphericalKMeans, update_kmeans
 from retrolm.nn.kv_cache import KVCache, cast_cache, prefill

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from retrolm.nn import fused_train
 from retrolm.nn.decode_linear import DecodeLinear
+from retrolm.nn.fused import train as fused_train
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
 # the same, overwriting their input: without autograd the hidden activations need no new
@@ -46,7 +46,7 @@ class FeedForward(nn.Module):
         self.glu = glu
         self.act = ACTIVATIONS[activation]
         self.act_ = INPLACE[activation]
-        self.fused_gelu = activation == "gelu" and not glu  # nn.fused_train.linear_gelu
+        self.fused_gelu = activation == "gelu" and not glu  # nn.fused.train.linear_gelu
         self.chunks = chunks
         # both decode through a decode copy of their weight (decode_linear): transposed for
         # the widening one; in bf16 packed for both

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from retrolm.nn import fused_train
 from retrolm.nn.distributed import all_reduce_sum_, broadcast_
+from retrolm.nn.fused import train as fused_train
 from retrolm.nn.norms import l2_normalize
 from retrolm.nn.reversible import in_reversible_forward, is_recomputing
 

@@ -39,7 +39,7 @@ class KVCache:
 
     def claim(self, t: int = 1) -> tuple[Tensor, Tensor, int, int]:
         """Count ``t`` more positions as live without writing them, for a kernel that writes
-        its keys/values into the buffers itself (``nn.fused_decode``). Returns (k buffer,
+        its keys/values into the buffers itself (``nn.fused.decode``). Returns (k buffer,
         v buffer, first live slot, first new slot), buffers (b, g, capacity, d); the caller
         must fill slots ``end … end + t - 1`` before anything reads the cache."""
         if self._k is None:

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from retrolm.nn import fused_window
 from retrolm.nn.attention import attend, block_attend
+from retrolm.nn.fused import window as fused_window
 
 BLOCK = 32  # query block size for windows above it (measured best of 32/64/128, CPU, bf16)
 

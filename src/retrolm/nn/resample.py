@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
-from retrolm.nn import fused_decode
 from retrolm.nn.decode_linear import DecodeLinear, compute_dtype, decode_weight, linear_t
+from retrolm.nn.fused import decode as fused_decode
 from retrolm.nn.weight_cache import WeightCache
 from retrolm.utils import is_power_of_two
 
@@ -124,7 +124,7 @@ class CausalDownsample(nn.Module):
 
     def step_fused(self, window: Tensor) -> Tensor:
         """``step`` for fp32 decoding through the fused feed-forward block of
-        ``nn.fused_decode``: conv window, SiLU and projection in one call."""
+        ``nn.fused.decode``: conv window, SiLU and projection in one call."""
         if self.conv is None:
             return self.step(window)
         flat = window[:, -self.factor :].flatten(1).contiguous()  # (b, c*d)

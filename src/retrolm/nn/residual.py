@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from retrolm.nn.feedforward import FeedForward
-from retrolm.nn.fused_train import norm_shift
+from retrolm.nn.fused.train import norm_shift
 from retrolm.nn.multihead import MultiHeadAttention
 from retrolm.nn.norms import make_norm
 

@@ -20,7 +20,7 @@ import functools
 import torch
 from torch import Tensor, nn
 
-from retrolm.nn import fused_train
+from retrolm.nn.fused import train as fused_train
 
 
 class RotaryEmbedding(nn.Module):

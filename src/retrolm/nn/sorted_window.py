@@ -32,8 +32,9 @@ from einops import rearrange
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from retrolm.nn import fused_train, fused_window
 from retrolm.nn.attention import attend, block_attend, current_backend
+from retrolm.nn.fused import train as fused_train
+from retrolm.nn.fused import window as fused_window
 from retrolm.nn.local_attention import block_offsets, neighbour_blocks, relative_band
 
 MemKV = tuple[Tensor, Tensor]  # (h, m, d) keys and values

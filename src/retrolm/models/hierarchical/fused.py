@@ -1,5 +1,5 @@
 """The hierarchical transformer's fast path for one decoded token: each block's attention and
-feed-forward (token shift included) and each merge MLP as one ``nn.fused_decode`` call, and
+feed-forward (token shift included) and each merge MLP as one ``nn.fused.decode`` call, and
 when a step may take it. ``model.py`` calls :func:`step_ok`, :func:`block_step` and
 :func:`merge_step`; the plain blocks are the reference the fused step is tested against.
 """
@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from torch import Tensor, nn
 
 from retrolm.models.hierarchical.cache import BlockState, HierarchicalCache
-from retrolm.nn import fused_decode
+from retrolm.nn.fused import decode as fused_decode
 
 if TYPE_CHECKING:
     from retrolm.models.hierarchical.model import HierarchicalBlock, HierarchicalTransformer
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 def step_ok(
     model: HierarchicalTransformer, due: list[bool], cache: HierarchicalCache, t: int
 ) -> bool:
-    """Whether this step's blocks can run as ``nn.fused_decode`` blocks: eval, fp32 on
+    """Whether this step's blocks can run as ``nn.fused.decode`` blocks: eval, fp32 on
     CPU, and every sub-sequence cache the step attends is filled."""
     if model.training or not fused_decode.usable(model.token_emb.weight):
         return False
@@ -40,7 +40,7 @@ def _shift_state(past: Tensor | None, x: Tensor, a: int) -> Tensor:
 
 
 def block_step(blk: HierarchicalBlock, x: Tensor, st: BlockState, index: int) -> Tensor:
-    """``blk(x, state=st, index=index)`` for one token through ``nn.fused_decode``: the
+    """``blk(x, state=st, index=index)`` for one token through ``nn.fused.decode``: the
     attention (token shift, rotary, its sub-sequence's cache, window) and the feed-forward
     (token shift) as one call each, each handing back the next shift state. x (b, 1, d) ->
     (b, 1, d)."""

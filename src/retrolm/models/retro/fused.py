@@ -1,4 +1,4 @@
-"""RETRO's fast path for one decoded token: the decoder layers as ``nn.fused_decode`` blocks
+"""RETRO's fast path for one decoded token: the decoder layers as ``nn.fused.decode`` blocks
 (three C++ calls per layer instead of ~30 kernels), and when a step may take it.
 
 The model (``model.py``) calls :func:`step_ok` and :func:`decode_step`; every other call
@@ -12,15 +12,15 @@ from typing import TYPE_CHECKING
 from torch import Tensor
 
 from retrolm.models.retro.cache import RetroCache
-from retrolm.nn import fused_decode
 from retrolm.nn.feedforward import ACTIVATIONS
+from retrolm.nn.fused import decode as fused_decode
 
 if TYPE_CHECKING:
     from retrolm.models.retro.model import RETRO
 
 
 def layers_ok(model: RETRO) -> bool:
-    """Whether every decoder layer is what ``nn.fused_decode``'s blocks compute: pre-norm
+    """Whether every decoder layer is what ``nn.fused.decode``'s blocks compute: pre-norm
     RMSNorm, multi-head attention without biases, memory, windows or grouped heads, half
     rotary, a plain GELU feed-forward. Fixed by the config: computed once."""
     ok = getattr(model, "_fused_layers", None)
@@ -68,7 +68,7 @@ def step_ok(model: RETRO, start: int, retrieved: Tensor | None, cache: RetroCach
 
 
 def decode_step(model: RETRO, seq: Tensor, retrieving: bool, cache: RetroCache) -> Tensor:
-    """``_decode`` for one new token through ``nn.fused_decode``: three calls per layer
+    """``_decode`` for one new token through ``nn.fused.decode``: three calls per layer
     instead of ~30 kernels. seq (b, 1) -> final normed states (b, 1, d)."""
     start, m = cache.length, model.config.chunk_size
     rotary = tuple(t[0] for t in model.rotary.span(start, 1, seq.device))  # (r,) each

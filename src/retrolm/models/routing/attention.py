@@ -14,9 +14,9 @@ from torch import Tensor, nn
 from retrolm.models.routing.balanced import balanced_attend
 from retrolm.models.routing.cache import LayerCache, routed_decode_step
 from retrolm.models.routing.config import RoutingConfig
-from retrolm.nn import fused_train
 from retrolm.nn.attention import attend
 from retrolm.nn.decode_linear import DecodeLinear, compute_dtype, concat_decode_weight, linear_t
+from retrolm.nn.fused import train as fused_train
 from retrolm.nn.kmeans import SphericalKMeans
 from retrolm.nn.local_attention import local_attend
 from retrolm.nn.masks import sliding_window_mask

@@ -1,5 +1,5 @@
 """The Routing Transformer's fast path for one decoded token: each layer as one
-``nn.fused_decode`` routing-attention block and one feed-forward call, and when a step may
+``nn.fused.decode`` routing-attention block and one feed-forward call, and when a step may
 take it. ``model.py`` calls :func:`step_ok` and :func:`decode_step`; the plain layers are
 the reference the fused step is tested against.
 """
@@ -12,8 +12,8 @@ import torch
 from torch import Tensor
 
 from retrolm.models.routing.cache import RoutingCache
-from retrolm.nn import fused_decode
 from retrolm.nn.feedforward import ACTIVATIONS, FeedForward
+from retrolm.nn.fused import decode as fused_decode
 
 if TYPE_CHECKING:
     from retrolm.models.routing.model import RoutingTransformer
@@ -66,7 +66,7 @@ def step_ok(
 def decode_step(
     model: RoutingTransformer, x: Tensor, rotary, cache: RoutingCache
 ) -> tuple[Tensor, Tensor]:
-    """The layer stack for one token through ``nn.fused_decode``: one call per
+    """The layer stack for one token through ``nn.fused.decode``: one call per
     sub-layer. x (b, 1, dim) -> (x, aux) as the ATen path returns them."""
     ext, w, NONE = fused_decode.extension(), fused_decode.weight, fused_decode.NONE
     cos, sin = rotary

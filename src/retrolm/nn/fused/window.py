@@ -20,7 +20,7 @@ same group; shared q/k: itself only when alone; no key: zeros). Scores and softm
 
 Used when all hold: CPU, bf16 (the inputs, or CPU autocast to bf16), no dropout, an even
 head dim, no key padding mask or memory key/values (those keep the ATen path), the
-extension built (``nn.extension``) and the CPU able to run the micro-kernels (AVX-512 BF16
+extension built (``nn.fused.extension``) and the CPU able to run the micro-kernels (AVX-512 BF16
 or AMX; checked once). ``RETROLM_FUSED_WINDOW=0`` turns it off. Tests:
 tests/nn/test_fused_window.py (against the float64 definition and the ATen path).
 """
@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from retrolm.nn.decode_linear import compute_dtype
-from retrolm.nn.extension import LazyExtension
+from retrolm.nn.fused.extension import LazyExtension
 
 __all__ = ["applies", "enabled", "set_enabled", "unavailable_reason", "window_attend"]
 

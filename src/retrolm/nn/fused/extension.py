@@ -1,4 +1,4 @@
-"""C++ extensions of ``nn/csrc``, each built on first use and kept per machine.
+"""C++ extensions of ``nn/fused/csrc``, each built on first use and kept per machine.
 
 ``torch.utils.cpp_extension.load`` compiles a source (a C++ compiler and ninja, which the
 ``fused`` extra installs; ~30 s) into ``RETROLM_CACHE`` or ``~/.cache/retrolm``, one folder

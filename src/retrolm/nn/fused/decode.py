@@ -20,7 +20,7 @@ per token; activations, norms and attention stay fp32). Models
 use them only where they apply (``usable``: CPU, fp32, no autograd, the extension built);
 everything else takes the ATen path, which stays the reference.
 
-The extension compiles once per machine (``nn.extension``: a C++ compiler and ninja, which
+The extension compiles once per machine (``nn.fused.extension``: a C++ compiler and ninja, which
 the ``fused`` extra installs; ~30 s, kept under ``RETROLM_CACHE`` or ``~/.cache/retrolm``).
 If that fails the reason is logged once and decoding uses the ATen path.
 ``RETROLM_FUSED_DECODE=0`` turns the fused path off.
@@ -35,7 +35,7 @@ from types import ModuleType
 import torch
 from torch import Tensor, nn
 
-from retrolm.nn.extension import STALE_LOCK_S, LazyExtension, clear_stale_lock
+from retrolm.nn.fused.extension import STALE_LOCK_S, LazyExtension, clear_stale_lock
 from retrolm.nn.kv_cache import KVCache
 
 __all__ = [

@@ -3,7 +3,7 @@
 In a bf16 training step on a CPU the matmuls already run near the machine's rate; much of
 the rest is short elementwise passes, each a read and a write of a full activation plus a
 kernel launch, and twice that in the backward. ``csrc/train_kernels.cpp`` (built on first
-use, ``nn.extension``) does three of them in one pass each way:
+use, ``nn.fused.extension``) does three of them in one pass each way:
 
 - ``norm_shift(x, norm, shift)``: ``token_shift(norm(x), (0, shift))`` for an ``RMSNorm``
   or a ``LayerNorm``, returned directly in the dtype the next matmul reads (bf16 under CPU
@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from retrolm.nn.extension import LazyExtension
+from retrolm.nn.fused.extension import LazyExtension
 from retrolm.nn.norms import LayerNorm, RMSNorm
 from retrolm.nn.norms import l2_normalize as _l2_normalize
 from retrolm.nn.token_shift import token_shift
