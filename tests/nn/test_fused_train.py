@@ -10,7 +10,14 @@ import torch
 from tests.tolerance import assert_argmax_within
 
 from retrolm import HierarchicalTransformer
-from retrolm.nn import RMSNorm, RotaryEmbedding, apply_rotary, token_shift
+from retrolm.nn import (
+    RMSNorm,
+    RotaryEmbedding,
+    apply_rotary,
+    cross_entropy,
+    norm_shift,
+    token_shift,
+)
 from retrolm.nn.fused import train as fused_train
 from retrolm.nn.fused.train import _CrossEntropy, _NormShift, _Rotary
 from retrolm.nn.norms import LayerNorm
@@ -59,7 +66,7 @@ def test_norm_shift_equals_norm_then_token_shift_fp32(aten, shift):
     g = torch.randn(2, 33, 24)
 
     def f(t):
-        return fused_train.norm_shift(t, norm, shift)
+        return norm_shift(t, norm, shift)
 
     out, grads = _grads(f, x, [norm.weight], g)
     with aten:
@@ -80,15 +87,15 @@ def test_norm_shift_under_autocast_hands_bf16_to_the_matmul(aten):
     norm = _norm(64)
     x = torch.randn(1, 50, 64)
     g = torch.randn(1, 50, 64)
-    out, grads = _grads(lambda t: fused_train.norm_shift(t, norm, 2), x, [norm.weight], g, True)
+    out, grads = _grads(lambda t: norm_shift(t, norm, 2), x, [norm.weight], g, True)
     with aten:
-        ref, ref_grads = _grads(lambda t: fused_train.norm_shift(t, norm, 2), x, [norm.weight], g)
+        ref, ref_grads = _grads(lambda t: norm_shift(t, norm, 2), x, [norm.weight], g)
     assert out.dtype is torch.bfloat16 and ref.dtype is torch.float32
     # one rounding of the fp32 value: at most one bf16 step apart from casting the reference
     torch.testing.assert_close(out.float(), ref.bfloat16().float(), rtol=8e-3, atol=1e-6)
     g16 = g.bfloat16().float()  # the gradient the kernel received
     with aten:
-        _, ref_grads = _grads(lambda t: fused_train.norm_shift(t, norm, 2), x, [norm.weight], g16)
+        _, ref_grads = _grads(lambda t: norm_shift(t, norm, 2), x, [norm.weight], g16)
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
@@ -98,9 +105,9 @@ def test_norm_shift_of_a_bf16_stream_stays_bf16(aten):
     norm = _norm(32)
     x = torch.randn(2, 20, 32).bfloat16()
     g = torch.randn(2, 20, 32).bfloat16()
-    out, grads = _grads(lambda t: fused_train.norm_shift(t, norm, 4), x, [norm.weight], g)
+    out, grads = _grads(lambda t: norm_shift(t, norm, 4), x, [norm.weight], g)
     with aten:
-        ref, ref_grads = _grads(lambda t: fused_train.norm_shift(t, norm, 4), x, [norm.weight], g)
+        ref, ref_grads = _grads(lambda t: norm_shift(t, norm, 4), x, [norm.weight], g)
     assert out.dtype is ref.dtype is torch.bfloat16 and grads[0].dtype is torch.bfloat16
     torch.testing.assert_close(out, ref, rtol=8e-3, atol=1e-2)
     torch.testing.assert_close(grads[0], ref_grads[0], rtol=1.6e-2, atol=2e-2)
@@ -118,7 +125,7 @@ def test_norm_shift_writes_interleaved_sub_sequences(aten, axial, autocast):
     g = torch.randn(2 * axial, 24 // axial, 16)
 
     def f(t):
-        return fused_train.norm_shift(t, norm, axial, axial=axial)
+        return norm_shift(t, norm, axial, axial=axial)
 
     out, grads = _grads(f, x, [norm.weight], g, autocast)
     with aten:
@@ -131,7 +138,7 @@ def test_norm_shift_writes_interleaved_sub_sequences(aten, axial, autocast):
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="divide the length 24"):
-        fused_train.norm_shift(x, norm, 1, axial=5)
+        norm_shift(x, norm, 1, axial=5)
 
 
 @needs_ext
@@ -167,14 +174,14 @@ def test_norm_shift_of_a_layer_norm_equals_the_module(aten, bias, shift):
     x = torch.randn(2, 33, 24) * 3 + 1  # a mean and scale for the norm to remove
     g = torch.randn(2, 33, 24)
     params = [p for p in ln.parameters()]
-    out, grads = _grads(lambda t: fused_train.norm_shift(t, ln, shift), x, params, g)
+    out, grads = _grads(lambda t: norm_shift(t, ln, shift), x, params, g)
     assert out.grad_fn is not None and "NormShift" in type(out.grad_fn).__name__
     with aten:
         ref, ref_grads = _grads(lambda t: token_shift(ln(t), (0, shift)), x, params, g)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-    bf, _ = _grads(lambda t: fused_train.norm_shift(t, ln, shift), x, params, g, autocast=True)
+    bf, _ = _grads(lambda t: norm_shift(t, ln, shift), x, params, g, autocast=True)
     assert bf.dtype is torch.bfloat16
     torch.testing.assert_close(bf.float(), ref.bfloat16().float(), rtol=0, atol=2e-2)
 
@@ -217,11 +224,9 @@ def test_cross_entropy_equals_F_cross_entropy(aten, dtype):
     logits = (torch.randn(300, 37) * 4).to(dtype)
     labels = torch.randint(0, 37, (300,))
     labels[::5] = -100  # ignored rows carry neither loss nor gradient
-    out, (g,) = _grads(lambda t: fused_train.cross_entropy(t, labels), logits, [], torch.ones(()))
+    out, (g,) = _grads(lambda t: cross_entropy(t, labels), logits, [], torch.ones(()))
     with aten:
-        ref, (ref_g,) = _grads(
-            lambda t: fused_train.cross_entropy(t, labels), logits, [], torch.ones(())
-        )
+        ref, (ref_g,) = _grads(lambda t: cross_entropy(t, labels), logits, [], torch.ones(()))
     assert out.dtype is torch.float32 and g.dtype is dtype
     torch.testing.assert_close(ref, torch.nn.functional.cross_entropy(logits.float(), labels))
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
@@ -229,7 +234,7 @@ def test_cross_entropy_equals_F_cross_entropy(aten, dtype):
     torch.testing.assert_close(g, ref_g, **tol)
     assert (g[::5] == 0).all() and (g[1::5] != 0).all()
     # every label ignored: nan, as F.cross_entropy gives
-    assert fused_train.cross_entropy(logits, torch.full((300,), -100)).isnan()
+    assert cross_entropy(logits, torch.full((300,), -100)).isnan()
 
 
 @needs_ext
@@ -250,15 +255,15 @@ def test_what_the_kernels_do_not_take_runs_the_composite():
     assert not fused_train.rotary_applies(x.transpose(-1, -2), cos, sin, False)
     ln = LayerNorm(8)
     h = torch.randn(1, 5, 8)
-    torch.testing.assert_close(fused_train.norm_shift(h, ln, 1), token_shift(ln(h), (0, 1)))
+    torch.testing.assert_close(norm_shift(h, ln, 1), token_shift(ln(h), (0, 1)))
     from retrolm.nn.norms import ScaleNorm
 
     sn = ScaleNorm(8)  # no weight: the module's path
-    torch.testing.assert_close(fused_train.norm_shift(h, sn, 1), token_shift(sn(h), (0, 1)))
+    torch.testing.assert_close(norm_shift(h, sn, 1), token_shift(sn(h), (0, 1)))
     norm = _norm(8)
     h64 = h.double()
     torch.testing.assert_close(
-        fused_train.norm_shift(h64, norm.double(), 1), token_shift(norm.double()(h64), (0, 1))
+        norm_shift(h64, norm.double(), 1), token_shift(norm.double()(h64), (0, 1))
     )
 
 
@@ -275,8 +280,8 @@ def test_a_failed_build_falls_back_with_one_warning(monkeypatch, caplog):
     norm = _norm(8)
     x = torch.randn(1, 4, 8, requires_grad=True)
     with caplog.at_level(logging.WARNING, logger="retrolm.nn.fused.extension"):
-        out = fused_train.norm_shift(x, norm, 1)
-        fused_train.norm_shift(x, norm, 1)
+        out = norm_shift(x, norm, 1)
+        norm_shift(x, norm, 1)
     warnings = [r for r in caplog.records if "fused training kernels unavailable" in r.message]
     assert len(warnings) == 1 and "RETROLM_FUSED_TRAIN=0" in warnings[0].getMessage()
     torch.testing.assert_close(out, token_shift(norm(x), (0, 1)))
@@ -335,7 +340,7 @@ def test_the_environment_variable_turns_an_extension_off(monkeypatch):
     try:
         norm = _norm(8)
         h = torch.randn(1, 5, 8, requires_grad=True)
-        out = fused_train.norm_shift(h, norm, 1)
+        out = norm_shift(h, norm, 1)
         assert out.grad_fn is not None and "NormShift" not in type(out.grad_fn).__name__
     finally:
         fused_train.set_enabled(before)
@@ -370,6 +375,28 @@ def test_a_changed_shared_header_is_a_new_build(tmp_path, monkeypatch):
 
 
 @needs_ext
+def test_l2_normalize_takes_the_kernel_only_when_asked(monkeypatch):
+    """The one ``l2_normalize``: the ATen path unless ``fused=True`` (the k-means' unit
+    vectors stay bit for bit what they were), the kernel where it applies when asked."""
+    from retrolm.nn.fused.train import _L2Norm
+    from retrolm.nn.norms import l2_normalize
+
+    calls = []
+    real = _L2Norm.apply
+    monkeypatch.setattr(_L2Norm, "apply", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(2, 3, 5, 8)
+    aten = x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-12)
+    assert torch.equal(l2_normalize(x), aten) and torch.equal(l2_normalize(x, dtype=x.dtype), aten)
+    assert calls == []
+    fused = l2_normalize(x, fused=True)
+    assert calls == [1]
+    torch.testing.assert_close(fused, aten)
+    l2_normalize(x, dim=1, fused=True)  # not the last dim: the ATen path
+    l2_normalize(x[0], fused=True)  # not (b, h, n, d)
+    assert calls == [1]
+
+
+@needs_ext
 def test_l2_normalize_kernel_gradients_in_float64():
     from retrolm.nn.fused.train import _L2Norm
 
@@ -390,7 +417,7 @@ def test_l2_normalize_equals_the_composite(dtype, out):
     base[0, 1, 2] = 0  # a zero row: the clamp takes eps
     g = torch.randn(base.shape).to(out)
     x = base.detach().requires_grad_()
-    y = fused_train.l2_normalize(x, out)
+    y = l2_normalize(x, dtype=out, fused=True)
     assert y.dtype is out and "L2Norm" in type(y.grad_fn).__name__
     (y.float() * g.float()).sum().backward()
     x_ref = base.detach().requires_grad_()

@@ -218,14 +218,16 @@ def test_unit_keys_equal_normalising_the_keys_first(causal):
 def test_sorted_window_unit_keys_equal_passing_normalised_keys(aten):
     """sorted_window_attend(unit_keys=True) on the fused path and on the ATen path (where it
     normalises first) against passing l2_normalize(q) as the keys."""
-    from retrolm.nn.fused.train import l2_normalize
+    from retrolm.nn.norms import l2_normalize
 
     torch.manual_seed(4)
     q, v = (torch.randn(1, 2, 100, 16) for _ in range(2))
     group = torch.randint(0, 3, (1, 2, 100))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         qb = q.bfloat16()
-        want = sorted_window_attend(qb, l2_normalize(qb), v, group, 32, exclude_self=True)
+        want = sorted_window_attend(
+            qb, l2_normalize(qb, fused=True), v, group, 32, exclude_self=True
+        )
         fused = sorted_window_attend(qb, qb, v, group, 32, exclude_self=True, unit_keys=True)
         with aten:
             composite = sorted_window_attend(

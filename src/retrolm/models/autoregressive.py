@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from retrolm.nn.fused.train import cross_entropy
 from retrolm.nn.kv_cache import as_float_dtype, prefill
+from retrolm.nn.losses import cross_entropy
 from retrolm.sampling import decode_loop
 from retrolm.utils import accepts_keyword
 

@@ -3,16 +3,16 @@
 from retrolm.nn.attention import attend, attention_backend, reference_attend
 from retrolm.nn.decode_linear import DecodeLinear
 from retrolm.nn.feedforward import FeedForward
-from retrolm.nn.fused.train import cross_entropy, norm_shift
 from retrolm.nn.group_linear import GroupLinear
 from retrolm.nn.kmeans import SphericalKMeans, update_kmeans
 from retrolm.nn.kv_cache import KVCache, cast_cache, prefill
 from retrolm.nn.layer_drop import layer_drop_keep
 from retrolm.nn.local_attention import local_attend
+from retrolm.nn.losses import cross_entropy
 from retrolm.nn.masks import causal_mask, combine, key_padding_mask, sliding_window_mask
 from retrolm.nn.moe import MixtureOfExperts
 from retrolm.nn.multihead import MultiHeadAttention
-from retrolm.nn.norms import LayerNorm, RMSNorm, ScaleNorm, make_norm
+from retrolm.nn.norms import LayerNorm, RMSNorm, ScaleNorm, make_norm, norm_shift
 from retrolm.nn.pkm import ProductKeyMemory, pkm_param_groups
 from retrolm.nn.resample import CausalDownsample, repeat_upsample
 from retrolm.nn.residual import Residual, deepnet_constants, deepnet_init_

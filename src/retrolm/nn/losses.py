@@ -1,4 +1,8 @@
-"""Memory-lean language-model loss: output projection fused with cross-entropy.
+"""The language-model losses: cross-entropy of given logits, and of an output projection
+fused with it.
+
+``cross_entropy(logits, labels)`` is ``F.cross_entropy(logits.float(), labels)`` for (N, V)
+logits, on CPU one C++ pass each way (``nn.fused.train.cross_entropy_kernel``).
 
 ``linear_cross_entropy(h, W, labels)`` equals ``F.cross_entropy(h @ W.T, labels)`` but never
 holds the (tokens, vocab) logits for the whole batch: it walks the tokens in blocks, and the
@@ -12,7 +16,21 @@ costs its page faults each time).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+from retrolm.nn.fused import train as fused_train
+
+
+def cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
+    """``F.cross_entropy(logits.float(), labels, ignore_index=...)`` (mean over counted
+    labels) of given (N, V) logits: on CPU one pass forward (log-sum-exp per row, fp32) and
+    one backward that writes softmax minus one-hot straight in the logits' dtype, with no
+    fp32 copy of bf16 logits and no stored log-softmax. (``linear_cross_entropy`` takes the
+    hidden states and the output weight instead, and never holds all the logits.)"""
+    if fused_train.cross_entropy_applies(logits, labels):
+        return fused_train.cross_entropy_kernel(logits, labels, ignore_index)
+    return F.cross_entropy(logits.float(), labels, ignore_index=ignore_index)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -92,7 +110,8 @@ def linear_cross_entropy(
     block: int = 256,
     reduction: str = "mean",
 ) -> Tensor:  # fp32 (fp64 for fp64 inputs)
-    """Cross-entropy of ``h @ weight.T`` against ``labels`` without storing all logits.
+    """Cross-entropy of ``h @ weight.T`` against ``labels`` without storing all logits
+    (``cross_entropy`` is the one for logits already computed).
 
     ``reduction="mean"``: a scalar, the mean over labels != ignore_index; ``"none"``: the
     per-token losses, shaped like ``labels``, 0 where ignored. Under autocast the projection

@@ -1,17 +1,40 @@
-"""Normalisation layers and the one factory that picks them by name."""
+"""Normalisation layers, the one factory that picks them by name, ``l2_normalize`` and
+``norm_shift`` (a norm followed by a token shift); the C++ kernels of the last two (CPU) are
+in ``nn.fused.train``, the ATen path here."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
+
+from retrolm.nn.fused import train as fused_train
+from retrolm.nn.token_shift import token_shift
 
 NORMS = ("rms", "layer", "scale")
 
 
-def l2_normalize(x: Tensor, dim: int = -1, eps: float = 1e-12) -> Tensor:
-    """``F.normalize(x, dim=dim, eps=eps)``, the same values, without its Python wrappers
-    around the norm (~40% of its time for a decoding step's few rows)."""
+def l2_normalize(
+    x: Tensor,
+    dim: int = -1,
+    eps: float = 1e-12,
+    *,
+    dtype: torch.dtype | None = None,
+    fused: bool = False,
+) -> Tensor:
+    """``F.normalize(x.to(dtype), dim=dim, eps=eps)`` (dtype: x's by default), the same
+    values, without its Python wrappers around the norm (~40% of its time for a decoding
+    step's few rows).
+
+    ``fused``: where ``nn.fused.train.l2norm_applies`` (CPU, (b, h, n, d) x of any layout with
+    a unit last stride, dim -1), one kernel pass each way, with no separate cast or norm
+    tensors: the same values to rounding, not bit for bit, so callers choose it (the routing
+    keys do; the k-means keeps this ATen path)."""
+    if fused and dim in (-1, x.dim() - 1) and fused_train.l2norm_applies(x, dtype or x.dtype):
+        return fused_train.l2norm_kernel(x, dtype or x.dtype, eps)
+    if dtype is not None:
+        x = x.to(dtype)
     return x / torch.linalg.vector_norm(x, dim=dim, keepdim=True).clamp_min(eps)
 
 
@@ -134,3 +157,27 @@ def make_norm(kind: str, dim: int) -> nn.Module:
     if kind == "scale":
         return ScaleNorm(dim)
     raise ValueError(f"unknown norm {kind!r}; choose one of {NORMS}")
+
+
+def norm_shift(x: Tensor, norm: nn.Module, shift: int, axial: int = 1) -> Tensor:
+    """``token_shift(norm(x), (0, shift))`` for x (b, n, d): channels ``[d // 2, d)`` of
+    position t come from the normed position t - shift (zeros before the start). x float32
+    or bfloat16 (a compressed stream under autocast). On CPU an ``RMSNorm`` or a
+    ``LayerNorm`` (with or without bias) runs as one kernel each way
+    (``nn.fused.train.norm_shift_kernel``): the norm, the shift's split/pad/cat and
+    autocast's cast in one pass. Under CPU bf16 autocast its result is bf16 (what the next
+    matmul reads; the same values as casting the composite's fp32 result), else x's dtype.
+
+    ``axial`` a > 1 (n a multiple of a): the result comes as ``rearrange(out,
+    "b (q a) d -> (b a) q d")``, each of the a interleaved sub-sequences contiguous, written
+    in that order by the kernel instead of copied there afterwards."""
+    if axial < 1 or x.shape[-2] % axial:
+        raise ValueError(f"axial must be >= 1 and divide the length {x.shape[-2]}, got {axial}")
+    w = getattr(norm, "weight", None)  # (other norms, e.g. ScaleNorm: the module's path)
+    layer = type(norm) is LayerNorm
+    bias = norm.bias if layer else None
+    if type(norm) in (RMSNorm, LayerNorm) and fused_train.norm_shift_applies(x, w, bias, shift):
+        return fused_train.norm_shift_kernel(x, w, bias, norm.eps, shift, axial, layer)
+    out = norm(x)
+    out = out if shift == 0 else token_shift(out, (0, shift))
+    return out if axial == 1 else rearrange(out, "b (q a) d -> (b a) q d", a=axial)

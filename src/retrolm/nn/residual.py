@@ -19,9 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from retrolm.nn.feedforward import FeedForward
-from retrolm.nn.fused.train import norm_shift
 from retrolm.nn.multihead import MultiHeadAttention
-from retrolm.nn.norms import make_norm
+from retrolm.nn.norms import make_norm, norm_shift
 
 
 class Residual(nn.Module):
@@ -37,7 +36,7 @@ class Residual(nn.Module):
         norm_to_matmul: bool = False,
     ) -> None:
         """``norm_to_matmul``: fn's first use of its input is a matmul (projections), so a
-        CPU training step may take the pre-norm as ``fused_train.norm_shift``: one kernel
+        CPU training step may take the pre-norm as ``norms.norm_shift``: one kernel
         each way, its result in the dtype the matmul reads (bf16 under autocast)."""
         super().__init__()
         if rezero and post_norm:

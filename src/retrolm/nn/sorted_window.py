@@ -33,9 +33,9 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from retrolm.nn.attention import attend, block_attend, current_backend
-from retrolm.nn.fused import train as fused_train
 from retrolm.nn.fused import window as fused_window
 from retrolm.nn.local_attention import block_offsets, neighbour_blocks, relative_band
+from retrolm.nn.norms import l2_normalize
 
 MemKV = tuple[Tensor, Tensor]  # (h, m, d) keys and values
 
@@ -115,7 +115,7 @@ def sorted_window_attend(
     dropout_p: float = 0.0,
     unit_keys: bool = False,
 ) -> Tensor:  # (b, h, n, dv)
-    """``unit_keys``: the keys are ``fused_train.l2_normalize(k)`` (shared q/k attention
+    """``unit_keys``: the keys are ``norms.l2_normalize(k, fused=True)`` (shared q/k attention
     passes the queries), normalised inside the fused kernel where it runs."""
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
@@ -124,7 +124,7 @@ def sorted_window_attend(
     # (applies is False under the reference backend)
     fused = k_group is None and mem_kv is None and fused_window.applies(q, dropout_p)
     if unit_keys and not fused:
-        k = fused_train.l2_normalize(k)
+        k = l2_normalize(k, fused=True)
     if current_backend() == "reference":
         return _dense(q, k, v, group, window, k_group, causal, mem_kv, exclude_self, dropout_p)
     if fused:  # one C++ pass (bf16, CPU)

@@ -106,7 +106,7 @@ class SubsequenceAttention(nn.Module):
         shifted: bool = False,
     ) -> Tensor:  # (b, m, d) normed stream -> (b, m, d)
         """``shifted``: h is already token-shifted (``HierarchicalBlock`` did it with the
-        norm, ``nn.fused.train.norm_shift``), and, when a > 1, already split into its
+        norm, ``nn.norms.norm_shift``), and, when a > 1, already split into its
         sub-sequences, ((b a), m / a, d)."""
         if not shifted:
             h = _shift(h, self.shifts, state, self.slot)

@@ -16,10 +16,10 @@ from retrolm.models.routing.cache import LayerCache, routed_decode_step
 from retrolm.models.routing.config import RoutingConfig
 from retrolm.nn.attention import attend
 from retrolm.nn.decode_linear import DecodeLinear, compute_dtype, concat_decode_weight, linear_t
-from retrolm.nn.fused import train as fused_train
 from retrolm.nn.kmeans import SphericalKMeans
 from retrolm.nn.local_attention import local_attend
 from retrolm.nn.masks import sliding_window_mask
+from retrolm.nn.norms import l2_normalize
 from retrolm.nn.rotary import apply_rotary
 from retrolm.nn.sorted_window import sorted_window_attend
 from retrolm.nn.weight_cache import WeightCache
@@ -202,7 +202,7 @@ class RoutingAttention(nn.Module):
         # without a cache sorted_window_attend normalises them (inside its fused kernel)
         shared = kr is None
         lazy = shared and cache is None and self.mode != "balanced"
-        keys = qr if lazy else (fused_train.l2_normalize(qr) if shared else kr)
+        keys = qr if lazy else (l2_normalize(qr, fused=True) if shared else kr)
         p = self.dropout if self.training else 0.0
         if self.mode == "balanced":
             out = balanced_attend(

@@ -3,26 +3,30 @@
 In a bf16 training step on a CPU the matmuls already run near the machine's rate; much of
 the rest is short elementwise passes, each a read and a write of a full activation plus a
 kernel launch, and twice that in the backward. ``csrc/train_kernels.cpp`` (built on first
-use, ``nn.fused.extension``) does three of them in one pass each way:
+use, ``nn.fused.extension``) does three of them in one pass each way. This module holds the
+kernels and the conditions under which each applies (``*_applies``); where a block owns the
+operation, the public entry and its ATen path live in the block (named in brackets):
 
-- ``norm_shift(x, norm, shift)``: ``token_shift(norm(x), (0, shift))`` for an ``RMSNorm``
-  or a ``LayerNorm``, returned directly in the dtype the next matmul reads (bf16 under CPU
-  autocast), so the norm, the shift's split/pad/cat and autocast's cast are one kernel; its
-  backward is one pass too (the shift's transpose, then the norm's gradient). 1.4 -> 0.25
-  ms forward + backward at (1, 1024, 256), 2 threads.
+- ``norm_shift_kernel`` (``norms.norm_shift(x, norm, shift)``): ``token_shift(norm(x), (0,
+  shift))`` for an ``RMSNorm`` or a ``LayerNorm``, returned directly in the dtype the next
+  matmul reads (bf16 under CPU autocast), so the norm, the shift's split/pad/cat and
+  autocast's cast are one kernel; its backward is one pass too (the shift's transpose, then
+  the norm's gradient). 1.4 -> 0.25 ms forward + backward at (1, 1024, 256), 2 threads.
 - ``rotary(x, cos, sin)``: ``apply_rotary`` (half layout, (i, r) tables) of a
   (b, h, i, d) tensor of any layout, fp32 math, one rounding to x's dtype. 0.53 -> 0.10 ms
   forward + backward at (8, 4, 128, 64) bf16.
-- ``cross_entropy(logits, labels)``: ``F.cross_entropy(logits.float(), labels)`` for (N, V)
-  logits without the fp32 copy or the stored log-softmax; the backward writes softmax minus
-  one-hot in the logits' dtype. 5.6 -> 3.0 ms forward + backward at (8192, 256) bf16.
+- ``cross_entropy_kernel`` (``losses.cross_entropy(logits, labels)``):
+  ``F.cross_entropy(logits.float(), labels)`` for (N, V) logits without the fp32 copy or the
+  stored log-softmax; the backward writes softmax minus one-hot in the logits' dtype. 5.6 ->
+  3.0 ms forward + backward at (8192, 256) bf16.
 
 - ``kmeans_assign(x, means, mask, stats)``: spherical k-means assignment (unit vector,
   nearest centroid, similarity, the clusters' sums and counts) in one pass that never writes
   the fp32 unit vectors; the similarity's gradient in one pass back.
-- ``l2_normalize(x, dtype)``: ``norms.l2_normalize(x.to(dtype))`` for (b, h, n, d) rows of
-  any layout, one pass each way (the routing model's k-means reads fp32 unit vectors of bf16
-  queries, its shared-q/k keys bf16 ones).
+- ``l2norm_kernel`` (``norms.l2_normalize(x, dtype=dtype, fused=True)``):
+  ``norms.l2_normalize(x.to(dtype))`` for (b, h, n, d) rows of any layout, one pass each
+  way (the routing model's shared-q/k keys, and sorted-window attention's unit keys on its
+  ATen path).
 
 - ``linear_gelu(x, linear)``: ``F.gelu(linear(x))`` for a bf16 training step: the product
   through ATen, the GELU of its bf16 result by table (a bf16 value has 65,536 bit patterns,
@@ -41,25 +45,23 @@ against the modules).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from einops import rearrange
 from torch import Tensor, nn
 
 from retrolm.nn.fused.extension import LazyExtension
-from retrolm.nn.norms import LayerNorm, RMSNorm
-from retrolm.nn.norms import l2_normalize as _l2_normalize
-from retrolm.nn.token_shift import token_shift
 
 __all__ = [
-    "cross_entropy",
+    "cross_entropy_applies",
+    "cross_entropy_kernel",
     "enabled",
-    "kmeans_assign",
+    "extension",
     "kmeans_applies",
-    "l2_normalize",
+    "kmeans_assign",
+    "l2norm_applies",
+    "l2norm_kernel",
     "linear_gelu",
     "linear_gelu_applies",
-    "extension",
-    "norm_shift",
+    "norm_shift_applies",
+    "norm_shift_kernel",
     "rotary",
     "rotary_applies",
     "set_enabled",
@@ -117,41 +119,34 @@ class _NormShift(torch.autograd.Function):
         return gx, gw, (gb if ctx.has_bias else None), None, None, None, None, None, None
 
 
-def norm_shift(x: Tensor, norm: nn.Module, shift: int, axial: int = 1) -> Tensor:
-    """``token_shift(norm(x), (0, shift))`` for x (b, n, d) and an ``RMSNorm`` or a
-    ``LayerNorm`` (with or without bias): channels ``[d // 2, d)`` of position t come from
-    the normed position t - shift (zeros before the start). x float32 or bfloat16 (a
-    compressed stream under autocast). Under CPU bf16 autocast the result is bf16 (what the
-    next matmul reads; the same values as casting the composite's fp32 result), else x's
-    dtype.
-
-    ``axial`` a > 1 (n a multiple of a): the result comes as ``rearrange(out,
-    "b (q a) d -> (b a) q d")``, each of the a interleaved sub-sequences contiguous, written
-    in that order by the kernel instead of copied there afterwards."""
-    if axial < 1 or x.shape[-2] % axial:
-        raise ValueError(f"axial must be >= 1 and divide the length {x.shape[-2]}, got {axial}")
-    w = getattr(norm, "weight", None)  # (other norms, e.g. ScaleNorm: the module's path)
-    layer = type(norm) is LayerNorm
-    bias = norm.bias if layer else None
-    if (
+def norm_shift_applies(x: Tensor, weight: Tensor | None, bias: Tensor | None, shift: int) -> bool:
+    """Whether ``norm_shift_kernel`` takes x (b, n, d) with these norm parameters: enabled
+    and built, CPU, fp32 or bf16 x, fp32 weight (and bias), shift >= 0 (``norms.norm_shift``
+    checks first that the norm is an ``RMSNorm`` or a ``LayerNorm``)."""
+    return (
         _EXT.enabled
-        and type(norm) in (RMSNorm, LayerNorm)
-        and w is not None
+        and weight is not None
         and x.dtype in (torch.float32, torch.bfloat16)
-        and w.dtype is torch.float32
+        and weight.dtype is torch.float32
         and (bias is None or bias.dtype is torch.float32)
         and x.is_cpu
         and x.dim() == 3
         and shift >= 0
         and extension() is not None
-    ):
-        split = x.shape[-1] // 2  # token_shift's two groups
-        return _NormShift.apply(
-            x.contiguous(), w, bias, norm.eps, shift, split, _out_dtype(x), axial, layer
-        )
-    out = norm(x)
-    out = out if shift == 0 else token_shift(out, (0, shift))
-    return out if axial == 1 else rearrange(out, "b (q a) d -> (b a) q d", a=axial)
+    )
+
+
+def norm_shift_kernel(
+    x: Tensor, weight: Tensor, bias: Tensor | None, eps: float, shift: int, axial: int,
+    layer: bool,
+) -> Tensor:  # fmt: skip
+    """``norms.norm_shift`` in one pass each way (check ``norm_shift_applies`` first): a
+    LayerNorm's (``layer``, mean removed) or an RMSNorm's, in the dtype the next matmul
+    reads (bf16 under CPU bf16 autocast, else x's)."""
+    split = x.shape[-1] // 2  # token_shift's two groups
+    return _NormShift.apply(
+        x.contiguous(), weight, bias, eps, shift, split, _out_dtype(x), axial, layer
+    )
 
 
 class _Rotary(torch.autograd.Function):
@@ -213,21 +208,24 @@ class _CrossEntropy(torch.autograd.Function):
         return gx, None, None
 
 
-def cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
-    """``F.cross_entropy(logits.float(), labels, ignore_index=...)`` (mean over counted
-    labels) for (N, V) logits: on CPU one pass forward (log-sum-exp per row, fp32) and one
-    backward that writes softmax minus one-hot straight in the logits' dtype, with no fp32
-    copy of bf16 logits and no stored log-softmax."""
-    if (
+def cross_entropy_applies(logits: Tensor, labels: Tensor) -> bool:
+    """Whether ``cross_entropy_kernel`` takes these (N, V) logits: enabled and built, CPU,
+    fp32 or bf16 logits, int64 labels."""
+    return (
         _EXT.enabled
         and logits.dim() == 2
         and logits.dtype in (torch.float32, torch.bfloat16)
         and logits.is_cpu
         and labels.dtype is torch.int64
         and extension() is not None
-    ):
-        return _CrossEntropy.apply(logits.contiguous(), labels.contiguous(), ignore_index)
-    return F.cross_entropy(logits.float(), labels, ignore_index=ignore_index)
+    )
+
+
+def cross_entropy_kernel(logits: Tensor, labels: Tensor, ignore_index: int) -> Tensor:
+    """``losses.cross_entropy`` (check ``cross_entropy_applies`` first): one pass forward
+    (log-sum-exp per row, fp32) and one backward that writes softmax minus one-hot straight
+    in the logits' dtype, with no fp32 copy of bf16 logits and no stored log-softmax."""
+    return _CrossEntropy.apply(logits.contiguous(), labels.contiguous(), ignore_index)
 
 
 class _L2Norm(torch.autograd.Function):
@@ -247,12 +245,10 @@ class _L2Norm(torch.autograd.Function):
         return extension().l2norm_backward(grad, x, inv), None, None
 
 
-def l2_normalize(x: Tensor, dtype: torch.dtype | None = None, eps: float = 1e-12) -> Tensor:
-    """``norms.l2_normalize(x.to(dtype), dim=-1, eps=eps)`` (dtype: x's by default): on CPU
-    for (b, h, n, d) x of any layout with a unit last stride, one pass forward (statistics
-    in fp32, fp64 for fp64) and one backward, with no separate cast or norm tensors."""
-    dtype = dtype or x.dtype
-    if (
+def l2norm_applies(x: Tensor, dtype: torch.dtype) -> bool:
+    """Whether ``l2norm_kernel`` takes x (b, h, n, d) into ``dtype``: enabled and built, CPU,
+    a unit last stride, fp32 or bf16 in and out, or fp64 both."""
+    return (
         _EXT.enabled
         and x.dim() == 4
         and x.is_cpu
@@ -261,10 +257,15 @@ def l2_normalize(x: Tensor, dtype: torch.dtype | None = None, eps: float = 1e-12
         and dtype in (torch.float32, torch.bfloat16, torch.float64)
         and (x.dtype is torch.float64) == (dtype is torch.float64)
         and extension() is not None
-    ):
-        with torch.autocast("cpu", enabled=False):
-            return _L2Norm.apply(x, eps, dtype)
-    return _l2_normalize(x.to(dtype), eps=eps)
+    )
+
+
+def l2norm_kernel(x: Tensor, dtype: torch.dtype, eps: float) -> Tensor:
+    """``norms.l2_normalize(x.to(dtype), eps=eps)`` over the last dim (check
+    ``l2norm_applies`` first): one pass forward (statistics in fp32, fp64 for fp64) and one
+    backward, with no separate cast or norm tensors."""
+    with torch.autocast("cpu", enabled=False):
+        return _L2Norm.apply(x, eps, dtype)
 
 
 class _LinearGelu(torch.autograd.Function):

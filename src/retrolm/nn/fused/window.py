@@ -148,7 +148,7 @@ def window_attend(
 ) -> Tensor:  # (b, h, n, d) bf16, rows as q's
     """The fused kernel; call only where ``applies(q)``. Places are the rows of q, k, v,
     or, with ``order``, ``order[..., i]`` is the row of place i (e.g. a sort by group).
-    ``unit_keys``: the keys are ``fused_train.l2_normalize(k, eps=eps)`` (shared q/k
+    ``unit_keys``: the keys are ``norms.l2_normalize(k, eps=eps, fused=True)`` (shared q/k
     attention passes k = q), normalised inside the kernel each way."""
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")

@@ -386,7 +386,7 @@ void transpose_tile(const BFloat16* src, int64_t lds, BFloat16* dst, int64_t ldd
 }
 
 // --- unit keys ----------------------------------------------------------------------------
-// k's rows l2-normalised into `out` (BH, n, d) by row, as fused_train.l2_normalize rounds
+// k's rows l2-normalised into `out` (BH, n, d) by row, as train_kernels.cpp's l2norm rounds
 // them; inv: 1 / max(|k|, eps) per row, negative where the clamp took eps. Returns the rows.
 Rows unit_rows(const Rows& k, const Geo& G, float eps, BFloat16* out, float* inv) {
   at::parallel_for(0, G.BH * G.n, 64, [=](int64_t r0, int64_t r1) {
