@@ -87,6 +87,18 @@ def _backward(outputs, grads) -> None:
         torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
 
 
+def _recompute(
+    fn: Branch, state: _RngState, x: Tensor, kwargs: dict, grads
+) -> tuple[Tensor, Tensor]:
+    """One branch of the backward: fn(x) again under the forward's random state, and its
+    gradients into x.grad (and the parameters'). Returns (x with .grad, fn(x))."""
+    with torch.enable_grad(), state.restored():
+        x = x.detach().requires_grad_(True)
+        out, aux = _call(fn, x, kwargs)
+        _backward((out, aux), grads)
+    return x, out
+
+
 class _ReversibleFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, context: Tensor | None, blocks, kwargs):  # type: ignore[override]
@@ -127,19 +139,11 @@ class _ReversibleFunction(torch.autograd.Function):
         daux = daux.reshape(())
         with _recomputing():
             for (f, g), (sf, sg) in zip(reversed(ctx.blocks), reversed(ctx.states)):
-                # undo y2 = x2 + g(y1)
-                with torch.enable_grad(), sg.restored():
-                    y1 = y1.detach().requires_grad_(True)
-                    gy1, ag = _call(g, y1, kw)
-                    _backward((gy1, ag), (dy2, daux))
+                y1, gy1 = _recompute(g, sg, y1, kw, (dy2, daux))  # undo y2 = x2 + g(y1)
                 with torch.no_grad():
                     x2 = y2 - gy1
                     dy1 = dy1 + y1.grad
-                # undo y1 = x1 + f(x2)
-                with torch.enable_grad(), sf.restored():
-                    x2 = x2.detach().requires_grad_(True)
-                    fx2, af = _call(f, x2, kw)
-                    _backward((fx2, af), (dy1, daux))
+                x2, fx2 = _recompute(f, sf, x2, kw, (dy1, daux))  # undo y1 = x1 + f(x2)
                 with torch.no_grad():
                     y1 = y1 - fx2
                     dy2 = dy2 + x2.grad

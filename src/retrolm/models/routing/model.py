@@ -149,13 +149,9 @@ class RoutingTransformer(nn.Module):
     ) -> None:
         super().__init__()
         if config is None:
-            given = {
-                k: v
-                for k, v in dict(dim=dim, depth=depth, max_seq_len=max_seq_len).items()
-                if v is not None
-            }
+            defaults = {"num_tokens": None, "register_kmeans_update": False}
             config = _config_from_kwargs(
-                {"num_tokens": None, "register_kmeans_update": False, **given, **kwargs}
+                kwargs, defaults, dim=dim, depth=depth, max_seq_len=max_seq_len
             )
         self.config = cfg = config
         self.max_seq_len = cfg.max_seq_len
@@ -247,9 +243,10 @@ class RoutingTransformer(nn.Module):
         return x, aux
 
 
-def _config_from_kwargs(kwargs: dict) -> RoutingConfig:
-    """Seed keyword names -> RoutingConfig (``_register_kmeans_update`` is the seed's name)."""
-    kw = dict(kwargs)
+def _config_from_kwargs(kwargs: dict, defaults: dict | None = None, **given) -> RoutingConfig:
+    """Seed keyword names -> RoutingConfig (``_register_kmeans_update`` is the seed's name):
+    ``defaults``, then the positional arguments ``given`` that are not None, then ``kwargs``."""
+    kw = {**(defaults or {}), **{k: v for k, v in given.items() if v is not None}, **kwargs}
     if "_register_kmeans_update" in kw:
         kw["register_kmeans_update"] = kw.pop("_register_kmeans_update")
     for dead in ("rel_pos_emb", "use_absolute_pos_emb"):
@@ -267,6 +264,8 @@ class RoutingTransformerLM(nn.Module):
     returns ``(logits (b, n, num_tokens), aux_loss scalar)``; ``aux_loss`` (commitment + MoE)
     must be added to the LM loss (``AutoregressiveWrapper`` does)."""
 
+    # signature twin of RoutingTransformer.__init__ (deliberate): the seed's keyword
+    # constructors, num_tokens first here; both go through _config_from_kwargs
     def __init__(
         self,
         num_tokens: int | None = None,
@@ -279,9 +278,8 @@ class RoutingTransformerLM(nn.Module):
     ) -> None:
         super().__init__()
         if config is None:
-            given = dict(num_tokens=num_tokens, dim=dim, depth=depth, max_seq_len=max_seq_len)
             config = _config_from_kwargs(
-                {**{k: v for k, v in given.items() if v is not None}, **kwargs}
+                kwargs, num_tokens=num_tokens, dim=dim, depth=depth, max_seq_len=max_seq_len
             )
         if config.num_tokens is None:
             raise ValueError("RoutingTransformerLM needs num_tokens")

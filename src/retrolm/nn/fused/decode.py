@@ -68,6 +68,8 @@ _EXT = LazyExtension(
 )
 
 
+# set_enabled / enabled / extension: the same three functions in train.py and decode.py
+# (deliberate twins: each module's own switch over its LazyExtension)
 def set_enabled(on: bool) -> bool:
     """Turn the fused path on or off for this process; returns the previous setting."""
     return _EXT.set_enabled(on)
