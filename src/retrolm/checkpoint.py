@@ -16,7 +16,8 @@ whole, plus at most the new one whole, so ``find_checkpoint`` (the newest whole
 checkpoint, the pointer's if nothing newer) never falls back to step 0 while a whole
 checkpoint exists. ``FAULT_HOOK`` lets tests stop the protocol between any two steps.
 
-A run directory ``RUN`` also holds metrics (``metrics.csv``, ``loss.png``). Every reader
+A run directory ``RUN`` also holds metrics (``metrics.csv``, ``loss.png``) and, for a run
+trained from a text folder (no database), its tokenizer (``tokenizer.json``). Every reader
 accepts ``RUN`` or a checkpoint folder, including the older single ``RUN/checkpoint/``
 layout, which is still read (and replaced by the new layout at a resumed run's next save).
 """
@@ -45,6 +46,8 @@ FORMAT_VERSION = 1
 CHECKPOINTS_DIR = "checkpoints"
 POINTER = "latest.json"
 LEGACY_DIR = "checkpoint"  # the single-folder layout of older runs (still read)
+RUN_TOKENIZER = "tokenizer.json"
+"""The tokenizer of a run trained from a text folder (a database run uses its database's)."""
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 TRAIN_STATE = "train_state.pt"
@@ -103,6 +106,77 @@ def check_database(
                 f"{now['path'] or 'the given database'} has {now[key]!r}; use the run's own "
                 f"database ({saved.get('path')}) or train a new run with --out elsewhere"
             )
+
+
+def check_data(meta: dict[str, Any], data: Any, where: Path) -> None:
+    """Raise IncompatibleError unless a resumed run reads the data it was trained on:
+    the same kind (a database, or a text folder: ``data.identity()``), the same database
+    (``check_database``, exact) or the same files and tokenizer."""
+    text = hasattr(data, "identity")
+    check_data_kind(meta, text, where)
+    if not text:
+        check_database(meta.get("database"), data, where, exact=True)
+        return
+    saved_text, now = meta["text"], data.identity()
+    for key in ("files", "bytes", "sha256", "tokenizer_hash", "glob"):
+        if saved_text.get(key) != now[key]:
+            raise IncompatibleError(
+                f"{where} was trained from text whose {key} is {saved_text.get(key)!r}, but "
+                f"{now['path']} now has {now[key]!r} (files added, removed or changed); "
+                "restore the text to resume, or train a new run with --out elsewhere"
+            )
+
+
+def check_data_kind(meta: dict[str, Any], text: bool, where: Path) -> None:
+    """Refuse to resume a database run from a text folder (``text``) or the reverse."""
+    saved_text = meta.get("text")
+    if text and saved_text is None:
+        raise IncompatibleError(
+            f"{where} was trained on the database {(meta.get('database') or {}).get('path')}; "
+            "rerun with --db to resume it, or use another --out"
+        )
+    if not text and saved_text is not None:
+        raise IncompatibleError(
+            f"{where} was trained from the text folder {saved_text['path']}; rerun with "
+            f"--text {saved_text['path']} to resume it, or use another --out"
+        )
+
+
+def run_tokenizer(meta: dict[str, Any], ckpt: Path) -> Any:
+    """The tokenizer a run trained from a text folder keeps in ``RUN/tokenizer.json``,
+    checked against the one its checkpoint records."""
+    from retrolm.retrieval.tokenizer import LMTokenizer
+
+    path = run_of(ckpt) / RUN_TOKENIZER
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing: {ckpt} was trained from text and reads it with that "
+            "tokenizer; copy the run folder whole (or retrain)"
+        )
+    tok = LMTokenizer.from_file(path)
+    saved = (meta.get("text") or {}).get("tokenizer_hash")
+    if saved is not None and tok.hash != saved:
+        raise IncompatibleError(
+            f"{path} is not the tokenizer {ckpt} was trained with (hash {tok.hash[:12]}, "
+            f"recorded {saved[:12]}); restore the run's own tokenizer.json"
+        )
+    return tok
+
+
+def open_run_data(
+    meta: dict[str, Any], where: Path, override: str | os.PathLike | None = None
+) -> tuple[Any, Any]:
+    """(database or None, tokenizer) of a run: a run trained from a text folder has no
+    database and brings its own tokenizer; the others open theirs (``open_run_database``)."""
+    if meta.get("text") is not None and meta.get("database") is None:
+        if override is not None:
+            raise ValueError(
+                f"{where} was trained from text without a database (it reads no "
+                "neighbours); drop --db"
+            )
+        return None, run_tokenizer(meta, where)
+    db = open_run_database(meta, where, override)
+    return db, db.tokenizer
 
 
 def _is_whole(folder: Path) -> bool:

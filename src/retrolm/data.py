@@ -1,4 +1,5 @@
-"""Training sequences with their retrieved neighbours (paper §2.3, research A.4, A.11).
+"""Training sequences: with their retrieved neighbours from a database (paper §2.3,
+research A.4, A.11), or plain windows of a text folder for families without retrieval.
 
 Notation: m = chunk size, n = sequence length (a multiple of m), l = n / m chunks,
 k = neighbours kept per chunk, K = candidates stored per chunk (k + extra), N = chunks.
@@ -18,11 +19,17 @@ Two constructors:
   num_neighbors=..., chunk_size=..., seq_len=..., chunk_memmap_path=...,
   chunk_nn_memmap_path=..., seq_memmap_path=...)``: items ``(seq, retrieved)``. Files are
   opened read-only; a sequence running past the last chunk is padded, never grown.
+
+Without retrieval (``TextData`` -> ``TextCorpus`` -> ``TextDataset``): the same sequences
+with one chunk of n tokens, read straight from the text folder (no database): each
+document's tokens and its ``<eos>`` cut into windows of n tokens plus the next token of
+the same document, ``<pad>`` after its end, so no window crosses a document end.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -244,3 +251,88 @@ class RETRODataset(Dataset):
         if self.return_mask:
             return seq_t, retrieved, mask
         return seq_t, retrieved
+
+
+# ---- plain text, for families without retrieval --------------------------------------------
+@dataclass(frozen=True)
+class TextData:
+    """What a run without retrieval trains on: a folder of documents and how to tokenize
+    them (``retrolm train --text DIR``). The training loop makes the run's tokenizer from
+    it (``tokenizer``: a tokenizer.json to use; None: train a byte-level BPE of
+    ``vocab_size`` on the folder) and keeps it as ``RUN/tokenizer.json``."""
+
+    path: str | os.PathLike
+    glob: str = "**/*.txt"
+    tokenizer: str | os.PathLike | None = None
+    vocab_size: int | None = None
+    """Default 16384 (as ``db build``); only when the tokenizer is trained."""
+
+    def __post_init__(self) -> None:
+        if self.tokenizer is not None and self.vocab_size is not None:
+            raise ValueError(
+                "pass a tokenizer or a vocab_size to train one, not both "
+                "(drop --vocab-size: a given tokenizer has its own vocabulary)"
+            )
+
+    def documents(self) -> list[Path]:
+        from retrolm.retrieval.chunking import list_documents
+
+        return list_documents(self.path, self.glob)
+
+
+@dataclass
+class TextCorpus:
+    """A text folder with the tokenizer that reads it: the data source of a run without
+    retrieval, standing where a database stands (``tokenizer``, ``chunk_size``)."""
+
+    path: Path
+    tokenizer: Any  # an LMTokenizer
+    glob: str = "**/*.txt"
+    chunk_size: int = 1  # windows align to tokens: no retrieval chunks
+
+    def identity(self) -> dict[str, Any]:
+        """What a trained run depends on: the files (count, bytes, digest of their list with
+        sizes and modification times) and the tokenizer; a resume needs the same."""
+        from retrolm.retrieval import inputs
+        from retrolm.retrieval.chunking import list_documents
+
+        root = Path(self.path)
+        listing = inputs.list_inputs(list_documents(root, self.glob), root)
+        summary = inputs.summary(listing)
+        return {
+            "path": str(root.resolve()),
+            "glob": self.glob,
+            "files": summary["files"],
+            "bytes": summary["bytes"],
+            "sha256": summary["sha256"],
+            "tokenizer_hash": self.tokenizer.hash,
+            "vocab_size": int(self.tokenizer.vocab_size),
+        }
+
+    def dataset(self, seq_len: int) -> TextDataset:
+        return TextDataset(self.path, self.tokenizer, seq_len=seq_len, glob=self.glob)
+
+
+class TextDataset(Dataset):
+    """Windows of ``seq_len`` + 1 tokens that never cross a document end (module docstring);
+    items ``(seq (n+1,),)``: what ``RETRODataset`` gives without neighbours."""
+
+    def __init__(
+        self, text_dir: str | os.PathLike, tokenizer: Any, *, seq_len: int, glob: str = "**/*.txt"
+    ):
+        from retrolm.retrieval.chunking import corpus_rows, list_documents
+
+        if seq_len < 1:
+            raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+        root = Path(text_dir)
+        rows, doc_ids, report = corpus_rows(list_documents(root, glob), root, tokenizer, seq_len)
+        self.rows = torch.from_numpy(rows)  # (N, n+1)
+        self.doc_ids = doc_ids  # (N,): the document of each window
+        self.report = report
+        self.seq_len = int(seq_len)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor]:
+        return (self.rows[index],)

@@ -1,7 +1,8 @@
 """``retrolm eval RUN --text DIR [--db DB]``: bits/byte with and without retrieval.
 
 Any model family: runs of families without retrieval are scored without it (their
-database only provides the tokenizer)."""
+database only provides the tokenizer; a run trained from a text folder has none and
+brings its own)."""
 
 from __future__ import annotations
 
@@ -35,14 +36,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from retrolm.checkpoint import load_model, open_run_database, resolve_checkpoint, run_of
+    from retrolm.checkpoint import load_model, open_run_data, resolve_checkpoint, run_of
     from retrolm.evaluate import EvalConfig, evaluate, read_documents, save_report
     from retrolm.models.registry import uses_retrieval
 
     read_documents(args.text, args.glob)  # a bad folder fails before the model loads
     model, meta = load_model(args.run)
     ckpt = resolve_checkpoint(args.run)
-    db = open_run_database(meta, ckpt, args.db)
+    db, tok = open_run_data(meta, ckpt, args.db)
     cfg = EvalConfig(
         seq_len=args.seq_len,
         stride=args.stride,
@@ -55,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         model,
         args.text,
         db if retrieve else None,
-        tokenizer=db.tokenizer,
+        tokenizer=tok,
         config=cfg,
         family=meta["family"],
     )

@@ -37,13 +37,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from retrolm.checkpoint import load_model, open_run_database, resolve_checkpoint
+    from retrolm.checkpoint import load_model, open_run_data, resolve_checkpoint
     from retrolm.generation import describe_sources, generate
     from retrolm.models.registry import uses_retrieval
 
     model, meta = load_model(args.run)
-    db = open_run_database(meta, resolve_checkpoint(args.run), args.db)
-    tok = db.tokenizer
+    db, tok = open_run_data(meta, resolve_checkpoint(args.run), args.db)
     ids = tok.encode(args.prompt)
     retrieve = not args.no_retrieval and uses_retrieval(meta)
     res = generate(

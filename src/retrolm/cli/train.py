@@ -1,4 +1,6 @@
-"""``retrolm train --db DB --out RUN [--config FILE] [--no-retrieval]``."""
+"""``retrolm train --db DB --out RUN [--config FILE] [--no-retrieval]``, or for a family
+without retrieval ``retrolm train --model routing --text DIR --out RUN [--tokenizer FILE |
+--vocab-size N] [--glob PATTERN]`` (no database)."""
 
 from __future__ import annotations
 
@@ -27,11 +29,25 @@ FLAGS = {
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
-        help="train a model on a retrieval database (resumes an interrupted run)",
-        description="Train RETRO (or another family) on the sequences of a retrieval database. "
-        "Rerunning the same command after an interruption resumes from the last checkpoint.",
+        help="train a model on a retrieval database or a text folder (resumes an interrupted run)",
+        description="Train RETRO (or another family) on the sequences of a retrieval database; "
+        "a family without retrieval (routing, hierarchical) can train from a text folder "
+        "instead (--text), with no database. Rerunning the same command after an "
+        "interruption resumes from the last checkpoint.",
     )
-    p.add_argument("--db", required=True, help="retrieval database directory")
+    p.add_argument("--db", help="retrieval database directory")
+    p.add_argument(
+        "--text",
+        help="folder of documents (families without retrieval): trained on directly, "
+        "the tokenizer kept as RUN/tokenizer.json",
+    )
+    p.add_argument("--tokenizer", help="with --text: a tokenizer.json to use (default: train one)")
+    p.add_argument(
+        "--vocab-size",
+        type=int,
+        help="with --text: vocabulary of the tokenizer trained on the folder (default 16384)",
+    )
+    p.add_argument("--glob", help="with --text: which files are documents (default **/*.txt)")
     p.add_argument("--out", required=True, help="run directory (checkpoint, metrics, loss.png)")
     p.add_argument(
         "--config",
@@ -88,6 +104,24 @@ def read_config_file(path: str | None) -> dict[str, Any]:
     return cfg
 
 
+def _data(args: argparse.Namespace) -> Any:
+    """The database directory, or the text folder (``TextData``) to train on."""
+    from retrolm.data import TextData
+
+    if (args.db is None) == (args.text is None):
+        raise ValueError(
+            "pass --db DB (a retrieval database) or --text DIR (a folder of documents, for a "
+            f"family without retrieval){', not both' if args.db else ''}"
+        )
+    text_flags = [f"--{n.replace('_', '-')}" for n in ("tokenizer", "vocab_size", "glob")]
+    if args.db is not None:
+        given = [f for f in text_flags if getattr(args, f[2:].replace("-", "_")) is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)}: only with --text, not with --db; drop it")
+        return args.db
+    return TextData(args.text, args.glob or "**/*.txt", args.tokenizer, args.vocab_size)
+
+
 def run(args: argparse.Namespace) -> int:
     from retrolm.config import check_fields
     from retrolm.models.registry import get_family
@@ -108,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
         where = f"config file {args.config}: model_config"
         check_fields(get_family(family).config_class(), file_cfg["model_config"], where)
     res = train(
-        args.db,
+        _data(args),
         args.out,
         cfg,
         family=family,

@@ -1,25 +1,39 @@
 """RETRO's retrieval database: LM tokenizer, chunk store, frozen encoder, faiss index,
 precomputed neighbours. The only part of retrolm that imports faiss, transformers or
-tokenizers (``import retrolm`` never loads this package)."""
+tokenizers (``import retrolm`` never loads this package).
 
-from retrolm.retrieval.build import BuildConfig, build_database
-from retrolm.retrieval.chunking import DocumentChunker, list_documents
-from retrolm.retrieval.database import RetrievalDatabase
-from retrolm.retrieval.encoder import FrozenEncoder
-from retrolm.retrieval.index import IndexSpec, Searcher, choose_index
-from retrolm.retrieval.tokenizer import EOS_ID, PAD_ID, LMTokenizer
+The names below load on first use: a family without retrieval reads its text through
+``retrieval.tokenizer`` and ``retrieval.chunking`` (``tokenizers`` only) and never loads
+faiss or transformers."""
 
-__all__ = [
-    "BuildConfig",
-    "DocumentChunker",
-    "EOS_ID",
-    "FrozenEncoder",
-    "IndexSpec",
-    "LMTokenizer",
-    "PAD_ID",
-    "RetrievalDatabase",
-    "Searcher",
-    "build_database",
-    "choose_index",
-    "list_documents",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_NAMES = {
+    "BuildConfig": "build",
+    "build_database": "build",
+    "DocumentChunker": "chunking",
+    "list_documents": "chunking",
+    "RetrievalDatabase": "database",
+    "FrozenEncoder": "encoder",
+    "IndexSpec": "index",
+    "Searcher": "index",
+    "choose_index": "index",
+    "EOS_ID": "tokenizer",
+    "PAD_ID": "tokenizer",
+    "LMTokenizer": "tokenizer",
+}
+
+__all__ = sorted(_NAMES, key=str.lower)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _NAMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_NAMES[name]}"), name)
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_NAMES])

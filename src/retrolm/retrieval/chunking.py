@@ -89,6 +89,8 @@ class Document:
     size: int
     pieces: Iterator[str]
     invalid_utf8: bool = False  # set once the pieces are consumed
+    chars: int = 0  # counted by ``document_rows`` as it reads the pieces
+    tokens: int = 0  # likewise, with the <eos>
 
 
 def read_document(path: Path) -> Document | str:
@@ -178,6 +180,67 @@ class DocumentChunker:
         return np.concatenate([rows, last])
 
 
+def document_rows(doc: Document, tokenizer: LMTokenizer, m: int) -> Iterator[np.ndarray]:
+    """One document's tokens (ending with ``<eos>``) as ``(r, m+1)`` rows, yielded as they
+    are cut (``DocumentChunker``): no row spans two documents, and the +1 column is the
+    next token of the same document (``<pad>`` after its end). Counts ``doc.chars`` and
+    ``doc.tokens``. The database's chunks and a text run's training windows both come
+    from here."""
+    chunker = DocumentChunker(m)
+    for piece in doc.pieces:
+        ids = tokenizer.encode(piece)
+        doc.chars += len(piece)
+        doc.tokens += len(ids)
+        yield chunker.feed(ids)
+    doc.tokens += 1
+    yield chunker.end()
+
+
+def _skipped(rep: ChunkReport, rel: str, reason: str) -> None:
+    """Count a file the policy skips (``reason``: "empty" or "binary")."""
+    setattr(rep, f"skipped_{reason}", getattr(rep, f"skipped_{reason}") + 1)
+    if len(rep.skipped_paths) < 20:
+        rep.skipped_paths.append(f"{rel} ({reason})")
+
+
+def corpus_rows(
+    paths: list[Path], root: Path, tokenizer: LMTokenizer, m: int
+) -> tuple[np.ndarray, np.ndarray, ChunkReport]:
+    """Every document of ``paths`` as rows in memory, by ``document_rows`` under the same
+    skip policy as a build: ``(rows (N, m+1) int64, doc_ids (N,) int64, report)``."""
+    rep = ChunkReport()
+    rows: list[np.ndarray] = []
+    doc_ids: list[np.ndarray] = []
+    for path in paths:
+        rep.files += 1
+        doc = read_document(path)
+        if not isinstance(doc, Document):
+            _skipped(rep, path.relative_to(root).as_posix(), doc)
+            continue
+        n = 0
+        for r in document_rows(doc, tokenizer, m):
+            rows.append(r)
+            doc_ids.append(np.full(len(r), rep.documents, dtype=np.int64))
+            n += len(r)
+        _count(rep, doc, n)
+    if rep.chunks == 0:
+        raise ValueError(
+            f"no text in the {rep.files} file(s) of {str(root)!r}: all are empty or binary "
+            f"({rep.skipped_empty} empty, {rep.skipped_binary} binary)"
+        )
+    return np.concatenate(rows), np.concatenate(doc_ids), rep
+
+
+def _count(rep: ChunkReport, doc: Document, chunks: int) -> None:
+    """Add one read document (its ``chunks`` rows) to the report."""
+    rep.documents += 1
+    rep.chunks += chunks
+    rep.tokens += doc.tokens
+    rep.bytes += doc.size
+    rep.chars += doc.chars
+    rep.invalid_utf8_replaced += int(doc.invalid_utf8)
+
+
 @dataclass
 class _ChunkState:
     """Where a chunking run stands after its last finished block (saved as JSON)."""
@@ -246,38 +309,23 @@ def _chunk_file(path, root, tokenizer, m, dtype, handles, rep: ChunkReport) -> i
     rel = path.relative_to(root).as_posix()
     doc = read_document(path)
     if not isinstance(doc, Document):
-        setattr(rep, f"skipped_{doc}", getattr(rep, f"skipped_{doc}") + 1)
-        if len(rep.skipped_paths) < 20:
-            rep.skipped_paths.append(f"{rel} ({doc})")
+        _skipped(rep, rel, doc)
         return 0
-    doc_id, first, chars = rep.documents, rep.chunks, 0
-    chunker = DocumentChunker(m)
-
-    def write(rows: np.ndarray) -> None:  # rows (r, m+1), streamed as they are cut
+    doc_id, first = rep.documents, rep.chunks
+    for rows in document_rows(doc, tokenizer, m):  # (r, m+1), streamed as they are cut
         handles[CHUNKS_FILE].write(rows.astype(dtype).tobytes())
         handles[DOC_IDS_FILE].write(np.full(len(rows), doc_id, dtype=np.int32).tobytes())
         rep.chunks += len(rows)
-
-    for piece in doc.pieces:
-        chars += len(piece)
-        ids = tokenizer.encode(piece)
-        rep.tokens += len(ids)
-        write(chunker.feed(ids))
-    write(chunker.end())
-    rep.tokens += 1
     meta = {
         "path": rel,
         "bytes": doc.size,
-        "chars": chars,
+        "chars": doc.chars,
         "first_chunk": first,
         "num_chunks": rep.chunks - first,
         "invalid_utf8": doc.invalid_utf8,
     }
     handles[DOCS_FILE].write((json.dumps(meta) + "\n").encode())
-    rep.documents += 1
-    rep.bytes += doc.size
-    rep.chars += chars
-    rep.invalid_utf8_replaced += int(doc.invalid_utf8)
+    _count(rep, doc, 0)
     return doc.size
 
 

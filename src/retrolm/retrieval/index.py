@@ -28,7 +28,6 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -121,6 +120,8 @@ def build_index(
     spec: IndexSpec, embeddings: np.ndarray, block_size: int = 65536, memory_budget: int = 4 << 30
 ):
     """Train (on evenly spaced rows, deterministic) and add every vector ``(N, d)`` in blocks."""
+    import faiss  # here, not at the top: building the CLI never loads it
+
     n, d = embeddings.shape
     if spec.kind == "autofaiss":
         return _build_autofaiss(embeddings[0:n], memory_budget)
@@ -172,6 +173,8 @@ def _build_autofaiss(embeddings: np.ndarray, memory_budget: int):
 
 def configure(index, spec: IndexSpec) -> None:
     """Apply the spec's search-time parameters to a built or loaded index."""
+    import faiss  # here, not at the top: building the CLI never loads it
+
     if spec.nprobe:
         faiss.extract_index_ivf(index).nprobe = spec.nprobe
     if spec.ef_search:
@@ -179,6 +182,8 @@ def configure(index, spec: IndexSpec) -> None:
 
 
 def save_index(index, path: Path) -> None:
+    import faiss  # here, not at the top: building the CLI never loads it
+
     with faiss_errors(
         f"write the index file {path}",
         "free disk space and rerun `retrolm db build` with the same arguments to resume",
@@ -187,6 +192,8 @@ def save_index(index, path: Path) -> None:
 
 
 def load_index(path: Path, spec: IndexSpec):
+    import faiss  # here, not at the top: building the CLI never loads it
+
     with faiss_errors(
         f"read the index file {path}",
         "the file is damaged or was written by another faiss; rebuild the database with "

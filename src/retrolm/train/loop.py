@@ -30,7 +30,8 @@ import torch
 from torch import Tensor, nn
 
 from retrolm.checkpoint import (
-    check_database,
+    check_data,
+    check_data_kind,
     database_identity,
     find_checkpoint,
     load_train_state,
@@ -38,7 +39,7 @@ from retrolm.checkpoint import (
     read_config,
     save_checkpoint,
 )
-from retrolm.data import RETRODataset
+from retrolm.data import RETRODataset, TextCorpus, TextData
 from retrolm.errors import IncompatibleError
 from retrolm.locking import LockedError, exclusive_lock
 from retrolm.models.registry import Batch, config_to_dict, get_family
@@ -47,6 +48,7 @@ from retrolm.train.config import RESUMABLE_CHANGES, TrainConfig, TrainResult
 from retrolm.train.metrics import Metrics
 from retrolm.train.optim import lr_at, param_groups
 from retrolm.train.precision import autocast, choose_precision
+from retrolm.train.text import open_text
 
 log = logging.getLogger(__name__)
 
@@ -113,20 +115,29 @@ def train(
     preset: str | None = None,
     device: str | torch.device | None = None,
 ) -> TrainResult:
-    """Train (or resume) a model on the sequences of retrieval database ``db``.
+    """Train (or resume) a model on the sequences of retrieval database ``db``, or (a
+    family without retrieval) on the windows of a text folder.
 
-    ``db``: a RetrievalDatabase or its directory. ``run_dir`` gets ``checkpoints/``,
+    ``db``: a RetrievalDatabase or its directory, or a ``TextData`` (no database: the run
+    keeps its tokenizer as ``RUN/tokenizer.json``). ``run_dir`` gets ``checkpoints/``,
     ``metrics.csv`` and ``loss.png``; if it already holds a checkpoint of the same
     settings, training resumes from the newest whole one. One process (or one job's
     ranks) at a time: another holding ``run_dir`` raises ``LockedError`` at once.
     """
     cfg = config or TrainConfig()
     run_dir = Path(run_dir)
-    if isinstance(db, (str, os.PathLike)):
+    fam = get_family(family)  # an unknown family fails before any set-up
+    if isinstance(db, TextData):
+        if fam.uses_retrieval:
+            raise ValueError(
+                f"model family {family!r} reads retrieval neighbours, so it trains on a "
+                "database, not a text folder: build one (retrolm db build) and pass --db DB"
+            )
+        db.documents()  # a bad folder fails before any set-up
+    elif isinstance(db, (str, os.PathLike)):
         from retrolm.retrieval import RetrievalDatabase
 
         db = RetrievalDatabase.open(db)
-    get_family(family)  # an unknown family fails before any set-up
     world, rank, local_rank = _dist_info()
     own_group = world > 1 and not torch.distributed.is_initialized()
     if own_group:
@@ -196,7 +207,7 @@ def _run_model_config(
                 f"{run_dir} holds a {meta['family']!r} run, not {family!r}; "
                 f"use --model {meta['family']} or another --out"
             )
-        check_database(meta.get("database"), db, run_dir, exact=True)
+        check_data(meta, db, run_dir)
         saved = TrainConfig.from_dict(meta["train_config"])
         for f in dataclasses.fields(TrainConfig):
             a, b = getattr(saved, f.name), getattr(cfg, f.name)
@@ -439,15 +450,21 @@ def _train(
     # ---- resume or start: from the newest whole checkpoint
     ckpt = find_checkpoint(run_dir)
     resume = ckpt is not None
-    db_id = database_identity(db)
+    if isinstance(db, TextData):
+        if resume:  # the run's kind of data before any tokenizer work
+            check_data_kind(read_config(ckpt), True, run_dir)
+        db = open_text(db, run_dir, resume, rank)
     model_cfg = _run_model_config(run_dir, ckpt, fam, db, cfg, model_config, preset)
 
     torch.manual_seed(cfg.seed)
     model = fam.build(model_cfg).to(device)
     seq_len = _seq_len(db, cfg, model_cfg)
-    ds = RETRODataset(
-        db, seq_len=seq_len, num_neighbours=cfg.num_neighbours if use_retrieval else 0
-    )
+    if isinstance(db, TextCorpus):
+        ds, data_id = db.dataset(seq_len), {"text": db.identity()}
+    else:
+        k = cfg.num_neighbours if use_retrieval else 0
+        ds = RETRODataset(db, seq_len=seq_len, num_neighbours=k)
+        data_id = {"database": database_identity(db)}
     order, val_idx, micro = _split(len(ds), cfg, rank, world)
 
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
@@ -474,7 +491,7 @@ def _train(
         "family": family,
         "model_config": config_to_dict(model_cfg),
         "train_config": cfg.to_dict(),
-        "database": db_id,
+        **data_id,
         "seq_len": seq_len,
     }
     run_dir.mkdir(parents=True, exist_ok=True)
