@@ -17,6 +17,7 @@ Shapes: b batch, n positions, m chunk size, L chunks, k neighbours, r = 2m, e/d 
 import math
 
 import torch
+from tests.tolerance import fp_tol
 
 from retrolm import RETRO, RetroConfig
 
@@ -27,7 +28,7 @@ V, M = 256, 4  # retro-tiny: vocab 256, chunk 4, neighbours 2m = 8
 # model agrees with a float64 oracle to fp32 precision: a tolerance of a few fp32 ulps of the
 # output's scale. A wrong position moves the output by ~20% of its norm (measured), 4 orders
 # of magnitude above it.
-TOL = 64 * torch.finfo(torch.float32).eps
+TOL = fp_tol(torch.float32, factor=64)["rtol"]
 
 
 def tiny(**kw) -> RETRO:
