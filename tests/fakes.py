@@ -4,12 +4,15 @@ They let the train/evaluate/generate pipeline be tested in isolation and in seco
 - ``TinyRetro``: a one-layer causal decoder with a KV cache whose "cross-attention"
   adds a projection of chunk u's mean neighbour embedding at positions
   u*m+m-1 ... u*m+2m-2 (the paper's CCA offsets), so retrieval timing errors show.
+- ``StreamingToy``: a model of a ``streaming`` family (Memorizing, Infini-attention): its
+  cache is a running memory of the whole past, so evaluation and generation stream.
 - ``FakeDatabase``: documents chunked within themselves, a byte tokenizer, brute-force
   search over token histograms, neighbour candidates excluding self and same document.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -18,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 
 @dataclass
@@ -189,4 +192,66 @@ def register_tiny() -> None:
         loss=retro_loss,
         default_preset="tiny",
         logits=retro_logits,
+    )
+
+
+@dataclass
+class StreamConfig:
+    """A toy model of a ``streaming`` family (its cache is a memory of the whole past)."""
+
+    num_tokens: int = 258
+    dim: int = 8
+    max_seq_len: int = 6
+    segment_len: int = 3
+    pad_id: int = 0
+
+
+class StreamingToy(nn.Module):
+    """Logits at t read token t and the mean embedding of every token up to t (the memory):
+    ``model(ids)`` of any length equals feeding it piece by piece through ``init_cache``."""
+
+    def __init__(self, config: StreamConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or StreamConfig()
+        self.emb = nn.Embedding(self.config.num_tokens, self.config.dim)
+        self.head = nn.Linear(2 * self.config.dim, self.config.num_tokens)
+        self.use_memory = True
+
+    def init_cache(self, batch: int) -> dict[str, Tensor]:
+        return {"sum": torch.zeros(batch, self.config.dim), "count": torch.zeros(())}
+
+    def forward(self, ids: Tensor, cache: dict[str, Tensor] | None = None) -> Tensor:
+        cache = cache if cache is not None else self.init_cache(ids.shape[0])
+        e = self.emb(ids)  # (b, n, d)
+        total = cache["sum"][:, None] + e.cumsum(1)
+        count = cache["count"] + torch.arange(1, ids.shape[1] + 1)
+        cache["sum"], cache["count"] = total[:, -1], count[-1]
+        mem = total / count[None, :, None] if self.use_memory else torch.zeros_like(e)
+        return self.head(torch.cat([e, mem], -1))
+
+
+def toy_memory_off(model: StreamingToy):
+    @contextlib.contextmanager
+    def off():
+        model.use_memory = False
+        try:
+            yield
+        finally:
+            model.use_memory = True
+
+    return off()
+
+
+def register_streaming_toy() -> None:
+    from retrolm.models.registry import FAMILIES, ModelFamily
+
+    FAMILIES["streaming-toy"] = ModelFamily(
+        name="streaming-toy",
+        config_cls=StreamConfig,
+        model_cls=StreamingToy,
+        streaming=True,
+        eval_variants=lambda model: {
+            "memory": lambda m: contextlib.nullcontext(),
+            "no_memory": toy_memory_off,
+        },
     )

@@ -19,6 +19,10 @@ leakage analysis (paper: 10).
 
 Every model family is scored the same way (``ModelFamily.logits``). Families without
 retrieval have m = 1 (windows of any length, no chunks) and one mode, ``no_retrieval``.
+A ``streaming`` family (its cache is a memory of the whole past: Memorizing Transformer,
+Infini-attention) is scored without windows: each document streams whole through one
+cache, ``segment_len`` tokens at a time, in each of the family's modes (``memory``,
+``no_memory``); every target is predicted from the whole document before it.
 """
 
 from __future__ import annotations
@@ -93,10 +97,10 @@ class EvalResult:
                 f"{mode:17s} {r['bits_per_byte']:10.4f} {r['perplexity']:10.2f} "
                 f"{int(r['tokens']):9d}"
             )
-        if "retrieval" in self.modes:
-            a, b = self.modes["retrieval"], self.modes["no_retrieval"]
-            gain = 1 - a["bits_per_byte"] / b["bits_per_byte"]
-            lines.append(f"retrieval lowers bits/byte by {100 * gain:.1f}%")
+        for on, off in (("retrieval", "no_retrieval"), ("memory", "no_memory")):
+            if on in self.modes and off in self.modes:
+                gain = 1 - self.modes[on]["bits_per_byte"] / self.modes[off]["bits_per_byte"]
+                lines.append(f"{on} lowers bits/byte by {100 * gain:.1f}%")
         if self.leakage:
             lines.append("")
             lines.append(
@@ -189,6 +193,8 @@ def evaluate(
     tok = tokenizer or getattr(db, "tokenizer", None)
     if tok is None:
         raise ValueError("evaluate needs the LM tokenizer: pass db= or tokenizer=")
+    if fam.streaming:
+        return _evaluate_streamed(fam, model, read_documents(text_dir, cfg.glob), tok, cfg)
     mcfg = model.config
     m, max_len = fam.chunk_size(mcfg), int(mcfg.max_seq_len)
     pad = int(getattr(mcfg, "pad_id", tok.pad_id))
@@ -341,6 +347,66 @@ def _score_document(
                 # target t sits at index t - w - 1 of the window's predictions
                 nll[mode][first:end] = tgt_nll[j, first - w - 1 : end - w - 1]
     return nll
+
+
+def _evaluate_streamed(
+    fam: ModelFamily, model: nn.Module, docs: list[tuple[Path, str]], tok: Any, cfg: EvalConfig
+) -> EvalResult:
+    """Score a streaming family: each document whole through one cache (module docstring).
+
+    Documents are batched ``cfg.batch_size`` at a time in order of length; a shorter one is
+    padded at its end, which (causal model) changes none of its scored positions."""
+    mcfg = model.config
+    piece = int(cfg.seq_len or getattr(mcfg, "segment_len", None) or mcfg.max_seq_len)
+    if piece < 1:
+        raise ValueError(f"seq_len must be >= 1 tokens per streamed piece, got {piece}")
+    pad = int(getattr(mcfg, "pad_id", tok.pad_id))
+    variants = fam.eval_variants(model)
+    modes = list(variants) or ["memory"]
+    encoded = []
+    for _path, text in docs:
+        ids = np.asarray(tok.encode(text) + [tok.eos_id], dtype=np.int64)
+        encoded.append(ids[: cfg.max_tokens] if cfg.max_tokens else ids)
+    device = next(model.parameters()).device
+    totals = dict.fromkeys(modes, 0.0)
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    from tqdm.auto import tqdm
+
+    was_training = model.training
+    model.eval()
+    try:
+        for g in tqdm(range(0, len(order), cfg.batch_size), desc="evaluate", disable=None):
+            group = [encoded[i] for i in order[g : g + cfg.batch_size]]
+            inp = torch.full((len(group), max(map(len, group))), pad, dtype=torch.long)
+            for j, ids in enumerate(group):
+                inp[j, : len(ids)] = torch.from_numpy(ids)
+            for mode in modes:
+                with variants[mode](model) if mode in variants else contextlib.nullcontext():
+                    nll = _stream_nll(fam, model, inp.to(device), piece)  # (g, L - 1)
+                totals[mode] += sum(
+                    float(nll[j, : len(ids) - 1].sum()) for j, ids in enumerate(group)
+                )
+    finally:
+        model.train(was_training)
+    num_tokens = sum(len(ids) - 1 for ids in encoded)
+    num_bytes = sum(len(tok.decode(ids[1:].tolist()).encode("utf-8")) for ids in encoded)
+    results = {mode: _summary(totals[mode], num_tokens, num_bytes) for mode in modes}
+    return EvalResult(results, [], len(docs), 0)
+
+
+def _stream_nll(fam: ModelFamily, model: nn.Module, inp: Tensor, piece: int) -> Tensor:
+    """(g, L - 1) NLL of each token of ``inp`` (g, L) but the first, fed ``piece`` tokens at
+    a time through one fresh cache."""
+    cache = fam.init_cache(model, inp.shape[0])
+    if cache is None:
+        raise ValueError(f"the streaming family {fam.name!r} returned no cache from init_cache")
+    out = []
+    for s in range(0, inp.shape[1] - 1, piece):
+        x = inp[:, s : min(s + piece, inp.shape[1] - 1)]
+        logp = F.log_softmax(fam.logits(model, x, cache).float(), dim=-1)  # (g, p, V)
+        tgt = inp[:, s + 1 : s + 1 + x.shape[1], None]
+        out.append(-logp.gather(-1, tgt).squeeze(-1).cpu())
+    return torch.cat(out, dim=1)
 
 
 def save_report(result: EvalResult, out_dir: str | os.PathLike, name: str = "eval") -> list[Path]:

@@ -97,7 +97,8 @@ def generate(
 
     ``retriever``: a database (``search_tokens`` + ``retrieved_tokens``); None samples
     without retrieval (RETRO[OFF]). Stops when every row has produced ``eos_id`` or the
-    sequence reaches the model's ``max_seq_len``. ``seed`` makes sampling reproducible;
+    sequence reaches the model's ``max_seq_len`` (a ``streaming`` family, whose cache is a
+    memory of the whole past, has no such cap). ``seed`` makes sampling reproducible;
     ``temperature`` 0 is greedy. ``use_cache=False`` reruns the whole prefix at each step
     (the reference the cached path is tested against). ``family``: the model family's name
     (default: looked up from the model's class); only retrieval families take a retriever.
@@ -116,7 +117,8 @@ def generate(
     device = next(model.parameters()).device
     seq = _as_batch(prompt_ids).to(device)
     b, prompt_len = seq.shape
-    max_new_tokens = _new_tokens(prompt_len, max_new_tokens, max_len)
+    # a streaming family's cache is a memory of the whole past: no length cap
+    max_new_tokens = _new_tokens(prompt_len, max_new_tokens, None if fam.streaming else max_len)
     if prefill_dtype is not None:
         prefill_dtype = as_float_dtype(prefill_dtype)
     k = num_neighbours or getattr(retriever, "num_neighbours", None) or 2
@@ -174,15 +176,18 @@ def generate(
     return GenerationResult(seq, prompt_len, found.retrievals if found is not None else [])
 
 
-def _new_tokens(prompt_len: int, max_new_tokens: int, max_len: int) -> int:
-    """How many tokens to generate: ``max_new_tokens``, cut at the model's ``max_len``."""
+def _new_tokens(prompt_len: int, max_new_tokens: int, max_len: int | None) -> int:
+    """How many tokens to generate: ``max_new_tokens``, cut at the model's ``max_len``
+    (None: no cap)."""
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if max_len is None:
+        return max_new_tokens
     if prompt_len > max_len:
         raise ValueError(
             f"the prompt has {prompt_len} tokens but the model's max_seq_len is {max_len}; "
             f"shorten the prompt (e.g. keep its last {max_len - 1} tokens)"
         )
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if prompt_len + max_new_tokens > max_len:
         log.warning(
             "stopping at max_seq_len %d (%d new tokens instead of %d)",

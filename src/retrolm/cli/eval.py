@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     )
     out = Path(args.out) if args.out else run_of(ckpt) / "eval"
     paths = save_report(res, out)
-    tokens = res.modes["no_retrieval"]["tokens"]
+    tokens = next(iter(res.modes.values()))["tokens"]
     scored = f"{res.chunks} chunks" if res.chunks else f"{tokens} tokens"
     print(f"{meta['family']} model, {res.documents} documents, {scored} from {args.text}")
     print(res.table())

@@ -129,7 +129,13 @@ class ModelFamily:
     """``(model, batch_size) -> cache or None``; None: generation reruns the whole prefix."""
     eval_variants: Callable[[nn.Module], dict[str, Callable[[nn.Module], Any]]] = no_eval_variants
     """``model -> {mode: context(model)}``: retrieval modes evaluation scores beside
-    ``retrieval``, each run inside its context (RETRO's copy head switched off)."""
+    ``retrieval``, each run inside its context (RETRO's copy head switched off). For a
+    ``streaming`` family: every mode it is scored in (``memory``, ``no_memory``)."""
+    streaming: bool = False
+    """The model's cache is a memory of the whole past (Memorizing Transformer,
+    Infini-attention): ``logits(model, ids, cache)`` takes any number of new ids, so
+    evaluation streams each document whole through one cache (no sliding windows) and
+    generation is not capped by ``max_seq_len``; ``model(ids)`` of any length equals it."""
 
     def __post_init__(self) -> None:
         if self.uses_retrieval and self.logits is plain_logits:
