@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from retrolm.cli import describe_os_error, main
-from retrolm.config import check_fields
+from retrolm.config import check_fields, require_positive_ints
 from tests.retrieval.conftest import TINY_DB, make_tiny_encoder, write_corpus
 from tests.test_cli import MODEL
 
@@ -105,6 +105,16 @@ def test_check_fields_follows_the_annotations():
         cls = fam.config_class()
         for name in getattr(cls, "presets", {}):
             check_fields(cls, config_to_dict(cls.from_name(name)), name)
+
+
+@pytest.mark.parametrize("value", [0, -3, 2.0, True, "4", None])
+def test_require_positive_ints_names_the_field_and_value(value):
+    from types import SimpleNamespace
+
+    obj = SimpleNamespace(depth=4, width=value)
+    require_positive_ints(obj, ("depth",))  # fine
+    with pytest.raises(ValueError, match=rf"^width={value!r} must be a positive int$"):
+        require_positive_ints(obj, ("depth", "width"))
 
 
 def _full_disk_errors():

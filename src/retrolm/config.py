@@ -48,6 +48,15 @@ class ConfigBase:
         return cls.from_dict({**cls.presets[name], **overrides})
 
 
+def require_positive_ints(obj: Any, names: typing.Iterable[str]) -> None:
+    """Refuse, as one ``ValueError`` naming the field and its value, any of ``names`` on
+    ``obj`` that is not an int >= 1 (the size checks every config repeats)."""
+    for name in names:
+        value = getattr(obj, name)
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{name}={value!r} must be a positive int")
+
+
 def dataclass_from_dict(
     cls: type[T],
     d: dict[str, Any],

@@ -86,7 +86,7 @@ INVALID = [
     (dict(hierarchies=1, window_sizes=None, hierarchy_merge_all=True), r"at least two"),
     (dict(hierarchies=1, window_sizes=None, predict_use_all_hierarchy=True), r"at least two"),
     (dict(recon_loss_weight=-0.1), r"recon_loss_weight must be >= 0, got -0.1"),
-    (dict(depth=0), r"depth must be a positive int, got 0"),
+    (dict(depth=0), r"depth=0 must be a positive int"),
     (dict(ff_mult=0), r"ff_mult must be > 0"),
 ]
 

@@ -176,11 +176,11 @@ def test_opening_rules(built_db, other_encoder, tiny_encoder, tmp_path):
         (dict(pooling="max"), "pooling='max' is not one of"),
         (dict(index="annoy"), "index='annoy' is not one of"),
         (dict(memory_budget="lots"), "memory budget 'lots' is not a size"),
-        (dict(neighbours=0), "neighbours=0 must be a positive integer"),
+        (dict(neighbours=0), "neighbours=0 must be a positive int"),
         (dict(extra_neighbours=-1), "extra_neighbours=-1 must be >= 0"),
         (dict(vocab_size=10), "vocab_size=10 is too small"),
         (dict(embed_dtype="int8"), "embed_dtype='int8' is not one of"),
-        (dict(workers=0), "workers=0 must be a positive integer"),
+        (dict(workers=0), "workers=0 must be a positive int"),
     ],
 )
 def test_config_validation(kwargs, message):

@@ -247,6 +247,8 @@ def get_family(name: str) -> ModelFamily:
         ) from None
 
 
+# The built-in families, one entry each: alike in shape by design (each names its own
+# classes and hooks by import path), not code to share.
 register_family(
     ModelFamily(
         name="retro",

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from retrolm.config import require_positive_ints
 from retrolm.errors import DatabaseError, IncompatibleError
 from retrolm.locking import LOCK_FILE, exclusive_lock
 from retrolm.retrieval import chunking, inputs
@@ -96,17 +97,18 @@ class BuildConfig:
     """Chunks per resumable block in the embed and neighbour stages."""
 
     def __post_init__(self):
-        for name in (
-            "chunk_size",
-            "seq_len",
-            "encoder_max_length",
-            "batch_size",
-            "neighbours",
-            "workers",
-            "block_size",
-        ):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)!r} must be a positive integer")
+        require_positive_ints(
+            self,
+            (
+                "chunk_size",
+                "seq_len",
+                "encoder_max_length",
+                "batch_size",
+                "neighbours",
+                "workers",
+                "block_size",
+            ),
+        )
         if self.extra_neighbours < 0:
             raise ValueError(f"extra_neighbours={self.extra_neighbours} must be >= 0")
         if self.seq_len % self.chunk_size:

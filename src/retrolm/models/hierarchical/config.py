@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from retrolm.config import ConfigBase
+from retrolm.config import ConfigBase, require_positive_ints
 from retrolm.utils import is_power_of_two
 
 PerHierarchy = Any  # a scalar, or a tuple with one value per hierarchy
@@ -115,9 +115,7 @@ class HierarchicalConfig(ConfigBase):
 
     def _validate(self) -> None:
         hs = self.hierarchies
-        for name in ("num_tokens", "depth", "seq_len"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+        require_positive_ints(self, ("num_tokens", "depth", "seq_len"))
         for name in ("dim", "dim_head", "heads"):
             if any(not isinstance(v, int) or v < 1 for v in getattr(self, name)):
                 raise ValueError(f"{name} must be positive ints, got {getattr(self, name)}")

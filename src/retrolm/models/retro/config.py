@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from retrolm.config import ConfigBase
+from retrolm.config import ConfigBase, require_positive_ints
 from retrolm.nn.norms import NORMS
 
 
@@ -101,19 +101,20 @@ class RetroConfig(ConfigBase):
         self.enc_cross_attn_layers = _layers(
             "enc_cross_attn_layers", self.enc_cross_attn_layers, self.enc_depth, allow_empty=True
         )
-        for name in (
-            "num_tokens",
-            "chunk_size",
-            "max_seq_len",
-            "dec_dim",
-            "dec_depth",
-            "enc_dim",
-            "enc_depth",
-            "heads",
-            "dim_head",
-        ):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        require_positive_ints(
+            self,
+            (
+                "num_tokens",
+                "chunk_size",
+                "max_seq_len",
+                "dec_dim",
+                "dec_depth",
+                "enc_dim",
+                "enc_depth",
+                "heads",
+                "dim_head",
+            ),
+        )
         if self.max_seq_len % self.chunk_size:
             raise ValueError(
                 f"max_seq_len ({self.max_seq_len}) must be a multiple of chunk_size "
@@ -160,9 +161,24 @@ def _layers(name: str, layers, depth: int, allow_empty: bool = False) -> tuple[i
     return tuple(sorted(layers))
 
 
+# the demo on 2 CPU cores
+_SMALL = dict(
+    num_tokens=8192,
+    chunk_size=64,
+    max_seq_len=512,
+    dec_dim=256,
+    dec_depth=6,
+    dec_cross_attn_layers=(3, 6),
+    enc_dim=256,
+    enc_depth=2,
+    heads=4,
+    dim_head=64,
+)
+
 PRESETS: dict[str, dict[str, Any]] = {
     # unit tests: tiny and fast
     "retro-tiny": dict(
+        _SMALL,
         num_tokens=256,
         chunk_size=4,
         max_seq_len=32,
@@ -170,23 +186,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         dec_depth=3,
         dec_cross_attn_layers=(2, 3),
         enc_dim=32,
-        enc_depth=2,
         heads=2,
         dim_head=16,
-    ),
-    # the demo on 2 CPU cores
-    "retro-small": dict(
-        num_tokens=8192,
-        chunk_size=64,
-        max_seq_len=512,
-        dec_dim=256,
-        dec_depth=6,
-        dec_cross_attn_layers=(3, 6),
-        enc_dim=256,
-        enc_depth=2,
-        heads=4,
-        dim_head=64,
-    ),
+    ),  # fmt: skip
+    "retro-small": _SMALL,
     # `retrolm demo` (num_tokens from the database's tokenizer): with the neighbour copy head
     # (not in the paper; copy_head.py): paper RETRO does not learn to read misaligned
     # parallels in the demo's budget (~0% gain, benchmarks/history/demo.md)
@@ -201,20 +204,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         heads=4,
         dim_head=32,
         copy_head=True,
-    ),
+    ),  # fmt: skip
     # the benchmark configuration (issue 2): dec 256x6, enc 256x2, CCA (3, 6)
-    "retro-bench": dict(
-        num_tokens=28996,
-        chunk_size=64,
-        max_seq_len=2048,
-        dec_dim=256,
-        dec_depth=6,
-        dec_cross_attn_layers=(3, 6),
-        enc_dim=256,
-        enc_depth=2,
-        heads=4,
-        dim_head=64,
-    ),
+    "retro-bench": dict(_SMALL, num_tokens=28996, max_seq_len=2048),
     # the paper's smallest model (172M with retrieval; Table 2 / Table 10)
     "retro-172m": dict(
         num_tokens=128000,
@@ -226,7 +218,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         enc_depth=2,
         heads=16,
         dim_head=64,
-    ),
+    ),  # fmt: skip
 }
 
 

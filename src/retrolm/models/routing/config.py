@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from retrolm.config import ConfigBase
+from retrolm.config import ConfigBase, require_positive_ints
 
 ROUTING_MODES = ("auto", "sorted", "balanced")
 
@@ -108,10 +108,9 @@ class RoutingConfig(ConfigBase):
     """Unused; reserved so configs from newer versions still load (must stay empty)."""
 
     def __post_init__(self) -> None:
-        for name in ("dim", "depth", "max_seq_len", "heads", "window_size", "ff_chunks"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        require_positive_ints(
+            self, ("dim", "depth", "max_seq_len", "heads", "window_size", "ff_chunks")
+        )
         if self.max_seq_len % self.window_size:
             raise ValueError(
                 f"max_seq_len ({self.max_seq_len}) must be divisible by window_size "
@@ -207,40 +206,25 @@ class RoutingConfig(ConfigBase):
     # --- (de)serialisation and presets ---------------------------------------------------
 
 
+# the config of the side-by-side benchmark (shared/bench/bench_routing.py)
+_BENCH = dict(
+    num_tokens=256,
+    dim=256,
+    depth=4,
+    heads=4,
+    max_seq_len=4096,
+    window_size=128,
+    n_local_attn_heads=2,
+    causal=True,
+)
+
 PRESETS: dict[str, dict[str, Any]] = {
     # unit tests and smoke runs
-    "routing-tiny": dict(
-        num_tokens=256,
-        dim=64,
-        depth=2,
-        heads=4,
-        dim_head=16,
-        max_seq_len=256,
-        window_size=32,
-        n_local_attn_heads=2,
-        causal=True,
-    ),
-    # the config of the side-by-side benchmark (shared/bench/bench_routing.py)
-    "routing-bench": dict(
-        num_tokens=256,
-        dim=256,
-        depth=4,
-        heads=4,
-        max_seq_len=4096,
-        window_size=128,
-        n_local_attn_heads=2,
-        causal=True,
-    ),
+    "routing-tiny": dict(_BENCH, dim=64, depth=2, dim_head=16, max_seq_len=256, window_size=32),
+    "routing-bench": _BENCH,
     # the paper's enwik8 configuration (12 layers, 4 routed + 4 local heads, 16 x 512)
     "routing-enwik8": dict(
-        num_tokens=256,
-        dim=512,
-        depth=12,
-        heads=8,
-        max_seq_len=8192,
-        window_size=512,
-        n_local_attn_heads=4,
-        causal=True,
+        _BENCH, dim=512, depth=12, heads=8, max_seq_len=8192, window_size=512, n_local_attn_heads=4
     ),
 }
 
