@@ -8,7 +8,9 @@ Every ``import`` of every module under ``src/retrolm`` counts, function-local on
 * ``retrolm.models`` imports nothing of the pipeline (trainer, sampler driver, evaluation,
   checkpoints, CLI, seed API);
 * ``retrolm.retrieval`` imports no model and nothing of the pipeline;
-* only ``retrolm.cli`` calls ``print``: library code logs.
+* only ``retrolm.cli`` calls ``print``: library code logs;
+* rooms a reader can take in: no source file over 600 lines, no function body (its
+  docstring aside) over 80.
 """
 
 from __future__ import annotations
@@ -141,6 +143,34 @@ def print_calls(src: Path = SRC) -> list[str]:
     return out
 
 
+MAX_FILE_LINES, MAX_FUNCTION_LINES = 600, 80
+
+
+def oversized(root: Path = SRC) -> list[str]:
+    """Source files over MAX_FILE_LINES and functions whose body (docstring aside) runs over
+    MAX_FUNCTION_LINES, as ``path:line name (n lines)``."""
+    out = []
+    for path in sorted((root / "retrolm").rglob("*.py")):
+        text = path.read_text()
+        rel = path.relative_to(root)
+        if len(text.splitlines()) > MAX_FILE_LINES:
+            out.append(f"{rel} ({len(text.splitlines())} lines)")
+        for node in ast.walk(ast.parse(text)):
+            if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            body = node.body
+            if ast.get_docstring(node) is not None and len(body) > 1:
+                body = body[1:]
+            size = node.end_lineno - body[0].lineno + 1
+            if size > MAX_FUNCTION_LINES:
+                out.append(f"{rel}:{node.lineno} {node.name} ({size} lines)")
+    return out
+
+
+def test_files_and_functions_stay_readable():
+    assert oversized() == []
+
+
 def test_the_graph_sees_the_package():
     graph = import_graph()
     assert "retrolm.models.registry" in graph and "retrolm.nn.attention" in graph
@@ -170,6 +200,8 @@ def test_only_the_cli_prints():
         ("retrolm/retrieval/index.py", "from retrolm.models.retro import RETRO\n", "arrow"),
         ("retrolm/utils.py", "from retrolm.models.registry import FAMILIES\n", "cycle"),
         ("retrolm/sampling.py", "def _f():\n    print('hi')\n", "print"),
+        ("retrolm/utils.py", "def _f():\n" + "    x = 1\n" * 81, "size"),
+        ("retrolm/utils.py", "x = 1\n" * 600, "size"),
     ],
 )
 def test_a_planted_violation_is_caught(tmp_path, module, line, expect):
@@ -188,5 +220,6 @@ def test_a_planted_violation_is_caught(tmp_path, module, line, expect):
         "arrow": bool(layer_violations(graph)),
         "cycle": find_cycle(graph) is not None,
         "print": bool(print_calls(src)),
+        "size": bool(oversized(src)),
     }
     assert found[expect], (module, line)
