@@ -117,6 +117,19 @@ def test_require_positive_ints_names_the_field_and_value(value):
         require_positive_ints(obj, ("depth", "width"))
 
 
+def test_config_resolve_keywords_override_a_config():
+    from retrolm.models.retro.config import RetroConfig
+
+    base = RetroConfig.from_name("retro-tiny")
+    assert RetroConfig.resolve(base, {}) is base
+    assert RetroConfig.resolve(base, {"dec_depth": 4}).dec_depth == 4
+    assert RetroConfig.resolve(None, {"dec_depth": 5, "dec_cross_attn_layers": (5,)}).dec_depth == 5
+    with pytest.raises(ValueError, match="heads=0 must be a positive int"):
+        RetroConfig.resolve(base, {"heads": 0})  # the replaced config is checked again
+    with pytest.raises(ValueError, match="config must be a RetroConfig, got dict"):
+        RetroConfig.resolve({"dec_depth": 2}, {})
+
+
 def _full_disk_errors():
     from safetensors import SafetensorError
 

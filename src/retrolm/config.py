@@ -40,6 +40,16 @@ class ConfigBase:
         return dataclass_from_dict(cls, d, lists_to_tuples=True)
 
     @classmethod
+    def resolve(cls: type[C], config: C | None, overrides: dict[str, Any]) -> C:
+        """What a model built as ``Model(config=None, **kwargs)`` runs with: ``cls(**kwargs)``
+        without a config, else ``config`` with ``kwargs`` replaced (checked again)."""
+        if config is None:
+            return cls(**overrides)
+        if not isinstance(config, cls):
+            raise ValueError(f"config must be a {cls.__name__}, got {type(config).__name__}")
+        return dataclasses.replace(config, **overrides) if overrides else config
+
+    @classmethod
     def from_name(cls: type[C], name: str, **overrides: Any) -> C:
         if name not in cls.presets:
             raise ValueError(

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -221,11 +220,7 @@ class HierarchicalTransformer(nn.Module):
 
     def __init__(self, config: HierarchicalConfig | None = None, **kwargs) -> None:
         super().__init__()
-        if config is None:
-            config = HierarchicalConfig(**kwargs)
-        elif kwargs:
-            config = replace(config, **kwargs)
-        self.config = cfg = config
+        self.config = cfg = HierarchicalConfig.resolve(config, kwargs)
         self.max_seq_len = cfg.seq_len
         dims, hs, strides = cfg.dim, cfg.hierarchies, cfg.hierarchical_stride
         emb_dim, pi = max(dims), cfg.predict_index

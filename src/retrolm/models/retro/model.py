@@ -218,17 +218,12 @@ class DecoderLayer(nn.Module):
 
 
 class RETRO(nn.Module):
-    """The RETRO language model. Accepts the seed API's keyword arguments or a ``config``."""
+    """The RETRO language model. Accepts the seed API's keyword arguments, a ``config``, or
+    both (the keywords override the config's fields)."""
 
     def __init__(self, config: RetroConfig | None = None, **kwargs) -> None:
         super().__init__()
-        if config is None:
-            config = RetroConfig(**kwargs)
-        elif kwargs:
-            raise ValueError(
-                f"pass either a config or keyword arguments, not both: {sorted(kwargs)}"
-            )
-        self.config = c = config
+        self.config = c = RetroConfig.resolve(config, kwargs)
         self.max_seq_len = c.max_seq_len
         self.cca_layers = c.dec_cross_attn_layers
         enc_dn, dec_dn = deepnet_constants(c.enc_depth, c.dec_depth)
