@@ -75,7 +75,19 @@ def test_with_retrieval_side_by_side_and_leakage(held_out, tmp_path):
     assert fractions == sorted(fractions) and fractions[0] < 1.0  # "short one" is retrievable
     assert "retrieval lowers bits/byte by" in res.table()
     paths = save_report(res, tmp_path / "out")
-    assert [p.name for p in paths] == ["eval.json", "eval_leakage.png"]
+    assert [p.name for p in paths] == ["eval.json", "eval.csv", "eval.md", "eval_leakage.png"]
+    import csv
+
+    with open(paths[1]) as f:
+        rows = list(csv.DictReader(f))
+    assert [r["mode"] for r in rows] == ["retrieval", "no_retrieval"]
+    for r in rows:
+        assert float(r["bits_per_byte"]) == pytest.approx(res.modes[r["mode"]]["bits_per_byte"])
+    md = paths[2].read_text().splitlines()
+    assert md[0] == "| mode | bits/byte | token perplexity | tokens |"
+    assert md[2].startswith(f"| retrieval | {a['bits_per_byte']:.4f} |")
+    assert md[3].startswith(f"| no_retrieval | {b['bits_per_byte']:.4f} |")
+    assert f"| 1.000 | 100.0% | {last['retrieval']:.4f} |" in paths[2].read_text()
 
 
 @pytest.mark.parametrize("retrieval", [True, False])

@@ -94,6 +94,42 @@ def test_no_retrieval_trains_the_same_decoder_without_neighbours(tmp_path, monke
     assert seen and not any(seen)
 
 
+def test_validation_is_also_logged_with_retrieval_off_and_plotted(tmp_path, monkeypatch):
+    """A retrieval run logs val_loss (neighbours read) and val_loss_no_retrieval (none), each
+    the loss of the held-back sequences read that way; the option and a run without
+    retrieval log only the first."""
+    from retrolm.models.retro.family import retro_loss
+    from retrolm.train import metrics as metrics_mod
+
+    plotted = []
+    monkeypatch.setattr(metrics_mod, "save_figure", lambda fig, path: plotted.append(fig))
+    train(db(), tmp_path / "a", small_cfg(steps=3, plot=True), family="tiny")
+    with open(tmp_path / "a" / "metrics.csv") as f:
+        row = list(csv.DictReader(f))[-1]
+    model, _ = load_model(tmp_path / "a")
+    # the oracle: the last validation sequences' loss, each way, at the saved weights
+    from retrolm.data import RETRODataset
+    from retrolm.train.batches import collate
+
+    ds = RETRODataset(db(), seq_len=16, num_neighbours=2)
+    n_val = min(4, len(ds) // 10)  # small_cfg's val_sequences, at most a tenth
+    items = [ds[i] for i in range(len(ds) - n_val, len(ds))]
+    with torch.no_grad():
+        model.eval()
+        on = float(retro_loss(model, collate(items, True)))
+        off = float(retro_loss(model, collate(items, False)))
+    assert float(row["val_loss"]) == pytest.approx(on, abs=1e-5)
+    assert float(row["val_loss_no_retrieval"]) == pytest.approx(off, abs=1e-5)
+    assert on != pytest.approx(off, abs=1e-4)
+    labels = [line.get_label() for line in plotted[-1].axes[0].lines]
+    assert labels == ["train loss", "validation loss", "validation, retrieval off"]
+    for run, kw in (("b", dict(val_without_retrieval=False)), ("c", dict(retrieval=False))):
+        train(db(), tmp_path / run, small_cfg(steps=3, **kw), family="tiny")
+        with open(tmp_path / run / "metrics.csv") as f:
+            row = list(csv.DictReader(f))[-1]
+        assert row["val_loss"] and not row["val_loss_no_retrieval"]
+
+
 def test_grad_accumulation_sees_the_same_batch(tmp_path):
     train(db(), tmp_path / "a", small_cfg(steps=1, eval_every=0), family="tiny")
     train(db(), tmp_path / "b", small_cfg(steps=1, eval_every=0, grad_accum=2), family="tiny")
@@ -174,8 +210,9 @@ def test_a_run_killed_inside_a_save_resumes_from_the_newest_whole_checkpoint(
 
 
 def test_resume_after_sigkill_equals_uninterrupted(tmp_path, full_run):
-    # killed during step 7 (after the step-6 checkpoint), in the middle of a step
-    killed = run_script(tmp_path / "cut", "8", "8")
+    # killed during step 7 (after the step-6 checkpoint), in the middle of a step: the 9th
+    # loss call (steps 1-6, and the validation at step 4 with and without retrieval)
+    killed = run_script(tmp_path / "cut", "8", "9")
     assert killed.returncode == -9
     state = torch.load(resolve_checkpoint(tmp_path / "cut") / "train_state.pt", weights_only=True)
     assert state["step"] == 6
@@ -406,7 +443,7 @@ def test_metrics_rewrite_on_resume_is_atomic(tmp_path, monkeypatch):
     from retrolm.train import Metrics
 
     header = ",".join(Metrics.COLUMNS)
-    rows = [f"{s},{5 - s / 10:.6f},,1.000e-03,0.5,100.0,{s}.00" for s in range(1, 5)]
+    rows = [f"{s},{5 - s / 10:.6f},,1.000e-03,0.5,100.0,{s}.00," for s in range(1, 5)]
     before = "\n".join([header, *rows, "1"]) + "\n"  # a kill cut step 10's row after "1"
     (tmp_path / "metrics.csv").write_text(before)
 

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from retrolm.models.registry import ModelFamily, check_no_retrieval, family_of
-from retrolm.utils import save_figure, write_json
+from retrolm.utils import atomic_path, save_figure, write_json
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +112,27 @@ class EvalResult:
                 vals = "".join(f" {_cell(row.get(m, math.nan)):>17s}" for m in self.modes)
                 lines.append(f"{row['alpha']:6.3f} {row['fraction']:7.1%}{vals}")
         return "\n".join(lines)
+
+    def markdown(self) -> str:
+        """The table as Markdown: one row per mode, then the leakage curve where there is one
+        (what a model card or a README quotes)."""
+        lines = ["| mode | bits/byte | token perplexity | tokens |", "|---|---:|---:|---:|"]
+        for mode, r in self.modes.items():
+            lines.append(
+                f"| {mode} | {r['bits_per_byte']:.4f} | {r['perplexity']:.2f} "
+                f"| {int(r['tokens'])} |"
+            )
+        if self.leakage:
+            lines += ["", "| alpha | chunks | " + " | ".join(self.modes) + " |"]
+            lines.append("|---:|---:|" + "---:|" * len(self.modes))
+            for row in self.leakage:
+                cells = " | ".join(_cell(row.get(m, math.nan)) for m in self.modes)
+                lines.append(f"| {row['alpha']:.3f} | {row['fraction']:.1%} | {cells} |")
+        return "\n".join(lines) + "\n"
+
+    def csv_rows(self) -> list[dict[str, Any]]:
+        """One row per mode: mode, bits_per_byte, perplexity, nll_per_token, tokens, bytes."""
+        return [{"mode": mode, **r} for mode, r in self.modes.items()]
 
 
 def _cell(bpb: float) -> str:
@@ -410,11 +431,21 @@ def _stream_nll(fam: ModelFamily, model: nn.Module, inp: Tensor, piece: int) -> 
 
 
 def save_report(result: EvalResult, out_dir: str | os.PathLike, name: str = "eval") -> list[Path]:
-    """Write ``name.json`` and, with matplotlib, ``name_leakage.png``; returns the paths."""
+    """Write ``name.json``, the table as ``name.csv`` and ``name.md`` and, with matplotlib,
+    ``name_leakage.png``; returns the paths."""
+    import csv
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = [out / f"{name}.json"]
+    paths = [out / f"{name}.json", out / f"{name}.csv", out / f"{name}.md"]
     write_json(paths[0], result.to_dict())  # empty leakage bins: null, not NaN
+    rows = result.csv_rows()
+    with atomic_path(paths[1]) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    with atomic_path(paths[2]) as tmp:
+        Path(tmp).write_text(result.markdown())
     if result.leakage:
         try:
             import matplotlib

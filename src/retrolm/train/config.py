@@ -50,6 +50,9 @@ class TrainConfig:
     """Batches of held-back sequences per validation."""
     val_sequences: int = 16
     """Database sequences held back from training for the validation loss."""
+    val_without_retrieval: bool = True
+    """A retrieval model also logs its validation loss with retrieval off
+    (``val_loss_no_retrieval``), so the gap retrieval makes shows over training."""
     save_every: int = 100
     """Checkpoint every this many steps (and at the end)."""
     seed: int = 0
@@ -112,6 +115,7 @@ RESUMABLE_CHANGES = {
     "eval_every",
     "save_every",
     "eval_batches",
+    "val_without_retrieval",
     "num_threads",
     "prefetch",
     "plot",

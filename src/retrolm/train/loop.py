@@ -304,12 +304,13 @@ def _report(
     metrics: Metrics, bar: Any, row: dict[str, Any], elapsed: float, steps: int, is_main: bool
 ) -> None:
     """One step's metrics row, progress bar and (every tenth of the run) log line."""
-    step, total, val, gnorm, tps = row["step"], row["loss"], row["val"], row["gnorm"], row["tps"]
+    step, total, vals, gnorm, tps = row["step"], row["loss"], row["vals"], row["gnorm"], row["tps"]
+    val = vals.get("val_loss")
     metrics.add(
         {
             "step": step,
             "loss": f"{total:.6f}",
-            "val_loss": "" if val is None else f"{val:.6f}",
+            **{k: "" if vals.get(k) is None else f"{vals[k]:.6f}" for k in Metrics.VAL_COLUMNS},
             "lr": f"{row['lr']:.3e}",
             "grad_norm": "" if gnorm is None else f"{float(gnorm):.4f}",
             "tokens_per_s": f"{tps:.1f}",
@@ -322,7 +323,7 @@ def _report(
             step,
             steps,
             total,
-            "" if val is None else f" val {val:.4f}",
+            "".join(f" {k.replace('_loss', '')} {v:.4f}" for k, v in vals.items()),
             tps,
         )
     bar.update(1)
@@ -365,7 +366,8 @@ def _validate(
     use_retrieval: bool,
     device: torch.device,
 ) -> float | None:
-    """Mean loss over (up to ``cfg.eval_batches``) micro-batches of the validation set."""
+    """Mean loss over (up to ``cfg.eval_batches``) micro-batches of the validation set,
+    read with neighbours when ``use_retrieval``."""
     if not val_idx:
         return None
     model.eval()
@@ -500,8 +502,15 @@ def _train(
         cfg, run_dir, model, ddp_model, opt, loss_fn, precision, device, rank, world, meta, metrics
     )
 
-    def validate() -> float | None:
-        return _validate(model, loss_fn, ds, val_idx, micro, cfg, precision, use_retrieval, device)
+    def validate() -> dict[str, float] | None:
+        def val(retrieve: bool) -> float | None:
+            return _validate(model, loss_fn, ds, val_idx, micro, cfg, precision, retrieve, device)
+
+        loss = val(use_retrieval)
+        if loss is None:
+            return None
+        both = use_retrieval and cfg.val_without_retrieval
+        return {"val_loss": loss, **({"val_loss_no_retrieval": val(False)} if both else {})}
 
     model.train()
     stream = itertools.chain([first], data)  # the batch timed for `auto` is trained on
@@ -534,7 +543,7 @@ class _Run:
 def _loop(
     run: _Run,
     stream: Iterator[Batch],
-    validate: Callable[[], float | None],
+    validate: Callable[[], dict[str, float] | None],
     step: int,
     position: int,
     last: int,
@@ -571,10 +580,10 @@ def _loop(
             dt = time.perf_counter() - t0
             tps = tokens_per_step / dt
             last_loss = total
-            val = validate() if cfg.eval_every and step % cfg.eval_every == 0 else None
-            if val is not None:
-                last_val = val
-            row = dict(step=step, loss=total, val=val, lr=lr, gnorm=gnorm, tps=tps)
+            vals = validate() if cfg.eval_every and step % cfg.eval_every == 0 else None
+            if vals is not None:
+                last_val = vals["val_loss"]
+            row = dict(step=step, loss=total, vals=vals or {}, lr=lr, gnorm=gnorm, tps=tps)
             _report(run.metrics, bar, row, time.perf_counter() - t_start, cfg.steps, is_main)
             if _out_of_time(deadline, run.world, run.device):
                 log.info("time limit of %.1f min reached at step %d", cfg.max_minutes, step)

@@ -12,7 +12,19 @@ from retrolm.utils import atomic_path, save_figure
 class Metrics:
     """metrics.csv (+ TensorBoard if installed) on rank 0; rows past ``resume_step`` dropped."""
 
-    COLUMNS = ["step", "loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s"]
+    # new columns go last: files of older runs keep their order when a run resumes
+    COLUMNS = [
+        "step",
+        "loss",
+        "val_loss",
+        "lr",
+        "grad_norm",
+        "tokens_per_s",
+        "elapsed_s",
+        "val_loss_no_retrieval",
+    ]
+    VAL_COLUMNS = ("val_loss", "val_loss_no_retrieval")
+    LABELS = {"val_loss": "validation loss", "val_loss_no_retrieval": "validation, retrieval off"}
 
     def __init__(self, run_dir: Path, resume_step: int, enabled: bool):
         self.enabled = enabled
@@ -66,11 +78,12 @@ class Metrics:
             return
         steps = [int(r["step"]) for r in self.rows]
         loss = [float(r["loss"]) for r in self.rows]
-        val = [(int(r["step"]), float(r["val_loss"])) for r in self.rows if r.get("val_loss")]
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot(steps, loss, lw=0.8, alpha=0.7, label="train loss")
-        if val:
-            ax.plot(*zip(*val), "o-", label="validation loss")
+        for column in self.VAL_COLUMNS:  # validation beside training; retrieval off beside on
+            val = [(int(r["step"]), float(r[column])) for r in self.rows if r.get(column)]
+            if val:
+                ax.plot(*zip(*val), "o-", ms=3, label=self.LABELS[column])
         ax.set_xlabel("step")
         ax.set_ylabel("cross-entropy (nats/token)")
         ax.legend()
