@@ -1,12 +1,16 @@
 """End to end through the CLI on a real (tiny) database: train, resume, eval, generate, errors."""
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 
 from retrolm.checkpoint import resolve_checkpoint
 from retrolm.cli import main
 from tests.retrieval.conftest import TINY_DB, make_tiny_encoder, write_corpus
+
+SRC = Path(__file__).resolve().parents[1] / "src"
 
 MODEL = {
     "chunk_size": 16,
@@ -267,6 +271,29 @@ def test_python_dash_m_runs_the_command_line():
         [sys.executable, "-m", "retrolm", "train", "--help"], capture_output=True, text=True
     )
     assert out.returncode == 0 and "--db DB" in out.stdout  # what `torchrun -m retrolm` runs
+
+
+@pytest.mark.parametrize("world", ["1", "2"])
+def test_the_process_entry_exits_with_main_status_and_flushed_output(tmp_path, world):
+    """``python -m retrolm``: main()'s status is the process's; in a process of a torchrun job
+    (WORLD_SIZE 2) it leaves by os._exit, skipping the interpreter's teardown (an atexit
+    handler does not run), with its output flushed first."""
+    import subprocess
+    import sys
+
+    code = (
+        "import atexit, sys; atexit.register(lambda: print('TEARDOWN', file=sys.stderr)); "
+        "sys.argv = ['retrolm', 'eval', sys.argv[1], '--text', sys.argv[1]]; "
+        "import runpy; runpy.run_module('retrolm', run_name='__main__')"
+    )
+    env = {**os.environ, "WORLD_SIZE": world, "PYTHONPATH": str(SRC)}
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "none")], env=env, capture_output=True,
+        text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 2
+    assert out.stderr.startswith("retrolm eval: error:") and "does not exist" in out.stderr
+    assert ("TEARDOWN" in out.stderr) == (world == "1")
 
 
 def test_only_rank_zero_prints_the_training_summary(setup, capsys, monkeypatch):

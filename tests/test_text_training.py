@@ -235,11 +235,13 @@ def test_text_data_module_needs_no_faiss():
 
 # ---- data parallel -------------------------------------------------------------------------
 @pytest.mark.slow
-def test_text_training_under_two_process_ddp_equals_one_process_accumulating(texts, tmp_path):
-    """``torchrun --nproc_per_node 2 -m retrolm train --text``: each rank reads its half of
-    every batch from the same windows (and the same tokenizer); losses and weights equal one
-    process accumulating 2 micro-batches. (Hierarchical: the Routing Transformer's k-means
-    initialises from each process's first batch, so it differs there by design.)"""
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_text_training_under_two_processes_equals_one_process_accumulating(texts, tmp_path, engine):
+    """``torchrun --nproc_per_node 2 -m retrolm train --text [--fsdp]``: each rank reads its
+    half of every batch from the same windows (and the same tokenizer); losses and weights
+    equal one process accumulating 2 micro-batches, replicated (DDP) or sharded (FSDP2, the
+    checkpoint gathered). (Hierarchical: the Routing Transformer's k-means initialises from
+    each process's first batch, so it differs there by design.)"""
     root, corpus, _ = texts
     tok = root / "ddp_tok.json"
     LMTokenizer.train(["a small text to learn a few merges from"] * 4, vocab_size=280).save(tok)
@@ -248,21 +250,25 @@ def test_text_training_under_two_process_ddp_equals_one_process_accumulating(tex
     argv += ["--steps", "3", "--batch-size", "4", "--seq-len", "32", "--eval-every", "0"]
     env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    flags = ["--fsdp"] if engine == "fsdp" else []
+    argv2 = [*launch, "--nproc_per_node=2", "-m", "retrolm", *argv, *flags]
     ddp = subprocess.run(
-        [*launch, "--nproc_per_node=2", "-m", "retrolm", *argv, "--out", str(tmp_path / "ddp")],
+        [*argv2, "--out", str(tmp_path / "p")],
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert ddp.returncode == 0, ddp.stderr[-3000:]
+    sharded = "units sharded over 2 processes" in ddp.stderr
+    assert sharded == (engine == "fsdp"), ddp.stderr[-3000:]
     assert main([*argv, "--grad-accum", "2", "--out", str(tmp_path / "one")]) == 0
 
     def rows(run):  # step, loss, val_loss, lr, grad_norm (no timings)
         lines = (tmp_path / run / "metrics.csv").read_text().splitlines()[1:]
         return [[float(v or 0) for v in line.split(",")[:5]] for line in lines]
 
-    assert len(rows("ddp")) == 3
-    for a, b in zip(rows("ddp"), rows("one"), strict=True):
+    assert len(rows("p")) == 3
+    for a, b in zip(rows("p"), rows("one"), strict=True):
         assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
-    a, _ = load_model(tmp_path / "ddp")
+    a, _ = load_model(tmp_path / "p")
     b, _ = load_model(tmp_path / "one")
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)

@@ -1,7 +1,8 @@
 """Runs a tiny training job (stand-in model and database) for the subprocess tests.
 
 usage: train_script.py RUN_DIR STEPS [KILL_AT_LOSS_CALL]
-env: TRAIN_ACCUM (grad_accum, default 1), TRAIN_DROPOUT (default 0.1),
+env: TRAIN_ACCUM (grad_accum, default 1), TRAIN_DROPOUT (default 0.1), TRAIN_FSDP=1 (fsdp),
+     TRAIN_STOP_AFTER=N (stop_after),
      TRAIN_KILL_AT=POINT:N (SIGKILL at the N-th time a save reaches fault point POINT),
      TRAIN_PAUSE=PATH (at the first step: create PATH.ready, then wait until PATH exists)
 """
@@ -71,6 +72,8 @@ cfg = TrainConfig(
     num_threads=1,
     plot=False,
     grad_accum=int(os.environ.get("TRAIN_ACCUM", "1")),
+    fsdp=bool(os.environ.get("TRAIN_FSDP")),
+    stop_after=int(os.environ["TRAIN_STOP_AFTER"]) if os.environ.get("TRAIN_STOP_AFTER") else None,
 )
 dropout = float(os.environ.get("TRAIN_DROPOUT", "0.1"))
 res = train(db, sys.argv[1], cfg, family="tiny", model_config={"dropout": dropout})

@@ -1,7 +1,5 @@
 """``python -m retrolm`` (and ``torchrun -m retrolm train ...``): the command line."""
 
-import sys
+from retrolm.cli import entry
 
-from retrolm.cli import main
-
-sys.exit(main())
+entry()

@@ -88,6 +88,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def entry() -> None:
+    """The process entry (the ``retrolm`` script, ``python -m retrolm``, ``torchrun -m
+    retrolm``): exits with ``main()``'s status. A process of a multi-process job
+    (``WORLD_SIZE`` > 1) leaves once its output is flushed, without the interpreter's
+    teardown: gloo's threads died there now and then in std::terminate (SIGABRT after all
+    the work was done), which turned a finished job into a failed one."""
+    rc = main()
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    sys.exit(rc)
+
+
 def one_line(message: str) -> str:
     """A message with its line breaks (e.g. from a library's multi-line error) folded."""
     return re.sub(r"\s*\n\s*", " ", message.strip())
@@ -135,4 +150,4 @@ def _output_folder(args: argparse.Namespace) -> str | None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -67,6 +67,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="train the same decoder without neighbours (the baseline)",
     )
+    p.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="under torchrun: shard parameters, gradients and optimizer state across the "
+        "processes (FSDP2) instead of replicating them (DDP)",
+    )
     add_config_flags(p)
     p.set_defaults(func=run)
 
@@ -134,6 +140,8 @@ def run(args: argparse.Namespace) -> int:
             values[name] = getattr(args, name)
     if args.no_retrieval:
         values["retrieval"] = False
+    if args.fsdp:
+        values["fsdp"] = True
     # flags are typed by argparse: a wrong type can only come from the file, so name it
     source = f"config file {args.config}: train" if args.config else "TrainConfig"
     cfg = TrainConfig.from_dict(values, where=source)

@@ -61,6 +61,9 @@ class TrainConfig:
     """torch intra-op threads on CPU (None: torch's default)."""
     prefetch: int = 2
     """Batches prepared ahead by a background thread (0: load inline)."""
+    fsdp: bool = False
+    """Under torchrun: shard parameters, gradients and optimizer state across the processes
+    (FSDP2) instead of replicating them (DDP); checkpoints stay loadable by one process."""
     plot: bool = True
     """Write loss.png (needs matplotlib)."""
     stop_after: int | None = None

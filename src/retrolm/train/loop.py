@@ -21,7 +21,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,13 @@ from retrolm.train.config import RESUMABLE_CHANGES, TrainConfig, TrainResult
 from retrolm.train.metrics import Metrics
 from retrolm.train.optim import lr_at, param_groups
 from retrolm.train.precision import autocast, choose_precision
+from retrolm.train.sharding import (
+    as_float,
+    full_state,
+    gradient_sync,
+    load_full_optimizer_state,
+    shard_model,
+)
 from retrolm.train.text import open_text
 
 log = logging.getLogger(__name__)
@@ -280,8 +287,7 @@ def _optimizer_step(
     for micro_i in range(cfg.grad_accum):
         b = next(stream)
         sync = micro_i == cfg.grad_accum - 1 or world == 1
-        ctx = nullcontext() if sync else ddp_model.no_sync()
-        with ctx:
+        with gradient_sync(ddp_model, sync):
             with autocast(precision, device):
                 loss = loss_fn(ddp_model, b) / cfg.grad_accum
             loss.backward()
@@ -291,7 +297,7 @@ def _optimizer_step(
         torch.distributed.all_reduce(t)
         total = float(t) / world
     gnorm = (
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        as_float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
         if cfg.grad_clip > 0
         else None
     )
@@ -388,37 +394,59 @@ def _ddp(model: nn.Module, device: torch.device, find_unused: bool) -> nn.Module
     )
 
 
-def _load_state(model: nn.Module, opt: torch.optim.Optimizer, ckpt: Path, run_dir: Path):
-    """Weights, optimizer and RNG state of checkpoint ``ckpt``: (step, position, precision)."""
+def _load_state(model: nn.Module, ckpt: Path, run_dir: Path) -> tuple[int, int, str, dict]:
+    """Weights (into the unsharded model) and RNG state of checkpoint ``ckpt``: (step,
+    position, precision, the optimizer's state to load once the optimizer exists)."""
     load_weights(model, ckpt)
     state = load_train_state(ckpt)
-    opt.load_state_dict(state["optimizer"])
     step, position, precision = int(state["step"]), int(state["position"]), state["precision"]
     torch.set_rng_state(state["rng_cpu"])
     log.info("resuming %s at step %d from %s", run_dir, step, ckpt)
-    return step, position, precision
+    return step, position, precision, state["optimizer"]
 
 
-def _save(
-    run_dir: Path,
-    model: nn.Module,
-    opt: torch.optim.Optimizer,
-    meta: dict[str, Any],
-    progress: dict[str, Any],
-    is_main: bool,
-    world: int,
-) -> None:
-    """Rank 0 writes the checkpoint (``progress``: step, position, precision); all wait."""
-    if is_main:
+def _parallel(
+    model: nn.Module, cfg: TrainConfig, opt_state: dict | None, unused: bool, device, world: int
+) -> tuple[nn.Module, torch.optim.Optimizer, bool]:
+    """(the module the steps run: DDP, FSDP or the model itself; its optimizer, with
+    ``opt_state`` loaded; whether it is sharded). FSDP shards ``model`` in place."""
+    sharded = cfg.fsdp and world > 1
+    if cfg.fsdp and world == 1:
+        log.info("fsdp with one process: nothing to shard, training unsharded")
+    if sharded:
+        units = shard_model(model)
+        log.info("fsdp: %d units sharded over %d processes", units, world)
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+    if opt_state is not None:
+        if sharded:
+            load_full_optimizer_state(model, opt, opt_state)
+        else:
+            opt.load_state_dict(opt_state)
+    # without retrieval the encoder and cross-attention receive no gradient
+    ddp_model = _ddp(model, device, unused) if world > 1 and not sharded else model
+    return ddp_model, opt, sharded
+
+
+def _save(run: _Run, meta: dict[str, Any], progress: dict[str, Any]) -> None:
+    """Rank 0 writes the checkpoint (``progress``: step, position, precision); all wait. A
+    sharded model is gathered first (every rank takes part) and written through a plain
+    replica, so the folder is the same as an unsharded run's and loads in one process."""
+    model, opt_state = run.model, None
+    if run.sharded:
+        weights, opt_state = full_state(run.model, run.opt)
+        if run.rank == 0:
+            model = run.replica()
+            model.load_state_dict(weights)
+    if run.rank == 0:
         state = {
-            "optimizer": opt.state_dict(),
+            "optimizer": run.opt.state_dict() if opt_state is None else opt_state,
             "step": progress["step"],
             "position": progress["position"],
             "precision": progress["precision"],
             "rng_cpu": torch.get_rng_state(),
         }
-        save_checkpoint(run_dir, model, meta, state)
-    if world > 1:
+        save_checkpoint(run.run_dir, model, meta, state)
+    if run.world > 1:
         torch.distributed.barrier()
 
 
@@ -469,10 +497,9 @@ def _train(
         data_id = {"database": database_identity(db)}
     order, val_idx, micro = _split(len(ds), cfg, rank, world)
 
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
-    step, position, precision = 0, 0, cfg.precision
+    step, position, precision, opt_state = 0, 0, cfg.precision, None
     if resume:
-        step, position, precision = _load_state(model, opt, ckpt, run_dir)
+        step, position, precision, opt_state = _load_state(model, ckpt, run_dir)
     last = min(cfg.steps, cfg.stop_after or cfg.steps)
     if step >= last:
         log.info("%s already trained for %d steps", run_dir, step)
@@ -483,11 +510,10 @@ def _train(
 
     data = batches(ds, order, position, use_retrieval, cfg.prefetch)
     first = next(data)
-    if precision == "auto":
+    if precision == "auto":  # (timed on an unsharded copy)
         precision = _choose_precision(model, first, loss_fn, device, world)
-    # without retrieval the encoder and cross-attention receive no gradient
     unused = fam.uses_retrieval and not use_retrieval
-    ddp_model = _ddp(model, device, unused) if world > 1 else model
+    ddp_model, opt, sharded = _parallel(model, cfg, opt_state, unused, device, world)
 
     meta = {
         "family": family,
@@ -501,6 +527,7 @@ def _train(
     run = _Run(
         cfg, run_dir, model, ddp_model, opt, loss_fn, precision, device, rank, world, meta, metrics
     )
+    run.sharded, run.replica = sharded, lambda: fam.build(model_cfg)
 
     def validate() -> dict[str, float] | None:
         def val(retrieve: bool) -> float | None:
@@ -538,6 +565,8 @@ class _Run:
     world: int
     meta: dict[str, Any]  # the checkpoint's config.json, less the step
     metrics: Metrics
+    sharded: bool = False  # FSDP: checkpoints gather the shards
+    replica: Callable[[], nn.Module] | None = None  # a plain model that rank 0 saves through
 
 
 def _loop(
@@ -591,7 +620,7 @@ def _loop(
             if step % cfg.save_every == 0 or step == last:
                 progress = {"step": step, "position": position, "precision": run.precision}
                 meta = {**run.meta, "step": step}
-                _save(run.run_dir, run.model, run.opt, meta, progress, is_main, run.world)
+                _save(run, meta, progress)
                 if cfg.plot and is_main:
                     run.metrics.plot(run.run_dir / "loss.png")
     finally:

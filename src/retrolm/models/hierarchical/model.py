@@ -215,6 +215,17 @@ class HierarchicalBlock(nn.Module):
         return x + fn(h, state=state, shifted=True)
 
 
+class Merge(nn.Sequential):
+    """(norm, feed-forward) pooling the streams into one: ``ff(norm(x))``, the norm through
+    ``norm_shift`` (see ``HierarchicalBlock._sublayer``; no shift here: the norm alone, one
+    kernel each way). A Sequential, so its weights keep their names; called through its own
+    forward, so a sharded (FSDP) unit gathers them first."""
+
+    def forward(self, x: Tensor) -> Tensor:  # (b, n, sum(d)) -> (b, n, d_out)
+        norm, ff = self
+        return ff(norm_shift(x, norm, 0))
+
+
 class HierarchicalTransformer(nn.Module):
     """The seed's keyword API over :class:`HierarchicalConfig` (or ``config=`` directly)."""
 
@@ -241,7 +252,7 @@ class HierarchicalTransformer(nn.Module):
                 ff = FeedForward(
                     sum(dims), hidden_dim=2 * merge_out, dim_out=merge_out, activation="silu"
                 )
-                self.merges.append(nn.Sequential(make_norm("rms", sum(dims)), ff))
+                self.merges.append(Merge(make_norm("rms", sum(dims)), ff))
         self.final_norms = nn.ModuleList(make_norm("layer", d) for d in dims)
         logit_in = sum(dims) if cfg.predict_use_all_hierarchy else dims[pi]
         self.to_logits = DecodeLinear(logit_in, cfg.num_tokens, bias=False)
@@ -340,9 +351,7 @@ class HierarchicalTransformer(nn.Module):
         """Pool every stream (repeated to length n) into the predicting stream, or into all."""
         strides = self.config.hierarchical_stride
         cat = torch.cat([repeat_upsample(t, s, n) for t, s in zip(tokens, strides)], dim=-1)
-        norm, ff = self.merges[layer_idx]
-        pooled = ff(norm_shift(cat, norm, 0))  # (b, n, d_pred or sum(d)); norm_shift: see
-        # HierarchicalBlock._sublayer (here no shift: the norm alone, as one kernel each way)
+        pooled = self.merges[layer_idx](cat)  # (b, n, d_pred or sum(d))
         if self.config.hierarchy_merge_all:
             parts = pooled.split(list(self.config.dim), dim=-1)
             return [t + p[:, ::s] for t, p, s in zip(tokens, parts, strides)]
