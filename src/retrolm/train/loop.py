@@ -45,16 +45,10 @@ from retrolm.locking import LockedError, exclusive_lock
 from retrolm.models.registry import Batch, config_to_dict, get_family
 from retrolm.train.batches import BatchOrder, batches, collate
 from retrolm.train.config import RESUMABLE_CHANGES, TrainConfig, TrainResult
-from retrolm.train.metrics import Metrics
-from retrolm.train.optim import lr_at, param_groups
+from retrolm.train.metrics import Metrics, progress_bar, report
+from retrolm.train.optim import lr_at
+from retrolm.train.parallel import as_float, full_state, gradient_sync, parallel
 from retrolm.train.precision import autocast, choose_precision
-from retrolm.train.sharding import (
-    as_float,
-    full_state,
-    gradient_sync,
-    load_full_optimizer_state,
-    shard_model,
-)
 from retrolm.train.text import open_text
 
 log = logging.getLogger(__name__)
@@ -306,36 +300,6 @@ def _optimizer_step(
     return total, gnorm
 
 
-def _report(
-    metrics: Metrics, bar: Any, row: dict[str, Any], elapsed: float, steps: int, is_main: bool
-) -> None:
-    """One step's metrics row, progress bar and (every tenth of the run) log line."""
-    step, total, vals, gnorm, tps = row["step"], row["loss"], row["vals"], row["gnorm"], row["tps"]
-    val = vals.get("val_loss")
-    metrics.add(
-        {
-            "step": step,
-            "loss": f"{total:.6f}",
-            **{k: "" if vals.get(k) is None else f"{vals[k]:.6f}" for k in Metrics.VAL_COLUMNS},
-            "lr": f"{row['lr']:.3e}",
-            "grad_norm": "" if gnorm is None else f"{float(gnorm):.4f}",
-            "tokens_per_s": f"{tps:.1f}",
-            "elapsed_s": f"{elapsed:.2f}",
-        }
-    )
-    if step % max(1, steps // 10) == 0 and is_main:  # for logs without a tty
-        log.info(
-            "step %d/%d loss %.4f%s, %.0f tokens/s",
-            step,
-            steps,
-            total,
-            "".join(f" {k.replace('_loss', '')} {v:.4f}" for k, v in vals.items()),
-            tps,
-        )
-    bar.update(1)
-    bar.set_postfix(loss=f"{total:.3f}", **({"val": f"{val:.3f}"} if val else {}))
-
-
 def _out_of_time(deadline: float, world: int, device: torch.device) -> bool:
     """Whether the run's time limit has passed; all ranks stop together (rank 0 decides)."""
     out_of_time = time.perf_counter() > deadline
@@ -386,14 +350,6 @@ def _validate(
     return sum(losses) / len(losses)
 
 
-def _ddp(model: nn.Module, device: torch.device, find_unused: bool) -> nn.Module:
-    return nn.parallel.DistributedDataParallel(
-        model,
-        device_ids=[device.index] if device.type == "cuda" else None,
-        find_unused_parameters=find_unused,
-    )
-
-
 def _load_state(model: nn.Module, ckpt: Path, run_dir: Path) -> tuple[int, int, str, dict]:
     """Weights (into the unsharded model) and RNG state of checkpoint ``ckpt``: (step,
     position, precision, the optimizer's state to load once the optimizer exists)."""
@@ -403,28 +359,6 @@ def _load_state(model: nn.Module, ckpt: Path, run_dir: Path) -> tuple[int, int, 
     torch.set_rng_state(state["rng_cpu"])
     log.info("resuming %s at step %d from %s", run_dir, step, ckpt)
     return step, position, precision, state["optimizer"]
-
-
-def _parallel(
-    model: nn.Module, cfg: TrainConfig, opt_state: dict | None, unused: bool, device, world: int
-) -> tuple[nn.Module, torch.optim.Optimizer, bool]:
-    """(the module the steps run: DDP, FSDP or the model itself; its optimizer, with
-    ``opt_state`` loaded; whether it is sharded). FSDP shards ``model`` in place."""
-    sharded = cfg.fsdp and world > 1
-    if cfg.fsdp and world == 1:
-        log.info("fsdp with one process: nothing to shard, training unsharded")
-    if sharded:
-        units = shard_model(model)
-        log.info("fsdp: %d units sharded over %d processes", units, world)
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
-    if opt_state is not None:
-        if sharded:
-            load_full_optimizer_state(model, opt, opt_state)
-        else:
-            opt.load_state_dict(opt_state)
-    # without retrieval the encoder and cross-attention receive no gradient
-    ddp_model = _ddp(model, device, unused) if world > 1 and not sharded else model
-    return ddp_model, opt, sharded
 
 
 def _save(run: _Run, meta: dict[str, Any], progress: dict[str, Any]) -> None:
@@ -448,19 +382,6 @@ def _save(run: _Run, meta: dict[str, Any], progress: dict[str, Any]) -> None:
         save_checkpoint(run.run_dir, model, meta, state)
     if run.world > 1:
         torch.distributed.barrier()
-
-
-def _progress_bar(steps: int, step: int, is_main: bool) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(
-        total=steps,
-        initial=step,
-        desc="train",
-        unit="step",
-        disable=None if is_main else True,
-        dynamic_ncols=True,
-    )
 
 
 def _train(
@@ -513,7 +434,7 @@ def _train(
     if precision == "auto":  # (timed on an unsharded copy)
         precision = _choose_precision(model, first, loss_fn, device, world)
     unused = fam.uses_retrieval and not use_retrieval
-    ddp_model, opt, sharded = _parallel(model, cfg, opt_state, unused, device, world)
+    ddp_model, opt, sharded = parallel(model, cfg, opt_state, unused, device, world)
 
     meta = {
         "family": family,
@@ -584,7 +505,7 @@ def _loop(
     tokens_per_step = cfg.batch_size * seq_len
     t_start = time.perf_counter()
     last_loss = last_val = tps = None
-    bar = _progress_bar(cfg.steps, step, is_main)
+    bar = progress_bar(cfg.steps, step, is_main)
     try:
         deadline = t_start + 60 * cfg.max_minutes if cfg.max_minutes else math.inf
         while step < last:
@@ -613,7 +534,7 @@ def _loop(
             if vals is not None:
                 last_val = vals["val_loss"]
             row = dict(step=step, loss=total, vals=vals or {}, lr=lr, gnorm=gnorm, tps=tps)
-            _report(run.metrics, bar, row, time.perf_counter() - t_start, cfg.steps, is_main)
+            report(run.metrics, bar, row, time.perf_counter() - t_start, cfg.steps, is_main)
             if _out_of_time(deadline, run.world, run.device):
                 log.info("time limit of %.1f min reached at step %d", cfg.max_minutes, step)
                 last = step

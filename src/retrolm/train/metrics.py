@@ -1,12 +1,15 @@
-"""Training metrics: the CSV log, moving averages, the loss plot."""
+"""Training metrics: the CSV log, the loss plot, the progress bar and the step log lines."""
 
 from __future__ import annotations
 
 import csv
+import logging
 from pathlib import Path
 from typing import Any
 
 from retrolm.utils import atomic_path, save_figure
+
+log = logging.getLogger(__name__)
 
 
 class Metrics:
@@ -95,3 +98,46 @@ class Metrics:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def report(
+    metrics: Metrics, bar: Any, row: dict[str, Any], elapsed: float, steps: int, is_main: bool
+) -> None:
+    """One step's metrics row, progress bar and (every tenth of the run) log line."""
+    step, total, vals, gnorm, tps = row["step"], row["loss"], row["vals"], row["gnorm"], row["tps"]
+    val = vals.get("val_loss")
+    metrics.add(
+        {
+            "step": step,
+            "loss": f"{total:.6f}",
+            **{k: "" if vals.get(k) is None else f"{vals[k]:.6f}" for k in Metrics.VAL_COLUMNS},
+            "lr": f"{row['lr']:.3e}",
+            "grad_norm": "" if gnorm is None else f"{float(gnorm):.4f}",
+            "tokens_per_s": f"{tps:.1f}",
+            "elapsed_s": f"{elapsed:.2f}",
+        }
+    )
+    if step % max(1, steps // 10) == 0 and is_main:  # for logs without a tty
+        log.info(
+            "step %d/%d loss %.4f%s, %.0f tokens/s",
+            step,
+            steps,
+            total,
+            "".join(f" {k.replace('_loss', '')} {v:.4f}" for k, v in vals.items()),
+            tps,
+        )
+    bar.update(1)
+    bar.set_postfix(loss=f"{total:.3f}", **({"val": f"{val:.3f}"} if val else {}))
+
+
+def progress_bar(steps: int, step: int, is_main: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=steps,
+        initial=step,
+        desc="train",
+        unit="step",
+        disable=None if is_main else True,
+        dynamic_ncols=True,
+    )

@@ -1,4 +1,4 @@
-"""Fully sharded data parallel training (``retrolm train --fsdp`` under ``torchrun``).
+"""Data-parallel training under ``torchrun``: DDP, or fully sharded (``retrolm train --fsdp``).
 
 PyTorch's FSDP2 (``torch.distributed.fsdp.fully_shard``) splits every parameter, its
 gradient and its optimizer state across the processes; each layer gathers its weights for
@@ -20,12 +20,48 @@ sharding, gathering and the state-dict conversions are ``torch.distributed``'s.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
+
+from retrolm.train.config import TrainConfig
+from retrolm.train.optim import param_groups
+
+log = logging.getLogger(__name__)
+
+
+def ddp(model: nn.Module, device: torch.device, find_unused: bool) -> nn.Module:
+    return nn.parallel.DistributedDataParallel(
+        model,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=find_unused,
+    )
+
+
+def parallel(
+    model: nn.Module, cfg: TrainConfig, opt_state: dict | None, unused: bool, device, world: int
+) -> tuple[nn.Module, torch.optim.Optimizer, bool]:
+    """(the module the steps run: DDP, FSDP or the model itself; its optimizer, with
+    ``opt_state`` loaded; whether it is sharded). FSDP shards ``model`` in place."""
+    sharded = cfg.fsdp and world > 1
+    if cfg.fsdp and world == 1:
+        log.info("fsdp with one process: nothing to shard, training unsharded")
+    if sharded:
+        units = shard_model(model)
+        log.info("fsdp: %d units sharded over %d processes", units, world)
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+    if opt_state is not None:
+        if sharded:
+            load_full_optimizer_state(model, opt, opt_state)
+        else:
+            opt.load_state_dict(opt_state)
+    # without retrieval the encoder and cross-attention receive no gradient
+    ddp_model = ddp(model, device, unused) if world > 1 and not sharded else model
+    return ddp_model, opt, sharded
 
 
 def shard_model(model: nn.Module) -> int:
@@ -104,6 +140,8 @@ def load_full_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer, stat
 
 __all__ = [
     "as_float",
+    "ddp",
+    "parallel",
     "full_state",
     "gradient_sync",
     "is_sharded",
