@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 from retrolm.config import ConfigBase
+from retrolm.models.delight.dextra import GLT_GROUPS, NORM_TYPES
 from retrolm.nn.scaling import BlockScale, LayerScale, depth_width_schedule
 
 BLOCKS = ("delight", "openelm")
@@ -165,6 +166,12 @@ class DeLighTConfig(ConfigBase):
             )
         if self.scaling not in SCALINGS:
             raise ValueError(f"unknown scaling {self.scaling!r}; choose one of {SCALINGS}")
+        if self.glt_groups not in GLT_GROUPS:
+            raise ValueError(f"unknown glt_groups {self.glt_groups!r}; choose one of {GLT_GROUPS}")
+        if self.norm_type not in NORM_TYPES:
+            raise ValueError(
+                f"unknown norm_type {self.norm_type!r}; choose one of {list(NORM_TYPES)}"
+            )
         if self.pos_emb not in POS_EMBS:
             raise ValueError(f"unknown pos_emb {self.pos_emb!r}; choose one of {POS_EMBS}")
         if self.dim % 2:
