@@ -22,6 +22,10 @@ generation (batch 1, a 16-token prompt, 128 new tokens, fp32), DeLighT against t
 decoder (target: both ratios >= 0.5).
 
     python -m benchmarks.quality.quality_delight [--steps 600] [--work DIR] [--only ...]
+
+600 steps (the default) took 1,065 s for all five models plus the speed part on the shared
+2-core machine under a load of 2-4 (2026-12-07); ~10 min when quiet. ``--only none`` runs only
+the speed part (the database is reused from ``--work``).
 """
 
 from __future__ import annotations

@@ -59,11 +59,13 @@ def test_uniform_scaling_repeats_one_block():
 def test_openelm_blocks_follow_the_layer_wise_schedule():
     lm = DeLighTLM(256, 64, block="openelm", num_blocks=4, head_dim=16, num_gqa_groups=2,
                    ffn_dim_divisor=32)  # fmt: skip
-    # alpha 0.5 .. 1.0 -> q widths make_divisible(64·a, 32): 32, 32(->), 64, 64
+    # alpha 0.5, 0.67, 0.83, 1.0 -> query widths make_divisible(64·alpha, 16·2): 32, 64 (43
+    # rounds to 32, below 90% of 43: one divisor more), 64, 64; beta 0.5 ... 4.0 -> FFN
+    # widths make_divisible(64·beta, 32): 32, 128, 192, 256
     got = [(b.q_heads, b.kv_heads, b.ffn.up_proj.out_features // 2) for b in lm.blocks]
     want = [(s.q_heads, s.kv_heads, s.ffn_dim) for s in lm.config.schedule()]
     assert got == want and all(isinstance(b, OpenELMBlock) for b in lm.blocks)
-    assert got[0] == (2, 1, 32) and got[-1] == (4, 2, 256)
+    assert got == [(2, 1, 32), (4, 2, 128), (4, 2, 192), (4, 2, 256)]
     assert all(p.ndim != 1 or "norm" in n for n, p in lm.named_parameters())  # no biases
 
 
