@@ -25,6 +25,8 @@ _LAZY = {
     "RoutingTransformerLM": "retrolm.models.routing.model",
     "RoutingTransformerEncDec": "retrolm.models.routing.encdec",
     "AutoregressiveWrapper": "retrolm.seed_api",
+    "DeLighTLM": "retrolm.models.delight.model",
+    "DeLighTConfig": "retrolm.models.delight.config",
 }
 
 

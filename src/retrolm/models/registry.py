@@ -282,3 +282,13 @@ register_family(
         default_preset="routing-tiny",
     )
 )
+
+register_family(
+    ModelFamily(
+        name="delight",
+        config_cls="retrolm.models.delight.config:DeLighTConfig",
+        model_cls="retrolm.models.delight.model:DeLighTLM",
+        uses_retrieval=False,
+        default_preset="delight-tiny",
+    )
+)

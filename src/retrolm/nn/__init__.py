@@ -14,6 +14,7 @@ from retrolm.nn.moe import MixtureOfExperts
 from retrolm.nn.multihead import MultiHeadAttention
 from retrolm.nn.norms import LayerNorm, RMSNorm, ScaleNorm, make_norm, norm_shift
 from retrolm.nn.pkm import ProductKeyMemory, pkm_param_groups
+from retrolm.nn.positions import AbsolutePositions, sinusoids
 from retrolm.nn.resample import CausalDownsample, repeat_upsample
 from retrolm.nn.residual import Residual, deepnet_constants, deepnet_init_
 from retrolm.nn.reversible import ReversibleSequence, is_recomputing, reversible
@@ -23,6 +24,7 @@ from retrolm.nn.sorted_window import dense_window_mask, sorted_window_attend
 from retrolm.nn.token_shift import TokenShift, token_shift, token_shift_cached
 
 __all__ = [
+    "AbsolutePositions",
     "BlockScale",
     "CausalDownsample",
     "DecodeLinear",
@@ -67,6 +69,7 @@ __all__ = [
     "layer_drop_keep",
     "pkm_param_groups",
     "reversible",
+    "sinusoids",
     "sorted_window_attend",
     "update_kmeans",
 ]

@@ -409,6 +409,9 @@ def _train(
 
     torch.manual_seed(cfg.seed)
     model = fam.build(model_cfg).to(device)
+    describe = getattr(model, "describe_blocks", None)  # a family's per-block table, if any
+    if describe is not None and rank == 0:
+        log.info("%s parameters and MACs per token, per block:\n%s", family, describe())
     seq_len = _seq_len(db, cfg, model_cfg)
     if isinstance(db, TextCorpus):
         ds, data_id = db.dataset(seq_len), {"text": db.identity()}
