@@ -221,9 +221,10 @@ class MemorizingTransformer(nn.Module):
             if len(bad):
                 r, p = bad[0].tolist()
                 raise ValueError(
-                    f"{name}={tok} at row {r}, position {pos + p} of its segment (of {seg} "
-                    f"tokens): it may only be a segment's {'first' if allowed == 0 else 'last'} "
-                    "token; start each document at a segment boundary (or pass doc_start=)"
+                    f"{name}={tok} at row {r}, position {(pos + p) % seg} of its segment (token "
+                    f"{p} of this call; segments of {seg} tokens): it may only be a segment's "
+                    f"{'first' if allowed == 0 else 'last'} token; start each document at a "
+                    "segment boundary (or pass doc_start=)"
                 )
 
     def _piece(self, ids: Tensor, st: MemorizingCache, use_memory: bool) -> Tensor:
