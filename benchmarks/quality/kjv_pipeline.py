@@ -114,8 +114,11 @@ def train_and_eval(
     if cli(["eval", str(run), "--text", str(held), "--max-tokens", str(max_tokens)]) != 0:
         raise SystemExit(f"retrolm eval {run} failed")
     eval_s = time.perf_counter() - t0
-    report = json.loads((run / "eval" / "eval.json").read_text())["modes"]["no_retrieval"]
+    modes = json.loads((run / "eval" / "eval.json").read_text())["modes"]
+    report = modes.get("no_retrieval") or next(iter(modes.values()))  # a family's first mode
+    by_mode = {m: round(v["bits_per_byte"], 4) for m, v in modes.items()} if len(modes) > 1 else {}
     return {
+        **({"bits_per_byte_by_mode": by_mode} if by_mode else {}),
         "params": sum(p.numel() for p in model.parameters()),
         "steps": res.step,
         "precision": res.precision,

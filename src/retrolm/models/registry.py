@@ -292,3 +292,15 @@ register_family(
         default_preset="delight-tiny",
     )
 )
+
+register_family(
+    ModelFamily(
+        name="memorizing",
+        config_cls="retrolm.models.memorizing.config:MemorizingConfig",
+        model_cls="retrolm.models.memorizing.model:MemorizingLanguageModel",
+        uses_retrieval=False,
+        default_preset="memorizing-tiny",
+        eval_variants=lazy("retrolm.models.memorizing.family:eval_modes"),
+        streaming=True,
+    )
+)

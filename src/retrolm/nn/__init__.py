@@ -5,6 +5,7 @@ from retrolm.nn.decode_linear import DecodeLinear
 from retrolm.nn.feedforward import FeedForward
 from retrolm.nn.group_linear import GroupLinear
 from retrolm.nn.kmeans import SphericalKMeans, update_kmeans
+from retrolm.nn.knn_memory import KNNMemory, KNNMemoryList
 from retrolm.nn.kv_cache import KVCache, cast_cache, prefill
 from retrolm.nn.layer_drop import layer_drop_keep
 from retrolm.nn.local_attention import local_attend
@@ -15,6 +16,7 @@ from retrolm.nn.multihead import MultiHeadAttention
 from retrolm.nn.norms import LayerNorm, RMSNorm, ScaleNorm, make_norm, norm_shift
 from retrolm.nn.pkm import ProductKeyMemory, pkm_param_groups
 from retrolm.nn.positions import AbsolutePositions, sinusoids
+from retrolm.nn.relative_bias import RelativePositionBias, relative_position_bucket
 from retrolm.nn.resample import CausalDownsample, repeat_upsample
 from retrolm.nn.residual import Residual, deepnet_constants, deepnet_init_
 from retrolm.nn.reversible import ReversibleSequence, is_recomputing, reversible
@@ -30,7 +32,11 @@ __all__ = [
     "DecodeLinear",
     "FeedForward",
     "GroupLinear",
+    "KNNMemory",
+    "KNNMemoryList",
     "KVCache",
+    "RelativePositionBias",
+    "relative_position_bucket",
     "LayerScale",
     "cast_cache",
     "prefill",

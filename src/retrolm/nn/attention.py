@@ -8,7 +8,8 @@ reference path, so whole models can be compared against it.
 Notation: b batch, h query heads, g key/value heads (h % g == 0, grouped-query attention),
 i queries, j keys, d head dim.
 Mask: bool, True = may attend, broadcastable to (b, h, i, j). A query that may attend no key
-gets a zero output, never NaN.
+gets a zero output, never NaN. Bias (optional): float, broadcastable to (b, h, i, j), added to
+the scaled logits (a relative position bias such as T5's, ``nn.relative_bias``).
 
 ``block_attend`` is the same contract for many small blocks (the windows of local and
 sorted-window attention): on CPU it runs plain batched matmuls and a fused softmax with a
@@ -76,12 +77,15 @@ def reference_attend(
     causal: bool = False,
     dropout_p: float = 0.0,
     scale: float | None = None,
+    bias: Tensor | None = None,
 ) -> Tensor:  # (b, h, i, dv)
     """Plain softmax attention; the oracle for ``attend``. ``causal`` aligns the queries
     with the last ``i`` keys (as a KV cache does)."""
     k, v = _expand_kv(q, k, v)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     sim = torch.einsum("bhid,bhjd->bhij", q, k) * scale
+    if bias is not None:
+        sim = sim + bias
     mask = _full_mask(q, k, mask, causal)
     if mask is not None:
         sim = sim.masked_fill(~mask, float("-inf"))
@@ -137,14 +141,20 @@ def attend(
     dropout_p: float = 0.0,
     scale: float | None = None,
     rows_have_keys: bool = False,
+    bias: Tensor | None = None,
 ) -> Tensor:  # (b, h, i, dv)
     """Softmax attention through SDPA, same contract as ``reference_attend``.
 
     ``rows_have_keys=True``: the caller knows every query row of ``mask`` allows a key (e.g.
     memory keys every query sees), so the check for empty rows (two kernels and a read of
-    the result, on every decoding step) is skipped; the result is the same."""
+    the result, on every decoding step) is skipped; the result is the same.
+    ``bias``: added to the scaled logits (SDPA takes it as a float mask)."""
     if _BACKEND.get() == "reference":
-        return reference_attend(q, k, v, mask, causal=causal, dropout_p=dropout_p, scale=scale)
+        return reference_attend(
+            q, k, v, mask, causal=causal, dropout_p=dropout_p, scale=scale, bias=bias
+        )
+    if bias is not None:
+        return _bias_attend(q, k, v, mask, causal, dropout_p, scale, bias)
     k, v = _expand_kv(q, k, v)
     i, j = q.shape[-2], k.shape[-2]
     causal = causal and i > 1  # a single query (a decoding step) sees every cached key
@@ -178,6 +188,30 @@ def attend(
     if not all_rows:
         out = out * has_key.to(out.dtype)
     return out
+
+
+def _bias_attend(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None,
+    causal: bool,
+    dropout_p: float,
+    scale: float | None,
+    bias: Tensor,
+) -> Tensor:
+    """``attend`` with an additive bias: SDPA with a float mask (bias, -inf where masked)."""
+    k, v = _expand_kv(q, k, v)
+    mask = _full_mask(q, k, mask, causal and q.shape[-2] > 1)
+    has_key = None
+    if mask is not None:
+        has_key = mask.any(dim=-1, keepdim=True)  # (…, i, 1)
+        mask = mask | ~has_key  # an empty row attends everything, then is zeroed
+        bias = torch.where(mask, bias.to(q.dtype), float("-inf"))  # broadcasts both
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=bias.to(q.dtype), dropout_p=dropout_p, scale=scale
+    )
+    return out if has_key is None else out * has_key.to(out.dtype)
 
 
 class _BlockAttention(torch.autograd.Function):

@@ -1,0 +1,72 @@
+"""T5 relative position bias (``nn.relative_bias``) and ``attend``'s additive bias."""
+
+import math
+
+import pytest
+import torch
+from tests.tolerance import assert_close_fp
+
+from retrolm.nn.attention import attend, reference_attend
+from retrolm.nn.relative_bias import RelativePositionBias, relative_position_bucket
+
+
+def t5_bucket(rel: int, buckets: int, max_distance: int, causal: bool) -> int:
+    """The T5 rule written out for one distance (q - k), the oracle."""
+    offset = 0
+    if causal:
+        n = max(rel, 0)
+    else:
+        buckets //= 2
+        offset = buckets if rel < 0 else 0
+        n = abs(rel)
+    exact = buckets // 2
+    if n < exact:
+        return offset + n
+    far = exact + int(math.log(n / exact) / math.log(max_distance / exact) * (buckets - exact))
+    return offset + min(far, buckets - 1)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_buckets_follow_the_t5_rule(causal):
+    rel = torch.arange(-300, 300)
+    got = relative_position_bucket(rel, 32, 128, causal)
+    expect = [t5_bucket(int(r), 32, 128, causal) for r in rel]
+    assert got.tolist() == expect
+    if causal:
+        assert got[rel <= 0].eq(0).all() and got.max() == 31
+
+
+def test_bias_uses_the_given_positions():
+    torch.manual_seed(0)
+    bias = RelativePositionBias(heads=3, num_buckets=8, max_distance=16)
+    # queries after 4 memory keys: query t at 4 + t
+    b = bias(torch.arange(4, 6), torch.arange(6))  # (h, 2, 6)
+    assert b.shape == (3, 2, 6)
+    table = bias.table.weight  # (buckets, h)
+    torch.testing.assert_close(b[:, 0, 0], table[t5_bucket(4, 8, 16, True)])
+    torch.testing.assert_close(b[:, 1, 5], table[0])
+    assert not torch.equal(b[:, 0, 0], b[:, 0, 4])  # distance 4 vs 0: different buckets
+
+
+def test_bad_bias_config_raises():
+    with pytest.raises(ValueError, match="max_distance=4"):
+        RelativePositionBias(2, num_buckets=16, max_distance=4)
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_attend_with_bias_equals_the_reference(with_mask):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 5, 8, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(2, 1, 9, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    bias = torch.randn(1, 4, 5, 9, generator=g, dtype=torch.float64)
+    mask = None
+    if with_mask:
+        mask = torch.rand(2, 1, 5, 9, generator=g) > 0.4
+        mask[0, 0, 2] = False  # a row with no key: zeros
+    got = attend(q, k, v, mask, bias=bias, causal=True)
+    expect = reference_attend(q, k, v, mask, bias=bias, causal=True)
+    assert_close_fp(got, expect, reduction=9)
+    if with_mask:
+        assert (got[0, :, 2] == 0).all()
+    # the bias matters
+    assert not torch.allclose(got, attend(q, k, v, mask, causal=True))
