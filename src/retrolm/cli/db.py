@@ -1,4 +1,4 @@
-"""``retrolm db build | info | query``: the retrieval database from the command line."""
+"""``retrolm db build | info | query | check``: the retrieval database from the command line."""
 
 from __future__ import annotations
 
@@ -45,7 +45,38 @@ def register(subparsers) -> None:
         help="encoder folder to embed the query with (default: the one the database records); "
         "its weights must be the build's",
     )
+    add_search_flags(q)
     q.set_defaults(func=run_query)
+
+    c = sub.add_parser(
+        "check",
+        help="recall@k of the index against exact search on a sample, and the query time",
+        description="Query the index with a sample of the database's own chunks and compare "
+        "with an exact (brute-force) search over the stored embeddings: recall@k (1.0 for an "
+        "exact index) and milliseconds per query. Try --nprobe / --ef-search values here "
+        "before using them.",
+    )
+    c.add_argument("db_dir", metavar="DB")
+    c.add_argument("--sample", type=int, default=1000, help="chunks queried (default: 1000)")
+    c.add_argument("-k", type=int, default=10, help="neighbours compared (default: 10)")
+    c.add_argument("--seed", type=int, default=0, help="which chunks are sampled (default: 0)")
+    c.add_argument("--json", action="store_true", help="the report as JSON")
+    add_search_flags(c)
+    c.set_defaults(func=run_check)
+
+
+def add_search_flags(p: argparse.ArgumentParser) -> None:
+    """Query-time index parameters (the build's values by default)."""
+    p.add_argument(
+        "--nprobe",
+        type=int,
+        help="ivf/ivfpq: inverted lists searched per query, 1..nlist (default: the build's)",
+    )
+    p.add_argument(
+        "--ef-search",
+        type=int,
+        help="hnsw: beam width of the graph search (default: the build's)",
+    )
 
 
 def run_build(args: argparse.Namespace) -> int:
@@ -122,6 +153,7 @@ def run_query(args: argparse.Namespace) -> int:
     if args.k < 1:
         raise ValueError(f"-k {args.k} must be at least 1")
     db = RetrievalDatabase.open(args.db_dir, encoder=args.encoder)
+    db.set_search(args.nprobe, args.ef_search)
     ids, dists = db.search([args.text], args.k)
     for rank, (i, d) in enumerate(zip(ids[0], dists[0]), 1):
         if i < 0:
@@ -129,4 +161,28 @@ def run_query(args: argparse.Namespace) -> int:
         text = db.tokenizer.decode(db.chunks[i, :-1])
         snippet = " ".join(text.split())[:160]
         print(f"{rank}. chunk {i}  dist {d:.4f}  {db.doc_path(db.doc_ids[i])}\n   {snippet}")
+    return 0
+
+
+def run_check(args: argparse.Namespace) -> int:
+    from retrolm.retrieval.check import check_index
+    from retrolm.retrieval.database import RetrievalDatabase
+
+    db = RetrievalDatabase.open(args.db_dir)
+    db.set_search(args.nprobe, args.ef_search)
+    r = check_index(db.searcher, db.embeddings, sample=args.sample, k=args.k, seed=args.seed)
+    if args.json:
+        print(json.dumps(r.to_json(), indent=1))
+        return 0
+    params = [f"nprobe {r.nprobe}"] if r.nprobe else []
+    params += [f"ef_search {r.ef_search}"] if r.ef_search else []
+    print(
+        f"index      {r.kind} ({r.factory}) over {r.ntotal} chunks{', ' if params else ''}"
+        f"{', '.join(params)}"
+    )
+    print(f"recall@{r.k:<3d} {r.recall:.4f} on {r.queries} sampled chunks (exact search as truth)")
+    print(
+        f"query time {r.ms_per_query:.3f} ms/query (index), "
+        f"{r.exact_ms_per_query:.3f} ms/query (exact numpy search)"
+    )
     return 0
