@@ -36,14 +36,33 @@ def register(subparsers) -> None:
     i.add_argument("--json", action="store_true", help="the raw manifest")
     i.set_defaults(func=run_info)
 
-    q = sub.add_parser("query", help="nearest chunks of a text, with source file and distance")
+    q = sub.add_parser(
+        "query",
+        help="nearest chunks of a text; or, with --text DIR --out OUT, the neighbours of "
+        "every chunk of another corpus (for training)",
+        description="Two forms. `retrolm db query DB TEXT [-k 5]` prints the nearest chunks "
+        "of TEXT with their source file and distance. `retrolm db query DB --text TRAIN_DIR "
+        "--out NEIGHBOURS_DIR` chunks the folder with DB's tokenizer, embeds it with DB's "
+        "encoder and stores each chunk's neighbours in DB (a chunk never retrieves its own "
+        "document: shared documents are matched by content); rerun to resume. Train on it "
+        "with `retrolm train --db DB --neighbours NEIGHBOURS_DIR`.",
+    )
     q.add_argument("db_dir", metavar="DB")
-    q.add_argument("text")
-    q.add_argument("-k", type=int, default=5, help="results (default: 5)")
+    q.add_argument("text", nargs="?", metavar="TEXT", help="a text to look up")
+    q.add_argument("-k", type=int, default=5, help="results for TEXT (default: 5)")
     q.add_argument(
         "--encoder",
-        help="encoder folder to embed the query with (default: the one the database records); "
+        help="encoder folder to embed with (default: the one the database records); "
         "its weights must be the build's",
+    )
+    q.add_argument("--text", dest="text_dir", metavar="TRAIN_DIR", help="a corpus folder")
+    q.add_argument("--out", metavar="NEIGHBOURS_DIR", help="with --text: where to store")
+    q.add_argument("--glob", default="**/*.txt", help="with --text: documents (default **/*.txt)")
+    q.add_argument(
+        "--block-size", type=int, default=4096, help="with --text: chunks per resumable block"
+    )
+    q.add_argument(
+        "--restart", action="store_true", help="with --text: discard what NEIGHBOURS_DIR holds"
     )
     add_search_flags(q)
     q.set_defaults(func=run_query)
@@ -150,10 +169,34 @@ def run_info(args: argparse.Namespace) -> int:
 def run_query(args: argparse.Namespace) -> int:
     from retrolm.retrieval.database import RetrievalDatabase
 
+    if (args.text is None) == (args.text_dir is None):
+        raise ValueError(
+            "give a TEXT to look up, or --text TRAIN_DIR --out NEIGHBOURS_DIR for a corpus"
+            f"{', not both' if args.text else ''}"
+        )
+    if (args.text_dir is None) != (args.out is None):
+        raise ValueError("--text TRAIN_DIR and --out NEIGHBOURS_DIR go together: pass both")
     if args.k < 1:
         raise ValueError(f"-k {args.k} must be at least 1")
     db = RetrievalDatabase.open(args.db_dir, encoder=args.encoder)
     db.set_search(args.nprobe, args.ef_search)
+    if args.text_dir is not None:
+        from retrolm.retrieval.query import query_corpus
+
+        m = query_corpus(
+            db,
+            args.text_dir,
+            args.out,
+            glob=args.glob,
+            block_size=args.block_size,
+            restart=args.restart,
+        )
+        print(
+            f"neighbours {args.out}: {m['num_chunks']} chunks of {m['num_documents']} documents "
+            f"({m['report']['documents_in_database']} also in the database), "
+            f"K={m['num_neighbour_columns']} from {args.db_dir}"
+        )
+        return 0
     ids, dists = db.search([args.text], args.k)
     for rank, (i, d) in enumerate(zip(ids[0], dists[0]), 1):
         if i < 0:
