@@ -1,4 +1,4 @@
-"""``retrolm db build | info | query | check``: the retrieval database from the command line."""
+"""``retrolm db build | add | info | query | check``: the retrieval database, by command."""
 
 from __future__ import annotations
 
@@ -66,6 +66,31 @@ def register(subparsers) -> None:
     )
     add_search_flags(q)
     q.set_defaults(func=run_query)
+
+    a = sub.add_parser(
+        "add",
+        help="append the documents of a folder to a database (chunks, embeddings, index)",
+        description="Grow a database: chunk NEW_DIR with its tokenizer, embed with its "
+        "encoder, add the keys to its index (an IVF/PQ index keeps its trained quantizer "
+        "unless --retrain) and store the new chunks' neighbours among all chunks. The "
+        "manifest records each addition. Rerun the same command to resume.",
+    )
+    a.add_argument("db_dir", metavar="DB")
+    a.add_argument("new_dir", metavar="NEW_DIR")
+    a.add_argument("--glob", default="**/*.txt", help="documents in NEW_DIR (default **/*.txt)")
+    a.add_argument(
+        "--retrain",
+        action="store_true",
+        help="train a new index of the build's kind for the grown size (slower; worth it "
+        "once `db info` says the index was trained on far fewer chunks)",
+    )
+    a.add_argument(
+        "--refresh-neighbours",
+        action="store_true",
+        help="also recompute the stored neighbours of the older chunks (the new chunks may "
+        "be nearer); without it they keep theirs",
+    )
+    a.set_defaults(func=run_add)
 
     c = sub.add_parser(
         "check",
@@ -143,7 +168,17 @@ def run_info(args: argparse.Namespace) -> int:
             f"max_length {e['max_length']}), sha256 {e['sha256'][:16]}"
         )
     if "index" in m:
+        from retrolm.retrieval.grow import index_advice
+
         print(f"index      {m['index']['kind']} ({m['index']['factory']})")
+        if advice := index_advice(m):
+            print(f"           note: {advice}")
+    for n, add in enumerate(m.get("additions", []), 1):
+        print(
+            f"addition {n} {add['time']}: {add['inputs']['files']} files, {add['documents']} "
+            f"documents, {add['chunks']} chunks from {add['text_dir']} (index {add['index']}"
+            f"{', neighbours refreshed' if add['refreshed_neighbours'] else ''})"
+        )
     if "neighbours" in m:
         print(f"neighbours {m['neighbours']} + {m['extra_neighbours']} extra columns")
     rep = m.get("report", {}).get("chunk")
@@ -204,6 +239,24 @@ def run_query(args: argparse.Namespace) -> int:
         text = db.tokenizer.decode(db.chunks[i, :-1])
         snippet = " ".join(text.split())[:160]
         print(f"{rank}. chunk {i}  dist {d:.4f}  {db.doc_path(db.doc_ids[i])}\n   {snippet}")
+    return 0
+
+
+def run_add(args: argparse.Namespace) -> int:
+    from retrolm.retrieval.grow import add_documents
+
+    m = add_documents(
+        args.db_dir,
+        args.new_dir,
+        glob=args.glob,
+        retrain=args.retrain,
+        refresh_neighbours=args.refresh_neighbours,
+    )
+    a = m["additions"][-1]
+    print(
+        f"database {args.db_dir}: +{a['chunks']} chunks from {a['documents']} documents, now "
+        f"{m['num_chunks']} chunks (index {a['index']})"
+    )
     return 0
 
 

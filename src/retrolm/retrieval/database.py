@@ -91,6 +91,11 @@ class RetrievalDatabase:
                 f"v{manifest.get('format_version')}, this retrolm reads {FORMAT} "
                 f"v{FORMAT_VERSION}: rebuild it"
             )
+        if "adding" in manifest:
+            raise IncompatibleError(
+                f"database {str(path)!r} is in the middle of `retrolm db add` (or one was "
+                "interrupted there): rerun that `retrolm db add` to finish it"
+            )
         if not manifest.get("complete"):
             raise IncompatibleError(
                 f"database {str(path)!r} is incomplete (stages done: "
@@ -129,8 +134,10 @@ class RetrievalDatabase:
         return chunking.read_documents(self.path)
 
     def doc_path(self, doc_id: int) -> str:
-        """The source file of a document, as found under the build's text folder."""
-        return str(Path(self.manifest["text_dir"]) / self.documents[int(doc_id)]["path"])
+        """The source file of a document, as found under the build's text folder (or the
+        folder of the ``retrolm db add`` that brought it)."""
+        doc = self.documents[int(doc_id)]
+        return str(Path(doc.get("text_dir", self.manifest["text_dir"])) / doc["path"])
 
     # ---- search -------------------------------------------------------------------------
     @property
