@@ -35,7 +35,12 @@ def register(subparsers) -> None:
     i.add_argument("db_dir", metavar="DB")
     i.add_argument("--json", action="store_true", help="the raw manifest")
     i.set_defaults(func=run_info)
+    _register_query(sub)
+    _register_add(sub)
+    _register_check(sub)
 
+
+def _register_query(sub) -> None:
     q = sub.add_parser(
         "query",
         help="nearest chunks of a text; or, with --text DIR --out OUT, the neighbours of "
@@ -67,6 +72,8 @@ def register(subparsers) -> None:
     add_search_flags(q)
     q.set_defaults(func=run_query)
 
+
+def _register_add(sub) -> None:
     a = sub.add_parser(
         "add",
         help="append the documents of a folder to a database (chunks, embeddings, index)",
@@ -92,6 +99,8 @@ def register(subparsers) -> None:
     )
     a.set_defaults(func=run_add)
 
+
+def _register_check(sub) -> None:
     c = sub.add_parser(
         "check",
         help="recall@k of the index against exact search on a sample, and the query time",
