@@ -84,7 +84,14 @@ def database_identity(db: Any) -> dict[str, Any]:
         "vocab_size": getattr(tok, "vocab_size", None),
         "chunk_size": int(db.chunk_size),
         "num_chunks": int(db.num_chunks) if hasattr(db, "num_chunks") else None,
+        # training sequences from another corpus, neighbours in this database
+        # (``retrolm train --db DB --neighbours DIR``): the neighbour set's folder
+        "neighbours": _resolved(getattr(db, "neighbours_path", None)),
     }
+
+
+def _resolved(path: Any) -> str | None:
+    return str(Path(path).resolve()) if path is not None else None
 
 
 def check_database(
@@ -99,6 +106,13 @@ def check_database(
         return
     now = database_identity(db)
     keys = ["tokenizer_hash", "chunk_size"] + (["num_chunks"] if exact else [])
+    if exact and saved.get("neighbours") != now["neighbours"]:
+        raise IncompatibleError(
+            f"{where} was trained on the sequences of "
+            f"{saved.get('neighbours') or 'its database'}, but this run reads "
+            f"{now['neighbours'] or 'the database'}'s; rerun with the same --db and "
+            "--neighbours to resume, or train a new run with --out elsewhere"
+        )
     for key in keys:
         if saved.get(key) is not None and now.get(key) is not None and saved[key] != now[key]:
             raise IncompatibleError(

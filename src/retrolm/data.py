@@ -225,7 +225,10 @@ class RETRODataset(Dataset):
             cand_docs, seq_docs = None, np.empty(0, dtype=np.int64)
         else:
             seq_docs = np.unique(np.asarray(doc_ids[real[0] : real[-1] + 1]))
-            cand_docs = np.asarray(doc_ids[np.where(cands >= 0, cands, 0).ravel()])
+            # a neighbour set's candidates live in another corpus, with their own document
+            # keys (``retrieval.query.NeighbourSet``); a database's are its own chunks
+            cand_doc_ids = getattr(self.db, "candidate_doc_ids", doc_ids)
+            cand_docs = np.asarray(cand_doc_ids[np.where(cands >= 0, cands, 0).ravel()])
             cand_docs = cand_docs.reshape(cands.shape)
         out[: len(real)] = select_neighbours(cands, cand_docs, seq_docs, k)
         return out

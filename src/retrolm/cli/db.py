@@ -1,4 +1,4 @@
-"""``retrolm db build | info | query``: the retrieval database from the command line."""
+"""``retrolm db build | add | info | query | check``: the retrieval database, by command."""
 
 from __future__ import annotations
 
@@ -35,17 +35,101 @@ def register(subparsers) -> None:
     i.add_argument("db_dir", metavar="DB")
     i.add_argument("--json", action="store_true", help="the raw manifest")
     i.set_defaults(func=run_info)
+    _register_query(sub)
+    _register_add(sub)
+    _register_check(sub)
 
-    q = sub.add_parser("query", help="nearest chunks of a text, with source file and distance")
+
+def _register_query(sub) -> None:
+    q = sub.add_parser(
+        "query",
+        help="nearest chunks of a text; or, with --text DIR --out OUT, the neighbours of "
+        "every chunk of another corpus (for training)",
+        description="Two forms. `retrolm db query DB TEXT [-k 5]` prints the nearest chunks "
+        "of TEXT with their source file and distance. `retrolm db query DB --text TRAIN_DIR "
+        "--out NEIGHBOURS_DIR` chunks the folder with DB's tokenizer, embeds it with DB's "
+        "encoder and stores each chunk's neighbours in DB (a chunk never retrieves its own "
+        "document: shared documents are matched by content); rerun to resume. Train on it "
+        "with `retrolm train --db DB --neighbours NEIGHBOURS_DIR`.",
+    )
     q.add_argument("db_dir", metavar="DB")
-    q.add_argument("text")
-    q.add_argument("-k", type=int, default=5, help="results (default: 5)")
+    q.add_argument("text", nargs="?", metavar="TEXT", help="a text to look up")
+    q.add_argument("-k", type=int, default=5, help="results for TEXT (default: 5)")
     q.add_argument(
         "--encoder",
-        help="encoder folder to embed the query with (default: the one the database records); "
+        help="encoder folder to embed with (default: the one the database records); "
         "its weights must be the build's",
     )
+    q.add_argument("--text", dest="text_dir", metavar="TRAIN_DIR", help="a corpus folder")
+    q.add_argument("--out", metavar="NEIGHBOURS_DIR", help="with --text: where to store")
+    q.add_argument("--glob", default="**/*.txt", help="with --text: documents (default **/*.txt)")
+    q.add_argument(
+        "--block-size", type=int, default=4096, help="with --text: chunks per resumable block"
+    )
+    q.add_argument(
+        "--restart", action="store_true", help="with --text: discard what NEIGHBOURS_DIR holds"
+    )
+    add_search_flags(q)
     q.set_defaults(func=run_query)
+
+
+def _register_add(sub) -> None:
+    a = sub.add_parser(
+        "add",
+        help="append the documents of a folder to a database (chunks, embeddings, index)",
+        description="Grow a database: chunk NEW_DIR with its tokenizer, embed with its "
+        "encoder, add the keys to its index (an IVF/PQ index keeps its trained quantizer "
+        "unless --retrain) and store the new chunks' neighbours among all chunks. The "
+        "manifest records each addition. Rerun the same command to resume.",
+    )
+    a.add_argument("db_dir", metavar="DB")
+    a.add_argument("new_dir", metavar="NEW_DIR")
+    a.add_argument("--glob", default="**/*.txt", help="documents in NEW_DIR (default **/*.txt)")
+    a.add_argument(
+        "--retrain",
+        action="store_true",
+        help="train a new index of the build's kind for the grown size (slower; worth it "
+        "once `db info` says the index was trained on far fewer chunks)",
+    )
+    a.add_argument(
+        "--refresh-neighbours",
+        action="store_true",
+        help="also recompute the stored neighbours of the older chunks (the new chunks may "
+        "be nearer); without it they keep theirs",
+    )
+    a.set_defaults(func=run_add)
+
+
+def _register_check(sub) -> None:
+    c = sub.add_parser(
+        "check",
+        help="recall@k of the index against exact search on a sample, and the query time",
+        description="Query the index with a sample of the database's own chunks and compare "
+        "with an exact (brute-force) search over the stored embeddings: recall@k (1.0 for an "
+        "exact index) and milliseconds per query. Try --nprobe / --ef-search values here "
+        "before using them.",
+    )
+    c.add_argument("db_dir", metavar="DB")
+    c.add_argument("--sample", type=int, default=1000, help="chunks queried (default: 1000)")
+    c.add_argument("-k", type=int, default=10, help="neighbours compared (default: 10)")
+    c.add_argument("--seed", type=int, default=0, help="which chunks are sampled (default: 0)")
+    c.add_argument("--json", action="store_true", help="the report as JSON")
+    add_search_flags(c)
+    c.set_defaults(func=run_check)
+
+
+def add_search_flags(p: argparse.ArgumentParser) -> None:
+    """Query-time index parameters (the build's values by default)."""
+    p.add_argument(
+        "--nprobe",
+        type=int,
+        help="ivf/ivfpq: inverted lists searched per query, 1..nlist (default: the build's)",
+    )
+    p.add_argument(
+        "--ef-search",
+        type=int,
+        help="hnsw: beam width of the graph search (default: the build's)",
+    )
 
 
 def run_build(args: argparse.Namespace) -> int:
@@ -93,7 +177,17 @@ def run_info(args: argparse.Namespace) -> int:
             f"max_length {e['max_length']}), sha256 {e['sha256'][:16]}"
         )
     if "index" in m:
+        from retrolm.retrieval.grow import index_advice
+
         print(f"index      {m['index']['kind']} ({m['index']['factory']})")
+        if advice := index_advice(m):
+            print(f"           note: {advice}")
+    for n, add in enumerate(m.get("additions", []), 1):
+        print(
+            f"addition {n} {add['time']}: {add['inputs']['files']} files, {add['documents']} "
+            f"documents, {add['chunks']} chunks from {add['text_dir']} (index {add['index']}"
+            f"{', neighbours refreshed' if add['refreshed_neighbours'] else ''})"
+        )
     if "neighbours" in m:
         print(f"neighbours {m['neighbours']} + {m['extra_neighbours']} extra columns")
     rep = m.get("report", {}).get("chunk")
@@ -119,9 +213,34 @@ def run_info(args: argparse.Namespace) -> int:
 def run_query(args: argparse.Namespace) -> int:
     from retrolm.retrieval.database import RetrievalDatabase
 
+    if (args.text is None) == (args.text_dir is None):
+        raise ValueError(
+            "give a TEXT to look up, or --text TRAIN_DIR --out NEIGHBOURS_DIR for a corpus"
+            f"{', not both' if args.text else ''}"
+        )
+    if (args.text_dir is None) != (args.out is None):
+        raise ValueError("--text TRAIN_DIR and --out NEIGHBOURS_DIR go together: pass both")
     if args.k < 1:
         raise ValueError(f"-k {args.k} must be at least 1")
     db = RetrievalDatabase.open(args.db_dir, encoder=args.encoder)
+    db.set_search(args.nprobe, args.ef_search)
+    if args.text_dir is not None:
+        from retrolm.retrieval.query import query_corpus
+
+        m = query_corpus(
+            db,
+            args.text_dir,
+            args.out,
+            glob=args.glob,
+            block_size=args.block_size,
+            restart=args.restart,
+        )
+        print(
+            f"neighbours {args.out}: {m['num_chunks']} chunks of {m['num_documents']} documents "
+            f"({m['report']['documents_in_database']} also in the database), "
+            f"K={m['num_neighbour_columns']} from {args.db_dir}"
+        )
+        return 0
     ids, dists = db.search([args.text], args.k)
     for rank, (i, d) in enumerate(zip(ids[0], dists[0]), 1):
         if i < 0:
@@ -129,4 +248,46 @@ def run_query(args: argparse.Namespace) -> int:
         text = db.tokenizer.decode(db.chunks[i, :-1])
         snippet = " ".join(text.split())[:160]
         print(f"{rank}. chunk {i}  dist {d:.4f}  {db.doc_path(db.doc_ids[i])}\n   {snippet}")
+    return 0
+
+
+def run_add(args: argparse.Namespace) -> int:
+    from retrolm.retrieval.grow import add_documents
+
+    m = add_documents(
+        args.db_dir,
+        args.new_dir,
+        glob=args.glob,
+        retrain=args.retrain,
+        refresh_neighbours=args.refresh_neighbours,
+    )
+    a = m["additions"][-1]
+    print(
+        f"database {args.db_dir}: +{a['chunks']} chunks from {a['documents']} documents, now "
+        f"{m['num_chunks']} chunks (index {a['index']})"
+    )
+    return 0
+
+
+def run_check(args: argparse.Namespace) -> int:
+    from retrolm.retrieval.check import check_index
+    from retrolm.retrieval.database import RetrievalDatabase
+
+    db = RetrievalDatabase.open(args.db_dir)
+    db.set_search(args.nprobe, args.ef_search)
+    r = check_index(db.searcher, db.embeddings, sample=args.sample, k=args.k, seed=args.seed)
+    if args.json:
+        print(json.dumps(r.to_json(), indent=1))
+        return 0
+    params = [f"nprobe {r.nprobe}"] if r.nprobe else []
+    params += [f"ef_search {r.ef_search}"] if r.ef_search else []
+    print(
+        f"index      {r.kind} ({r.factory}) over {r.ntotal} chunks{', ' if params else ''}"
+        f"{', '.join(params)}"
+    )
+    print(f"recall@{r.k:<3d} {r.recall:.4f} on {r.queries} sampled chunks (exact search as truth)")
+    print(
+        f"query time {r.ms_per_query:.3f} ms/query (index), "
+        f"{r.exact_ms_per_query:.3f} ms/query (exact numpy search)"
+    )
     return 0

@@ -1,6 +1,6 @@
-"""``retrolm train --db DB --out RUN [--config FILE] [--no-retrieval]``, or for a family
-without retrieval ``retrolm train --model routing --text DIR --out RUN [--tokenizer FILE |
---vocab-size N] [--glob PATTERN]`` (no database)."""
+"""``retrolm train --db DB [--neighbours DIR] --out RUN [--config FILE] [--no-retrieval]``,
+or for a family without retrieval ``retrolm train --model routing --text DIR --out RUN
+[--tokenizer FILE | --vocab-size N] [--glob PATTERN]`` (no database)."""
 
 from __future__ import annotations
 
@@ -36,6 +36,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "interruption resumes from the last checkpoint.",
     )
     p.add_argument("--db", help="retrieval database directory")
+    p.add_argument(
+        "--neighbours",
+        metavar="NEIGHBOURS_DIR",
+        help="with --db: train on the sequences of another corpus, retrieving from DB "
+        "(made by `retrolm db query DB --text TRAIN_DIR --out NEIGHBOURS_DIR`)",
+    )
     p.add_argument(
         "--text",
         help="folder of documents (families without retrieval): trained on directly, "
@@ -124,7 +130,16 @@ def _data(args: argparse.Namespace) -> Any:
         given = [f for f in text_flags if getattr(args, f[2:].replace("-", "_")) is not None]
         if given:
             raise ValueError(f"{', '.join(given)}: only with --text, not with --db; drop it")
+        if args.neighbours is not None:
+            from retrolm.retrieval.query import NeighbourSet
+
+            return NeighbourSet.open(args.db, args.neighbours)
         return args.db
+    if args.neighbours is not None:
+        raise ValueError(
+            "--neighbours DIR goes with --db DB (the database its neighbours point into), "
+            "not with --text: pass --db DB --neighbours DIR"
+        )
     return TextData(args.text, args.glob or "**/*.txt", args.tokenizer, args.vocab_size)
 
 

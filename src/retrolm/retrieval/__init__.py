@@ -14,6 +14,10 @@ from typing import Any
 _NAMES = {
     "BuildConfig": "build",
     "build_database": "build",
+    "check_index": "check",
+    "add_documents": "grow",
+    "NeighbourSet": "query",
+    "query_corpus": "query",
     "DocumentChunker": "chunking",
     "list_documents": "chunking",
     "RetrievalDatabase": "database",

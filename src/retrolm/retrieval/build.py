@@ -501,7 +501,7 @@ def _stage_index(db_dir, manifest, config, **_):
     index = build_index(spec, emb, memory_budget=budget)
     with atomic_path(db_dir / INDEX_FILE) as tmp:
         save_index(index, tmp)
-    manifest["index"] = dict(spec.to_json(), file=INDEX_FILE)
+    manifest["index"] = dict(spec.to_json(), file=INDEX_FILE, trained_on=len(emb))
 
 
 def _stage_neighbours(db_dir, manifest, config, **_):

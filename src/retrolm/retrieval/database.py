@@ -91,6 +91,11 @@ class RetrievalDatabase:
                 f"v{manifest.get('format_version')}, this retrolm reads {FORMAT} "
                 f"v{FORMAT_VERSION}: rebuild it"
             )
+        if "adding" in manifest:
+            raise IncompatibleError(
+                f"database {str(path)!r} is in the middle of `retrolm db add` (or one was "
+                "interrupted there): rerun that `retrolm db add` to finish it"
+            )
         if not manifest.get("complete"):
             raise IncompatibleError(
                 f"database {str(path)!r} is incomplete (stages done: "
@@ -129,8 +134,10 @@ class RetrievalDatabase:
         return chunking.read_documents(self.path)
 
     def doc_path(self, doc_id: int) -> str:
-        """The source file of a document, as found under the build's text folder."""
-        return str(Path(self.manifest["text_dir"]) / self.documents[int(doc_id)]["path"])
+        """The source file of a document, as found under the build's text folder (or the
+        folder of the ``retrolm db add`` that brought it)."""
+        doc = self.documents[int(doc_id)]
+        return str(Path(doc.get("text_dir", self.manifest["text_dir"])) / doc["path"])
 
     # ---- search -------------------------------------------------------------------------
     @property
@@ -161,11 +168,33 @@ class RetrievalDatabase:
             self._encoder.set_dtype(st["dtype"])
         return self._encoder
 
+    @property
+    def index_spec(self) -> IndexSpec:
+        """The index as built, with any query-time parameters ``set_search`` gave."""
+        if "searcher" in self.__dict__:
+            return self.searcher.spec
+        info = self.manifest["index"]
+        spec = IndexSpec(**{k: v for k, v in info.items() if k in IndexSpec.__annotations__})
+        return spec.with_search(*self._search_params)
+
+    _search_params: tuple[int | None, int | None] = (None, None)
+
+    def set_search(self, nprobe: int | None = None, ef_search: int | None = None) -> None:
+        """Query with ``nprobe`` lists (ivf, ivfpq) or an HNSW beam of ``ef_search`` instead
+        of the build's values; None keeps each. Checked against the index kind."""
+        self.index_spec.with_search(nprobe, ef_search)  # ValueError before anything changes
+        self._search_params = (
+            nprobe if nprobe is not None else self._search_params[0],
+            ef_search if ef_search is not None else self._search_params[1],
+        )
+        if "searcher" in self.__dict__:
+            self.searcher.set_search(nprobe, ef_search)
+
     @cached_property
     def searcher(self) -> Searcher:
-        info = self.manifest["index"]
-        spec = IndexSpec(**{k: v for k, v in info.items() if k != "file"})
-        return Searcher(load_index(self.path / info["file"], spec), spec, self.embeddings)
+        spec = self.index_spec
+        path = self.path / self.manifest["index"]["file"]
+        return Searcher(load_index(path, spec), spec, self.embeddings)
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """Keys for texts with the build's recipe ``(Q, d)``."""

@@ -25,7 +25,7 @@ import math
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +66,41 @@ class IndexSpec:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+    @property
+    def nlist(self) -> int:
+        """Inverted lists of an ivf/ivfpq index (0 for other kinds)."""
+        m = re.search(r"IVF(\d+)", self.factory)
+        return int(m.group(1)) if m else 0
+
+    def with_search(self, nprobe: int | None = None, ef_search: int | None = None) -> IndexSpec:
+        """This spec with query-time parameters replaced (None keeps the build's).
+
+        ``nprobe`` (1..nlist) applies to ivf/ivfpq, ``ef_search`` (>= 1) to hnsw; a value
+        for a kind without that parameter is refused (it would silently change nothing)."""
+        out = replace(self)
+        if nprobe is not None:
+            if not self.nlist:
+                raise ValueError(
+                    f"--nprobe {nprobe}: the {self.kind} index ({self.factory}) has no inverted "
+                    "lists; nprobe applies to ivf and ivfpq indexes, drop it"
+                )
+            if not 1 <= nprobe <= self.nlist:
+                raise ValueError(
+                    f"--nprobe {nprobe} is out of range for {self.factory}: use 1 to "
+                    f"{self.nlist} (nlist; {self.nlist} searches every list)"
+                )
+            out.nprobe = int(nprobe)
+        if ef_search is not None:
+            if self.kind != "hnsw":
+                raise ValueError(
+                    f"--ef-search {ef_search}: the {self.kind} index ({self.factory}) is not "
+                    "an HNSW graph; ef_search applies to hnsw indexes, drop it"
+                )
+            if ef_search < 1:
+                raise ValueError(f"--ef-search {ef_search} must be at least 1")
+            out.ef_search = int(ef_search)
+        return out
 
 
 def choose_index(n: int, d: int, kind: str = "auto", memory_budget: int = 4 << 30) -> IndexSpec:
@@ -221,6 +256,11 @@ class Searcher:
     @property
     def ntotal(self) -> int:
         return int(self.index.ntotal)
+
+    def set_search(self, nprobe: int | None = None, ef_search: int | None = None) -> None:
+        """Change the query-time parameters (``IndexSpec.with_search``); None keeps each."""
+        self.spec = self.spec.with_search(nprobe, ef_search)
+        configure(self.index, self.spec)
 
     def search(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Nearest ``k`` keys of queries ``x (Q, d)``: ids int64 ``(Q, k)`` (−1 = none) and
