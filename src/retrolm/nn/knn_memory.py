@@ -39,11 +39,10 @@ _SIM_BLOCK = 1 << 24  # exact search: at most this many query x key scores at on
 
 
 def _faiss_available() -> bool:
-    try:
-        import faiss  # noqa: F401  (only to see whether it is installed)
-    except ImportError:
-        return False
-    return True
+    """Whether faiss is installed (found, not imported: only retrieval/ imports it)."""
+    import importlib.util
+
+    return importlib.util.find_spec("faiss") is not None
 
 
 class KNNMemory:
