@@ -106,6 +106,7 @@ class KNNAttention(nn.Module):
         if gate == "sigmoid":
             self.gate_bias = nn.Parameter(torch.full((heads, 1, 1), float(gate_init)))
 
+    # signature twin of the local layer's forward (deliberate): a layer stack calls both alike
     def forward(
         self,
         x: Tensor,  # (b, n, dim)
