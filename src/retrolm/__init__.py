@@ -36,6 +36,7 @@ _LAZY = {
     "from_pretrained": "retrolm.models.pretrained",
     "load_tokenizer": "retrolm.models.pretrained",
     "pretrained_config": "retrolm.models.pretrained",
+    "upload_pretrained": "retrolm.models.pretrained",
 }
 
 

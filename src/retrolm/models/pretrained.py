@@ -123,12 +123,14 @@ class PreTrainedMixin:
         """``save_pretrained`` into a temporary folder, then upload its files to Hub
         repository ``repo_id`` (created if missing) in one commit; returns the commit info."""
         with tempfile.TemporaryDirectory(prefix="retrolm-push-") as tmp:
-            folder = self.save_pretrained(
+            folder = save_pretrained(
+                self,  # type: ignore[arg-type]
                 Path(tmp) / "model",
                 tokenizer=tokenizer,
                 database=database,
                 card=card,
                 metadata=metadata,
+                card_name=repo_id,
             )
             return upload_pretrained(
                 folder,
@@ -166,8 +168,10 @@ def save_pretrained(
     database: dict[str, Any] | None = None,
     card: str | None = None,
     metadata: dict[str, Any] | None = None,
+    card_name: str | None = None,
 ) -> Path:
-    """``model.save_pretrained(...)`` for any registered family's model (see the mixin)."""
+    """``model.save_pretrained(...)`` for any registered family's model (see the mixin);
+    ``card_name``: what the default card's loading example names (default: the folder's)."""
     from safetensors.torch import save_model
 
     from retrolm import __version__
@@ -197,6 +201,7 @@ def save_pretrained(
             parameters=parameter_count(model),
             config=config["config"],
             database=database,
+            name=card_name or dest.name,
         )
     _check_destination(dest)
     with _new_folder(dest) as tmp:
@@ -249,6 +254,8 @@ class _new_folder:
                 fsync_path(self.dest.parent)
                 if old is not None:
                     shutil.rmtree(old, ignore_errors=True)
+                for left in self.dest.parent.glob(f".{self.dest.name}.*.tmp"):
+                    shutil.rmtree(left, ignore_errors=True)  # what killed saves left
         finally:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
