@@ -87,6 +87,13 @@ def test_tied_weights_stay_tied(tmp_path):
     assert torch.equal(logits(loaded), logits(model))
 
 
+def test_a_bf16_model_comes_back_in_bf16(tmp_path):
+    model = tiny("hierarchical").to(torch.bfloat16)
+    loaded = retrolm.from_pretrained(model.save_pretrained(tmp_path / "bf16"))
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    assert torch.equal(logits(loaded), logits(model))
+
+
 def test_tokenizer_and_database_identity_come_back(tmp_path):
     tok = LMTokenizer.train(["a few words to learn merges from, and a few more"] * 3, 270)
     identity = {"encoder": "tiny-bert", "encoder_sha256": "ab" * 32, "chunk_size": 4}
@@ -154,9 +161,12 @@ def test_bad_places_are_one_line(tmp_path):
     assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
     # a folder save_pretrained wrote is replaced whole
     first = model.save_pretrained(tmp_path / "again")
+    (tmp_path / ".again.k1ll3d_x.tmp").mkdir()  # left by a killed save: cleaned
+    (tmp_path / ".again.v2.k1ll3d_x.tmp").mkdir()  # a save to "again.v2" in progress: kept
     tiny("hierarchical", seed=5).save_pretrained(first)
     assert torch.equal(logits(retrolm.from_pretrained(first)), logits(tiny("hierarchical", 5)))
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    hidden = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("."))
+    assert hidden == [".again.v2.k1ll3d_x.tmp"]
 
 
 def test_a_failed_save_leaves_no_folder(tmp_path, monkeypatch):

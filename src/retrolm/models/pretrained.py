@@ -4,7 +4,8 @@ A pretrained model is a folder (or a Hugging Face Hub repository holding the sam
 
     model.safetensors   the weights (no pickle; tied weights stored once)
     config.json         {"retrolm_format": 1, "family": ..., "model_class": ..., "config": {...},
-                         "tokenizer_hash": ..., "database": {...} (RETRO), "metadata": {...}}
+                         "dtype": ..., "tokenizer_hash": ..., "database": {...} (RETRO),
+                         "metadata": {...} (what the caller adds: steps, data, eval)}
     tokenizer.json      the LM tokenizer, when one was given
     README.md           the model card (``retrolm.model_card``): YAML metadata, then Markdown
 
@@ -26,6 +27,8 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -186,6 +189,9 @@ def save_pretrained(
         "model_class": type(model).__name__,
         "config": config_to_dict(model.config),
     }
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if len(dtypes) == 1:  # restored by from_pretrained (a bf16 model stays bf16)
+        config["dtype"] = str(dtypes.pop()).removeprefix("torch.")
     if tokenizer is not None:
         config["tokenizer_hash"] = getattr(tokenizer, "hash", None)
     if database is not None:
@@ -204,7 +210,7 @@ def save_pretrained(
             name=card_name or dest.name,
         )
     _check_destination(dest)
-    with _new_folder(dest) as tmp:
+    with _whole_folder(dest) as tmp:
         save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt"})
         (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         if isinstance(tokenizer, (str, os.PathLike)):
@@ -231,33 +237,28 @@ def _check_destination(dest: Path) -> None:
             )
 
 
-class _new_folder:
-    """A hidden temporary sibling of ``dest``, renamed onto it when the block succeeds (an
-    earlier folder moved aside first), so the folder appears whole or not at all."""
-
-    def __init__(self, dest: Path) -> None:
-        self.dest = dest
-
-    def __enter__(self) -> Path:
-        self.dest.parent.mkdir(parents=True, exist_ok=True)
-        prefix = f".{self.dest.name}."
-        self.tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=self.dest.parent))
-        return self.tmp
-
-    def __exit__(self, kind: Any, *_: Any) -> None:
-        try:
-            if kind is None:
-                for f in self.tmp.iterdir():
-                    fsync_path(f)
-                old = move_aside(self.dest) if self.dest.exists() else None
-                os.replace(self.tmp, self.dest)
-                fsync_path(self.dest.parent)
-                if old is not None:
-                    shutil.rmtree(old, ignore_errors=True)
-                for left in self.dest.parent.glob(f".{self.dest.name}.*.tmp"):
-                    shutil.rmtree(left, ignore_errors=True)  # what killed saves left
-        finally:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+@contextmanager
+def _whole_folder(dest: Path) -> Iterator[Path]:
+    """Yield a hidden temporary sibling of ``dest``, renamed onto it when the block succeeds
+    (an earlier folder moved aside first), so the folder appears whole or not at all."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    try:
+        yield tmp
+        for f in tmp.iterdir():
+            fsync_path(f)
+        old = move_aside(dest) if dest.exists() else None
+        os.replace(tmp, dest)
+        fsync_path(dest.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        # what saves killed earlier left (mkdtemp's names: 8 random characters)
+        left = re.compile(rf"\.{re.escape(dest.name)}\.(old\.)?\w{{8}}\.tmp")
+        for f in dest.parent.iterdir():
+            if left.fullmatch(f.name):
+                shutil.rmtree(f, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def resolve_pretrained(
@@ -361,7 +362,13 @@ def load_pretrained(
     from safetensors.torch import load_model
 
     folder = Path(folder)
-    model = _build(folder, read_pretrained_config(folder), expected)
+    meta = read_pretrained_config(folder)
+    model = _build(folder, meta, expected)
+    if "dtype" in meta:
+        dtype = getattr(torch, str(meta["dtype"]), None)
+        if not isinstance(dtype, torch.dtype):
+            raise IncompatibleError(f"{folder / CONFIG}: unknown dtype {meta['dtype']!r}")
+        model.to(dtype)
     path = folder / WEIGHTS
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; copy or download the folder whole")
