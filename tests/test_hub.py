@@ -276,7 +276,9 @@ def test_the_cards_yaml_parses_to_what_was_given():
         "retrieval": {"bits_per_byte": 1.25, "perplexity": 9.5, "tokens": 100},
         "no_retrieval": {"bits_per_byte": 1.5, "perplexity": 12.0, "tokens": 100},
     }
-    data = {"kind": "text folder", "name": awkward, "files": 3, "empty": [], "none": None}
+    data = {"kind": "text folder", "name": awkward, "files": 3, "empty": [], "none": None,
+            "words": ["yes", "Off", "null", "1e-05", "0x1F", "text-generation", "-"],
+            "ratio": 1e-05, "big": 1e20, "huge": 12345678901234}  # fmt: skip
     card = model_card(
         family="retro",
         model_class="RETRO",
@@ -292,6 +294,7 @@ def test_the_cards_yaml_parses_to_what_was_given():
     meta = head["retrolm"]
     assert meta["family"] == "retro" and meta["parameters"] == 123456 and meta["steps"] == 40
     assert meta["training_data"] == data
+    assert "library_name: retrolm" in card and "- text-generation" in card  # plain where safe
     assert meta["eval"] == {"retrieval": 1.25, "no_retrieval": 1.5}
     assert "| retrieval | 1.2500 | 9.50 | 100 |" in card
     assert "Retrieval lowers bits/byte by 16.7%." in card

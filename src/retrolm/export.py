@@ -159,7 +159,9 @@ def export_run(
     report = read_eval_report(run_of(ckpt))
     eval_data = None
     if report is not None:
-        eval_data = {"documents": report.get("documents"), "chunks": report.get("chunks")}
+        eval_data = {"held-out documents": report.get("documents")}
+        if report.get("chunks"):  # retrieval chunks scored (RETRO only)
+            eval_data["chunks"] = report["chunks"]
     steps = meta.get("step")
     card = model_card(
         family=fam.name,

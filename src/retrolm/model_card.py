@@ -17,8 +17,13 @@ from __future__ import annotations
 
 import json
 import math
+import re
+from decimal import Decimal
 from typing import Any
 
+_PLAIN = re.compile(r"[A-Za-z_][\w.-]*")
+"""Strings written unquoted (the rest double-quoted): no YAML indicator, no number."""
+_KEYWORDS = {"yes", "no", "true", "false", "null", "on", "off", "y", "n"}
 EVAL_MODES = ("retrieval", "no_retrieval", "memory", "no_memory")
 """Modes in the order the evaluation table lists them (others follow, by name)."""
 
@@ -31,9 +36,15 @@ def _scalar(value: Any) -> str:
     if isinstance(value, int):
         return str(value)
     if isinstance(value, float):
-        # fixed point: YAML 1.1 parsers read "1e-05" (no dot) as a string
-        return f"{value:.6f}".rstrip("0").rstrip(".") if math.isfinite(value) else "null"
-    return json.dumps(str(value))  # a JSON string is a YAML double-quoted scalar
+        if not math.isfinite(value):
+            return "null"
+        # the shortest repr in fixed point: YAML 1.1 parsers read "1e-05" (no dot) as a string
+        text = format(Decimal(repr(value)), "f")
+        return text if "." in text else text + ".0"
+    text = str(value)
+    if _PLAIN.fullmatch(text) and text.lower() not in _KEYWORDS:
+        return text
+    return json.dumps(text)  # a JSON string is a YAML double-quoted scalar
 
 
 def to_yaml(value: Any, indent: int = 0) -> list[str]:
