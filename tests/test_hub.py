@@ -87,6 +87,16 @@ def test_tied_weights_stay_tied(tmp_path):
     assert torch.equal(logits(loaded), logits(model))
 
 
+def test_a_subclass_loads_as_itself(tmp_path):
+    class MyRETRO(retrolm.RETRO):
+        pass
+
+    folder = tiny("retro").save_pretrained(tmp_path / "r")
+    assert type(MyRETRO.from_pretrained(folder)) is MyRETRO
+    with pytest.raises(IncompatibleError, match="holds a 'retro' model, not a 'routing' one"):
+        retrolm.RoutingLanguageModel.from_pretrained(folder)
+
+
 def test_a_bf16_model_comes_back_in_bf16(tmp_path):
     model = tiny("hierarchical").to(torch.bfloat16)
     loaded = retrolm.from_pretrained(model.save_pretrained(tmp_path / "bf16"))

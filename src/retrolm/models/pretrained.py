@@ -320,9 +320,10 @@ def read_pretrained_config(folder: str | os.PathLike) -> dict[str, Any]:
 def _class_family(cls: type) -> str | None:
     from retrolm.models.registry import FAMILIES
 
-    for fam in FAMILIES.values():
-        if fam.model_cls is cls or fam.model_cls == f"{cls.__module__}:{cls.__qualname__}":
-            return fam.name
+    for base in cls.__mro__:  # a subclass of a family's class belongs to that family
+        for fam in FAMILIES.values():
+            if fam.model_cls is base or fam.model_cls == f"{base.__module__}:{base.__qualname__}":
+                return fam.name
     return None
 
 
@@ -349,6 +350,8 @@ def _build(folder: Path, meta: dict[str, Any], expected: type | None) -> nn.Modu
         config = fam.make_config(meta["config"])
     except (KeyError, TypeError, ValueError) as e:
         raise IncompatibleError(f"{folder / CONFIG}: bad model config ({e})") from None
+    if want == family and issubclass(expected, fam.model_class()):  # type: ignore[arg-type]
+        return expected(config=config)  # a user's subclass comes back as itself
     return fam.build(config)
 
 
