@@ -303,6 +303,7 @@ def test_the_cards_yaml_parses_to_what_was_given():
         training_data=data,
         database={"encoder": "tiny-bert", "chunk_size": 4},
         eval_modes=modes,
+        eval_table="| mode | bits/byte |\n|---|---:|\n| retrieval | 1.2500 |\n",
         config={"chunk_size": 4},
     )
     head = yaml.safe_load(front_matter(card))
@@ -312,8 +313,7 @@ def test_the_cards_yaml_parses_to_what_was_given():
     assert meta["training_data"] == data
     assert "library_name: retrolm" in card and "- text-generation" in card  # plain where safe
     assert meta["eval"] == {"retrieval": 1.25, "no_retrieval": 1.5}
-    assert "| retrieval | 1.2500 | 9.50 | 100 |" in card
-    assert "Retrieval lowers bits/byte by 16.7%." in card
+    assert "## Evaluation\n\n| mode | bits/byte |\n|---|---:|\n| retrieval | 1.2500 |" in card
 
 
 # ---- retrolm export ------------------------------------------------------------------------
@@ -359,7 +359,9 @@ def test_export_writes_a_folder_that_loads_to_the_run_s_model(text_run, capsys):
     assert meta["eval"]["no_retrieval"] == pytest.approx(
         report["modes"]["no_retrieval"]["bits_per_byte"], abs=1e-6
     )
-    assert "| no retrieval |" in card and 'from_pretrained("me/tiny-routing")' in card
+    assert (
+        run / "eval" / "eval.md"
+    ).read_text().strip() in card and 'from_pretrained("me/tiny-routing")' in card
     for f in out.iterdir():  # nothing of this machine's paths is shared
         assert str(root) not in f.read_text(errors="replace"), f.name
 
@@ -419,3 +421,17 @@ def test_export_push_uploads_the_exported_folder(text_run, hub, capsys):
     assert b'from_pretrained("me/tiny")' in hub["files"]["README.md"]
     assert main(["export", str(run), str(root / "np"), "--private"]) == 2
     assert "--private applies to --push" in capsys.readouterr().err
+
+
+def test_the_cards_eval_table_is_retrolm_eval_s_with_empty_leakage_bins():
+    from retrolm.evaluate import EvalResult
+    from retrolm.export import eval_markdown
+
+    modes = {m: {"bits_per_byte": b, "perplexity": 9.0, "tokens": 10} for m, b in
+             (("retrieval", 1.0), ("no_retrieval", 1.5))}  # fmt: skip
+    leakage = [{"alpha": 0.0, "fraction": 0.0, "retrieval": float("nan"),
+                "no_retrieval": float("nan")}]  # fmt: skip
+    report = json.loads(json.dumps({"modes": modes, "leakage": leakage}).replace("NaN", "null"))
+    table = eval_markdown(report)  # eval.json keeps an empty bin's bits/byte as null
+    assert table == EvalResult(modes=modes, leakage=leakage).markdown()
+    assert "| 0.000 | 0.0% | - | - |" in table

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -138,6 +139,17 @@ def read_eval_report(run: Path) -> dict[str, Any] | None:
     return report if ok and modes else None
 
 
+def eval_markdown(report: dict[str, Any]) -> str:
+    """An ``eval.json`` report as the Markdown table ``retrolm eval`` writes (``eval.md``)."""
+    from retrolm.evaluate import EvalResult
+
+    def nan(row: dict[str, Any]) -> dict[str, Any]:  # strict JSON kept empty bins as null
+        return {k: math.nan if v is None else v for k, v in row.items()}
+
+    leakage = [nan(r) for r in report.get("leakage") or [] if isinstance(r, dict)]
+    return EvalResult(modes=report["modes"], leakage=leakage).markdown()
+
+
 def export_run(
     run: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -157,8 +169,9 @@ def export_run(
     database = database_identity(manifest, meta) if fam.uses_retrieval and manifest else None
     data = training_data(meta, manifest)
     report = read_eval_report(run_of(ckpt))
-    eval_data = None
+    eval_data = table = None
     if report is not None:
+        table = eval_markdown(report)
         eval_data = {"held-out documents": report.get("documents")}
         if report.get("chunks"):  # retrieval chunks scored (RETRO only)
             eval_data["chunks"] = report["chunks"]
@@ -173,6 +186,7 @@ def export_run(
         database=database,
         eval_modes=report["modes"] if report else None,
         eval_data=eval_data,
+        eval_table=table,
         name=name or out_dir.name,
     )
     metadata = {

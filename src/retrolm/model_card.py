@@ -24,8 +24,6 @@ from typing import Any
 _PLAIN = re.compile(r"[A-Za-z_][\w.-]*")
 """Strings written unquoted (the rest double-quoted): no YAML indicator, no number."""
 _KEYWORDS = {"yes", "no", "true", "false", "null", "on", "off", "y", "n"}
-EVAL_MODES = ("retrieval", "no_retrieval", "memory", "no_memory")
-"""Modes in the order the evaluation table lists them (others follow, by name)."""
 
 
 def _scalar(value: Any) -> str:
@@ -82,23 +80,6 @@ def front_matter(card: str) -> str:
     return "\n".join(lines[1:end]) + "\n"
 
 
-def eval_table(modes: dict[str, dict[str, float]]) -> str:
-    """Bits per byte (and token perplexity) of each evaluation mode, as a Markdown table."""
-    order = [m for m in EVAL_MODES if m in modes] + sorted(set(modes) - set(EVAL_MODES))
-    rows = ["| mode | bits/byte | token perplexity | tokens |", "|---|---:|---:|---:|"]
-    for mode in order:
-        r = modes[mode]
-        rows.append(
-            f"| {mode.replace('_', ' ')} | {r['bits_per_byte']:.4f} | "
-            f"{r.get('perplexity', math.nan):.2f} | {int(r.get('tokens', 0))} |"
-        )
-    for on, off in (("retrieval", "no_retrieval"), ("memory", "no_memory")):
-        if on in modes and off in modes:
-            gain = 1 - modes[on]["bits_per_byte"] / modes[off]["bits_per_byte"]
-            rows.append(f"\n{on.capitalize()} lowers bits/byte by {100 * gain:.1f}%.")
-    return "\n".join(rows)
-
-
 def _millions(n: int) -> str:
     return f"{n / 1e6:.1f}M" if n >= 1e5 else f"{n:,}"
 
@@ -114,12 +95,15 @@ def model_card(
     database: dict[str, Any] | None = None,
     eval_modes: dict[str, dict[str, float]] | None = None,
     eval_data: dict[str, Any] | None = None,
+    eval_table: str | None = None,
     name: str = "FOLDER_OR_REPO_ID",
 ) -> str:
     """The card's text. ``training_data``: what the model was trained on (a text folder's
     files, bytes and digest, or a database's); ``database``: for RETRO, the identity of the
     retrieval database it reads (encoder, tokenizer, chunk size); ``eval_modes``: the
-    ``modes`` of an ``eval.json`` (bits/byte with and without retrieval or memory);
+    ``modes`` of an ``eval.json`` (bits/byte with and without retrieval or memory, kept in
+    the metadata); ``eval_data``: what was scored; ``eval_table``: the evaluation as
+    Markdown (``EvalResult.markdown()``);
     ``name``: what the loading example passes to ``from_pretrained``."""
     meta: dict[str, Any] = {"family": family, "model_class": model_class, "parameters": parameters}
     for key, value in (
@@ -170,8 +154,10 @@ def model_card(
             "",
             *_bullets(database),
         ]
-    if eval_modes:
-        parts += ["", "## Evaluation", "", *_bullets(eval_data or {}), "", eval_table(eval_modes)]
+    if eval_table:
+        parts += ["", "## Evaluation", ""]
+        parts += [*_bullets(eval_data), ""] if eval_data else []
+        parts.append(eval_table.strip())
     if config:
         parts += ["", "## Configuration", "", "```json", json.dumps(config, indent=2), "```"]
     return "\n".join(parts) + "\n"
