@@ -23,7 +23,8 @@ from retrolm.models.registry import FAMILIES, get_family
 from retrolm.retrieval.tokenizer import LMTokenizer
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-PRESETS = {"retro": "retro-tiny", "routing": "routing-tiny", "hierarchical": "hier-tiny"}
+PRESETS = {"retro": "retro-tiny", "routing": "routing-tiny", "hierarchical": "hier-tiny",
+           "delight": "delight-tiny", "memorizing": "memorizing-tiny"}  # fmt: skip
 MODEL_FILES = {"model.safetensors", "config.json", "README.md"}
 BUILT_IN = sorted(
     name
