@@ -31,6 +31,7 @@ PIPELINE = (
     "retrolm.data",
     "retrolm.demo",
     "retrolm.seed_api",
+    "retrolm.export",
     "retrolm.cli",
 )
 CLI = ("retrolm.cli",)

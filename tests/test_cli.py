@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from retrolm.checkpoint import resolve_checkpoint
 from retrolm.cli import main
@@ -261,6 +262,23 @@ def test_eval_report_is_strict_json_with_empty_leakage_bins(setup, capsys, tmp_p
     assert "nan" not in table
     row = next(line for line in table.splitlines() if line.startswith(" 0.000"))
     assert row.split()[-2:] == ["-", "-"]
+
+
+def test_export_of_a_retro_run_records_its_database(setup, capsys, tmp_path):
+    import retrolm
+    from retrolm.checkpoint import load_model
+
+    root, run = setup[0], setup[1]
+    assert main(["export", str(run), str(tmp_path / "out")]) == 0
+    meta = retrolm.pretrained_config(tmp_path / "out")
+    built = json.loads((root / "db" / "manifest.json").read_text())
+    assert meta["family"] == "retro" and meta["database"]["chunk_size"] == MODEL["chunk_size"]
+    assert meta["database"]["encoder"] == built["encoder"]["name"]
+    assert meta["database"]["encoder_sha256"] == built["encoder"]["sha256"]
+    assert retrolm.load_tokenizer(tmp_path / "out").hash == built["tokenizer"]["hash"]
+    trained, _ = load_model(run)
+    loaded = retrolm.RETRO.from_pretrained(tmp_path / "out").state_dict()
+    assert all(torch.equal(t, loaded[k]) for k, t in trained.state_dict().items())
 
 
 def test_python_dash_m_runs_the_command_line():

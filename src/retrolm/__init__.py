@@ -28,10 +28,15 @@ _LAZY = {
     "KNNMemoryList": "retrolm.nn.knn_memory",
     "RoutingTransformer": "retrolm.models.routing.model",
     "RoutingTransformerLM": "retrolm.models.routing.model",
+    "RoutingLanguageModel": "retrolm.models.routing.model",
     "RoutingTransformerEncDec": "retrolm.models.routing.encdec",
     "AutoregressiveWrapper": "retrolm.seed_api",
     "DeLighTLM": "retrolm.models.delight.model",
     "DeLighTConfig": "retrolm.models.delight.config",
+    "from_pretrained": "retrolm.models.pretrained",
+    "load_tokenizer": "retrolm.models.pretrained",
+    "pretrained_config": "retrolm.models.pretrained",
+    "upload_pretrained": "retrolm.models.pretrained",
 }
 
 

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from retrolm.errors import IncompatibleError
-from retrolm.utils import fsync_path, unwrap
+from retrolm.utils import fsync_path, move_aside, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -329,7 +329,7 @@ def save_checkpoint(
         fsync_path(tmp)
         _fault("files-written")
         if dest.exists():  # a damaged checkpoint of this step, skipped by the resume
-            _move_aside(dest)
+            move_aside(dest)
         os.replace(tmp, dest)
         fsync_path(root)
     finally:
@@ -337,7 +337,7 @@ def save_checkpoint(
     _fault("folder-renamed")
     _write_pointer(root, dest.name, step)
     for _, old in list_checkpoints(run_dir)[:-keep]:
-        trash = _move_aside(old)
+        trash = move_aside(old)
         _fault("old-moved-aside")
         shutil.rmtree(trash, ignore_errors=True)
         _fault("old-deleted")
@@ -358,15 +358,6 @@ def _write_pointer(root: Path, name: str, step: int) -> None:
     os.replace(tmp, root / POINTER)
     fsync_path(root)
     _fault("pointer-replaced")
-
-
-def _move_aside(folder: Path) -> Path:
-    """Rename ``folder`` to a hidden ``.tmp`` name (deleted later), so a kill while it is
-    being deleted never leaves a partial folder under a checkpoint's name."""
-    trash = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", suffix=".tmp", dir=folder.parent))
-    os.replace(folder, trash)  # onto the empty folder mkdtemp made
-    fsync_path(folder.parent)
-    return trash
 
 
 def load_weights(model: nn.Module, ckpt: Path) -> None:

@@ -88,6 +88,16 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         _rm(tmp)
 
 
+def move_aside(folder: Path) -> Path:
+    """Rename ``folder`` to a hidden ``.tmp`` sibling (the caller deletes it), so that a kill
+    while it is being deleted never leaves a partial folder under its name."""
+    folder = Path(folder)
+    trash = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", suffix=".tmp", dir=folder.parent))
+    os.replace(folder, trash)  # onto the empty folder mkdtemp made
+    fsync_path(folder.parent)
+    return trash
+
+
 def json_safe(obj: Any) -> Any:
     """``obj`` with every NaN or infinite float replaced by None, so that it serialises as
     strict JSON (``json.dumps`` would write ``NaN``, which strict parsers such as ``jq`` and

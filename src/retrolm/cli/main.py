@@ -27,6 +27,7 @@ COMMANDS: dict[str, str] = {
     "eval": "retrolm.cli.eval",
     "generate": "retrolm.cli.generate",
     "demo": "retrolm.cli.demo",
+    "export": "retrolm.cli.export",
 }
 
 

@@ -41,6 +41,7 @@ from retrolm.models.delight.config import DeLighTConfig
 from retrolm.models.delight.define import DeFINE
 from retrolm.models.delight.dextra import norm_name
 from retrolm.models.delight.openelm import OpenELMBlock
+from retrolm.models.pretrained import PreTrainedMixin
 from retrolm.nn.group_linear import GroupLinear
 from retrolm.nn.kv_cache import KVCache
 from retrolm.nn.losses import cross_entropy
@@ -77,7 +78,7 @@ def recurrent_dropout(x: Tensor, p: float, training: bool) -> Tensor:
     return x * keep / (1.0 - p)
 
 
-class DeLighTLM(nn.Module):
+class DeLighTLM(PreTrainedMixin, nn.Module):
     """``DeLighTLM(num_tokens, dim, **options)`` or ``DeLighTLM(config=DeLighTConfig(...))``
     (options: the fields of ``DeLighTConfig``). ``lm(ids)`` -> logits (b, n, V);
     ``lm(seq, return_loss=True)`` -> the mean next-token loss of seq[:, 1:] given

@@ -52,6 +52,7 @@ from retrolm.models.autoregressive import AutoregressiveWrapper
 from retrolm.models.hierarchical import fused
 from retrolm.models.hierarchical.cache import BlockState, HierarchicalCache
 from retrolm.models.hierarchical.config import PRESETS, HierarchicalConfig
+from retrolm.models.pretrained import PreTrainedMixin
 from retrolm.nn import (
     CausalDownsample,
     DecodeLinear,
@@ -226,7 +227,7 @@ class Merge(nn.Sequential):
         return ff(norm_shift(x, norm, 0))
 
 
-class HierarchicalTransformer(nn.Module):
+class HierarchicalTransformer(PreTrainedMixin, nn.Module):
     """The seed's keyword API over :class:`HierarchicalConfig` (or ``config=`` directly)."""
 
     def __init__(self, config: HierarchicalConfig | None = None, **kwargs) -> None:

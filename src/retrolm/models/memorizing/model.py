@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from retrolm.models.memorizing.cache import MemorizingCache, XLMemories
 from retrolm.models.memorizing.config import MemorizingConfig
 from retrolm.models.memorizing.knn_attention import KNNAttention, XLAttention
+from retrolm.models.pretrained import PreTrainedMixin
 from retrolm.nn.feedforward import FeedForward
 from retrolm.nn.knn_memory import KNNMemoryList
 from retrolm.nn.losses import cross_entropy
@@ -278,7 +279,7 @@ class MemorizingTransformer(nn.Module):
             st.clear_rows(st.last_ids == eos)
 
 
-class MemorizingLanguageModel(nn.Module):
+class MemorizingLanguageModel(PreTrainedMixin, nn.Module):
     """What ``retrolm train --model memorizing`` builds (``.net`` is the transformer):
     ``model(ids)`` of any length (fresh memories, segments of ``segment_len``),
     ``model(seq, return_loss=True)``, ``model(ids, use_memory=False)``, and streaming through

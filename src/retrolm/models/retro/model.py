@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
+from retrolm.models.pretrained import PreTrainedMixin
 from retrolm.models.retro import fused
 from retrolm.models.retro.cache import RetroCache
 from retrolm.models.retro.config import RetroConfig
@@ -217,7 +218,7 @@ class DecoderLayer(nn.Module):
         self.ff = _feed_forward(c, c.dec_dim, c.dec_ff_dropout, alpha)
 
 
-class RETRO(nn.Module):
+class RETRO(PreTrainedMixin, nn.Module):
     """The RETRO language model. Accepts the seed API's keyword arguments, a ``config``, or
     both (the keywords override the config's fields)."""
 

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from retrolm.models.autoregressive import AutoregressiveWrapper
+from retrolm.models.pretrained import PreTrainedMixin
 from retrolm.models.routing import fused
 from retrolm.models.routing.attention import RoutingAttention
 from retrolm.models.routing.cache import RoutingCache
@@ -339,7 +340,7 @@ class RoutingTransformerLM(nn.Module):
         return logits, aux
 
 
-class RoutingLanguageModel(AutoregressiveWrapper):
+class RoutingLanguageModel(PreTrainedMixin, AutoregressiveWrapper):
     """What ``retrolm train --model routing`` builds: the LM inside the shared wrapper, from a
     config (the model registry's contract: ``cls(config=cfg)``, ``model(seq,
     return_loss=True)``, ``model.config``)."""
