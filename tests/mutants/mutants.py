@@ -283,4 +283,72 @@ MUTANTS: list[Mutant] = [
         "evaluation's retrieval mode feeds neighbours 2 ... k+1 instead of the k nearest",
         ("tests/test_evaluate.py",),
     ),
+    Mutant(
+        "streamed_eval_forgets_between_pieces",
+        "src/retrolm/evaluate.py",
+        (
+            (
+                "fam.logits(model, x, cache).float()",
+                "fam.logits(model, x, fam.init_cache(model, x.shape[0])).float()",
+            ),
+        ),
+        "streamed evaluation starts a fresh memory for every piece instead of the document",
+        ("tests/test_streaming.py",),
+    ),
+    Mutant(
+        "memorizing_xl_bias_at_distance_zero",
+        "src/retrolm/models/memorizing/knn_attention.py",
+        (
+            (
+                "return keys, mask, bias(q_pos, k_pos)[None]",
+                "return keys, mask, bias(q_pos - (j - n), k_pos)[None]",
+            ),
+        ),
+        "queries at 0 ... n-1 for the relative bias (memorizing-transformers-pytorch's bug): "
+        "every XL key gets the bias of distance 0",
+        ("tests/models/test_memorizing.py",),
+    ),
+    Mutant(
+        "memorizing_xl_keeps_the_oldest",
+        "src/retrolm/models/memorizing/model.py",
+        (
+            (
+                "st.xl[i], new_valid = kv[:, -m:], both[:, -m:]",
+                "st.xl[i], new_valid = kv[:, :m], both[:, :m]",
+            ),
+        ),
+        "the XL window keeps the oldest pairs instead of the last xl_max_memories",
+        ("tests/models/test_memorizing.py",),
+    ),
+    Mutant(
+        "knn_memory_stops_at_capacity",
+        "src/retrolm/nn/knn_memory.py",
+        (
+            (
+                "slots[i], ok[i] = t.clamp(min=0) % self.max_memories, t >= 0",
+                "slots[i], ok[i] = t.clamp(min=0, max=self.max_memories - 1), t >= 0",
+            ),
+        ),
+        "past capacity every pair overwrites the last slot instead of the oldest (the ring)",
+        ("tests/nn/test_knn_memory.py",),
+    ),
+    Mutant(
+        "glt_shuffle_order",
+        "src/retrolm/nn/group_linear.py",
+        (
+            (
+                "y = y.permute(1, 2, 0) if self.shuffle else y.transpose(0, 1)",
+                "y = y.transpose(0, 1)",
+            ),
+        ),
+        "GroupLinear(shuffle=True) leaves group j's outputs contiguous (no interleave)",
+        ("tests/nn/test_group_linear.py",),
+    ),
+    Mutant(
+        "dextra_paper_groups_start_at_two",
+        "src/retrolm/models/delight/dextra.py",
+        (('first = 0 if glt_groups == "paper" else 1', "first = 1"),),
+        "DExTra's paper schedule starts at 2 groups, as the reference code does",
+        ("tests/models/test_delight_blocks.py",),
+    ),
 ]
