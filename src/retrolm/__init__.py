@@ -25,6 +25,11 @@ _LAZY = {
     "RoutingTransformerLM": "retrolm.models.routing.model",
     "RoutingTransformerEncDec": "retrolm.models.routing.encdec",
     "AutoregressiveWrapper": "retrolm.seed_api",
+    "InfiniConfig": "retrolm.models.infini.config",
+    "InfiniTransformer": "retrolm.models.infini.model",
+    "InfiniTransformerWrapper": "retrolm.models.infini.wrapper",
+    "FastweightMemory": "retrolm.models.infini.memory",
+    "InfiniLanguageModel": "retrolm.models.infini.lm",
 }
 
 
