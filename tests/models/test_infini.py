@@ -153,6 +153,50 @@ def test_delta_rule_rewriting_a_segment_leaves_memory_unchanged():
 
 
 # ---- the model ------------------------------------------------------------------------
+def test_layer_equals_local_attention_plus_gated_memory_read():
+    """One Infini-attention layer in float64 against its definition: causal softmax over the
+    rotated q, k (half layout, positions 0..n-1 of the segment) gated with eq. 3's read of
+    the unrotated q, then the output projection."""
+    model = lm()
+    attn, n = model.net.attns[0], 6
+    torch.manual_seed(3)
+    x = torch.randn(2, n, 32, dtype=torch.float64)
+    past = Memories(
+        torch.randn(2, 2, 8, 8, dtype=torch.float64), torch.rand(2, 2, 8, dtype=torch.float64)
+    )
+    out, _ = attn(x, model.net.rotary.span(0, n), past)
+    q, k, v = (
+        attn.to_qkv(attn.norm(x)).unflatten(-1, (3, 2, 8)).permute(2, 0, 3, 1, 4)
+    )  # (b, h, n, d)
+    pos = torch.arange(n, dtype=torch.float64)[:, None]
+    theta = pos * 10000.0 ** (-torch.arange(0, 8, 2, dtype=torch.float64) / 8)  # (n, 4)
+    cos, sin = theta.cos().repeat(1, 2), theta.sin().repeat(1, 2)
+
+    def rot(t):
+        return t * cos + torch.cat([-t[..., 4:], t[..., :4]], -1) * sin
+
+    scores = rot(q) @ rot(k).transpose(-1, -2) / 8**0.5
+    scores = scores.masked_fill(torch.ones(n, n).triu(1).bool(), float("-inf"))
+    local = scores.softmax(-1) @ v
+    mem = (sigma(q) @ past.kv_mem) / (sigma(q) @ past.k_norm[..., None]).clamp(min=1e-10)
+    g = attn.memory.head_gates.sigmoid().view(1, 2, 1, 1)
+    expect = attn.to_out((g * local + (1 - g) * mem).transpose(1, 2).flatten(2))
+    assert_close_fp(out, expect, dtype=torch.float32, reduction=64)  # (rotary tables: fp32)
+
+
+def test_the_model_writes_unrotated_keys_of_the_first_layer():
+    """Layer 0's memory after one segment, derived by hand from its projections: sigma(K)^T V
+    and sum_t sigma(K_t) of the unrotated keys (rotary is for the local path only)."""
+    model, x = lm(), ids(2, SEG)
+    attn = model.net.attns[0]
+    qkv = attn.to_qkv(attn.norm(model.net.token_emb(x)))  # (b, n, 3 h d)
+    k, v = qkv.unflatten(-1, (3, 2, 8))[:, :, 1:].unbind(2)  # (b, n, h, d)
+    k, v = k.transpose(1, 2), v.transpose(1, 2)  # (b, h, n, d)
+    mem = model.net(x, return_new_memories=True).past_memories[0]
+    assert_close_fp(mem.kv_mem, sigma(k).transpose(-1, -2) @ v, reduction=SEG)
+    assert_close_fp(mem.k_norm, sigma(k).sum(-2), reduction=SEG)
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_causal_across_segment_boundaries(variant):
     model, x = lm(**VARIANTS[variant]), ids(1, 3 * SEG + 4)
