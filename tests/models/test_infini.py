@@ -5,6 +5,7 @@ loss and generation, the cache's resets, dtypes, and the options."""
 import pytest
 import torch
 import torch.nn.functional as F
+from tests.tolerance import assert_close_fp
 
 from retrolm import (
     FastweightMemory,
@@ -15,7 +16,6 @@ from retrolm import (
 )
 from retrolm.generation import generate
 from retrolm.models.infini.memory import Memories
-from tests.tolerance import assert_close_fp
 
 SEG = 8
 TINY = dict(num_tokens=64, dim=32, depth=2, heads=2, dim_head=8, segment_len=SEG, max_seq_len=32)
