@@ -9,7 +9,7 @@ HELD``: every held-out book (the demo's, its first ``--held-bytes`` bytes) strea
 segment by segment, in the modes ``memory`` and ``no_memory`` (the memory reads nothing:
 every segment as if it were the first). Issue 22's target: memory >= 2% lower than off.
 
-  python -m benchmarks.quality.quality_infini [--steps 600] [--work DIR]
+  python -m benchmarks.quality.quality_infini [--steps 600] [--segment-len 64] [--work DIR]
 """
 
 from __future__ import annotations
@@ -63,7 +63,8 @@ def run_one(text: Path, held: Path, run: Path, preset: str, a) -> dict:
     from retrolm.models.registry import get_family
     from retrolm.train import TrainConfig, train
 
-    model_config = get_family("infini").make_config({"num_tokens": 258}, preset=preset).to_dict()
+    values = {"num_tokens": 258, **({"segment_len": a.segment_len} if a.segment_len else {})}
+    model_config = get_family("infini").make_config(values, preset=preset).to_dict()
     cfg = TrainConfig(
         steps=a.steps, batch_size=a.batch, lr=1e-3, warmup_steps=max(1, a.steps // 10),
         precision=a.precision, seed=a.seed, eval_every=0, plot=False, num_threads=1,
@@ -100,6 +101,7 @@ def main() -> None:
     ap.add_argument("--held-bytes", type=int, default=16384, help="per held-out book")
     ap.add_argument("--precision", default="bf16", help="fp32, bf16 or auto")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--segment-len", type=int, help="instead of the preset's 128")
     ap.add_argument("--only", nargs="+", choices=list(PRESETS))
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "retrolm-q-infini"))
     a = ap.parse_args()
