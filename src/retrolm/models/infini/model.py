@@ -52,9 +52,6 @@ class _FeedForwardBlock(nn.Module):
         return self.ff(self.norm(x))
 
 
-_KEYWORDS = ("dim_head", "heads", "attn_dropout", "ff_mult", "ff_dropout")
-
-
 class InfiniTransformer(nn.Module):
     """``InfiniTransformer(num_tokens, dim, depth, dim_head=128, heads=8, attn_dropout=0.,
     ff_mult=4, ff_dropout=0., use_mem_delta_rule=False, learned_delta_update=False)`` plus
