@@ -37,6 +37,11 @@ _LAZY = {
     "load_tokenizer": "retrolm.models.pretrained",
     "pretrained_config": "retrolm.models.pretrained",
     "upload_pretrained": "retrolm.models.pretrained",
+    "InfiniConfig": "retrolm.models.infini.config",
+    "InfiniTransformer": "retrolm.models.infini.model",
+    "InfiniTransformerWrapper": "retrolm.models.infini.wrapper",
+    "FastweightMemory": "retrolm.models.infini.memory",
+    "InfiniLanguageModel": "retrolm.models.infini.lm",
 }
 
 

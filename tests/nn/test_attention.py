@@ -190,6 +190,10 @@ def test_kv_cache_keep_last_and_growth():
     c.keep_last(5)
     k, _ = c.update(torch.full((1, 1, 1, 2), 40.0), torch.zeros(1, 1, 1, 2))
     assert k[0, 0, :, 0].tolist() == [35, 36, 37, 38, 39, 40]
+    kv, vv = c.view()  # the live positions, appending nothing
+    assert kv[0, 0, :, 0].tolist() == [35, 36, 37, 38, 39, 40] and vv.shape == kv.shape
+    with pytest.raises(ValueError, match="the cache is empty"):
+        KVCache().view()
 
 
 @pytest.mark.parametrize("bias", [False, True])

@@ -304,3 +304,15 @@ register_family(
         streaming=True,
     )
 )
+
+register_family(
+    ModelFamily(
+        name="infini",
+        config_cls="retrolm.models.infini.config:InfiniConfig",
+        model_cls="retrolm.models.infini.lm:InfiniLanguageModel",
+        uses_retrieval=False,
+        default_preset="infini-tiny",
+        eval_variants=lazy("retrolm.models.infini.family:eval_modes"),
+        streaming=True,
+    )
+)

@@ -37,6 +37,15 @@ class KVCache:
         v_buf.narrow(-2, end, t).copy_(v)
         return k_buf.narrow(-2, start, self.length), v_buf.narrow(-2, start, self.length)
 
+    def view(self) -> tuple[Tensor, Tensor]:
+        """All cached keys/values (b, g, length, d), appending nothing."""
+        if self._k is None:
+            raise ValueError("the cache is empty: nothing was appended with update yet")
+        return (
+            self._k.narrow(-2, self._start, self.length),
+            self._v.narrow(-2, self._start, self.length),
+        )
+
     def claim(self, t: int = 1) -> tuple[Tensor, Tensor, int, int]:
         """Count ``t`` more positions as live without writing them, for a kernel that writes
         its keys/values into the buffers itself (``nn.fused.decode``). Returns (k buffer,

@@ -15,8 +15,10 @@ from retrolm.train.config import TrainConfig
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Decay weight matrices only: no decay for norms, biases and embeddings.
 
-    A parameter with a ``_retrolm_lr_scale`` attribute (the RETRO copy head's small tables)
-    goes to a group of its own whose ``lr_scale`` multiplies the scheduled learning rate.
+    A parameter with a ``_retrolm_lr_scale`` attribute goes to a group of its own, without
+    weight decay, whose ``lr_scale`` multiplies the scheduled learning rate: the generic hook
+    for a model's special parameters (the RETRO copy head's small tables, Infini-attention's
+    memory gates). Set it on the parameter where the module creates it.
     """
     groups: dict[tuple[bool, float], list[nn.Parameter]] = {(True, 1.0): [], (False, 1.0): []}
     seen: set[int] = set()
