@@ -151,7 +151,7 @@ def _edit_config(folder: Path, **changes) -> None:
             {"retrolm_format": 2},
             r"retrolm_format 2, newer than this retrolm reads \(<= 1\): upgrade",
         ),
-        ({"family": "infini"}, "family 'infini', which this retrolm does not know.*upgrade"),
+        ({"family": "mamba"}, "family 'mamba', which this retrolm does not know.*upgrade"),
         ({"config": {"dim": "wide"}}, "bad model config"),
     ],
 )
