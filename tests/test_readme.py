@@ -35,3 +35,15 @@ def test_readme_family_example_runs():
     assert scope["logits"].shape == (1, 256, 256)
     assert scope["sample"].shape == (1, 16)
     assert scope["loss"].isfinite()
+
+
+def test_readme_memory_and_delight_example_runs(capsys):
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    block = next(b for b in blocks if "MemorizingTransformer(" in b)
+    scope: dict = {}
+    exec(compile(block, str(README), "exec"), scope)
+    assert scope["logits"].shape == (1, 32, 256)
+    assert scope["whole"].shape == (1, 300, 256)
+    assert scope["loss"].isfinite()
+    assert scope["new"].shape == (1, 8)
+    assert "block 2" in capsys.readouterr().out
