@@ -95,6 +95,7 @@ def models(seq_len: int) -> dict[str, tuple[str, dict[str, Any]]]:
     elm = preset_cfg("openelm-small", seq_len)
     return {
         "delight-small": ("delight", delight),
+        "delight-small rotary": ("delight", preset_cfg("delight-small-rotary", seq_len)),
         "decoder = params": ("hierarchical", flat_matching(total, False, seq_len)),
         "decoder 2x non-emb": ("hierarchical", flat_matching(2 * non_emb, True, seq_len)),
         "openelm layer-wise": ("delight", elm),

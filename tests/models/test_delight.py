@@ -19,6 +19,7 @@ DELIGHT = dict(num_tokens=V, dim=16, min_depth=2, max_depth=4, max_seq_len=32, d
 KINDS = {
     "delight": DELIGHT,
     "delight-define": dict(DELIGHT, emb_map_dim=8, pos_emb="learned", glt_groups="reference"),
+    "delight-rotary": dict(DELIGHT, pos_emb="rotary"),
     "openelm": dict(num_tokens=V, dim=16, block="openelm", num_blocks=3, head_dim=4,
                     num_gqa_groups=2, ffn_dim_divisor=8, max_seq_len=32, dropout=0.0,
                     attn_dropout=0.0),
@@ -155,6 +156,7 @@ OPENELM_OPTIONS = {
 @pytest.mark.parametrize(
     ("kind", "option", "value"),
     [("delight", k, v) for k, v in DELIGHT_OPTIONS.items()]
+    + [("delight", "pos_emb", "rotary")]
     + [("openelm", k, v) for k, v in OPENELM_OPTIONS.items()],
 )
 def test_every_option_changes_the_output(kind, option, value):
@@ -228,6 +230,7 @@ def test_define_embedding_is_a_narrow_lookup_widened_by_dextra():
         (dict(scaling="linear"), "unknown scaling 'linear'"),
         (dict(block="gpt"), "unknown block 'gpt'"),
         (dict(pos_emb="rope"), "unknown pos_emb 'rope'"),
+        (dict(pos_emb="rotary", dim=18), "dim must be a multiple of 4, got 18"),
         (dict(act_type="tanh"), "unknown act_type 'tanh'"),
         (dict(norm_type="bn"), "unknown norm_type 'bn'"),
         (dict(glt_groups="odd"), "unknown glt_groups 'odd'"),

@@ -10,7 +10,8 @@ DExTra does the heavy lifting, so attention is one head over d_o = d_m/2 feature
 and v from one Linear d_o -> 3·d_o, scores scaled by 1/sqrt(d_o)) and the feed-forward
 *reduces* (``ffn_red`` = 4: d_m -> d_m/4 -> d_m) where a standard block expands 4×. DExTra
 and the FFN mix features, never positions: causality rests on the attention mask alone.
-Attention is position-free; a model adds absolute positions to its input. The DeLighT LM
+Attention is position-free unless given rotary (cos, sin) (``pos_emb="rotary"``, not in the
+paper); the paper's model adds absolute positions to its input. The DeLighT LM
 uses pre-norm ("not stable without this", the reference's comment), so only pre-norm is
 offered.
 """
@@ -24,6 +25,7 @@ from retrolm.nn.attention import attend
 from retrolm.nn.feedforward import FeedForward
 from retrolm.nn.kv_cache import KVCache
 from retrolm.nn.norms import make_norm
+from retrolm.nn.rotary import apply_rotary
 
 
 class DeLighTBlock(nn.Module):
@@ -80,16 +82,29 @@ class DeLighTBlock(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.attn_dropout = attn_dropout
 
-    def attention(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
-        """The attention branch before its residual dropout: (b, n, dim) -> (b, n, dim)."""
+    def attention(
+        self,
+        x: Tensor,
+        cache: KVCache | None = None,
+        rotary: tuple[Tensor, Tensor] | None = None,  # (cos, sin), each (n, d_o)
+    ) -> Tensor:
+        """The attention branch before its residual dropout: (b, n, dim) -> (b, n, dim).
+        ``rotary``: rotate q and k by the n new positions (``pos_emb="rotary"``)."""
         h = self.dextra(self.attn_norm(x))  # (b, n, d_o)
         q, k, v = self.qkv(h).unsqueeze(1).chunk(3, dim=-1)  # each (b, 1, n, d_o): one head
+        if rotary is not None:  # keys cached rotated, as everywhere
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         if cache is not None:
             k, v = cache.update(k, v)  # (b, 1, j, d_o)
         p = self.attn_dropout if self.training else 0.0
         out = attend(q, k, v, causal=True, dropout_p=p)  # (b, 1, n, d_o); queries = last n keys
         return self.out_proj(out.squeeze(1))
 
-    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:  # (b, n, dim)
-        x = x + self.dropout(self.attention(x, cache))
+    def forward(
+        self,
+        x: Tensor,  # (b, n, dim)
+        cache: KVCache | None = None,
+        rotary: tuple[Tensor, Tensor] | None = None,
+    ) -> Tensor:
+        x = x + self.dropout(self.attention(x, cache, rotary))
         return x + self.dropout(self.ffn(self.ffn_norm(x)))

@@ -20,7 +20,7 @@ from retrolm.nn.scaling import BlockScale, LayerScale, depth_width_schedule
 
 BLOCKS = ("delight", "openelm")
 SCALINGS = ("block", "uniform")
-POS_EMBS = ("sinusoidal", "learned")
+POS_EMBS = ("sinusoidal", "learned", "rotary")
 
 PRESETS: dict[str, dict[str, Any]] = {
     # tests and the CLI: seconds on a CPU
@@ -32,6 +32,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "delight-small": dict(
         num_tokens=258, dim=128, min_depth=4, max_depth=8, width_mult=2.0, max_seq_len=256,
         dropout=0.0, attn_dropout=0.0,
+    ),
+    # the same with rotary attention instead of sinusoids (not in the paper; history/delight.md)
+    "delight-small-rotary": dict(
+        num_tokens=258, dim=128, min_depth=4, max_depth=8, width_mult=2.0, max_seq_len=256,
+        dropout=0.0, attn_dropout=0.0, pos_emb="rotary",
     ),
     "openelm-tiny": dict(
         block="openelm", num_tokens=256, dim=32, num_blocks=3, head_dim=8, max_seq_len=128,
@@ -100,8 +105,10 @@ class DeLighTConfig(ConfigBase):
     """DeLighT: DeFINE embedding, a lookup of this width (x sqrt(width)) then a DExTra to
     ``dim``; None: a plain lookup of width ``dim``."""
     pos_emb: str = "sinusoidal"
-    """DeLighT: absolute positions added to the embeddings, ``sinusoidal`` or ``learned``
-    (OpenELM rotates queries and keys instead)."""
+    """DeLighT: absolute positions added to the embeddings, ``sinusoidal`` (the paper) or
+    ``learned``; or ``rotary``: queries and keys of each block's attention rotated instead
+    (not in the paper; it learns attention far faster at a CPU budget, see
+    benchmarks/history/delight.md). OpenELM always rotates."""
     max_seq_len: int = 512
     """Longest sequence (learned positions, the sinusoid table, generation's window)."""
     tie_embedding: bool = True
@@ -174,6 +181,11 @@ class DeLighTConfig(ConfigBase):
             )
         if self.pos_emb not in POS_EMBS:
             raise ValueError(f"unknown pos_emb {self.pos_emb!r}; choose one of {POS_EMBS}")
+        if self.pos_emb == "rotary" and self.dim % 4:
+            raise ValueError(
+                f"pos_emb='rotary' rotates the dim/2-wide attention in pairs: dim must be a "
+                f"multiple of 4, got {self.dim}"
+            )
         if self.dim % 2:
             raise ValueError(f"dim must be even (attention is dim/2 wide), got {self.dim}")
         if self.ffn_red < 1 or self.dim % self.ffn_red:

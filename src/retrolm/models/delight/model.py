@@ -129,7 +129,10 @@ class DeLighTLM(PreTrainedMixin, nn.Module):
             )
             if cfg.tie_embedding:  # scores h against the e-wide table
                 self.out_proj = nn.Linear(cfg.dim, cfg.emb_map_dim, bias=False)
-        self.positions = AbsolutePositions(cfg.pos_emb, cfg.max_seq_len, cfg.dim)
+        if cfg.pos_emb == "rotary":  # the blocks' single head (dim/2 wide) is rotated
+            self.rotary = RotaryEmbedding(cfg.dim // 2)
+        else:
+            self.positions = AbsolutePositions(cfg.pos_emb, cfg.max_seq_len, cfg.dim)
         self.blocks = nn.ModuleList(
             DeLighTBlock(
                 cfg.dim,
@@ -193,7 +196,7 @@ class DeLighTLM(PreTrainedMixin, nn.Module):
         rotary = None if self.rotary is None else self.rotary.span(offset, n, ids.device)
         for i, blk in enumerate(self.blocks):
             kv = None if cache is None else cache.kv[i]
-            x = blk(x, kv) if rotary is None else blk(x, rotary, kv)
+            x = blk(x, rotary=rotary, cache=kv)
         if cache is not None:
             cache.pos += n
         logits = self._logits(self.norm(x))  # (b, n, V)
