@@ -154,6 +154,19 @@ def test_train_eval_generate(setup, capsys):
             ],
             "unknown model family 'nope'",
         ),
+        # query-time index parameters reach the run's database (a flat index has no lists)
+        (
+            lambda r: ["eval", str(r[1]), "--text", str(r[2]), "--nprobe", "2"],
+            "--nprobe 2: the flat index (Flat) has no inverted lists",
+        ),
+        (
+            lambda r: ["generate", str(r[1]), "--prompt", "In", "--ef-search", "8"],
+            "--ef-search 8: the flat index (Flat) is not an HNSW graph",
+        ),
+        (
+            lambda r: ["eval", str(r[1]), "--text", str(r[2]), "--no-retrieval", "--nprobe", "2"],
+            "--nprobe set(s) how the database is searched, but this command retrieves nothing",
+        ),
     ],
 )
 def test_user_errors_are_one_line(setup, capsys, argv, match):

@@ -132,6 +132,18 @@ def add_search_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+def apply_search_flags(args: argparse.Namespace, db, retrieve: bool) -> None:
+    """``--nprobe`` / ``--ef-search`` onto the database a command retrieves from; refused
+    (one line) where nothing is retrieved."""
+    given = [f for f, v in (("--nprobe", args.nprobe), ("--ef-search", args.ef_search)) if v]
+    if not given:
+        return
+    if not retrieve or db is None:
+        raise ValueError(f"{' and '.join(given)} set(s) how the database is searched, but this "
+                         "command retrieves nothing here; drop it")  # fmt: skip
+    db.set_search(args.nprobe, args.ef_search)
+
+
 def run_build(args: argparse.Namespace) -> int:
     from retrolm.retrieval.build import build_database
 

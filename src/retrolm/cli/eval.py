@@ -32,11 +32,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=int, help="score at most this many tokens per document")
     p.add_argument("--glob", default="**/*.txt", help="which files are documents")
     p.add_argument("--out", help="report folder (default RUN/eval)")
+    from retrolm.cli.db import add_search_flags
+
+    add_search_flags(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from retrolm.checkpoint import load_model, open_run_data, resolve_checkpoint, run_of
+    from retrolm.cli.db import apply_search_flags
     from retrolm.evaluate import EvalConfig, evaluate, read_documents, save_report
     from retrolm.models.registry import uses_retrieval
 
@@ -52,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
         glob=args.glob,
     )
     retrieve = not args.no_retrieval and uses_retrieval(meta)
+    apply_search_flags(args, db, retrieve)
     res = evaluate(
         model,
         args.text,

@@ -33,11 +33,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="run the prompt in this precision (autocast), the new tokens in the weights' "
         "(bf16 speeds up long prompts on CPU; default: the weights' dtype throughout)",
     )
+    from retrolm.cli.db import add_search_flags
+
+    add_search_flags(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from retrolm.checkpoint import load_model, open_run_data, resolve_checkpoint
+    from retrolm.cli.db import apply_search_flags
     from retrolm.generation import describe_sources, generate
     from retrolm.models.registry import uses_retrieval
 
@@ -45,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
     db, tok = open_run_data(meta, resolve_checkpoint(args.run), args.db)
     ids = tok.encode(args.prompt)
     retrieve = not args.no_retrieval and uses_retrieval(meta)
+    apply_search_flags(args, db, retrieve)
     res = generate(
         model,
         ids,
