@@ -321,3 +321,125 @@ def test_importing_retrolm_loads_no_web_framework():
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.stdout.strip() == "[]", out.stderr
+
+
+# ---- the page, in a real browser -------------------------------------------------------------
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+SCREENSHOT = ROOT / "docs" / "serve.png"
+FINISHED = "['done', 'error'].includes(document.body.dataset.state) && document.body.dataset.state"
+# what the page shows, read back from its DOM
+READ_PAGE = """(() => {
+  const text = (e) => e ? e.textContent : null;
+  return {
+    status: text(document.getElementById('status')),
+    output: text(document.getElementById('output')),
+    boundaries: document.querySelectorAll('#output .tok.boundary').length,
+    legend: text(document.getElementById('legend-hi')),
+    chunks: [...document.querySelectorAll('#chunks .chunk')].map((c) => ({
+      index: Number(c.dataset.chunk),
+      text: text(c.querySelector('.chunk-text')),
+      marked: [...c.querySelectorAll('.chunk-text mark')].map(text).join(''),
+      neighbours: [...c.querySelectorAll('.neighbour')].map((n) => ({
+        file: n.querySelector('.file').title,
+        meta: text(n.querySelector('.meta')),
+        text: text(n.querySelector('.neighbour-text')),
+        marked: [...n.querySelectorAll('mark')].map(text).join(''),
+      })),
+    })),
+  };
+})()"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(url: str, body: dict) -> dict:
+    req = urllib.request.Request(
+        url, json.dumps(body).encode(), {"content-type": "application/json"}
+    )
+    return json.load(urllib.request.urlopen(req, timeout=120))
+
+
+def wait_for_server(server: subprocess.Popen, base: str, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            pytest.fail(f"retrolm serve exited ({server.returncode}):\n{server.stdout.read()}")
+        try:
+            urllib.request.urlopen(base + "/info", timeout=5)
+            return
+        except OSError:
+            time.sleep(0.3)
+    pytest.fail(f"retrolm serve did not answer within {timeout} s")
+
+
+@pytest.mark.slow
+def test_the_page_in_headless_chromium(run):
+    """``retrolm serve`` in its own process; headless Chromium loads the page with the
+    prompt in the URL, generates (streamed), and the rendered chunks and neighbours are the
+    /generate endpoint's; the search tab shows /search's. Saves docs/serve.png."""
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} is absent (Debian: apt-get install chromium)")
+    from urllib.parse import urlencode
+
+    from tests.headless import Chromium
+    from tests.retrieval.conftest import module_text
+
+    port, env = free_port(), {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    argv = [sys.executable, "-m", "retrolm", "serve", str(run), "--port", str(port)]
+    server = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_server(server, base)
+        prompt = " ".join(module_text("csv").split()[:18])  # text the database holds
+        settings = {"max_new_tokens": 30, "seed": 0}
+        want = post(base + "/generate", {"prompt": prompt, **settings, "stream": False})
+        with Chromium(CHROMIUM, width=1280, height=900) as browser:
+            browser.goto(f"{base}/?{urlencode({'prompt': prompt, **settings, 'autorun': 1})}")
+            state = browser.wait_for(FINISHED)
+            page = browser.evaluate(READ_PAGE)
+            assert state == "done", page["status"]
+            new = len(want["tokens"]) - want["prompt_tokens"]
+            assert page["status"].startswith(f"{new} tokens in"), page["status"]
+            pieces = [t["text"] for t in want["tokens"]]
+            assert page["output"] == "".join(pieces)
+            assert page["boundaries"] == (len(pieces) - 1) // 16
+            assert page["legend"].endswith("bits")
+            assert [c["index"] for c in page["chunks"]] == [c["index"] for c in want["chunks"]]
+            seen_overlap = False
+            for got, c in zip(page["chunks"], want["chunks"]):
+                assert got["text"] == "".join(pieces[c["start"] : c["end"]])
+                assert [n["file"] for n in got["neighbours"]] == [
+                    n["file"] for n in c["neighbours"]
+                ]
+                for gn, n in zip(got["neighbours"], c["neighbours"]):
+                    o = n["overlap"]
+                    assert f"distance {n['distance']:.4f}" in gn["meta"]
+                    assert gn["text"] == "".join(n["tokens"])
+                    run_text = "".join(n["tokens"][o["neighbour_start"] :][: o["length"]])
+                    assert gn["marked"] == run_text
+                    seen_overlap |= o["length"] > 1
+            assert seen_overlap  # the prompt is database text: some neighbour shares a run
+            SCREENSHOT.parent.mkdir(exist_ok=True)
+            browser.screenshot(SCREENSHOT)
+            # the search tab: the db query view
+            browser.goto(
+                f"{base}/?{urlencode({'tab': 'search', 'q': prompt, 'k': 4, 'autorun': 1})}"
+            )
+            browser.wait_for("document.body.dataset.state === 'done'")
+            ids = browser.evaluate(
+                "[...document.querySelectorAll('#results .neighbour')]"
+                ".map((e) => Number(e.dataset.chunkId))"
+            )
+            assert ids == [
+                x["chunk_id"] for x in post(base + "/search", {"text": prompt, "k": 4})["results"]
+            ]
+        assert SCREENSHOT.stat().st_size > 10_000
+    finally:
+        server.terminate()
+        server.wait(30)

@@ -194,10 +194,10 @@ class Session:
             return None
         m = self.chunk_size
         c = len(ids) // m
-        if recorder is not None and len(recorder.ids) >= c:
-            return np.concatenate(recorder.ids)[:c], np.concatenate(recorder.dists)[:c]
         if c == 0:
             return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
+        if recorder is not None and len(recorder.ids) >= c:
+            return np.concatenate(recorder.ids)[:c], np.concatenate(recorder.dists)[:c]
         return self.db.search_tokens(np.asarray(ids[: c * m]).reshape(c, m), k)
 
     @torch.no_grad()
