@@ -3,6 +3,7 @@ the copy head) and its real database, checked against ``retrolm.generate``, the 
 own search and a direct forward; errors are 4xx with a message; the page in headless
 Chromium (slow)."""
 
+import contextlib
 import json
 import math
 import os
@@ -443,3 +444,29 @@ def test_the_page_in_headless_chromium(run):
     finally:
         server.terminate()
         server.wait(30)
+
+
+def test_a_family_without_retrieval_is_served_with_its_own_modes():
+    """A streaming (memory) family: no chunks, surprisal in its evaluation modes, generation
+    past max_seq_len as ``retrolm.generate`` does it."""
+    from tests.fakes import ByteTokenizer, StreamingToy, register_streaming_toy, toy_memory_off
+
+    register_streaming_toy()
+    torch.manual_seed(0)
+    model, tok = StreamingToy().eval(), ByteTokenizer()
+    client = TestClient(create_app(session=Session(model, {"family": "streaming-toy"}, None, tok)))
+    info = client.get("/info").json()
+    assert (info["retrieval"], info["copy_head"], info["chunk_size"]) == (False, False, None)
+    body = {"prompt": "memory", "max_new_tokens": 12, "seed": 1, "stream": False}
+    res = client.post("/generate", json=body).json()
+    want = generate(model, tok.encode("memory"), 12, seed=1, temperature=0.8, top_p=0.9, eos_id=1)
+    assert [t["id"] for t in res["tokens"]] == want.ids[0].tolist()  # 18 > max_seq_len 6
+    assert res["chunks"] == [] and res["modes"] == ["memory", "no_memory"]
+    seq = want.ids
+    with torch.no_grad():
+        for mode, ctx in [("memory", contextlib.nullcontext), ("no_memory", toy_memory_off)]:
+            with ctx() if mode == "memory" else ctx(model):
+                logp = F.log_softmax(model(seq[:, :-1]).double(), -1)
+            bits = -logp.gather(-1, seq[:, 1:, None])[0, :, 0] / math.log(2)
+            got = [t["surprisal"][mode] for t in res["tokens"][1:]]
+            np.testing.assert_allclose(got, bits.tolist(), rtol=1e-5, atol=1e-5)

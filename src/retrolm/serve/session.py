@@ -93,7 +93,9 @@ class Session:
         and with the copy head off when the model has one)."""
         if self.retrieves:
             return ["retrieval", "no_retrieval"] + ([NO_COPY] if self.has_copy_head else [])
-        return list(self.variants) or ["model"]
+        if self.fam.uses_retrieval:  # served without its database
+            return ["no_retrieval"]
+        return list(self.variants) or ["model"]  # a memory family: with and without memory
 
     def encode_prompt(self, prompt: str) -> list[int]:
         """The prompt's token ids; ValueError naming the limit when it is empty or too long."""
