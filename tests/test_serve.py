@@ -470,3 +470,33 @@ def test_a_family_without_retrieval_is_served_with_its_own_modes():
             bits = -logp.gather(-1, seq[:, 1:, None])[0, :, 0] / math.log(2)
             got = [t["surprisal"][mode] for t in res["tokens"][1:]]
             np.testing.assert_allclose(got, bits.tolist(), rtol=1e-5, atol=1e-5)
+
+
+def test_a_stream_whose_client_left_stops_generating(app, monkeypatch):
+    """Closing the NDJSON stream stops the worker at its next token and frees the model."""
+    from retrolm.serve.app import _stream
+
+    s, calls = app.state.session, []
+    forward = s.model.forward
+
+    def slow(*a, **kw):  # 40 tokens would take 2 s
+        calls.append(1)
+        time.sleep(0.05)
+        return forward(*a, **kw)
+
+    monkeypatch.setattr(s.model, "forward", slow)
+    lines = _stream(s, {"prompt": PROMPT, "max_new_tokens": 40, **SAMPLING})
+    assert json.loads(next(lines))["type"] == "token"
+    lines.close()  # what a disconnect does to the response's iterator
+    assert s.lock.acquire(timeout=30)  # the worker gave the model back
+    s.lock.release()
+    assert len(calls) < 10  # stopped early: no 40 steps, no surprisal forwards
+
+
+def test_a_busy_port_is_a_one_line_error(tmp_path, capsys):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", str(tmp_path), "--port", str(port)]) == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err

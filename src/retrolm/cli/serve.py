@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import socket
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
         )
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port {args.port} is not a port number (0-65535)")
+    check_free(args.host, args.port)  # before the model loads
     import uvicorn
 
     from retrolm.serve.app import create_app
@@ -43,3 +45,16 @@ def run(args: argparse.Namespace) -> int:
     print(f"serving {where} on http://{args.host}:{args.port}/ (Ctrl-C stops)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
+
+
+def check_free(host: str, port: int) -> None:
+    """ValueError naming the fix when ``host:port`` cannot be listened on."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+    except OSError as e:
+        raise ValueError(
+            f"cannot listen on {host}:{port} ({e.strerror}); pass another --port"
+            + ("" if host in ("127.0.0.1", "localhost", "0.0.0.0") else " or --host")
+        ) from None

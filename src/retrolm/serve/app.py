@@ -136,15 +136,27 @@ def _call(fn: Any) -> Any:
         raise HTTPException(400, str(e)) from None
 
 
+class _ClientLeft(Exception):
+    """Raised from the token hook to stop a generation nobody reads any more."""
+
+
 def _stream(session: Session, settings: dict[str, Any]) -> Iterator[bytes]:
     """NDJSON lines of one generation, run in a worker thread that hands each token over
-    as it is sampled."""
+    as it is sampled. When the client leaves (this generator is closed), the worker stops
+    at its next token instead of holding the model to the end."""
     lines: queue.Queue[dict[str, Any] | None] = queue.Queue()
+    left = threading.Event()
+
+    def on_text(token: int, text: str) -> None:
+        if left.is_set():
+            raise _ClientLeft
+        lines.put({"type": "token", "id": token, "text": text})
 
     def work() -> None:
         try:
-            on_text = lambda token, text: lines.put({"type": "token", "id": token, "text": text})  # noqa: E731
             lines.put({"type": "result", **session.generate(**settings, on_text=on_text)})
+        except _ClientLeft:
+            log.info("client left: generation stopped")
         except ValueError as e:
             lines.put({"type": "error", "message": str(e)})
         except Exception:
@@ -154,8 +166,11 @@ def _stream(session: Session, settings: dict[str, Any]) -> Iterator[bytes]:
             lines.put(None)
 
     threading.Thread(target=work, name="retrolm-generate", daemon=True).start()
-    while (item := lines.get()) is not None:
-        yield (json.dumps(item) + "\n").encode("utf-8")
+    try:
+        while (item := lines.get()) is not None:
+            yield (json.dumps(item) + "\n").encode("utf-8")
+    finally:
+        left.set()
 
 
 def _add_error_handlers(app: FastAPI) -> None:
