@@ -24,6 +24,7 @@ class Chromium:
     def __init__(self, binary: str, width: int = 1280, height: int = 900, timeout: float = 60):
         self.profile = tempfile.TemporaryDirectory(prefix="retrolm-chromium-")
         self.width, self.timeout, self.next_id = width, timeout, 0
+        self.events: list[str] = []  # names of the DevTools events received
         flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"]
         flags += ["--disable-dev-shm-usage", "--remote-debugging-port=0"]
         flags += [f"--user-data-dir={self.profile.name}", f"--window-size={width},{height}"]
@@ -51,12 +52,15 @@ class Chromium:
         raise RuntimeError("chromium did not start its DevTools server:\n" + "".join(seen[-20:]))
 
     def send(self, method: str, **params: Any) -> dict[str, Any]:
-        """One DevTools command; its result (events in between are skipped)."""
+        """One DevTools command; its result (the names of events in between are kept in
+        ``self.events``)."""
         self.next_id += 1
         _send_text(self.sock, json.dumps({"id": self.next_id, "method": method, "params": params}))
         while True:
             msg = json.loads(_recv_text(self.sock))
-            if msg.get("id") == self.next_id:
+            if "method" in msg:
+                self.events.append(msg["method"])
+            elif msg.get("id") == self.next_id:
                 if "error" in msg:
                     raise RuntimeError(f"{method}: {msg['error']}")
                 return msg["result"]
@@ -71,8 +75,16 @@ class Chromium:
         return r["result"].get("value")
 
     def goto(self, url: str) -> None:
+        """Load ``url`` and wait for its load event (the old page is gone by then)."""
         self.send("Page.enable")
+        self.events = []
         self.send("Page.navigate", url=url)
+        deadline = time.monotonic() + self.timeout
+        while "Page.loadEventFired" not in self.events:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{url} did not load within {self.timeout} s")
+            msg = json.loads(_recv_text(self.sock))
+            self.events.append(msg.get("method", ""))
 
     def wait_for(self, expression: str, timeout: float | None = None) -> Any:
         """Poll ``expression`` until it is truthy; its value."""

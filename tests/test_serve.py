@@ -440,6 +440,11 @@ def test_the_page_in_headless_chromium(run):
             assert ids == [
                 x["chunk_id"] for x in post(base + "/search", {"text": prompt, "k": 4})["results"]
             ]
+            # a bad request shows the server's one-line message
+            browser.goto(f"{base}/?prompt=&autorun=1")
+            assert browser.wait_for(FINISHED) == "error"
+            status = browser.evaluate("document.getElementById('status').textContent")
+            assert status == "prompt: String should have at least 1 character"
         assert SCREENSHOT.stat().st_size > 10_000
     finally:
         server.terminate()

@@ -63,8 +63,9 @@ class Session:
     # ---- limits and description ---------------------------------------------------------
     @property
     def max_prompt_tokens(self) -> int:
-        """A prompt must leave room for one new token (streaming families: no cap)."""
-        return 1 << 16 if self.fam.streaming else int(self.model.config.max_seq_len) - 1
+        """A prompt must leave room for one new token; a streaming family has no length cap,
+        but the page scores the whole text in one forward: at most 4096 tokens."""
+        return 4096 if self.fam.streaming else int(self.model.config.max_seq_len) - 1
 
     @property
     def chunk_size(self) -> int | None:
