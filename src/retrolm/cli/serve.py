@@ -41,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
 
     app = create_app(args.run, args.db)
     s = app.state.session
+    s.warm_up()
     where = f"{s.fam.name} run {args.run}" + (f", database {s.db.path}" if s.db else "")
     print(f"serving {where} on http://{args.host}:{args.port}/ (Ctrl-C stops)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

@@ -113,6 +113,13 @@ class Session:
         return ids
 
     # ---- generation ---------------------------------------------------------------------
+    def warm_up(self) -> None:
+        """One short generation, scored and searched as a request is: the first person to
+        press Generate does not wait for the fused kernels or the encoder to load."""
+        self.generate("warm up", max_new_tokens=2, seed=0)
+        if self.db is not None:
+            self.search("warm up", 1)
+
     def generate(
         self,
         prompt: str,
