@@ -28,10 +28,10 @@ from torch import Tensor, nn
 
 from retrolm.generation import generate
 from retrolm.models.registry import family_of
+from retrolm.models.retro.family import NO_COPY  # RETRO's mode name for "copy head off"
 
 log = logging.getLogger(__name__)
 
-NO_COPY = "retrieval_no_copy"  # the RETRO family's mode name for "copy head off"
 MAX_SNIPPET = 160  # characters of a search result's one-line snippet
 
 
