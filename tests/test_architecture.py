@@ -32,6 +32,7 @@ PIPELINE = (
     "retrolm.demo",
     "retrolm.seed_api",
     "retrolm.export",
+    "retrolm.serve",
     "retrolm.cli",
 )
 CLI = ("retrolm.cli",)

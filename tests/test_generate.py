@@ -84,6 +84,29 @@ def test_sampling_is_seeded_and_stops_at_eos():
     assert c.ids.tolist() == [[3, 4, eos]]
 
 
+def test_on_token_sees_each_new_token_before_the_next_forward():
+    """The streaming hook: one call per sampled step, in order, with the tokens that end up
+    in the result, each before the forward that reads it (so a server can send it at once)."""
+    model, db = tiny_retro(), fake_db()
+    seen, fed = [], []
+    forward = model.forward
+
+    def spy(seq, *a, **kw):
+        fed.append(len(seen))  # how many tokens the hook had seen when this forward ran
+        return forward(seq, *a, **kw)
+
+    model.forward = spy
+    out = generate(model, [3, 4, 5], 9, db, temperature=1.0, seed=3, on_token=seen.append)
+    assert [int(t[0]) for t in seen] == out.new_ids[0].tolist()
+    assert fed == list(range(9))  # the prompt's forward, then one per token but the last
+    again = generate(model, [3, 4, 5], 9, db, temperature=1.0, seed=3)
+    assert torch.equal(again.ids, out.ids)  # the hook changes nothing
+    eos = int(out.ids[0, 3])
+    stopped = []
+    generate(model, [3, 4, 5], 9, db, temperature=1.0, seed=3, eos_id=eos, on_token=stopped.append)
+    assert [int(t[0]) for t in stopped] == [eos]
+
+
 def test_stops_at_max_seq_len_and_rejects_long_prompts():
     model = tiny_retro()
     out = generate(model, [3] * 30, 10, fake_db(), temperature=0)

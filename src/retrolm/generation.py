@@ -17,6 +17,7 @@ all of its complete chunks. The model's KV cache encodes each chunk's neighbours
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -92,6 +93,7 @@ def generate(
     use_cache: bool = True,
     family: str | ModelFamily | None = None,
     prefill_dtype: torch.dtype | str | None = None,
+    on_token: Callable[[Tensor], None] | None = None,
 ) -> GenerationResult:
     """Continue ``prompt_ids`` by up to ``max_new_tokens`` tokens.
 
@@ -106,6 +108,8 @@ def generate(
     autocast to it, then cast the cache to the steps' dtype (the weights', or autocast's if
     the caller enabled it): on CPU the long prompt forward gains from half precision while
     single-token steps are often fastest in fp32. With ``use_cache=False`` it is ignored.
+    ``on_token(tokens)``: called with each step's new tokens (b,) as they are sampled
+    (``retrolm serve`` streams the continuation from it).
     """
     fam = family_of(model, family)
     if retriever is not None:
@@ -167,6 +171,7 @@ def generate(
             generator=gen,
             eos_id=eos_id,
             fill_id=pad_id,
+            on_token=on_token,
         )
         if found is not None:
             found.complete_chunks(ids, n)  # report the chunk the last token completed too

@@ -90,6 +90,7 @@ def decode_loop(
     generator: torch.Generator | None = None,
     eos_id: int | None = None,
     fill_id: int = 0,
+    on_token: Callable[[Tensor], None] | None = None,
 ) -> int:
     """The one autoregressive sampling loop: sample, write, feed, until ``max_new_tokens``
     new tokens or every row has produced ``eos_id``. Returns the tokens now in ``ids``.
@@ -98,7 +99,9 @@ def decode_loop(
     place (one column a step, no concatenation). ``first_logits()`` gives the prompt's
     next-token logits (b, V); ``next_logits(n)`` the logits (b, V) after ``ids[:, :n]``
     (a cached model feeds only ``ids[:, n - 1 : n]``); it is never called for a token
-    nobody samples from. Rows past their EOS get ``fill_id``. Callers:
+    nobody samples from. Rows past their EOS get ``fill_id``. ``on_token(tokens)``, if
+    given, sees each step's new tokens (b,) as soon as they are written, before the next
+    forward (a server streams them from it). Callers:
     ``retrolm.generate`` (retrieval at chunk boundaries, any registered family) and the
     seed wrappers' ``generate`` (``models.autoregressive``).
     """
@@ -115,6 +118,8 @@ def decode_loop(
             finished |= nxt == eos_id
         ids[:, n] = nxt
         n += 1
+        if on_token is not None:
+            on_token(nxt)
         if step == max_new_tokens - 1 or (eos_id is not None and bool(finished.all())):
             break  # no forward for logits nobody samples from
         logits = next_logits(n)

@@ -28,6 +28,7 @@ COMMANDS: dict[str, str] = {
     "generate": "retrolm.cli.generate",
     "demo": "retrolm.cli.demo",
     "export": "retrolm.cli.export",
+    "serve": "retrolm.cli.serve",
 }
 
 
