@@ -16,8 +16,12 @@ pytest.importorskip("datasets", reason="lm-eval's tasks load their data with dat
 
 from retrolm.checkpoint import load_model, open_run_data, resolve_checkpoint  # noqa: E402
 from retrolm.evaluate import EvalConfig, evaluate  # noqa: E402
-from tests.retrieval.conftest import TINY_DB, make_tiny_encoder, module_text  # noqa: E402
-from tests.retrieval.conftest import write_corpus  # noqa: E402
+from tests.retrieval.conftest import (  # noqa: E402
+    TINY_DB,
+    make_tiny_encoder,
+    module_text,
+    write_corpus,
+)
 
 MODEL = {
     "chunk_size": 16,
@@ -74,9 +78,10 @@ def setup(tmp_path_factory):
 
 def _harness_nll(root, texts, retrieval: str) -> float:
     """Total NLL (nats) of the task's documents through ``lm_eval.simple_evaluate``."""
-    import retrolm.lm_eval_adapter  # noqa: F401  (registers the "retrolm" model)
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
+
+    import retrolm.lm_eval_adapter  # noqa: F401  (registers the "retrolm" model)
 
     out = simple_evaluate(
         model="retrolm",
@@ -107,29 +112,36 @@ def test_rolling_equals_retrolm_eval(setup, monkeypatch):
 
 
 def test_loglikelihood_and_generate_until_agree(setup):
+    import torch
     from lm_eval.api.instance import Instance
 
+    from retrolm.generation import generate
     from retrolm.lm_eval_adapter import RetroLMEval
 
     root, texts = setup
     lm = RetroLMEval(run=str(root / "run"), retrieval="on")
-    context = texts[0][:200]
 
     def req(kind, args):
         return Instance(request_type=kind, doc={}, arguments=args, idx=0)
 
-    (full,) = lm.generate_until([req("generate_until", (context, {"max_gen_toks": 12}))])
-    assert full
-    # the greedy continuation is greedy token by token and more likely than a perturbed one
-    (ll, greedy), (ll_other, greedy_other) = lm.loglikelihood(
-        [req("loglikelihood", (context, full)), req("loglikelihood", (context, full[::-1]))]
+    # chain rule: log p(x1 x2 | c) = log p(x1 | c) + log p(x2 | c x1) (split at spaces)
+    words = texts[0][:120].split(" ")
+    c, x1, x2 = " ".join(words[:4]), " " + " ".join(words[4:8]), " " + " ".join(words[8:])
+    (whole, _), (first, _), (second, _) = lm.loglikelihood(
+        [req("loglikelihood", a) for a in ((c, x1 + x2), (c, x1), (c + x1, x2))]
     )
-    assert greedy and ll > ll_other and ll < 0
-    # a stop string cuts the text before it
+    assert whole == pytest.approx(first + second, rel=1e-5) and whole < 0
+    # generate_until is greedy decoding with the database (its tokens are each the argmax
+    # of the windowed, retrieving scorer) cut at the first stop string
+    ctx = lm.tok.encode(c)
+    (full,) = lm.generate_until([req("generate_until", (c, {"max_gen_toks": 12}))])
+    res = generate(lm.model, torch.tensor(ctx), 12, lm.db, temperature=0.0, eos_id=1)
+    new = res.new_ids[0].tolist()
+    assert full == lm.tok.decode(new) and full
+    _nll, greedy = lm._nll(ctx + new)
+    assert greedy[len(ctx) :].all()
     stop = full[len(full) // 2 :][:2]
-    (cut,) = lm.generate_until(
-        [req("generate_until", (context, {"max_gen_toks": 12, "until": [stop]}))]
-    )
+    (cut,) = lm.generate_until([req("generate_until", (c, {"max_gen_toks": 12, "until": [stop]}))])
     assert stop not in cut and full.startswith(cut)
     with pytest.raises(ValueError, match="retrieval='maybe'"):
         RetroLMEval(run=str(root / "run"), retrieval="maybe")
