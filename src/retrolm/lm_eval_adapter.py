@@ -43,6 +43,18 @@ def _switch(value: Any) -> bool:
     return text in _ON
 
 
+def _device(name: str | None) -> torch.device:
+    """The device asked for; lm-eval's command line asks for "cuda" by default, so a
+    machine without CUDA falls back to the CPU (logged)."""
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(str(name))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        log.warning("device %s asked for but CUDA is unavailable: running on the CPU", name)
+        return torch.device("cpu")
+    return dev
+
+
 @register_model("retrolm")
 class RetroLMEval(LM):
     """A retrolm run as an lm-eval ``LM`` (module docstring)."""
@@ -65,7 +77,7 @@ class RetroLMEval(LM):
         model, meta = load_model(run)
         ckpt = resolve_checkpoint(run)
         database, self.tok = open_run_data(meta, ckpt, db)
-        self.model = model.to(device or "cpu").eval()
+        self.model = model.to(_device(device)).eval()
         self.family = meta["family"]
         fam = family_of(model, self.family)
         self.retrieval = _switch(retrieval)
