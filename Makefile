@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-slow test-portable mutants lint clean
+.PHONY: install install-lmeval demo test test-slow test-portable mutants lint clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -17,6 +17,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# The lm-evaluation-harness adapter's packages (pyproject's `lmeval` extra), each with
+# --no-deps so pip never touches torch; tests/test_lm_eval.py skips without them.
+install-lmeval: $(STAMP)
+	$(BIN)/pip install -q --no-deps $$($(BIN)/python -c "import tomllib; print(' '.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['lmeval']))")
 
 demo: $(STAMP)
 	$(BIN)/retrolm demo

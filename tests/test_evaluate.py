@@ -214,3 +214,35 @@ def test_windows_of_any_length_without_retrieval_and_clear_errors(held_out):
         evaluate(net, held_out, text_db())
     with pytest.raises(ValueError, match="chunk size 4"):  # RETRO keeps its chunk rule
         evaluate(TinyRetro(), held_out, tokenizer=tok, config=EvalConfig(seq_len=2))
+
+
+def test_document_nll_is_evaluates_scoring_per_document(held_out):
+    """The public per-document scorer (the lm-eval adapter's) sums to evaluate's NLL in each
+    mode, its greedy flags are each window's argmax, and streamed families match too."""
+    from retrolm.evaluate import document_nll
+    from tests.fakes import StreamingToy, register_streaming_toy
+
+    tok, db, cfg = ByteTokenizer(), text_db(), EvalConfig(seq_len=16, stride=8)
+    net = model()
+    docs = [tok.encode(p.read_text()) + [1] for p in sorted(held_out.glob("*.txt"))]
+    res = evaluate(net, held_out, db, config=cfg)
+    per_doc = [document_nll(net, d, db, config=cfg) for d in docs]
+    for mode in res.modes:
+        got = sum(float(nll[mode].sum()) for nll in per_doc)
+        assert got == pytest.approx(res.modes[mode]["nll_per_token"] * (res.modes[mode]["tokens"]))
+    greedy = {}
+    short = document_nll(net, docs[1], None, config=cfg, modes=["no_retrieval"], greedy=greedy)
+    with torch.no_grad():  # b.txt fits one window: its argmax is that of one forward
+        top = net(torch.tensor([docs[1][:-1]])).argmax(-1)[0].numpy()
+    assert (greedy["no_retrieval"][1:] == (top == np.array(docs[1][1:]))).all()
+    assert short["no_retrieval"][0] == 0.0
+    with pytest.raises(ValueError, match="must be among"):
+        document_nll(net, docs[1], None, modes=["retrieval"])
+    register_streaming_toy()
+    torch.manual_seed(0)
+    toy = StreamingToy().eval()
+    streamed = evaluate(toy, held_out, tokenizer=tok, config=EvalConfig(seq_len=5))
+    for mode in ("memory", "no_memory"):
+        got = sum(float(document_nll(toy, d, modes=[mode])[mode].sum()) for d in docs)
+        want = streamed.modes[mode]["nll_per_token"] * streamed.modes[mode]["tokens"]
+        assert got == pytest.approx(want, rel=1e-5)

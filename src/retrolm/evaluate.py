@@ -242,10 +242,7 @@ def evaluate(
                 ids = ids[: cfg.max_tokens]
             ret = mask = None
             if db is not None:
-                chunk_rows = np.full((math.ceil(len(ids) / m), m), pad, dtype=np.int64)
-                chunk_rows.reshape(-1)[: len(ids)] = ids
-                nbr, _ = db.search_tokens(chunk_rows, big_k)
-                ret, mask = db.retrieved_tokens(nbr[:, :k])  # (C, k, 2m), (C, k)
+                chunk_rows, nbr, ret, mask = _neighbours(db, ids, m, pad, k, big_k)
                 overlaps.append(_overlaps(db, chunk_rows, nbr, pad))
             # nll[mode][t]: NLL of token t given the tokens before it (token 0: unscored, 0)
             nll = _score_document(
@@ -269,6 +266,87 @@ def evaluate(
     results = {mode: _summary(totals[mode], num_tokens, num_bytes) for mode in modes}
     leakage = _leakage(cfg.alphas, modes, chunk_nll, chunk_bytes, overlaps) if overlaps else []
     return EvalResult(results, leakage, len(docs), sum(len(b) for b in chunk_bytes))
+
+
+def _neighbours(
+    db: Any, ids: np.ndarray, m: int, pad: int, k: int, big_k: int
+) -> tuple[np.ndarray, np.ndarray, Tensor, Tensor]:
+    """The document's chunks (C, m) (its end padded), their ``big_k`` nearest database
+    chunks (C, K) and the ``k`` first of them as model input (C, k, 2m), mask (C, k)."""
+    chunk_rows = np.full((math.ceil(len(ids) / m), m), pad, dtype=np.int64)
+    chunk_rows.reshape(-1)[: len(ids)] = ids
+    nbr, _ = db.search_tokens(chunk_rows, big_k)
+    ret, mask = db.retrieved_tokens(nbr[:, :k])
+    return chunk_rows, nbr, ret, mask
+
+
+@torch.no_grad()
+def document_nll(
+    model: nn.Module,
+    ids: Any,
+    db: Any = None,
+    *,
+    modes: list[str] | None = None,
+    config: EvalConfig | None = None,
+    family: str | ModelFamily | None = None,
+    pad_id: int = 0,
+    greedy: dict[str, np.ndarray] | None = None,
+) -> dict[str, np.ndarray]:
+    """Per mode, the (L,) NLL (nats) of each token of one tokenized document ``ids`` given
+    the tokens before it (token 0: unscored, 0), scored exactly as ``evaluate`` scores a
+    document: the same windows and neighbours (``db``), or streamed whole for a streaming
+    family. ``modes`` (default all of ``evaluate``'s) picks e.g. ``["retrieval"]`` or
+    ``["no_retrieval"]``; ``greedy``, when given, is filled per mode with (L,) bools: is
+    each token the model's most likely one."""
+    cfg = config or EvalConfig()
+    fam = family_of(model, family)
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    if db is not None:
+        check_no_retrieval(fam, model, "db")
+    mcfg = model.config
+    pad = int(getattr(mcfg, "pad_id", pad_id))
+    device = next(model.parameters()).device
+    variants = fam.eval_variants(model) if db is not None or fam.streaming else {}
+    if fam.streaming:
+        every = list(variants) or ["memory"]
+    else:
+        every = ["retrieval", *variants, "no_retrieval"] if db is not None else ["no_retrieval"]
+    modes = list(modes or every)
+    if not set(modes) <= set(every):
+        raise ValueError(f"modes {modes} must be among {every} for this model and database")
+    was_training = model.training
+    model.eval()
+    try:
+        if fam.streaming:
+            return _stream_document(fam, model, ids, modes, variants, cfg, device, greedy)
+        m = fam.chunk_size(mcfg)
+        n, stride = _window_shape(cfg, m, int(mcfg.max_seq_len))
+        ret = mask = None
+        if db is not None:
+            # searched as deep as evaluate's leakage search: the same k first neighbours
+            k, big_k = cfg.num_neighbours, max(cfg.num_neighbours, cfg.leakage_neighbours)
+            _rows, _nbr, ret, mask = _neighbours(db, ids, m, pad, k, big_k)
+        return _score_document(
+            fam, model, ids, modes, variants, ret, mask, n, stride, m, pad, cfg, device, greedy
+        )
+    finally:
+        model.train(was_training)
+
+
+def _stream_document(fam, model, ids, modes, variants, cfg, device, greedy):
+    """``document_nll`` of a streaming family: the document whole through one cache."""
+    mcfg = model.config
+    piece = int(cfg.seq_len or getattr(mcfg, "segment_len", None) or mcfg.max_seq_len)
+    inp = torch.from_numpy(ids)[None].to(device)
+    out = {}
+    for mode in modes:
+        with variants[mode](model) if mode in variants else contextlib.nullcontext():
+            hits: list[Tensor] = []
+            nll = _stream_nll(fam, model, inp, piece, hits)[0].numpy()
+        out[mode] = np.concatenate([[0.0], nll])
+        if greedy is not None:
+            greedy[mode] = np.concatenate([[True], torch.cat(hits, 1)[0].numpy()])
+    return out
 
 
 def _summary(tot: float, num_tokens: int, num_bytes: int) -> dict[str, float]:
@@ -334,9 +412,11 @@ def _score_document(
     pad: int,
     cfg: EvalConfig,
     device: torch.device,
+    greedy: dict[str, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
     """Slide windows over one document; each target is scored by the first window that
-    holds it with at least one token of context. Returns per mode the (L,) token NLLs."""
+    holds it with at least one token of context. Returns per mode the (L,) token NLLs
+    (and fills ``greedy``, if given, with whether each target is the argmax)."""
     windows, done, w = [], 1, 0  # done: index of the first target not yet scored
     while done < len(ids):
         end = min(w + n + 1, len(ids))  # the window's tokens ids[w:end]
@@ -344,6 +424,8 @@ def _score_document(
         done = end
         w += stride
     nll = {mode: np.zeros(len(ids)) for mode in modes}
+    if greedy is not None:
+        greedy.update({mode: np.ones(len(ids), dtype=bool) for mode in modes})
     for i in range(0, len(windows), cfg.batch_size):
         group = windows[i : i + cfg.batch_size]
         inp = torch.full((len(group), n + 1), pad, dtype=torch.long)
@@ -364,9 +446,12 @@ def _score_document(
                 logits = fam.logits(model, inp[:, :-1], **kw)  # (g, n, V)
             logp = F.log_softmax(logits.float(), dim=-1)
             tgt_nll = -logp.gather(-1, inp[:, 1:, None]).squeeze(-1).cpu().numpy()  # (g, n)
+            top = (logp.argmax(-1) == inp[:, 1:]).cpu().numpy() if greedy is not None else None
             for j, (w, end, first) in enumerate(group):
                 # target t sits at index t - w - 1 of the window's predictions
                 nll[mode][first:end] = tgt_nll[j, first - w - 1 : end - w - 1]
+                if top is not None:
+                    greedy[mode][first:end] = top[j, first - w - 1 : end - w - 1]
     return nll
 
 
@@ -415,9 +500,12 @@ def _evaluate_streamed(
     return EvalResult(results, [], len(docs), 0)
 
 
-def _stream_nll(fam: ModelFamily, model: nn.Module, inp: Tensor, piece: int) -> Tensor:
+def _stream_nll(
+    fam: ModelFamily, model: nn.Module, inp: Tensor, piece: int, hits: list | None = None
+) -> Tensor:
     """(g, L - 1) NLL of each token of ``inp`` (g, L) but the first, fed ``piece`` tokens at
-    a time through one fresh cache."""
+    a time through one fresh cache (``hits``, if given, gets per piece whether each target
+    is the argmax)."""
     cache = fam.init_cache(model, inp.shape[0])
     if cache is None:
         raise ValueError(f"the streaming family {fam.name!r} returned no cache from init_cache")
@@ -427,6 +515,8 @@ def _stream_nll(fam: ModelFamily, model: nn.Module, inp: Tensor, piece: int) -> 
         logp = F.log_softmax(fam.logits(model, x, cache).float(), dim=-1)  # (g, p, V)
         tgt = inp[:, s + 1 : s + 1 + x.shape[1], None]
         out.append(-logp.gather(-1, tgt).squeeze(-1).cpu())
+        if hits is not None:
+            hits.append((logp.argmax(-1) == tgt[..., 0]).cpu())
     return torch.cat(out, dim=1)
 
 
