@@ -92,6 +92,8 @@ class PreTrainedMixin:
             metadata=metadata,
         )
 
+    # signature twin of the module-level from_pretrained (deliberate): the class method loads
+    # its own family, the function any family
     @classmethod
     def from_pretrained(
         cls,
