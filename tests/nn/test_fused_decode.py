@@ -360,6 +360,36 @@ def test_a_stale_build_lock_is_cleared(tmp_path, monkeypatch):
     assert not fused_decode.clear_stale_lock(build)  # nothing to clear
 
 
+def test_a_lock_left_by_a_killed_build_never_stalls_the_next(tmp_path, monkeypatch):
+    """A fresh torch ``lock`` file (a build killed a moment ago) is removed once this process
+    holds the build's flock; while another process holds it, the next one waits for it."""
+    import subprocess
+    import sys
+    import time
+
+    from retrolm.nn.fused.extension import build_lock
+
+    monkeypatch.setenv("RETROLM_CACHE", str(tmp_path))
+    build = fused_decode.build_directory()
+    (build / "lock").touch()  # fresh: the age rule alone would leave it (torch: wait forever)
+    with build_lock(build):
+        assert not (build / "lock").exists()
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); "
+         "print('held', flush=True); time.sleep(1.5)", str(build / ".retrolm-build.lock")],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        t0 = time.perf_counter()
+        with build_lock(build):
+            waited = time.perf_counter() - t0
+        assert waited > 0.5  # it waited for the holder
+    finally:
+        holder.wait(timeout=30)
+
+
 ROUTING = dict(
     num_tokens=256, dim=64, depth=2, heads=4, max_seq_len=128, causal=True, window_size=16,
     dim_head=16,

@@ -16,6 +16,8 @@ import platform
 import shutil
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 
@@ -77,16 +79,16 @@ class LazyExtension:
 
                     _ninja_on_path()
                     build = self.build_directory()
-                    clear_stale_lock(build)
                     log.info("loading the %s (built once per machine, ~30 s)", self.what)
-                    self._module = load(
-                        name=self.name,
-                        sources=[str(self.source)],
-                        extra_cflags=FLAGS,
-                        extra_ldflags=["-fopenmp"],
-                        build_directory=str(build),
-                        verbose=False,
-                    )
+                    with build_lock(build):
+                        self._module = load(
+                            name=self.name,
+                            sources=[str(self.source)],
+                            extra_cflags=FLAGS,
+                            extra_ldflags=["-fopenmp"],
+                            build_directory=str(build),
+                            verbose=False,
+                        )
                 except Exception as exc:  # no compiler, no ninja, a build error: ATen path
                     if kernels_required():
                         raise KernelBuildError(
@@ -141,13 +143,35 @@ def cpu_tag() -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:8]
 
 
+@contextmanager
+def build_lock(build: Path) -> Iterator[None]:
+    """One retrolm process at a time inside torch's builder for ``build``: an exclusive
+    ``flock`` on ``build/.retrolm-build.lock``, which the kernel releases when its holder dies.
+    While it is held no other retrolm process is building here, so a torch ``lock`` file
+    found then was left by a killed build (torch would wait for it without end): it is removed
+    at once. Without ``fcntl`` (not POSIX): only a lock older than ``STALE_LOCK_S`` is."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover (POSIX everywhere retrolm is tested)
+        clear_stale_lock(build)
+        yield
+        return
+    with open(build / ".retrolm-build.lock", "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # waits while another process builds
+        try:
+            clear_stale_lock(build, max_age_s=0.0)
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def clear_stale_lock(build: Path, max_age_s: float = STALE_LOCK_S) -> bool:
     """torch's builder holds a ``lock`` file while it builds and waits, without end, while
     one exists: a build killed midway would hang every later process. Removes a lock older
     than ``max_age_s``; returns whether it did."""
     lock = build / "lock"
     try:
-        if time.time() - lock.stat().st_mtime > max_age_s:
+        if time.time() - lock.stat().st_mtime >= max_age_s:
             lock.unlink()
             log.warning("removed a stale build lock %s (a killed build left it)", lock)
             return True
