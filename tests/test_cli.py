@@ -9,21 +9,11 @@ import torch
 
 from retrolm.checkpoint import resolve_checkpoint
 from retrolm.cli import main
-from tests.retrieval.conftest import TINY_DB, make_tiny_encoder, write_corpus
+from tests.retrieval.conftest import TINY_DB, TINY_RETRO, make_tiny_encoder, write_corpus
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
-MODEL = {
-    "chunk_size": 16,
-    "max_seq_len": 64,
-    "dec_dim": 32,
-    "dec_depth": 2,
-    "dec_cross_attn_layers": [2],
-    "enc_dim": 32,
-    "enc_depth": 1,
-    "heads": 2,
-    "dim_head": 16,
-}
+MODEL = TINY_RETRO
 
 
 @pytest.fixture(scope="module")

@@ -18,22 +18,13 @@ from retrolm.checkpoint import load_model, open_run_data, resolve_checkpoint  # 
 from retrolm.evaluate import EvalConfig, evaluate  # noqa: E402
 from tests.retrieval.conftest import (  # noqa: E402
     TINY_DB,
+    TINY_RETRO,
     make_tiny_encoder,
     module_text,
     write_corpus,
 )
 
-MODEL = {
-    "chunk_size": 16,
-    "max_seq_len": 64,
-    "dec_dim": 32,
-    "dec_depth": 2,
-    "dec_cross_attn_layers": [2],
-    "enc_dim": 32,
-    "enc_depth": 1,
-    "heads": 2,
-    "dim_head": 16,
-}
+MODEL = TINY_RETRO
 TASK = "retrolm_local_ppl"
 
 

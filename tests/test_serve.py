@@ -25,7 +25,7 @@ from retrolm.evaluate import longest_common_run
 from retrolm.generation import generate
 from retrolm.models.retro.copy_head import copy_head_disabled
 from retrolm.serve.session import Session, longest_match, token_pieces
-from tests.retrieval.conftest import TINY_DB, make_tiny_encoder, write_corpus
+from tests.retrieval.conftest import TINY_DB, TINY_RETRO, make_tiny_encoder, write_corpus
 
 fastapi = pytest.importorskip("fastapi", reason="the serve extra: pip install 'retrolm[serve]'")
 pytest.importorskip("httpx", reason="starlette's TestClient needs httpx")
@@ -34,18 +34,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from retrolm.serve.app import create_app  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL = {
-    "chunk_size": 16,
-    "max_seq_len": 64,
-    "dec_dim": 32,
-    "dec_depth": 2,
-    "dec_cross_attn_layers": [2],
-    "enc_dim": 32,
-    "enc_depth": 1,
-    "heads": 2,
-    "dim_head": 16,
-    "copy_head": True,
-}
+MODEL = {**TINY_RETRO, "copy_head": True}
 PROMPT = "Return the JSON object for the given string of text"
 SAMPLING = dict(temperature=1.0, top_k=50, top_p=0.9, seed=3)
 

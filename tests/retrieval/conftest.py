@@ -24,6 +24,19 @@ CORPUS_MODULES = [
     "contextlib",
 ]
 
+# the RETRO model_config of the tiny CLI runs on a TINY_DB database (test_cli, test_serve,
+# test_lm_eval)
+TINY_RETRO = {
+    "chunk_size": 16,
+    "max_seq_len": 64,
+    "dec_dim": 32,
+    "dec_depth": 2,
+    "dec_cross_attn_layers": [2],
+    "enc_dim": 32,
+    "enc_depth": 1,
+    "heads": 2,
+    "dim_head": 16,
+}
 TINY_DB = dict(
     chunk_size=16,
     seq_len=64,
