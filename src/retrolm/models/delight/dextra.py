@@ -39,9 +39,12 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from retrolm.nn.feedforward import ACTIVATIONS
+from retrolm.models.delight import dextra_decode
+from retrolm.models.delight.mixer import mix
+from retrolm.nn.feedforward import ACTIVATIONS, INPLACE
 from retrolm.nn.group_linear import GroupLinear
 from retrolm.nn.norms import NORMS, make_norm
+from retrolm.nn.weight_cache import WeightCache
 
 GLT_GROUPS = ("paper", "reference")
 ACT_TYPES = {"swish": "silu", "gelu": "gelu", "relu": "relu"}  # DeLighT's name -> ours
@@ -106,16 +109,6 @@ def dextra_layers(
     return [GLTShape(i, o, g) for i, o, g in zip(ins, outs, groups, strict=True)]
 
 
-def mix(x: Tensor, out: Tensor, groups: int) -> Tensor:
-    """DExTra's input mixer: ``(..., p), (..., o) -> (..., p + o)``, group j of the result
-    (its j-th contiguous slice) is x's j-th slice followed by out's j-th slice."""
-    if groups == 1:
-        return torch.cat((x, out), dim=-1)
-    xg = x.unflatten(-1, (groups, -1))  # (..., g, p/g)
-    og = out.unflatten(-1, (groups, -1))  # (..., g, o/g)
-    return torch.cat((xg, og), dim=-1).flatten(-2)  # (..., p + o)
-
-
 class GLTLayer(nn.Module):
     """One DExTra layer: group linear (bias, optional shuffle), a norm of width out/g on each
     of the g slices, activation, dropout. ``(..., in) -> (..., out)``."""
@@ -125,7 +118,7 @@ class GLTLayer(nn.Module):
         self.groups = shape.groups
         self.linear = GroupLinear(*shape, bias=True, shuffle=shuffle)
         self.norm = make_norm(norm, shape.out_features // shape.groups)
-        self.act = ACTIVATIONS[act]
+        self.act, self.act_ = ACTIVATIONS[act], INPLACE[act]
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:  # (..., in) -> (..., out)
@@ -182,22 +175,39 @@ class DExTra(nn.Module):
                 f"max_groups={max_groups} or change the widths"
             )
         self.in_features, self.out_features, self.max_groups = in_features, out_features, max_groups
-        self.act = ACTIVATIONS[act]
+        self.act, self.act_ = ACTIVATIONS[act], INPLACE[act]
         self.in_proj = nn.Linear(in_features, p)
         self.in_norm = make_norm(norm, p)
         self.dropout = nn.Dropout(dropout)
         self.glts = nn.ModuleList(GLTLayer(s, shuffle, norm, act, dropout) for s in table)
         self.out_proj = nn.Linear(out_features + p, out_features)
         self.out_norm = make_norm(norm, out_features)
+        # decoding's folded weights (``dextra_decode``), rebuilt when a GLT or out_proj changes
+        self._folded = WeightCache(_build_folded)
 
     def layer_table(self) -> list[GLTShape]:
         """The GLTs' (in_features, out_features, groups), first to last."""
         return [GLTShape(g.linear.in_features, g.linear.out_features, g.groups) for g in self.glts]
 
     def forward(self, inp: Tensor) -> Tensor:  # (..., d_m) -> (..., d_o)
+        if (
+            not self.training
+            and inp.numel() <= dextra_decode.MAX_ROWS * self.in_features
+            and not torch.is_grad_enabled()
+        ):  # decoding: the same function with the mixers and shuffles folded away
+            params = [t for g in self.glts for t in (g.linear.weight, g.linear.bias)]
+            key = (self, dextra_decode.compute_dtype(inp))
+            plan = self._folded.get(*params, self.out_proj.weight, self.out_proj.bias, key=key)
+            return dextra_decode.folded_forward(self, plan, inp)
         x = self.dropout(self.act(self.in_norm(self.in_proj(inp))))  # (..., p)
         h = x
         for l, glt in enumerate(self.glts):  # noqa: E741
             h = glt(mix(x, h, glt.groups) if l else h)  # (..., out_l)
         h = mix(x, h, self.glts[-1].groups)  # (..., d_o + p)
         return self.act(self.out_norm(self.out_proj(h)))
+
+
+def _build_folded(*params_and_key) -> dextra_decode.FoldedDExTra:
+    """WeightCache build: the params only key the cache; the module and dtype are the key."""
+    module, dtype = params_and_key[-1]
+    return dextra_decode.fold(module, dtype)
