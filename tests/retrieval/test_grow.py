@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -151,3 +156,63 @@ def test_an_interrupted_addition_resumes_and_other_settings_are_refused(dbs, mon
 
 def _dies(*a, **k):
     raise KeyboardInterrupt
+
+
+# `retrolm db add` in a child process, every embedding batch and neighbour block slowed so that
+# the test can SIGKILL it inside a stage.
+SLOW_ADD = """
+import sys, time
+import faiss
+from retrolm.retrieval import encoder, grow
+faiss.omp_set_num_threads(1)
+def slowed(fn):
+    def wrapper(*a, **k):
+        time.sleep(0.3)
+        return fn(*a, **k)
+    return wrapper
+encoder.FrozenEncoder.embed = slowed(encoder.FrozenEncoder.embed)
+grow.neighbours_block = slowed(grow.neighbours_block)
+grow.add_documents(sys.argv[1], sys.argv[2], refresh_neighbours=True)
+"""
+
+
+@pytest.mark.slow
+def test_an_addition_killed_in_each_stage_resumes_to_the_same_bytes(dbs, tmp_path):
+    """SIGKILL (no cleanup runs) inside the embed stage, then inside the neighbour stage: each
+    rerun finishes what is left, and the database ends byte for byte as one uninterrupted
+    addition."""
+    from .test_database import SRC, files
+
+    root, b = dbs
+    want = grown(root, b, "uninterrupted_refreshed", "--refresh-neighbours").path
+    db = tmp_path / "db"
+    shutil.copytree(root / "db_a", db)
+    script = tmp_path / "slow_add.py"
+    script.write_text(SLOW_ADD)
+    env = dict(os.environ, PYTHONPATH=SRC)
+    for stage in ("embed", "neighbours"):
+        proc = subprocess.Popen([sys.executable, str(script), str(db), str(b)], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+        t0 = time.time()
+        while not any((db / grow.STAGING / ".progress" / stage).glob("*.done")):
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.time() - t0 < 120, f"stage {stage} never started"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stderr.close()
+        assert (
+            RetrievalDatabase.open(db).num_chunks
+            == RetrievalDatabase.open(root / "db_a").num_chunks
+        )
+    grow.add_documents(db, b, refresh_neighbours=True)
+    got, expected = files(db), files(want)
+    assert sorted(got) == sorted(expected)
+    for name in expected:
+        if name != "manifest.json":
+            assert got[name] == expected[name], f"{name} differs after the resumed addition"
+    m_got, m_want = (json.loads((d / "manifest.json").read_text()) for d in (db, want))
+    for m in (m_got, m_want):
+        for a in m["additions"]:
+            a.pop("time", None)
+    assert m_got == m_want
