@@ -155,11 +155,19 @@ def build_index(
     spec: IndexSpec, embeddings: np.ndarray, block_size: int = 65536, memory_budget: int = 4 << 30
 ):
     """Train (on evenly spaced rows, deterministic) and add every vector ``(N, d)`` in blocks."""
+    if spec.kind == "autofaiss":
+        return _build_autofaiss(embeddings[0 : len(embeddings)], memory_budget)
+    index = train_index(spec, embeddings)
+    add_vectors(index, spec, embeddings, block_size)
+    return index
+
+
+def train_index(spec: IndexSpec, embeddings: np.ndarray):
+    """An empty index of ``spec``, trained on ``spec.train_size`` evenly spaced rows of
+    ``embeddings (N, d)`` (deterministic); the first half of ``build_index``."""
     import faiss  # here, not at the top: building the CLI never loads it
 
     n, d = embeddings.shape
-    if spec.kind == "autofaiss":
-        return _build_autofaiss(embeddings[0:n], memory_budget)
     with faiss_errors(
         f"build index {spec.factory} over {n} vectors of dimension {d}",
         "choose another --index (flat always works) or a larger --memory-budget",
@@ -170,9 +178,19 @@ def build_index(
             sample = np.ascontiguousarray(embeddings[np.unique(rows)], dtype=np.float32)
             log.info("training %s on %d of %d vectors", spec.factory, len(sample), n)
             index.train(sample)
+    return index
+
+
+def add_vectors(index, spec: IndexSpec, embeddings: np.ndarray, block_size: int = 65536) -> None:
+    """Add every row of ``embeddings (N, d)`` to a trained ``index``, ``block_size`` rows at
+    a time (the rows need not fit in memory; the second half of ``build_index``)."""
+    n, d = embeddings.shape
+    with faiss_errors(
+        f"build index {spec.factory} over {n} vectors of dimension {d}",
+        "choose another --index (flat always works) or a larger --memory-budget",
+    ):
         for s in tqdm(range(0, n, block_size), desc="index add", unit="block"):
             index.add(np.ascontiguousarray(embeddings[s : s + block_size], dtype=np.float32))
-    return index
 
 
 @contextmanager

@@ -64,16 +64,30 @@ class RowFile:
         return self.shape[0]
 
     def __getitem__(self, rows: slice | np.ndarray) -> np.ndarray:
-        if not isinstance(rows, slice):  # a list of row ids (e.g. an index training sample)
-            out = np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
-            for j, r in enumerate(np.asarray(rows, dtype=np.int64)):
-                out[j] = self[int(r) : int(r) + 1][0]
-            return out
+        if not isinstance(rows, slice):  # row ids (an index training sample, re-ranking)
+            return self.gather(rows)
         start, stop, step = rows.indices(len(self))
         assert step == 1, "RowFile reads contiguous row ranges"
         self._f.seek(start * self.row_bytes)
         data = self._f.read(max(0, stop - start) * self.row_bytes)
         return np.frombuffer(data, dtype=self.dtype).reshape(-1, *self.shape[1:])
+
+    def gather(self, rows: np.ndarray) -> np.ndarray:
+        """The rows ``rows`` (any order, repeats allowed) as a new array ``(len(rows), ...)``.
+
+        Read through a map that is dropped on return: the pages it touched leave this
+        process's resident set, so re-ranking candidates from all over a large file keeps
+        the memory of one call, not of the file."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) == 0 or 0 in self.shape:
+            return np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
+        if rows.min() < 0 or rows.max() >= len(self):
+            raise IndexError(f"row ids must be in [0, {len(self)}) for {self.path.name}")
+        mapped = np.memmap(self.path, dtype=self.dtype, mode="r", shape=self.shape)
+        out = np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
+        np.take(mapped, rows, axis=0, out=out)
+        del mapped  # the last reference: unmapped here (``out`` holds no view of it)
+        return out
 
     def write(self, start: int, rows: np.ndarray) -> None:
         self._f.seek(start * self.row_bytes)
