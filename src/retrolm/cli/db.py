@@ -344,7 +344,7 @@ def run_plan(args: argparse.Namespace) -> int:
     search += f", ef_search {ix['ef_search']}" if ix["ef_search"] else ""
     trained = f", trained on {ix['train_size']:,}" if ix["train_size"] else ""
     peak = max(p.stages, key=lambda s: s.peak_bytes)
-    w = f"{p.workers} workers"
+    w = f"{p.workers} worker{'s' if p.workers > 1 else ''}"
     print(f"plan       {p.num_chunks:,} chunks, memory budget {p.memory_budget / gib:.1f} GiB")
     print(f"index      {ix['kind']} ({ix['factory']}{search}{trained})")
     print(

@@ -39,7 +39,7 @@ INDEX_KINDS = ("auto", "flat", "ivf", "hnsw", "ivfpq", "autofaiss")
 MIN_POINTS_PER_LIST = 39  # faiss k-means warns (and trains badly) below this
 FLAT_MAX_N = 262_144  # auto: exact search up to this many chunks (all-pairs cost grows as N²)
 PQ_BYTES = (4, 8, 16, 32, 48, 64, 96, 128, 192)
-RERANK_ROWS = 256  # queries re-ranked at a time (bounds the re-ranking's memory)
+RERANK_ROWS = 64  # queries re-ranked at a time (bounds the re-ranking's memory)
 OPQ_MIN_N = 1_000_000  # below this, ivfpq skips the OPQ rotation (slow to train, small gain)
 
 
