@@ -1,4 +1,4 @@
-"""``retrolm db build | add | info | query | check``: the retrieval database, by command."""
+"""``retrolm db build | add | info | query | check | plan``: the retrieval database, by command."""
 
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ def register(subparsers) -> None:
     _register_query(sub)
     _register_add(sub)
     _register_check(sub)
+    _register_plan(sub)
 
 
 def _register_query(sub) -> None:
@@ -116,6 +117,25 @@ def _register_check(sub) -> None:
     c.add_argument("--json", action="store_true", help="the report as JSON")
     add_search_flags(c)
     c.set_defaults(func=run_check)
+
+
+def _register_plan(sub) -> None:
+    p = sub.add_parser(
+        "plan",
+        help="the index, memory and time per stage of a build of N chunks (from measured rates)",
+        description="Plan a build of N chunks under a memory budget: the index the build "
+        "would choose (its own rule, --index auto), the index's bytes, each stage's peak "
+        "memory and time on the machine the rates were measured on, and with --workers W "
+        "(embed, index add and neighbours split over W workers of that machine's cores). "
+        "Rates ship with retrolm (benchmarks/scale/bench_scale.py); --rates FILE uses others.",
+    )
+    p.add_argument("--chunks", required=True, help="N: chunks to build (e.g. 1M, 30M, 300000)")
+    p.add_argument("--memory", required=True, help="memory budget of the index (e.g. 4G, 64G)")
+    p.add_argument("--workers", type=int, default=1, help="workers (default: 1)")
+    p.add_argument("--index", default="auto", help="index kind (default: auto, as the build)")
+    p.add_argument("--rates", help="a rates JSON written by bench_scale (default: shipped)")
+    p.add_argument("--json", action="store_true", help="the plan as JSON")
+    p.set_defaults(func=run_plan)
 
 
 def add_search_flags(p: argparse.ArgumentParser) -> None:
@@ -302,4 +322,44 @@ def run_check(args: argparse.Namespace) -> int:
         f"query time {r.ms_per_query:.3f} ms/query (index), "
         f"{r.exact_ms_per_query:.3f} ms/query (exact numpy search)"
     )
+    return 0
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.1f} s"
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    from retrolm.retrieval.plan import plan_build
+
+    p = plan_build(args.chunks, args.memory, args.workers, args.index, args.rates)
+    if args.json:
+        print(json.dumps(p.to_json(), indent=1))
+        return 0
+    gib, ix = 2**30, p.index
+    search = f", nprobe {ix['nprobe']}" if ix["nprobe"] else ""
+    search += f", ef_search {ix['ef_search']}" if ix["ef_search"] else ""
+    trained = f", trained on {ix['train_size']:,}" if ix["train_size"] else ""
+    peak = max(p.stages, key=lambda s: s.peak_bytes)
+    w = f"{p.workers} worker{'s' if p.workers > 1 else ''}"
+    print(f"plan       {p.num_chunks:,} chunks, memory budget {p.memory_budget / gib:.1f} GiB")
+    print(f"index      {ix['kind']} ({ix['factory']}{search}{trained})")
+    print(
+        f"memory     index {p.index_bytes / gib:.2f} GiB; build peak "
+        f"{p.build_peak_bytes / gib:.2f} GiB ({peak.stage} stage, per worker)"
+    )
+    print(f"{'stage':10s} {'1 worker':>10s} {w:>10s} {'peak':>10s}")
+    for s in p.stages:
+        how = "parallel" if s.parallel else "one process"
+        print(
+            f"{s.stage:10s} {_duration(s.seconds):>10s} {_duration(s.seconds_workers):>10s} "
+            f"{s.peak_bytes / gib:7.2f} GiB  {how}{' (modelled)' if s.modelled else ''}"
+        )
+    print(f"{'total':10s} {_duration(p.seconds):>10s} {_duration(p.seconds_workers):>10s}")
+    print(f"rates      measured on {p.cpu}, {p.rates_date}")
+    for note in p.notes:
+        print(f"note       {note}")
     return 0

@@ -510,7 +510,7 @@ def _stage_neighbours(db_dir, manifest, config, **_):
     n, k = manifest["num_chunks"], config.num_columns
     spec = IndexSpec(**{f.name: manifest["index"][f.name] for f in fields(IndexSpec)})
     emb = RowFile(db_dir, manifest["arrays"]["embeddings"])  # (N, d), queries read in blocks
-    rerank = None if spec.exact else open_array(db_dir, manifest["arrays"]["embeddings"])
+    rerank = None if spec.exact else emb  # candidates gathered through a transient map
     searcher = Searcher(load_index(db_dir / INDEX_FILE, spec), spec, rerank)
     doc_ids = np.array(open_array(db_dir, manifest["arrays"]["doc_ids"]))  # (N,) in RAM
     manifest["arrays"].update(

@@ -39,6 +39,7 @@ INDEX_KINDS = ("auto", "flat", "ivf", "hnsw", "ivfpq", "autofaiss")
 MIN_POINTS_PER_LIST = 39  # faiss k-means warns (and trains badly) below this
 FLAT_MAX_N = 262_144  # auto: exact search up to this many chunks (all-pairs cost grows as N²)
 PQ_BYTES = (4, 8, 16, 32, 48, 64, 96, 128, 192)
+RERANK_ROWS = 64  # queries re-ranked at a time (bounds the re-ranking's memory)
 OPQ_MIN_N = 1_000_000  # below this, ivfpq skips the OPQ rotation (slow to train, small gain)
 
 
@@ -155,11 +156,19 @@ def build_index(
     spec: IndexSpec, embeddings: np.ndarray, block_size: int = 65536, memory_budget: int = 4 << 30
 ):
     """Train (on evenly spaced rows, deterministic) and add every vector ``(N, d)`` in blocks."""
+    if spec.kind == "autofaiss":
+        return _build_autofaiss(embeddings[0 : len(embeddings)], memory_budget)
+    index = train_index(spec, embeddings)
+    add_vectors(index, spec, embeddings, block_size)
+    return index
+
+
+def train_index(spec: IndexSpec, embeddings: np.ndarray):
+    """An empty index of ``spec``, trained on ``spec.train_size`` evenly spaced rows of
+    ``embeddings (N, d)`` (deterministic); the first half of ``build_index``."""
     import faiss  # here, not at the top: building the CLI never loads it
 
     n, d = embeddings.shape
-    if spec.kind == "autofaiss":
-        return _build_autofaiss(embeddings[0:n], memory_budget)
     with faiss_errors(
         f"build index {spec.factory} over {n} vectors of dimension {d}",
         "choose another --index (flat always works) or a larger --memory-budget",
@@ -170,9 +179,19 @@ def build_index(
             sample = np.ascontiguousarray(embeddings[np.unique(rows)], dtype=np.float32)
             log.info("training %s on %d of %d vectors", spec.factory, len(sample), n)
             index.train(sample)
+    return index
+
+
+def add_vectors(index, spec: IndexSpec, embeddings: np.ndarray, block_size: int = 65536) -> None:
+    """Add every row of ``embeddings (N, d)`` to a trained ``index``, ``block_size`` rows at
+    a time (the rows need not fit in memory; the second half of ``build_index``)."""
+    n, d = embeddings.shape
+    with faiss_errors(
+        f"build index {spec.factory} over {n} vectors of dimension {d}",
+        "choose another --index (flat always works) or a larger --memory-budget",
+    ):
         for s in tqdm(range(0, n, block_size), desc="index add", unit="block"):
             index.add(np.ascontiguousarray(embeddings[s : s + block_size], dtype=np.float32))
-    return index
 
 
 @contextmanager
@@ -292,14 +311,19 @@ class Searcher:
         return ids.astype(np.int64), dists.astype(np.float32)
 
     def _exact_dists(self, x: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """Exact squared distances of the candidates ``ids (Q, F)``, RERANK_ROWS queries at a
+        time: the gathered keys and their differences hold ``RERANK_ROWS x F x d`` floats,
+        whatever Q (a block of 4096 queries x 128 candidates would be 0.8 GB per copy)."""
         out = np.full(ids.shape, np.inf, dtype=np.float32)
-        valid = ids >= 0
-        flat = ids[valid]
-        order = np.argsort(flat, kind="stable")  # sorted reads from the memmap
-        vecs = np.empty((len(flat), x.shape[1]), dtype=np.float32)
-        vecs[order] = self.embeddings[flat[order]]
-        q = np.repeat(np.arange(len(x)), valid.sum(1))
-        out[valid] = ((vecs - x[q]) ** 2).sum(-1)
+        for s in range(0, len(x), RERANK_ROWS):
+            part, dst = ids[s : s + RERANK_ROWS], out[s : s + RERANK_ROWS]
+            valid = part >= 0
+            flat = part[valid]
+            order = np.argsort(flat, kind="stable")  # sorted reads from the file
+            vecs = np.empty((len(flat), x.shape[1]), dtype=np.float32)
+            vecs[order] = self.embeddings[flat[order]]
+            q = np.repeat(np.arange(len(part)), valid.sum(1))
+            dst[valid] = ((vecs - x[s : s + RERANK_ROWS][q]) ** 2).sum(-1)
         return out
 
 

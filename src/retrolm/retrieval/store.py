@@ -6,6 +6,7 @@ resumable stages' row blocks (``.progress/<stage>/``). ``build.py`` writes it,
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -64,16 +65,33 @@ class RowFile:
         return self.shape[0]
 
     def __getitem__(self, rows: slice | np.ndarray) -> np.ndarray:
-        if not isinstance(rows, slice):  # a list of row ids (e.g. an index training sample)
-            out = np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
-            for j, r in enumerate(np.asarray(rows, dtype=np.int64)):
-                out[j] = self[int(r) : int(r) + 1][0]
-            return out
+        if not isinstance(rows, slice):  # row ids (an index training sample, re-ranking)
+            return self.gather(rows)
         start, stop, step = rows.indices(len(self))
         assert step == 1, "RowFile reads contiguous row ranges"
         self._f.seek(start * self.row_bytes)
         data = self._f.read(max(0, stop - start) * self.row_bytes)
         return np.frombuffer(data, dtype=self.dtype).reshape(-1, *self.shape[1:])
+
+    def gather(self, rows: np.ndarray) -> np.ndarray:
+        """The rows ``rows`` (any order, repeats allowed) as a new array ``(len(rows), ...)``.
+
+        Each distinct row is read with ``os.pread``, never through a map: a map's page faults
+        also map the pages around each row (the kernel's fault-around), so gathering from all
+        over a large file (re-ranking candidates, an index training sample) would hold much
+        of the file in this process's resident set; reads hold only the rows asked for."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) == 0 or 0 in self.shape:
+            return np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
+        if rows.min() < 0 or rows.max() >= len(self):
+            raise IndexError(f"row ids must be in [0, {len(self)}) for {self.path.name}")
+        uniq, inverse = np.unique(rows, return_inverse=True)  # sorted: forward reads
+        out = np.empty((len(uniq), *self.shape[1:]), dtype=self.dtype)
+        fd, size, buf = self._f.fileno(), self.row_bytes, memoryview(out).cast("B")
+        for j, r in enumerate(uniq.tolist()):  # straight into ``out``: no second copy
+            if os.preadv(fd, [buf[j * size : (j + 1) * size]], r * size) != size:
+                raise OSError(f"{self.path} ends before row {r}: the file is truncated")
+        return out if len(uniq) == len(rows) and (uniq == rows).all() else out[inverse]
 
     def write(self, start: int, rows: np.ndarray) -> None:
         self._f.seek(start * self.row_bytes)
