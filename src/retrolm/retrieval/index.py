@@ -155,24 +155,37 @@ def build_index(
     spec: IndexSpec, embeddings: np.ndarray, block_size: int = 65536, memory_budget: int = 4 << 30
 ):
     """Train (on evenly spaced rows, deterministic) and add every vector ``(N, d)`` in blocks."""
-    import faiss  # here, not at the top: building the CLI never loads it
-
     n, d = embeddings.shape
     if spec.kind == "autofaiss":
         return _build_autofaiss(embeddings[0:n], memory_budget)
-    with faiss_errors(
-        f"build index {spec.factory} over {n} vectors of dimension {d}",
-        "choose another --index (flat always works) or a larger --memory-budget",
-    ):
+    index = trained_index(spec, embeddings)
+    with _build_errors(spec, n, d):
+        for s in tqdm(range(0, n, block_size), desc="index add", unit="block"):
+            index.add(np.ascontiguousarray(embeddings[s : s + block_size], dtype=np.float32))
+    return index
+
+
+def trained_index(spec: IndexSpec, embeddings: np.ndarray):
+    """The empty index of ``spec``, trained on evenly spaced rows of ``embeddings (N, d)``
+    when its kind trains (deterministic: the same rows give the same index)."""
+    import faiss  # here, not at the top: building the CLI never loads it
+
+    n, d = embeddings.shape
+    with _build_errors(spec, n, d):
         index = faiss.index_factory(d, spec.factory, faiss.METRIC_L2)
         if spec.train_size:
             rows = np.linspace(0, n - 1, spec.train_size).astype(np.int64)
             sample = np.ascontiguousarray(embeddings[np.unique(rows)], dtype=np.float32)
             log.info("training %s on %d of %d vectors", spec.factory, len(sample), n)
             index.train(sample)
-        for s in tqdm(range(0, n, block_size), desc="index add", unit="block"):
-            index.add(np.ascontiguousarray(embeddings[s : s + block_size], dtype=np.float32))
     return index
+
+
+def _build_errors(spec: IndexSpec, n: int, d: int):
+    return faiss_errors(
+        f"build index {spec.factory} over {n} vectors of dimension {d}",
+        "choose another --index (flat always works) or a larger --memory-budget",
+    )
 
 
 @contextmanager
