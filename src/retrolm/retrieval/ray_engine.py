@@ -185,10 +185,10 @@ def _encodes(spec: IndexSpec) -> bool:
 class _IndexAddActor:
     """Reads add blocks of the keys and, where the index has a codec, encodes them."""
 
-    def __init__(self, db_dir: str, info: dict, trained: bytes | None):
+    def __init__(self, db_dir: str, info: dict, trained: bytes | None, rows: int):
         import faiss
 
-        self.emb = RowFile(Path(db_dir), info)
+        self.emb, self.rows = RowFile(Path(db_dir), info), rows
         self.index = None if trained is None else faiss.deserialize_index(
             np.frombuffer(trained, dtype=np.uint8)
         )  # fmt: skip
@@ -196,8 +196,8 @@ class _IndexAddActor:
     def __call__(self, batch: dict) -> dict:
         out = []
         for j in batch["block"]:
-            s = int(j) * ADD_BLOCK
-            x = np.ascontiguousarray(self.emb[s : s + ADD_BLOCK], dtype=np.float32)  # (B, d)
+            s = int(j) * self.rows
+            x = np.ascontiguousarray(self.emb[s : s + self.rows], dtype=np.float32)  # (B, d)
             out.append((x if self.index is None else self.index.sa_encode(x)).tobytes())
         return {"block": batch["block"], "data": np.array(out, dtype=object)}
 
@@ -215,7 +215,7 @@ def index_on_ray(db_dir: Path, manifest: dict, config, spec: IndexSpec):
     emb.close()
     encodes = _encodes(spec)
     trained = faiss.serialize_index(index).tobytes() if encodes else None
-    kwargs = dict(db_dir=str(db_dir), info=info, trained=trained)
+    kwargs = dict(db_dir=str(db_dir), info=info, trained=trained, rows=ADD_BLOCK)
     count = -(-n // ADD_BLOCK)
     pending, added = {}, 0
     with faiss_errors(
