@@ -69,11 +69,25 @@ def test_a_local_build_finishes_on_ray_with_identical_files(
 
 
 @pytest.mark.slow
-def test_ray_build_equals_the_local_one(tmp_path, corpus_dir, tiny_config, built_db, ray_local):
-    """Every stage from scratch on Ray (2 encoder actors, 2 search actors)."""
+def test_ray_build_equals_the_local_one(tmp_path, corpus_dir, tiny_config, built_db):
+    """Every stage from scratch through the command line, which starts (and stops) its own
+    local Ray: 2 encoder actors, 2 index-add actors, 2 search actors."""
+    pytest.importorskip("ray.data", reason=NO_RAY)
     db = tmp_path / "db"
-    m = build_database(corpus_dir, db, replace(tiny_config, engine="ray", workers=2))
-    assert m["complete"]
+    flags = [
+        f"--{k.replace('_', '-')}={v}"
+        for k, v in asdict(replace(tiny_config, engine="ray", workers=2)).items()
+        if v is not None
+    ]
+    out = subprocess.run(
+        [sys.executable, "-m", "retrolm", "db", "build", str(corpus_dir), str(db), *flags],
+        env=dict(os.environ, PYTHONPATH=SRC),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"database {db}: " in out.stdout
     same_files(db, built_db)
 
 
