@@ -31,7 +31,14 @@ from retrolm.config import require_positive_ints
 from retrolm.errors import DatabaseError, IncompatibleError
 from retrolm.locking import LOCK_FILE, exclusive_lock
 from retrolm.retrieval import chunking, inputs
-from retrolm.retrieval.encoder import DTYPES, POOLINGS, FrozenEncoder, check_encoder_identity
+from retrolm.retrieval.encoder import (
+    DTYPES,
+    POOLINGS,
+    FrozenEncoder,
+    check_encoder_identity,
+    embed_block,
+    load_build_encoder,
+)
 from retrolm.retrieval.index import INDEX_KINDS, choose_index, parse_size
 from retrolm.retrieval.neighbours import NeighbourSearch
 from retrolm.retrieval.store import (
@@ -494,25 +501,6 @@ def _embed_locally(db_dir, manifest, config, blocks: _Blocks, encoder: FrozenEnc
             f"embed workers failed in {str(db_dir)!r} (exit codes {bad}; their log is "
             "above): rerun the same command to resume"
         )
-
-
-def load_build_encoder(state: dict, device: str = "cpu") -> FrozenEncoder:
-    """The encoder a build recorded in its manifest (``manifest['encoder']``), dtype resolved."""
-    return FrozenEncoder(
-        state["path"],
-        pooling=state["pooling"],
-        dtype=state["dtype"],
-        max_length=state["max_length"],
-        device=device,
-    )
-
-
-def embed_block(i: int, blocks: _Blocks, tok, chunks, emb: RowFile, encoder, batch_size: int):
-    """Embed row block ``i`` of ``chunks`` into ``emb`` and mark it done."""
-    s, e = blocks.rows(i)
-    texts = tok.decode_batch(chunks[s:e, :-1])  # the chunk's m tokens, pads dropped
-    emb.write(s, encoder.embed(texts, batch_size))  # (B, d)
-    blocks.mark(i)
 
 
 def embed_blocks(job: dict, encoder: FrozenEncoder | None = None) -> None:

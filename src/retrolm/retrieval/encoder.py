@@ -282,3 +282,24 @@ def _load_wordpiece(path: Path, max_length: int):
     tok.no_padding()
     tok.enable_truncation(max_length)
     return tok
+
+
+def load_build_encoder(state: dict, device: str = "cpu") -> FrozenEncoder:
+    """The encoder a build recorded in its manifest (``manifest['encoder']``), dtype resolved."""
+    return FrozenEncoder(
+        state["path"],
+        pooling=state["pooling"],
+        dtype=state["dtype"],
+        max_length=state["max_length"],
+        device=device,
+    )
+
+
+def embed_block(i: int, blocks, tok, chunks, emb, encoder: FrozenEncoder, batch_size: int):
+    """Embed row block ``i`` of a build's ``chunks (N, m+1)`` (LM tokens, decoded with
+    ``tok``) into its key file ``emb`` (a ``store.RowFile``) and mark the block done
+    (``blocks``: the stage's ``store._Blocks``), here or on a Ray actor."""
+    s, e = blocks.rows(i)
+    texts = tok.decode_batch(chunks[s:e, :-1])  # the chunk's m tokens, pads dropped
+    emb.write(s, encoder.embed(texts, batch_size))  # (B, d)
+    blocks.mark(i)

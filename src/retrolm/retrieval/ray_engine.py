@@ -128,7 +128,7 @@ class _EmbedActor:
     """Holds the build's encoder; embeds the blocks it is given into ``embeddings.bin``."""
 
     def __init__(self, db_dir: str, manifest: dict, block_size: int, batch_size: int, device):
-        from retrolm.retrieval.build import load_build_encoder
+        from retrolm.retrieval.encoder import load_build_encoder
         from retrolm.retrieval.store import open_array
         from retrolm.retrieval.tokenizer import LMTokenizer
 
@@ -141,7 +141,7 @@ class _EmbedActor:
         self.batch_size = batch_size
 
     def __call__(self, batch: dict) -> dict:
-        from retrolm.retrieval.build import embed_block
+        from retrolm.retrieval.encoder import embed_block
 
         for i in batch["block"]:
             embed_block(
