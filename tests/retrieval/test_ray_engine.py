@@ -207,3 +207,24 @@ def test_without_ray_or_a_cluster_the_cli_says_so_in_one_line(
     assert "\n" not in err
     assert "--engine ray needs Ray Data" in err and "pip install 'retrolm[ray]'" in err
     assert not (tmp_path / "db" / "manifest.json").exists()
+
+
+def test_device_and_engine_errors(tmp_path, tiny_encoder, ray_local):
+    import torch
+
+    from retrolm.retrieval import BuildConfig
+    from retrolm.retrieval.encoder import FrozenEncoder
+    from retrolm.retrieval.ray_engine import embed_on_ray
+    from retrolm.retrieval.store import _Blocks
+
+    with pytest.raises(ValueError, match="device='tpu' is not cpu or cuda"):
+        BuildConfig(device="tpu")
+    with pytest.raises(ValueError, match="engine='spark' is not one of"):
+        BuildConfig(engine="spark")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device='cuda', but torch sees no CUDA GPU"):
+            FrozenEncoder(tiny_encoder, device="cuda")
+    if not ray_local.cluster_resources().get("GPU"):  # GPU actors would wait for ever
+        config = BuildConfig(engine="ray", device="cuda")
+        with pytest.raises(ValueError, match="the Ray cluster has no GPU: use --device cpu"):
+            embed_on_ray(tmp_path, {}, config, _Blocks(tmp_path, "embed", 10, 4))
