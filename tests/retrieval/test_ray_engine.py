@@ -23,6 +23,7 @@ from retrolm.cli import main
 from retrolm.retrieval import build_database
 from retrolm.retrieval.store import read_manifest, write_manifest
 
+from .conftest import TINY_DB
 from .test_database import SRC, files
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # never report to the network
@@ -48,22 +49,27 @@ def same_files(got: Path, want: Path) -> None:
         assert a[name] == b[name], f"{name} differs from the local build's"
 
 
-def test_a_local_build_finishes_on_ray_with_identical_files(
-    tmp_path, corpus_dir, tiny_config, built_db, ray_local
-):
-    """The neighbour stage of a local build is undone and rerun on Ray actors: the
-    manifest, the neighbour files and every other file are the local build's, byte for
-    byte (the engines share the block markers, so either resumes the other)."""
+def undo_neighbours(built: Path, db: Path) -> Path:
+    """A copy of a complete build with its neighbour stage not done."""
     import shutil
 
-    db = tmp_path / "db"
-    shutil.copytree(built_db, db)
+    shutil.copytree(built, db)
     m = read_manifest(db)
     m["stages_done"].remove("neighbours")
     m["complete"] = False
     write_manifest(db, m)
     for name in ("neighbours.bin", "neighbour_dists.bin"):
         (db / name).unlink()
+    return db
+
+
+def test_a_local_build_finishes_on_ray_with_identical_files(
+    tmp_path, corpus_dir, tiny_config, built_db, ray_local
+):
+    """The neighbour stage of a local build is undone and rerun on Ray actors: the
+    manifest, the neighbour files and every other file are the local build's, byte for
+    byte (the engines share the block markers, so either resumes the other)."""
+    db = undo_neighbours(built_db, tmp_path / "db")
     build_database(corpus_dir, db, replace(tiny_config, engine="ray", workers=2))
     same_files(db, built_db)
 
@@ -228,3 +234,15 @@ def test_device_and_engine_errors(tmp_path, tiny_encoder, ray_local):
         config = BuildConfig(engine="ray", device="cuda")
         with pytest.raises(ValueError, match="the Ray cluster has no GPU: use --device cpu"):
             embed_on_ray(tmp_path, {}, config, _Blocks(tmp_path, "embed", 10, 4))
+
+
+def test_a_damaged_index_fails_in_one_line_not_in_endless_actor_retries(
+    tmp_path, corpus_dir, built_db, tiny_encoder, capsys, ray_local
+):
+    db = undo_neighbours(built_db, tmp_path / "db")
+    (db / "index.faiss").write_bytes(b"junk" * 100)
+    argv = ["db", "build", str(corpus_dir), str(db), "--engine", "ray", "--encoder"]
+    argv += [str(tiny_encoder)] + [f"--{k.replace('_', '-')}={v}" for k, v in TINY_DB.items()]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "faiss could not read the index file" in err

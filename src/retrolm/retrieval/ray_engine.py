@@ -117,10 +117,31 @@ def _run_blocks(todo: list[int], actor: type, kwargs: dict, config, stage: str, 
         compute=ray.data.ActorPoolStrategy(size=config.workers),
         **_resources(config, gpu),
     )
-    for done, row in enumerate(ds.iter_rows(), 1):
-        if done == len(todo) or done % max(1, len(todo) // 10) == 0:
-            log.info("%s on Ray: %d of %d blocks done", stage, done, len(todo))
-        yield row
+    try:
+        for done, row in enumerate(ds.iter_rows(), 1):
+            if done == len(todo) or done % max(1, len(todo) // 10) == 0:
+                log.info("%s on Ray: %d of %d blocks done", stage, done, len(todo))
+            yield row
+    except Exception as e:  # Ray wraps an actor's error (with its traceback) in its own
+        cause = _user_error(e)
+        if cause is None:
+            raise
+        raise cause from None
+
+
+def _user_error(e: BaseException) -> BaseException | None:
+    """The first one-line error (ours, a bad value, the disk) an actor raised under Ray's
+    wrappers, or None."""
+    from retrolm.errors import RetrolmError
+
+    seen = 0
+    while e is not None and seen < 8:
+        if type(e).__module__.split(".")[0] != "ray" and isinstance(
+            e, (RetrolmError, ValueError, OSError)
+        ):
+            return e
+        e, seen = getattr(e, "cause", None) or e.__cause__, seen + 1
+    return None
 
 
 # ---- embed --------------------------------------------------------------------------------
@@ -259,6 +280,9 @@ def neighbours_on_ray(db_dir: Path, manifest: dict, config, blocks: _Blocks) -> 
     todo = blocks.todo()
     if not todo:
         return
+    # read the index here first: Ray Data retries an actor that fails to start without end,
+    # so a damaged index file must fail here, in one line
+    _NeighbourActor(str(db_dir), manifest, config.block_size).search.close()
     kwargs = dict(db_dir=str(db_dir), manifest=manifest, block_size=config.block_size)
     for _ in _run_blocks(todo, _NeighbourActor, kwargs, config, "neighbours"):
         pass
