@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install install-lmeval demo test test-slow test-portable mutants lint clean
+.PHONY: install install-lmeval install-ray demo test test-slow test-portable mutants lint clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -22,6 +22,12 @@ install: $(STAMP)
 # --no-deps so pip never touches torch; tests/test_lm_eval.py skips without them.
 install-lmeval: $(STAMP)
 	$(BIN)/pip install -q --no-deps $$($(BIN)/python -c "import tomllib; print(' '.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['lmeval']))")
+
+# Ray Data for `retrolm db build --engine ray` (pyproject's `ray` extra: ray[data] pulls no
+# torch and keeps numpy; pandas/pyarrow come with it); tests/retrieval/test_ray_engine.py
+# skips without it.
+install-ray: $(STAMP)
+	$(BIN)/pip install -q $$($(BIN)/python -c "import tomllib; print(' '.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['ray']))")
 
 demo: $(STAMP)
 	$(BIN)/retrolm demo

@@ -26,7 +26,7 @@ SRC = str(Path(__file__).resolve().parents[2] / "src")
 SLOW_BUILD = """
 import json, sys, time
 import faiss
-from retrolm.retrieval import BuildConfig, build, build_database, chunking, encoder
+from retrolm.retrieval import BuildConfig, build_database, chunking, encoder, neighbours
 faiss.omp_set_num_threads(1)
 chunking.BLOCK_BYTES = 1  # one chunking block per file
 delay = float(sys.argv[4])
@@ -37,7 +37,7 @@ def slowed(fn):
     return wrapper
 chunking._chunk_file = slowed(chunking._chunk_file)
 encoder.FrozenEncoder.embed = slowed(encoder.FrozenEncoder.embed)
-build.neighbours_block = slowed(build.neighbours_block)
+neighbours.neighbours_block = slowed(neighbours.neighbours_block)
 build_database(sys.argv[1], sys.argv[2], BuildConfig(**json.loads(sys.argv[3])))
 """
 

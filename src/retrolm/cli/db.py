@@ -8,7 +8,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from retrolm.cli.flags import add_dataclass_flags
-from retrolm.retrieval.build import BuildConfig
+from retrolm.retrieval.build import ENGINES, BuildConfig
 
 
 def register(subparsers) -> None:
@@ -22,7 +22,7 @@ def register(subparsers) -> None:
     )
     b.add_argument("text_dir", metavar="TEXT_DIR")
     b.add_argument("db_dir", metavar="DB_DIR")
-    add_dataclass_flags(b, BuildConfig)
+    add_dataclass_flags(b, BuildConfig, choices={"engine": ENGINES})
     b.add_argument(
         "--restart",
         action="store_true",

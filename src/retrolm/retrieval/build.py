@@ -31,9 +31,16 @@ from retrolm.config import require_positive_ints
 from retrolm.errors import DatabaseError, IncompatibleError
 from retrolm.locking import LOCK_FILE, exclusive_lock
 from retrolm.retrieval import chunking, inputs
-from retrolm.retrieval.encoder import DTYPES, POOLINGS, FrozenEncoder, check_encoder_identity
-from retrolm.retrieval.index import INDEX_KINDS, IndexSpec, Searcher, choose_index, parse_size
-from retrolm.retrieval.neighbours import neighbours_block
+from retrolm.retrieval.encoder import (
+    DTYPES,
+    POOLINGS,
+    FrozenEncoder,
+    check_encoder_identity,
+    embed_block,
+    load_build_encoder,
+)
+from retrolm.retrieval.index import INDEX_KINDS, choose_index, parse_size
+from retrolm.retrieval.neighbours import NeighbourSearch
 from retrolm.retrieval.store import (
     EMBEDDINGS_FILE,
     FORMAT,
@@ -57,6 +64,8 @@ from retrolm.utils import atomic_path
 log = logging.getLogger(__name__)
 
 STAGES = ("tokenizer", "chunk", "embed", "index", "neighbours")
+ENGINES = ("local", "ray")
+RUN_ONLY = ("workers", "engine", "address", "device")  # fields that never change the files
 
 
 @dataclass
@@ -92,9 +101,17 @@ class BuildConfig:
     memory_budget: str = "4G"
     """Memory the index may use (e.g. 512M, 4G); auto picks exact search when it fits."""
     workers: int = 1
-    """Processes for the embed stage (each takes a range of blocks)."""
+    """Processes for the embed stage (each takes a range of blocks); with --engine ray, the
+    actors of each Ray stage."""
     block_size: int = 4096
     """Chunks per resumable block in the embed and neighbour stages."""
+    engine: str = "local"
+    """Where embed, index-add and neighbours run: local (this machine's processes) or ray
+    (Ray Data actors on a Ray cluster; optional extra retrolm[ray]). Same files either way."""
+    address: str | None = None
+    """With --engine ray: the Ray cluster to join (host:port, or auto); None = start Ray here."""
+    device: str = "cpu"
+    """Where the encoder runs: cpu, or cuda (with --engine ray: one GPU per encoder actor)."""
 
     def __post_init__(self):
         require_positive_ints(
@@ -125,6 +142,12 @@ class BuildConfig:
         if self.vocab_size < MIN_VOCAB:
             raise ValueError(f"vocab_size={self.vocab_size} is too small: use at least {MIN_VOCAB}")
         parse_size(self.memory_budget)
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine={self.engine!r} is not one of {ENGINES}")
+        if self.address is not None and self.engine != "ray":
+            raise ValueError(f"address={self.address!r} is for --engine ray: add it or drop it")
+        if self.device != "cpu" and not self.device.startswith("cuda"):
+            raise ValueError(f"device={self.device!r} is not cpu or cuda (or cuda:N)")
 
     @property
     def num_columns(self) -> int:
@@ -132,8 +155,8 @@ class BuildConfig:
         return self.neighbours + self.extra_neighbours
 
     def output_settings(self) -> dict:
-        """The settings the files depend on (all but ``workers``); a resume must match them."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "workers"}
+        """The settings the files depend on (all but where they run); a resume must match."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in RUN_ONLY}
 
 
 # ---- the build ----------------------------------------------------------------------------
@@ -152,9 +175,19 @@ def build_database(
 
     One builder per folder: another process building into ``db_dir`` raises
     ``LockedError`` at once (readers need no lock: a database opens only when complete).
+
+    ``config.engine == "ray"`` runs the embed, index-add and neighbour stages on Ray
+    (``ray_engine``); Ray is started (or joined, ``config.address``) before anything is
+    written, and the files are the local engine's, byte for byte.
     """
+    config = config or BuildConfig()
     with exclusive_lock(db_dir, "database"):
-        return _build_database(text_dir, db_dir, config, restart)
+        if config.engine == "local":
+            return _build_database(text_dir, db_dir, config, restart)
+        from retrolm.retrieval.ray_engine import ray_session
+
+        with ray_session(config.address):
+            return _build_database(text_dir, db_dir, config, restart)
 
 
 def _build_database(
@@ -202,6 +235,7 @@ def _build_database(
             pooling=config.pooling,
             dtype=config.embed_dtype,
             max_length=config.encoder_max_length,
+            device=config.device if config.engine == "local" else "cpu",  # Ray: on its actors
         )
     else:
         encoder = None
@@ -408,43 +442,13 @@ def _stage_embed(db_dir, manifest, config, *, encoder: FrozenEncoder, **_):
         )
     _preallocate(db_dir / EMBEDDINGS_FILE, n * d * 4)
     blocks = _Blocks(db_dir, "embed", n, config.block_size)
-    jobs = [
-        dict(
-            db_dir=str(db_dir),
-            manifest=manifest,
-            batch_size=config.batch_size,
-            blocks=[
-                b
-                for b in range(
-                    w * blocks.count // config.workers, (w + 1) * blocks.count // config.workers
-                )
-            ],
-            block_size=config.block_size,
-            threads=0,
-            worker=w,
-        )
-        for w in range(config.workers)
-    ]
     t0, todo = time.perf_counter(), len(blocks.todo())
-    if config.workers == 1:
-        encoder.set_dtype(state["dtype"])
-        embed_blocks(jobs[0], encoder=encoder)
-    else:
-        import torch
+    if config.engine == "ray":
+        from retrolm.retrieval.ray_engine import embed_on_ray
 
-        threads = max(1, torch.get_num_threads() // config.workers)
-        ctx = mp.get_context("spawn")
-        procs = [ctx.Process(target=embed_blocks, args=(dict(j, threads=threads),)) for j in jobs]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join()
-        bad = [p.exitcode for p in procs if p.exitcode != 0]
-        if bad:
-            raise DatabaseError(
-                f"embed workers failed in {str(db_dir)!r} (exit codes {bad}; their log is "
-                "above): rerun the same command to resume"
-            )
+        embed_on_ray(db_dir, manifest, config, blocks)
+    else:
+        _embed_locally(db_dir, manifest, config, blocks, encoder)
     if blocks.todo():
         raise DatabaseError(
             f"embed blocks {blocks.todo()[:5]} of {str(db_dir)!r} unfinished: rerun the same "
@@ -461,6 +465,44 @@ def _stage_embed(db_dir, manifest, config, *, encoder: FrozenEncoder, **_):
         )
 
 
+def _embed_locally(db_dir, manifest, config, blocks: _Blocks, encoder: FrozenEncoder) -> None:
+    """The embed stage in this process (``workers=1``) or in ``workers`` spawned processes."""
+    jobs = [
+        dict(
+            db_dir=str(db_dir),
+            manifest=manifest,
+            batch_size=config.batch_size,
+            blocks=list(
+                range(w * blocks.count // config.workers, (w + 1) * blocks.count // config.workers)
+            ),
+            block_size=config.block_size,
+            threads=0,
+            worker=w,
+            device=config.device,
+        )
+        for w in range(config.workers)
+    ]
+    if config.workers == 1:
+        encoder.set_dtype(manifest["encoder"]["dtype"])
+        embed_blocks(jobs[0], encoder=encoder)
+        return
+    import torch
+
+    threads = max(1, torch.get_num_threads() // config.workers)
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=embed_blocks, args=(dict(j, threads=threads),)) for j in jobs]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    bad = [p.exitcode for p in procs if p.exitcode != 0]
+    if bad:
+        raise DatabaseError(
+            f"embed workers failed in {str(db_dir)!r} (exit codes {bad}; their log is "
+            "above): rerun the same command to resume"
+        )
+
+
 def embed_blocks(job: dict, encoder: FrozenEncoder | None = None) -> None:
     """Embed the unfinished blocks in ``job['blocks']`` (runs in a worker process too)."""
     db_dir, manifest = Path(job["db_dir"]), job["manifest"]
@@ -470,12 +512,7 @@ def embed_blocks(job: dict, encoder: FrozenEncoder | None = None) -> None:
 
         torch.set_num_threads(job["threads"])
     if encoder is None:
-        encoder = FrozenEncoder(
-            state["path"],
-            pooling=state["pooling"],
-            dtype=state["dtype"],
-            max_length=state["max_length"],
-        )
+        encoder = load_build_encoder(state, job.get("device", "cpu"))
     tok = LMTokenizer.from_file(db_dir / manifest["tokenizer"]["file"])
     chunks = open_array(db_dir, manifest["arrays"]["chunks"])
     emb = RowFile(db_dir, manifest["arrays"]["embeddings"], writable=True)  # (N, d)
@@ -484,10 +521,7 @@ def embed_blocks(job: dict, encoder: FrozenEncoder | None = None) -> None:
     for i in tqdm(
         todo, desc=f"embed (worker {job['worker']})", unit="block", position=job["worker"]
     ):
-        s, e = blocks.rows(i)
-        texts = tok.decode_batch(chunks[s:e, :-1])  # the chunk's m tokens, pads dropped
-        emb.write(s, encoder.embed(texts, job["batch_size"]))  # (B, d)
-        blocks.mark(i)
+        embed_block(i, blocks, tok, chunks, emb, encoder, job["batch_size"])
     emb.close()
 
 
@@ -498,21 +532,19 @@ def _stage_index(db_dir, manifest, config, **_):
     budget = parse_size(config.memory_budget)
     spec = choose_index(len(emb), emb.shape[1], config.index, budget)
     log.info("index: %s (%s) over %d vectors", spec.kind, spec.factory, len(emb))
-    index = build_index(spec, emb, memory_budget=budget)
+    if config.engine == "ray" and spec.kind != "autofaiss":
+        from retrolm.retrieval.ray_engine import index_on_ray
+
+        index = index_on_ray(db_dir, manifest, config, spec)
+    else:
+        index = build_index(spec, emb, memory_budget=budget)
     with atomic_path(db_dir / INDEX_FILE) as tmp:
         save_index(index, tmp)
     manifest["index"] = dict(spec.to_json(), file=INDEX_FILE, trained_on=len(emb))
 
 
 def _stage_neighbours(db_dir, manifest, config, **_):
-    from retrolm.retrieval.index import load_index
-
     n, k = manifest["num_chunks"], config.num_columns
-    spec = IndexSpec(**{f.name: manifest["index"][f.name] for f in fields(IndexSpec)})
-    emb = RowFile(db_dir, manifest["arrays"]["embeddings"])  # (N, d), queries read in blocks
-    rerank = None if spec.exact else emb  # candidates gathered through a transient map
-    searcher = Searcher(load_index(db_dir / INDEX_FILE, spec), spec, rerank)
-    doc_ids = np.array(open_array(db_dir, manifest["arrays"]["doc_ids"]))  # (N,) in RAM
     manifest["arrays"].update(
         neighbours=array_info(NEIGHBOURS_FILE, np.int32, (n, k)),
         neighbour_dists=array_info(NEIGHBOUR_DISTS_FILE, np.float32, (n, k)),
@@ -524,17 +556,21 @@ def _stage_neighbours(db_dir, manifest, config, **_):
     )
     _preallocate(db_dir / NEIGHBOURS_FILE, n * k * 4)
     _preallocate(db_dir / NEIGHBOUR_DISTS_FILE, n * k * 4)
-    ids_out = RowFile(db_dir, manifest["arrays"]["neighbours"], writable=True)  # (N, K)
-    d_out = RowFile(db_dir, manifest["arrays"]["neighbour_dists"], writable=True)  # (N, K)
     blocks = _Blocks(db_dir, "neighbours", n, config.block_size)
-    for i in tqdm(blocks.todo(), desc="neighbours", unit="block"):
-        s, e = blocks.rows(i)
-        ids, dists = neighbours_block(searcher, emb, doc_ids, s, e, k)
-        ids_out.write(s, ids)
-        d_out.write(s, dists)
-        blocks.mark(i)
-    for f in (ids_out, d_out, emb):
-        f.close()
+    if config.engine == "ray":
+        from retrolm.retrieval.ray_engine import neighbours_on_ray
+
+        neighbours_on_ray(db_dir, manifest, config, blocks)
+    else:
+        searcher = NeighbourSearch(db_dir, manifest)
+        for i in tqdm(blocks.todo(), desc="neighbours", unit="block"):
+            searcher.block(i, blocks)
+        searcher.close()
+    if blocks.todo():
+        raise DatabaseError(
+            f"neighbour blocks {blocks.todo()[:5]} of {str(db_dir)!r} unfinished: rerun the "
+            "same command to resume"
+        )
     table = RowFile(db_dir, manifest["arrays"]["neighbours"])  # count over all blocks
     missing = sum(
         int((table[s : s + 65536][:, : config.neighbours] < 0).sum()) for s in range(0, n, 65536)

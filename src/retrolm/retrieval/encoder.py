@@ -107,6 +107,8 @@ class FrozenEncoder:
             the faster (bf16 weights keep neighbours: cosine >= 0.9999 to fp32; int8 does not,
             so it is not offered).
         max_length: WordPieces per text including [CLS]/[SEP]; longer texts are truncated.
+        device: where the model runs (``cpu``, ``cuda``, ``cuda:1``); keys come back as
+            float32 numpy arrays either way.
     """
 
     def __init__(
@@ -115,6 +117,7 @@ class FrozenEncoder:
         pooling: str = "mean",
         dtype: str = "auto",
         max_length: int = 128,
+        device: str = "cpu",
     ):
         if pooling not in POOLINGS:
             raise ValueError(f"pooling={pooling!r} is not one of {POOLINGS}")
@@ -132,7 +135,10 @@ class FrozenEncoder:
         self.name = encoder_name(self.path)
         self.weights_sha256 = sha256_file(weights_file(self.path))
         self._tok = _load_wordpiece(self.path, max_length)
-        self._model_fp32 = _load_model(self.path)
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={device!r}, but torch sees no CUDA GPU here: use cpu")
+        self._model_fp32 = _load_model(self.path).to(self.device)
         self.dim = int(self._model_fp32.config.hidden_size)
         self.dtype = dtype  # resolved to fp32/bf16 on first use when "auto"
         self._model = self._model_fp32 if dtype != "bf16" else _to_bf16(self._model_fp32)
@@ -214,6 +220,7 @@ class FrozenEncoder:
             ids[i, : len(e.ids)] = torch.tensor(e.ids)
             mask[i, : len(e.ids)] = 1
         ids[mask == 0] = self._pad_id
+        ids, mask = ids.to(self.device), mask.to(self.device)
         with torch.inference_mode():
             h = model(input_ids=ids, attention_mask=mask).last_hidden_state.float()  # (n, t, d)
             if self.pooling == "mean":
@@ -222,7 +229,7 @@ class FrozenEncoder:
             else:
                 pooled = h[:, 0]  # (n, d)
             pooled = torch.nn.functional.normalize(pooled, dim=-1)
-        return pooled.numpy()
+        return pooled.cpu().numpy()
 
     @property
     def _pad_id(self) -> int:
@@ -275,3 +282,24 @@ def _load_wordpiece(path: Path, max_length: int):
     tok.no_padding()
     tok.enable_truncation(max_length)
     return tok
+
+
+def load_build_encoder(state: dict, device: str = "cpu") -> FrozenEncoder:
+    """The encoder a build recorded in its manifest (``manifest['encoder']``), dtype resolved."""
+    return FrozenEncoder(
+        state["path"],
+        pooling=state["pooling"],
+        dtype=state["dtype"],
+        max_length=state["max_length"],
+        device=device,
+    )
+
+
+def embed_block(i: int, blocks, tok, chunks, emb, encoder: FrozenEncoder, batch_size: int):
+    """Embed row block ``i`` of a build's ``chunks (N, m+1)`` (LM tokens, decoded with
+    ``tok``) into its key file ``emb`` (a ``store.RowFile``) and mark the block done
+    (``blocks``: the stage's ``store._Blocks``), here or on a Ray actor."""
+    s, e = blocks.rows(i)
+    texts = tok.decode_batch(chunks[s:e, :-1])  # the chunk's m tokens, pads dropped
+    emb.write(s, encoder.embed(texts, batch_size))  # (B, d)
+    blocks.mark(i)

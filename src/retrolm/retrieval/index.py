@@ -165,14 +165,12 @@ def build_index(
 
 def train_index(spec: IndexSpec, embeddings: np.ndarray):
     """An empty index of ``spec``, trained on ``spec.train_size`` evenly spaced rows of
-    ``embeddings (N, d)`` (deterministic); the first half of ``build_index``."""
+    ``embeddings (N, d)`` when its kind trains (deterministic: the same rows give the same
+    index); the first half of ``build_index``."""
     import faiss  # here, not at the top: building the CLI never loads it
 
     n, d = embeddings.shape
-    with faiss_errors(
-        f"build index {spec.factory} over {n} vectors of dimension {d}",
-        "choose another --index (flat always works) or a larger --memory-budget",
-    ):
+    with _build_errors(spec, n, d):
         index = faiss.index_factory(d, spec.factory, faiss.METRIC_L2)
         if spec.train_size:
             rows = np.linspace(0, n - 1, spec.train_size).astype(np.int64)
@@ -186,12 +184,16 @@ def add_vectors(index, spec: IndexSpec, embeddings: np.ndarray, block_size: int 
     """Add every row of ``embeddings (N, d)`` to a trained ``index``, ``block_size`` rows at
     a time (the rows need not fit in memory; the second half of ``build_index``)."""
     n, d = embeddings.shape
-    with faiss_errors(
-        f"build index {spec.factory} over {n} vectors of dimension {d}",
-        "choose another --index (flat always works) or a larger --memory-budget",
-    ):
+    with _build_errors(spec, n, d):
         for s in tqdm(range(0, n, block_size), desc="index add", unit="block"):
             index.add(np.ascontiguousarray(embeddings[s : s + block_size], dtype=np.float32))
+
+
+def _build_errors(spec: IndexSpec, n: int, d: int):
+    return faiss_errors(
+        f"build index {spec.factory} over {n} vectors of dimension {d}",
+        "choose another --index (flat always works) or a larger --memory-budget",
+    )
 
 
 @contextmanager

@@ -14,9 +14,13 @@ Shapes: B = query block, F = candidates fetched, K = stored columns.
 
 from __future__ import annotations
 
+from dataclasses import fields
+from pathlib import Path
+
 import numpy as np
 
-from retrolm.retrieval.index import Searcher
+from retrolm.retrieval.index import IndexSpec, Searcher
+from retrolm.retrieval.store import INDEX_FILE, RowFile, _Blocks, open_array
 
 
 def first_k_kept(ids: np.ndarray, dists: np.ndarray, keep: np.ndarray, k: int):
@@ -83,3 +87,33 @@ def neighbours_block(
         return doc_ids[ids] == query_docs[rows, None]  # also drops the chunk itself
 
     return search_excluding(searcher, x, k, same_document)
+
+
+class NeighbourSearch:
+    """What the neighbour stage reads and writes, opened once: the index (with exact
+    re-ranking for approximate kinds), the keys, the document ids and the two output
+    files; ``block(i)`` fills row block ``i`` and marks it done (here or on a Ray actor)."""
+
+    def __init__(self, db_dir: Path, manifest: dict):
+        from retrolm.retrieval.index import load_index
+
+        arrays = manifest["arrays"]
+        self.k = manifest["num_neighbour_columns"]
+        spec = IndexSpec(**{f.name: manifest["index"][f.name] for f in fields(IndexSpec)})
+        self.emb = RowFile(db_dir, arrays["embeddings"])  # (N, d), queries read in blocks
+        rerank = None if spec.exact else self.emb  # candidates gathered through a transient map
+        self.searcher = Searcher(load_index(db_dir / INDEX_FILE, spec), spec, rerank)
+        self.doc_ids = np.array(open_array(db_dir, arrays["doc_ids"]))  # (N,) in RAM
+        self.ids_out = RowFile(db_dir, arrays["neighbours"], writable=True)  # (N, K)
+        self.d_out = RowFile(db_dir, arrays["neighbour_dists"], writable=True)  # (N, K)
+
+    def block(self, i: int, blocks: _Blocks) -> None:
+        s, e = blocks.rows(i)
+        ids, dists = neighbours_block(self.searcher, self.emb, self.doc_ids, s, e, self.k)
+        self.ids_out.write(s, ids)
+        self.d_out.write(s, dists)
+        blocks.mark(i)
+
+    def close(self) -> None:
+        for f in (self.ids_out, self.d_out, self.emb):
+            f.close()
