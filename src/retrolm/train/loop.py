@@ -387,6 +387,18 @@ def _save(run: _Run, meta: dict[str, Any], progress: dict[str, Any]) -> None:
         torch.distributed.barrier()
 
 
+def _loss_pieces(fam: Any, loss_fn: Callable, device: torch.device) -> Callable:
+    """``(model, batch) -> [piece, ...]``: the batch's loss in pieces, each backpropagated
+    on its own (``ModelFamily.segment_losses``; one piece, ``loss``, by default)."""
+
+    def pieces(mod: nn.Module, b: Batch) -> Sequence[Callable[[], Tensor]]:
+        if fam.segment_losses is None:
+            return [lambda: loss_fn(mod, b)]
+        return fam.segment_losses(mod, b.to(device))
+
+    return pieces
+
+
 def _train(
     db: Any,
     run_dir: Path,
@@ -435,10 +447,7 @@ def _train(
     def loss_fn(mod: nn.Module, b: Batch) -> Tensor:
         return fam.loss(mod, b.to(device))
 
-    def pieces_fn(mod: nn.Module, b: Batch) -> Sequence[Callable[[], Tensor]]:
-        if fam.segment_losses is None:
-            return [lambda: loss_fn(mod, b)]
-        return fam.segment_losses(mod, b.to(device))
+    pieces = _loss_pieces(fam, loss_fn, device)
 
     data = batches(ds, order, position, use_retrieval, cfg.prefetch)
     first = next(data)
@@ -457,18 +466,7 @@ def _train(
     run_dir.mkdir(parents=True, exist_ok=True)
     metrics = Metrics(run_dir, step, enabled=rank == 0)
     run = _Run(
-        cfg,
-        run_dir,
-        model,
-        ddp_model,
-        opt,
-        pieces_fn,
-        precision,
-        device,
-        rank,
-        world,
-        meta,
-        metrics,
+        cfg, run_dir, model, ddp_model, opt, pieces, precision, device, rank, world, meta, metrics
     )
     run.sharded, run.replica = sharded, lambda: fam.build(model_cfg)
 
