@@ -5,7 +5,8 @@ memories, top-32, 4 segments of 512, batch 2, vocabulary 256. Each side in its o
 (peak RSS its own), at fp32 and bf16 autocast; the faster dtype is reported.
 
 - train: tokens/s of one step = 4 segments with fresh memories (the reference: its
-  ``train.py`` loop, one backward per segment; retrolm: ``model(seq, return_loss=True)``).
+  ``train.py`` loop, one backward per segment; retrolm: the trainer's step, the family's
+  ``segment_losses`` pieces, one backward per segment).
   Target: retrolm >= 1.5x the reference's tokens/s, peak RSS <= 1x.
 - generate: a 2,048-token prompt then 64 greedy tokens. The reference cannot generate: its
   side is a loop over its forward that reruns the current (unfinished) segment per token,
@@ -48,6 +49,7 @@ def ours(dtype: str, steps: int, task: str) -> dict:
 
     from retrolm import MemorizingConfig, MemorizingLanguageModel
     from retrolm.generation import generate
+    from retrolm.models.registry import Batch, get_family
 
     torch.manual_seed(0)
     model = MemorizingLanguageModel(
@@ -68,9 +70,10 @@ def ours(dtype: str, steps: int, task: str) -> dict:
     times = []
     for _ in range(steps + 1):
         t0 = time.perf_counter()
-        with _autocast(dtype):
-            loss = model(seq, return_loss=True)
-        loss.backward()
+        for piece in get_family("memorizing").segment_losses(model, Batch(seq)):
+            with _autocast(dtype):
+                loss = piece()
+            loss.backward()
         opt.step()
         opt.zero_grad()
         times.append(time.perf_counter() - t0)

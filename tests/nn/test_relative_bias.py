@@ -70,3 +70,16 @@ def test_attend_with_bias_equals_the_reference(with_mask):
         assert (got[0, :, 2] == 0).all()
     # the bias matters
     assert not torch.allclose(got, attend(q, k, v, mask, causal=True))
+
+
+@pytest.mark.parametrize("q_first,n,j", [(0, 5, 5), (3, 1, 4), (7, 3, 10), (40, 40, 80)])
+def test_toeplitz_equals_explicit_positions_values_and_gradients(q_first, n, j):
+    torch.manual_seed(0)
+    bias = RelativePositionBias(3, num_buckets=8, max_distance=20).double()
+    want = bias(torch.arange(q_first, q_first + n), torch.arange(j))
+    got = bias.toeplitz(q_first, n, j)
+    assert torch.equal(got, want)
+    g = torch.randn_like(want)
+    (gw,) = torch.autograd.grad((want * g).sum(), bias.table.weight)
+    (gg,) = torch.autograd.grad((got * g).sum(), bias.table.weight)
+    torch.testing.assert_close(gg, gw, rtol=1e-12, atol=1e-12)

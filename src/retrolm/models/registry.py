@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -136,6 +136,14 @@ class ModelFamily:
     Infini-attention): ``logits(model, ids, cache)`` takes any number of new ids, so
     evaluation streams each document whole through one cache (no sliding windows) and
     generation is not capped by ``max_seq_len``; ``model(ids)`` of any length equals it."""
+    segment_losses: Callable[[nn.Module, Batch], Sequence[Callable[[], Tensor]]] | None = None
+    """Training in pieces (a recurrent family's truncated backprop through segments):
+    ``(model, batch) -> [piece, ...]``, each piece a callable returning its share of the
+    batch's loss (the loss is their sum), run in order. What a piece hands the next must be
+    detached, so the trainer backpropagates each piece before running the next: one piece's
+    activations are alive at a time, and the gradients equal one backward of the sum. Under
+    DDP ``model`` is the wrapper, and all but the last backward skip gradient sync. None: one
+    piece, ``loss``."""
 
     def __post_init__(self) -> None:
         if self.uses_retrieval and self.logits is plain_logits:
@@ -302,6 +310,7 @@ register_family(
         default_preset="memorizing-tiny",
         eval_variants=lazy("retrolm.models.memorizing.family:eval_modes"),
         streaming=True,
+        segment_losses=lazy("retrolm.models.memorizing.family:segment_losses"),
     )
 )
 

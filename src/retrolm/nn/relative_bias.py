@@ -72,3 +72,13 @@ class RelativePositionBias(nn.Module):
         rel = q_pos[:, None] - k_pos[None, :]  # (i, j)
         bucket = relative_position_bucket(rel, self.num_buckets, self.max_distance, self.causal)
         return self.table(bucket).permute(2, 0, 1) * self.scale
+
+    def toeplitz(self, q_first: int, n: int, j: int) -> Tensor:  # (h, n, j)
+        """``forward(q_first + arange(n), arange(j))``: queries right after each other and
+        keys at ``0 .. j-1``. The bias depends only on the distance, so it is gathered once
+        per distance (``n + j - 1`` of them) and laid out by a strided view: its backward sums
+        along diagonals instead of scattering ``n * j`` rows into the table."""
+        dist = torch.arange(q_first + n - 1, q_first - j, -1, device=self.table.weight.device)
+        bucket = relative_position_bucket(dist, self.num_buckets, self.max_distance, self.causal)
+        per_dist = self.table(bucket).t() * self.scale  # (h, n + j - 1), largest distance first
+        return per_dist.unfold(1, j, 1).flip(1)  # row i: distances q_first + i - (0 .. j-1)

@@ -20,7 +20,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -265,7 +265,7 @@ def _optimizer_step(
     ddp_model: nn.Module,
     model: nn.Module,
     opt: torch.optim.Optimizer,
-    loss_fn,
+    pieces_fn: Callable[[nn.Module, Batch], Sequence[Callable[[], Tensor]]],
     stream: Iterator[Batch],
     lr: float,
     cfg: TrainConfig,
@@ -273,19 +273,22 @@ def _optimizer_step(
     device: torch.device,
     world: int,
 ) -> tuple[float, Tensor | None]:
-    """One optimizer step over ``cfg.grad_accum`` micro-batches of ``stream`` (DDP syncs
-    gradients on the last only); returns (the batch's loss over all ranks, grad norm)."""
+    """One optimizer step over ``cfg.grad_accum`` micro-batches of ``stream``, each loss
+    backpropagated piece by piece (``ModelFamily.segment_losses``; DDP syncs gradients on the
+    last piece of the last micro-batch only); returns (the batch's loss over all ranks, grad
+    norm)."""
     for g in opt.param_groups:
         g["lr"] = lr * g.get("lr_scale", 1.0)
     total = 0.0
     for micro_i in range(cfg.grad_accum):
-        b = next(stream)
-        sync = micro_i == cfg.grad_accum - 1 or world == 1
-        with gradient_sync(ddp_model, sync):
-            with autocast(precision, device):
-                loss = loss_fn(ddp_model, b) / cfg.grad_accum
-            loss.backward()
-        total += float(loss.detach())
+        pieces = pieces_fn(ddp_model, next(stream))
+        for piece_i, piece in enumerate(pieces):
+            last = micro_i == cfg.grad_accum - 1 and piece_i == len(pieces) - 1
+            with gradient_sync(ddp_model, last or world == 1):
+                with autocast(precision, device):
+                    loss = piece() / cfg.grad_accum
+                loss.backward()
+            total += float(loss.detach())
     if world > 1:  # log the loss of the whole batch, not rank 0's share
         t = torch.tensor([total], dtype=torch.float64, device=device)
         torch.distributed.all_reduce(t)
@@ -384,6 +387,18 @@ def _save(run: _Run, meta: dict[str, Any], progress: dict[str, Any]) -> None:
         torch.distributed.barrier()
 
 
+def _loss_pieces(fam: Any, loss_fn: Callable, device: torch.device) -> Callable:
+    """``(model, batch) -> [piece, ...]``: the batch's loss in pieces, each backpropagated
+    on its own (``ModelFamily.segment_losses``; one piece, ``loss``, by default)."""
+
+    def pieces(mod: nn.Module, b: Batch) -> Sequence[Callable[[], Tensor]]:
+        if fam.segment_losses is None:
+            return [lambda: loss_fn(mod, b)]
+        return fam.segment_losses(mod, b.to(device))
+
+    return pieces
+
+
 def _train(
     db: Any,
     run_dir: Path,
@@ -432,6 +447,8 @@ def _train(
     def loss_fn(mod: nn.Module, b: Batch) -> Tensor:
         return fam.loss(mod, b.to(device))
 
+    pieces = _loss_pieces(fam, loss_fn, device)
+
     data = batches(ds, order, position, use_retrieval, cfg.prefetch)
     first = next(data)
     if precision == "auto":  # (timed on an unsharded copy)
@@ -449,7 +466,7 @@ def _train(
     run_dir.mkdir(parents=True, exist_ok=True)
     metrics = Metrics(run_dir, step, enabled=rank == 0)
     run = _Run(
-        cfg, run_dir, model, ddp_model, opt, loss_fn, precision, device, rank, world, meta, metrics
+        cfg, run_dir, model, ddp_model, opt, pieces, precision, device, rank, world, meta, metrics
     )
     run.sharded, run.replica = sharded, lambda: fam.build(model_cfg)
 
@@ -482,7 +499,7 @@ class _Run:
     model: nn.Module
     ddp_model: nn.Module  # the model itself in a single process
     opt: torch.optim.Optimizer
-    loss_fn: Callable[[nn.Module, Batch], Tensor]
+    pieces_fn: Callable[[nn.Module, Batch], Sequence[Callable[[], Tensor]]]  # a batch's loss
     precision: str
     device: torch.device
     rank: int
@@ -520,7 +537,7 @@ def _loop(
                 run.ddp_model,
                 run.model,
                 run.opt,
-                run.loss_fn,
+                run.pieces_fn,
                 stream,
                 lr,
                 cfg,

@@ -19,7 +19,7 @@ Shapes: b rows, L XL pairs, t tokens of the current segment so far, d ``dim_head
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -46,19 +46,21 @@ class XLMemories:
         return self.kv[i]
 
 
-@dataclass
 class MemorizingCache:
-    """``MemorizingLanguageModel.init_cache(b)``: the whole past of ``b`` document streams."""
+    """``MemorizingLanguageModel.init_cache(b)``: the whole past of ``b`` document streams.
 
-    knn: KNNMemoryList | None
-    depth: int
-    batch_size: int
-    xl: dict[int, Tensor] = field(default_factory=dict)  # layer -> (b, L, 2, d), detached
-    xl_valid: Tensor | None = None  # (b, L) bool
-    seg: dict[int, Tensor] = field(default_factory=dict)  # layer -> (b, t, 2, d)
-    seg_ok: Tensor | None = None  # (b, t) bool: the current segment's keys that count
-    pos: int = 0  # tokens of the current segment so far
-    last_ids: Tensor | None = None  # (b,) the last token fed (the eos check at segment end)
+    A plain class, not a dataclass: DDP rebuilds dataclass arguments of its forward when it
+    moves inputs to the device, and the model must update *this* cache (training pieces,
+    ``ModelFamily.segment_losses``, pass it through the DDP wrapper)."""
+
+    def __init__(self, knn: KNNMemoryList | None, depth: int, batch_size: int) -> None:
+        self.knn, self.depth, self.batch_size = knn, depth, batch_size
+        self.xl: dict[int, Tensor] = {}  # layer -> (b, L, 2, d), detached
+        self.xl_valid: Tensor | None = None  # (b, L) bool
+        self.seg: dict[int, Tensor] = {}  # layer -> (b, t, 2, d)
+        self.seg_ok: Tensor | None = None  # (b, t) bool: the current segment's keys that count
+        self.pos = 0  # tokens of the current segment so far
+        self.last_ids: Tensor | None = None  # (b,) the last token fed (the eos check)
 
     def clear_rows(self, rows: Tensor) -> None:
         """Forget rows ``rows`` (a (b,) bool or index tensor): kNN and XL memories alike."""

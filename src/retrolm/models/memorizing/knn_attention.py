@@ -36,17 +36,46 @@ def local_keys(
     kv: Tensor,  # (b, n, 2, d) the new pairs
     xl: Tensor | None,  # (b, L, 2, d)
     past: Tensor | None,  # (b, t, 2, d) this segment's earlier pairs
-    key_ok: Tensor,  # (b, J) bool: keys that count (XL validity, not padding)
-    bias: RelativePositionBias,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``(keys (b, J, 2, d), mask (b, 1, n, J), bias (1, h, n, J))`` of the local attention:
-    each query sees every XL pair and its causal prefix of the segment."""
-    keys = torch.cat([t.to(kv.dtype) for t in (xl, past) if t is not None] + [kv], dim=1)
-    j, n = keys.shape[1], kv.shape[1]
-    k_pos = torch.arange(j, device=kv.device)
-    q_pos = k_pos[j - n :]
-    mask = (k_pos[None, :] <= q_pos[:, None])[None, None] & key_ok[:, None, None, :]
-    return keys, mask, bias(q_pos, k_pos)[None]
+) -> Tensor:  # (b, J, 2, d)
+    """The local keys ``[XL | segment so far | new]``."""
+    return torch.cat([t.to(kv.dtype) for t in (xl, past) if t is not None] + [kv], dim=1)
+
+
+class LocalGeometry:
+    """Where the ``n`` new queries of a piece may look among its ``J`` local keys: each sees
+    every valid XL pair and its causal prefix of the segment (query ``t`` at position
+    ``J - n + t``, key ``j`` at ``j``). Built once per piece and shared by the layers with the
+    same keys, so the T5 bias and the masks are not rebuilt per layer.
+
+    ``mask (b, 1, n, J)`` bool, ``bias (1, h, n, J)``; ``sdpa(dtype)``: the bias with -inf
+    where masked, for SDPA, and ``has_key (b, 1, n, 1)`` (None when every row has a key): an
+    empty row attends everything there and is zeroed after."""
+
+    def __init__(self, key_ok: Tensor, n: int, bias: RelativePositionBias) -> None:
+        j = key_ok.shape[1]  # key_ok (b, J): keys that count (XL validity, not padding)
+        k_pos = torch.arange(j, device=key_ok.device)
+        causal = k_pos[None, :] <= k_pos[j - n :, None]  # (n, J)
+        self.mask = causal[None, None] & key_ok[:, None, None, :]
+        self.bias = bias.toeplitz(j - n, n, j)[None]
+        self._sdpa: dict[torch.dtype, tuple[Tensor, Tensor | None]] = {}
+
+    def sdpa(self, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+        if dtype not in self._sdpa:
+            has_key = self.mask.any(dim=-1, keepdim=True)  # (b, 1, n, 1)
+            if bool(has_key.all()):
+                ok, has_key = self.mask, None
+            else:
+                ok = self.mask | ~has_key
+            self._sdpa[dtype] = (torch.where(ok, self.bias.to(dtype), float("-inf")), has_key)
+        return self._sdpa[dtype]
+
+
+def local_attend(q: Tensor, keys: Tensor, geo: LocalGeometry, drop: float, scale=None) -> Tensor:
+    """Attention of ``q (b, h, n, d)`` over the shared local head ``keys (b, J, 2, d)``."""
+    bias, has_key = geo.sdpa(q.dtype)
+    k, v = keys[:, None, :, 0], keys[:, None, :, 1]  # (b, 1, J, d): one shared head
+    out = attend(q, k, v, bias=bias, dropout_p=drop, scale=scale)
+    return out if has_key is None else out * has_key.to(out.dtype)
 
 
 class XLAttention(nn.Module):
@@ -62,17 +91,14 @@ class XLAttention(nn.Module):
     def forward(
         self,
         x: Tensor,  # (b, n, dim)
-        bias: RelativePositionBias,
-        key_ok: Tensor,  # (b, J)
+        geo: LocalGeometry,
         xl: Tensor | None = None,
         past: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:  # (b, n, dim), the new pairs (b, n, 2, d)
         q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.heads)
         kv = rearrange(self.to_kv(x), "b n (two d) -> b n two d", two=2)
-        keys, mask, b = local_keys(kv, xl, past, key_ok, bias)
-        k, v = keys[:, None, :, 0], keys[:, None, :, 1]  # (b, 1, J, d): one shared head
         drop = self.dropout if self.training else 0.0
-        out = attend(q, k, v, mask, bias=b, dropout_p=drop)
+        out = local_attend(q, local_keys(kv, xl, past), geo, drop)
         return self.to_out(rearrange(out, "b h n d -> b n (h d)")), kv
 
 
@@ -110,8 +136,7 @@ class KNNAttention(nn.Module):
     def forward(
         self,
         x: Tensor,  # (b, n, dim)
-        bias: RelativePositionBias,
-        key_ok: Tensor,  # (b, J)
+        geo: LocalGeometry,
         xl: Tensor | None = None,
         past: Tensor | None = None,
         memory: KNNMemory | None = None,  # read only (writes come at the segment's end)
@@ -119,7 +144,7 @@ class KNNAttention(nn.Module):
         q = l2_normalize(rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.heads))
         kv = rearrange(self.to_kv(x), "b n (two d) -> b n two d", two=2)
         kv = torch.stack([l2_normalize(kv[:, :, 0]), kv[:, :, 1]], dim=2)
-        keys, mask, b = local_keys(kv, xl, past, key_ok, bias)
+        keys = local_keys(kv, xl, past)
         qs = q * self.scale.exp().to(q.dtype)  # (b, h, n, d)
         mem = None
         if memory is not None and len(memory) > 0:
@@ -127,10 +152,9 @@ class KNNAttention(nn.Module):
             mem = (mem_kv.to(q.dtype), mem_ok)
         drop = self.dropout if self.training else 0.0
         if self.gate == "joint_softmax":
-            out = self._joint(qs, keys, mask, b, mem, drop)
+            out = self._joint(qs, keys, geo.mask, geo.bias, mem, drop)
         else:
-            k, v = keys[:, None, :, 0], keys[:, None, :, 1]
-            local = attend(qs, k, v, mask, scale=1.0, bias=b, dropout_p=drop)
+            local = local_attend(qs, keys, geo, drop, scale=1.0)
             g = torch.sigmoid(self.gate_bias).to(q.dtype)  # (h, 1, 1): the memory's weight
             out = (1 - g) * local
             if mem is not None:

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from retrolm.models.memorizing.cache import MemorizingCache, XLMemories
 from retrolm.models.memorizing.config import MemorizingConfig
-from retrolm.models.memorizing.knn_attention import KNNAttention, XLAttention
+from retrolm.models.memorizing.knn_attention import KNNAttention, LocalGeometry, XLAttention
 from retrolm.models.pretrained import PreTrainedMixin
 from retrolm.nn.feedforward import FeedForward
 from retrolm.nn.knn_memory import KNNMemoryList
@@ -234,15 +234,20 @@ class MemorizingTransformer(nn.Module):
         ok = ids != pad if pad is not None else torch.ones_like(ids, dtype=torch.bool)
         st.seg_ok = ok if st.seg_ok is None else torch.cat([st.seg_ok, ok], dim=1)
         x = self.token_emb(ids)
+        geos: dict[tuple[bool, bool], LocalGeometry] = {}  # (kNN layer, XL): shared per piece
         for i, blk in enumerate(self.layers):
             xl = st.xl.get(self.xl_read[i]) if i in self.xl_read else None
-            key_ok = st.seg_ok if xl is None else torch.cat([st.xl_valid, st.seg_ok], dim=1)
-            past = st.seg.get(i)
-            if i in self.knn_read:
+            past, knn = st.seg.get(i), i in self.knn_read
+            geo = geos.get((knn, xl is not None))
+            if geo is None:
+                key_ok = st.seg_ok if xl is None else torch.cat([st.xl_valid, st.seg_ok], dim=1)
+                bias = self.knn_rel_pos_bias if knn else self.rel_pos_bias
+                geo = geos[knn, xl is not None] = LocalGeometry(key_ok, ids.shape[1], bias)
+            if knn:
                 mem = st.knn[self.knn_read[i]] if use_memory and st.knn is not None else None
-                out, kv = blk.attn(blk.norm1(x), self.knn_rel_pos_bias, key_ok, xl, past, mem)
+                out, kv = blk.attn(blk.norm1(x), geo, xl, past, mem)
             else:
-                out, kv = blk.attn(blk.norm1(x), self.rel_pos_bias, key_ok, xl, past)
+                out, kv = blk.attn(blk.norm1(x), geo, xl, past)
             st.seg[i] = kv if past is None else torch.cat([past, kv], dim=1)
             x = x + out
             x = x + blk.ff(blk.norm2(x))
