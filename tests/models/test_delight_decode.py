@@ -17,6 +17,7 @@ from tests.tolerance import assert_close_fp
 
 from retrolm.models.delight import DExTra
 from retrolm.models.delight import dextra_decode as dd
+from retrolm.models.delight.block import DeLighTBlock
 from retrolm.nn.fused import decode as fused_decode
 from retrolm.nn.norms import LayerNorm, RMSNorm, ScaleNorm
 
@@ -261,3 +262,30 @@ def test_fused_step_only_for_fp32_and_switched_off_by_the_environment():
     code = "from retrolm.nn.fused import decode; assert not decode.enabled()"
     env = {**os.environ, "RETROLM_FUSED_DECODE": "0", "PYTHONPATH": os.pathsep.join(sys.path)}
     subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
+
+
+@needs_ext
+@pytest.mark.parametrize(
+    ("norm_type", "act_type", "fused"),
+    [
+        ("ln", "swish", True),
+        ("rms", "gelu", True),
+        ("ln", "relu", False),
+        ("scale", "swish", False),
+    ],
+)
+def test_block_decodes_its_ffn_as_the_fused_feed_forward_block(norm_type, act_type, fused, spy):
+    torch.manual_seed(0)
+    block = DeLighTBlock(64, 3, 2.0, max_groups=4, norm_type=norm_type, act_type=act_type)
+    block = _randomise_norms(block.eval())
+    x = torch.randn(2, 1, 64)
+    assert (block._fused_ffn_act is not None) is fused
+    calls = []
+    real = fused_decode.feed_forward
+    with pytest.MonkeyPatch.context() as m, torch.no_grad():
+        m.setattr(fused_decode, "feed_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+        out = block(x)
+        fused_decode.set_enabled(False)
+        ref = block(x)  # every ATen path
+    assert len(calls) == int(fused)
+    assert_close_fp(out, ref, reduction=256)

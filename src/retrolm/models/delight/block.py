@@ -21,8 +21,10 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from retrolm.models.delight.dextra import DExTra, activation_name, norm_name
+from retrolm.models.delight.dextra_decode import MAX_ROWS
 from retrolm.nn.attention import attend
 from retrolm.nn.feedforward import FeedForward
+from retrolm.nn.fused import decode as fused_decode
 from retrolm.nn.kv_cache import KVCache
 from retrolm.nn.norms import make_norm
 from retrolm.nn.rotary import apply_rotary
@@ -79,6 +81,11 @@ class DeLighTBlock(nn.Module):
         self.out_proj = nn.Linear(d_o, dim)
         self.ffn_norm = make_norm(norm, dim)
         self.ffn = FeedForward(dim, hidden_dim=dim // ffn_red, activation=activation_name(act_type))
+        # decoding's FFN branch as nn.fused.decode's feed-forward block (norm, both linears
+        # with biases, activation, residual in one call) where it computes the same: a
+        # LayerNorm or RMSNorm and GELU or SiLU
+        fits = norm in ("layer", "rms") and activation_name(act_type) in ("gelu", "silu")
+        self._fused_ffn_act = activation_name(act_type) if fits else None
         self.dropout = nn.Dropout(dropout)
         self.attn_dropout = attn_dropout
 
@@ -107,4 +114,16 @@ class DeLighTBlock(nn.Module):
         rotary: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         x = x + self.dropout(self.attention(x, cache, rotary))
+        if (
+            self._fused_ffn_act is not None
+            and not self.training
+            and x.shape[0] * x.shape[1] <= MAX_ROWS
+            and fused_decode.usable(x)
+        ):  # decoding (eval: dropout is the identity): one call
+            ffn = self.ffn
+            out, _ = fused_decode.feed_forward(
+                x.reshape(-1, x.shape[-1]), self.ffn_norm, ffn.up_proj.weight, ffn.up_proj.bias,
+                ffn.down_proj.weight, ffn.down_proj.bias, act=self._fused_ffn_act,
+            )  # fmt: skip
+            return out.view_as(x)
         return x + self.dropout(self.ffn(self.ffn_norm(x)))
