@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from tests.models.test_delight import KINDS, build, ids
 from tests.models.test_delight_blocks import _dextra_oracle, _mix_oracle
 from tests.tolerance import assert_close_fp
 
@@ -153,12 +154,13 @@ def _oracle(d: DExTra, inp):
 
 
 class _Spy:
-    """The extension, counting its dextra_step calls."""
+    """The extension, counting its dextra_step calls (and naming every call in ``log``)."""
 
-    def __init__(self, module):
-        self.module, self.calls = module, 0
+    def __init__(self, module, log=None):
+        self.module, self.calls, self.log = module, 0, [] if log is None else log
 
     def __getattr__(self, name):
+        self.log.append(name)
         if name == "dextra_step":
             self.calls += 1
         return getattr(self.module, name)
@@ -289,3 +291,28 @@ def test_block_decodes_its_ffn_as_the_fused_feed_forward_block(norm_type, act_ty
         ref = block(x)  # every ATen path
     assert len(calls) == int(fused)
     assert_close_fp(out, ref, reduction=256)
+
+
+@needs_ext
+@pytest.mark.parametrize("kind", ["delight", "delight-rotary", "delight-define"])
+def test_fused_decoding_steps_equal_the_full_forward_and_the_aten_steps(kind, monkeypatch):
+    lm, x = build(**KINDS[kind]), ids(n=11)
+    calls = []
+    real = fused_decode.extension()
+    monkeypatch.setattr(fused_decode, "extension", lambda: _Spy(real, calls))
+
+    def decode():
+        cache = lm.init_cache(2)
+        steps = [lm(x[:, :4], cache=cache)]
+        return torch.cat(steps + [lm(x[:, t : t + 1], cache=cache) for t in range(4, 11)], 1)
+
+    with torch.no_grad():
+        full, fused = lm(x), decode()
+        assert calls.count("projected_attention_block") == 7 * len(lm.blocks)
+        before = fused_decode.set_enabled(False)
+        try:
+            aten = decode()
+        finally:
+            fused_decode.set_enabled(before)
+    assert_close_fp(fused, full, reduction=64)
+    assert_close_fp(fused, aten, reduction=64)

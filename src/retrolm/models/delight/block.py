@@ -107,13 +107,39 @@ class DeLighTBlock(nn.Module):
         out = attend(q, k, v, causal=True, dropout_p=p)  # (b, 1, n, d_o); queries = last n keys
         return self.out_proj(out.squeeze(1))
 
+    def _fused_attention(
+        self, x: Tensor, cache: KVCache, rotary: tuple[Tensor, Tensor] | None
+    ) -> Tensor:
+        """x + attention(x) for one new position per row (eval, fp32 CPU, a filled cache):
+        norm (ATen), DExTra (its fused step), then ``projected_attention_block``: q, k, v
+        from DExTra's output, this position's key/value written into the cache, attention and
+        the output projection with the residual in one call."""
+        b, _, d = x.shape
+        x2 = x.reshape(b, d)
+        h = self.dextra(self.attn_norm(x2)).contiguous()  # (b, d_o)
+        w, bias, e = self.qkv.weight, self.qkv.bias, h.shape[-1]  # rows [q; k; v]
+        k_buf, v_buf, first, end = cache.claim(1)
+        cos, sin = (fused_decode.NONE,) * 2 if rotary is None else (rotary[0][-1], rotary[1][-1])
+        out = fused_decode.extension().projected_attention_block(
+            x2, h, w[:e], bias[:e], w[e : 2 * e], bias[e : 2 * e], w[2 * e :], bias[2 * e :],
+            self.out_proj.weight, self.out_proj.bias, cos.contiguous(), sin.contiguous(), k_buf,
+            v_buf, first, end,
+        )  # fmt: skip
+        return out.view(b, 1, d)
+
     def forward(
         self,
         x: Tensor,  # (b, n, dim)
         cache: KVCache | None = None,
         rotary: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
-        x = x + self.dropout(self.attention(x, cache, rotary))
+        if cache is not None and cache.length and x.shape[1] == 1 and not self.training:
+            if fused_decode.usable(x):  # a decoding step: DExTra and attention as fused calls
+                x = self._fused_attention(x, cache, rotary)
+            else:
+                x = x + self.dropout(self.attention(x, cache, rotary))
+        else:
+            x = x + self.dropout(self.attention(x, cache, rotary))
         if (
             self._fused_ffn_act is not None
             and not self.training

@@ -710,10 +710,72 @@ Tensor dextra_step(const Tensor& inp, const Tensor& in_w, const Tensor& in_b, in
   return (h == hb.data_ptr<float>() ? hb : yb).view(-1).narrow(0, 0, b * hw).view({b, hw}).clone();
 }
 
+// x + W_o attn(q, cache + k, v) + b_o for one new position per row, with q, k, v = W h + b read
+// from an input h (b, e) other than x (DeLighT: h = DExTra(norm(x)), x (b, d)); wq/wk/wv
+// (heads * dh, e), wo (d, heads * dh), biases of their rows or empty; kbuf/vbuf, start, end,
+// cos/sin (r = 0: no rotary) as in self_attention_block.
+Tensor projected_attention_block(const Tensor& x, const Tensor& hin, const Tensor& wq,
+                                 const Tensor& bq, const Tensor& wk, const Tensor& bk,
+                                 const Tensor& wv, const Tensor& bv, const Tensor& wo,
+                                 const Tensor& bo, const Tensor& cos, const Tensor& sin,
+                                 Tensor kbuf, Tensor vbuf, int64_t start, int64_t end) {
+  for (auto* t : {&x, &hin, &cos, &sin}) check_f32(*t, "input");
+  check_f32(kbuf, "kbuf");
+  check_f32(vbuf, "vbuf");
+  const int64_t b = x.size(0), d = x.size(1), e = hin.size(1), h = kbuf.size(1),
+                cap = kbuf.size(2), dh = kbuf.size(3), r = cos.numel(), hd = h * dh;
+  TORCH_CHECK(hin.size(0) == b && kbuf.size(0) == b && vbuf.sizes() == kbuf.sizes() &&
+                  0 <= start && start <= end && end < cap && r <= dh && sin.numel() == r,
+              "projected_attention_block: inconsistent shapes");
+  check_weight(wq, hd, e, "wq");
+  check_weight(wk, hd, e, "wk");
+  check_weight(wv, hd, e, "wv");
+  check_weight(wo, d, hd, "wo");
+  for (auto* t : {&bq, &bk, &bv}) {
+    if (t->numel()) check_f32(*t, "bias");
+    TORCH_CHECK(!t->numel() || t->numel() == hd, "projected_attention_block: bias sizes");
+  }
+  if (bo.numel()) check_f32(bo, "bo");
+  TORCH_CHECK(!bo.numel() || bo.numel() == d, "projected_attention_block: bo size");
+  auto bias = [](const Tensor& t) { return t.numel() ? t.data_ptr<float>() : nullptr; };
+  auto qkv = torch::empty({3, b, hd}, x.options());
+  float* q = qkv.data_ptr<float>();
+  float* k = q + b * hd;
+  float* v = k + b * hd;
+  const float* hp = hin.data_ptr<float>();
+  linear(hp, wq, bias(bq), q, b);
+  linear(hp, wk, bias(bk), k, b);
+  linear(hp, wv, bias(bv), v, b);
+  float* K = kbuf.data_ptr<float>();
+  float* Vb = vbuf.data_ptr<float>();
+  const float *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
+  for (int64_t i = 0; i < b * h; i++) {  // rotate q and k, append k and v to the cache
+    if (r) {
+      rotate(q + i * dh, cp, sp, r);
+      rotate(k + i * dh, cp, sp, r);
+    }
+    std::copy(k + i * dh, k + (i + 1) * dh, K + (i * cap + end) * dh);
+    std::copy(v + i * dh, v + (i + 1) * dh, Vb + (i * cap + end) * dh);
+  }
+  auto att = torch::empty({b, hd}, x.options());
+  float* ap = att.data_ptr<float>();
+  const int64_t nk = end - start + 1;
+  const float scale = 1.f / std::sqrt(static_cast<float>(dh));
+  std::vector<float> scores(nk);
+  for (int64_t i = 0; i < b * h; i++)
+    attend_one(q + i * dh, K + (i * cap + start) * dh, dh, Vb + (i * cap + start) * dh, dh,
+               nullptr, nk, dh, scale, scores.data(), ap + i * dh);
+  auto y = torch::empty({b, d}, x.options());
+  linear(ap, wo, bias(bo), y.data_ptr<float>(), b);
+  y.add_(x);
+  return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("self_attention_block", &self_attention_block);
   m.def("cross_attention_block", &cross_attention_block);
   m.def("feed_forward_block", &feed_forward_block);
   m.def("routing_attention_block", &routing_attention_block);
   m.def("dextra_step", &dextra_step);
+  m.def("projected_attention_block", &projected_attention_block);
 }
