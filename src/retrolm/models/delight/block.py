@@ -14,6 +14,11 @@ Attention is position-free unless given rotary (cos, sin) (``pos_emb="rotary"``,
 paper); the paper's model adds absolute positions to its input. The DeLighT LM
 uses pre-norm ("not stable without this", the reference's comment), so only pre-norm is
 offered.
+
+Decoding (eval, one new position per row with a filled cache, fp32 CPU, ``nn.fused.decode``
+usable) runs a block as four calls: the norm, DExTra's fused step (``dextra_decode``), the
+fused ``projected_attention_block`` and the fused ``feed_forward_block`` (LayerNorm/RMSNorm
+with GELU/SiLU; other norms and activations keep the ATen FFN); everything else, the ATen path.
 """
 
 from __future__ import annotations
