@@ -14,6 +14,11 @@ Attention is position-free unless given rotary (cos, sin) (``pos_emb="rotary"``,
 paper); the paper's model adds absolute positions to its input. The DeLighT LM
 uses pre-norm ("not stable without this", the reference's comment), so only pre-norm is
 offered.
+
+Decoding (eval, one new position per row with a filled cache, fp32 CPU, ``nn.fused.decode``
+usable) runs a block as four calls: the norm, DExTra's fused step (``dextra_decode``), the
+fused ``projected_attention_block`` and the fused ``feed_forward_block`` (LayerNorm/RMSNorm
+with GELU/SiLU; other norms and activations keep the ATen FFN); everything else, the ATen path.
 """
 
 from __future__ import annotations
@@ -21,8 +26,10 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from retrolm.models.delight.dextra import DExTra, activation_name, norm_name
+from retrolm.models.delight.dextra_decode import MAX_ROWS
 from retrolm.nn.attention import attend
 from retrolm.nn.feedforward import FeedForward
+from retrolm.nn.fused import decode as fused_decode
 from retrolm.nn.kv_cache import KVCache
 from retrolm.nn.norms import make_norm
 from retrolm.nn.rotary import apply_rotary
@@ -79,6 +86,11 @@ class DeLighTBlock(nn.Module):
         self.out_proj = nn.Linear(d_o, dim)
         self.ffn_norm = make_norm(norm, dim)
         self.ffn = FeedForward(dim, hidden_dim=dim // ffn_red, activation=activation_name(act_type))
+        # decoding's FFN branch as nn.fused.decode's feed-forward block (norm, both linears
+        # with biases, activation, residual in one call) where it computes the same: a
+        # LayerNorm or RMSNorm and GELU or SiLU
+        fits = norm in ("layer", "rms") and activation_name(act_type) in ("gelu", "silu")
+        self._fused_ffn_act = activation_name(act_type) if fits else None
         self.dropout = nn.Dropout(dropout)
         self.attn_dropout = attn_dropout
 
@@ -100,11 +112,49 @@ class DeLighTBlock(nn.Module):
         out = attend(q, k, v, causal=True, dropout_p=p)  # (b, 1, n, d_o); queries = last n keys
         return self.out_proj(out.squeeze(1))
 
+    def _fused_attention(
+        self, x: Tensor, cache: KVCache, rotary: tuple[Tensor, Tensor] | None
+    ) -> Tensor:
+        """x + attention(x) for one new position per row (eval, fp32 CPU, a filled cache):
+        norm (ATen), DExTra (its fused step), then ``projected_attention_block``: q, k, v
+        from DExTra's output, this position's key/value written into the cache, attention and
+        the output projection with the residual in one call."""
+        b, _, d = x.shape
+        x2 = x.reshape(b, d)
+        h = self.dextra(self.attn_norm(x2)).contiguous()  # (b, d_o)
+        w, bias, e = self.qkv.weight, self.qkv.bias, h.shape[-1]  # rows [q; k; v]
+        k_buf, v_buf, first, end = cache.claim(1)
+        cos, sin = (fused_decode.NONE,) * 2 if rotary is None else (rotary[0][-1], rotary[1][-1])
+        out = fused_decode.extension().projected_attention_block(
+            x2, h, w[:e], bias[:e], w[e : 2 * e], bias[e : 2 * e], w[2 * e :], bias[2 * e :],
+            self.out_proj.weight, self.out_proj.bias, cos.contiguous(), sin.contiguous(), k_buf,
+            v_buf, first, end,
+        )  # fmt: skip
+        return out.view(b, 1, d)
+
     def forward(
         self,
         x: Tensor,  # (b, n, dim)
         cache: KVCache | None = None,
         rotary: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
-        x = x + self.dropout(self.attention(x, cache, rotary))
+        if cache is not None and cache.length and x.shape[1] == 1 and not self.training:
+            if fused_decode.usable(x):  # a decoding step: DExTra and attention as fused calls
+                x = self._fused_attention(x, cache, rotary)
+            else:
+                x = x + self.dropout(self.attention(x, cache, rotary))
+        else:
+            x = x + self.dropout(self.attention(x, cache, rotary))
+        if (
+            self._fused_ffn_act is not None
+            and not self.training
+            and x.shape[0] * x.shape[1] <= MAX_ROWS
+            and fused_decode.usable(x)
+        ):  # decoding (eval: dropout is the identity): one call
+            ffn = self.ffn
+            out, _ = fused_decode.feed_forward(
+                x.reshape(-1, x.shape[-1]), self.ffn_norm, ffn.up_proj.weight, ffn.up_proj.bias,
+                ffn.down_proj.weight, ffn.down_proj.bias, act=self._fused_ffn_act,
+            )  # fmt: skip
+            return out.view_as(x)
         return x + self.dropout(self.ffn(self.ffn_norm(x)))

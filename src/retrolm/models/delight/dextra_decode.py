@@ -18,6 +18,11 @@ function is computed here with dense weights into which the mixers and the shuff
   with the ``X_l`` side by side; each GLT then adds ``h_{l-1} @ H_l`` (one ``addmm``), its norm
   over the g_l slices of the (r, g_l, out_l/g_l) view and the activation.
 
+On CPU in fp32 (``nn.fused.decode.usable``) the whole folded function is one call of the fused
+decoding extension (``dextra_step`` in ``nn/fused/csrc/decode_blocks.cpp``: plain loops over the
+few rows, so none of the ~4 dispatched operators per GLT); elsewhere, or with the extension
+off or unbuilt, the ATen code below runs (the reference the fused step is tested against).
+
 A dense ``G_l`` holds g_l times the weights of the grouped one; a GLT whose dense weight would
 exceed ``FOLD_NUMEL`` elements (wide layers with many groups, e.g. WikiText-103's d_m 512) keeps
 its grouped matmul here, so a step never reads much more memory than before. The values are
@@ -33,6 +38,9 @@ from torch import Tensor
 from torch.func import functional_call
 
 from retrolm.models.delight.mixer import mix
+from retrolm.nn import norms
+from retrolm.nn.feedforward import ACTIVATIONS
+from retrolm.nn.fused import decode as fused_decode
 
 if TYPE_CHECKING:
     from retrolm.models.delight.dextra import DExTra
@@ -52,6 +60,9 @@ class FoldedDExTra(NamedTuple):
     widths: list[int]  # the widths of the X_l (how the (r, S) product splits)
     glts: tuple[FoldedGLT | None, ...]  # None: that GLT runs grouped (its dense weight is large)
     out: FoldedGLT  # the output layer's columns and H (d_o, d_o)
+    fused: tuple | None  # dextra_step's arguments after the input; None: no fused step (not fp32,
+    # or a norm it lacks). It holds the norms' and in_proj's Parameter objects: in-place
+    # updates are seen, a Parameter replaced by another object is not (as the folded weights)
 
 
 def _rows(layer, groups: int, p: int, h_width: int, ref: Tensor) -> tuple[Tensor, Tensor]:
@@ -92,7 +103,48 @@ def fold(dextra: DExTra, dtype: torch.dtype) -> FoldedDExTra:
     out = FoldedGLT((len(x_parts) - 1, dextra.out_features), h_w.to(dtype))
     x_weight = torch.cat(x_parts, dim=1).to(dtype).contiguous()
     widths = [t.shape[1] for t in x_parts]
-    return FoldedDExTra(x_weight, torch.cat(b_parts).to(dtype), widths, tuple(glts), out)
+    plan = FoldedDExTra(x_weight, torch.cat(b_parts).to(dtype), widths, tuple(glts), out, None)
+    return plan._replace(fused=_fused_args(dextra, plan)) if dtype is torch.float32 else plan
+
+
+_NORM_KINDS = {norms.LayerNorm: 0, norms.RMSNorm: 1, norms.ScaleNorm: 2}  # dextra_step's codes
+_ACT_CODES = {"gelu": 0, "silu": 1, "relu": 2}
+
+
+def _norm_arg(norm) -> tuple[Tensor, Tensor, float]:
+    if isinstance(norm, norms.ScaleNorm):
+        return norm.g, fused_decode.NONE, norm.eps
+    bias = getattr(norm, "bias", None)  # LayerNorm's (if any); RMSNorm has none
+    return norm.weight, fused_decode.NONE if bias is None else bias, norm.eps
+
+
+def _fused_args(dextra: DExTra, plan: FoldedDExTra) -> tuple | None:
+    """The arguments of ``dextra_step`` after the input (see its comment in decode_blocks.cpp),
+    or None where it does not apply (a norm or an activation it does not compute)."""
+    all_norms = [dextra.in_norm, *(g.norm for g in dextra.glts), dextra.out_norm]
+    kind = _NORM_KINDS.get(type(dextra.in_norm))
+    act = next((c for n, c in _ACT_CODES.items() if ACTIVATIONS[n] is dextra.act), None)
+    if kind is None or act is None or any(type(n) is not type(dextra.in_norm) for n in all_norms):
+        return None
+    starts = [0]
+    for w in plan.widths:
+        starts.append(starts[-1] + w)
+    cols, widths, groups, shuffle, weights, biases = [], [], [], [], [], []
+    for glt, f in (*zip(dextra.glts, plan.glts, strict=True), (None, plan.out)):
+        lin = glt.linear if glt is not None else None
+        kept = f is None  # a wide grouped GLT: its own weight, bias and shuffle
+        cols.append(-1 if kept else starts[f.cols[0]])
+        widths.append(lin.out_features if lin is not None else dextra.out_features)
+        groups.append(glt.groups if glt is not None else 1)
+        shuffle.append(int(kept and lin.shuffle))
+        h = None if kept else f.h_weight
+        weights.append(lin.weight if kept else fused_decode.NONE if h is None else h.contiguous())
+        biases.append(lin.bias if kept else fused_decode.NONE)
+    norm_w, norm_b, eps = zip(*(_norm_arg(n) for n in all_norms), strict=True)
+    return (
+        dextra.in_proj.weight, dextra.in_proj.bias, kind, act, list(norm_w), list(norm_b),
+        list(eps), plan.x_weight, plan.x_bias, cols, widths, groups, shuffle, weights, biases,
+    )  # fmt: skip
 
 
 def folded_forward(dextra: DExTra, plan: FoldedDExTra, inp: Tensor) -> Tensor:
@@ -100,6 +152,11 @@ def folded_forward(dextra: DExTra, plan: FoldedDExTra, inp: Tensor) -> Tensor:
     Modules' ``forward`` is called directly and activations run in place: every dispatched
     call counts here (dropout is the identity in eval mode)."""
     lead, act_ = inp.shape[:-1], dextra.act_
+    if plan.fused is not None and fused_decode.usable(inp):
+        out = fused_decode.extension().dextra_step(
+            inp.reshape(-1, inp.shape[-1]).contiguous(), *plan.fused
+        )
+        return out.view(*lead, -1)
     x = dextra.in_proj.forward(inp.reshape(-1, inp.shape[-1]))  # (r, p)
     x = act_(dextra.in_norm.forward(x))
     r = x.shape[0]

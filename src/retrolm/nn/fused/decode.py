@@ -11,7 +11,11 @@ costs are the step, not Python. ``csrc/decode_blocks.cpp`` writes each block as 
 - ``self_attention_block``: x + W_o attn(rotary(W_q n), cache + rotary(W_k n), W_v n),
   n = rmsnorm(x), writing this position's key/value into the cache buffer;
 - ``cross_attention_block``: x + W_o attn(rotary(W_q n), fixed keys/values [, mask]);
-- ``feed_forward_block``: x + W_2 gelu(W_1 n + b_1) + b_2 (exact GELU).
+- ``feed_forward_block``: x + W_2 gelu(W_1 n + b_1) + b_2 (exact GELU);
+- ``dextra_step``: DeLighT's DExTra with its mixers and shuffles folded into dense weights
+  (``models.delight.dextra_decode``, which calls it with the folded weights);
+- ``projected_attention_block``: x + W_o attn(q, cache + k, v) + b_o with q, k, v (with biases)
+  projected from another input than x (DeLighT: DExTra's output), cache write as above.
 
 They compute what the modules compute, in fp32 with fp32 accumulation, summing in another
 order: results agree to rounding (tests/nn/test_fused_decode.py), not bit for bit. With

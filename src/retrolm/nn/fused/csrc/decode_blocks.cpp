@@ -1,6 +1,7 @@
 // Fused one-token decoding blocks for CPU, fp32 (see retrolm/nn/fused_decode.py): pre-norm
 // self-attention, cross-attention and feed-forward blocks, and the Routing Transformer's
-// attention sub-layer.
+// attention sub-layer; DeLighT's DExTra with its mixers and shuffles folded (dextra_step, at
+// the end).
 //
 // A decoding step multiplies a few rows by every weight of the model. Through ATen each
 // block of a pre-norm transformer layer is 15-40 kernel calls whose fixed costs (dispatch,
@@ -16,6 +17,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #if defined(__AVX512F__)
@@ -24,6 +26,8 @@
 #include <limits>
 #include <tuple>
 #include <vector>
+
+#include "vec_math.h"
 
 using torch::Tensor;
 
@@ -540,9 +544,238 @@ std::tuple<Tensor, Tensor> routing_attention_block(
   return {y, torch::full({}, commit, x.options())};
 }
 
+// --- DeLighT's DExTra for a few rows, mixers and shuffles folded (models/delight/dextra_decode.py)
+namespace {
+
+// y (b, n) += x (b, k) @ W (k, n), W row-major with row stride ws, x/y row strides xs/ys; each
+// weight row is read once for all b rows (threads over column blocks)
+void add_xw(const float* x, int64_t xs, const float* W, int64_t ws, float* y, int64_t ys,
+            int64_t b, int64_t k, int64_t n) {
+  at::parallel_for(0, n, 256, [&](int64_t n0, int64_t n1) {
+    for (int64_t c = 0; c < k; c++) {
+      const float* wc = W + c * ws;
+      for (int64_t i = 0; i < b; i++) {
+        const float xv = x[i * xs + c];
+        float* yi = y + i * ys;
+#pragma omp simd
+        for (int64_t o = n0; o < n1; o++) yi[o] += xv * wc[o];
+      }
+    }
+  });
+}
+
+enum NormKind : int64_t { kLayer = 0, kRms = 1, kScale = 2 };
+
+// each of the rows (b * g slices of n) normed in place with one shared norm: LayerNorm (w, bias
+// (n,), bias may be empty), RMSNorm (w (n,)) or ScaleNorm (w one scalar, g * y / max(|y|, eps))
+void slice_norm(float* y, int64_t rows, int64_t n, int64_t kind, const Tensor& w,
+                const Tensor& bias, double eps) {
+  const float* wp = w.data_ptr<float>();
+  const float* bp = bias.numel() ? bias.data_ptr<float>() : nullptr;
+  const float fe = static_cast<float>(eps), fn = static_cast<float>(n);
+  for (int64_t r = 0; r < rows; r++) {
+    float* yr = y + r * n;
+    float mean = 0.f, ss = 0.f;
+    if (kind == kLayer) {
+#pragma omp simd reduction(+ : mean)
+      for (int64_t c = 0; c < n; c++) mean += yr[c];
+      mean /= fn;
+    }
+#pragma omp simd reduction(+ : ss)
+    for (int64_t c = 0; c < n; c++) ss += (yr[c] - mean) * (yr[c] - mean);
+    if (kind == kScale) {
+      const float k = wp[0] / std::max(std::sqrt(ss), fe);
+#pragma omp simd
+      for (int64_t c = 0; c < n; c++) yr[c] *= k;
+      continue;
+    }
+    const float inv = 1.f / std::sqrt(ss / fn + fe);
+#pragma omp simd
+    for (int64_t c = 0; c < n; c++) yr[c] = (yr[c] - mean) * inv * wp[c] + (bp ? bp[c] : 0.f);
+  }
+}
+
+// in place: 0 exact GELU, 1 SiLU, 2 ReLU
+void activate(float* y, int64_t n, int64_t act) {
+  if (act == 0) {
+    const float inv_sqrt2 = 0.70710678118654752440f;
+    for (int64_t i = 0; i < n; i++) y[i] = 0.5f * y[i] * (1.f + std::erf(y[i] * inv_sqrt2));
+  } else if (act == 1) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; i++) y[i] = y[i] / (1.f + retrolm_kernels::exp_f(-y[i]));
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; i++) y[i] = y[i] > 0.f ? y[i] : 0.f;
+  }
+}
+
+// a GLT kept grouped (too wide to fold): y (b, o) = shuffle(per group j: [x_j, h_j] @ W[j]) +
+// bias, W (g, i/g, o/g), x (b, p), h (b, hw) (hw = 0 for GLT 1, which reads x alone); with the
+// shuffle, output k of group j lands at k * g + j, else at j * o/g + k
+void grouped_glt(const float* x, int64_t p, const float* h, int64_t hw, const Tensor& W,
+                 const Tensor& bias, int64_t g, bool shuffle, float* y, int64_t b) {
+  const int64_t pg = p / g, hg = hw / g, og = W.size(2);
+  TORCH_CHECK(W.dim() == 3 && W.size(0) == g && W.size(1) == pg + hg && p % g == 0 &&
+                  hw % g == 0 && bias.numel() == g * og,
+              "dextra_step: a grouped GLT's weight must be (g, (p + h) / g, o / g), got ",
+              W.sizes());
+  const float* wp = W.data_ptr<float>();
+  const float* bp = bias.data_ptr<float>();
+  std::vector<float> acc(og);
+  for (int64_t i = 0; i < b; i++)
+    for (int64_t j = 0; j < g; j++) {
+      std::fill(acc.begin(), acc.end(), 0.f);
+      const float* wj = wp + j * (pg + hg) * og;
+      add_xw(x + i * p + j * pg, 0, wj, og, acc.data(), 0, 1, pg, og);
+      if (hg) add_xw(h + i * hw + j * hg, 0, wj + pg * og, og, acc.data(), 0, 1, hg, og);
+      for (int64_t k = 0; k < og; k++) {
+        const int64_t at = shuffle ? k * g + j : j * og + k;
+        y[i * g * og + at] = acc[k] + bp[at];
+      }
+    }
+}
+
+}  // namespace
+
+// DExTra (models/delight/dextra.py) for b rows in one call, with the folded weights of
+// dextra_decode.fold: x = act(norm(in_w inp + in_b)) (b, p); xc = x @ X + x_bias (b, S), every
+// folded layer's columns side by side; then for each GLT l (and last the output layer, index N):
+//   folded (cols[l] >= 0): y = xc[:, cols : cols + widths[l]] (+ h @ weights[l], (h_w, width),
+//     absent for GLT 1); kept grouped (cols[l] < 0): grouped_glt with weights[l], biases[l];
+//   then the norm of each of the groups[l] slices (one for the output layer) with
+//   norm_w/norm_b/eps[l + 1] (index 0: the input layer's) and the activation; h = y.
+// norm_kind: 0 LayerNorm, 1 RMSNorm, 2 ScaleNorm; act: 0 GELU, 1 SiLU, 2 ReLU.
+Tensor dextra_step(const Tensor& inp, const Tensor& in_w, const Tensor& in_b, int64_t norm_kind,
+                   int64_t act, const std::vector<Tensor>& norm_w,
+                   const std::vector<Tensor>& norm_b, const std::vector<double>& eps,
+                   const Tensor& x_weight, const Tensor& x_bias, const std::vector<int64_t>& cols,
+                   const std::vector<int64_t>& widths, const std::vector<int64_t>& groups,
+                   const std::vector<int64_t>& shuffle, const std::vector<Tensor>& weights,
+                   const std::vector<Tensor>& biases) {
+  check_f32(inp, "inp");
+  const int64_t b = inp.size(0), p = in_w.size(0), S = x_weight.size(1);
+  const size_t layers = widths.size();  // N GLTs + the output layer
+  TORCH_CHECK(layers >= 2 && cols.size() == layers && groups.size() == layers &&
+                  shuffle.size() == layers && weights.size() == layers &&
+                  biases.size() == layers && norm_w.size() == layers + 1 &&
+                  norm_b.size() == layers + 1 && eps.size() == layers + 1,
+              "dextra_step: one entry per layer in every list");
+  TORCH_CHECK(norm_kind >= 0 && norm_kind <= 2 && act >= 0 && act <= 2,
+              "dextra_step: unknown norm kind or activation");
+  check_weight(in_w, p, inp.size(1), "in_w");
+  for (auto* t : {&in_b, &x_weight, &x_bias}) check_f32(*t, "dextra_step input");
+  TORCH_CHECK(x_weight.size(0) == p && x_bias.numel() == S, "dextra_step: x_weight (p, S)");
+  for (size_t l = 0; l <= layers; l++) {
+    check_f32(norm_w[l], "norm_w");
+    if (norm_b[l].numel()) check_f32(norm_b[l], "norm_b");
+  }
+  const int64_t widest = *std::max_element(widths.begin(), widths.end());
+  auto opts = inp.options();
+  auto xb = torch::empty({b, p}, opts), xcb = torch::empty({b, S}, opts);
+  auto hb = torch::empty({b, widest}, opts), yb = torch::empty({b, widest}, opts);
+  float *x = xb.data_ptr<float>(), *xc = xcb.data_ptr<float>();
+  float *h = hb.data_ptr<float>(), *y = yb.data_ptr<float>();
+  linear(inp.data_ptr<float>(), in_w, in_b.data_ptr<float>(), x, b);
+  slice_norm(x, b, p, norm_kind, norm_w[0], norm_b[0], eps[0]);
+  activate(x, b * p, act);
+  const float* xbias = x_bias.data_ptr<float>();
+  for (int64_t i = 0; i < b; i++) std::copy(xbias, xbias + S, xc + i * S);
+  add_xw(x, p, x_weight.data_ptr<float>(), S, xc, S, b, p, S);
+  int64_t hw = 0;  // h's width: none before GLT 1
+  for (size_t l = 0; l < layers; l++) {
+    const int64_t w = widths[l], g = l + 1 < layers ? groups[l] : 1;
+    if (cols[l] >= 0) {
+      TORCH_CHECK(cols[l] + w <= S, "dextra_step: columns past the x product");
+      for (int64_t i = 0; i < b; i++)
+        std::copy(xc + i * S + cols[l], xc + i * S + cols[l] + w, y + i * w);
+      if (l) {
+        check_f32(weights[l], "H");
+        TORCH_CHECK(weights[l].dim() == 2 && weights[l].size(0) == hw && weights[l].size(1) == w,
+                    "dextra_step: H must be (", hw, ", ", w, "), got ", weights[l].sizes());
+        add_xw(h, hw, weights[l].data_ptr<float>(), w, y, w, b, hw, w);
+      }
+    } else {
+      check_f32(weights[l], "grouped weight");
+      check_f32(biases[l], "grouped bias");
+      grouped_glt(x, p, l ? h : nullptr, l ? hw : 0, weights[l], biases[l], g, shuffle[l] != 0, y,
+                  b);
+    }
+    TORCH_CHECK(w % g == 0, "dextra_step: a width not a multiple of its groups");
+    slice_norm(y, b * g, w / g, norm_kind, norm_w[l + 1], norm_b[l + 1], eps[l + 1]);
+    activate(y, b * w, act);
+    std::swap(h, y);
+    hw = w;
+  }
+  // h holds the (b, hw) result packed at its start
+  return (h == hb.data_ptr<float>() ? hb : yb).view(-1).narrow(0, 0, b * hw).view({b, hw}).clone();
+}
+
+// x + W_o attn(q, cache + k, v) + b_o for one new position per row, with q, k, v = W h + b read
+// from an input h (b, e) other than x (DeLighT: h = DExTra(norm(x)), x (b, d)); wq/wk/wv
+// (heads * dh, e), wo (d, heads * dh), biases of their rows or empty; kbuf/vbuf, start, end,
+// cos/sin (r = 0: no rotary) as in self_attention_block.
+Tensor projected_attention_block(const Tensor& x, const Tensor& hin, const Tensor& wq,
+                                 const Tensor& bq, const Tensor& wk, const Tensor& bk,
+                                 const Tensor& wv, const Tensor& bv, const Tensor& wo,
+                                 const Tensor& bo, const Tensor& cos, const Tensor& sin,
+                                 Tensor kbuf, Tensor vbuf, int64_t start, int64_t end) {
+  for (auto* t : {&x, &hin, &cos, &sin}) check_f32(*t, "input");
+  check_f32(kbuf, "kbuf");
+  check_f32(vbuf, "vbuf");
+  const int64_t b = x.size(0), d = x.size(1), e = hin.size(1), h = kbuf.size(1),
+                cap = kbuf.size(2), dh = kbuf.size(3), r = cos.numel(), hd = h * dh;
+  TORCH_CHECK(hin.size(0) == b && kbuf.size(0) == b && vbuf.sizes() == kbuf.sizes() &&
+                  0 <= start && start <= end && end < cap && r <= dh && sin.numel() == r,
+              "projected_attention_block: inconsistent shapes");
+  check_weight(wq, hd, e, "wq");
+  check_weight(wk, hd, e, "wk");
+  check_weight(wv, hd, e, "wv");
+  check_weight(wo, d, hd, "wo");
+  for (auto* t : {&bq, &bk, &bv}) {
+    if (t->numel()) check_f32(*t, "bias");
+    TORCH_CHECK(!t->numel() || t->numel() == hd, "projected_attention_block: bias sizes");
+  }
+  if (bo.numel()) check_f32(bo, "bo");
+  TORCH_CHECK(!bo.numel() || bo.numel() == d, "projected_attention_block: bo size");
+  auto bias = [](const Tensor& t) { return t.numel() ? t.data_ptr<float>() : nullptr; };
+  auto qkv = torch::empty({3, b, hd}, x.options());
+  float* q = qkv.data_ptr<float>();
+  float* k = q + b * hd;
+  float* v = k + b * hd;
+  const float* hp = hin.data_ptr<float>();
+  linear(hp, wq, bias(bq), q, b);
+  linear(hp, wk, bias(bk), k, b);
+  linear(hp, wv, bias(bv), v, b);
+  float* K = kbuf.data_ptr<float>();
+  float* Vb = vbuf.data_ptr<float>();
+  const float *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
+  for (int64_t i = 0; i < b * h; i++) {  // rotate q and k, append k and v to the cache
+    if (r) {
+      rotate(q + i * dh, cp, sp, r);
+      rotate(k + i * dh, cp, sp, r);
+    }
+    std::copy(k + i * dh, k + (i + 1) * dh, K + (i * cap + end) * dh);
+    std::copy(v + i * dh, v + (i + 1) * dh, Vb + (i * cap + end) * dh);
+  }
+  auto att = torch::empty({b, hd}, x.options());
+  float* ap = att.data_ptr<float>();
+  const int64_t nk = end - start + 1;
+  const float scale = 1.f / std::sqrt(static_cast<float>(dh));
+  std::vector<float> scores(nk);
+  for (int64_t i = 0; i < b * h; i++)
+    attend_one(q + i * dh, K + (i * cap + start) * dh, dh, Vb + (i * cap + start) * dh, dh,
+               nullptr, nk, dh, scale, scores.data(), ap + i * dh);
+  auto y = torch::empty({b, d}, x.options());
+  linear(ap, wo, bias(bo), y.data_ptr<float>(), b);
+  y.add_(x);
+  return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("self_attention_block", &self_attention_block);
   m.def("cross_attention_block", &cross_attention_block);
   m.def("feed_forward_block", &feed_forward_block);
   m.def("routing_attention_block", &routing_attention_block);
+  m.def("dextra_step", &dextra_step);
+  m.def("projected_attention_block", &projected_attention_block);
 }
