@@ -262,6 +262,20 @@ register_family(
     )
 )
 
+# RETRO-fit (models/retrofit/): a frozen trained decoder read as RETRO's, so RETRO's hooks
+register_family(
+    ModelFamily(
+        name="retrofit",
+        config_cls="retrolm.models.retrofit.config:RetrofitConfig",
+        model_cls="retrolm.models.retrofit.model:RetrofitRETRO",
+        uses_retrieval=True,
+        loss=lazy("retrolm.models.retro.family:retro_loss"),
+        default_preset="retrofit-demo",
+        logits=lazy("retrolm.models.retro.family:retro_logits"),
+        eval_variants=lazy("retrolm.models.retro.family:retro_eval_variants"),
+    )
+)
+
 register_family(
     ModelFamily(
         name="hierarchical",
