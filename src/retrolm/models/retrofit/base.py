@@ -75,22 +75,27 @@ class DecoderBase(nn.Module):
 
     def freeze(self, unfreeze: Iterable[str] = ()) -> list[str]:
         """``requires_grad_(False)`` on every parameter but those named (or under a name) in
-        ``unfreeze``; returns the names left trainable. A name that matches nothing is a
-        ValueError naming the parameters there are."""
-        unfreeze = tuple(unfreeze)
-        names = [n for n, _ in self.named_parameters()]
+        ``unfreeze``, as the base's own state dict names them (``final_norm``,
+        ``transformer.ln_f``); returns the names (here, under ``model.``) left trainable. A
+        name that matches nothing is a ValueError naming some that exist."""
+        wanted = tuple(unfreeze)
+
+        def hit(name: str, u: str) -> bool:
+            own = name.removeprefix("model.")
+            return any(n == u or n.startswith(u + ".") for n in (name, own))
+
         trained = []
         for name, p in self.named_parameters():
-            hit = any(name == u or name.startswith(u + ".") for u in unfreeze)
-            p.requires_grad_(hit)
-            if hit:
+            p.requires_grad_(any(hit(name, u) for u in wanted))
+            if p.requires_grad:
                 trained.append(name)
-        for u in unfreeze:
-            if not any(n == u or n.startswith(u + ".") for n in names):
-                tops = sorted({n.rsplit(".", 1)[0] for n in names})
+        names = [n for n, _ in self.named_parameters()]
+        for u in wanted:
+            if not any(hit(n, u) for n in names):
+                tops = sorted({n.removeprefix("model.").rsplit(".", 1)[0] for n in names})
                 raise ValueError(
-                    f"--unfreeze {u!r} names no parameter of the base {self.path}; "
-                    f"its modules include {tops[:3]} ... {tops[-3:]}"
+                    f"unfreeze {u!r} names no parameter of the base {self.path}; its modules "
+                    f"include {tops[:2]} ... {tops[-2:]}"
                 )
         return trained
 
