@@ -53,7 +53,8 @@ def build_db(work: Path, books: int) -> Path:
 
 
 def train_run(db: Path, run: Path, family: str, model_config: dict, train: dict) -> dict:
-    from retrolm.train import TrainConfig, train as train_fn
+    from retrolm.train import TrainConfig
+    from retrolm.train import train as train_fn
 
     cfg = TrainConfig(**{"eval_every": 0, "plot": False, "weight_decay": 0.1, **train})
     cfg.save_every = cfg.steps
@@ -103,7 +104,6 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from retrolm.demo import DEMO_PRESET
     from retrolm.models.retro.config import PRESETS
-    from retrolm.train.retrofit import retrofit_model_config
 
     t_start = time.perf_counter()
     work = Path(a.work)
@@ -128,16 +128,8 @@ def main() -> None:
         name, _, js = v.partition("=")
         variants[name] = json.loads(js)
     for name, over in variants.items():
-        over = dict(over)
-        lr, steps = over.pop("lr", a.retrofit_lr), over.pop("steps", a.retrofit_steps)
-        values = {"cca_layers": layers, "enc_depth": 2, "dim_head": 32, **over}
-        run = work / "runs" / name
-        rows[name] = cached(work / f"{name}.json", lambda: {
-            "settings": {"lr": lr, "steps": steps, **values},
-            **train_run(db, run, "retrofit", retrofit_model_config(base, db, values),
-                        sched(steps, lr)),
-            "bpb": score(run, db, held, a.max_tokens, retrieval=True),
-        })  # fmt: skip
+        rows[name] = cached(work / f"{name}.json", lambda o=over, n=name: retrofit_row(
+            db, base, held, work / "runs" / n, a, dict(o), layers, sched))  # fmt: skip
     if not a.no_scratch:
         scratch = work / "runs" / "scratch"
         steps = a.base_steps + a.retrofit_steps
@@ -147,6 +139,21 @@ def main() -> None:
         })  # fmt: skip
     report(rows)
     print(f"total {time.perf_counter() - t_start:.0f} s, load {common.load_average()}")
+
+
+def retrofit_row(db, base, held, run, a, over: dict, layers, sched) -> dict:
+    """Train and score one RETRO-fit of ``base`` (``over``: its settings beside the
+    defaults; ``lr`` and ``steps`` are the run's)."""
+    from retrolm.train.retrofit import retrofit_model_config
+
+    lr, steps = over.pop("lr", a.retrofit_lr), over.pop("steps", a.retrofit_steps)
+    values = {"cca_layers": layers, "enc_depth": 2, "dim_head": 32, **over}
+    model_config = retrofit_model_config(base, db, values)
+    return {
+        "settings": {"lr": lr, "steps": steps, **values},
+        **train_run(db, run, "retrofit", model_config, sched(steps, lr)),
+        "bpb": score(run, db, held, a.max_tokens, retrieval=True),
+    }
 
 
 def report(rows: dict[str, Any]) -> None:

@@ -124,7 +124,8 @@ class HFBase(DecoderBase):
         self._after = after_layer
         inner = self.model.base_model
         # transformers >= 5.2x names the cache argument ``cache`` (past_key_values before)
-        key = "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+        named = inspect.signature(inner.forward).parameters
+        key = "cache" if "cache" in named else "past_key_values"
         try:
             out = inner(input_ids=ids, use_cache=state is not None, **{key: state})
         finally:
