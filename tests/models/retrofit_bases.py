@@ -68,9 +68,17 @@ def make_bert_folder(folder: Path) -> Path:
     """An encoder (not a decoder): BERT's config.json, for the refusal."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(
-        json.dumps({"model_type": "bert", "architectures": ["BertModel"], "vocab_size": 50,
-                    "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 1,
-                    "intermediate_size": 8})  # fmt: skip
+        json.dumps(
+            {
+                "model_type": "bert",
+                "architectures": ["BertModel"],
+                "vocab_size": 50,
+                "hidden_size": 8,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 1,
+                "intermediate_size": 8,
+            }
+        )  # fmt: skip
     )
     return folder
 

@@ -27,8 +27,17 @@ def run_dir(tmp_path_factory):
     train = {"batch_size": 2, "warmup_steps": 1, "eval_every": 2, "precision": "fp32"}
     (root / "cfg.json").write_text(json.dumps({"train": {**train, "plot": False}}))
     run = root / "run"
-    args = ["train", "--db", str(root / "db"), "--out", str(run), "--config", str(root / "cfg.json")]
-    args += ["--retrofit", str(base), "--cca-layers", "2,3", "--lr", "1e-2"]
+    args = ["train", "--db", str(root / "db"), "--out", str(run)]
+    args += [
+        "--config",
+        str(root / "cfg.json"),
+        "--retrofit",
+        str(base),
+        "--cca-layers",
+        "2,3",
+        "--lr",
+        "1e-2",
+    ]
     assert main([*args, "--steps", "2"]) == 0
     assert main([*args, "--steps", "3"]) == 0  # resumes
     return root, base, run, held

@@ -6,8 +6,9 @@ trained without retrieval; ``hf_base.py`` a local Hugging Face causal-LM folder;
 cross-attention after chosen base layers) and ``retrofit()``.
 """
 
-from retrolm.models.retrofit.base import DecoderBase, open_base
+from retrolm.models.retrofit.base import DecoderBase
 from retrolm.models.retrofit.config import RetrofitConfig
 from retrolm.models.retrofit.model import RetrofitRETRO, retrofit
+from retrolm.models.retrofit.open import open_base
 
 __all__ = ["DecoderBase", "RetrofitConfig", "RetrofitRETRO", "open_base", "retrofit"]

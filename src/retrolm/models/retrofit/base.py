@@ -5,7 +5,7 @@ nothing else about it: its frozen token embedding (the neighbour encoder reads n
 through it, as the paper does), its width, depth and vocabulary, its output projection,
 and one call that runs it over new tokens with its own KV cache, handing the hidden states
 after each decoder layer to a callback that may change them (where chunked
-cross-attention goes). Two kinds (``open_base`` tells them apart):
+cross-attention goes). Two kinds (``open.py``'s ``open_base`` tells them apart):
 
 * ``RetrolmBase`` (``retrolm_base.py``): a retrolm run of a decoder trained without
   retrieval (``retrolm train --no-retrieval``);
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -111,30 +110,3 @@ def hash_files(paths: Iterable[Path], extra: Any = None) -> str:
     if extra is not None:
         h.update(json.dumps(extra, sort_keys=True).encode())
     return h.hexdigest()
-
-
-def is_hf_folder(path: Path) -> bool:
-    """A Hugging Face model folder: a config.json with a ``model_type``."""
-    try:
-        meta = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(meta, dict) and "model_type" in meta
-
-
-def open_base(path: str | os.PathLike, **hf_kwargs: Any) -> DecoderBase:
-    """The base at ``path``: a Hugging Face causal-LM folder or a retrolm run (or one of its
-    checkpoint folders). Anything else is a one-line ValueError."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(
-            f"base {path} does not exist: pass a retrolm run trained without retrieval or a "
-            "local Hugging Face causal-LM folder"
-        )
-    if is_hf_folder(path):
-        from retrolm.models.retrofit.hf_base import HFBase
-
-        return HFBase.load(path, **hf_kwargs)
-    from retrolm.models.retrofit.retrolm_base import RetrolmBase
-
-    return RetrolmBase.load(path)

@@ -33,8 +33,9 @@ from torch import Tensor, nn
 from retrolm.errors import IncompatibleError
 from retrolm.models.retro.cache import RetroCache
 from retrolm.models.retro.model import RETRO, ChunkedCrossAttention, RetroEncoder
-from retrolm.models.retrofit.base import DecoderBase, open_base
+from retrolm.models.retrofit.base import DecoderBase
 from retrolm.models.retrofit.config import RetrofitConfig
+from retrolm.models.retrofit.open import open_base
 from retrolm.nn.residual import Residual
 from retrolm.nn.rotary import RotaryEmbedding
 
