@@ -76,7 +76,10 @@ def score(run: Path, db: Path, held: Path, max_tokens: int, retrieval: bool) -> 
         r = evaluate(model, held, d, config=cfg)
     else:
         r = evaluate(model, held, None, tokenizer=d.tokenizer, config=cfg)
-    return {mode: round(v["bits_per_byte"], 4) for mode, v in r.modes.items()}
+    out = {mode: round(v["bits_per_byte"], 4) for mode, v in r.modes.items()}
+    # neighbour quality: the share of held-out chunks whose neighbours overlap them
+    out["overlap"] = {str(x["alpha"]): round(x["fraction"], 3) for x in r.leakage}
+    return out
 
 
 def cached(path: Path, make) -> Any:
@@ -132,7 +135,8 @@ def main() -> None:
             db, base, held, work / "runs" / n, a, dict(o), layers, sched))  # fmt: skip
     if not a.no_scratch:
         scratch = work / "runs" / "scratch"
-        steps = a.base_steps + a.retrofit_steps
+        # the steps base and RETRO-fit reached (a run cut by --max-minutes stops early)
+        steps = rows["base"]["steps"] + rows["retrofit"]["steps"]
         rows["scratch"] = cached(work / "scratch.json", lambda: {
             **train_run(db, scratch, "retro", dict(demo, copy_head=False), sched(steps, a.lr)),
             "bpb": score(scratch, db, held, a.max_tokens, retrieval=True),
@@ -147,11 +151,12 @@ def retrofit_row(db, base, held, run, a, over: dict, layers, sched) -> dict:
     from retrolm.train.retrofit import retrofit_model_config
 
     lr, steps = over.pop("lr", a.retrofit_lr), over.pop("steps", a.retrofit_steps)
+    batch = over.pop("batch_size", a.batch)
     values = {"cca_layers": layers, "enc_depth": 2, "dim_head": 32, **over}
     model_config = retrofit_model_config(base, db, values)
     return {
-        "settings": {"lr": lr, "steps": steps, **values},
-        **train_run(db, run, "retrofit", model_config, sched(steps, lr)),
+        "settings": {"lr": lr, "steps": steps, "batch_size": batch, **values},
+        **train_run(db, run, "retrofit", model_config, dict(sched(steps, lr), batch_size=batch)),
         "bpb": score(run, db, held, a.max_tokens, retrieval=True),
     }
 
