@@ -200,6 +200,20 @@ def test_checkpoint_holds_the_new_weights_and_reassembles_with_the_base(bases, t
         assert torch.equal(back(ids, ret), model.eval()(ids, ret))
 
 
+def test_a_retrofit_model_is_its_own_family_and_shares_as_a_folder(bases, tmp_path):
+    from retrolm import from_pretrained
+    from retrolm.models.registry import family_of
+
+    model = retrofit(bases["retrolm"], cca_layers=(2,), **SMALL).eval()
+    _perturb(model)
+    assert family_of(model).name == "retrofit"
+    model.save_pretrained(tmp_path / "shared")
+    back = from_pretrained(tmp_path / "shared")
+    ids, ret = _inputs(model)
+    with torch.no_grad():
+        assert torch.equal(back(ids, ret), model(ids, ret))
+
+
 def _one_line(excinfo) -> str:
     text = str(excinfo.value)
     assert "\n" not in text and text

@@ -213,15 +213,21 @@ def family_of(model: nn.Module, family: str | ModelFamily | None = None) -> Mode
     """The family whose hooks evaluate and sample ``model``.
 
     ``family``: a name or family to use instead of the lookup. Otherwise the registered
-    family whose model class ``model`` is (DDP / ``torch.compile`` wrappers looked through),
-    or :data:`DECODER` for a model of no registered family.
+    family whose model class ``model`` is (DDP / ``torch.compile`` wrappers looked through;
+    its own class before the classes it inherits), or :data:`DECODER` for a model of no
+    registered family.
     """
     if isinstance(family, ModelFamily):
         return family
     if family is not None:
         return get_family(family)
-    bare = unwrap(model)
-    return next((f for f in FAMILIES.values() if f.serves(bare)), DECODER)
+    # the most specific class first: a subclass registered as its own family (RETRO-fit's
+    # RetrofitRETRO is a RETRO) is served by that family, not its parent's
+    for cls in type(unwrap(model)).__mro__:
+        for f in FAMILIES.values():
+            if f.model_cls is cls or f.model_cls == f"{cls.__module__}:{cls.__qualname__}":
+                return f
+    return DECODER
 
 
 def check_no_retrieval(fam: ModelFamily, model: nn.Module, what: str) -> None:
