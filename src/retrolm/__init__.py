@@ -42,6 +42,9 @@ _LAZY = {
     "InfiniTransformerWrapper": "retrolm.models.infini.wrapper",
     "FastweightMemory": "retrolm.models.infini.memory",
     "InfiniLanguageModel": "retrolm.models.infini.lm",
+    "retrofit": "retrolm.models.retrofit.model",
+    "RetrofitRETRO": "retrolm.models.retrofit.model",
+    "RetrofitConfig": "retrolm.models.retrofit.config",
 }
 
 

@@ -168,6 +168,10 @@ def run_build(args: argparse.Namespace) -> int:
     from retrolm.retrieval.build import build_database
 
     config = BuildConfig(**{f.name: getattr(args, f.name) for f in fields(BuildConfig)})
+    if config.tokenizer and Path(config.tokenizer).is_dir():  # a base to RETRO-fit
+        from retrolm.train.retrofit import base_tokenizer_file
+
+        config.tokenizer = str(base_tokenizer_file(config.tokenizer))
     m = build_database(args.text_dir, args.db_dir, config, restart=args.restart)
     print(
         f"database {args.db_dir}: {m['num_chunks']} chunks from {m['num_documents']} documents, "

@@ -1,4 +1,6 @@
 """``retrolm train --db DB [--neighbours DIR] --out RUN [--config FILE] [--no-retrieval]``,
+``retrolm train --db DB --out RUN --retrofit BASE [--cca-layers 3,6] [--unfreeze NAMES]``
+(RETRO-fit a trained decoder: ``train/retrofit.py``),
 or for a family without retrieval ``retrolm train --model routing --text DIR --out RUN
 [--tokenizer FILE | --vocab-size N] [--glob PATTERN]`` (no database)."""
 
@@ -74,6 +76,25 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="train the same decoder without neighbours (the baseline)",
     )
     p.add_argument(
+        "--retrofit",
+        metavar="BASE",
+        help="RETRO-fit a trained decoder: BASE is a retrolm run trained without retrieval or "
+        "a local Hugging Face causal-LM folder; it stays frozen and only a neighbour encoder "
+        "and chunked cross-attention are trained (DB built with --tokenizer BASE)",
+    )
+    p.add_argument(
+        "--cca-layers",
+        metavar="3,6",
+        help="with --retrofit: the base layers chunked cross-attention follows (1-based; "
+        "default: every 3rd from 6, or the last layer of a shallow base)",
+    )
+    p.add_argument(
+        "--unfreeze",
+        metavar="NAMES",
+        help="with --retrofit: base parameters to train too, comma-separated names or "
+        "prefixes as the base names them (e.g. final_norm, transformer.ln_f)",
+    )
+    p.add_argument(
         "--fsdp",
         action="store_true",
         help="under torchrun: shard parameters, gradients and optimizer state across the "
@@ -143,6 +164,31 @@ def _data(args: argparse.Namespace) -> Any:
     return TextData(args.text, args.glob or "**/*.txt", args.tokenizer, args.vocab_size)
 
 
+def _retrofit(
+    args: argparse.Namespace, family: str, values: dict[str, Any] | None
+) -> tuple[str, dict[str, Any]]:
+    """The family and model config of ``--retrofit BASE``: the base's identity added, its
+    tokenizer checked against the database's."""
+    from retrolm.train.retrofit import retrofit_model_config
+
+    if args.retrofit is None:
+        raise ValueError("--cca-layers and --unfreeze go with --retrofit BASE; add it or drop them")
+    if family not in ("retro", "retrofit"):
+        raise ValueError(f"--retrofit trains the 'retrofit' family, not --model {family}; drop one")
+    if args.db is None:
+        raise ValueError("--retrofit reads neighbours: pass --db DB (built with --tokenizer BASE)")
+    values = dict(values or {})
+    if args.cca_layers:
+        try:
+            values["cca_layers"] = [int(x) for x in args.cca_layers.split(",")]
+        except ValueError:
+            bad = args.cca_layers
+            raise ValueError(f"--cca-layers {bad!r}: write 1-based layers as 3,6") from None
+    if args.unfreeze:
+        values["unfreeze"] = [x.strip() for x in args.unfreeze.split(",") if x.strip()]
+    return "retrofit", retrofit_model_config(args.retrofit, _data(args), values)
+
+
 def run(args: argparse.Namespace) -> int:
     from retrolm.config import check_fields
     from retrolm.models.registry import get_family
@@ -161,6 +207,9 @@ def run(args: argparse.Namespace) -> int:
     source = f"config file {args.config}: train" if args.config else "TrainConfig"
     cfg = TrainConfig.from_dict(values, where=source)
     family = args.model or file_cfg.get("model", "retro")
+    model_config = file_cfg.get("model_config")
+    if args.retrofit is not None or args.cca_layers or args.unfreeze:
+        family, model_config = _retrofit(args, family, model_config)
     if "model_config" in file_cfg:  # checked before the database opens and a model is built
         where = f"config file {args.config}: model_config"
         check_fields(get_family(family).config_class(), file_cfg["model_config"], where)
@@ -169,7 +218,7 @@ def run(args: argparse.Namespace) -> int:
         args.out,
         cfg,
         family=family,
-        model_config=file_cfg.get("model_config"),
+        model_config=model_config,
         preset=args.preset or file_cfg.get("preset"),
     )
     if os.environ.get("RANK", "0") != "0":  # under torchrun: one summary, from rank 0

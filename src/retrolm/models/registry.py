@@ -221,15 +221,21 @@ def family_of(model: nn.Module, family: str | ModelFamily | None = None) -> Mode
     """The family whose hooks evaluate and sample ``model``.
 
     ``family``: a name or family to use instead of the lookup. Otherwise the registered
-    family whose model class ``model`` is (DDP / ``torch.compile`` wrappers looked through),
-    or :data:`DECODER` for a model of no registered family.
+    family whose model class ``model`` is (DDP / ``torch.compile`` wrappers looked through;
+    its own class before the classes it inherits), or :data:`DECODER` for a model of no
+    registered family.
     """
     if isinstance(family, ModelFamily):
         return family
     if family is not None:
         return get_family(family)
-    bare = unwrap(model)
-    return next((f for f in FAMILIES.values() if f.serves(bare)), DECODER)
+    # the most specific class first: a subclass registered as its own family (RETRO-fit's
+    # RetrofitRETRO is a RETRO) is served by that family, not its parent's
+    for cls in type(unwrap(model)).__mro__:
+        for f in FAMILIES.values():
+            if f.model_cls is cls or f.model_cls == f"{cls.__module__}:{cls.__qualname__}":
+                return f
+    return DECODER
 
 
 def check_no_retrieval(fam: ModelFamily, model: nn.Module, what: str) -> None:
@@ -265,6 +271,20 @@ register_family(
         uses_retrieval=True,
         loss=lazy("retrolm.models.retro.family:retro_loss"),
         default_preset="retro-small",  # sized for a CPU (the demo's); 64-token chunks
+        logits=lazy("retrolm.models.retro.family:retro_logits"),
+        eval_variants=lazy("retrolm.models.retro.family:retro_eval_variants"),
+    )
+)
+
+# RETRO-fit (models/retrofit/): a frozen trained decoder read as RETRO's, so RETRO's hooks
+register_family(
+    ModelFamily(
+        name="retrofit",
+        config_cls="retrolm.models.retrofit.config:RetrofitConfig",
+        model_cls="retrolm.models.retrofit.model:RetrofitRETRO",
+        uses_retrieval=True,
+        loss=lazy("retrolm.models.retro.family:retro_loss"),
+        default_preset="retrofit-demo",
         logits=lazy("retrolm.models.retro.family:retro_logits"),
         eval_variants=lazy("retrolm.models.retro.family:retro_eval_variants"),
     )

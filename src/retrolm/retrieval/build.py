@@ -93,7 +93,9 @@ class BuildConfig:
     extra_neighbours: int = 6
     """Spare neighbour columns stored so the dataset can filter sequence documents further."""
     tokenizer: str | None = None
-    """A tokenizer.json for the LM (with <pad>=0, <eos>=1); None = train one on the corpus."""
+    """A tokenizer.json for the LM (with <pad>=0, <eos>=1, or a pretrained model's); None =
+    train one on the corpus. ``retrolm db build --tokenizer BASE`` also takes a model folder
+    (Hugging Face, or a retrolm run) and uses its tokenizer, to RETRO-fit that model."""
     vocab_size: int = 16384
     """Vocabulary size when training the LM tokenizer."""
     index: str = "auto"

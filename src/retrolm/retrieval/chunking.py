@@ -155,8 +155,8 @@ class ChunkReport:
 class DocumentChunker:
     """Cuts one document's token stream into ``(m+1)``-wide rows as tokens arrive."""
 
-    def __init__(self, m: int):
-        self.m = m
+    def __init__(self, m: int, eos_id: int = EOS_ID, pad_id: int = PAD_ID):
+        self.m, self.eos_id, self.pad_id = m, eos_id, pad_id
         self.buf = np.zeros(0, dtype=np.int64)
 
     def feed(self, ids: list[int] | np.ndarray) -> np.ndarray:
@@ -173,8 +173,8 @@ class DocumentChunker:
 
     def end(self) -> np.ndarray:
         """Append ``<eos>``, flush the rest; the last row is padded and has ``<pad>`` next."""
-        rows = self.feed([EOS_ID])
-        last = np.full((1, self.m + 1), PAD_ID, dtype=np.int64)
+        rows = self.feed([self.eos_id])
+        last = np.full((1, self.m + 1), self.pad_id, dtype=np.int64)
         last[0, : len(self.buf)] = self.buf
         self.buf = np.zeros(0, dtype=np.int64)
         return np.concatenate([rows, last])
@@ -186,7 +186,7 @@ def document_rows(doc: Document, tokenizer: LMTokenizer, m: int) -> Iterator[np.
     next token of the same document (``<pad>`` after its end). Counts ``doc.chars`` and
     ``doc.tokens``. The database's chunks and a text run's training windows both come
     from here."""
-    chunker = DocumentChunker(m)
+    chunker = DocumentChunker(m, tokenizer.eos_id, tokenizer.pad_id)
     for piece in doc.pieces:
         ids = tokenizer.encode(piece)
         doc.chars += len(piece)

@@ -30,7 +30,7 @@ from retrolm.retrieval.encoder import (
 from retrolm.retrieval.index import IndexSpec, Searcher, load_index
 from retrolm.retrieval.neighbours import search_excluding
 from retrolm.retrieval.store import FORMAT, FORMAT_VERSION, MANIFEST, open_array, read_manifest
-from retrolm.retrieval.tokenizer import PAD_ID, LMTokenizer
+from retrolm.retrieval.tokenizer import LMTokenizer
 
 __all__ = ["RetrievalDatabase", "BuildConfig", "build_database"]
 
@@ -257,10 +257,11 @@ class RetrievalDatabase:
         nxt = np.minimum(cur + 1, n - 1)
         doc_ids = np.asarray(self.doc_ids)
         has_next = valid.ravel() & (cur + 1 < n) & (doc_ids[nxt] == doc_ids[cur])
-        out = np.full((cur.size, 2 * m), PAD_ID, dtype=np.int64)
+        pad = self.tokenizer.pad_id
+        out = np.full((cur.size, 2 * m), pad, dtype=np.int64)
         out[:, :m] = self.chunks[cur, :m]
-        out[:, m:] = np.where(has_next[:, None], self.chunks[nxt, :m], PAD_ID)
-        out[~valid.ravel()] = PAD_ID
+        out[:, m:] = np.where(has_next[:, None], self.chunks[nxt, :m], pad)
+        out[~valid.ravel()] = pad
         tokens = torch.from_numpy(out.reshape(*ids.shape, 2 * m))
         return tokens, torch.from_numpy(valid)
 

@@ -4,7 +4,10 @@ The LM vocabulary is independent of the frozen encoder's WordPiece vocabulary
 (which is uncased and drops whitespace, so an LM could never write code with it).
 Chunk tokens are decoded back to text and re-tokenized by the encoder.
 
-Special tokens: ``<pad>`` = id 0 and ``<eos>`` = id 1 (end of document). Byte-level
+Special tokens: ``<pad>`` = id 0 and ``<eos>`` = id 1 (end of document). A pretrained
+model's ``tokenizer.json`` (a Hugging Face folder's, for RETRO-fitting it) is read too: its
+end-of-text token (``END_TOKENS``) ends documents, and pads as well unless it has ``<pad>``
+(GPT-2's convention); its ids are the model's, so they are kept as they are. Byte-level
 pre-tokenization maps every byte to a visible symbol, so ``decode(encode(t)) == t``
 for any string ``t`` (no normalizer, no prefix space, no unknown token; the literal
 text "<eos>" in a document is encoded as text, never as the special id).
@@ -22,19 +25,35 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 PAD_TOKEN, EOS_TOKEN = "<pad>", "<eos>"
 PAD_ID, EOS_ID = 0, 1
 MIN_VOCAB = 256 + 2  # every byte plus the two special tokens
+END_TOKENS = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>")
+"""End-of-text tokens of pretrained tokenizers (GPT-2, Llama/T5, Llama 3, Gemma), in order."""
+
+
+def _special_ids(tokenizer: Tokenizer) -> tuple[int, int]:
+    """(pad id, eos id): ours (``<pad>`` = 0, ``<eos>`` = 1), else a pretrained tokenizer's
+    first special token of ``END_TOKENS`` (its ``<pad>`` if it has one, else that token)."""
+    if tokenizer.token_to_id(PAD_TOKEN) == PAD_ID and tokenizer.token_to_id(EOS_TOKEN) == EOS_ID:
+        return PAD_ID, EOS_ID
+    special = {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special}
+    for name in END_TOKENS:
+        if name in special:
+            eos = tokenizer.token_to_id(name)
+            pad = tokenizer.token_to_id(PAD_TOKEN) if PAD_TOKEN in special else eos
+            return pad, eos
+    raise ValueError(
+        f"LM tokenizer must have {PAD_TOKEN!r} as id {PAD_ID} and {EOS_TOKEN!r} as id {EOS_ID} "
+        f"(or, a pretrained model's, a special end token among {list(END_TOKENS)}); got "
+        f"{tokenizer.token_to_id(PAD_TOKEN)} and {tokenizer.token_to_id(EOS_TOKEN)}: "
+        "train one with `retrolm db build --vocab-size N`"
+    )
 
 
 class LMTokenizer:
-    """Byte-level BPE with ``<pad>`` = 0, ``<eos>`` = 1; make with ``train`` or ``from_file``."""
+    """Byte-level BPE with ``<pad>`` = 0, ``<eos>`` = 1 (or a pretrained model's tokenizer,
+    module docstring); make with ``train`` or ``from_file``."""
 
     def __init__(self, tokenizer: Tokenizer):
-        if tokenizer.token_to_id(PAD_TOKEN) != PAD_ID or tokenizer.token_to_id(EOS_TOKEN) != EOS_ID:
-            raise ValueError(
-                f"LM tokenizer must have {PAD_TOKEN!r} as id {PAD_ID} and {EOS_TOKEN!r} as id "
-                f"{EOS_ID}; got {tokenizer.token_to_id(PAD_TOKEN)} and "
-                f"{tokenizer.token_to_id(EOS_TOKEN)}: "
-                "train one with `retrolm db build --vocab-size N`"
-            )
+        self._pad_id, self._eos_id = _special_ids(tokenizer)
         tokenizer.no_padding()
         tokenizer.no_truncation()
         # text that happens to contain "<eos>" is text: never turn it into the special id
@@ -80,11 +99,11 @@ class LMTokenizer:
     # ---- properties ---------------------------------------------------------------------
     @property
     def pad_id(self) -> int:
-        return PAD_ID
+        return self._pad_id
 
     @property
     def eos_id(self) -> int:
-        return EOS_ID
+        return self._eos_id
 
     @property
     def vocab_size(self) -> int:

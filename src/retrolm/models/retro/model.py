@@ -163,11 +163,15 @@ class RetroEncoder(nn.Module):
     at relative distance i' - i, i.e. neighbour tokens at 0 … r-1, chunk tokens at 0 … m-1.
     """
 
-    def __init__(self, config: RetroConfig, alpha: float) -> None:
+    def __init__(
+        self, config: RetroConfig, alpha: float, token_emb: nn.Module | None = None
+    ) -> None:
+        """``token_emb``: ids (..., r) -> (..., r, enc_dim) to read neighbours through (a
+        RETRO-fitted decoder's frozen embedding); None = an embedding of the encoder's own."""
         super().__init__()
         c = config
         self.config = c
-        self.token_emb = nn.Embedding(c.num_tokens, c.enc_dim)
+        self.token_emb = token_emb or nn.Embedding(c.num_tokens, c.enc_dim)
         self.context_norm = make_norm(c.norm, c.dec_dim)
         self.layers = nn.ModuleList(
             EncoderLayer(c, cross=(i + 1) in c.enc_cross_attn_layers, alpha=alpha)
