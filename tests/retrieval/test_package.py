@@ -1,4 +1,5 @@
-"""Only retrolm.retrieval may load faiss, transformers or tokenizers."""
+"""Only retrolm.retrieval may load faiss, transformers or tokenizers (and the RETRO-fit adapter
+of a Hugging Face base, which loads transformers when it opens one)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 HEAVY = ("faiss", "transformers", "tokenizers")
+# outside retrieval/, the one module that may: it wraps a transformers model (imported in the
+# functions that open one, so `import retrolm` stays light: the test above)
+ALLOWED = {("models/retrofit/hf_base.py", "transformers")}
 
 
 def test_import_retrolm_stays_light():
@@ -29,6 +33,9 @@ def test_heavy_imports_live_in_retrieval_only():
     for path in (SRC / "retrolm").rglob("*.py"):
         if "retrieval" in path.relative_to(SRC).parts:
             continue
-        text = path.read_text()
+        text, rel = path.read_text(), path.relative_to(SRC / "retrolm").as_posix()
         for name in HEAVY:
+            if (rel, name) in ALLOWED:
+                assert "\nimport transformers" not in text and "\nfrom transformers" not in text
+                continue
             assert f"import {name}" not in text and f"from {name}" not in text, (path, name)
