@@ -155,6 +155,19 @@ void rotate(float* v, const float* cos, const float* sin, int64_t r) {
   }
 }
 
+// rotate the first r channels of each of `rows` queries q and keys k (dh each), then append
+// each key and value at slot `end` of its row of the cache buffers K, V (cap slots a row)
+void rotate_and_append(float* q, float* k, const float* v, float* K, float* V, int64_t rows,
+                       int64_t dh, int64_t cap, int64_t end, const float* cp, const float* sp,
+                       int64_t r) {
+  for (int64_t i = 0; i < rows; i++) {
+    rotate(q + i * dh, cp, sp, r);  // r == 0: no rotary, nothing to do
+    rotate(k + i * dh, cp, sp, r);
+    std::copy(k + i * dh, k + (i + 1) * dh, K + (i * cap + end) * dh);
+    std::copy(v + i * dh, v + (i + 1) * dh, V + (i * cap + end) * dh);
+  }
+}
+
 // softmax attention of one query q (dh) over n keys K[j*ks], values V[j*vs], scale; keys
 // with allow[j] == false are skipped (allow may be null). Writes dh values to out; zeros
 // when no key is allowed.
@@ -266,12 +279,7 @@ std::tuple<Tensor, Tensor> self_attention_block(const Tensor& x, const Tensor& n
   float* K = kbuf.data_ptr<float>();
   float* Vb = vbuf.data_ptr<float>();
   const float *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
-  for (int64_t i = 0; i < b * h; i++) {  // rotate q and k, append k and v to the cache
-    rotate(q + i * dh, cp, sp, r);
-    rotate(k + i * dh, cp, sp, r);
-    std::copy(k + i * dh, k + (i + 1) * dh, K + (i * cap + end) * dh);
-    std::copy(v + i * dh, v + (i + 1) * dh, Vb + (i * cap + end) * dh);
-  }
+  rotate_and_append(q, k, v, K, Vb, b * h, dh, cap, end, cp, sp, r);
   auto att = torch::empty({b, hd}, x.options());
   float* ap = att.data_ptr<float>();
   const int64_t nk = end - start + 1;
@@ -749,14 +757,7 @@ Tensor projected_attention_block(const Tensor& x, const Tensor& hin, const Tenso
   float* K = kbuf.data_ptr<float>();
   float* Vb = vbuf.data_ptr<float>();
   const float *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
-  for (int64_t i = 0; i < b * h; i++) {  // rotate q and k, append k and v to the cache
-    if (r) {
-      rotate(q + i * dh, cp, sp, r);
-      rotate(k + i * dh, cp, sp, r);
-    }
-    std::copy(k + i * dh, k + (i + 1) * dh, K + (i * cap + end) * dh);
-    std::copy(v + i * dh, v + (i + 1) * dh, Vb + (i * cap + end) * dh);
-  }
+  rotate_and_append(q, k, v, K, Vb, b * h, dh, cap, end, cp, sp, r);
   auto att = torch::empty({b, hd}, x.options());
   float* ap = att.data_ptr<float>();
   const int64_t nk = end - start + 1;
