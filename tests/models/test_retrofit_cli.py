@@ -102,3 +102,47 @@ def test_tokenizer_mismatch_and_missing_base_are_one_line(run_dir, capsys, tmp_p
     meta["model_config"]["base"] = str(tmp_path / "gone")
     cfg_path.write_text(json.dumps(meta))
     _one_line_error(capsys, ["eval", str(moved), "--text", str(held)], "does not exist")
+
+
+@pytest.mark.slow
+def test_fsdp_retrofit_under_two_processes_equals_one_process_accumulating(run_dir, tmp_path):
+    """``torchrun --nproc_per_node 2 -m retrolm train --retrofit BASE --fsdp``: the frozen
+    base is sharded beside the new layers; losses and the new weights equal one process
+    accumulating 2 micro-batches, the checkpoint still holds no base tensor, and the base
+    folder is untouched."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    root, base, _, _ = run_dir
+    before = {p.name: p.read_bytes() for p in base.iterdir() if p.is_file()}
+    argv = ["train", "--db", str(root / "db"), "--config", str(root / "cfg.json")]
+    argv += ["--retrofit", str(base), "--cca-layers", "2,3", "--lr", "1e-2", "--steps", "3"]
+    argv += ["--batch-size", "4"]
+    src = Path(__file__).resolve().parents[2] / "src"
+    env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    out = subprocess.run(
+        [*launch, "-m", "retrolm", *argv, "--fsdp", "--out", str(tmp_path / "p")],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "units sharded over 2 processes" in out.stderr, out.stderr[-3000:]
+    assert main([*argv, "--grad-accum", "2", "--out", str(tmp_path / "one")]) == 0
+
+    def rows(run):  # step, loss, val_loss, lr, grad_norm
+        lines = (tmp_path / run / "metrics.csv").read_text().splitlines()[1:]
+        return [[float(v or 0) for v in line.split(",")[:5]] for line in lines]
+
+    assert len(rows("p")) == 3
+    for a, b in zip(rows("p"), rows("one"), strict=True):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+    a = load_file(resolve_checkpoint(tmp_path / "p") / "model.safetensors")
+    b = load_file(resolve_checkpoint(tmp_path / "one") / "model.safetensors")
+    assert a.keys() == b.keys() and not any(k.startswith("base.") for k in a)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert {p.name: p.read_bytes() for p in base.iterdir() if p.is_file()} == before

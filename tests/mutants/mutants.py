@@ -300,8 +300,8 @@ MUTANTS: list[Mutant] = [
         "src/retrolm/models/memorizing/knn_attention.py",
         (
             (
-                "return keys, mask, bias(q_pos, k_pos)[None]",
-                "return keys, mask, bias(q_pos - (j - n), k_pos)[None]",
+                "self.bias = bias.toeplitz(j - n, n, j)[None]",
+                "self.bias = bias.toeplitz(0, n, j)[None]",
             ),
         ),
         "queries at 0 ... n-1 for the relative bias (memorizing-transformers-pytorch's bug): "
@@ -350,5 +350,48 @@ MUTANTS: list[Mutant] = [
         (('first = 0 if glt_groups == "paper" else 1', "first = 1"),),
         "DExTra's paper schedule starts at 2 groups, as the reference code does",
         ("tests/models/test_delight_blocks.py",),
+    ),
+    Mutant(
+        "segment_piece_unweighted",
+        "src/retrolm/models/memorizing/family.py",
+        (
+            (
+                "return model(part, cache=cache, return_loss=True) * (count / total)",
+                "return model(part, cache=cache, return_loss=True)",
+            ),
+        ),
+        "segment-by-segment training: each piece's loss not weighted by its share of labels",
+        ("tests/models/test_memorizing_training.py",),
+    ),
+    Mutant(
+        "dextra_fold_ignores_mixer",
+        "src/retrolm/models/delight/dextra_decode.py",
+        (
+            (
+                "x_w, h_w = _rows(lin, glt.groups, p, h_width, w)",
+                "x_w, h_w = _rows(lin, 1, p, h_width, w)",
+            ),
+        ),
+        "folded DExTra (decoding): the input mixer's group interleave left out of the fold",
+        ("tests/models/test_delight_decode.py",),
+    ),
+    Mutant(
+        "retrofit_base_not_frozen",
+        "src/retrolm/models/retrofit/base.py",
+        (
+            (
+                "p.requires_grad_(any(hit(name, u) for u in wanted))",
+                "p.requires_grad_(True)",
+            ),
+        ),
+        "RETRO-fit: the base's parameters left trainable (the optimizer updates the base)",
+        ("tests/models/test_retrofit.py",),
+    ),
+    Mutant(
+        "retrofit_cca_out_not_zeroed",
+        "src/retrolm/models/retrofit/model.py",
+        (("nn.init.zeros_(out.weight)", "nn.init.normal_(out.weight, std=0.02)"),),
+        "RETRO-fit: CCA's output projection starts random, so step 0 is not the base",
+        ("tests/models/test_retrofit.py",),
     ),
 ]

@@ -74,12 +74,14 @@ def shard_model(model: nn.Module) -> int:
         for child in module.children():
             if isinstance(child, containers):
                 yield from units(child, in_list=True)
+            elif in_list and type(child).forward is nn.Module.forward:
+                yield from units(child)  # a holder whose children its parent calls: no unit
             elif in_list and any(True for _ in child.children()):
                 yield child  # one of a family's layers: one unit, not looked into
             elif not in_list:
                 yield from units(child)
 
-    layers = list(units(model))
+    layers = list({id(u): u for u in units(model)}.values())  # a module held twice: one unit
     for unit in layers:
         fully_shard(unit)
     fully_shard(model)
