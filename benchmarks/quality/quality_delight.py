@@ -3,7 +3,9 @@ bits/byte on the bundled KJV corpus, then training and cached-generation speed.
 
 Models (byte-level, see ``kjv_pipeline``; same database, steps, batch, schedule, seed):
 
-- ``delight-small`` (``delight`` family): d_m 128, 8 blocks, DExTra depths 4 ... 8;
+- ``delight-small`` (``delight`` family): d_m 128, 8 blocks, DExTra depths 4 ... 8, rotary
+  attention and an untied output as the decoder's;
+- ``delight-small paper``: the same with the paper's sinusoids and tied output;
 - decoder = params: the project's plain decoder (``hierarchical`` family with one
   full-resolution stream and full attention: ``hier-small``'s ``flat`` baseline), width
   128, 4 heads of 32, its depth and FFN multiple chosen so its parameters equal DeLighT's;
@@ -95,7 +97,7 @@ def models(seq_len: int) -> dict[str, tuple[str, dict[str, Any]]]:
     elm = preset_cfg("openelm-small", seq_len)
     return {
         "delight-small": ("delight", delight),
-        "delight-small rotary": ("delight", preset_cfg("delight-small-rotary", seq_len)),
+        "delight-small paper": ("delight", preset_cfg("delight-small-paper", seq_len)),
         "decoder = params": ("hierarchical", flat_matching(total, False, seq_len)),
         "decoder 2x non-emb": ("hierarchical", flat_matching(2 * non_emb, True, seq_len)),
         "openelm layer-wise": ("delight", elm),
