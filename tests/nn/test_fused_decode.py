@@ -111,7 +111,7 @@ def test_feed_forward_block_equals_the_module(bias):
         out, _ = ext.feed_forward_block(
             x, res.norm.weight, NONE, res.norm.eps, ff.up_proj.weight,
             ff.up_proj.bias if bias else NONE, ff.down_proj.weight,
-            ff.down_proj.bias if bias else NONE, 0, True, NONE, 0,
+            ff.down_proj.bias if bias else NONE, 0, True, NONE, 0, False,
         )  # fmt: skip
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
@@ -122,12 +122,13 @@ def test_blocks_reject_bad_inputs():
     w = torch.ones(8)
     with pytest.raises(RuntimeError, match="float32"):
         ext.feed_forward_block(
-            x, w, NONE, 1e-6, torch.ones(16, 8), NONE, torch.ones(8, 16), NONE, 0, True, NONE, 0
+            x, w, NONE, 1e-6, torch.ones(16, 8), NONE, torch.ones(8, 16), NONE, 0, True, NONE, 0,
+            False,
         )
     with pytest.raises(RuntimeError, match=r"w2 must be \(8, 16\)"):
         ext.feed_forward_block(
             x.float(), w, NONE, 1e-6, torch.ones(16, 8), NONE, torch.ones(8, 4), NONE, 0, True,
-            NONE, 0,
+            NONE, 0, False,
         )  # fmt: skip
 
 
