@@ -12,7 +12,8 @@ segments of 512, batch 1. Install the reference without its dependencies:
           The reference's prompt skips all but its last segment (its first step feeds only
           the last 512 prompt tokens), retrolm streams all four segments into the memory; so
           the new tokens are timed apart from the prompt: (time of prompt + 64 tokens) -
-          (time of prompt + 1 token), over 63 tokens.
+          (time of prompt + 1 token), over 63 tokens. retrolm's fp32 steps run the fused C++
+          blocks (``models.infini.fused``; ``RETROLM_FUSED_DECODE=0`` for the ATen path).
 
 Every (side, mode, dtype) runs in a fresh subprocess (its own peak RSS), sides alternating.
 Targets: training tokens/s >= 1.5x, peak RSS <= 1x, new-token tokens/s >= 3x.
@@ -82,7 +83,12 @@ def child(side: str, mode: str, dtype: str, steps: int) -> dict:
                     runs[n].append(time.perf_counter() - t0)
         new_s = statistics.median(runs[NEW]) - statistics.median(runs[1])
         value = (NEW - 1) / new_s
-    return {"tokens_per_s": round(value, 1), "peak_rss_mb": round(common.peak_rss_mb(), 1)}
+    out = {"tokens_per_s": round(value, 1), "peak_rss_mb": round(common.peak_rss_mb(), 1)}
+    if side == "retrolm" and mode == "gen":  # whether its one-token steps ran fused (fp32)
+        from retrolm.nn.fused import decode
+
+        out["fused_decode"] = decode.enabled() and decode.extension() is not None
+    return out
 
 
 def main() -> None:

@@ -111,9 +111,27 @@ def test_feed_forward_block_equals_the_module(bias):
         out, _ = ext.feed_forward_block(
             x, res.norm.weight, NONE, res.norm.eps, ff.up_proj.weight,
             ff.up_proj.bias if bias else NONE, ff.down_proj.weight,
-            ff.down_proj.bias if bias else NONE, 0, True, NONE, 0,
+            ff.down_proj.bias if bias else NONE, 0, True, NONE, 0, False,
         )  # fmt: skip
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_ext
+@pytest.mark.parametrize("act", ["gelu", "silu"])
+def test_feed_forward_block_computes_a_glu(act):
+    torch.manual_seed(3)
+    b, d = 3, 32
+    res = Residual(d, FeedForward(d, glu=True, activation=act, hidden_dim=21, bias=False), "rms")
+    _randomise(res)
+    x = torch.randn(b, d)  # several rows: the GLU packs each row's hidden layer in place
+    ff = res.fn
+    with torch.no_grad():
+        out, _ = fused_decode.feed_forward(
+            x, res.norm, ff.up_proj.weight, None, ff.down_proj.weight, None, act=act, glu=True
+        )
+        torch.testing.assert_close(out, res(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="even"):
+        fused_decode.feed_forward(x, None, torch.ones(5, d), None, torch.ones(d, 2), None, glu=True)
 
 
 @needs_ext
@@ -122,12 +140,24 @@ def test_blocks_reject_bad_inputs():
     w = torch.ones(8)
     with pytest.raises(RuntimeError, match="float32"):
         ext.feed_forward_block(
-            x, w, NONE, 1e-6, torch.ones(16, 8), NONE, torch.ones(8, 16), NONE, 0, True, NONE, 0
+            x,
+            w,
+            NONE,
+            1e-6,
+            torch.ones(16, 8),
+            NONE,
+            torch.ones(8, 16),
+            NONE,
+            0,
+            True,
+            NONE,
+            0,
+            False,
         )
     with pytest.raises(RuntimeError, match=r"w2 must be \(8, 16\)"):
         ext.feed_forward_block(
             x.float(), w, NONE, 1e-6, torch.ones(16, 8), NONE, torch.ones(8, 4), NONE, 0, True,
-            NONE, 0,
+            NONE, 0, False,
         )  # fmt: skip
 
 

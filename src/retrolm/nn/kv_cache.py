@@ -37,6 +37,12 @@ class KVCache:
         v_buf.narrow(-2, end, t).copy_(v)
         return k_buf.narrow(-2, start, self.length), v_buf.narrow(-2, start, self.length)
 
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """The dtype of the cached keys (None while empty): what a kernel writing into the
+        buffers (``claim``) must check before it does."""
+        return None if self._k is None else self._k.dtype
+
     def view(self) -> tuple[Tensor, Tensor]:
         """All cached keys/values (b, g, length, d), appending nothing."""
         if self._k is None:

@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from retrolm.models.infini import fused
 from retrolm.models.infini.attention import InfiniAttention, SegmentWrite, segment_write
 from retrolm.models.infini.cache import InfiniCache, SegmentKV
 from retrolm.models.infini.config import InfiniConfig
@@ -120,6 +121,8 @@ class InfiniTransformer(nn.Module):
         use_memory: bool,
         key_mask: Tensor | None = None,
     ) -> tuple[Tensor, list[SegmentWrite]]:  # (b, n, V)
+        if fused.step_ok(self, ids, segments, key_mask):  # one decoded token: C++ blocks
+            return fused.decode_step(self, ids, pos, memories, segments, use_memory), []
         x = self.token_emb(ids)
         rot = self.rotary.span(pos, ids.shape[1], device=ids.device)
         writes = []

@@ -15,7 +15,12 @@ costs are the step, not Python. ``csrc/decode_blocks.cpp`` writes each block as 
 - ``dextra_step``: DeLighT's DExTra with its mixers and shuffles folded into dense weights
   (``models.delight.dextra_decode``, which calls it with the folded weights);
 - ``projected_attention_block``: x + W_o attn(q, cache + k, v) + b_o with q, k, v (with biases)
-  projected from another input than x (DeLighT: DExTra's output), cache write as above.
+  projected from another input than x (DeLighT: DExTra's output), cache write as above;
+- ``infini_attention_block``: Infini-attention's step (``models.infini.fused``): the
+  self-attention block with, per head, the gated read of a compressive memory mixed in before
+  W_o, and the unrotated key and write strength kept for the segment's memory write.
+
+``feed_forward_block`` also computes GLUs (``glu=True``: GEGLU, SwiGLU).
 
 They compute what the modules compute, in fp32 with fp32 accumulation, summing in another
 order: results agree to rounding (tests/nn/test_fused_decode.py), not bit for bit. With
@@ -198,11 +203,13 @@ def feed_forward(
     residual: bool = True,
     shift: Tensor | None = None,  # token-shift state (b, a, d)
     shift_from: int = 0,
+    glu: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """[x +] w2 act(w1 norm(x) + b1) + b2 for one position per row; returns (out, the next
-    shift state, ``NONE`` without one)."""
+    shift state, ``NONE`` without one). ``glu``: w1's rows are [u; g] and the hidden layer
+    u * act(g), as ``nn.FeedForward(glu=True)``."""
     norm_w, norm_b, eps = _norm_args(norm)
     return extension().feed_forward_block(
         x, norm_w, norm_b, eps, weight(w1), _or_none(b1), weight(w2), _or_none(b2),
-        _ACTIVATIONS[act], residual, _or_none(shift), shift_from,
+        _ACTIVATIONS[act], residual, _or_none(shift), shift_from, glu,
     )  # fmt: skip

@@ -199,6 +199,25 @@ void attend_one(const float* q, const float* K, int64_t ks, const float* V, int6
   for (int64_t c = 0; c < dh; c++) out[c] *= inv;
 }
 
+// softmax attention of each of `rows` queries q (dh each) over slots start … end of its row of
+// the cache buffers K, V (cap slots a row), into out (rows, dh); threads over rows when
+// `parallel`
+void attend_cache(const float* q, const float* K, const float* V, int64_t rows, int64_t dh,
+                  int64_t cap, int64_t start, int64_t end, float* out, bool parallel) {
+  const int64_t nk = end - start + 1;
+  const float scale = 1.f / std::sqrt(static_cast<float>(dh));
+  auto run = [&](int64_t i0, int64_t i1) {
+    std::vector<float> scores(nk);
+    for (int64_t i = i0; i < i1; i++)
+      attend_one(q + i * dh, K + (i * cap + start) * dh, dh, V + (i * cap + start) * dh, dh,
+                 nullptr, nk, dh, scale, scores.data(), out + i * dh);
+  };
+  if (parallel)
+    at::parallel_for(0, rows, 1, run);
+  else
+    run(0, rows);
+}
+
 // n = rmsnorm(x), or layernorm(x) when norm_b is given (x itself when norm_w is empty). Then,
 // with a token-shift state past (b, a, d) (any batch/row strides, rows contiguous; empty = no
 // shift): channels shift_from … d-1 of n take their values from past's oldest row (the normed
@@ -282,14 +301,7 @@ std::tuple<Tensor, Tensor> self_attention_block(const Tensor& x, const Tensor& n
   rotate_and_append(q, k, v, K, Vb, b * h, dh, cap, end, cp, sp, r);
   auto att = torch::empty({b, hd}, x.options());
   float* ap = att.data_ptr<float>();
-  const int64_t nk = end - start + 1;
-  const float scale = 1.f / std::sqrt(static_cast<float>(dh));
-  at::parallel_for(0, b * h, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> scores(nk);
-    for (int64_t i = i0; i < i1; i++)
-      attend_one(q + i * dh, K + (i * cap + start) * dh, dh, Vb + (i * cap + start) * dh, dh,
-                 nullptr, nk, dh, scale, scores.data(), ap + i * dh);
-  });
+  attend_cache(q, K, Vb, b * h, dh, cap, start, end, ap, true);
   auto y = torch::empty({b, d}, x.options());
   linear(ap, wo, nullptr, y.data_ptr<float>(), b);
   y.add_(x);
@@ -347,31 +359,40 @@ Tensor cross_attention_block(const Tensor& x, const Tensor& norm_w, double eps, 
 // Pre-norm feed-forward: [x +] W_2 act(W_1 n + b_1) + b_2 with n = rmsnorm(x), layernorm(x)
 // (with norm_b) or x, token-shifted as in norm_and_shift. Returns (out, the next shift state).
 // act 0 = exact GELU, 1 = SiLU; biases may be empty. Without the residual the output width
-// (w2's rows) may differ from x's.
+// (w2's rows) may differ from x's. glu: W_1 n + b_1 is [u ; g] (2 * hidden rows) and the
+// hidden layer u * act(g) (nn.FeedForward(glu=True): GEGLU, SwiGLU).
 std::tuple<Tensor, Tensor> feed_forward_block(const Tensor& x, const Tensor& norm_w,
                                               const Tensor& norm_b, double eps, const Tensor& w1,
                           const Tensor& b1, const Tensor& w2, const Tensor& b2, int64_t act,
-                          bool residual, const Tensor& shift_past, int64_t shift_from) {
+                          bool residual, const Tensor& shift_past, int64_t shift_from, bool glu) {
   check_f32(x, "x");
-  const int64_t b = x.size(0), d = x.size(1), hid = w1.size(0), out = w2.size(0);
-  check_weight(w1, hid, d, "w1");
+  const int64_t b = x.size(0), d = x.size(1), up = w1.size(0), hid = glu ? up / 2 : up,
+                out = w2.size(0);
+  TORCH_CHECK(!glu || up % 2 == 0, "feed_forward_block: a GLU's w1 has an even row count");
+  check_weight(w1, up, d, "w1");
   check_weight(w2, out, hid, "w2");
   TORCH_CHECK((!residual || out == d) && (act == 0 || act == 1),
               "feed_forward_block: inconsistent shapes");
   for (auto* t : {&b1, &b2}) if (t->numel()) check_f32(*t, "bias");
-  TORCH_CHECK((!b1.numel() || b1.numel() == hid) && (!b2.numel() || b2.numel() == out),
+  TORCH_CHECK((!b1.numel() || b1.numel() == up) && (!b2.numel() || b2.numel() == out),
               "feed_forward_block: bias sizes");
   auto n = torch::empty({b, d}, x.options());
-  auto hbuf = torch::empty({b, hid}, x.options());
+  auto hbuf = torch::empty({b, up}, x.options());
   auto next = norm_and_shift(x, norm_w, norm_b, eps, shift_past, shift_from, n.data_ptr<float>());
   float* hp = hbuf.data_ptr<float>();
   linear(n.data_ptr<float>(), w1, b1.numel() ? b1.data_ptr<float>() : nullptr, hp, b);
-  if (act == 0) {
-    const float inv_sqrt2 = 0.70710678118654752440f;
-    for (int64_t i = 0; i < b * hid; i++)
-      hp[i] = 0.5f * hp[i] * (1.f + std::erf(hp[i] * inv_sqrt2));
-  } else {
-    for (int64_t i = 0; i < b * hid; i++) hp[i] = hp[i] / (1.f + std::exp(-hp[i]));
+  // row i's hidden layer lands at hp + i * hid: (a GLU packs rows in place, reading each
+  // value at or after where it writes it)
+  const float inv_sqrt2 = 0.70710678118654752440f;
+  for (int64_t i = 0; i < b; i++) {
+    const float* a = hp + i * up + (glu ? hid : 0);  // what the activation reads
+    const float* u = hp + i * up;                     // what a GLU multiplies it with
+    float* o = hp + i * hid;
+    for (int64_t c = 0; c < hid; c++) {
+      const float g = act == 0 ? 0.5f * a[c] * (1.f + std::erf(a[c] * inv_sqrt2))
+                               : a[c] / (1.f + std::exp(-a[c]));
+      o[c] = glu ? u[c] * g : g;
+    }
   }
   auto y = torch::empty({b, out}, x.options());
   linear(hp, w2, b2.numel() ? b2.data_ptr<float>() : nullptr, y.data_ptr<float>(), b);
@@ -760,14 +781,122 @@ Tensor projected_attention_block(const Tensor& x, const Tensor& hin, const Tenso
   rotate_and_append(q, k, v, K, Vb, b * h, dh, cap, end, cp, sp, r);
   auto att = torch::empty({b, hd}, x.options());
   float* ap = att.data_ptr<float>();
-  const int64_t nk = end - start + 1;
-  const float scale = 1.f / std::sqrt(static_cast<float>(dh));
-  std::vector<float> scores(nk);
-  for (int64_t i = 0; i < b * h; i++)
-    attend_one(q + i * dh, K + (i * cap + start) * dh, dh, Vb + (i * cap + start) * dh, dh,
-               nullptr, nk, dh, scale, scores.data(), ap + i * dh);
+  attend_cache(q, K, Vb, b * h, dh, cap, start, end, ap, false);
   auto y = torch::empty({b, d}, x.options());
   linear(ap, wo, bias(bo), y.data_ptr<float>(), b);
+  y.add_(x);
+  return y;
+}
+
+// sigma(q) M / max(sigma(q) z, 1e-10) for each of `rows` queries q (dk each), sigma = ELU + 1,
+// with its own M (dk, dv) and z (dk) (models/infini/memory.py, eq. 3) into out (rows, dv)
+void memory_read(const float* q, const float* M, const float* z, int64_t rows, int64_t dk,
+                 int64_t dv, float* out) {
+  std::vector<float> sq(dk);
+  for (int64_t i = 0; i < rows; i++) {
+    const float* qi = q + i * dk;
+    const float* Mi = M + i * dk * dv;
+    const float* zi = z + i * dk;
+    float den = 0.f;
+    for (int64_t c = 0; c < dk; c++) {
+      sq[c] = qi[c] > 0.f ? qi[c] + 1.f : std::exp(qi[c]);  // ELU(q) + 1
+      den += sq[c] * zi[c];
+    }
+    float* o = out + i * dv;
+    std::fill(o, o + dv, 0.f);
+    for (int64_t c = 0; c < dk; c++) {
+      const float s = sq[c];
+      const float* row = Mi + c * dv;
+#pragma omp simd
+      for (int64_t e = 0; e < dv; e++) o[e] += s * row[e];
+    }
+    const float inv = 1.f / std::max(den, 1e-10f);
+    for (int64_t e = 0; e < dv; e++) o[e] *= inv;
+  }
+}
+
+// Infini-attention (models/infini) for one new position per row: x + W_o [g A_local +
+// (1 - g) A_mem] per head, g = sigmoid(gates) (h,), with q, k, v = W_{q,k,v} rmsnorm(x).
+//   A_local: rotary on q and k, this position's k/v written at slot `end` of kbuf/vbuf
+//     (b, h, cap, dh), the query attends slots start … end (as in self_attention_block);
+//   A_mem: memory_read of the unrotated q with M (b, h, dh, dh) and z (b, h, dh) float32; an
+//     empty M reads 0 (no past memory);
+//   what the segment's memory write needs later (the caller writes once the segment is
+//     complete): the unrotated k at slot raw_end of rkbuf (b, h, rcap, dh) and the write
+//     strength beta = sigmoid(wbeta n + bbeta) (wbeta (h, d), bbeta (h,)), or 1 when wbeta is
+//     empty, at slot raw_end of rbbuf (b, h, rcap, 1).
+Tensor infini_attention_block(const Tensor& x, const Tensor& norm_w, double eps, const Tensor& wq,
+                              const Tensor& wk, const Tensor& wv, const Tensor& wo,
+                              const Tensor& cos, const Tensor& sin, Tensor kbuf, Tensor vbuf,
+                              int64_t start, int64_t end, const Tensor& mem, const Tensor& mem_z,
+                              const Tensor& gates, Tensor rkbuf, Tensor rbbuf, int64_t raw_end,
+                              const Tensor& wbeta, const Tensor& bbeta) {
+  for (auto* t : {&x, &norm_w, &cos, &sin, &gates}) check_f32(*t, "input");
+  for (auto* t : {&kbuf, &vbuf, &rkbuf, &rbbuf}) check_f32(*t, "cache buffer");
+  const int64_t b = x.size(0), d = x.size(1), h = kbuf.size(1), cap = kbuf.size(2),
+                dh = kbuf.size(3), r = cos.numel(), hd = h * dh, rcap = rkbuf.size(2);
+  TORCH_CHECK(kbuf.size(0) == b && vbuf.sizes() == kbuf.sizes() && 0 <= start &&
+                  start <= end && end < cap && r <= dh && sin.numel() == r &&
+                  gates.numel() == h && rkbuf.size(0) == b && rkbuf.size(1) == h &&
+                  rkbuf.size(3) == dh && rbbuf.size(0) == b && rbbuf.size(1) == h &&
+                  rbbuf.size(2) == rcap && rbbuf.size(3) == 1 && 0 <= raw_end && raw_end < rcap,
+              "infini_attention_block: inconsistent shapes");
+  const bool has_mem = mem.numel() > 0, learned = wbeta.numel() > 0;
+  if (has_mem) {
+    check_f32(mem, "mem");
+    check_f32(mem_z, "mem_z");
+    TORCH_CHECK(mem.numel() == b * h * dh * dh && mem_z.numel() == b * hd,
+                "infini_attention_block: the memory must be (b, h, dh, dh) and (b, h, dh)");
+  }
+  check_weight(wq, hd, d, "wq");
+  check_weight(wk, hd, d, "wk");
+  check_weight(wv, hd, d, "wv");
+  check_weight(wo, d, hd, "wo");
+  if (learned) {
+    check_weight(wbeta, h, d, "wbeta");
+    check_f32(bbeta, "bbeta");
+    TORCH_CHECK(bbeta.numel() == h, "infini_attention_block: bbeta must be (h,)");
+  }
+  auto n = torch::empty({b, d}, x.options());
+  auto qkv = torch::empty({3, b, hd}, x.options());
+  check_f32(norm_w, "norm_w");
+  rms_norm(x.data_ptr<float>(), norm_w.data_ptr<float>(), eps, n.data_ptr<float>(), b, d);
+  float* q = qkv.data_ptr<float>();
+  float* k = q + b * hd;
+  float* v = k + b * hd;
+  linear(n.data_ptr<float>(), wq, nullptr, q, b);
+  linear(n.data_ptr<float>(), wk, nullptr, k, b);
+  linear(n.data_ptr<float>(), wv, nullptr, v, b);
+  // the memory's part, from the unrotated q and k, before rotate_and_append rotates them
+  auto mem_out = torch::zeros({b, hd}, x.options());
+  float* mp = mem_out.data_ptr<float>();
+  if (has_mem)
+    memory_read(q, mem.data_ptr<float>(), mem_z.data_ptr<float>(), b * h, dh, dh, mp);
+  std::vector<float> beta(b * h, 1.f);
+  if (learned) {
+    linear(n.data_ptr<float>(), wbeta, bbeta.data_ptr<float>(), beta.data(), b);
+    for (auto& e : beta) e = 1.f / (1.f + std::exp(-e));
+  }
+  float* RK = rkbuf.data_ptr<float>();
+  float* RB = rbbuf.data_ptr<float>();
+  for (int64_t i = 0; i < b * h; i++) {
+    std::copy(k + i * dh, k + (i + 1) * dh, RK + (i * rcap + raw_end) * dh);
+    RB[i * rcap + raw_end] = beta[i];
+  }
+  float* K = kbuf.data_ptr<float>();
+  float* Vb = vbuf.data_ptr<float>();
+  rotate_and_append(q, k, v, K, Vb, b * h, dh, cap, end, cos.data_ptr<float>(),
+                    sin.data_ptr<float>(), r);
+  auto att = torch::empty({b, hd}, x.options());
+  float* ap = att.data_ptr<float>();
+  attend_cache(q, K, Vb, b * h, dh, cap, start, end, ap, true);
+  const float* gp = gates.data_ptr<float>();
+  for (int64_t i = 0; i < b * h; i++) {
+    const float g = 1.f / (1.f + std::exp(-gp[i % h]));
+    for (int64_t c = 0; c < dh; c++) ap[i * dh + c] = g * ap[i * dh + c] + (1.f - g) * mp[i * dh + c];
+  }
+  auto y = torch::empty({b, d}, x.options());
+  linear(ap, wo, nullptr, y.data_ptr<float>(), b);
   y.add_(x);
   return y;
 }
@@ -779,4 +908,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("routing_attention_block", &routing_attention_block);
   m.def("dextra_step", &dextra_step);
   m.def("projected_attention_block", &projected_attention_block);
+  m.def("infini_attention_block", &infini_attention_block);
 }
