@@ -74,3 +74,23 @@ def test_the_gradient_free_memory_read_equals_the_gradient_path(gate):
     assert plain.requires_grad
     assert_close_fp(fast, plain.detach(), reduction=64)
     assert (fast - off).abs().amax() > 1e-3  # the memory was read
+
+
+@pytest.mark.parametrize("memorizing_layers", [(2,), (1,)])  # the last layer kNN, or XL
+@pytest.mark.parametrize("keep", [1, 3, 11, 40])
+def test_logits_to_keep_equals_the_tail_of_the_full_forward(keep, memorizing_layers):
+    """The last layer runs only the kept positions' queries, yet leaves the same cache:
+    the next piece's logits are unchanged. Pieces start mid-segment (5 fed first)."""
+    torch.manual_seed(0)
+    cfg = MemorizingConfig.from_name("memorizing-tiny", memorizing_layers=memorizing_layers)
+    model = MemorizingLanguageModel(cfg).double().eval()
+    x = torch.randint(0, 256, (2, 52), generator=torch.Generator().manual_seed(2))
+    full, short = model.init_cache(2), model.init_cache(2)
+    with torch.no_grad():
+        for cache in (full, short):
+            model(x[:, :5], cache=cache)
+        expect = model(x[:, 5:45], cache=full)
+        got = model(x[:, 5:45], cache=short, logits_to_keep=keep)
+        assert got.shape == (2, min(keep, 40), 256)
+        assert_close_fp(got, expect[:, -keep:], reduction=64)
+        assert_close_fp(model(x[:, 45:], cache=short), model(x[:, 45:], cache=full), reduction=64)

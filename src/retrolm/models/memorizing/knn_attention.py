@@ -60,6 +60,13 @@ class LocalGeometry:
         self.bias = bias.toeplitz(j - n, n, j)[None]
         self._sdpa: dict[torch.dtype, tuple[Tensor, Tensor | None]] = {}
 
+    def tail(self, t: int) -> LocalGeometry:
+        """The same keys for only the last ``t`` queries."""
+        geo = object.__new__(LocalGeometry)
+        geo.causal, geo.key_ok, geo.every = self.causal[-t:], self.key_ok, self.every
+        geo.bias, geo._sdpa = self.bias[:, :, -t:], {}
+        return geo
+
     @property
     def mask(self) -> Tensor:
         causal = self.causal[None, None]
@@ -112,12 +119,23 @@ class XLAttention(nn.Module):
         geo: LocalGeometry,
         xl: Tensor | None = None,
         past: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor]:  # (b, n, dim), the new pairs (b, n, 2, d)
-        q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.heads)
-        kv = rearrange(self.to_kv(x), "b n (two d) -> b n two d", two=2)
+        tail: int | None = None,
+    ) -> tuple[Tensor, Tensor]:  # (b, n or tail, dim), the new pairs (b, n, 2, d)
+        """``tail``: only the last ``tail`` queries (``geo`` built for them: ``geo.tail``);
+        the pairs are always every token's."""
+        q = rearrange(self.to_q(_last(x, tail)), "b n (h d) -> b h n d", h=self.heads)
+        kv = self.pairs(x)
         drop = self.dropout if self.training else 0.0
         out = local_attend(q, local_keys(kv, xl, past), geo, drop)
         return self.to_out(rearrange(out, "b h n d -> b n (h d)")), kv
+
+    def pairs(self, x: Tensor) -> Tensor:  # (b, n, dim) -> (b, n, 2, d)
+        """The layer's (key, value) pair per token (what its memories keep)."""
+        return rearrange(self.to_kv(x), "b n (two d) -> b n two d", two=2)
+
+
+def _last(x: Tensor, tail: int | None) -> Tensor:
+    return x if tail is None else x[:, x.shape[1] - tail :]
 
 
 class KNNAttention(nn.Module):
@@ -158,10 +176,11 @@ class KNNAttention(nn.Module):
         xl: Tensor | None = None,
         past: Tensor | None = None,
         memory: KNNMemory | None = None,  # read only (writes come at the segment's end)
-    ) -> tuple[Tensor, Tensor]:  # (b, n, dim), the new pairs (b, n, 2, d), k normalised
-        q = l2_normalize(rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.heads))
-        kv = rearrange(self.to_kv(x), "b n (two d) -> b n two d", two=2)
-        kv = torch.stack([l2_normalize(kv[:, :, 0]), kv[:, :, 1]], dim=2)
+        tail: int | None = None,  # only the last queries (as XLAttention)
+    ) -> tuple[Tensor, Tensor]:  # (b, n or tail, dim), the new pairs (b, n, 2, d)
+        q = rearrange(self.to_q(_last(x, tail)), "b n (h d) -> b h n d", h=self.heads)
+        q = l2_normalize(q)
+        kv = self.pairs(x)
         keys = local_keys(kv, xl, past)
         qs = q * self.scale.exp().to(q.dtype)  # (b, h, n, d)
         mem = None
@@ -177,6 +196,11 @@ class KNNAttention(nn.Module):
             if mem is not None:
                 out = out + g * self._memory(*mem, drop)
         return self.to_out(rearrange(out, "b h n d -> b n (h d)")), kv
+
+    def pairs(self, x: Tensor) -> Tensor:  # (b, n, dim) -> (b, n, 2, d), keys normalised
+        """The layer's (key, value) pair per token (what its memories keep)."""
+        kv = rearrange(self.to_kv(x), "b n (two d) -> b n two d", two=2)
+        return torch.stack([l2_normalize(kv[:, :, 0]), kv[:, :, 1]], dim=2)
 
     def _retrieve(self, q: Tensor, qs: Tensor, memory: KNNMemory) -> tuple[Tensor, Tensor, Tensor]:
         """The retrieved pairs as ``(logits (b, h, n, k), values (b, h, n, k, d), ok)``.
