@@ -1,5 +1,7 @@
 """The kNN memory (``retrolm.nn.knn_memory``): a FIFO ring per row, exact and faiss backends."""
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -143,3 +145,30 @@ def test_bad_shapes_and_rows_raise():
     with pytest.raises(ValueError, match=r"\[5\]"):
         with mem.at_batch_indices([5]):
             pass
+
+
+@pytest.mark.parametrize("backend", ["exact", "faiss"])
+def test_search_scored_is_search_with_its_products(backend):
+    """``search_scored``: the values of ``search``, their ``q·k`` as scores, the same mask
+    (zero scores and values where a row holds fewer than topk pairs), also inside a scope;
+    float64 queries get products in float64."""
+    kv = pairs(3, 12, seed=4)
+    keep = torch.ones(3, 12, dtype=torch.bool)
+    keep[2, 2:] = False  # row 2 holds 2 pairs: 2 of its top-4 are masked
+    mem = KNNMemory(8, 10, 3, backend=backend)
+    mem.add(kv, mask=keep)
+    q = F.normalize(torch.randn(3, 2, 5, 8, generator=torch.Generator().manual_seed(5)), dim=-1)
+    for scope in (None, [2, 0]):
+        qq = q if scope is None else q[scope]
+        with mem.at_batch_indices(scope) if scope else contextlib.nullcontext():
+            kv_got, ok = mem.search(qq, 4)
+            scores, values, ok2 = mem.search_scored(qq, 4)
+            s64, _, _ = mem.search_scored(qq.double(), 4)
+        assert torch.equal(ok, ok2) and (~ok).sum() == 2 * 5 * 2
+        torch.testing.assert_close(values, kv_got[..., 1, :])
+        expect = torch.einsum("b...d,b...kd->b...k", qq, kv_got[..., 0, :])
+        torch.testing.assert_close(scores, expect)
+        assert (scores[~ok] == 0).all() and (values[~ok] == 0).all()
+        e64 = torch.einsum("b...d,b...kd->b...k", qq.double(), kv_got[..., 0, :].double())
+        assert s64.dtype == torch.float64
+        torch.testing.assert_close(s64, e64, rtol=1e-12, atol=1e-12)

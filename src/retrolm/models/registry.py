@@ -329,6 +329,7 @@ register_family(
         uses_retrieval=False,
         default_preset="memorizing-tiny",
         eval_variants=lazy("retrolm.models.memorizing.family:eval_modes"),
+        logits=lazy("retrolm.models.memorizing.family:logits"),
         streaming=True,
         segment_losses=lazy("retrolm.models.memorizing.family:segment_losses"),
     )

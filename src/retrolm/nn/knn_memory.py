@@ -194,6 +194,37 @@ class KNNMemory:
         """The ``topk`` pairs of largest ``q·k`` per query, best first, from the query's own
         row: ``(kv (b, ..., k, 2, d), mask (b, ..., k))``; mask False (and kv zero) where the
         row holds fewer than ``topk`` pairs."""
+        lead, flat, ok, _ = self._find(queries, topk)
+        kv = self._gather(flat, ok, slice(None)).to(queries.device, queries.dtype)
+        return kv.reshape(*lead, topk, 2, self.dim), ok.to(queries.device).reshape(*lead, topk)
+
+    @torch.no_grad()
+    def search_scored(self, queries: Tensor, topk: int) -> tuple[Tensor, Tensor, Tensor]:
+        """``search`` for a reader that needs no gradient through the keys: ``(scores (b,
+        ..., k), values (b, ..., k, d), mask (b, ..., k))``, the scores the ``q·k`` the
+        search ranked by (exact: its own products, no second pass over gathered keys; queries
+        finer than the store, e.g. float64, and faiss: recomputed from the gathered keys in
+        the queries' dtype), zero with their values where mask is False. Half the gather of
+        ``search``."""
+        lead, flat, ok, scores = self._find(queries, topk)
+        finer = torch.finfo(queries.dtype).bits > torch.finfo(self.kv.dtype).bits
+        if scores is None or finer:  # faiss gives ids only; float64 queries: their products
+            keys = self._gather(flat, ok, 0).to(queries.device, queries.dtype)
+            scores = torch.einsum(
+                "bqd,bqkd->bqk", queries.reshape(keys.shape[0], -1, self.dim), keys
+            )
+        values = self._gather(flat, ok, 1).to(queries.device, queries.dtype)
+        scores = scores.to(queries.device, queries.dtype).masked_fill(~ok, 0.0)
+        ok = ok.to(queries.device)
+        return (
+            scores.reshape(*lead, topk),
+            values.reshape(*lead, topk, self.dim),
+            ok.reshape(*lead, topk),
+        )
+
+    def _find(self, queries: Tensor, topk: int) -> tuple[tuple, Tensor, Tensor, Tensor | None]:
+        """The search proper: ``(lead dims, flat slots (b, Q, k) into kv.view(-1, 2, d), ok
+        (b, Q, k), scores (b, Q, k) or None where the backend does not give them)``."""
         rows = self._rows()
         if queries.shape[0] != len(rows) or queries.shape[-1] != self.dim:
             raise ValueError(
@@ -201,36 +232,49 @@ class KNNMemory:
             )
         if topk < 1:
             raise ValueError(f"topk must be >= 1, got {topk}")
-        lead = queries.shape[:-1]
         q = queries.reshape(len(rows), -1, self.dim).to(self.kv.device, self.kv.dtype)
+        scores = None
         if self.backend == "faiss":
             slots, ok = self._faiss_search(rows, q, topk)
         else:
-            slots, ok = self._exact_search(rows, q, topk)
+            slots, ok, scores = self._exact_search(rows, q, topk)
         flat = torch.tensor(rows, device=q.device)[:, None, None] * self.max_memories + slots
-        kv = self.kv.view(-1, 2, self.dim)[flat] * ok[..., None, None]  # (b, Q, k, 2, d)
-        kv = kv.to(queries.device, queries.dtype)
-        return kv.reshape(*lead, topk, 2, self.dim), ok.to(queries.device).reshape(*lead, topk)
+        return queries.shape[:-1], flat, ok, scores
 
-    def _exact_search(self, rows: list[int], q: Tensor, topk: int) -> tuple[Tensor, Tensor]:
+    def _gather(self, flat: Tensor, ok: Tensor, part: slice | int) -> Tensor:
+        """Rows ``flat (b, Q, k)`` of the pair store, ``part`` of each pair (both: slice,
+        key 0, value 1), zero where not ``ok``: (b, Q, k, [2,] d)."""
+        store = self.kv.view(-1, 2, self.dim)[:, part]  # (r * c, [2,] d), a view
+        got = store.index_select(0, flat.reshape(-1)).view(*flat.shape, *store.shape[1:])
+        if not bool(ok.all()):
+            got.masked_fill_(~ok.view(*ok.shape, *([1] * (got.dim() - 3))), 0.0)
+        return got
+
+    def _exact_search(
+        self, rows: list[int], q: Tensor, topk: int
+    ) -> tuple[Tensor, Tensor, Tensor]:  # slots, ok, scores (b, Q, k)
         b, nq = q.shape[:2]
         filled = min(max(self.count[r] for r in rows), self.max_memories)
         slots = torch.zeros(b, nq, topk, dtype=torch.long, device=q.device)
         ok = torch.zeros(b, nq, topk, dtype=torch.bool, device=q.device)
+        scores = torch.zeros(b, nq, topk, dtype=q.dtype, device=q.device)
         if filled == 0:
-            return slots, ok
+            return slots, ok, scores
         whole = rows == list(range(self.num_indices))
         keys = self.kv[:, :filled, 0] if whole else self.kv[rows, :filled, 0]  # (b, f, d)
         valid = self.valid[:, :filled] if whole else self.valid[rows, :filled]  # (b, f)
         k = min(topk, filled)
         step = max(_SIM_BLOCK // (b * filled), 1)
+        all_valid = bool(valid.all())
         for s in range(0, nq, step):
             sim = torch.matmul(q[:, s : s + step], keys.transpose(1, 2))  # (b, Qs, f)
-            sim.masked_fill_(~valid[:, None], float("-inf"))
+            if not all_valid:
+                sim.masked_fill_(~valid[:, None], float("-inf"))
             best, idx = sim.topk(k, dim=-1)  # best first
             slots[:, s : s + step, :k] = idx
             ok[:, s : s + step, :k] = best > float("-inf")
-        return slots, ok
+            scores[:, s : s + step, :k] = best.to(scores.dtype)
+        return slots, ok, scores
 
     def _faiss_search(self, rows: list[int], q: Tensor, topk: int) -> tuple[Tensor, Tensor]:
         from retrolm.retrieval.id_index import search_ids
@@ -241,7 +285,7 @@ class KNNMemory:
         for i, r in enumerate(rows):
             ids = None if self._indices[r] is None else search_ids(self._indices[r], qn[i], topk)
             if ids is None:  # an empty row, or an IVF index not trained yet: exact
-                slots[i : i + 1], ok[i : i + 1] = self._exact_search([r], q[i : i + 1], topk)
+                slots[i : i + 1], ok[i : i + 1], _ = self._exact_search([r], q[i : i + 1], topk)
                 continue
             t = torch.from_numpy(ids).to(q.device)
             slots[i], ok[i] = t.clamp(min=0) % self.max_memories, t >= 0

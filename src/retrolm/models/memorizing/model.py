@@ -180,10 +180,14 @@ class MemorizingTransformer(nn.Module):
         use_memory: bool = True,
         add_knn_memory: bool = True,
         doc_start: Tensor | None = None,
-    ) -> Tensor:  # (b, n, V)
+        logits_to_keep: int | None = None,
+    ) -> Tensor:  # (b, n, V), or (b, logits_to_keep, V)
         """Feed ``ids`` through ``st``, splitting at segment boundaries (every
         ``segment_len`` tokens since the stream's start); a finished segment is written to
-        memory. ``use_memory=False``: kNN layers read nothing (the XL memory stays)."""
+        memory. ``use_memory=False``: kNN layers read nothing (the XL memory stays).
+        ``logits_to_keep``: the logits of only the last that many tokens; the last layer
+        then runs its attention and feed-forward for those alone (a prompt's forward in
+        generation: the cache needs every token's pairs, the logits one position)."""
         seg = segment_len or self.config.segment_len
         self._check_boundary_ids(ids, st.pos, seg)
         if doc_start is not None:
@@ -195,17 +199,19 @@ class MemorizingTransformer(nn.Module):
             st.clear_rows(doc_start.to(torch.bool))
         sos = self.config.clear_memories_on_sos_token_id
         hidden, s, n = [], 0, ids.shape[1]
+        first_kept = 0 if logits_to_keep is None else max(n - logits_to_keep, 0)
         while s < n:
             m = min(n - s, seg - st.pos)
             piece = ids[:, s : s + m]
             if st.pos == 0 and sos is not None:
                 st.clear_rows(piece[:, 0] == sos)
-            hidden.append(self._piece(piece, st, use_memory))
+            need = None if first_kept <= s else min(max(s + m - first_kept, 0), m)
+            hidden.append(self._piece(piece, st, use_memory, need))
             if st.pos == seg:
                 self._finish_segment(st, add_knn_memory)
             s += m
         if not hidden:
-            return self.to_logits(self.norm(self.token_emb(ids)))
+            return self.to_logits(self.norm(self.token_emb(ids[:, first_kept:])))
         return self.to_logits(self.norm(torch.cat(hidden, dim=1)))
 
     def _check_boundary_ids(self, ids: Tensor, pos: int, seg: int) -> None:
@@ -228,8 +234,11 @@ class MemorizingTransformer(nn.Module):
                     "segment boundary (or pass doc_start=)"
                 )
 
-    def _piece(self, ids: Tensor, st: MemorizingCache, use_memory: bool) -> Tensor:
-        """Tokens ``ids`` (b, m) of the current segment, after its ``st.pos`` earlier ones."""
+    def _piece(
+        self, ids: Tensor, st: MemorizingCache, use_memory: bool, need: int | None = None
+    ) -> Tensor:  # (b, m or need, dim)
+        """Tokens ``ids`` (b, m) of the current segment, after its ``st.pos`` earlier ones.
+        ``need``: the hidden states of only the last ``need`` tokens (0: none)."""
         pad = self.config.pad_id
         ok = ids != pad if pad is not None else torch.ones_like(ids, dtype=torch.bool)
         st.seg_ok = ok if st.seg_ok is None else torch.cat([st.seg_ok, ok], dim=1)
@@ -238,18 +247,24 @@ class MemorizingTransformer(nn.Module):
         for i, blk in enumerate(self.layers):
             xl = st.xl.get(self.xl_read[i]) if i in self.xl_read else None
             past, knn = st.seg.get(i), i in self.knn_read
+            tail = need if i == len(self.layers) - 1 and need != ids.shape[1] else None
+            if tail == 0:  # the last layer, no output wanted: its pairs alone
+                kv, x = blk.attn.pairs(blk.norm1(x)), x[:, :0]
+                st.seg[i] = kv if past is None else torch.cat([past, kv], dim=1)
+                continue
             geo = geos.get((knn, xl is not None))
             if geo is None:
                 key_ok = st.seg_ok if xl is None else torch.cat([st.xl_valid, st.seg_ok], dim=1)
                 bias = self.knn_rel_pos_bias if knn else self.rel_pos_bias
                 geo = geos[knn, xl is not None] = LocalGeometry(key_ok, ids.shape[1], bias)
+            g = geo if tail is None else geo.tail(tail)
             if knn:
                 mem = st.knn[self.knn_read[i]] if use_memory and st.knn is not None else None
-                out, kv = blk.attn(blk.norm1(x), geo, xl, past, mem)
+                out, kv = blk.attn(blk.norm1(x), g, xl, past, mem, tail=tail)
             else:
-                out, kv = blk.attn(blk.norm1(x), geo, xl, past)
+                out, kv = blk.attn(blk.norm1(x), g, xl, past, tail=tail)
             st.seg[i] = kv if past is None else torch.cat([past, kv], dim=1)
-            x = x + out
+            x = (x if tail is None else x[:, x.shape[1] - tail :]) + out
             x = x + blk.ff(blk.norm2(x))
         st.pos += ids.shape[1]
         st.last_ids = ids[:, -1]
@@ -310,11 +325,17 @@ class MemorizingLanguageModel(PreTrainedMixin, nn.Module):
         return_loss: bool = False,
         use_memory: bool = True,
         doc_start: Tensor | None = None,
+        logits_to_keep: int | None = None,  # the last that many positions' logits only
     ) -> Tensor:
         inp = ids[:, :-1] if return_loss else ids
         st = cache if cache is not None else self.init_cache(ids.shape[0])
+        keep = None if return_loss else logits_to_keep
         logits = self.net.stream(
-            inp, st, use_memory=use_memory and self.use_memory, doc_start=doc_start
+            inp,
+            st,
+            use_memory=use_memory and self.use_memory,
+            doc_start=doc_start,
+            logits_to_keep=keep,
         )
         if not return_loss:
             return logits
