@@ -8,6 +8,7 @@ import pytest
 from retrolm.retrieval.index import (
     FLAT_MAX_N,
     MIN_POINTS_PER_LIST,
+    TRAIN_MAX,
     Searcher,
     build_index,
     choose_index,
@@ -74,6 +75,28 @@ def test_choice_by_size_and_budget():
         nlist = int(spec.factory[3:].split(",")[0])
         assert nlist == 1 or n // nlist >= MIN_POINTS_PER_LIST
         assert spec.nprobe <= nlist and spec.train_size <= n
+
+
+@pytest.mark.parametrize("n", [3 * 10**6, 30 * 10**6, 10**9])
+def test_training_sample_is_capped_and_trains_every_list(n):
+    """The sample never exceeds TRAIN_MAX rows, whatever N, and still gives every list
+    the 39 points faiss's k-means needs (nlist is capped instead)."""
+    for kind in ("ivf", "ivfpq"):
+        spec = choose_index(n, 384, kind, memory_budget=1 << 40)
+        assert spec.train_size <= TRAIN_MAX
+        assert spec.train_size // spec.nlist >= MIN_POINTS_PER_LIST, spec
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf"])
+def test_search_in_query_parts_equals_one_call(kind, monkeypatch):
+    x, q = clustered(3000, seed=4), clustered(230, seed=5)
+    spec = choose_index(len(x), x.shape[1], kind)
+    searcher = Searcher(build_index(spec, x), spec, x)
+    whole = searcher.search(q, 6)
+    monkeypatch.setattr("retrolm.retrieval.index.SEARCH_ROWS", 50)  # 5 parts of 46
+    parts = searcher.search(q, 6)
+    np.testing.assert_array_equal(parts[0], whole[0])
+    np.testing.assert_allclose(parts[1], whole[1], atol=1e-6)
 
 
 def test_tiny_ivf_builds_and_searches():

@@ -169,14 +169,24 @@ def keys_file(tmp_path, n: int, d: int = 32) -> RowFile:
     return RowFile(tmp_path, array_info(f"k{n}.bin", np.float32, (n, d)))
 
 
-def test_gather_equals_fancy_indexing(tmp_path):
+def test_gather_equals_fancy_indexing(tmp_path, monkeypatch):
     rows = keys_file(tmp_path, 500)
     ids = np.random.default_rng(0).integers(0, 500, 300)  # unsorted, with repeats
     full = np.fromfile(tmp_path / "k500.bin", dtype=np.float32).reshape(500, 32)
     np.testing.assert_array_equal(rows[ids], full[ids])
+    # sorted and distinct (read as given), runs of consecutive rows, across pieces
+    runs = np.r_[0:40, 41, 43:200, 310:500]
+    for piece in (7, 4096):
+        monkeypatch.setattr("retrolm.retrieval.store.GATHER_ROWS", piece)
+        np.testing.assert_array_equal(rows[runs], full[runs])
+        np.testing.assert_array_equal(rows[np.arange(500)], full)
+        np.testing.assert_array_equal(rows[ids], full[ids])
     assert rows[np.array([], dtype=np.int64)].shape == (0, 32)
     with pytest.raises(IndexError):
         rows[np.array([500])]
+    short = RowFile(tmp_path, array_info("k500.bin", np.float32, (600, 32)))  # truncated
+    with pytest.raises(OSError, match="truncated"):
+        short[np.arange(490, 510)]
 
 
 def test_train_plus_add_is_build_index_and_rowfile_reranking_equals_memmap(tmp_path):

@@ -4,8 +4,9 @@ Keys are unit-norm, distances squared L2 (paper §2.3; on unit vectors this orde
 neighbours exactly like cosine). Kinds:
 
 - ``flat``: exact (``IndexFlatL2``), N·d·4 bytes; ``auto`` uses it up to FLAT_MAX_N.
-- ``ivf``: ``IVF{nlist},Flat``; nlist ≈ 4·√N but never more lists than the data can
-  train (at least 39 points per list, the faiss k-means floor); ``nprobe`` ≈ nlist/8.
+- ``ivf``: ``IVF{nlist},Flat``; nlist ≈ 4·√N but never more lists than the training sample
+  (at most TRAIN_MAX rows, whatever N) can train: at least 39 points per list, the faiss
+  k-means floor; ``nprobe`` ≈ nlist/8 unless given.
 - ``hnsw``: ``HNSW32`` graph (efSearch 128); fast queries, more memory than ivf.
   Multi-threaded insertion is not bit-reproducible across runs.
 - ``ivfpq``: ``[OPQ{M},]IVF{nlist},PQ{M}`` with M code bytes per vector picked to fit the
@@ -40,6 +41,12 @@ MIN_POINTS_PER_LIST = 39  # faiss k-means warns (and trains badly) below this
 FLAT_MAX_N = 262_144  # auto: exact search up to this many chunks (all-pairs cost grows as N²)
 PQ_BYTES = (4, 8, 16, 32, 48, 64, 96, 128, 192)
 RERANK_ROWS = 64  # queries re-ranked at a time (bounds the re-ranking's memory)
+SEARCH_ROWS = 1024  # queries per faiss call (bounds its result and coarse-list buffers)
+# The training sample has a fixed cap, whatever N: faiss's k-means wants 39 to 256 points per
+# centroid (it warns below 39 and subsamples above 256), so a sample of TRAIN_MAX rows trains
+# at most TRAIN_MAX / 39 = 25,641 lists; ``choose_index`` caps nlist there (4·√N reaches it
+# at N ≈ 41M). Below the cap the sample is TRAIN_PER_LIST points per list (30,000 at least).
+TRAIN_MAX, TRAIN_PER_LIST = 1_000_000, 100
 OPQ_MIN_N = 1_000_000  # below this, ivfpq skips the OPQ rotation (slow to train, small gain)
 
 
@@ -116,7 +123,7 @@ def choose_index(n: int, d: int, kind: str = "auto", memory_budget: int = 4 << 3
             kind = "ivf"
         else:
             kind = "ivfpq"
-    nlist = max(1, min(int(4 * math.sqrt(n)), n // MIN_POINTS_PER_LIST))
+    nlist = max(1, min(int(4 * math.sqrt(n)), min(n, TRAIN_MAX) // MIN_POINTS_PER_LIST))
     nprobe = min(nlist, max(8, nlist // 8))
     if kind == "flat":
         return IndexSpec("flat", "Flat", exact=True)
@@ -149,7 +156,8 @@ def choose_index(n: int, d: int, kind: str = "auto", memory_budget: int = 4 << 3
 
 
 def _train_size(n: int, lists: int) -> int:
-    return min(n, max(100 * lists, 30_000), 1_000_000)
+    """Rows sampled to train ``lists`` centroids: TRAIN_PER_LIST each, capped at TRAIN_MAX."""
+    return min(n, max(TRAIN_PER_LIST * lists, 30_000), TRAIN_MAX)
 
 
 def build_index(
@@ -285,14 +293,26 @@ class Searcher:
 
     def search(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Nearest ``k`` keys of queries ``x (Q, d)``: ids int64 ``(Q, k)`` (−1 = none) and
-        squared L2 distances float32 ``(Q, k)`` (inf where −1), sorted by (distance, id)."""
+        squared L2 distances float32 ``(Q, k)`` (inf where −1), sorted by (distance, id).
+
+        Queries go to faiss in equal parts of at most SEARCH_ROWS: what one call holds (its
+        candidates, an IVF index's probed lists per query, the exact search's distance
+        blocks) is then bounded by the part, not by Q. Equal parts keep every part on
+        faiss's matrix-product path (a tail under its 20-query threshold would take
+        another); results match one whole call up to the rounding of faiss's distances."""
         x = np.ascontiguousarray(x, dtype=np.float32)
-        k_eff = min(k, self.ntotal)
         if x.ndim != 2 or x.shape[1] != self.index.d:
             raise ValueError(
                 f"queries must be (Q, {self.index.d}) to search this index, got {x.shape}: "
                 "embed them with the database's encoder"
             )
+        if len(x) <= SEARCH_ROWS:
+            return self._search_block(x, k)
+        parts = [self._search_block(p, k) for p in np.array_split(x, -(-len(x) // SEARCH_ROWS))]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    def _search_block(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        k_eff = min(k, self.ntotal)
         with faiss_errors(
             f"search index {self.spec.factory}",
             "its file may be damaged; rebuild the database with `retrolm db build --restart`",
