@@ -13,6 +13,7 @@ from retrolm.retrieval.index import (
     build_index,
     choose_index,
     parse_size,
+    sample_rows,
 )
 
 
@@ -85,6 +86,29 @@ def test_training_sample_is_capped_and_trains_every_list(n):
         spec = choose_index(n, 384, kind, memory_budget=1 << 40)
         assert spec.train_size <= TRAIN_MAX
         assert spec.train_size // spec.nlist >= MIN_POINTS_PER_LIST, spec
+
+
+@pytest.mark.parametrize("n,m", [(10, 10), (10, 3), (1, 1), (5, 1), (10**6, 402_700), (7, 20)])
+def test_sample_rows_are_evenly_spaced_and_increasing(n, m):
+    rows = sample_rows(n, m)
+    assert len(rows) == min(n, m) and rows[0] == 0 and rows.dtype == np.int64
+    assert (np.diff(rows) >= 1).all() and (len(rows) == 1 or rows[-1] == n - 1)
+    ref = np.floor(np.linspace(0, n - 1, min(n, m)) + 1e-9).astype(np.int64)  # exact here
+    assert np.abs(rows - ref).max(initial=0) <= 1
+
+
+def test_nprobe_is_an_explicit_option_of_the_choice():
+    default = choose_index(10**6, 384, "ivf")
+    assert default.nprobe == default.nlist // 8
+    assert choose_index(10**6, 384, "ivf", nprobe=16).nprobe == 16
+    assert choose_index(10**6, 384, "auto", 8 << 30, nprobe=16).nprobe == 16
+    assert choose_index(1000, 384, "auto", nprobe=16).kind == "flat"  # auto: only with lists
+    assert (
+        choose_index(1000, 384, "ivf", nprobe=10**6).nprobe == choose_index(1000, 384, "ivf").nlist
+    )
+    for kind, nprobe in (("flat", 4), ("hnsw", 4), ("ivf", -1)):
+        with pytest.raises(ValueError, match=f"nprobe={nprobe}"):
+            choose_index(10**6, 384, kind, nprobe=nprobe)
 
 
 @pytest.mark.parametrize("kind", ["flat", "ivf"])

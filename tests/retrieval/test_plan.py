@@ -113,6 +113,23 @@ def test_times_scale_as_stated():
     assert one.index["kind"] == "ivf" and stage(one, "train").seconds > 0
 
 
+def test_a_smaller_nprobe_plans_neighbours_proportionally_faster_and_says_so():
+    full, small = (plan.plan_build("30M", "64G", rates=RATES, nprobe=p) for p in (0, 16))
+    nlist, n = IndexSpec(**full.index).nlist, 30e6
+    assert full.index["nprobe"] == nlist // 8 and small.index["nprobe"] == 16
+    fixed = RATES["stages"]["neighbours"]["fixed_s"]
+
+    def scan(p):  # per query: nlist centroid distances + p lists of n / nlist keys
+        return nlist + p * n / nlist
+
+    got = stage(small, "neighbours").seconds - fixed
+    assert got / (stage(full, "neighbours").seconds - fixed) == pytest.approx(
+        scan(16) / scan(nlist // 8)
+    )
+    assert any("nprobe 16 of" in note and "db check" in note for note in small.notes)
+    assert not any("nprobe" in note for note in full.notes)
+
+
 def test_memory_is_the_index_plus_each_stages_working_memory():
     p = plan.plan_build(30_000_000, "64G", rates=RATES)
     assert p.index["kind"] == "ivf" and p.index_bytes == plan.index_bytes(
