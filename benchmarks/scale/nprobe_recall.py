@@ -6,8 +6,10 @@ an ``IVF{nlist},Flat`` index (the build's ``choose_index(kind="ivf")``, trained 
 by the build's own code, or the database's own index when it is that one) is searched
 with each nprobe, with the build's exact re-ranking.
 Reports recall@K (the share of the exact K neighbours found, K = the stored columns) and
-seconds per 4096 queries, for the exact index too. Decides two defaults:
-``FLAT_MAX_N`` (exact vs IVF at 0.1M chunks) and ``IVF_NPROBE_DIV`` (nprobe = nlist / div).
+seconds per 4096 queries, for the exact index too: the evidence for ``FLAT_MAX_N`` (exact
+vs IVF at 0.1M chunks) and for a smaller ``--nprobe`` than the default nlist / 8. On the
+synthetic keys each IVF list tends to hold one whole Gaussian cluster, so recall here is an
+upper bound for real text embeddings: check a real build with ``retrolm db check --nprobe``.
 
     python -m benchmarks.scale.nprobe_recall --db /tmp/retrolm-bench-scale/db-1000000 \\
         [--queries 2048] [--nprobe 8,16,32,64,128,nlist/8]
