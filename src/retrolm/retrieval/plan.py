@@ -13,7 +13,8 @@ times a measured coefficient (seconds per unit of work), so it scales as stated 
   (``N x nlist x d``; ivfpq adds its PQ encoding, hnsw its graph insertion).
 - neighbours: N queries, each costing ``N x d`` (flat) or
   ``(nlist + nprobe x N / nlist) x d`` (ivf; ivfpq scans codes instead of vectors), plus the
-  stage's fixed start-up. Quadratic in N for flat and ivf (ivf probes 1/8 of its lists).
+  stage's fixed start-up. Quadratic in N for flat and ivf (ivf probes 1/8 of its lists
+  unless `--nprobe` says fewer).
 
 Coefficients are fitted on the measured kinds (flat, ivf); ivfpq and hnsw reuse them
 through their work counts (marked ``modelled``: not measured). Workers: embed, index add
