@@ -23,6 +23,16 @@ def ivf_db(tmp_path_factory, corpus_dir, tiny_config):
     return db
 
 
+def test_the_builds_nprobe_is_stored_and_searched_with(tmp_path, corpus_dir, tiny_config):
+    db = tmp_path / "db"
+    build_database(corpus_dir, db, replace(tiny_config, index="ivf", nprobe=1))
+    info = json.loads((db / "manifest.json").read_text())["index"]
+    assert info["kind"] == "ivf" and info["nprobe"] == 1
+    assert RetrievalDatabase.open(db).index_spec.nprobe == 1
+    with pytest.raises(ValueError, match="nprobe=2 with index='flat'"):
+        replace(tiny_config, index="flat", nprobe=2)
+
+
 def test_exact_search_equals_numpy_brute_force():
     x, q = clustered(3000, seed=4), clustered(50, seed=5)
     ids, dists = exact_search(x, q, 7)

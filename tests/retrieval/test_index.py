@@ -8,10 +8,12 @@ import pytest
 from retrolm.retrieval.index import (
     FLAT_MAX_N,
     MIN_POINTS_PER_LIST,
+    TRAIN_MAX,
     Searcher,
     build_index,
     choose_index,
     parse_size,
+    sample_rows,
 )
 
 
@@ -74,6 +76,51 @@ def test_choice_by_size_and_budget():
         nlist = int(spec.factory[3:].split(",")[0])
         assert nlist == 1 or n // nlist >= MIN_POINTS_PER_LIST
         assert spec.nprobe <= nlist and spec.train_size <= n
+
+
+@pytest.mark.parametrize("n", [3 * 10**6, 30 * 10**6, 10**9])
+def test_training_sample_is_capped_and_trains_every_list(n):
+    """The sample never exceeds TRAIN_MAX rows, whatever N, and still gives every list
+    the 39 points faiss's k-means needs (nlist is capped instead)."""
+    for kind in ("ivf", "ivfpq"):
+        spec = choose_index(n, 384, kind, memory_budget=1 << 40)
+        assert spec.train_size <= TRAIN_MAX
+        assert spec.train_size // spec.nlist >= MIN_POINTS_PER_LIST, spec
+
+
+@pytest.mark.parametrize("n,m", [(10, 10), (10, 3), (1, 1), (5, 1), (10**6, 402_700), (7, 20)])
+def test_sample_rows_are_evenly_spaced_and_increasing(n, m):
+    rows = sample_rows(n, m)
+    assert len(rows) == min(n, m) and rows[0] == 0 and rows.dtype == np.int64
+    assert (np.diff(rows) >= 1).all() and (len(rows) == 1 or rows[-1] == n - 1)
+    ref = np.floor(np.linspace(0, n - 1, min(n, m)) + 1e-9).astype(np.int64)  # exact here
+    assert np.abs(rows - ref).max(initial=0) <= 1
+
+
+def test_nprobe_is_an_explicit_option_of_the_choice():
+    default = choose_index(10**6, 384, "ivf")
+    assert default.nprobe == default.nlist // 8
+    assert choose_index(10**6, 384, "ivf", nprobe=16).nprobe == 16
+    assert choose_index(10**6, 384, "auto", 8 << 30, nprobe=16).nprobe == 16
+    assert choose_index(1000, 384, "auto", nprobe=16).kind == "flat"  # auto: only with lists
+    assert (
+        choose_index(1000, 384, "ivf", nprobe=10**6).nprobe == choose_index(1000, 384, "ivf").nlist
+    )
+    for kind, nprobe in (("flat", 4), ("hnsw", 4), ("ivf", -1)):
+        with pytest.raises(ValueError, match=f"nprobe={nprobe}"):
+            choose_index(10**6, 384, kind, nprobe=nprobe)
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf"])
+def test_search_in_query_parts_equals_one_call(kind, monkeypatch):
+    x, q = clustered(3000, seed=4), clustered(230, seed=5)
+    spec = choose_index(len(x), x.shape[1], kind)
+    searcher = Searcher(build_index(spec, x), spec, x)
+    whole = searcher.search(q, 6)
+    monkeypatch.setattr("retrolm.retrieval.index.SEARCH_ROWS", 50)  # 5 parts of 46
+    parts = searcher.search(q, 6)
+    np.testing.assert_array_equal(parts[0], whole[0])
+    np.testing.assert_allclose(parts[1], whole[1], atol=1e-6)
 
 
 def test_tiny_ivf_builds_and_searches():

@@ -113,6 +113,23 @@ def test_times_scale_as_stated():
     assert one.index["kind"] == "ivf" and stage(one, "train").seconds > 0
 
 
+def test_a_smaller_nprobe_plans_neighbours_proportionally_faster_and_says_so():
+    full, small = (plan.plan_build("30M", "64G", rates=RATES, nprobe=p) for p in (0, 16))
+    nlist, n = IndexSpec(**full.index).nlist, 30e6
+    assert full.index["nprobe"] == nlist // 8 and small.index["nprobe"] == 16
+    fixed = RATES["stages"]["neighbours"]["fixed_s"]
+
+    def scan(p):  # per query: nlist centroid distances + p lists of n / nlist keys
+        return nlist + p * n / nlist
+
+    got = stage(small, "neighbours").seconds - fixed
+    assert got / (stage(full, "neighbours").seconds - fixed) == pytest.approx(
+        scan(16) / scan(nlist // 8)
+    )
+    assert any("nprobe 16 of" in note and "db check" in note for note in small.notes)
+    assert not any("nprobe" in note for note in full.notes)
+
+
 def test_memory_is_the_index_plus_each_stages_working_memory():
     p = plan.plan_build(30_000_000, "64G", rates=RATES)
     assert p.index["kind"] == "ivf" and p.index_bytes == plan.index_bytes(
@@ -169,14 +186,24 @@ def keys_file(tmp_path, n: int, d: int = 32) -> RowFile:
     return RowFile(tmp_path, array_info(f"k{n}.bin", np.float32, (n, d)))
 
 
-def test_gather_equals_fancy_indexing(tmp_path):
+def test_gather_equals_fancy_indexing(tmp_path, monkeypatch):
     rows = keys_file(tmp_path, 500)
     ids = np.random.default_rng(0).integers(0, 500, 300)  # unsorted, with repeats
     full = np.fromfile(tmp_path / "k500.bin", dtype=np.float32).reshape(500, 32)
     np.testing.assert_array_equal(rows[ids], full[ids])
+    # sorted and distinct (read as given), runs of consecutive rows, across pieces
+    runs = np.r_[0:40, 41, 43:200, 310:500]
+    for piece in (7, 4096):
+        monkeypatch.setattr("retrolm.retrieval.store.GATHER_ROWS", piece)
+        np.testing.assert_array_equal(rows[runs], full[runs])
+        np.testing.assert_array_equal(rows[np.arange(500)], full)
+        np.testing.assert_array_equal(rows[ids], full[ids])
     assert rows[np.array([], dtype=np.int64)].shape == (0, 32)
     with pytest.raises(IndexError):
         rows[np.array([500])]
+    short = RowFile(tmp_path, array_info("k500.bin", np.float32, (600, 32)))  # truncated
+    with pytest.raises(OSError, match="truncated"):
+        short[np.arange(490, 510)]
 
 
 def test_train_plus_add_is_build_index_and_rowfile_reranking_equals_memmap(tmp_path):

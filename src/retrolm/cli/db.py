@@ -133,6 +133,13 @@ def _register_plan(sub) -> None:
     p.add_argument("--memory", required=True, help="memory budget of the index (e.g. 4G, 64G)")
     p.add_argument("--workers", type=int, default=1, help="workers (default: 1)")
     p.add_argument("--index", default="auto", help="index kind (default: auto, as the build)")
+    p.add_argument(
+        "--nprobe",
+        type=int,
+        default=0,
+        help="ivf/ivfpq lists probed per neighbour search, as `db build --nprobe` "
+        "(default: nlist/8); fewer is faster at a lower recall",
+    )
     p.add_argument("--rates", help="a rates JSON written by bench_scale (default: shipped)")
     p.add_argument("--json", action="store_true", help="the plan as JSON")
     p.set_defaults(func=run_plan)
@@ -339,7 +346,7 @@ def _duration(seconds: float) -> str:
 def run_plan(args: argparse.Namespace) -> int:
     from retrolm.retrieval.plan import plan_build
 
-    p = plan_build(args.chunks, args.memory, args.workers, args.index, args.rates)
+    p = plan_build(args.chunks, args.memory, args.workers, args.index, args.rates, args.nprobe)
     if args.json:
         print(json.dumps(p.to_json(), indent=1))
         return 0

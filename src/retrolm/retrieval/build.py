@@ -102,6 +102,10 @@ class BuildConfig:
     """faiss index kind: auto, flat, ivf, hnsw, ivfpq or autofaiss (optional extra)."""
     memory_budget: str = "4G"
     """Memory the index may use (e.g. 512M, 4G); auto picks exact search when it fits."""
+    nprobe: int = 0
+    """ivf/ivfpq: inverted lists each neighbour search probes (and queries by default);
+    0 = nlist/8. Fewer is faster at a lower recall (neighbour time ~ nprobe x N²/nlist):
+    see benchmarks/history/scale.md, and check a build with `retrolm db check --nprobe`."""
     workers: int = 1
     """Processes for the embed stage (each takes a range of blocks); with --engine ray, the
     actors of each Ray stage."""
@@ -130,6 +134,11 @@ class BuildConfig:
         )
         if self.extra_neighbours < 0:
             raise ValueError(f"extra_neighbours={self.extra_neighbours} must be >= 0")
+        if self.nprobe < 0 or (self.nprobe and self.index in ("flat", "hnsw", "autofaiss")):
+            raise ValueError(
+                f"nprobe={self.nprobe} with index={self.index!r}: nprobe is a count of lists "
+                "(> 0) for ivf, ivfpq or auto indexes; drop it or pick one of those"
+            )
         if self.seq_len % self.chunk_size:
             raise ValueError(
                 f"seq_len={self.seq_len} is not a multiple of chunk_size={self.chunk_size}: "
@@ -338,11 +347,9 @@ def _check_resumable(
             "build into a new DB_DIR"
         )
     want = config.output_settings()
-    diff = [
-        f"{k}: {manifest['config'].get(k)!r} vs {want[k]!r}"
-        for k in want
-        if manifest["config"].get(k) != want[k]
-    ]
+    default = {f.name: f.default for f in fields(BuildConfig)}  # settings added since
+    have = {k: manifest["config"].get(k, default[k]) for k in want}
+    diff = [f"{k}: {have[k]!r} vs {want[k]!r}" for k in want if have[k] != want[k]]
     if manifest["text_dir"] != str(text_dir):
         diff.append(f"text_dir: {manifest['text_dir']!r} vs {str(text_dir)!r}")
     if diff:
@@ -532,7 +539,7 @@ def _stage_index(db_dir, manifest, config, **_):
 
     emb = RowFile(db_dir, manifest["arrays"]["embeddings"])  # (N, d), read in blocks
     budget = parse_size(config.memory_budget)
-    spec = choose_index(len(emb), emb.shape[1], config.index, budget)
+    spec = choose_index(len(emb), emb.shape[1], config.index, budget, config.nprobe)
     log.info("index: %s (%s) over %d vectors", spec.kind, spec.factory, len(emb))
     if config.engine == "ray" and spec.kind != "autofaiss":
         from retrolm.retrieval.ray_engine import index_on_ray

@@ -215,7 +215,7 @@ def _stage_index(db, stage_dir: Path, staged: dict, **_) -> None:
     if staged["retrain"]:
         cfg = db.manifest["config"]
         budget = parse_size(cfg["memory_budget"])
-        spec = choose_index(len(emb), emb.shape[1], cfg["index"], budget)
+        spec = choose_index(len(emb), emb.shape[1], cfg["index"], budget, cfg.get("nprobe", 0))
         log.info("retraining the index: %s over %d vectors", spec.factory, len(emb))
         index = build_index(spec, emb, memory_budget=budget)
         info = dict(spec.to_json(), trained_on=len(emb))

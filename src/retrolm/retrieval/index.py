@@ -4,8 +4,9 @@ Keys are unit-norm, distances squared L2 (paper §2.3; on unit vectors this orde
 neighbours exactly like cosine). Kinds:
 
 - ``flat``: exact (``IndexFlatL2``), N·d·4 bytes; ``auto`` uses it up to FLAT_MAX_N.
-- ``ivf``: ``IVF{nlist},Flat``; nlist ≈ 4·√N but never more lists than the data can
-  train (at least 39 points per list, the faiss k-means floor); ``nprobe`` ≈ nlist/8.
+- ``ivf``: ``IVF{nlist},Flat``; nlist ≈ 4·√N but never more lists than the training sample
+  (at most TRAIN_MAX rows, whatever N) can train: at least 39 points per list, the faiss
+  k-means floor; ``nprobe`` ≈ nlist/8 unless given (NPROBE_DIV).
 - ``hnsw``: ``HNSW32`` graph (efSearch 128); fast queries, more memory than ivf.
   Multi-threaded insertion is not bit-reproducible across runs.
 - ``ivfpq``: ``[OPQ{M},]IVF{nlist},PQ{M}`` with M code bytes per vector picked to fit the
@@ -39,7 +40,19 @@ INDEX_KINDS = ("auto", "flat", "ivf", "hnsw", "ivfpq", "autofaiss")
 MIN_POINTS_PER_LIST = 39  # faiss k-means warns (and trains badly) below this
 FLAT_MAX_N = 262_144  # auto: exact search up to this many chunks (all-pairs cost grows as N²)
 PQ_BYTES = (4, 8, 16, 32, 48, 64, 96, 128, 192)
-RERANK_ROWS = 64  # queries re-ranked at a time (bounds the re-ranking's memory)
+RERANK_ROWS = 16  # queries re-ranked at a time: 16 x 128 candidates x 384 dims = 3 MB a copy
+SEARCH_ROWS = 1024  # queries per faiss call (bounds its result and coarse-list buffers)
+# The training sample has a fixed cap, whatever N: faiss's k-means wants 39 to 256 points per
+# centroid (it warns below 39 and subsamples above 256), so a sample of TRAIN_MAX rows trains
+# at most TRAIN_MAX / 39 = 25,641 lists; ``choose_index`` caps nlist there (4·√N reaches it
+# at N ≈ 41M). Below the cap the sample is TRAIN_PER_LIST points per list (30,000 at least).
+TRAIN_MAX, TRAIN_PER_LIST = 1_000_000, 100
+# Default nprobe = nlist / NPROBE_DIV (8 at least). Its cost: N queries x nprobe x N / nlist
+# keys each, quadratic in N (30M chunks: ~243 days of neighbour search on 2 cores). A smaller
+# ``nprobe`` (BuildConfig.nprobe, ``retrolm db build --nprobe``) trades recall for time:
+# benchmarks/scale/nprobe_recall.py measures both, and ``retrolm db check --nprobe`` on a
+# built database.
+NPROBE_DIV = 8
 OPQ_MIN_N = 1_000_000  # below this, ivfpq skips the OPQ rotation (slow to train, small gain)
 
 
@@ -104,10 +117,20 @@ class IndexSpec:
         return out
 
 
-def choose_index(n: int, d: int, kind: str = "auto", memory_budget: int = 4 << 30) -> IndexSpec:
-    """The index for N vectors of d dims under a memory budget (bytes)."""
+def choose_index(
+    n: int, d: int, kind: str = "auto", memory_budget: int = 4 << 30, nprobe: int = 0
+) -> IndexSpec:
+    """The index for N vectors of d dims under a memory budget (bytes).
+
+    ``nprobe``: lists an ivf/ivfpq index searches per query (at most nlist; 0 = the default
+    nlist / NPROBE_DIV). With ``kind="auto"`` it applies only if the choice has lists."""
     if kind not in INDEX_KINDS:
         raise ValueError(f"index kind {kind!r} is not one of {INDEX_KINDS}")
+    if nprobe < 0 or (nprobe and kind in ("flat", "hnsw", "autofaiss")):
+        raise ValueError(
+            f"nprobe={nprobe}: use 0 (the default, nlist/{NPROBE_DIV}) or a positive count "
+            f"of lists, for an ivf, ivfpq or auto index (not {kind!r})"
+        )
     flat_bytes = n * d * 4
     if kind == "auto":
         if n <= FLAT_MAX_N and flat_bytes <= memory_budget:
@@ -116,8 +139,8 @@ def choose_index(n: int, d: int, kind: str = "auto", memory_budget: int = 4 << 3
             kind = "ivf"
         else:
             kind = "ivfpq"
-    nlist = max(1, min(int(4 * math.sqrt(n)), n // MIN_POINTS_PER_LIST))
-    nprobe = min(nlist, max(8, nlist // 8))
+    nlist = max(1, min(int(4 * math.sqrt(n)), min(n, TRAIN_MAX) // MIN_POINTS_PER_LIST))
+    nprobe = min(nlist, nprobe or max(8, nlist // NPROBE_DIV))
     if kind == "flat":
         return IndexSpec("flat", "Flat", exact=True)
     if kind == "ivf":
@@ -149,7 +172,8 @@ def choose_index(n: int, d: int, kind: str = "auto", memory_budget: int = 4 << 3
 
 
 def _train_size(n: int, lists: int) -> int:
-    return min(n, max(100 * lists, 30_000), 1_000_000)
+    """Rows sampled to train ``lists`` centroids: TRAIN_PER_LIST each, capped at TRAIN_MAX."""
+    return min(n, max(TRAIN_PER_LIST * lists, 30_000), TRAIN_MAX)
 
 
 def build_index(
@@ -173,11 +197,23 @@ def train_index(spec: IndexSpec, embeddings: np.ndarray):
     with _build_errors(spec, n, d):
         index = faiss.index_factory(d, spec.factory, faiss.METRIC_L2)
         if spec.train_size:
-            rows = np.linspace(0, n - 1, spec.train_size).astype(np.int64)
-            sample = np.ascontiguousarray(embeddings[np.unique(rows)], dtype=np.float32)
+            sample = np.ascontiguousarray(embeddings[sample_rows(n, spec.train_size)], np.float32)
             log.info("training %s on %d of %d vectors", spec.factory, len(sample), n)
             index.train(sample)
     return index
+
+
+def sample_rows(n: int, m: int) -> np.ndarray:
+    """``m`` evenly spaced row ids of ``n`` (first and last included), strictly increasing:
+    integer arithmetic, one int64 array (no float copy, no sort: an index training sample
+    of 400k rows costs 3 MB of ids, not the 20 MB ``linspace`` + ``unique`` leave behind)."""
+    m = min(m, n)
+    if m <= 1:
+        return np.zeros(m, dtype=np.int64)
+    rows = np.arange(m, dtype=np.int64)
+    rows *= n - 1
+    rows //= m - 1
+    return rows
 
 
 def add_vectors(index, spec: IndexSpec, embeddings: np.ndarray, block_size: int = 65536) -> None:
@@ -285,14 +321,26 @@ class Searcher:
 
     def search(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Nearest ``k`` keys of queries ``x (Q, d)``: ids int64 ``(Q, k)`` (−1 = none) and
-        squared L2 distances float32 ``(Q, k)`` (inf where −1), sorted by (distance, id)."""
+        squared L2 distances float32 ``(Q, k)`` (inf where −1), sorted by (distance, id).
+
+        Queries go to faiss in equal parts of at most SEARCH_ROWS: what one call holds (its
+        candidates, an IVF index's probed lists per query, the exact search's distance
+        blocks) is then bounded by the part, not by Q. Equal parts keep every part on
+        faiss's matrix-product path (a tail under its 20-query threshold would take
+        another); results match one whole call up to the rounding of faiss's distances."""
         x = np.ascontiguousarray(x, dtype=np.float32)
-        k_eff = min(k, self.ntotal)
         if x.ndim != 2 or x.shape[1] != self.index.d:
             raise ValueError(
                 f"queries must be (Q, {self.index.d}) to search this index, got {x.shape}: "
                 "embed them with the database's encoder"
             )
+        if len(x) <= SEARCH_ROWS:
+            return self._search_block(x, k)
+        parts = [self._search_block(p, k) for p in np.array_split(x, -(-len(x) // SEARCH_ROWS))]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    def _search_block(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        k_eff = min(k, self.ntotal)
         with faiss_errors(
             f"search index {self.spec.factory}",
             "its file may be damaged; rebuild the database with `retrolm db build --restart`",
@@ -314,8 +362,8 @@ class Searcher:
 
     def _exact_dists(self, x: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """Exact squared distances of the candidates ``ids (Q, F)``, RERANK_ROWS queries at a
-        time: the gathered keys and their differences hold ``RERANK_ROWS x F x d`` floats,
-        whatever Q (a block of 4096 queries x 128 candidates would be 0.8 GB per copy)."""
+        time: the gathered keys and their queries hold ``2 x RERANK_ROWS x F x d`` floats,
+        whatever Q, and the differences are taken in place (same arithmetic, same bits)."""
         out = np.full(ids.shape, np.inf, dtype=np.float32)
         for s in range(0, len(x), RERANK_ROWS):
             part, dst = ids[s : s + RERANK_ROWS], out[s : s + RERANK_ROWS]
@@ -325,7 +373,8 @@ class Searcher:
             vecs = np.empty((len(flat), x.shape[1]), dtype=np.float32)
             vecs[order] = self.embeddings[flat[order]]
             q = np.repeat(np.arange(len(part)), valid.sum(1))
-            dst[valid] = ((vecs - x[s : s + RERANK_ROWS][q]) ** 2).sum(-1)
+            np.subtract(vecs, x[s : s + RERANK_ROWS][q], out=vecs)
+            dst[valid] = np.square(vecs, out=vecs).sum(-1)
         return out
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from retrolm.retrieval.index import IndexSpec, Searcher
-from retrolm.retrieval.store import INDEX_FILE, RowFile, _Blocks, open_array
+from retrolm.retrieval.store import INDEX_FILE, RowFile, _Blocks, read_whole
 
 
 def first_k_kept(ids: np.ndarray, dists: np.ndarray, keep: np.ndarray, k: int):
@@ -103,7 +103,7 @@ class NeighbourSearch:
         self.emb = RowFile(db_dir, arrays["embeddings"])  # (N, d), queries read in blocks
         rerank = None if spec.exact else self.emb  # candidates gathered through a transient map
         self.searcher = Searcher(load_index(db_dir / INDEX_FILE, spec), spec, rerank)
-        self.doc_ids = np.array(open_array(db_dir, arrays["doc_ids"]))  # (N,) in RAM
+        self.doc_ids = read_whole(db_dir, arrays["doc_ids"])  # (N,) in RAM, no map left open
         self.ids_out = RowFile(db_dir, arrays["neighbours"], writable=True)  # (N, K)
         self.d_out = RowFile(db_dir, arrays["neighbour_dists"], writable=True)  # (N, K)
 

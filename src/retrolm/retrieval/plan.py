@@ -13,7 +13,8 @@ times a measured coefficient (seconds per unit of work), so it scales as stated 
   (``N x nlist x d``; ivfpq adds its PQ encoding, hnsw its graph insertion).
 - neighbours: N queries, each costing ``N x d`` (flat) or
   ``(nlist + nprobe x N / nlist) x d`` (ivf; ivfpq scans codes instead of vectors), plus the
-  stage's fixed start-up. Quadratic in N for flat and ivf (ivf probes 1/8 of its lists).
+  stage's fixed start-up. Quadratic in N for flat and ivf (ivf probes 1/8 of its lists
+  unless `--nprobe` says fewer).
 
 Coefficients are fitted on the measured kinds (flat, ivf); ivfpq and hnsw reuse them
 through their work counts (marked ``modelled``: not measured). Workers: embed, index add
@@ -37,7 +38,13 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from retrolm.retrieval.index import INDEX_KINDS, IndexSpec, choose_index, parse_size
+from retrolm.retrieval.index import (
+    INDEX_KINDS,
+    NPROBE_DIV,
+    IndexSpec,
+    choose_index,
+    parse_size,
+)
 
 log = logging.getLogger(__name__)
 
@@ -212,10 +219,12 @@ def plan_build(
     workers: int = 1,
     index: str = "auto",
     rates: dict | str | Path | None = None,
+    nprobe: int = 0,
 ) -> BuildPlan:
     """The build of ``num_chunks`` chunks under a ``memory`` budget (bytes or '4G'): the index
     ``choose_index`` picks (the build's own rule), its bytes, each stage's time and peak.
-    ``rates``: a dict from ``load_rates``, or the path of a rates file (None: the shipped)."""
+    ``rates``: a dict from ``load_rates``, or the path of a rates file (None: the shipped).
+    ``nprobe``: the build's ``--nprobe`` (0: nlist/8); the neighbour time scales with it."""
     n, budget = parse_count(num_chunks), parse_size(memory)
     if not 1 <= n <= MAX_CHUNKS:
         raise ValueError(f"--chunks {n} is out of range: plan 1 to {MAX_CHUNKS:,} chunks")
@@ -228,7 +237,7 @@ def plan_build(
         raise ValueError(f"--index {index!r} cannot be planned: use one of {kinds}")
     rates = rates if isinstance(rates, dict) else load_rates(rates)
     d = int(rates["dim"])
-    spec = choose_index(n, d, index, budget)
+    spec = choose_index(n, d, index, budget, nprobe)
     units, st = work_units(spec, n, d), rates["stages"]
     ibytes = index_bytes(spec, n, d)
     held = {
@@ -297,6 +306,13 @@ def _notes(plan: BuildPlan, rates: dict) -> list[str]:
         notes.append(
             f"the build's peak ({total / 2**30:.1f} GiB) exceeds --memory "
             f"({plan.memory_budget / 2**30:.1f} GiB): the budget bounds the index only"
+        )
+    nlist, probe = IndexSpec(**plan.index).nlist, plan.index["nprobe"]
+    if nlist and probe != min(nlist, max(8, nlist // NPROBE_DIV)):
+        notes.append(
+            f"nprobe {probe} of {nlist} lists (default {nlist // NPROBE_DIV}): faster "
+            "neighbours at a lower recall; measure it on the built database with "
+            f"`retrolm db check DB --nprobe {probe}`"
         )
     if any(s.modelled for s in plan.stages):
         notes.append(

@@ -22,6 +22,7 @@ EMBEDDINGS_FILE, NEIGHBOURS_FILE, NEIGHBOUR_DISTS_FILE = (
     "neighbour_dists.bin",
 )
 PROGRESS_DIR = ".progress"
+GATHER_ROWS = 4096  # RowFile.gather turns this many row ids into Python ints at a time
 
 
 # ---- manifest -----------------------------------------------------------------------------
@@ -46,6 +47,16 @@ def open_array(db_dir: Path, info: dict, mode: str = "r") -> np.ndarray:
     if 0 in shape:
         return np.zeros(shape, dtype=info["dtype"])
     return np.memmap(Path(db_dir) / info["file"], dtype=info["dtype"], mode=mode, shape=shape)
+
+
+def read_whole(db_dir: Path, info: dict) -> np.ndarray:
+    """A raw array file read into memory with plain reads: unlike copying a memmap, no
+    mapped file pages stay in the process's resident set beside the copy."""
+    shape = tuple(info["shape"])
+    if 0 in shape:
+        return np.zeros(shape, dtype=info["dtype"])
+    count = int(np.prod(shape, dtype=np.int64))
+    return np.fromfile(Path(db_dir) / info["file"], dtype=info["dtype"], count=count).reshape(shape)
 
 
 class RowFile:
@@ -76,22 +87,38 @@ class RowFile:
     def gather(self, rows: np.ndarray) -> np.ndarray:
         """The rows ``rows`` (any order, repeats allowed) as a new array ``(len(rows), ...)``.
 
-        Each distinct row is read with ``os.pread``, never through a map: a map's page faults
-        also map the pages around each row (the kernel's fault-around), so gathering from all
-        over a large file (re-ranking candidates, an index training sample) would hold much
-        of the file in this process's resident set; reads hold only the rows asked for."""
+        Each run of consecutive rows is read with one ``os.preadv``, never through a map: a
+        map's page faults also map the pages around each row (the kernel's fault-around), so
+        gathering from all over a large file (re-ranking candidates, an index training
+        sample) would hold much of the file in this process's resident set; reads hold only
+        the rows asked for. Besides the result, the bookkeeping is bounded too: rows already
+        sorted and distinct (a training sample) are read as given, and the row ids become
+        Python ints ``GATHER_ROWS`` at a time (a list of 400k ints alone is 15 MB)."""
         rows = np.asarray(rows, dtype=np.int64)
         if len(rows) == 0 or 0 in self.shape:
             return np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
         if rows.min() < 0 or rows.max() >= len(self):
             raise IndexError(f"row ids must be in [0, {len(self)}) for {self.path.name}")
-        uniq, inverse = np.unique(rows, return_inverse=True)  # sorted: forward reads
-        out = np.empty((len(uniq), *self.shape[1:]), dtype=self.dtype)
+        inverse = None
+        if not bool((rows[1:] > rows[:-1]).all()):  # else: sorted and distinct already
+            rows, inverse = np.unique(rows, return_inverse=True)  # sorted: forward reads
+        out = np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
         fd, size, buf = self._f.fileno(), self.row_bytes, memoryview(out).cast("B")
-        for j, r in enumerate(uniq.tolist()):  # straight into ``out``: no second copy
-            if os.preadv(fd, [buf[j * size : (j + 1) * size]], r * size) != size:
-                raise OSError(f"{self.path} ends before row {r}: the file is truncated")
-        return out if len(uniq) == len(rows) and (uniq == rows).all() else out[inverse]
+        for s in range(0, len(rows), GATHER_ROWS):
+            part = rows[s : s + GATHER_ROWS]
+            cut = np.flatnonzero(np.diff(part) != 1) + 1  # runs of consecutive rows
+            starts, ends = np.r_[0, cut], np.r_[cut, len(part)]
+            for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
+                self._read_into(fd, buf[(s + a) * size : (s + b) * size], int(part[a]) * size)
+        return out if inverse is None else out[inverse]
+
+    def _read_into(self, fd: int, buf: memoryview, offset: int) -> None:
+        """Fill ``buf`` from byte ``offset`` (one call reads at most ~2 GiB on Linux)."""
+        while len(buf):
+            got = os.preadv(fd, [buf], offset)
+            if got <= 0:
+                raise OSError(f"{self.path} ends before byte {offset}: the file is truncated")
+            buf, offset = buf[got:], offset + got
 
     def write(self, start: int, rows: np.ndarray) -> None:
         self._f.seek(start * self.row_bytes)
