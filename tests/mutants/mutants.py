@@ -394,4 +394,40 @@ MUTANTS: list[Mutant] = [
         "RETRO-fit: CCA's output projection starts random, so step 0 is not the base",
         ("tests/models/test_retrofit.py",),
     ),
+    Mutant(
+        "infini_delta_without_subtraction",
+        "src/retrolm/models/infini/memory.py",
+        (
+            (
+                "            v = v - _read(features, past)",
+                "            v = v + 0 * _read(features, past)",
+            ),
+        ),
+        "Infini-attention's delta rule (eq. 5) writes V, not what the memory lacks (V - read)",
+        ("tests/models/test_infini.py",),
+    ),
+    Mutant(
+        "infini_gate_swapped",
+        "src/retrolm/models/infini/memory.py",
+        (
+            (
+                "return out * gate + mem_out * (1 - gate)",
+                "return out * (1 - gate) + mem_out * gate",
+            ),
+        ),
+        "Infini-attention's gate (eq. 6) weighs the memory by sigmoid(g) and the local by 1 - it",
+        ("tests/models/test_infini.py",),
+    ),
+    Mutant(
+        "infini_fused_gate_per_row",
+        "src/retrolm/nn/fused/csrc/decode_blocks.cpp",
+        (
+            (
+                "const float g = 1.f / (1.f + std::exp(-gp[i % h]));",
+                "const float g = 1.f / (1.f + std::exp(-gp[(i / h) % h]));",
+            ),
+        ),
+        "the fused one-token Infini step reads the gate of the wrong head (by row, not head)",
+        ("tests/models/test_infini_fused.py",),
+    ),
 ]
