@@ -262,7 +262,7 @@ def test_usable_follows_the_switch_and_the_inputs(fused_on):
         assert not fused_decode.usable(x)
 
 
-def test_a_failed_build_falls_back_with_one_warning(monkeypatch, caplog):
+def test_a_failed_build_falls_back_with_one_warning(monkeypatch, caplog, tmp_path):
     import torch.utils.cpp_extension as cpp
 
     def broken(**kwargs):
@@ -272,6 +272,7 @@ def test_a_failed_build_falls_back_with_one_warning(monkeypatch, caplog):
     monkeypatch.setattr(fused_decode._EXT, "_module", None)
     monkeypatch.setattr(fused_decode._EXT, "_failed", False)
     monkeypatch.setattr(cpp, "load", broken)
+    monkeypatch.setenv("RETROLM_CACHE", str(tmp_path))  # no finished build to import
     with caplog.at_level(logging.WARNING, logger="retrolm.nn.fused.extension"):
         assert fused_decode.extension() is None
         assert fused_decode.extension() is None
@@ -281,7 +282,7 @@ def test_a_failed_build_falls_back_with_one_warning(monkeypatch, caplog):
         assert not fused_decode.usable(torch.zeros(2))
 
 
-def test_a_failed_build_is_an_error_when_kernels_are_required(monkeypatch):
+def test_a_failed_build_is_an_error_when_kernels_are_required(monkeypatch, tmp_path):
     """RETROLM_REQUIRE_KERNELS=1 (CI): a kernel that should build but does not stops the run
     with the reason, instead of a silent fallback that would skip its tests."""
     import torch.utils.cpp_extension as cpp
@@ -295,6 +296,7 @@ def test_a_failed_build_is_an_error_when_kernels_are_required(monkeypatch):
     monkeypatch.setattr(fused_decode._EXT, "_module", None)
     monkeypatch.setattr(fused_decode._EXT, "_failed", False)
     monkeypatch.setattr(cpp, "load", broken)
+    monkeypatch.setenv("RETROLM_CACHE", str(tmp_path))  # no finished build to import
     with pytest.raises(KernelBuildError, match="decode_blocks.cpp.*no compiler here"):
         fused_decode.extension()
     monkeypatch.setenv("RETROLM_REQUIRE_KERNELS", "0")

@@ -267,13 +267,14 @@ def test_what_the_kernels_do_not_take_runs_the_composite():
     )
 
 
-def test_a_failed_build_falls_back_with_one_warning(monkeypatch, caplog):
+def test_a_failed_build_falls_back_with_one_warning(monkeypatch, caplog, tmp_path):
     import torch.utils.cpp_extension as cpp
 
     def broken(**kwargs):
         raise RuntimeError("no compiler here")
 
     monkeypatch.delenv("RETROLM_REQUIRE_KERNELS", raising=False)  # CI sets it
+    monkeypatch.setenv("RETROLM_CACHE", str(tmp_path))  # no finished build to import
     monkeypatch.setattr(fused_train._EXT, "_module", None)
     monkeypatch.setattr(fused_train._EXT, "_failed", False)
     monkeypatch.setattr(cpp, "load", broken)
@@ -358,6 +359,48 @@ def test_builds_are_kept_per_source_torch_version_and_cpu(tmp_path, monkeypatch)
     monkeypatch.setattr(extension, "cpu_tag", lambda: "0badcafe")  # another machine's CPU
     other = ext_.build_directory()
     assert other != here and other.name.endswith("0badcafe")
+
+
+@needs_ext
+def test_a_finished_build_is_imported_without_the_builder(monkeypatch):
+    """Another copy of the sources (a worktree, a mutant's copy) with the same text reuses
+    the build: torch's builder, whose ninja file names sources by path, is not called."""
+    import torch.utils.cpp_extension as cpp
+
+    from retrolm.nn.fused import extension
+
+    built = fused_train._EXT.get()
+    assert (fused_train._EXT.build_directory() / extension.BUILT).is_file()
+
+    def builder(**kwargs):
+        raise AssertionError("the builder ran although a finished build exists")
+
+    monkeypatch.setattr(cpp, "load", builder)
+    again = extension.LazyExtension(
+        fused_train._EXT.name, "train_kernels.cpp", "k", "RETROLM_FUSED_TRAIN"
+    )
+    module = again.get()
+    assert module is not None and sorted(dir(module)) == sorted(dir(built))
+
+
+def test_a_build_without_its_marker_goes_through_the_builder(tmp_path, monkeypatch):
+    """A ``.so`` without the marker may be a build killed midway: never imported."""
+    import torch.utils.cpp_extension as cpp
+
+    from retrolm.nn.fused import extension
+
+    monkeypatch.setenv("RETROLM_CACHE", str(tmp_path))
+    monkeypatch.delenv("RETROLM_REQUIRE_KERNELS", raising=False)
+    ext_ = extension.LazyExtension("x", "train_kernels.cpp", "k", "RETROLM_FUSED_TRAIN")
+    (ext_.build_directory() / "x.so").write_bytes(b"half a library")
+    calls = []
+
+    def builder(**kwargs):
+        calls.append(kwargs["name"])
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(cpp, "load", builder)
+    assert ext_.get() is None and calls == ["x"]
 
 
 def test_a_changed_shared_header_is_a_new_build(tmp_path, monkeypatch):

@@ -35,6 +35,7 @@ __all__ = [
 ]
 
 CSRC = Path(__file__).with_name("csrc")
+BUILT = ".retrolm-built"  # written into a build folder once its module loaded
 STALE_LOCK_S = 600  # a build takes ~30 s: a lock this old was left by a killed build
 # -fopenmp is needed although the sources hold only simd pragmas: at::parallel_for is inline
 # OpenMP in ATen's headers and runs serially without it (-fopenmp-simd made cross_entropy
@@ -77,18 +78,21 @@ class LazyExtension:
                 try:
                     from torch.utils.cpp_extension import load
 
-                    _ninja_on_path()
                     build = self.build_directory()
-                    log.info("loading the %s (built once per machine, ~30 s)", self.what)
-                    with build_lock(build):
-                        self._module = load(
-                            name=self.name,
-                            sources=[str(self.source)],
-                            extra_cflags=FLAGS,
-                            extra_ldflags=["-fopenmp"],
-                            build_directory=str(build),
-                            verbose=False,
-                        )
+                    self._module = _load_built(self.name, build)
+                    if self._module is None:
+                        _ninja_on_path()
+                        log.info("loading the %s (built once per machine, ~30 s)", self.what)
+                        with build_lock(build):
+                            self._module = load(
+                                name=self.name,
+                                sources=[str(self.source)],
+                                extra_cflags=FLAGS,
+                                extra_ldflags=["-fopenmp"],
+                                build_directory=str(build),
+                                verbose=False,
+                            )
+                            (build / BUILT).write_text(f"{self.name}\n")
                 except Exception as exc:  # no compiler, no ninja, a build error: ATen path
                     if kernels_required():
                         raise KernelBuildError(
@@ -121,6 +125,26 @@ class LazyExtension:
         path = root / f"{tag}-{cpu_tag()}"
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+
+def _load_built(name: str, build: Path) -> ModuleType | None:
+    """The module a finished build left in ``build``, imported without torch's builder, or
+    None. The folder's name already pins the source, headers, flags, torch and CPU, so a
+    build marked finished is the one ``load`` would give; going through ``load`` again
+    from another copy of the sources (a worktree, a mutant's copy) would rebuild, since its
+    ninja file names the sources by path. A marker is written only after ``load`` returned,
+    so a build killed midway (a partial ``.so``) is never imported."""
+    marker, library = build / BUILT, build / f"{name}.so"
+    if not (marker.is_file() and library.is_file()):
+        return None
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, library)
+    if spec is None or spec.loader is None:
+        return None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _headers() -> list[Path]:
