@@ -74,8 +74,13 @@ def test_half_precision_training_path_equals_sdpa(causal, with_mask):
         torch.testing.assert_close(g.float(), r.float(), atol=5e-2, rtol=5e-2)
     if with_mask:
         assert (out[0, :, 1] == 0).all()
-    many = torch.randn(1, 1, att.MATH_MAX_KEYS + 1, 8).bfloat16().requires_grad_()
-    assert not att._use_math(many, many, many)
+    # past MATH_MAX_KEYS keys the plain path is taken only while the scores are small
+    n = att.MATH_MAX_KEYS * 4
+    small = torch.randn(1, 2, n, 8).bfloat16().requires_grad_()
+    assert n * n * 2 <= att.MATH_MAX_SCORES and att._use_math(small, small, small)
+    n = int(att.MATH_MAX_SCORES**0.5) + 1
+    many = torch.randn(1, 1, n, 8).bfloat16().requires_grad_()
+    assert n > att.MATH_MAX_KEYS and not att._use_math(many, many, many)
 
 
 def test_fully_masked_rows_give_zeros_not_nan():

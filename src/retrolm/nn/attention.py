@@ -101,16 +101,24 @@ def reference_attend(
 # On a CPU, in half precision and with autograd, SDPA's flash kernel took 2-2.5x longer
 # for its backward than a plain matmul-softmax-matmul over the stored (i, j) scores, for up
 # to this many keys (bf16, one thread: 32 blocks x 4 heads x 32 queries x 64 keys, forward
-# + backward 12.9 vs 7.2 ms; 8 x 4 x 128 causal 14.2 vs 8.8); at 512 keys and more SDPA was
-# faster (it skips masked blocks and never stores the scores).
+# + backward 12.9 vs 7.2 ms; 8 x 4 x 128 causal 14.2 vs 8.8) ...
 MATH_MAX_KEYS = 128
+# ... and for more keys while the scores stay small (2026-12-08, bf16 causal, one thread,
+# forward + backward, quiet: 1 x 4 x 512^2 scores 5.2 vs 9.3 ms; at load 8: 4 x 4 x 256^2
+# 19.8 vs 38.0, 1 x 4 x 384^2 10.7 vs 19.9). At 4 x 4 x 512^2 (4.2M scores) the two were
+# even, at 8 x 8 x 512^2 the plain path took 2x longer: it stores 6 bytes per score, SDPA
+# skips masked blocks and stores none. So: up to this many scores (b h i j), 12 MB stored.
+MATH_MAX_SCORES = 1 << 21
 
 
 def _use_math(q: Tensor, k: Tensor, v: Tensor) -> bool:
     return (
         q.dtype in (torch.bfloat16, torch.float16)  # (the cheapest test first)
         and q.device.type == "cpu"
-        and k.shape[-2] <= MATH_MAX_KEYS
+        and (
+            k.shape[-2] <= MATH_MAX_KEYS
+            or q.numel() // max(q.shape[-1], 1) * k.shape[-2] <= MATH_MAX_SCORES
+        )
         and torch.is_grad_enabled()
         and (q.requires_grad or k.requires_grad or v.requires_grad)
     )
