@@ -67,21 +67,21 @@ class GroupLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:  # (..., i) -> (..., o)
         # bmm and matmul called directly: einsum's planning cost ~50 us a call, which
         # dominated a decoding step (one row through dozens of GLTs)
-        g, lead = self.groups, x.shape[:-1]
+        g, lead, bias = self.groups, x.shape[:-1], self.bias
         if g == 1:
             y = torch.matmul(x, self.weight[0])  # (..., o)
-            return y if self.bias is None else y + self.bias
-        x2, w = x.reshape(-1, self.in_features), self.weight  # (r, i), (g, i/g, o/g)
-        device = x.device.type
-        if torch.is_autocast_enabled(device):  # what bmm under autocast would compute in;
-            dtype = torch.get_autocast_dtype(device)  # the bias stays as it is (y + bias)
-            x2, w = _autocast(x2, dtype), _autocast(w, dtype)
-        params = (x2, w, self.bias)
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params):
-            y = _GroupMatmul.apply(x2, w, self.bias, self.shuffle)
-        else:
-            y = _group_matmul(x2, w, self.bias, self.shuffle)[0]
-        return y.view(*lead, self.out_features)  # (..., o)
+        elif torch.is_grad_enabled() and (
+            x.requires_grad
+            or self.weight.requires_grad
+            or (bias is not None and bias.requires_grad)
+        ):  # training: _GroupMatmul (see the module docstring); the bias goes in with it
+            return _GroupMatmul.apply(
+                *_autocast(x.reshape(-1, self.in_features), self.weight), bias, self.shuffle
+            ).view(*lead, self.out_features)
+        else:  # no autograd (decoding: a few rows; each op's call counts): the strided bmm
+            xg = x.reshape(-1, g, self.in_features // g).transpose(0, 1)  # (g, r, i/g)
+            y = _from_groups(torch.bmm(xg, self.weight), self.shuffle, lead)  # (..., o)
+        return y if bias is None else y + bias
 
     def extra_repr(self) -> str:
         return (
@@ -90,9 +90,17 @@ class GroupLinear(nn.Module):
         )
 
 
-def _autocast(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """``t`` as autocast casts a matmul's input: floating types but float64 go to ``dtype``."""
-    return t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t
+def _autocast(x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """``x`` and ``weight`` in the dtype bmm would compute in: under autocast, floating types
+    but float64 go to autocast's dtype (the bias is not cast: ``y + bias`` promotes)."""
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
+        return x, weight
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(
+        t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t
+        for t in (x, weight)
+    )
 
 
 def _to_groups(t: Tensor, groups: int, shuffle: bool) -> Tensor:  # (r, o) -> (g, r, o/g)
@@ -104,33 +112,26 @@ def _to_groups(t: Tensor, groups: int, shuffle: bool) -> Tensor:  # (r, o) -> (g
     return t.view(r, groups, n).transpose(0, 1).contiguous()
 
 
-def _from_groups(t: Tensor, shuffle: bool) -> Tensor:  # (g, r, n) -> (r, g·n), a new tensor
-    """The inverse of ``_to_groups``: group j's column m to m·g + j (``shuffle``) or j·n + m."""
+def _from_groups(t: Tensor, shuffle: bool, lead: tuple[int, ...] | None = None) -> Tensor:
+    """The inverse of ``_to_groups``, (g, r, n) -> (*lead, g·n) (lead defaults to (r,)), a new
+    tensor: group j's column m goes to m·g + j (``shuffle``) or j·n + m."""
     g, r, n = t.shape
     y = t.permute(1, 2, 0) if shuffle else t.transpose(0, 1)  # (r, n, g) or (r, g, n)
-    return y.reshape(r, g * n)
-
-
-def _group_matmul(
-    x: Tensor, weight: Tensor, bias: Tensor | None, shuffle: bool
-) -> tuple[Tensor, Tensor]:
-    """(r, i), (g, i/g, o/g) -> the layer's output (r, o) and the contiguous input groups
-    (g, r, i/g) (what the weight gradient reads)."""
-    g, k = weight.shape[:2]
-    xg = x.view(-1, g, k).transpose(0, 1).contiguous()  # (g, r, i/g): a cheap copy (k-long runs)
-    y = _from_groups(torch.bmm(xg, weight), shuffle)  # (r, o), a new tensor
-    if bias is not None:
-        y = y.add_(bias) if y.dtype == torch.result_type(y, bias) else y + bias
-    return y, xg
+    return y.reshape(*(lead if lead is not None else (r,)), g * n)
 
 
 class _GroupMatmul(torch.autograd.Function):
-    """``_group_matmul`` with a backward that makes one contiguous grouped copy of the output
-    gradient and runs both products on contiguous operands."""
+    """(r, i), (g, i/g, o/g), bias (o,) or None -> (r, o), on contiguous grouped operands:
+    one copy of the input to (g, r, i/g), kept for the weight gradient, one of the output
+    gradient to (g, r, o/g), and the bias added in place."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, shuffle: bool) -> Tensor:
-        y, xg = _group_matmul(x, weight, bias, shuffle)
+        g, k = weight.shape[:2]
+        xg = x.view(-1, g, k).transpose(0, 1).contiguous()  # (g, r, i/g): k-long runs, cheap
+        y = _from_groups(torch.bmm(xg, weight), shuffle)  # (r, o), a new tensor
+        if bias is not None:  # bf16 product + fp32 bias under autocast: fp32, as y + bias
+            y = y.add_(bias) if y.dtype == torch.result_type(y, bias) else y + bias
         ctx.save_for_backward(xg, weight)
         ctx.shuffle, ctx.has_bias = shuffle, bias is not None
         return y
