@@ -185,3 +185,11 @@ def test_autocast_computes_what_a_plain_bmm_does(shuffle):
     assert [t.dtype for t in fast] == [t.dtype for t in ref] == [torch.float32] * 4
     for a, b in zip(fast, ref, strict=True):  # the same bf16 products, summed in any order
         assert_close_fp(a, b, dtype=torch.bfloat16, reduction=10)
+
+
+def test_gradcheck_and_double_backward():
+    torch.manual_seed(0)
+    gl = GroupLinear(8, 12, 4, shuffle=True).double()
+    x = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(gl, (x,))
+    assert torch.autograd.gradgradcheck(gl, (x,))

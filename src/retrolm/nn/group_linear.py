@@ -131,7 +131,7 @@ class _GroupMatmul(torch.autograd.Function):
         xg = x.view(-1, g, k).transpose(0, 1).contiguous()  # (g, r, i/g): k-long runs, cheap
         y = _from_groups(torch.bmm(xg, weight), shuffle)  # (r, o), a new tensor
         if bias is not None:  # bf16 product + fp32 bias under autocast: fp32, as y + bias
-            y = y.add_(bias) if y.dtype == torch.result_type(y, bias) else y + bias
+            y = y.add_(bias) if y.dtype == bias.dtype else y + bias
         ctx.save_for_backward(xg, weight)
         ctx.shuffle, ctx.has_bias = shuffle, bias is not None
         return y
