@@ -12,13 +12,19 @@ DeLighT applies after every GLT): output ``m·g + j`` is group ``j``'s ``m``-th 
 any later split into contiguous groups sees features of every group here. Without it,
 outputs ``[j·o/g, (j+1)·o/g)`` are group ``j``'s.
 
-Speed (CPU; ``benchmarks/history/delight.md``): the batched matmuls run on contiguous
-``(g, rows, i/g)`` operands, and the output and its gradient are moved between the
-``(rows, o)`` and ``(g, rows, o/g)`` layouts once each, by ``_GroupMatmul``, an autograd
-Function. Autograd through a strided ``bmm`` (the plain way) copied the gradient twice and
-ran the weight gradient on a transposed strided input, which oneDNN's bf16 path handles about
-4x slower than a contiguous one: at 4,096 rows of width 512, bf16, one thread, forward +
-backward took 11.5 ms at g=4 and 8.2 ms here (dense ``nn.Linear``: 16.5 ms).
+Speed (CPU; measurements in ``benchmarks/history/delight.md``): under autograd the batched
+matmuls run on contiguous ``(g, rows, i/g)`` operands, and the output and its gradient move
+between the ``(rows, o)`` and ``(g, rows, o/g)`` layouts once each (``_GroupMatmul``, an
+autograd Function). Autograd through the strided ``bmm`` copied the gradient twice and ran
+the weight gradient on a transposed strided input, which oneDNN's bf16 path takes about 3x
+longer on than on a contiguous one. Forward + backward of 4,096 rows, 512 -> 512, bf16, one
+thread: 12.4 ms at g=4 the plain way, 8.8 ms here; a dense ``nn.Linear`` 17.1 ms. In fp32
+the two ways measured the same (within noise), so one path serves every dtype. Measured and
+not taken: a block-diagonal dense weight (at g=2 it is slower than both: twice the
+multiply-adds), ``torch.compile`` of the plain way (slower, and 75 s to compile), a naive C++
+shuffle kernel (slower than ATen's copies in bf16; faster only in fp32, the slower dtype).
+Without autograd (decoding: a few rows, every op's call counts) the plain strided ``bmm``
+runs as before.
 """
 
 from __future__ import annotations
