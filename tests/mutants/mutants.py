@@ -349,8 +349,8 @@ MUTANTS: list[Mutant] = [
         "src/retrolm/nn/group_linear.py",
         (
             (
-                "gg = _to_groups(grad.to(weight.dtype), weight.shape[0], ctx.shuffle)",
-                "gg = _to_groups(grad.to(weight.dtype), weight.shape[0], False)",
+                "gg = _to_groups(grad, weight.shape[0], ctx.shuffle, weight.dtype)",
+                "gg = _to_groups(grad, weight.shape[0], False, weight.dtype)",
             ),
         ),
         "GroupLinear's backward reads the output gradient as if unshuffled",

@@ -109,13 +109,15 @@ def _autocast(x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
     )
 
 
-def _to_groups(t: Tensor, groups: int, shuffle: bool) -> Tensor:  # (r, o) -> (g, r, o/g)
-    """A contiguous copy of each group's columns of ``t``, in the layout ``GroupLinear`` gives
-    its output (interleaved with ``shuffle``)."""
+def _to_groups(t: Tensor, groups: int, shuffle: bool, dtype: torch.dtype) -> Tensor:
+    """(r, o) -> (g, r, o/g): a contiguous copy in ``dtype`` (one pass) of each group's columns
+    of ``t``, in the layout ``GroupLinear`` gives its output (interleaved with ``shuffle``)."""
     r, n = t.shape[0], t.shape[1] // groups
     if shuffle:  # column m·g + j -> [j, :, m]
-        return t.view(r, n, groups).permute(2, 0, 1).contiguous()
-    return t.view(r, groups, n).transpose(0, 1).contiguous()
+        src = t.view(r, n, groups).permute(2, 0, 1)
+    else:
+        src = t.view(r, groups, n).transpose(0, 1)
+    return torch.empty(src.shape, dtype=dtype, device=t.device).copy_(src)
 
 
 def _from_groups(t: Tensor, shuffle: bool, lead: tuple[int, ...] | None = None) -> Tensor:
@@ -145,7 +147,7 @@ class _GroupMatmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):  # grad (r, o)
         xg, weight = ctx.saved_tensors
-        gg = _to_groups(grad.to(weight.dtype), weight.shape[0], ctx.shuffle)  # (g, r, o/g)
+        gg = _to_groups(grad, weight.shape[0], ctx.shuffle, weight.dtype)  # (g, r, o/g)
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:  # (g, r, i/g) -> (r, i)
             gx = _from_groups(torch.bmm(gg, weight.transpose(1, 2)), shuffle=False)
