@@ -3,7 +3,18 @@ import torch
 from tests.tolerance import assert_close_fp
 from torch import nn
 
-from retrolm.nn import GroupLinear
+from retrolm.nn import GroupLinear, group_linear
+
+
+@pytest.fixture(params=["regrouped", "plain"])
+def strategy(request, monkeypatch):
+    """Each training strategy for every dtype: ``_GroupMatmul`` (regrouped) or autograd
+    through the strided bmm (plain); the layer picks one per compute dtype."""
+    on = frozenset({torch.float64, torch.float32, torch.bfloat16})
+    monkeypatch.setattr(
+        group_linear, "REGROUPED_DTYPES", on if request.param == "regrouped" else frozenset()
+    )
+    return request.param
 
 
 def _loop_oracle(gl: GroupLinear, x: torch.Tensor) -> torch.Tensor:
@@ -24,7 +35,7 @@ def _loop_oracle(gl: GroupLinear, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("shuffle", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("groups", [1, 2, 4])
-def test_equals_a_float64_loop_over_groups(groups, bias, shuffle):
+def test_equals_a_float64_loop_over_groups(groups, bias, shuffle, strategy):
     torch.manual_seed(0)
     gl = GroupLinear(8, 12, groups, bias=bias, shuffle=shuffle).double()
     x = torch.randn(2, 3, 8, dtype=torch.float64)
@@ -121,7 +132,7 @@ def _grads(fn, gl: GroupLinear, x: torch.Tensor, gy: torch.Tensor):
 @pytest.mark.parametrize("shuffle", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("groups", [2, 4])
-def test_forward_and_gradients_equal_the_float64_loop(groups, bias, shuffle, shape):
+def test_forward_and_gradients_equal_the_float64_loop(groups, bias, shuffle, shape, strategy):
     torch.manual_seed(0)
     gl = GroupLinear(8, 12, groups, bias=bias, shuffle=shuffle).double()
     x = torch.randn(shape, dtype=torch.float64)
@@ -135,7 +146,7 @@ def test_forward_and_gradients_equal_the_float64_loop(groups, bias, shuffle, sha
 
 
 @pytest.mark.parametrize("frozen", ["input", "weight"])
-def test_gradients_of_a_partly_frozen_layer(frozen):
+def test_gradients_of_a_partly_frozen_layer(frozen, strategy):
     torch.manual_seed(0)
     gl = GroupLinear(8, 8, 4, shuffle=True).double()
     x = torch.randn(5, 8, dtype=torch.float64, requires_grad=frozen != "input")
@@ -155,7 +166,7 @@ def test_gradients_of_a_partly_frozen_layer(frozen):
 
 
 @pytest.mark.parametrize("shuffle", [False, True])
-def test_bfloat16_equals_the_float64_loop_within_rounding(shuffle):
+def test_bfloat16_equals_the_float64_loop_within_rounding(shuffle, strategy):
     torch.manual_seed(0)
     rows, i, g = 64, 32, 4
     gl = GroupLinear(i, i, g, shuffle=shuffle).to(torch.bfloat16)
@@ -172,7 +183,7 @@ def test_bfloat16_equals_the_float64_loop_within_rounding(shuffle):
 
 
 @pytest.mark.parametrize("shuffle", [False, True])
-def test_autocast_computes_what_a_plain_bmm_does(shuffle):
+def test_autocast_computes_what_a_plain_bmm_does(shuffle, strategy):
     """Under bf16 autocast the product runs in bf16 and the fp32 bias is added in fp32 (the
     output is fp32), as autocast's bmm and ``y + bias`` give; gradients reach the fp32
     parameters in fp32."""
@@ -187,9 +198,30 @@ def test_autocast_computes_what_a_plain_bmm_does(shuffle):
         assert_close_fp(a, b, dtype=torch.bfloat16, reduction=10)
 
 
-def test_gradcheck_and_double_backward():
+def test_gradcheck_and_double_backward(strategy):
     torch.manual_seed(0)
     gl = GroupLinear(8, 12, 4, shuffle=True).double()
     x = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(gl, (x,))
     assert torch.autograd.gradgradcheck(gl, (x,))
+
+
+@pytest.mark.parametrize(
+    ("dtype", "autocast", "grad", "regrouped"),
+    [
+        (torch.bfloat16, False, True, True),
+        (torch.float32, True, True, True),  # bf16 autocast: the product runs in bf16
+        (torch.float32, False, True, False),
+        (torch.float64, False, True, False),
+        (torch.bfloat16, False, False, False),  # no autograd: the strided bmm
+    ],
+)
+def test_the_strategy_follows_the_compute_dtype(dtype, autocast, grad, regrouped):
+    gl = GroupLinear(8, 8, 2, shuffle=True).to(dtype)
+    with (
+        torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast),
+        torch.set_grad_enabled(grad),
+    ):
+        y = gl(torch.randn(3, 8, dtype=dtype))
+    fns = [y.grad_fn, *(f for f, _ in y.grad_fn.next_functions)] if y.grad_fn else []
+    assert any("GroupMatmul" in type(f).__name__ for f in fns) == regrouped

@@ -12,19 +12,19 @@ DeLighT applies after every GLT): output ``m·g + j`` is group ``j``'s ``m``-th 
 any later split into contiguous groups sees features of every group here. Without it,
 outputs ``[j·o/g, (j+1)·o/g)`` are group ``j``'s.
 
-Speed (CPU; measurements in ``benchmarks/history/delight.md``): under autograd the batched
-matmuls run on contiguous ``(g, rows, i/g)`` operands, and the output and its gradient move
-between the ``(rows, o)`` and ``(g, rows, o/g)`` layouts once each (``_GroupMatmul``, an
-autograd Function). Autograd through the strided ``bmm`` copied the gradient twice and ran
-the weight gradient on a transposed strided input, which oneDNN's bf16 path takes about 3x
-longer on than on a contiguous one. Forward + backward of 4,096 rows, 512 -> 512, bf16, one
-thread: 12.4 ms at g=4 the plain way, 8.8 ms here; a dense ``nn.Linear`` 17.1 ms. In fp32
-the two ways measured the same (within noise), so one path serves every dtype. Measured and
-not taken: a block-diagonal dense weight (at g=2 it is slower than both: twice the
-multiply-adds), ``torch.compile`` of the plain way (slower, and 75 s to compile), a naive C++
-shuffle kernel (slower than ATen's copies in bf16; faster only in fp32, the slower dtype).
-Without autograd (decoding: a few rows, every op's call counts) the plain strided ``bmm``
-runs as before.
+Speed (CPU; measurements in ``benchmarks/history/delight.md``). Training in bf16 runs
+``_GroupMatmul``, an autograd Function: the batched matmuls on contiguous ``(g, rows, i/g)``
+operands, the output and its gradient moved between the ``(rows, o)`` and ``(g, rows, o/g)``
+layouts once each. Autograd through the strided ``bmm`` (the plain way) copied the gradient
+twice and ran the weight gradient on a transposed strided input, which oneDNN's bf16 path
+takes about 3x longer on than on a contiguous one. Forward + backward of 4,096 rows,
+512 -> 512, bf16, one thread: 12.4 ms at g=4 the plain way, 8.8 ms regrouped; a dense
+``nn.Linear`` 17.1 ms; regrouped is faster at g = 2, 4, 8, 16. In fp32 (MKL reads the
+strided operands as they are) the plain way measured 5-20% faster at every g, so fp32 keeps
+it: ``REGROUPED_DTYPES``. Measured and not taken: a block-diagonal dense weight (at g=2
+slower than both: twice the multiply-adds), ``torch.compile`` of the plain way (slower, and
+75 s to compile), a naive C++ shuffle kernel (slower than ATen's copies in bf16). Without
+autograd (decoding: a few rows, every op's call counts) the plain strided ``bmm`` runs.
 """
 
 from __future__ import annotations
@@ -33,6 +33,11 @@ import math
 
 import torch
 from torch import Tensor, nn
+
+# compute dtypes whose training step runs _GroupMatmul on CPU (measured faster there); the
+# others (fp32: measured slower; fp16, fp64, other devices: not measured) take autograd
+# through the strided bmm
+REGROUPED_DTYPES = frozenset({torch.bfloat16})
 
 
 class GroupLinear(nn.Module):
@@ -73,20 +78,20 @@ class GroupLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:  # (..., i) -> (..., o)
         # bmm and matmul called directly: einsum's planning cost ~50 us a call, which
         # dominated a decoding step (one row through dozens of GLTs)
-        g, lead, bias = self.groups, x.shape[:-1], self.bias
+        g, lead, bias, w = self.groups, x.shape[:-1], self.bias, self.weight
         if g == 1:
-            y = torch.matmul(x, self.weight[0])  # (..., o)
-        elif torch.is_grad_enabled() and (
-            x.requires_grad
-            or self.weight.requires_grad
-            or (bias is not None and bias.requires_grad)
-        ):  # training: _GroupMatmul (see the module docstring); the bias goes in with it
-            return _GroupMatmul.apply(
-                *_autocast(x.reshape(-1, self.in_features), self.weight), bias, self.shuffle
-            ).view(*lead, self.out_features)
-        else:  # no autograd (decoding: a few rows; each op's call counts): the strided bmm
+            y = torch.matmul(x, w[0])  # (..., o)
+        else:
+            if torch.is_grad_enabled() and (
+                x.requires_grad or w.requires_grad or (bias is not None and bias.requires_grad)
+            ):  # training: the strategy measured faster for the dtype the product runs in
+                x, w = _autocast(x, w)
+                if x.device.type == "cpu" and w.dtype in REGROUPED_DTYPES:
+                    y = _GroupMatmul.apply(x.reshape(-1, self.in_features), w, bias, self.shuffle)
+                    return y.view(*lead, self.out_features)  # the bias is in
+            # autograd through a strided bmm (and, without autograd, decoding's few rows)
             xg = x.reshape(-1, g, self.in_features // g).transpose(0, 1)  # (g, r, i/g)
-            y = _from_groups(torch.bmm(xg, self.weight), self.shuffle, lead)  # (..., o)
+            y = _from_groups(torch.bmm(xg, w), self.shuffle, lead)  # (..., o)
         return y if bias is None else y + bias
 
     def extra_repr(self) -> str:
