@@ -18,7 +18,7 @@ operands, the output and its gradient moved between the ``(rows, o)`` and ``(g, 
 layouts once each. Autograd through the strided ``bmm`` (the plain way) copied the gradient
 twice and ran the weight gradient on a transposed strided input, which oneDNN's bf16 path
 takes about 3x longer on than on a contiguous one. Forward + backward of 4,096 rows,
-512 -> 512, bf16, one thread: 12.4 ms at g=4 the plain way, 8.8 ms regrouped; a dense
+512 -> 512, bf16, one thread (load ~8): 12.4 ms at g=4 the plain way, 8.8 ms regrouped; a dense
 ``nn.Linear`` 17.1 ms; regrouped is faster at g = 2, 4, 8, 16. In fp32 (MKL reads the
 strided operands as they are) the plain way measured 5-20% faster at every g, so fp32 keeps
 it: ``REGROUPED_DTYPES``. Measured and not taken: a block-diagonal dense weight (at g=2
