@@ -337,11 +337,23 @@ MUTANTS: list[Mutant] = [
         "src/retrolm/nn/group_linear.py",
         (
             (
-                "y = y.permute(1, 2, 0) if self.shuffle else y.transpose(0, 1)",
-                "y = y.transpose(0, 1)",
+                "y = t.permute(1, 2, 0) if shuffle else t.transpose(0, 1)",
+                "y = t.transpose(0, 1)",
             ),
         ),
         "GroupLinear(shuffle=True) leaves group j's outputs contiguous (no interleave)",
+        ("tests/nn/test_group_linear.py",),
+    ),
+    Mutant(
+        "glt_backward_ignores_shuffle",
+        "src/retrolm/nn/group_linear.py",
+        (
+            (
+                "gg = _to_groups(grad, weight.shape[0], ctx.shuffle, weight.dtype)",
+                "gg = _to_groups(grad, weight.shape[0], False, weight.dtype)",
+            ),
+        ),
+        "GroupLinear's backward reads the output gradient as if unshuffled",
         ("tests/nn/test_group_linear.py",),
     ),
     Mutant(
