@@ -19,9 +19,10 @@ recipe"): segments of 16 bytes (the key sentence fills segment 0, the question t
 dim 128, depth 3, 6 heads of 32; batch 16, AdamW 3e-3 (100 warmup steps, cosine to 10%),
 bf16; 500 steps on 2 segments, then 2, 3, 4 segments in turn; the next-byte loss on the
 other bytes at weight 0.5 beside the answer loss; 2,500 steps (about 11 minutes a variant
-on one busy core). Segments of 32 bytes put three times the filler into the memory before
-the question, and the plain linear memory then stalls at about 1 nat per digit (it learns
-which digits the key holds but not their order).
+on one busy core). ``--segment 32 --steps 2000`` (twice the filler) reaches it too; there,
+without the 2-segment warmup (``--first2 0``), the linear memory stalls at about 0.9 nats
+per digit (it learns which digits the key holds but not their order) and the delta rule at
+chance.
 
   python -m benchmarks.experiments.passkey_infini [--only linear delta] [--steps N]
 """
