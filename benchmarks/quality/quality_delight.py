@@ -5,7 +5,7 @@ Models (byte-level, see ``kjv_pipeline``; same database, steps, batch, schedule,
 learning rate ``--lr``, 1e-3 unless given, ``--delight-lr`` a separate one for the DeLighT
 rows):
 
-- ``delight-small`` (``delight`` family): d_m 128, 16 blocks, DExTra depths 2 ... 4, rotary
+- ``delight-small`` (``delight`` family): d_m 128, 8 blocks, DExTra depths 4 ... 8, rotary
   attention and an untied output as the decoder's;
 - ``delight-small paper``: the same with the paper's sinusoids and tied output;
 - decoder = params: the project's plain decoder (``hierarchical`` family with one
