@@ -1,7 +1,9 @@
 """DeLighT vs the plain decoder, and OpenELM's layer-wise vs uniform blocks: held-out
 bits/byte on the bundled KJV corpus, then training and cached-generation speed.
 
-Models (byte-level, see ``kjv_pipeline``; same database, steps, batch, schedule, seed):
+Models (byte-level, see ``kjv_pipeline``; same database, steps, batch, schedule, seed; peak
+learning rate ``--lr``, 1e-3 unless given, ``--delight-lr`` a separate one for the DeLighT
+rows):
 
 - ``delight-small`` (``delight`` family): d_m 128, 8 blocks, DExTra depths 4 ... 8, rotary
   attention and an untied output as the decoder's;
@@ -171,6 +173,10 @@ def main() -> None:
     ap.add_argument("--held-bytes", type=int, default=16384, help="per held-out book")
     ap.add_argument("--precision", default="bf16", help="fp32, bf16 or auto")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lr", type=float, default=1e-3, help="peak learning rate, every model")
+    ap.add_argument(
+        "--delight-lr", type=float, help="the DeLighT rows' own peak rate (default: --lr)"
+    )
     ap.add_argument("--speed-rounds", type=int, default=5, help="0: skip the speed part")
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "retrolm-q-delight"))
     ap.add_argument("--only", nargs="+", help="run only these models (names as printed)")
@@ -185,7 +191,7 @@ def main() -> None:
     work = Path(a.work)
     db, held = kjv_pipeline.prepare(work, a.seq_len, a.steps * a.batch * a.seq_len, a.held_bytes)
     train = dict(
-        steps=a.steps, batch_size=a.batch, seq_len=a.seq_len, lr=1e-3,
+        steps=a.steps, batch_size=a.batch, seq_len=a.seq_len, lr=a.lr,
         warmup_steps=max(1, a.steps // 10), precision=a.precision, seed=a.seed,
     )  # fmt: skip
     rows = []
@@ -194,8 +200,10 @@ def main() -> None:
             continue
         run = work / f"run-{i}"
         shutil.rmtree(run, ignore_errors=True)  # a fresh run, not a resume
-        row = kjv_pipeline.train_and_eval(db, held, run, family, cfg, train, a.held_bytes + 1)
-        rows.append({"model": name, "non_embedding": params(family, cfg)[1], **row})
+        lr = a.delight_lr if name.startswith("delight") and a.delight_lr else a.lr
+        run_train = dict(train, lr=lr)
+        row = kjv_pipeline.train_and_eval(db, held, run, family, cfg, run_train, a.held_bytes + 1)
+        rows.append({"model": name, "lr": lr, "non_embedding": params(family, cfg)[1], **row})
         print(json.dumps(rows[-1]), flush=True)
     kjv_pipeline.print_table(rows)
     if a.speed_rounds:
