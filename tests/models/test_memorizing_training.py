@@ -90,3 +90,16 @@ def test_a_trained_run_equals_the_one_backward_path(tmp_path, monkeypatch):
     wb = load_model(tmp_path / "whole")[0].state_dict()
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_the_knn_temperature_and_gate_are_not_weight_decayed():
+    """The trainer decays weight matrices only: a decayed log-temperature would drift to
+    exp(0) = 1 (near-uniform cosine attention) and the gate towards 0.5."""
+    from retrolm.train.optim import param_groups
+
+    model = lm()
+    attn = model.net.layers[1].attn
+    no_decay = {id(p) for g in param_groups(model, 0.1) if g["weight_decay"] == 0.0
+                for p in g["params"]}  # fmt: skip
+    assert id(attn.scale) in no_decay and id(attn.gate_bias) in no_decay
+    assert id(attn.to_q.weight) not in no_decay

@@ -162,11 +162,13 @@ class KNNAttention(nn.Module):
         self.to_q = nn.Linear(dim, heads * dim_head, bias=False)
         self.to_kv = nn.Linear(dim, 2 * dim_head, bias=False)
         self.to_out = nn.Linear(heads * dim_head, dim)
-        # cosine-similarity attention needs a large temperature; learned in log space
-        self.scale = nn.Parameter(torch.full((heads, 1, 1), math.log(attn_scale_init)))
+        # cosine-similarity attention needs a large temperature; learned in log space.
+        # Both are per-head vectors: the trainer's weight decay skips parameters of one
+        # dimension (a decayed log-temperature drifts to exp(0) = 1: uniform attention).
+        self.scale = nn.Parameter(torch.full((heads,), math.log(attn_scale_init)))
         self.gate_bias = None
         if gate == "sigmoid":
-            self.gate_bias = nn.Parameter(torch.full((heads, 1, 1), float(gate_init)))
+            self.gate_bias = nn.Parameter(torch.full((heads,), float(gate_init)))
 
     # signature twin of the local layer's forward (deliberate): a layer stack calls both alike
     def forward(
@@ -182,7 +184,7 @@ class KNNAttention(nn.Module):
         q = l2_normalize(q)
         kv = self.pairs(x)
         keys = local_keys(kv, xl, past)
-        qs = q * self.scale.exp().to(q.dtype)  # (b, h, n, d)
+        qs = q * self.scale.exp().to(q.dtype)[:, None, None]  # (b, h, n, d)
         mem = None
         if memory is not None and len(memory) > 0:
             mem = self._retrieve(q, qs, memory)
@@ -191,7 +193,9 @@ class KNNAttention(nn.Module):
             out = self._joint(qs, keys, geo.mask, geo.bias, mem, drop)
         else:
             local = local_attend(qs, keys, geo, drop, scale=1.0)
-            g = torch.sigmoid(self.gate_bias).to(q.dtype)  # (h, 1, 1): the memory's weight
+            g = torch.sigmoid(self.gate_bias).to(q.dtype)[
+                :, None, None
+            ]  # (h, 1, 1): memory's weight
             out = (1 - g) * local
             if mem is not None:
                 out = out + g * self._memory(*mem, drop)
@@ -215,7 +219,8 @@ class KNNAttention(nn.Module):
             sim = torch.einsum("bhnd,bhnkd->bhnk", qs, mem_kv[..., 0, :])
             return sim, mem_kv[..., 1, :], ok
         scores, values, ok = memory.search_scored(q, self.topk)
-        return scores.to(qs.dtype) * self.scale.exp().to(qs.dtype), values.to(qs.dtype), ok
+        temp = self.scale.exp().to(qs.dtype)[:, None, None]
+        return scores.to(qs.dtype) * temp, values.to(qs.dtype), ok
 
     @staticmethod
     def _memory(sim: Tensor, values: Tensor, ok: Tensor, drop: float) -> Tensor:
