@@ -103,3 +103,21 @@ def test_the_knn_temperature_and_gate_are_not_weight_decayed():
                 for p in g["params"]}  # fmt: skip
     assert id(attn.scale) in no_decay and id(attn.gate_bias) in no_decay
     assert id(attn.to_q.weight) not in no_decay
+
+
+def test_a_checkpoint_with_the_old_per_head_shapes_still_loads():
+    """Before they became vectors, the temperature and gate were saved as (heads, 1, 1)."""
+    torch.manual_seed(0)
+    model = lm()
+    attn = model.net.layers[1].attn
+    with torch.no_grad():
+        attn.scale.add_(torch.linspace(-0.5, 0.5, attn.scale.numel()))
+        attn.gate_bias.add_(torch.linspace(-1.0, 1.0, attn.gate_bias.numel()))
+    old = {k: (v.reshape(-1, 1, 1) if k.endswith(("attn.scale", "attn.gate_bias")) else v)
+           for k, v in model.state_dict().items()}  # fmt: skip
+    assert any(v.dim() == 3 and k.endswith("attn.scale") for k, v in old.items())
+    fresh = lm()
+    fresh.load_state_dict(old)
+    ids = torch.randint(1, 40, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids), model(ids), rtol=0, atol=0)

@@ -170,6 +170,14 @@ class KNNAttention(nn.Module):
         if gate == "sigmoid":
             self.gate_bias = nn.Parameter(torch.full((heads,), float(gate_init)))
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # checkpoints saved before these became vectors hold them as (heads, 1, 1)
+        for name in ("scale", "gate_bias"):
+            t = state_dict.get(prefix + name)
+            if t is not None and t.dim() == 3 and t.shape[1:] == (1, 1):
+                state_dict[prefix + name] = t.reshape(-1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     # signature twin of the local layer's forward (deliberate): a layer stack calls both alike
     def forward(
         self,
@@ -193,9 +201,7 @@ class KNNAttention(nn.Module):
             out = self._joint(qs, keys, geo.mask, geo.bias, mem, drop)
         else:
             local = local_attend(qs, keys, geo, drop, scale=1.0)
-            g = torch.sigmoid(self.gate_bias).to(q.dtype)[
-                :, None, None
-            ]  # (h, 1, 1): memory's weight
+            g = torch.sigmoid(self.gate_bias).to(q.dtype)[:, None, None]  # (h, 1, 1)
             out = (1 - g) * local
             if mem is not None:
                 out = out + g * self._memory(*mem, drop)
