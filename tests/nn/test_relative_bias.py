@@ -72,6 +72,45 @@ def test_attend_with_bias_equals_the_reference(with_mask):
     assert not torch.allclose(got, attend(q, k, v, mask, causal=True))
 
 
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_attend_with_bias_in_bf16_takes_the_plain_path_and_equals_the_reference(
+    with_mask, grad
+):
+    """On a CPU in half precision the biased attention is a plain matmul-softmax-matmul (SDPA
+    cannot skip blocks under a float mask): values and gradients as the float64 reference,
+    within bf16 rounding."""
+    from retrolm.nn import attention as att
+
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 4, 6, 16, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(2, 1, 11, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    bias = torch.randn(1, 4, 6, 11, generator=g, dtype=torch.float64)
+    mask = None
+    if with_mask:
+        mask = torch.rand(2, 1, 6, 11, generator=g) > 0.4
+        mask[1, 0, 3] = False  # a row with no key: zeros
+    ins = [t.bfloat16().requires_grad_(grad) for t in (q, k, v, bias)]
+    assert att._plain_bias(*[t.expand(2, 4, -1, -1) for t in ins[:3]])
+    calls = []
+    real = att._plain_bias_attend
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(att, "_plain_bias_attend", lambda *a: calls.append(1) or real(*a))
+        got = attend(*ins[:3], mask, bias=ins[3], causal=True)
+    assert calls == [1] and got.dtype == torch.bfloat16
+    ref_in = [t.detach().requires_grad_(grad) for t in (q, k, v, bias)]
+    expect = reference_attend(*ref_in[:3], mask, bias=ref_in[3], causal=True)
+    torch.testing.assert_close(got.double(), expect, atol=3e-2, rtol=3e-2)
+    if with_mask:
+        assert (got[1, :, 3] == 0).all()
+    if grad:
+        w = torch.randn(expect.shape, generator=g, dtype=torch.float64)
+        grads = torch.autograd.grad((got.double() * w).sum(), ins)
+        ref_grads = torch.autograd.grad((expect * w).sum(), ref_in)
+        for a, b in zip(grads, ref_grads, strict=True):
+            torch.testing.assert_close(a.double(), b, atol=6e-2, rtol=6e-2)
+
+
 @pytest.mark.parametrize("q_first,n,j", [(0, 5, 5), (3, 1, 4), (7, 3, 10), (40, 40, 80)])
 def test_toeplitz_equals_explicit_positions_values_and_gradients(q_first, n, j):
     torch.manual_seed(0)
