@@ -74,9 +74,7 @@ def test_attend_with_bias_equals_the_reference(with_mask):
 
 @pytest.mark.parametrize("grad", [False, True])
 @pytest.mark.parametrize("with_mask", [False, True])
-def test_attend_with_bias_in_bf16_takes_the_plain_path_and_equals_the_reference(
-    with_mask, grad
-):
+def test_attend_with_bias_in_bf16_takes_the_plain_path_and_equals_the_reference(with_mask, grad):
     """On a CPU in half precision the biased attention is a plain matmul-softmax-matmul (SDPA
     cannot skip blocks under a float mask): values and gradients as the float64 reference,
     within bf16 rounding."""
