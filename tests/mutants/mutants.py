@@ -419,6 +419,18 @@ MUTANTS: list[Mutant] = [
         ("tests/models/test_infini.py",),
     ),
     Mutant(
+        "plain_bias_attention_unscaled",
+        "src/retrolm/nn/attention.py",
+        (
+            (
+                "sim = torch.matmul(q, k.transpose(-1, -2)).mul_(scale).add_(bias)",
+                "sim = torch.matmul(q, k.transpose(-1, -2)).add_(bias)",
+            ),
+        ),
+        "the half-precision biased attention forgets the 1/sqrt(d) scale of q.k",
+        ("tests/nn/test_relative_bias.py",),
+    ),
+    Mutant(
         "infini_gate_swapped",
         "src/retrolm/models/infini/memory.py",
         (
