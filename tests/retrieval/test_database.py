@@ -203,6 +203,30 @@ def test_bad_build_inputs(tmp_path, corpus_dir, tiny_config, built_db):
     assert build_database(corpus_dir, built_db, tiny_config)["complete"]  # complete: a no-op
 
 
+@pytest.mark.parametrize("as_dir", [False, True])
+def test_a_build_killed_inside_its_first_manifest_write_is_restarted(
+    tmp_path, corpus_dir, tiny_config, built_db, as_dir
+):
+    """A SIGKILL between taking the lock and the first manifest's rename leaves the lock
+    file and the manifest's temporary (a file, or the empty folder ``atomic_path`` makes
+    first): the rerun builds there, and the temporary is gone; anything else is refused."""
+    from retrolm.locking import LOCK_FILE
+
+    db = tmp_path / "db"
+    db.mkdir()
+    (db / LOCK_FILE).write_text("12345\n")  # a dead holder's pid
+    tmp = db / ".manifest.json.k1ll3d.tmp"
+    tmp.mkdir() if as_dir else tmp.write_text('{"format": ')
+    assert build_database(corpus_dir, db, tiny_config)["complete"]
+    assert not tmp.exists()
+    assert (db / "neighbours.bin").read_bytes() == (built_db / "neighbours.bin").read_bytes()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / ".notes.txt.tmp").write_text("mine")  # not ours: refused
+    with pytest.raises(ValueError, match="is not empty and holds no retrieval database"):
+        build_database(corpus_dir, other, tiny_config)
+
+
 def test_cli_build_info_query_and_one_line_errors(tmp_path, corpus_dir, tiny_encoder, capsys):
     from retrolm.cli import main
 

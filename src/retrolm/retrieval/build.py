@@ -46,6 +46,7 @@ from retrolm.retrieval.store import (
     FORMAT,
     FORMAT_VERSION,
     INDEX_FILE,
+    MANIFEST,
     NEIGHBOUR_DISTS_FILE,
     NEIGHBOURS_FILE,
     PROGRESS_DIR,
@@ -232,7 +233,7 @@ def _build_database(
             return manifest
         log.info("resuming the build in %s after stages %s", db_dir, manifest["stages_done"])
     else:
-        if db_dir.exists() and any(p.name != LOCK_FILE for p in db_dir.iterdir()):
+        if db_dir.exists() and not all(_left_before_a_manifest(p) for p in db_dir.iterdir()):
             raise ValueError(
                 f"DB_DIR {str(db_dir)!r} is not empty and holds no retrieval database: "
                 "pick a new or empty folder"
@@ -293,6 +294,13 @@ BUILD_FILES = (
 )
 
 
+def _left_before_a_manifest(path: Path) -> bool:
+    """What a build killed before its first manifest landed leaves: the lock file and the
+    temporary of the manifest's atomic write (``.manifest.json.<random>.tmp``)."""
+    name = path.name
+    return name == LOCK_FILE or (name.startswith(f".{MANIFEST}.") and name.endswith(".tmp"))
+
+
 def _start_build(
     db_dir: Path, config: BuildConfig, text_dir: Path, listing: list[dict], discard: bool
 ) -> dict:
@@ -307,6 +315,8 @@ def _start_build(
     if discard:
         shutil.rmtree(db_dir / PROGRESS_DIR, ignore_errors=True)
     db_dir.mkdir(parents=True, exist_ok=True)
+    for tmp in db_dir.glob(f".{MANIFEST}.*.tmp"):  # a kill inside an earlier manifest write
+        shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
