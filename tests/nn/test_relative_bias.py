@@ -53,16 +53,23 @@ def test_bad_bias_config_raises():
         RelativePositionBias(2, num_buckets=16, max_distance=4)
 
 
+def biased_inputs(g, n: int, j: int, d: int, with_mask: bool, empty: tuple[int, int]):
+    """float64 q (2, 4, n, d), one shared k/v head (2, 1, j, d), bias (1, 4, n, j), and a
+    random mask (2, 1, n, j) whose row ``empty`` (batch, query) allows no key, or None."""
+    q = torch.randn(2, 4, n, d, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(2, 1, j, d, generator=g, dtype=torch.float64) for _ in range(2))
+    bias = torch.randn(1, 4, n, j, generator=g, dtype=torch.float64)
+    mask = None
+    if with_mask:
+        mask = torch.rand(2, 1, n, j, generator=g) > 0.4
+        mask[empty[0], 0, empty[1]] = False  # a row with no key: zeros
+    return q, k, v, bias, mask
+
+
 @pytest.mark.parametrize("with_mask", [False, True])
 def test_attend_with_bias_equals_the_reference(with_mask):
     g = torch.Generator().manual_seed(0)
-    q = torch.randn(2, 4, 5, 8, generator=g, dtype=torch.float64)
-    k, v = (torch.randn(2, 1, 9, 8, generator=g, dtype=torch.float64) for _ in range(2))
-    bias = torch.randn(1, 4, 5, 9, generator=g, dtype=torch.float64)
-    mask = None
-    if with_mask:
-        mask = torch.rand(2, 1, 5, 9, generator=g) > 0.4
-        mask[0, 0, 2] = False  # a row with no key: zeros
+    q, k, v, bias, mask = biased_inputs(g, 5, 9, 8, with_mask, (0, 2))
     got = attend(q, k, v, mask, bias=bias, causal=True)
     expect = reference_attend(q, k, v, mask, bias=bias, causal=True)
     assert_close_fp(got, expect, reduction=9)
@@ -81,13 +88,7 @@ def test_attend_with_bias_in_bf16_takes_the_plain_path_and_equals_the_reference(
     from retrolm.nn import attention as att
 
     g = torch.Generator().manual_seed(1)
-    q = torch.randn(2, 4, 6, 16, generator=g, dtype=torch.float64)
-    k, v = (torch.randn(2, 1, 11, 16, generator=g, dtype=torch.float64) for _ in range(2))
-    bias = torch.randn(1, 4, 6, 11, generator=g, dtype=torch.float64)
-    mask = None
-    if with_mask:
-        mask = torch.rand(2, 1, 6, 11, generator=g) > 0.4
-        mask[1, 0, 3] = False  # a row with no key: zeros
+    q, k, v, bias, mask = biased_inputs(g, 6, 11, 16, with_mask, (1, 3))
     ins = [t.bfloat16().requires_grad_(grad) for t in (q, k, v, bias)]
     assert att._plain_bias(*[t.expand(2, 4, -1, -1) for t in ins[:3]])
     calls = []
