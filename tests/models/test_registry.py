@@ -102,3 +102,30 @@ def test_logits_hooks_keep_the_last_rows():
         full = hook(model, ids)
         assert full.shape[:2] == (2, 12), name
         torch.testing.assert_close(hook(model, ids, logits_to_keep=2), full[:, -2:])
+
+
+def test_plain_logits_hands_logits_to_keep_only_to_models_that_take_it():
+    """A model declaring ``takes_logits_to_keep`` gets it (and may skip work); any other
+    gets the usual call and its logits are sliced: both return the last positions."""
+    from torch import nn
+
+    from retrolm.models.registry import plain_logits
+
+    class Recorder(nn.Module):
+        def __init__(self, takes: bool) -> None:
+            super().__init__()
+            self.takes_logits_to_keep, self.calls = takes, []
+
+        def forward(self, ids, **kw):
+            self.calls.append(sorted(kw))
+            logits = torch.arange(ids.shape[1], dtype=torch.float)[None, :, None].expand(1, -1, 3)
+            keep = kw.get("logits_to_keep")
+            return logits if keep is None else logits[:, -keep:]
+
+    ids = torch.zeros(1, 5, dtype=torch.long)
+    for takes, want in ((True, ["cache", "logits_to_keep"]), (False, ["cache"])):
+        model = Recorder(takes)
+        out = plain_logits(model, ids, cache="c", logits_to_keep=2)
+        assert model.calls == [want] and out[0, :, 0].tolist() == [3.0, 4.0]
+    model = Recorder(True)
+    assert plain_logits(model, ids).shape == (1, 5, 3) and model.calls == [[]]

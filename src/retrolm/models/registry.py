@@ -68,10 +68,15 @@ def plain_logits(
 ) -> Tensor:  # (b, n, V), or (b, logits_to_keep, V)
     """Families without retrieval: ``model(ids)`` returns logits or ``(logits, aux_loss)``
     (the Routing Transformer's commitment loss); with ``cache`` only the new ids are fed.
-    ``logits_to_keep``: only the last positions' logits (generation needs one)."""
+    ``logits_to_keep``: only the last positions' logits (generation needs one); a model
+    whose class sets ``takes_logits_to_keep = True`` is handed it (and may then skip work for
+    the other positions, e.g. a prompt's last layer), else the logits are sliced here."""
     if retrieved is not None:
         raise ValueError("this model family does not read neighbours; pass retrieved=None")
-    out = model(ids) if cache is None else model(ids, cache=cache)
+    kw = {} if cache is None else {"cache": cache}
+    if logits_to_keep is not None and getattr(model, "takes_logits_to_keep", False):
+        kw["logits_to_keep"] = logits_to_keep
+    out = model(ids, **kw)
     out = out[0] if isinstance(out, tuple) else out
     return out if logits_to_keep is None else out[:, -logits_to_keep:]
 
@@ -329,7 +334,6 @@ register_family(
         uses_retrieval=False,
         default_preset="memorizing-tiny",
         eval_variants=lazy("retrolm.models.memorizing.family:eval_modes"),
-        logits=lazy("retrolm.models.memorizing.family:logits"),
         streaming=True,
         segment_losses=lazy("retrolm.models.memorizing.family:segment_losses"),
     )

@@ -25,24 +25,6 @@ def memory_off(model: nn.Module) -> Iterator[None]:
         model.use_memory = was
 
 
-def logits(
-    model: nn.Module,
-    ids: Tensor,  # (b, n)
-    cache: Any = None,
-    retrieved: Tensor | None = None,
-    neighbour_mask: Tensor | None = None,
-    logits_to_keep: int | None = None,
-) -> Tensor:  # (b, n, V), or (b, logits_to_keep, V)
-    """``ModelFamily.logits``: ``plain_logits``, with ``logits_to_keep`` passed to the model
-    (a prompt's forward then skips the last layer's attention and feed-forward for every
-    position but the kept ones)."""
-    if retrieved is not None:
-        raise ValueError("the Memorizing Transformer reads no neighbours; pass retrieved=None")
-    if cache is None:
-        return model(ids, logits_to_keep=logits_to_keep)
-    return model(ids, cache=cache, logits_to_keep=logits_to_keep)
-
-
 def eval_modes(model: nn.Module) -> dict[str, Callable[[nn.Module], Any]]:
     return {"memory": lambda m: contextlib.nullcontext(), "no_memory": memory_off}
 

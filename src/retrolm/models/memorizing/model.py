@@ -306,6 +306,8 @@ class MemorizingLanguageModel(PreTrainedMixin, nn.Module):
     ``cache = model.init_cache(b)``: ``model(ids, cache=cache)`` in pieces of any length equals
     one call over the whole."""
 
+    takes_logits_to_keep = True  # registry.plain_logits hands generation's logits_to_keep
+
     def __init__(self, config: MemorizingConfig | None = None, **kwargs) -> None:
         super().__init__()
         self.net = MemorizingTransformer(config=config, **kwargs)
