@@ -111,13 +111,18 @@ MATH_MAX_KEYS = 128
 MATH_MAX_SCORES = 1 << 21
 
 
+def _scores(q: Tensor, k: Tensor) -> int:
+    """How many scores (b h i j) attention of ``q`` over ``k`` computes."""
+    return q.numel() // max(q.shape[-1], 1) * k.shape[-2]
+
+
 def _use_math(q: Tensor, k: Tensor, v: Tensor) -> bool:
     return (
         q.dtype in (torch.bfloat16, torch.float16)  # (the cheapest test first)
         and q.device.type == "cpu"
         and (
             k.shape[-2] <= MATH_MAX_KEYS
-            or q.numel() // max(q.shape[-1], 1) * k.shape[-2] <= MATH_MAX_SCORES
+            or _scores(q, k) <= MATH_MAX_SCORES
         )
         and torch.is_grad_enabled()
         and (q.requires_grad or k.requires_grad or v.requires_grad)
@@ -238,7 +243,7 @@ def _plain_bias(q: Tensor, k: Tensor, v: Tensor) -> bool:
         return False
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return _use_math(q, k, v)  # stored for the backward: the same limit as without bias
-    return q.numel() // max(q.shape[-1], 1) * k.shape[-2] <= PLAIN_BIAS_MAX_SCORES
+    return _scores(q, k) <= PLAIN_BIAS_MAX_SCORES
 
 
 def _plain_bias_attend(
