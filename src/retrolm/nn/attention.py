@@ -120,10 +120,7 @@ def _use_math(q: Tensor, k: Tensor, v: Tensor) -> bool:
     return (
         q.dtype in (torch.bfloat16, torch.float16)  # (the cheapest test first)
         and q.device.type == "cpu"
-        and (
-            k.shape[-2] <= MATH_MAX_KEYS
-            or _scores(q, k) <= MATH_MAX_SCORES
-        )
+        and (k.shape[-2] <= MATH_MAX_KEYS or _scores(q, k) <= MATH_MAX_SCORES)
         and torch.is_grad_enabled()
         and (q.requires_grad or k.requires_grad or v.requires_grad)
     )
